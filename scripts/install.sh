@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Install everything vmsnap needs on a fresh Debian 12 (run as root): Debian packages, the Python
+# venv (.venv), the QEMU 10 chroot and the two test guests. Idempotent and cached under build/,
+# so a second run takes seconds. Usage: scripts/install.sh [--bench]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+packages=(
+  qemu-system-x86 qemu-utils        # QEMU 7.2, the VMs under test
+  debootstrap                       # builds the Debian 13 chroot with QEMU 10
+  busybox-static cpio gcc libc6-dev binutils make kmod zstd xz-utils  # the two guests
+  python3 python3-venv python3-pip  # vmsnap itself
+  fio util-linux                    # disk limits, loop devices
+)
+if [[ ${1:-} == --bench ]]; then
+  packages+=(libvirt-daemon-system libvirt-clients)  # the virsh save peer
+fi
+
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "install: apt-get install ${missing[*]}"
+  apt-get update -q
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+if [[ ! -x .venv/bin/python ]]; then
+  python3 -m venv .venv
+fi
+if ! cmp -s pyproject.toml .venv/.installed-pyproject 2>/dev/null; then
+  .venv/bin/pip install -q --upgrade pip
+  .venv/bin/pip install -q -e '.[test]'
+  cp pyproject.toml .venv/.installed-pyproject
+fi
+
+scripts/build-qemu10-chroot.sh build/qemu10-root
+guests/bootguest/build.sh build/guests/bootguest
+guests/linuxguest/build.sh build/guests/linuxguest
+echo "install: done"

@@ -1,0 +1,243 @@
+"""Launch and drive real QEMU processes: 7.2 from Debian on the host, 10.x from the trixie chroot.
+
+Every VM lives in a private 0700 work directory (QMP socket, serial socket, files); QMP goes
+through `qemu.qmp`'s synchronous client. Every process started here is recorded so a test
+session can assert that none survives it.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qemu.qmp.legacy import QEMUMonitorProtocol
+
+from testbed.paths import QEMU10_ROOT
+from testbed.serial import SerialConsole
+
+QEMU_VERSIONS = ("7.2", "10")
+_started: list[subprocess.Popen] = []
+
+
+class QemuError(RuntimeError):
+    """QEMU did not do what the test bed asked, with QEMU's own words attached."""
+
+
+def leftover_processes() -> list[int]:
+    """PIDs of QEMU processes started by this test bed that are still alive."""
+    return [p.pid for p in _started if p.poll() is None]
+
+
+def kill_leftovers() -> None:
+    for proc in _started:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def qemu_argv_prefix(version: str, workdir: Path, binds: Sequence[Path] = ()) -> list[str]:
+    """The argv that runs qemu-system-x86_64 of `version`, seeing `workdir` at the same path."""
+    if version == "7.2":
+        return ["qemu-system-x86_64"]
+    if version == "10":
+        if not (QEMU10_ROOT / "usr/bin/qemu-system-x86_64").exists():
+            raise QemuError(f"QEMU 10 chroot missing at {QEMU10_ROOT}: run scripts/install.sh")
+        argv = ["unshare", "--mount", "--propagation", "private", sys.executable, "-m",
+                "testbed.chroot_exec", str(QEMU10_ROOT)]
+        for directory in (workdir, *binds):
+            argv += ["--bind", str(directory)]
+        return [*argv, "--", "qemu-system-x86_64"]
+    raise ValueError(f"unknown QEMU version {version!r}, expected one of {QEMU_VERSIONS}")
+
+
+def kvm_available() -> bool:
+    return os.access("/dev/kvm", os.R_OK | os.W_OK)
+
+
+@dataclass
+class VmConfig:
+    """What to launch. `args` carries the guest-specific part of the command line."""
+
+    qemu: str = "7.2"
+    accel: str = "tcg"
+    machine: str = "q35"
+    memory_mb: int = 256
+    cpu: str | None = None
+    args: list[str] = field(default_factory=list)
+    binds: list[Path] = field(default_factory=list)  # extra dirs visible inside the chroot
+
+    def accel_args(self) -> list[str]:
+        cpu = self.cpu or ("qemu64" if self.accel == "tcg" else "host")
+        return ["-accel", self.accel, "-cpu", cpu]
+
+
+class Vm:
+    """One QEMU process with QMP and a serial console on unix sockets in `workdir`."""
+
+    def __init__(self, config: VmConfig, workdir: Path, name: str = "vm",
+                 incoming: str | None = None):
+        self.config = config
+        self.workdir = workdir
+        self.name = name
+        self.qmp_path = workdir / f"{name}.qmp"
+        self.serial_path = workdir / f"{name}.serial"
+        self.log_path = workdir / f"{name}.log"
+        self.incoming = incoming
+        self.proc: subprocess.Popen | None = None
+        self.qmp: QEMUMonitorProtocol | None = None
+        self.serial: SerialConsole | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def argv(self) -> list[str]:
+        c = self.config
+        argv = qemu_argv_prefix(c.qemu, self.workdir, c.binds)
+        argv += ["-name", self.name, "-machine", c.machine, *c.accel_args(),
+                 "-m", str(c.memory_mb), "-nodefaults", "-display", "none",
+                 "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
+                 "-chardev", f"socket,id=serial0,path={self.serial_path},server=on,wait=off",
+                 "-serial", "chardev:serial0", "-S", *c.args]
+        if self.incoming is not None:
+            argv += ["-incoming", self.incoming]
+        return argv
+
+    def start(self, timeout: float = 30.0) -> Vm:
+        """Start QEMU stopped (-S), connect QMP and the serial console; the guest runs on cont()."""
+        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the process
+        self.proc = subprocess.Popen(self.argv(), stdin=subprocess.DEVNULL, stdout=log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+        _started.append(self.proc)
+        deadline = time.monotonic() + timeout
+        while not (self.qmp_path.exists() and self.serial_path.exists()):
+            if self.proc.poll() is not None:
+                raise QemuError(f"QEMU {self.config.qemu} exited at start: {self.log_tail()}")
+            if time.monotonic() > deadline:
+                self.kill()
+                raise QemuError(f"QEMU {self.config.qemu} did not open its sockets in {timeout}s")
+            time.sleep(0.02)
+        self.qmp = QEMUMonitorProtocol(str(self.qmp_path))
+        self.qmp.connect()
+        self.serial = SerialConsole(self.serial_path)
+        return self
+
+    def log_tail(self, lines: int = 5) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace").strip().splitlines()
+        except FileNotFoundError:
+            return "(no log)"
+        return " | ".join(text[-lines:]) or "(empty log)"
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+    def close(self) -> None:
+        """Quit QEMU (politely, then by force) and release sockets."""
+        if self.qmp is not None:
+            try:
+                if self.proc is not None and self.proc.poll() is None:
+                    self.qmp.cmd("quit")
+            except Exception:  # noqa: BLE001 - QEMU may already be gone; we kill below
+                pass
+            self.qmp.close()
+            self.qmp = None
+        if self.serial is not None:
+            self.serial.close()
+            self.serial = None
+        if self.proc is not None:
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def __enter__(self) -> Vm:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- QMP helpers -----------------------------------------------------------------------
+    def cmd(self, name: str, **args: Any) -> Any:
+        assert self.qmp is not None, "VM not started"
+        try:
+            return self.qmp.cmd(name, **args)
+        except Exception as err:
+            raise QemuError(f"QMP {name} failed: {err}") from err
+
+    def status(self) -> str:
+        return self.cmd("query-status")["status"]
+
+    def cont(self) -> None:
+        self.cmd("cont")
+
+    def stop(self) -> None:
+        self.cmd("stop")
+
+    def migrate(self, uri: str, timeout: float = 600.0, capabilities: dict[str, bool] | None = None,
+                parameters: dict[str, Any] | None = None) -> dict:
+        """Run an outgoing migration to `uri` and wait for it to complete."""
+        self.set_migration(capabilities, parameters)
+        self.cmd("migrate", uri=uri)
+        return self.wait_migration(timeout)
+
+    def set_migration(self, capabilities: dict[str, bool] | None = None,
+                      parameters: dict[str, Any] | None = None) -> None:
+        if capabilities:
+            caps = [{"capability": k, "state": v} for k, v in capabilities.items()]
+            self.cmd("migrate-set-capabilities", capabilities=caps)
+        if parameters:
+            self.cmd("migrate-set-parameters", **parameters)
+
+    def wait_migration(self, timeout: float = 600.0) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            info = self.cmd("query-migrate")
+            status = info.get("status")
+            if status == "completed":
+                return info
+            if status in ("failed", "cancelled"):
+                raise QemuError(f"migration {status}: {info.get('error-desc', '')} "
+                                f"{self.log_tail()}")
+            if self.proc is not None and self.proc.poll() is not None:
+                raise QemuError(f"QEMU exited during migration: {self.log_tail()}")
+            if time.monotonic() > deadline:
+                raise QemuError(f"migration not finished after {timeout}s (status {status})")
+            time.sleep(0.05)
+
+    def wait_incoming(self, timeout: float = 600.0) -> None:
+        """Wait until an -incoming VM has loaded its state (status leaves 'inmigrate')."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise QemuError(f"incoming QEMU exited: {self.log_tail()}")
+            status = self.status()
+            if status not in ("inmigrate", "prelaunch") or self._incoming_done():
+                return
+            if time.monotonic() > deadline:
+                raise QemuError(f"incoming migration not finished after {timeout}s")
+            time.sleep(0.05)
+
+    def _incoming_done(self) -> bool:
+        return self.cmd("query-migrate").get("status") == "completed"
+
+    def pmemsave(self, address: int, size: int, path: Path) -> Path:
+        """Dump guest-physical memory [address, address+size) to `path` (inside workdir)."""
+        self.cmd("pmemsave", val=address, size=size, filename=str(path))
+        return path
+
+
+def exec_uri(*argv: str | os.PathLike, stdout: Path | None = None) -> str:
+    """An `exec:` migration URI running argv (optionally > stdout), every word quoted."""
+    command = shlex.join(os.fspath(a) for a in argv)
+    if stdout is not None:
+        command += " > " + shlex.quote(os.fspath(stdout))
+    return "exec:" + command

@@ -1,0 +1,124 @@
+import struct
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from vmsnap.fileformat import (
+    MappedRamHeader,
+    SnapshotError,
+    bitmap_size,
+    compute_layout,
+    contiguous_runs,
+    pack_bitmap,
+    runs,
+    unpack_bitmap,
+)
+
+Q35_256 = [
+    ("pc.ram", 0x10000000),
+    ("/rom@etc/acpi/tables", 0x20000),
+    ("pc.bios", 0x40000),
+    ("pc.rom", 0x20000),
+    ("/rom@etc/table-loader", 0x1000),
+    ("/rom@etc/acpi/rsdp", 0x1000),
+]
+
+
+def test_reference_numbers_256m_q35():
+    # pc.ram idstr at 0x60 so that its header is at 0x6f (reference §5.2)
+    lay = compute_layout(Q35_256, 0x60)
+    pc = lay.blocks[0]
+    assert pc.header_offset == 0x6F
+    assert pc.bitmap_offset == 0x8B
+    assert pc.bitmap_offset + pc.bitmap_size == 0x208B
+    assert pc.pages_offset == 0x100000
+    nxt = lay.blocks[1]
+    assert nxt.idstr_offset == 0x10100000
+    assert nxt.header_offset == 0x1010001D
+    assert nxt.bitmap_offset == 0x10100039
+    assert nxt.pages_offset == 0x10200000
+    assert lay.blocks[-1].pages_offset == 0x10600000
+    assert lay.tail_offset == 0x10601000
+    rec = pc.record()
+    assert rec[:7] == b"\x06pc.ram" and struct.unpack(">Q", rec[7:15])[0] == 0x10000000
+    assert MappedRamHeader.parse(rec[15:]) == pc.header
+
+
+def test_header_validation():
+    good = MappedRamHeader(1, 4096, 0x8B, 0x100000)
+    MappedRamHeader.parse(good.pack(), header_offset=0x6F, used_length=1 << 28,
+                          file_size=0x10100000)
+    bad = [
+        (MappedRamHeader(2, 4096, 0x8B, 0x100000), "version"),
+        (MappedRamHeader(1, 4097, 0x8B, 0x100000), "page_size"),
+        (MappedRamHeader(1, 4096, 0x8B, 0x100001), "not page aligned"),
+        (MappedRamHeader(1, 4096, 0x10, 0x100000), "before header end"),
+        (MappedRamHeader(1, 4096, 0xFFF00, 0x100000), "overlaps"),
+        (MappedRamHeader(1, 4096, 0x8B, 0x200000), "beyond end"),
+    ]
+    for h, msg in bad:
+        with pytest.raises(SnapshotError, match=msg):
+            MappedRamHeader.parse(h.pack(), header_offset=0x6F, used_length=1 << 28,
+                                  file_size=0x10100000)
+    with pytest.raises(SnapshotError):
+        MappedRamHeader.parse(b"\0" * 27)
+
+
+@given(st.binary(min_size=0, max_size=40), st.integers(0, 1 << 40), st.integers(0, 1 << 34),
+       st.integers(0, 1 << 41))
+@settings(max_examples=300)
+def test_header_parser_random(data, hoff, used, fsize):
+    try:
+        MappedRamHeader.parse(data, header_offset=hoff, used_length=used, file_size=fsize)
+    except SnapshotError:
+        pass
+
+
+def test_bitmap_roundtrip_and_runs():
+    rng = np.random.default_rng(0)
+    for n in (1, 63, 64, 65, 1000, 65536):
+        p = rng.random(n) < 0.3
+        data = pack_bitmap(p)
+        assert len(data) == bitmap_size(n)
+        words = np.frombuffer(data, "<u8")
+        for i in map(int, np.flatnonzero(p)[:50]):
+            assert (int(words[i // 64]) >> (i % 64)) & 1
+        assert (unpack_bitmap(data, n) == p).all()
+        r = runs(p)
+        q = np.zeros(n, bool)
+        for a, c in r:
+            q[a:a + c] = True
+        assert (q == p).all()
+        r2 = runs(p, max_pages=3)
+        assert (r2[:, 1] <= 3).all() and r2[:, 1].sum() == p.sum()
+    assert runs(np.zeros(5, bool)).shape == (0, 2)
+    assert contiguous_runs(np.array([3, 4, 5, 9, 10, 2])).tolist() == [[0, 3], [3, 2], [5, 1]]
+
+
+def test_word_helpers_match_packed():
+    from vmsnap.fileformat.bitmap import (
+        clear_bits,
+        offsets_to_pages,
+        set_bits,
+        words_from_present,
+        words_to_bytes,
+    )
+    rng = np.random.default_rng(3)
+    n = 1000
+    words = np.zeros(bitmap_size(n) // 8, np.uint64)
+    present = np.zeros(n, bool)
+    for _ in range(20):
+        pages = rng.integers(0, n, 40)
+        if rng.random() < 0.6:
+            set_bits(words, pages)
+            present[pages] = True
+        else:
+            clear_bits(words, pages)
+            present[pages] = False
+    assert words_to_bytes(words) == pack_bitmap(present)
+    assert (words_from_present(present) == words).all()
+    assert offsets_to_pages(np.array([0, 8192], np.uint64)).tolist() == [0, 2]
+    with pytest.raises(ValueError):
+        offsets_to_pages([4095])

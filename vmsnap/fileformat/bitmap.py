@@ -1,0 +1,99 @@
+"""QEMU mapped-ram bitmaps: little-endian 64-bit words, bit i = page i.
+
+In memory a bitmap is kept as a numpy bool array (one byte per page); these helpers convert
+to/from the file representation and turn set bits into runs for coalesced I/O.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .layout import bitmap_size
+
+
+def pack_bitmap(present: np.ndarray) -> bytes:
+    """bool[npages] → file bytes (LE u64 words, padded with zero bits)."""
+    npages = len(present)
+    packed = np.packbits(np.asarray(present, dtype=bool), bitorder="little")
+    out = np.zeros(bitmap_size(npages), dtype=np.uint8)
+    out[: len(packed)] = packed
+    return out.tobytes()
+
+
+def unpack_bitmap(data: bytes, npages: int) -> np.ndarray:
+    """File bytes → bool[npages] (bits past npages are ignored, as QEMU does)."""
+    need = bitmap_size(npages)
+    if len(data) < need:
+        raise ValueError(f"bitmap needs {need} bytes, got {len(data)}")
+    bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8, count=need), bitorder="little")
+    return bits[:npages].astype(bool)
+
+
+def words_from_present(present: np.ndarray) -> np.ndarray:
+    """bool[npages] → uint64 words (host order values of the LE file words)."""
+    return np.frombuffer(pack_bitmap(present), dtype="<u8").astype(np.uint64)
+
+
+def set_pages(present: np.ndarray, pages: np.ndarray) -> None:
+    present[np.asarray(pages, dtype=np.int64)] = True
+
+
+def clear_pages(present: np.ndarray, pages: np.ndarray) -> None:
+    present[np.asarray(pages, dtype=np.int64)] = False
+
+
+def runs(present: np.ndarray, max_pages: int | None = None) -> np.ndarray:
+    """Runs of set bits as an int64 array of shape (n, 2): (first_page, count).
+
+    With `max_pages`, longer runs are split so no run exceeds it.
+    """
+    p = np.asarray(present, dtype=bool).view(np.int8)
+    edges = np.diff(np.concatenate(([0], p, [0])).astype(np.int8))
+    starts = np.flatnonzero(edges == 1)
+    ends = np.flatnonzero(edges == -1)
+    counts = ends - starts
+    if max_pages is not None and len(counts) and counts.max() > max_pages:
+        pieces = -(-counts // max_pages)
+        rep_starts = np.repeat(starts, pieces)
+        idx = np.arange(pieces.sum()) - np.repeat(np.cumsum(pieces) - pieces, pieces)
+        first = rep_starts + idx * max_pages
+        cnt = np.minimum(np.repeat(ends, pieces) - first, max_pages)
+        return np.stack([first, cnt], axis=1).astype(np.int64)
+    return np.stack([starts, counts], axis=1).astype(np.int64)
+
+
+def contiguous_runs(pages: np.ndarray) -> np.ndarray:
+    """Split a sequence of page numbers (in the given order) into runs where each next page
+    is the previous + 1. Returns (n, 2) int64: (index of first element, length)."""
+    pages = np.asarray(pages, dtype=np.int64)
+    if len(pages) == 0:
+        return np.zeros((0, 2), dtype=np.int64)
+    breaks = np.flatnonzero(np.diff(pages) != 1) + 1
+    starts = np.concatenate(([0], breaks))
+    ends = np.concatenate((breaks, [len(pages)]))
+    return np.stack([starts, ends - starts], axis=1).astype(np.int64)
+
+
+def set_bits(words: np.ndarray, pages) -> None:
+    """Set bit `page` in a uint64 word array (QEMU `unsigned long` bitmap) for each page."""
+    p = np.asarray(pages, dtype=np.uint64)
+    np.bitwise_or.at(words, (p >> np.uint64(6)).astype(np.int64),
+                     np.left_shift(np.uint64(1), p & np.uint64(63)))
+
+
+def clear_bits(words: np.ndarray, pages) -> None:
+    p = np.asarray(pages, dtype=np.uint64)
+    np.bitwise_and.at(words, (p >> np.uint64(6)).astype(np.int64),
+                      ~np.left_shift(np.uint64(1), p & np.uint64(63)))
+
+
+def words_to_bytes(words: np.ndarray) -> bytes:
+    return np.asarray(words, dtype=np.uint64).astype("<u8").tobytes()
+
+
+def offsets_to_pages(offsets, page_size: int = 4096) -> np.ndarray:
+    """Byte offsets inside a block → page numbers (offsets must be page aligned)."""
+    off = np.asarray(offsets, dtype=np.uint64)
+    if len(off) and (off % np.uint64(page_size)).any():
+        raise ValueError("offset not page aligned")
+    return (off // np.uint64(page_size)).astype(np.int64)

@@ -1,0 +1,265 @@
+"""Open and verify a snapshot file (vmsnap with trailer, or QEMU-native mapped-ram)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import xxhash
+
+from ..io.aligned import PAGE_SIZE, AlignedBuffer
+from ..io.direct import DirectFile, IOEngineError
+from .bitmap import runs, unpack_bitmap
+from .errors import (
+    ChecksumMismatch,
+    IncompleteSnapshot,
+    NoCommitRecord,
+    SnapshotError,
+)
+from .layout import MappedRamHeader, bitmap_size
+from .prefix import StreamPrefix, parse_prefix, stream_looks_complete
+from .trailer import Trailer, TrailerMetadata, read_trailer, xxh3
+
+#: Tail (device state) larger than this is refused (sanity bound).
+MAX_TAIL = 1 << 30
+
+
+@dataclass
+class BlockInfo:
+    name: str
+    used_length: int
+    idstr_offset: int
+    header_offset: int
+    header: MappedRamHeader
+    present: np.ndarray = field(repr=False)  # bool[npages]
+
+    @property
+    def bitmap_offset(self) -> int:
+        return self.header.bitmap_offset
+
+    @property
+    def pages_offset(self) -> int:
+        return self.header.pages_offset
+
+    @property
+    def page_size(self) -> int:
+        return self.header.page_size
+
+    @property
+    def npages(self) -> int:
+        return self.used_length // self.header.page_size
+
+    @property
+    def present_count(self) -> int:
+        return int(self.present.sum())
+
+
+@dataclass
+class VerifyResult:
+    pages: int
+    bytes: int
+    ranges: int
+
+
+class Snapshot:
+    """An open snapshot file. `trailer`/`metadata` are None for QEMU-native files."""
+
+    def __init__(self, path: str, file: DirectFile, size: int, prefix: StreamPrefix,
+                 header_bytes: bytes, blocks: list[BlockInfo], tail_offset: int, tail: bytes,
+                 trailer: Trailer | None) -> None:
+        self.path = path
+        self._file = file
+        self.file_size = size
+        self.stream = prefix
+        self.header_bytes = header_bytes  # header + configuration + RAM START up to blocks
+        self.blocks = blocks
+        self.tail_offset = tail_offset
+        self.tail = tail  # EOS, footer, ..., device state, EOF, vmdesc
+        self.trailer = trailer
+        self.stream_end = tail_offset + len(tail)
+
+    @property
+    def native(self) -> bool:
+        return self.trailer is None
+
+    @property
+    def metadata(self) -> TrailerMetadata | None:
+        return self.trailer.metadata if self.trailer else None
+
+    @property
+    def machine_type(self) -> str:
+        return self.stream.machine_type
+
+    @property
+    def direct(self) -> bool:
+        return self._file.direct
+
+    def block(self, name: str) -> BlockInfo:
+        for b in self.blocks:
+            if b.name == name:
+                return b
+        raise KeyError(name)
+
+    def _b(self, block: str | BlockInfo) -> BlockInfo:
+        return block if isinstance(block, BlockInfo) else self.block(block)
+
+    def present_runs(self, block: str | BlockInfo, max_pages: int | None = None) -> np.ndarray:
+        """(first_page, count) runs of present pages, shape (n, 2)."""
+        return runs(self._b(block).present, max_pages)
+
+    def read_pages(self, block: str | BlockInfo, first_page: int, count: int,
+                   into=None) -> memoryview:
+        """Read `count` pages starting at page `first_page` (O_DIRECT when `into` is an
+        aligned buffer). Returns a memoryview of exactly count*page_size bytes."""
+        b = self._b(block)
+        if first_page < 0 or count < 0 or first_page + count > b.npages:
+            raise SnapshotError(f"pages {first_page}+{count} outside block {b.name!r}")
+        n = count * b.page_size
+        if into is None:
+            into = AlignedBuffer(max(n, 1))
+        mv = (into.view if isinstance(into, AlignedBuffer) else memoryview(into)).cast("B")
+        if mv.nbytes < n:
+            raise ValueError(f"buffer too small: {mv.nbytes} < {n}")
+        mv = mv[:n]
+        if n:
+            try:
+                self._file.read_into(b.pages_offset + first_page * b.page_size, [mv])
+            except IOEngineError as e:
+                raise SnapshotError(f"block {b.name!r}: {e.strerror}") from None
+        return mv
+
+    def verify(self, progress: Callable[[int, int], None] | None = None,
+               chunk_bytes: int = 8 << 20) -> VerifyResult:
+        """Check every present page and every non-page stream range against the trailer.
+        Raises ChecksumMismatch naming the first bad page (block + offset).
+        `progress(done_bytes, total_bytes)` is called after each chunk."""
+        if self.trailer is None:
+            raise SnapshotError("QEMU-native file has no checksums to verify")
+        for r in self.trailer.ranges:
+            data = self._file.pread_meta(r.start, r.length)
+            if xxh3(data) != r.xxh3:
+                raise ChecksumMismatch(
+                    f"stream bytes {r.start:#x}..{r.start + r.length:#x} corrupt "
+                    "(header/bitmap/device state)", file_offset=r.start)
+        total = sum(b.present_count * b.page_size for b in self.blocks)
+        done = 0
+        pages = 0
+        f = xxhash.xxh3_64_intdigest
+        jobs = [
+            (b, int(first), int(count))
+            for b in self.blocks
+            for first, count in self.present_runs(b, max(chunk_bytes // b.page_size, 1))
+        ]
+        tables = {b.name: self.trailer.block(b.name).table for b in self.blocks}
+        index = dict.fromkeys(tables, 0)
+        bufs = [AlignedBuffer(chunk_bytes), AlignedBuffer(chunk_bytes)]
+        # read-ahead: the next chunk is read (GIL released in preadv) while this one hashes
+        with ThreadPoolExecutor(1, thread_name_prefix="vmsnap-verify") as ex:
+            try:
+                fut = ex.submit(self.read_pages, *jobs[0], bufs[0]) if jobs else None
+                for k, (b, first, count) in enumerate(jobs):
+                    mv = fut.result()
+                    if k + 1 < len(jobs):
+                        fut = ex.submit(self.read_pages, *jobs[k + 1], bufs[(k + 1) % 2])
+                    ps = b.page_size
+                    got = np.fromiter((f(mv[j * ps:(j + 1) * ps]) for j in range(count)),
+                                      dtype=np.uint64, count=count)
+                    idx = index[b.name]
+                    bad = np.flatnonzero(got != tables[b.name][idx:idx + count])
+                    if len(bad):
+                        page = first + int(bad[0])
+                        raise ChecksumMismatch(
+                            f"page corrupt: block {b.name!r} offset {page * ps:#x} "
+                            f"(file offset {b.pages_offset + page * ps:#x})",
+                            block=b.name, offset=page * ps,
+                            file_offset=b.pages_offset + page * ps)
+                    index[b.name] = idx + count
+                    done += count * ps
+                    pages += count
+                    if progress:
+                        progress(done, total)
+            finally:
+                if fut is not None:
+                    fut.cancel()
+                    try:
+                        fut.result()
+                    except BaseException:  # noqa: BLE001 - already failing or cancelled
+                        pass
+                for buf in bufs:
+                    buf.close()
+        return VerifyResult(pages, done, len(self.trailer.ranges))
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> Snapshot:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def open_snapshot(path: str | os.PathLike, *, direct: bool = True,
+                  allow_incomplete: bool = False) -> Snapshot:
+    """Open a snapshot file. Raises SnapshotError (one-line message) if it is malformed,
+    IncompleteSnapshot if it has no commit record and the QEMU stream is unfinished,
+    CorruptTrailer/UnsupportedVersion for a damaged or newer vmsnap trailer."""
+    path = os.fspath(path)
+    f = DirectFile(path, writable=False, direct=direct)
+    try:
+        return _open(path, f, allow_incomplete)
+    except BaseException:
+        f.close()
+        raise
+
+
+def _open(path: str, f: DirectFile, allow_incomplete: bool) -> Snapshot:
+    size = f.size()
+
+    def pread(off: int, n: int) -> bytes:
+        if off < 0 or n < 0 or off + n > size:
+            raise SnapshotError(f"read {off:#x}+{n:#x} beyond end of file ({size:#x})")
+        try:
+            return f.pread_meta(off, n)
+        except IOEngineError as e:
+            raise SnapshotError(f"file truncated: {e.strerror}") from None
+
+    trailer: Trailer | None
+    try:
+        trailer = read_trailer(pread, size)
+        stream_end = trailer.commit.stream_end
+    except NoCommitRecord:
+        trailer = None
+        stream_end = size
+    prefix = parse_prefix(pread, stream_end)
+    tail_len = stream_end - prefix.tail_offset
+    if tail_len < 0 or tail_len > MAX_TAIL:
+        raise SnapshotError("stream tail length out of range")
+    tail = pread(prefix.tail_offset, tail_len)
+    if trailer is None and not allow_incomplete and not stream_looks_complete(tail):
+        raise IncompleteSnapshot(
+            "incomplete snapshot: no vmsnap commit record and the QEMU stream is unfinished")
+    blocks = []
+    for pb in prefix.blocks:
+        npages = pb.used_length // pb.header.page_size
+        bm = pread(pb.header.bitmap_offset, bitmap_size(npages))
+        blocks.append(BlockInfo(pb.name, pb.used_length, pb.idstr_offset, pb.header_offset,
+                                pb.header, unpack_bitmap(bm, npages)))
+    if trailer is not None:
+        names = [b.name for b in blocks]
+        if [b.name for b in trailer.blocks] != names:
+            raise SnapshotError("trailer block list does not match the stream's RAM blocks")
+        for b in blocks:
+            if trailer.block(b.name).pages != b.present_count:
+                raise SnapshotError(
+                    f"trailer checksum table of {b.name!r} has {trailer.block(b.name).pages} "
+                    f"entries for {b.present_count} present pages")
+    header_bytes = pread(0, prefix.first_block_offset)
+    return Snapshot(path, f, size, prefix, header_bytes, blocks, prefix.tail_offset, tail,
+                    trailer)
+
+
+__all__ = ["BlockInfo", "Snapshot", "VerifyResult", "open_snapshot", "PAGE_SIZE"]

@@ -1,0 +1,308 @@
+"""The vmsnap trailer, appended after the end of the QEMU stream (QEMU never reads it).
+
+File tail::
+
+    ... QEMU stream ... | zero padding to 4 KiB | body | commit record (64 bytes, EOF)
+
+Body (at `body_offset` = stream_end rounded up to 4096; all integers little-endian)::
+
+    0   8   magic b"VMSNAPT1"
+    8   4   u32 format version (1)
+    12  4   u32 length J of the JSON metadata
+    16  J   JSON (UTF-8), see TrailerMetadata / the "blocks" and "ranges" keys
+    ..      zero padding to a multiple of 8
+    ..      per block in JSON "blocks" order: pages × u64 xxh3_64 of each present page,
+            in bitmap order (ascending page number)
+
+JSON keys: format_version, qemu_version, machine_type, command_line (list[str] | null),
+created (ISO 8601 UTC), stream_end, checksum ("xxh3-64"), page_size,
+blocks [{"name", "pages"}], ranges [{"start", "length", "xxh3" (16 hex digits)}] — one
+range per non-page byte range of the stream (prefix + block records + bitmaps, tail).
+
+Commit record (last 64 bytes of the file, little-endian)::
+
+    0   8   magic b"VMSNAPC1"
+    8   4   u32 format version
+    12  4   u32 reserved (0)
+    16  8   u64 body offset
+    24  8   u64 body length
+    32  8   u64 xxh3_64 of the body
+    40  8   u64 stream_end (end of the QEMU stream)
+    48  8   reserved (0)
+    56  8   u64 xxh3_64 of bytes 0..56 of this record
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import numpy as np
+import xxhash
+
+from .errors import CorruptTrailer, NoCommitRecord, SnapshotError, UnsupportedVersion
+
+FORMAT_VERSION = 1
+BODY_MAGIC = b"VMSNAPT1"
+COMMIT_MAGIC = b"VMSNAPC1"
+COMMIT_SIZE = 64
+TRAILER_ALIGN = 4096
+CHECKSUM_ALGO = "xxh3-64"
+_COMMIT = struct.Struct("<8sIIQQQQQ")  # + u64 self checksum
+_BODY_HEAD = struct.Struct("<8sII")
+assert _COMMIT.size == 56
+
+
+def xxh3(data) -> int:
+    return xxhash.xxh3_64_intdigest(data)
+
+
+def page_checksums(data, page_size: int = 4096) -> np.ndarray:
+    """xxh3_64 of every page of `data` (n*page_size bytes) → uint64[n]."""
+    mv = memoryview(data).cast("B")
+    n = mv.nbytes // page_size
+    f = xxhash.xxh3_64_intdigest
+    return np.fromiter(
+        (f(mv[i * page_size:(i + 1) * page_size]) for i in range(n)), dtype=np.uint64, count=n
+    )
+
+
+def utc_now_iso() -> str:
+    return datetime.now(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+@dataclass
+class TrailerMetadata:
+    qemu_version: str | None = None
+    machine_type: str | None = None
+    command_line: list[str] | None = None
+    created: str = field(default_factory=utc_now_iso)
+    format_version: int = FORMAT_VERSION
+    checksum: str = CHECKSUM_ALGO
+    stream_end: int = 0
+    page_size: int = 4096
+    extra: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        d = {
+            "format_version": self.format_version,
+            "qemu_version": self.qemu_version,
+            "machine_type": self.machine_type,
+            "command_line": self.command_line,
+            "created": self.created,
+            "stream_end": self.stream_end,
+            "checksum": self.checksum,
+            "page_size": self.page_size,
+        }
+        if self.extra:
+            d["extra"] = self.extra
+        return d
+
+
+@dataclass(frozen=True)
+class RangeChecksum:
+    start: int
+    length: int
+    xxh3: int
+
+
+@dataclass
+class BlockChecksums:
+    name: str
+    table: np.ndarray  # uint64[pages], one per present page in bitmap order
+
+    @property
+    def pages(self) -> int:
+        return len(self.table)
+
+
+@dataclass
+class Trailer:
+    metadata: TrailerMetadata
+    blocks: list[BlockChecksums]
+    ranges: list[RangeChecksum]
+    commit: CommitRecord
+
+    def block(self, name: str) -> BlockChecksums:
+        for b in self.blocks:
+            if b.name == name:
+                return b
+        raise KeyError(name)
+
+
+@dataclass(frozen=True)
+class CommitRecord:
+    version: int
+    body_offset: int
+    body_length: int
+    body_xxh3: int
+    stream_end: int
+
+    def pack(self) -> bytes:
+        head = _COMMIT.pack(COMMIT_MAGIC, self.version, 0, self.body_offset, self.body_length,
+                            self.body_xxh3, self.stream_end, 0)
+        return head + struct.pack("<Q", xxh3(head))
+
+    @classmethod
+    def parse(cls, data: bytes, file_size: int) -> CommitRecord:
+        """Decode the last 64 bytes of a file of `file_size` bytes."""
+        if file_size < COMMIT_SIZE or len(data) != COMMIT_SIZE:
+            raise NoCommitRecord("no vmsnap commit record (file too short)")
+        magic, version, _res, boff, blen, bsum, send, _res2 = _COMMIT.unpack(data[:56])
+        if magic != COMMIT_MAGIC:
+            raise NoCommitRecord("no vmsnap commit record at end of file")
+        (own,) = struct.unpack("<Q", data[56:])
+        if own != xxh3(data[:56]):
+            raise CorruptTrailer("corrupt trailer: commit record checksum mismatch")
+        if version != FORMAT_VERSION:
+            raise UnsupportedVersion(
+                f"unsupported vmsnap format version {version} (this build reads "
+                f"{FORMAT_VERSION})"
+            )
+        rec_pos = file_size - COMMIT_SIZE
+        if boff + blen != rec_pos:
+            raise CorruptTrailer("corrupt trailer: body does not end at the commit record")
+        if send > boff or boff != -(-send // TRAILER_ALIGN) * TRAILER_ALIGN:
+            raise CorruptTrailer("corrupt trailer: body offset inconsistent with stream_end")
+        if blen < _BODY_HEAD.size:
+            raise CorruptTrailer("corrupt trailer: body too short")
+        return cls(version, boff, blen, bsum, send)
+
+
+def encode_trailer(
+    stream_end: int,
+    metadata: TrailerMetadata,
+    blocks: Sequence[BlockChecksums],
+    ranges: Sequence[RangeChecksum],
+) -> tuple[int, bytes]:
+    """Return (file offset, bytes) of padding-free trailer: body + commit record.
+
+    The caller writes it at the returned offset (stream_end rounded up to 4 KiB); the gap
+    stream_end..offset must read as zeros.
+    """
+    md = metadata.to_json()
+    md["stream_end"] = stream_end
+    md["format_version"] = FORMAT_VERSION
+    md["blocks"] = [{"name": b.name, "pages": int(b.pages)} for b in blocks]
+    md["ranges"] = [
+        {"start": r.start, "length": r.length, "xxh3": f"{r.xxh3:016x}"} for r in ranges
+    ]
+    js = json.dumps(md, separators=(",", ":"), sort_keys=True).encode()
+    head = _BODY_HEAD.pack(BODY_MAGIC, FORMAT_VERSION, len(js)) + js
+    head += b"\0" * (-len(head) % 8)
+    parts = [head] + [np.ascontiguousarray(b.table, dtype="<u8").tobytes() for b in blocks]
+    body = b"".join(parts)
+    offset = -(-stream_end // TRAILER_ALIGN) * TRAILER_ALIGN
+    commit = CommitRecord(FORMAT_VERSION, offset, len(body), xxh3(body), stream_end)
+    return offset, body + commit.pack()
+
+
+def _req(d: dict, key: str, types, what: str = ""):
+    if key not in d or not isinstance(d[key], types) or isinstance(d[key], bool) and \
+            types is not bool:
+        raise CorruptTrailer(f"corrupt trailer: metadata field {what}{key!r} missing or invalid")
+    return d[key]
+
+
+def decode_body(body: bytes, commit: CommitRecord) -> Trailer:
+    """Validate and decode the trailer body located by `commit`."""
+    if len(body) != commit.body_length:
+        raise CorruptTrailer("corrupt trailer: body truncated")
+    if xxh3(body) != commit.body_xxh3:
+        raise CorruptTrailer("corrupt trailer: body checksum mismatch")
+    magic, version, jlen = _BODY_HEAD.unpack_from(body)
+    if magic != BODY_MAGIC:
+        raise CorruptTrailer("corrupt trailer: bad body magic")
+    if version != FORMAT_VERSION:
+        raise UnsupportedVersion(f"unsupported vmsnap trailer body version {version}")
+    jend = _BODY_HEAD.size + jlen
+    if jend > len(body):
+        raise CorruptTrailer("corrupt trailer: metadata length beyond body")
+    try:
+        md = json.loads(body[_BODY_HEAD.size:jend].decode())
+    except (ValueError, RecursionError):
+        raise CorruptTrailer("corrupt trailer: metadata is not valid JSON") from None
+    if not isinstance(md, dict):
+        raise CorruptTrailer("corrupt trailer: metadata is not a JSON object")
+    if _req(md, "format_version", int) != FORMAT_VERSION:
+        raise UnsupportedVersion(f"unsupported vmsnap metadata version {md['format_version']}")
+    if _req(md, "checksum", str) != CHECKSUM_ALGO:
+        raise CorruptTrailer(f"corrupt trailer: unknown checksum algorithm {md['checksum']!r}")
+    if _req(md, "stream_end", int) != commit.stream_end:
+        raise CorruptTrailer("corrupt trailer: stream_end differs from commit record")
+    cmd = md.get("command_line")
+    if cmd is not None and not (isinstance(cmd, list) and all(isinstance(s, str) for s in cmd)):
+        raise CorruptTrailer("corrupt trailer: command_line must be a list of strings or null")
+    for k in ("qemu_version", "machine_type"):
+        if md.get(k) is not None and not isinstance(md[k], str):
+            raise CorruptTrailer(f"corrupt trailer: metadata field {k!r} invalid")
+    page_size = _req(md, "page_size", int)
+    created = _req(md, "created", str)
+    extra = md.get("extra", {})
+    if not isinstance(extra, dict):
+        raise CorruptTrailer("corrupt trailer: metadata field 'extra' invalid")
+    meta = TrailerMetadata(
+        qemu_version=md.get("qemu_version"), machine_type=md.get("machine_type"),
+        command_line=cmd, created=created, stream_end=commit.stream_end,
+        page_size=page_size, extra=extra,
+    )
+    pos = jend + (-jend % 8)
+    blocks = []
+    names = set()
+    for i, bd in enumerate(_req(md, "blocks", list)):
+        if not isinstance(bd, dict):
+            raise CorruptTrailer("corrupt trailer: block entry is not an object")
+        name = _req(bd, "name", str, f"blocks[{i}].")
+        pages = _req(bd, "pages", int, f"blocks[{i}].")
+        if name in names or pages < 0:
+            raise CorruptTrailer(f"corrupt trailer: bad block entry {name!r}")
+        names.add(name)
+        end = pos + pages * 8
+        if end > len(body):
+            raise CorruptTrailer(f"corrupt trailer: checksum table of {name!r} beyond body")
+        table = np.frombuffer(body, dtype="<u8", count=pages, offset=pos).astype(np.uint64)
+        blocks.append(BlockChecksums(name, table))
+        pos = end
+    if pos != len(body):
+        raise CorruptTrailer("corrupt trailer: body length does not match its tables")
+    ranges = []
+    for i, rd in enumerate(_req(md, "ranges", list)):
+        if not isinstance(rd, dict):
+            raise CorruptTrailer("corrupt trailer: range entry is not an object")
+        start = _req(rd, "start", int, f"ranges[{i}].")
+        length = _req(rd, "length", int, f"ranges[{i}].")
+        hx = _req(rd, "xxh3", str, f"ranges[{i}].")
+        if start < 0 or length < 0 or start + length > commit.stream_end:
+            raise CorruptTrailer(f"corrupt trailer: range {i} outside the stream")
+        try:
+            if len(hx) != 16:
+                raise ValueError
+            value = int(hx, 16)
+        except ValueError:
+            raise CorruptTrailer(f"corrupt trailer: range {i} checksum invalid") from None
+        ranges.append(RangeChecksum(start, length, value))
+    return Trailer(meta, blocks, ranges, commit)
+
+
+def read_trailer(pread: Callable[[int, int], bytes], file_size: int) -> Trailer:
+    """Read and validate the trailer of a file through `pread(offset, length)`.
+
+    Raises NoCommitRecord (no vmsnap record: caller decides native vs incomplete),
+    CorruptTrailer / UnsupportedVersion otherwise.
+    """
+    if file_size < COMMIT_SIZE:
+        raise NoCommitRecord("no vmsnap commit record (file too short)")
+    commit = CommitRecord.parse(pread(file_size - COMMIT_SIZE, COMMIT_SIZE), file_size)
+    return decode_body(pread(commit.body_offset, commit.body_length), commit)
+
+
+def decode_trailer_bytes(data: bytes) -> Trailer:
+    """Decode a trailer from a whole in-memory file image (used by tests/fuzzing)."""
+    def pread(off: int, n: int) -> bytes:
+        if off < 0 or off + n > len(data):
+            raise SnapshotError("read beyond end of file")
+        return data[off:off + n]
+    return read_trailer(pread, len(data))

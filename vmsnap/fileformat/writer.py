@@ -1,0 +1,291 @@
+"""SnapshotWriter: lays out a mapped-ram file and fills it as the receive path decodes pages.
+
+    w = SnapshotWriter(path, TrailerMetadata(machine_type=..., ...))
+    w.begin(prefix_bytes, [(name, used_length), ...])
+    w.write_pages("pc.ram", offsets, data)      # any number of times, any order
+    w.zero_pages("pc.ram", offsets)
+    w.finish(tail_bytes)                          # bitmaps, tail, trailer, fsync, rename
+
+The file is created as FILE.partial (0600), sized once in `begin` (sparse) and never grows
+while pages arrive: re-sent pages overwrite in place.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import xxhash
+
+from ..io.aligned import PAGE_SIZE, BufferPool, buffer_address
+from ..io.atomic import AtomicFile
+from ..io.direct import DirectFile
+from .bitmap import contiguous_runs, pack_bitmap
+from .errors import SnapshotError
+from .layout import BlockLayout, FileLayout, compute_layout
+from .trailer import BlockChecksums, RangeChecksum, TrailerMetadata, encode_trailer, xxh3
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _BlockState:
+    layout: BlockLayout
+    present: np.ndarray  # bool[npages]
+    sums: np.ndarray  # uint64[npages]
+
+
+class SnapshotWriter:
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        metadata: TrailerMetadata | None = None,
+        *,
+        page_size: int = PAGE_SIZE,
+        direct: bool = True,
+        buffer_size: int = 8 << 20,
+        queue_depth: int = 3,
+    ) -> None:
+        self.path = os.fspath(path)
+        self.metadata = metadata or TrailerMetadata()
+        self.page_size = page_size
+        self._direct = direct
+        self._buffer_size = buffer_size
+        self._depth = max(1, queue_depth)
+        self._jobs: queue.Queue | None = None
+        self._worker: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._atomic: AtomicFile | None = None
+        self._file: DirectFile | None = None
+        self._pool: BufferPool | None = None
+        self._prefix = b""
+        self.layout: FileLayout | None = None
+        self._blocks: dict[str, _BlockState] = {}
+        self.bytes_written = 0
+        self.finished = False
+
+    # -- properties -------------------------------------------------------------------
+    @property
+    def direct(self) -> bool:
+        """True if page data goes through O_DIRECT (False after a fallback)."""
+        return bool(self._file and self._file.direct)
+
+    @property
+    def fallback_reason(self) -> str | None:
+        return self._file.fallback_reason if self._file else None
+
+    # -- lifecycle --------------------------------------------------------------------
+    def begin(self, prefix: bytes, blocks: Sequence[tuple[str, int]]) -> FileLayout:
+        """Create FILE.partial and write `prefix` (stream bytes up to the first block idstr)
+        plus every block's idstr, used_length and MappedRamHeader."""
+        if self._atomic is not None:
+            raise ValueError("begin() called twice")
+        if not blocks:
+            raise ValueError("need at least one RAM block")
+        names = [n for n, _ in blocks]
+        if len(set(names)) != len(names):
+            raise ValueError("duplicate RAM block names")
+        layout = compute_layout(blocks, len(prefix), self.page_size)
+        self._atomic = AtomicFile(self.path).open()
+        try:
+            self._file = DirectFile(self._atomic.partial_path, writable=True,
+                                    direct=self._direct, alignment=self.page_size)
+            self._pool = BufferPool(self._buffer_size, self._depth)
+            self._jobs = queue.Queue()
+            self._worker = threading.Thread(target=self._run, name="vmsnap-writer", daemon=True)
+            self._worker.start()
+            self._prefix = bytes(prefix)
+            self._file.truncate(layout.tail_offset)
+            self._file.pwrite_meta(0, self._prefix)
+            for b in layout.blocks:
+                self._file.pwrite_meta(b.idstr_offset, b.record())
+                self._blocks[b.name] = _BlockState(
+                    b, np.zeros(b.npages, dtype=bool), np.zeros(b.npages, dtype=np.uint64)
+                )
+        except BaseException:
+            self.abort()
+            raise
+        self.layout = layout
+        return layout
+
+    def _state(self, block: str) -> _BlockState:
+        if self.layout is None or self.finished:
+            raise ValueError("writer is not active (call begin() first)")
+        try:
+            return self._blocks[block]
+        except KeyError:
+            raise SnapshotError(f"unknown RAM block {block!r}") from None
+
+    def _pages(self, st: _BlockState, offsets) -> np.ndarray:
+        try:
+            off = np.asarray(offsets, dtype=np.uint64)
+        except (OverflowError, ValueError, TypeError):
+            raise SnapshotError("page offsets must be non-negative integers") from None
+        if off.ndim != 1:
+            raise ValueError("offsets must be one-dimensional")
+        if len(off) and (
+            (off % np.uint64(self.page_size)).any() or off.max() >= st.layout.used_length
+        ):
+            raise SnapshotError(
+                f"page offset not page aligned or beyond {st.layout.name!r} "
+                f"(used_length {st.layout.used_length:#x})"
+            )
+        return (off // np.uint64(self.page_size)).astype(np.int64)
+
+    def write_pages(self, block: str, offsets, data) -> None:
+        """Write len(offsets) pages (`data` = n*page_size bytes, in offsets order) to their
+        fixed file offsets; sets bitmap bits and records xxh3 of exactly what is written."""
+        st = self._state(block)
+        pages = self._pages(st, offsets)
+        ps = self.page_size
+        mv = memoryview(data).cast("B")
+        if mv.nbytes != len(pages) * ps:
+            raise ValueError(f"data has {mv.nbytes} bytes for {len(pages)} pages")
+        if not len(pages):
+            return
+        assert self._file is not None and self._pool is not None and self._jobs is not None
+        self._check_error()
+        src_aligned = buffer_address(mv) % ps == 0
+        per_buf = self._pool.size // ps
+        f = xxhash.xxh3_64_intdigest
+        if src_aligned:
+            self._drain()  # keep file order: earlier queued writes land first
+        for i0 in range(0, len(pages), per_buf):
+            chunk = pages[i0:i0 + per_buf]
+            n = len(chunk)
+            src = mv[i0 * ps:(i0 + n) * ps]
+            buf = None
+            if not src_aligned:
+                buf = self._pool.acquire()
+                buf.array[: n * ps] = np.frombuffer(src, dtype=np.uint8)
+                src = buf.view[: n * ps]
+            sums = np.fromiter((f(src[j * ps:(j + 1) * ps]) for j in range(n)),
+                               dtype=np.uint64, count=n)
+            ios = [
+                (st.layout.pages_offset + int(chunk[first]) * ps,
+                 src[first * ps:(first + count) * ps])
+                for first, count in contiguous_runs(chunk)
+            ]
+            if buf is None:  # caller's aligned memory: write now, it may be reused after
+                for foff, view in ios:
+                    self._file.write_at(foff, [view])
+            else:  # copied: hand to the I/O thread, overlap with the next copy/hash
+                self._check_error()
+                self._jobs.put((ios, buf))
+            st.present[chunk] = True
+            st.sums[chunk] = sums  # duplicates: numpy keeps the last, as the file does
+        self.bytes_written += len(pages) * ps
+
+    # -- I/O thread ---------------------------------------------------------------------
+    def _run(self) -> None:
+        assert self._jobs is not None and self._pool is not None
+        while True:
+            job = self._jobs.get()
+            try:
+                if job is None:
+                    return
+                ios, buf = job
+                try:
+                    if self._error is None:
+                        for foff, view in ios:
+                            self._file.write_at(foff, [view])
+                except BaseException as e:  # noqa: BLE001 - re-raised in the caller
+                    self._error = e
+                finally:
+                    self._pool.release(buf)
+            finally:
+                self._jobs.task_done()
+
+    def _check_error(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _drain(self) -> None:
+        if self._jobs is not None:
+            self._jobs.join()
+        self._check_error()
+
+    def _stop_worker(self) -> None:
+        if self._worker is not None and self._jobs is not None:
+            self._jobs.put(None)
+            self._worker.join()
+        self._worker = None
+
+    def zero_pages(self, block: str, offsets) -> None:
+        """Mark pages as zero: clear their bits and forget their checksums (no write)."""
+        st = self._state(block)
+        pages = self._pages(st, offsets)
+        st.present[pages] = False
+        st.sums[pages] = 0
+
+    def present(self, block: str) -> np.ndarray:
+        return self._state(block).present.copy()
+
+    def finish(self, tail: bytes) -> str:
+        """Write bitmaps, the stream `tail` at the last block's end, the trailer; fsync and
+        atomically rename FILE.partial to FILE. Returns the final path."""
+        if self.layout is None or self.finished:
+            raise ValueError("writer is not active")
+        assert self._file is not None and self._atomic is not None
+        try:
+            self._drain()
+            f = self._file
+            ranges: list[RangeChecksum] = []
+            region_start = 0
+            region = bytearray(self._prefix)
+            checks = []
+            for b in self.layout.blocks:
+                st = self._blocks[b.name]
+                bm = pack_bitmap(st.present)
+                f.pwrite_meta(b.bitmap_offset, bm)
+                region += b.record() + bm
+                ranges.append(RangeChecksum(region_start, len(region), xxh3(region)))
+                region_start, region = b.end, bytearray()
+                checks.append(BlockChecksums(b.name, st.sums[st.present]))
+            tail = bytes(tail)
+            tail_off = self.layout.tail_offset
+            f.pwrite_meta(tail_off, tail)
+            ranges.append(RangeChecksum(tail_off, len(tail), xxh3(tail)))
+            stream_end = tail_off + len(tail)
+            off, trailer = encode_trailer(stream_end, self.metadata, checks, ranges)
+            f.pwrite_meta(off, trailer)
+            f.truncate(off + len(trailer))
+            f.fsync()
+            f.close()
+            self._atomic.commit()
+        except BaseException:
+            self.abort()
+            raise
+        self.finished = True
+        self._cleanup()
+        return self.path
+
+    def abort(self) -> None:
+        """Discard everything written (removes FILE.partial; FILE is untouched)."""
+        self._stop_worker()
+        if self._file is not None:
+            self._file.close()
+        if self._atomic is not None:
+            self._atomic.abort()
+        self._cleanup()
+
+    def _cleanup(self) -> None:
+        self._stop_worker()
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+        if self._file is not None:
+            self._file.close()
+        self.layout = None if not self.finished else self.layout
+
+    def __enter__(self) -> SnapshotWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if not self.finished:
+            self.abort()

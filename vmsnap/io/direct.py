@@ -1,0 +1,259 @@
+"""O_DIRECT file access with a buffered fallback, and coalesced pwritev/preadv helpers.
+
+A `DirectFile` holds two descriptors on the same file:
+
+* `fd`      – opened with O_DIRECT when the filesystem allows it (page data: aligned
+              buffers, page-aligned offsets and lengths);
+* `meta_fd` – an ordinary buffered descriptor for unaligned metadata (stream bytes,
+              bitmaps, trailer).
+
+If the filesystem refuses O_DIRECT (EINVAL at open or at the first I/O), the data
+descriptor is reopened buffered and `posix_fadvise(POSIX_FADV_DONTNEED)` is issued after
+data writes/reads so a snapshot does not evict the page cache. `direct` tells which mode
+is active and `fallback_reason` why; the fallback is logged once.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from collections.abc import Sequence
+
+from .aligned import PAGE_SIZE, buffer_address
+
+log = logging.getLogger(__name__)
+
+#: Upper bound for one pwritev/preadv call (bytes) and for its iovec count.
+MAX_IO_BYTES = 8 << 20
+try:
+    IOV_MAX = min(os.sysconf("SC_IOV_MAX"), 1024)
+except (ValueError, OSError):  # pragma: no cover
+    IOV_MAX = 1024
+
+
+class IOEngineError(OSError):
+    """I/O failed in a way the engine cannot repair (short read at EOF, zero-byte write)."""
+
+
+def _aligned_io(offset: int, bufs: Sequence[memoryview], alignment: int) -> bool:
+    if offset % alignment:
+        return False
+    for b in bufs:
+        if b.nbytes % alignment or buffer_address(b) % alignment:
+            return False
+    return True
+
+
+def _chunks(bufs: Sequence[memoryview]):
+    """Group buffers into lists that respect IOV_MAX and MAX_IO_BYTES (a single larger
+    buffer is split)."""
+    group: list[memoryview] = []
+    size = 0
+    for b in bufs:
+        while b.nbytes:
+            room = MAX_IO_BYTES - size
+            piece = b[:room] if b.nbytes > room else b
+            b = b[piece.nbytes:]
+            group.append(piece)
+            size += piece.nbytes
+            if size >= MAX_IO_BYTES or len(group) >= IOV_MAX:
+                yield group
+                group, size = [], 0
+    if group:
+        yield group
+
+
+def pwritev_all(fd: int, bufs: Sequence, offset: int) -> int:
+    """Write all buffers contiguously at `offset`; handles partial writes. Returns bytes."""
+    total = 0
+    views = [memoryview(b).cast("B") for b in bufs]
+    for group in _chunks(views):
+        pos = 0
+        want = sum(v.nbytes for v in group)
+        while pos < want:
+            n = os.pwritev(fd, group, offset + total + pos)
+            if n <= 0:
+                raise IOEngineError(errno.EIO, f"pwritev wrote {n} bytes at {offset + total + pos}")
+            pos += n
+            if pos < want:
+                group = _advance(group, n)
+        total += want
+    return total
+
+
+def preadv_all(fd: int, bufs: Sequence, offset: int) -> int:
+    """Fill all buffers from `offset`; handles partial reads; EOF before the end is an error."""
+    total = 0
+    views = [memoryview(b).cast("B") for b in bufs]
+    for v in views:
+        if v.readonly:
+            raise ValueError("preadv target buffer is read-only")
+    for group in _chunks(views):
+        pos = 0
+        want = sum(v.nbytes for v in group)
+        while pos < want:
+            n = os.preadv(fd, group, offset + total + pos)
+            if n == 0:
+                raise IOEngineError(
+                    errno.EIO,
+                    f"unexpected end of file at offset {offset + total + pos} "
+                    f"(wanted {want - pos} more bytes)",
+                )
+            pos += n
+            if pos < want:
+                group = _advance(group, n)
+        total += want
+    return total
+
+
+def _advance(group: list[memoryview], n: int) -> list[memoryview]:
+    out = []
+    for v in group:
+        if n >= v.nbytes:
+            n -= v.nbytes
+            continue
+        out.append(v[n:])
+        n = 0
+    return out
+
+
+class DirectFile:
+    """A file opened for page I/O (O_DIRECT if possible) plus a buffered metadata fd.
+
+    `path` must exist unless `create=True`. `writable` opens read-write.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        writable: bool = False,
+        create: bool = False,
+        direct: bool = True,
+        alignment: int = PAGE_SIZE,
+    ) -> None:
+        self.path = os.fspath(path)
+        self.writable = writable
+        self.alignment = alignment
+        self.direct = False
+        self.fallback_reason: str | None = None
+        self._warned = False
+        base = os.O_RDWR if writable else os.O_RDONLY
+        base |= os.O_CLOEXEC
+        if create:
+            base |= os.O_CREAT
+        self.meta_fd = os.open(self.path, base, 0o600)
+        self._base_flags = base & ~os.O_CREAT
+        self.fd = -1
+        try:
+            if direct and hasattr(os, "O_DIRECT"):
+                try:
+                    self.fd = os.open(self.path, self._base_flags | os.O_DIRECT)
+                    self.direct = True
+                except OSError as e:
+                    if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+                        raise
+                    self._fall_back(f"O_DIRECT refused at open: {e.strerror}")
+            else:
+                self._fall_back("O_DIRECT not requested" if not direct
+                                else "O_DIRECT unsupported on this platform", quiet=not direct)
+        except BaseException:
+            os.close(self.meta_fd)
+            raise
+
+    # -- mode handling -------------------------------------------------------------
+    def _fall_back(self, reason: str, quiet: bool = False) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+        self.fd = os.open(self.path, self._base_flags)
+        self.direct = False
+        self.fallback_reason = reason
+        if not quiet and not self._warned:
+            self._warned = True
+            log.warning("%s: using buffered I/O + fadvise(DONTNEED): %s", self.path, reason)
+
+    def _dontneed(self, offset: int, length: int) -> None:
+        if not self.direct and hasattr(os, "posix_fadvise"):
+            try:
+                os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_DONTNEED)
+            except OSError:  # pragma: no cover - advisory only
+                pass
+
+    # -- page data ------------------------------------------------------------------
+    def write_at(self, offset: int, bufs: Sequence, *, dontneed: bool = True) -> int:
+        """Write `bufs` contiguously at `offset` with coalesced pwritev calls.
+
+        With O_DIRECT, unaligned requests (offset, length or memory) go through the
+        buffered descriptor instead.
+        """
+        views = [memoryview(b).cast("B") for b in bufs]
+        fd = self.fd
+        if self.direct and not _aligned_io(offset, views, self.alignment):
+            fd = self.meta_fd
+        try:
+            n = pwritev_all(fd, views, offset)
+        except OSError as e:
+            if not (self.direct and fd == self.fd and e.errno == errno.EINVAL):
+                raise
+            self._fall_back(f"O_DIRECT write refused: {e.strerror}")
+            n = pwritev_all(self.fd, views, offset)
+        if dontneed and fd == self.fd:
+            self._dontneed(offset, n)
+        return n
+
+    def read_into(self, offset: int, bufs: Sequence, *, dontneed: bool = True) -> int:
+        """Fill `bufs` from `offset` with coalesced preadv calls (EOF is an error)."""
+        views = [memoryview(b).cast("B") for b in bufs]
+        fd = self.fd
+        if self.direct and not _aligned_io(offset, views, self.alignment):
+            fd = self.meta_fd
+        try:
+            n = preadv_all(fd, views, offset)
+        except OSError as e:
+            if not (self.direct and fd == self.fd and e.errno == errno.EINVAL):
+                raise
+            self._fall_back(f"O_DIRECT read refused: {e.strerror}")
+            n = preadv_all(self.fd, views, offset)
+        if dontneed and fd == self.fd:
+            self._dontneed(offset, n)
+        return n
+
+    # -- metadata -----------------------------------------------------------------
+    def pwrite_meta(self, offset: int, data) -> int:
+        return pwritev_all(self.meta_fd, [data], offset)
+
+    def pread_meta(self, offset: int, length: int) -> bytes:
+        buf = bytearray(length)
+        if length:
+            preadv_all(self.meta_fd, [buf], offset)
+        return bytes(buf)
+
+    # -- whole file -----------------------------------------------------------------
+    def size(self) -> int:
+        return os.fstat(self.meta_fd).st_size
+
+    def truncate(self, length: int) -> None:
+        os.ftruncate(self.meta_fd, length)
+
+    def fsync(self) -> None:
+        os.fsync(self.meta_fd)
+        if self.fd >= 0:
+            os.fsync(self.fd)
+
+    def close(self) -> None:
+        for name in ("fd", "meta_fd"):
+            fd = getattr(self, name)
+            if fd >= 0:
+                setattr(self, name, -1)
+                os.close(fd)
+
+    @property
+    def closed(self) -> bool:
+        return self.meta_fd < 0
+
+    def __enter__(self) -> DirectFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,74 @@
+"""A QMP session with the facts vmsnap needs about its peer: version, run state, PID, cmdline."""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+from dataclasses import dataclass
+
+from qemu.qmp import QMPClient
+
+
+@dataclass(frozen=True)
+class Peer:
+    """The QEMU at the other end of a QMP socket."""
+
+    version: tuple[int, int, int]
+    running: bool
+    status: str
+    pid: int | None
+    cmdline: list[str] | None
+
+    @property
+    def version_text(self) -> str:
+        return ".".join(map(str, self.version))
+
+
+def _peer_pid(sock: socket.socket) -> int | None:
+    """PID of a local unix-socket peer from SO_PEERCRED (None for TCP or when unknown)."""
+    if sock.family != socket.AF_UNIX:
+        return None
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid = struct.unpack("3i", creds)[0]
+    return pid or None
+
+
+def read_cmdline(pid: int) -> list[str] | None:
+    """The launch command line of a local process, or None if it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return None
+    return [a.decode(errors="surrogateescape") for a in raw.split(b"\0")[:-1]] or None
+
+
+def resolve_address(address: str) -> str | tuple[str, int]:
+    """`host:port` → TCP tuple; anything else is a unix socket path."""
+    host, sep, port = address.rpartition(":")
+    if sep and port.isdigit() and "/" not in address:
+        return (host, int(port))
+    return address
+
+
+async def connect(address: str, name: str = "vmsnap") -> tuple[QMPClient, Peer]:
+    """Connect to QMP at `address` and describe the QEMU behind it."""
+    target = resolve_address(address)
+    family = socket.AF_INET if isinstance(target, tuple) else socket.AF_UNIX
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.connect(target)
+    except OSError as err:
+        sock.close()
+        raise ConnectionError(f"cannot connect to QMP at {address}: {err.strerror}") from err
+    pid = _peer_pid(sock)
+    client = QMPClient(name)
+    await client.connect(sock)
+    version = await client.execute("query-version")
+    q = version["qemu"]
+    status = await client.execute("query-status")
+    cmdline = read_cmdline(pid) if pid and pid != os.getpid() else None
+    peer = Peer((q["major"], q["minor"], q["micro"]), bool(status["running"]),
+                str(status["status"]), pid, cmdline)
+    return client, peer

@@ -1,0 +1,220 @@
+"""Encoder: functions returning the bytes of migration-stream records.
+
+Inverse of :mod:`vmsnap.stream.decoder` (``decode(encode(x)) == x``). Page records are
+built in bulk with numpy.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+from . import constants as C
+from .events import MappedRamHeader, RamBlock
+
+_BE16 = struct.Struct(">H")
+_BE32 = struct.Struct(">I")
+_BE64 = struct.Struct(">Q")
+_MRH = struct.Struct(">IQQQ")
+
+
+def counted(s: str | bytes) -> bytes:
+    b = s.encode("ascii") if isinstance(s, str) else bytes(s)
+    if not 1 <= len(b) <= 255:
+        raise ValueError(f"counted string must be 1..255 bytes: {b!r}")
+    return bytes([len(b)]) + b
+
+
+def header(version: int = C.QEMU_VM_FILE_VERSION) -> bytes:
+    return _BE32.pack(C.QEMU_VM_FILE_MAGIC) + _BE32.pack(version)
+
+
+def subsection(name: str, version_id: int, fields: bytes) -> bytes:
+    return bytes([C.QEMU_VM_SUBSECTION]) + counted(name) + _BE32.pack(version_id) + fields
+
+
+def configuration(
+    machine: str,
+    capabilities: Sequence[str] = (),
+    *,
+    page_bits: int | None = None,
+    uuid: bytes | None = None,
+) -> bytes:
+    """CONFIGURATION record; subsections in QEMU's order (page bits, capabilities, uuid)."""
+    m = machine.encode("ascii")
+    out = bytes([C.QEMU_VM_CONFIGURATION]) + _BE32.pack(len(m)) + m
+    if page_bits is not None:
+        out += subsection(C.PAGE_BITS_SUBSECTION, 1, _BE32.pack(page_bits))
+    if capabilities:
+        body = _BE32.pack(len(capabilities)) + b"".join(counted(c) for c in capabilities)
+        out += subsection(C.CAPS_SUBSECTION, 1, body)
+    if uuid is not None:
+        if len(uuid) != 16:
+            raise ValueError("uuid must be 16 bytes")
+        out += subsection(C.UUID_SUBSECTION, 1, bytes(uuid))
+    return out
+
+
+def command(cmd: int, payload: bytes = b"") -> bytes:
+    return bytes([C.QEMU_VM_COMMAND]) + _BE16.pack(cmd) + _BE16.pack(len(payload)) + payload
+
+
+def section_start(sid: int, idstr: str, instance_id: int, version_id: int) -> bytes:
+    return (bytes([C.QEMU_VM_SECTION_START]) + _BE32.pack(sid) + counted(idstr)
+            + _BE32.pack(instance_id) + _BE32.pack(version_id))
+
+
+def section_part(sid: int) -> bytes:
+    return bytes([C.QEMU_VM_SECTION_PART]) + _BE32.pack(sid)
+
+
+def section_end(sid: int) -> bytes:
+    return bytes([C.QEMU_VM_SECTION_END]) + _BE32.pack(sid)
+
+
+def footer(sid: int) -> bytes:
+    return bytes([C.QEMU_VM_SECTION_FOOTER]) + _BE32.pack(sid)
+
+
+def eos() -> bytes:
+    return _BE64.pack(C.RAM_SAVE_FLAG_EOS)
+
+
+def multifd_flush() -> bytes:
+    return _BE64.pack(C.RAM_SAVE_FLAG_MULTIFD_FLUSH)
+
+
+def eof() -> bytes:
+    return bytes([C.QEMU_VM_EOF])
+
+
+def vmdescription(json_bytes: bytes) -> bytes:
+    return bytes([C.QEMU_VM_VMDESCRIPTION]) + _BE32.pack(len(json_bytes)) + json_bytes
+
+
+def mapped_ram_header(h: MappedRamHeader) -> bytes:
+    return _MRH.pack(h.version, h.page_size, h.bitmap_offset, h.pages_offset)
+
+
+def ramblock_entry(b: RamBlock, *, mapped_ram: bool = False) -> bytes:
+    out = counted(b.name) + _BE64.pack(b.used_length)
+    if b.page_size is not None:
+        out += _BE64.pack(b.page_size)
+    if b.addr is not None:
+        out += _BE64.pack(b.addr)
+    if mapped_ram:
+        if b.mapped_ram is None:
+            raise ValueError(f"block {b.name!r} has no MappedRamHeader")
+        out += mapped_ram_header(b.mapped_ram)
+    return out
+
+
+def mem_size(blocks: Iterable[RamBlock], page_size: int = 4096) -> bytes:
+    total = sum(b.used_length for b in blocks)
+    if total & (page_size - 1):
+        raise ValueError("MEM_SIZE total must be page aligned")
+    return _BE64.pack(total | C.RAM_SAVE_FLAG_MEM_SIZE)
+
+
+def ram_start(sid: int, blocks: Sequence[RamBlock], mapped_ram: bool = False,
+              page_size: int = 4096) -> bytes:
+    """RAM START section header + MEM_SIZE block list (no EOS/footer).
+
+    With ``mapped_ram`` each entry carries its MappedRamHeader back to back; the jumps
+    to ``pages_offset + used_length`` are the caller's business (see
+    :func:`ram_start_mapped`)."""
+    out = section_start(sid, "ram", C.RAM_INSTANCE_ID, C.RAM_VERSION_ID)
+    out += mem_size(blocks, page_size)
+    return out + b"".join(ramblock_entry(b, mapped_ram=mapped_ram) for b in blocks)
+
+
+def mapped_ram_layout(
+    blocks: Sequence[tuple[str, int]], start_offset: int, sid: int, page_size: int = 4096,
+    alignment: int = C.MAPPED_RAM_FILE_OFFSET_ALIGNMENT,
+    ram_start_offset: int | None = None,
+) -> list[RamBlock]:
+    """Compute QEMU's mapped-ram layout (§5.2) for ``(name, used_length)`` blocks whose
+    RAM START section header begins at absolute ``start_offset``."""
+    pos = start_offset + len(section_start(sid, "ram", 0, 4)) + 8
+    out = []
+    for name, used in blocks:
+        pos += 1 + len(name.encode()) + 8
+        boff = pos + C.MAPPED_RAM_HDR_SIZE
+        bsize = MappedRamHeader.bitmap_size_for(used, page_size)
+        poff = -(-(boff + bsize) // alignment) * alignment
+        out.append(RamBlock(name, used, None, None,
+                            MappedRamHeader(C.MAPPED_RAM_HDR_VERSION, page_size, boff, poff)))
+        pos = poff + used
+    return out
+
+
+def ram_start_mapped(sid: int, blocks: Sequence[RamBlock], start_offset: int,
+                     page_size: int = 4096) -> list[tuple[int, bytes]]:
+    """mapped-ram RAM START as ``(absolute_offset, bytes)`` pieces (first one at
+    ``start_offset``; each later one at the previous block's resume offset). The
+    returned final offset (last tuple element's end) is where EOS must follow; bitmaps
+    and pages are written by the caller at the headers' offsets."""
+    pieces = []
+    cur = start_offset
+    buf = section_start(sid, "ram", C.RAM_INSTANCE_ID, C.RAM_VERSION_ID) + mem_size(
+        blocks, page_size)
+    for b in blocks:
+        buf += ramblock_entry(b, mapped_ram=True)
+        ro = b.resume_offset
+        if ro is not None:
+            pieces.append((cur, buf))
+            cur, buf = ro, b""
+    pieces.append((cur, buf))
+    return pieces
+
+
+def _headers(block: str, offsets: np.ndarray, flag: int, continue_: bool,
+             page_size: int) -> tuple[bytes, np.ndarray]:
+    offs = np.asarray(offsets, dtype=np.uint64)
+    if offs.ndim != 1:
+        raise ValueError("offsets must be 1-D")
+    if offs.size and (offs & np.uint64(page_size - 1)).any():
+        raise ValueError("offsets must be page aligned")
+    words = (offs | np.uint64(flag | C.RAM_SAVE_FLAG_CONTINUE)).astype(">u8")
+    first = b""
+    if offs.size and not continue_:
+        first = _BE64.pack(int(offs[0]) | flag) + counted(block)
+    return first, words
+
+
+def page_records(block: str, offsets: np.ndarray, pages, continue_: bool = False,
+                 page_size: int = 4096) -> bytes:
+    """PAGE records for ``offsets`` with page bytes ``pages`` (len(offsets)*page_size
+    bytes, any buffer). The first record carries the idstr unless ``continue_``."""
+    first, words = _headers(block, offsets, C.RAM_SAVE_FLAG_PAGE, continue_, page_size)
+    n = words.size
+    data = np.frombuffer(pages, dtype=np.uint8) if not isinstance(pages, np.ndarray) else (
+        pages.reshape(-1).view(np.uint8))
+    if data.size != n * page_size:
+        raise ValueError(f"pages has {data.size} bytes, expected {n * page_size}")
+    if n == 0:
+        return b""
+    stride = 8 + page_size
+    rec = np.empty((n, stride), dtype=np.uint8)
+    rec[:, :8] = words.view(np.uint8).reshape(n, 8)
+    rec[:, 8:] = data.reshape(n, page_size)
+    if first:
+        return first + rec[0, 8:].tobytes() + rec[1:].tobytes()
+    return rec.tobytes()
+
+
+def zero_records(block: str, offsets: np.ndarray, fill: int = 0, continue_: bool = False,
+                 page_size: int = 4096) -> bytes:
+    """ZERO records (8-byte word [+ idstr] + fill byte)."""
+    first, words = _headers(block, offsets, C.RAM_SAVE_FLAG_ZERO, continue_, page_size)
+    n = words.size
+    if n == 0:
+        return b""
+    rec = np.empty((n, 9), dtype=np.uint8)
+    rec[:, :8] = words.view(np.uint8).reshape(n, 8)
+    rec[:, 8] = fill
+    if first:
+        return first + bytes([fill]) + rec[1:].tobytes()
+    return rec.tobytes()

@@ -1,0 +1,231 @@
+"""Typed events produced by :class:`~vmsnap.stream.decoder.StreamDecoder`.
+
+All events are frozen dataclasses. ``Pages``/``ZeroPages`` hold numpy arrays and define
+value equality (arrays compared element-wise, ``data`` compared as bytes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Header:
+    version: int
+
+
+@dataclass(frozen=True)
+class Configuration:
+    """CONFIGURATION record. ``raw`` is the whole record from the 0x07 type byte on.
+
+    ``subsections`` maps every subsection name to its raw field bytes (after the
+    version word); ``page_bits``/``uuid`` are decoded when present.
+    """
+
+    machine_type: str
+    capabilities: tuple[str, ...]
+    raw: bytes
+    subsections: tuple[tuple[str, int, bytes], ...] = ()  # (name, version_id, field bytes)
+    page_bits: int | None = None
+    uuid: bytes | None = None
+
+
+@dataclass(frozen=True)
+class Command:
+    cmd: int
+    payload: bytes
+
+    @property
+    def name(self) -> str:
+        from .constants import COMMAND_NAMES
+
+        return COMMAND_NAMES.get(self.cmd, f"CMD{self.cmd}")
+
+
+@dataclass(frozen=True)
+class Prelude:
+    """Verbatim bytes of non-RAM sections before the RAM START (8.0+ early setup)."""
+
+    data: bytes
+
+
+@dataclass(frozen=True)
+class SectionStart:
+    section_id: int
+    idstr: str
+    instance_id: int
+    version_id: int
+
+
+@dataclass(frozen=True)
+class SectionPart:
+    """A RAM PART section header (the section's records follow; closed by RamEos)."""
+
+    section_id: int
+
+
+@dataclass(frozen=True)
+class SectionEnd:
+    """The RAM END section header (records follow; closed by RamEos then RamEnd)."""
+
+    section_id: int
+
+
+@dataclass(frozen=True)
+class MappedRamHeader:
+    """28-byte per-block header of the mapped-ram layout (§5.2); offsets are absolute."""
+
+    version: int
+    page_size: int
+    bitmap_offset: int
+    pages_offset: int
+
+    @staticmethod
+    def bitmap_size_for(used_length: int, page_size: int) -> int:
+        pages = -(-used_length // page_size)
+        return -(-pages // 64) * 8
+
+
+@dataclass(frozen=True)
+class RamBlock:
+    name: str
+    used_length: int
+    page_size: int | None = None
+    addr: int | None = None
+    mapped_ram: MappedRamHeader | None = None
+
+    @property
+    def bitmap_size(self) -> int:
+        ps = self.mapped_ram.page_size if self.mapped_ram else 4096
+        return MappedRamHeader.bitmap_size_for(self.used_length, ps)
+
+    @property
+    def resume_offset(self) -> int | None:
+        """mapped-ram: absolute offset where the sequential stream continues after
+        this block (``pages_offset + used_length``); None if not mapped or ignored."""
+        m = self.mapped_ram
+        if m is None or (m.bitmap_offset == 0 and m.pages_offset == 0):
+            return None
+        return m.pages_offset + self.used_length
+
+
+@dataclass(frozen=True)
+class RamBlocks:
+    blocks: tuple[RamBlock, ...]
+
+
+def _arr_eq(a: np.ndarray, b: np.ndarray) -> bool:
+    return bool(np.array_equal(np.asarray(a), np.asarray(b)))
+
+
+@dataclass(frozen=True, eq=False)
+class Pages:
+    """A batch of consecutive PAGE records of one block.
+
+    ``offsets``: uint64 block offsets; ``data``: contiguous ``len(offsets)*page_size``
+    bytes, a fresh copy owned by the event (the caller may keep it).
+    ``continued``: the first record of the batch had the CONTINUE flag (no idstr).
+    ``stream_offset``: absolute offset of the batch's first record.
+    """
+
+    block: str
+    offsets: np.ndarray
+    data: memoryview
+    continued: bool = False
+    stream_offset: int = field(default=-1, compare=False)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Pages):
+            return NotImplemented
+        return (
+            self.block == other.block
+            and self.continued == other.continued
+            and _arr_eq(self.offsets, other.offsets)
+            and bytes(self.data) == bytes(other.data)
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+
+@dataclass(frozen=True, eq=False)
+class ZeroPages:
+    """A batch of consecutive ZERO records of one block with the same fill byte.
+
+    ``fill`` != 0 is only legal in 7.2 streams: the page is filled with that byte.
+    """
+
+    block: str
+    offsets: np.ndarray
+    fill: int = 0
+    continued: bool = False
+    stream_offset: int = field(default=-1, compare=False)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ZeroPages):
+            return NotImplemented
+        return (
+            self.block == other.block
+            and self.fill == other.fill
+            and self.continued == other.continued
+            and _arr_eq(self.offsets, other.offsets)
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+
+@dataclass(frozen=True)
+class RamEos:
+    section_kind: str  # "start" | "part" | "end"
+
+
+@dataclass(frozen=True)
+class MultifdFlush:
+    pass
+
+
+@dataclass(frozen=True)
+class RamEnd:
+    pass
+
+
+@dataclass(frozen=True)
+class DeviceState:
+    """Opaque bytes after the RAM END footer (FULL sections, EOF, vmdesc), in chunks."""
+
+    data: bytes
+
+
+@dataclass(frozen=True)
+class StreamEnd:
+    """End of stream. ``vmdesc``: the JSON trailer bytes (None if absent);
+    ``end_offset``: absolute offset just past the last stream byte."""
+
+    vmdesc: bytes | None = None
+    end_offset: int = -1
+
+
+Event = (
+    Header
+    | Configuration
+    | Command
+    | Prelude
+    | SectionStart
+    | SectionPart
+    | SectionEnd
+    | RamBlocks
+    | Pages
+    | ZeroPages
+    | RamEos
+    | MultifdFlush
+    | RamEnd
+    | DeviceState
+    | StreamEnd
+)

@@ -148,7 +148,10 @@ class Vm:
                     self.qmp.cmd("quit")
             except Exception:  # noqa: BLE001 - QEMU may already be gone; we kill below
                 pass
-            self.qmp.close()
+            try:
+                self.qmp.close()
+            except (EOFError, OSError):  # QEMU quit first: nothing left to close
+                pass
             self.qmp = None
         if self.serial is not None:
             self.serial.close()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -131,56 +131,54 @@ class Snapshot:
                 raise SnapshotError(f"block {b.name!r}: {e.strerror}") from None
         return mv
 
-    def verify(self, progress: Callable[[int, int], None] | None = None,
-               chunk_bytes: int = 8 << 20) -> VerifyResult:
-        """Check every present page and every non-page stream range against the trailer.
-        Raises ChecksumMismatch naming the first bad page (block + offset).
-        `progress(done_bytes, total_bytes)` is called after each chunk."""
+    def check_pages(self, block: BlockInfo, first: int, count: int, data: memoryview,
+                    index: int) -> None:
+        """Compare pages [first, first+count) of `block` (bytes in `data`) with the trailer's
+        table, whose entry for `first` is at `index`. Raises ChecksumMismatch naming the page."""
         if self.trailer is None:
-            raise SnapshotError("QEMU-native file has no checksums to verify")
-        for r in self.trailer.ranges:
-            data = self._file.pread_meta(r.start, r.length)
-            if xxh3(data) != r.xxh3:
+            return
+        ps = block.page_size
+        f = xxhash.xxh3_64_intdigest
+        got = np.fromiter((f(data[j * ps:(j + 1) * ps]) for j in range(count)),
+                          dtype=np.uint64, count=count)
+        bad = np.flatnonzero(got != self.trailer.block(block.name).table[index:index + count])
+        if len(bad):
+            page = first + int(bad[0])
+            raise ChecksumMismatch(
+                f"page corrupt: block {block.name!r} offset {page * ps:#x} "
+                f"(file offset {block.pages_offset + page * ps:#x})",
+                block=block.name, offset=page * ps, file_offset=block.pages_offset + page * ps)
+
+    def check_stream_ranges(self) -> None:
+        """Check every non-page byte range (header, bitmaps, device state) against the trailer."""
+        for r in self.trailer.ranges if self.trailer else ():
+            if xxh3(self._file.pread_meta(r.start, r.length)) != r.xxh3:
                 raise ChecksumMismatch(
                     f"stream bytes {r.start:#x}..{r.start + r.length:#x} corrupt "
                     "(header/bitmap/device state)", file_offset=r.start)
-        total = sum(b.present_count * b.page_size for b in self.blocks)
-        done = 0
-        pages = 0
-        f = xxhash.xxh3_64_intdigest
-        jobs = [
-            (b, int(first), int(count))
-            for b in self.blocks
-            for first, count in self.present_runs(b, max(chunk_bytes // b.page_size, 1))
-        ]
-        tables = {b.name: self.trailer.block(b.name).table for b in self.blocks}
-        index = dict.fromkeys(tables, 0)
+
+    def iter_pages(self, chunk_bytes: int = 8 << 20, verify: bool = True,
+                   ) -> Iterator[tuple[BlockInfo, int, int, memoryview]]:
+        """Yield (block, first_page, count, data) for every run of present pages, in file
+        order, read with O_DIRECT into two aligned buffers (the next run is read while the
+        caller works on this one). `data` is valid until the next item. With `verify`, each
+        run is checked against the trailer before it is yielded."""
+        jobs = [(b, int(first), int(count))
+                for b in self.blocks
+                for first, count in self.present_runs(b, max(chunk_bytes // b.page_size, 1))]
+        index = {b.name: 0 for b in self.blocks}
         bufs = [AlignedBuffer(chunk_bytes), AlignedBuffer(chunk_bytes)]
-        # read-ahead: the next chunk is read (GIL released in preadv) while this one hashes
-        with ThreadPoolExecutor(1, thread_name_prefix="vmsnap-verify") as ex:
+        with ThreadPoolExecutor(1, thread_name_prefix="vmsnap-read") as ex:
+            fut = ex.submit(self.read_pages, *jobs[0], bufs[0]) if jobs else None
             try:
-                fut = ex.submit(self.read_pages, *jobs[0], bufs[0]) if jobs else None
                 for k, (b, first, count) in enumerate(jobs):
                     mv = fut.result()
                     if k + 1 < len(jobs):
                         fut = ex.submit(self.read_pages, *jobs[k + 1], bufs[(k + 1) % 2])
-                    ps = b.page_size
-                    got = np.fromiter((f(mv[j * ps:(j + 1) * ps]) for j in range(count)),
-                                      dtype=np.uint64, count=count)
-                    idx = index[b.name]
-                    bad = np.flatnonzero(got != tables[b.name][idx:idx + count])
-                    if len(bad):
-                        page = first + int(bad[0])
-                        raise ChecksumMismatch(
-                            f"page corrupt: block {b.name!r} offset {page * ps:#x} "
-                            f"(file offset {b.pages_offset + page * ps:#x})",
-                            block=b.name, offset=page * ps,
-                            file_offset=b.pages_offset + page * ps)
-                    index[b.name] = idx + count
-                    done += count * ps
-                    pages += count
-                    if progress:
-                        progress(done, total)
+                    if verify:
+                        self.check_pages(b, first, count, mv, index[b.name])
+                    index[b.name] += count
+                    yield b, first, count, mv
             finally:
                 if fut is not None:
                     fut.cancel()
@@ -190,6 +188,22 @@ class Snapshot:
                         pass
                 for buf in bufs:
                     buf.close()
+
+    def verify(self, progress: Callable[[int, int], None] | None = None,
+               chunk_bytes: int = 8 << 20) -> VerifyResult:
+        """Check every present page and every non-page stream range against the trailer.
+        Raises ChecksumMismatch naming the first bad page (block + offset).
+        `progress(done_bytes, total_bytes)` is called after each chunk."""
+        if self.trailer is None:
+            raise SnapshotError("QEMU-native file has no checksums to verify")
+        self.check_stream_ranges()
+        total = sum(b.present_count * b.page_size for b in self.blocks)
+        done = pages = 0
+        for b, _first, count, _data in self.iter_pages(chunk_bytes):
+            done += count * b.page_size
+            pages += count
+            if progress:
+                progress(done, total)
         return VerifyResult(pages, done, len(self.trailer.ranges))
 
     def close(self) -> None:

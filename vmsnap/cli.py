@@ -1,0 +1,183 @@
+"""vmsnap command line: a thin layer over the Python API, in the style of virsh/qemu-img.
+
+Every failure a user can cause ends in one line on stderr and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from .errors import USER_ERRORS, VmsnapError
+from .fileformat.trailer import TrailerMetadata
+from .ops.info import describe
+from .ops.receive import receive
+from .ops.send import send
+from .progress import Reporter
+
+
+def _refuse_overwrite(path: str, force: bool) -> None:
+    if os.path.exists(path) and not force:
+        raise VmsnapError(f"{path} exists (use --force to overwrite)")
+
+
+def _gib_s(nbytes: int, seconds: float) -> float:
+    return round(nbytes / seconds / 1e9, 3) if seconds > 0 else 0.0
+
+
+def cmd_receive(args: argparse.Namespace, rep: Reporter) -> int:
+    _refuse_overwrite(args.file, args.force)
+    rep.start("receive")
+    t0 = time.monotonic()
+    with open(args.stream, "rb") if args.stream else _stdin() as src:
+        stats = receive(src, args.file, TrailerMetadata(qemu_version=args.qemu_version),
+                        progress=lambda n: rep.update(n))
+    dt = time.monotonic() - t0
+    rep.done(file=stats.path, stream_bytes=stats.stream_bytes, pages=stats.pages,
+             zero_pages=stats.zero_pages, seconds=round(dt, 3),
+             gb_per_s=_gib_s(stats.stream_bytes, dt), direct_io=stats.direct)
+    return 0
+
+
+def cmd_send(args: argparse.Namespace, rep: Reporter) -> int:
+    if args.stream:
+        _refuse_overwrite(args.stream, args.force)
+    rep.start("send")
+    t0 = time.monotonic()
+    with open(args.stream, "wb") if args.stream else _stdout() as sink:
+        stats = send(args.file, sink, progress=lambda d, t: rep.update(d, t))
+    dt = time.monotonic() - t0
+    rep.done(stream_bytes=stats.stream_bytes, pages=stats.pages, seconds=round(dt, 3),
+             gb_per_s=_gib_s(stats.stream_bytes, dt))
+    return 0
+
+
+def _stdin():
+    if sys.stdin is None:
+        raise VmsnapError("no standard input to read the stream from")
+    return open(sys.stdin.fileno(), "rb", closefd=False)  # noqa: SIM115
+
+
+def _stdout():
+    return open(sys.stdout.fileno(), "wb", closefd=False)  # noqa: SIM115
+
+
+def cmd_info(args: argparse.Namespace, rep: Reporter) -> int:
+    info = describe(args.file)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    console = Console()
+    summary = Table.grid(padding=(0, 2))
+    for key in ("path", "format", "integrity", "qemu_version", "machine_type", "created"):
+        summary.add_row(key.replace("_", " "), str(info[key]))
+    summary.add_row("RAM", f"{info['ram_bytes']:,} bytes ({info['present_bytes']:,} present)")
+    summary.add_row("file size", f"{info['apparent_size']:,} apparent, "
+                                 f"{info['allocated_size']:,} allocated")
+    if info["command_line"]:
+        summary.add_row("command line", " ".join(info["command_line"]))
+    console.print(summary)
+    table = Table("block", "used length", "present pages", "zero pages")
+    for b in info["blocks"]:
+        table.add_row(b["name"], f"{b['used_length']:#x}", str(b["present_pages"]),
+                      str(b["zero_pages"]))
+    console.print(table)
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace, rep: Reporter) -> int:
+    from .fileformat.reader import open_snapshot
+
+    t0 = time.monotonic()
+    with open_snapshot(args.file) as snap:
+        rep.start("verify", sum(b.present_count * b.page_size for b in snap.blocks))
+        result = snap.verify(progress=lambda d, t: rep.update(d, t))
+    dt = time.monotonic() - t0
+    rep.done(file=args.file, pages=result.pages, bytes=result.bytes, seconds=round(dt, 3),
+             ok=True)
+    if not args.json:
+        print(f"{args.file}: OK, {result.pages} pages and {result.ranges} stream ranges verified")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace, rep: Reporter) -> int:
+    args.file, args.stream, args.qemu_version = args.dest, args.source, None
+    return cmd_receive(args, rep)
+
+
+def cmd_export(args: argparse.Namespace, rep: Reporter) -> int:
+    args.file, args.stream = args.source, args.dest
+    return cmd_send(args, rep)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="vmsnap", description="Save and restore QEMU VMs to fixed-offset snapshot files.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, func: Callable, help_: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help_, description=help_)
+        sp.set_defaults(func=func)
+        sp.add_argument("--json", action="store_true", help="machine-readable output")
+        return sp
+
+    sp = add("receive", cmd_receive, "read a migration stream on stdin into a snapshot FILE "
+             '(for migrate "exec:vmsnap receive FILE")')
+    sp.add_argument("file", metavar="FILE")
+    sp.add_argument("--force", action="store_true", help="overwrite an existing FILE")
+    sp.add_argument("--qemu-version", help="record the source QEMU's version in FILE")
+    sp.set_defaults(stream=None)
+    sp = add("send", cmd_send, "write FILE as a migration stream on stdout "
+             '(for -incoming "exec:vmsnap send FILE")')
+    sp.add_argument("file", metavar="FILE")
+    sp.set_defaults(stream=None, force=False)
+    sp = add("import", cmd_import, "convert a plain stream file (from exec:cat) to a snapshot")
+    sp.add_argument("source", metavar="STREAM")
+    sp.add_argument("dest", metavar="FILE")
+    sp.add_argument("--force", action="store_true", help="overwrite an existing FILE")
+    sp = add("export", cmd_export, "convert a snapshot to a plain stream file")
+    sp.add_argument("source", metavar="FILE")
+    sp.add_argument("dest", metavar="STREAM")
+    sp.add_argument("--force", action="store_true", help="overwrite an existing STREAM")
+    sp = add("info", cmd_info, "show what a snapshot file holds")
+    sp.add_argument("file", metavar="FILE")
+    sp = add("verify", cmd_verify, "check every page of a snapshot against its checksums")
+    sp.add_argument("file", metavar="FILE")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # send writes the stream on stdout: its JSON events go to stderr
+    out = sys.stderr if args.command == "send" or (args.command == "export" and not args.dest) \
+        else sys.stdout
+    rep = Reporter(as_json=args.json, out=out)
+    try:
+        return args.func(args, rep)
+    except USER_ERRORS as err:
+        message = _one_line(err)
+        rep.error(message)
+        print(f"vmsnap {args.command}: error: {message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        rep.error("interrupted")
+        print(f"vmsnap {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _one_line(err: BaseException) -> str:
+    if isinstance(err, OSError) and err.filename:
+        return f"{err.strerror or err}: {Path(err.filename)}"
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Offline verbs built on the codec, the file format and the I/O engine."""

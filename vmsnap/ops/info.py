@@ -1,0 +1,33 @@
+"""info: what a snapshot file holds, as a dict fit for JSON and for a table."""
+
+from __future__ import annotations
+
+import os
+
+from ..fileformat.reader import open_snapshot
+
+
+def describe(path: str | os.PathLike) -> dict:
+    """Blocks, sizes, origin and integrity state of the snapshot at `path`."""
+    st = os.stat(path)
+    with open_snapshot(path) as snap:
+        meta = snap.metadata
+        blocks = [{"name": b.name, "used_length": b.used_length, "pages": b.npages,
+                   "present_pages": b.present_count, "zero_pages": b.npages - b.present_count}
+                  for b in snap.blocks]
+        return {
+            "path": os.fspath(path),
+            "format": "qemu-native mapped-ram" if snap.native else "vmsnap",
+            "integrity": ("no checksums (QEMU-native file)" if snap.native
+                          else "complete, checksummed"),
+            "format_version": meta.format_version if meta else None,
+            "qemu_version": meta.qemu_version if meta else None,
+            "machine_type": snap.machine_type,
+            "created": meta.created if meta else None,
+            "command_line": meta.command_line if meta else None,
+            "ram_bytes": sum(b.used_length for b in snap.blocks),
+            "present_bytes": sum(b.present_count * b.page_size for b in snap.blocks),
+            "apparent_size": st.st_size,
+            "allocated_size": st.st_blocks * 512,
+            "blocks": blocks,
+        }

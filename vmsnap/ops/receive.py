@@ -1,0 +1,160 @@
+"""receive: turn a QEMU migration stream (one channel) into a snapshot file.
+
+Pages go to their fixed place in the file as they arrive; a page sent again overwrites its
+slot, a page later sent as zero clears its bit, so the file never outgrows RAM + metadata.
+Everything after the RAM END section (device state, EOF, vmdesc) is kept verbatim.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import BinaryIO
+
+import numpy as np
+
+from ..errors import VmsnapError
+from ..fileformat.trailer import TrailerMetadata
+from ..fileformat.writer import SnapshotWriter
+from ..stream import StreamDecoder, encoder
+from ..stream import events as ev
+from ..stream.constants import MIG_CMD_OPEN_RETURN_PATH, MIG_CMD_POSTCOPY_ADVISE
+
+MAPPED_RAM = "mapped-ram"
+CHUNK = 8 << 20
+#: Device state is small (KiB to a few MiB); refuse to buffer absurd amounts.
+MAX_DEVICE_STATE = 1 << 30
+#: The return-path message that tells a QEMU source the destination is done (SHUT, error 0).
+RP_SHUT_OK = b"\x00\x01\x00\x04\x00\x00\x00\x00"
+
+
+@dataclass
+class ReceiveStats:
+    path: str
+    stream_bytes: int
+    pages: int
+    zero_pages: int
+    blocks: int
+    machine_type: str
+    direct: bool
+
+
+class StreamReceiver:
+    """Feeds decoded events of one main channel into a SnapshotWriter."""
+
+    def __init__(self, writer: SnapshotWriter):
+        self.writer = writer
+        self.decoder = StreamDecoder()
+        self.config: ev.Configuration | None = None
+        self.prelude = b""
+        self.section: ev.SectionStart | None = None
+        self.device_state: list[bytes] = []
+        self.device_bytes = 0
+        self.return_path = False
+        self.pages = 0
+        self.zero_pages = 0
+        self.blocks = 0
+        self.ended: ev.StreamEnd | None = None
+
+    def feed(self, data: bytes) -> None:
+        self.decoder.feed(data)
+        for event in self.decoder.events():
+            self._apply(event)
+
+    def close(self) -> None:
+        for event in self.decoder.close():
+            self._apply(event)
+        if self.ended is None:
+            raise VmsnapError("stream ended before QEMU's end-of-stream marker")
+
+    def _apply(self, e: ev.Event) -> None:  # noqa: C901 - one branch per event type
+        if isinstance(e, ev.Pages):
+            self.writer.write_pages(e.block, e.offsets, e.data)
+            self.pages += len(e.offsets)
+        elif isinstance(e, ev.ZeroPages):
+            self._zero(e)
+        elif isinstance(e, ev.DeviceState):
+            self.device_bytes += len(e.data)
+            if self.device_bytes > MAX_DEVICE_STATE:
+                raise VmsnapError("device state larger than 1 GiB: refusing")
+            self.device_state.append(e.data)
+        elif isinstance(e, ev.Configuration):
+            if MAPPED_RAM in e.capabilities:
+                raise VmsnapError("stream is already mapped-ram: use the file QEMU wrote")
+            self.config = e
+        elif isinstance(e, ev.Command):
+            if e.cmd == MIG_CMD_OPEN_RETURN_PATH:
+                self.return_path = True
+            elif e.cmd == MIG_CMD_POSTCOPY_ADVISE:
+                raise VmsnapError("postcopy streams are not supported: disable postcopy-ram")
+        elif isinstance(e, ev.Prelude):
+            self.prelude += e.data
+        elif isinstance(e, ev.SectionStart):
+            self.section = e
+        elif isinstance(e, ev.RamBlocks):
+            self._begin(e.blocks)
+        elif isinstance(e, ev.StreamEnd):
+            if e.vmdesc is None:
+                raise VmsnapError("stream ended without QEMU's vmdesc trailer: incomplete")
+            self.ended = e
+
+    def _zero(self, e: ev.ZeroPages) -> None:
+        if e.fill == 0:
+            self.writer.zero_pages(e.block, e.offsets)
+        else:  # QEMU <= 8.1 semantics: the page is filled with the byte
+            page = self.writer.page_size
+            data = np.full(len(e.offsets) * page, e.fill, dtype=np.uint8)
+            self.writer.write_pages(e.block, e.offsets, data)
+        self.zero_pages += len(e.offsets)
+
+    def _begin(self, blocks: tuple[ev.RamBlock, ...]) -> None:
+        assert self.config is not None and self.section is not None
+        if any(b.addr is not None or b.page_size is not None for b in blocks):
+            raise VmsnapError("x-ignore-shared and hugepage RAM blocks are not supported")
+        c = self.config
+        prefix = (encoder.header()
+                  + encoder.configuration(c.machine_type, (*c.capabilities, MAPPED_RAM),
+                                          page_bits=c.page_bits, uuid=c.uuid)
+                  + self.prelude
+                  + encoder.section_start(self.section.section_id, "ram",
+                                          self.section.instance_id, self.section.version_id)
+                  + encoder.mem_size(blocks))
+        self.writer.begin(prefix, [(b.name, b.used_length) for b in blocks])
+        self.blocks = len(blocks)
+
+    def tail(self) -> bytes:
+        """Stream bytes after the page areas: close START, an empty END, device state."""
+        sid = self.section.section_id
+        return (encoder.eos() + encoder.footer(sid) + encoder.section_end(sid) + encoder.eos()
+                + encoder.footer(sid) + b"".join(self.device_state))
+
+
+def receive(source: BinaryIO, path: str | os.PathLike, metadata: TrailerMetadata | None = None,
+            *, direct: bool = True, progress: Callable[[int], None] | None = None,
+            reply: Callable[[bytes], None] | None = None) -> ReceiveStats:
+    """Read a migration stream from `source` until its end and commit it to `path`.
+
+    On any failure FILE.partial is removed and an existing `path` is left untouched.
+    `reply` sends bytes back to the source (a socket's return path), if there is one.
+    """
+    metadata = metadata or TrailerMetadata()
+    with SnapshotWriter(path, metadata, direct=direct) as writer:
+        rx = StreamReceiver(writer)
+        total = 0
+        while rx.ended is None:
+            data = source.read(CHUNK)
+            if not data:
+                break
+            total += len(data)
+            rx.feed(data)
+            if progress:
+                progress(total)
+        rx.close()
+        if metadata.machine_type is None:
+            metadata.machine_type = rx.config.machine_type
+        writer.finish(rx.tail())
+        if rx.return_path and reply is not None:
+            reply(RP_SHUT_OK)
+    return ReceiveStats(os.fspath(path), total, rx.pages, rx.zero_pages, rx.blocks,
+                        rx.config.machine_type, writer.direct)

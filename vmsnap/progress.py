@@ -1,0 +1,73 @@
+"""Progress reporting: a rich bar on a terminal, JSON lines for scripts, or nothing."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any, TextIO
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+
+
+class Reporter:
+    """Receives start/update/done/error from an operation and shows them to the user."""
+
+    def __init__(self, as_json: bool = False, out: TextIO | None = None,
+                 err: TextIO | None = None, interval: float = 0.5):
+        self.as_json = as_json
+        self.out = out or sys.stdout
+        self.err = err or sys.stderr
+        self.interval = interval
+        self._last = 0.0
+        self._op = ""
+        self._progress: Progress | None = None
+        self._task = None
+
+    def _emit(self, event: str, **fields: Any) -> None:
+        print(json.dumps({"event": event, "op": self._op, **fields}), file=self.out, flush=True)
+
+    def start(self, op: str, total: int | None = None, **fields: Any) -> None:
+        self._op = op
+        if self.as_json:
+            self._emit("start", total=total, **fields)
+        elif self.err.isatty():
+            self._progress = Progress(
+                TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(),
+                TransferSpeedColumn(), TimeRemainingColumn(),
+                console=Console(file=self.err), transient=True)
+            self._progress.start()
+            self._task = self._progress.add_task(op, total=total)
+
+    def update(self, done: int, total: int | None = None, **fields: Any) -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, completed=done, total=total,
+                                  description=fields.get("phase", self._op))
+        elif self.as_json:
+            now = time.monotonic()
+            if now - self._last >= self.interval:
+                self._last = now
+                self._emit("progress", done=done, total=total, **fields)
+
+    def _stop(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+    def done(self, **figures: Any) -> None:
+        self._stop()
+        if self.as_json:
+            self._emit("done", **figures)
+
+    def error(self, message: str) -> None:
+        self._stop()
+        if self.as_json:
+            self._emit("error", message=message)

@@ -88,6 +88,7 @@ class Vm:
         self.workdir = workdir
         self.name = name
         self.qmp_path = workdir / f"{name}.qmp"
+        self.tool_qmp_path = workdir / f"{name}.tool.qmp"  # a second monitor, for vmsnap
         self.serial_path = workdir / f"{name}.serial"
         self.log_path = workdir / f"{name}.log"
         self.incoming = incoming
@@ -102,6 +103,7 @@ class Vm:
         argv += ["-name", self.name, "-machine", c.machine, *c.accel_args(),
                  "-m", str(c.memory_mb), "-nodefaults", "-display", "none",
                  "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
+                 "-qmp", f"unix:{self.tool_qmp_path},server=on,wait=off",
                  "-chardev", f"socket,id=serial0,path={self.serial_path},server=on,wait=off",
                  "-serial", "chardev:serial0", "-S", *c.args]
         if self.incoming is not None:

@@ -6,6 +6,7 @@ Every failure a user can cause ends in one line on stderr and a non-zero exit.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import sys
@@ -16,8 +17,10 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from . import api
 from .errors import USER_ERRORS, VmsnapError
 from .fileformat.trailer import TrailerMetadata
+from .fileformat.writer import SnapshotWriter
 from .ops.info import describe
 from .ops.receive import receive
 from .ops.send import send
@@ -38,8 +41,8 @@ def cmd_receive(args: argparse.Namespace, rep: Reporter) -> int:
     rep.start("receive")
     t0 = time.monotonic()
     with open(args.stream, "rb") if args.stream else _stdin() as src:
-        stats = receive(src, args.file, TrailerMetadata(qemu_version=args.qemu_version),
-                        progress=lambda n: rep.update(n))
+        writer = SnapshotWriter(args.file, TrailerMetadata(qemu_version=args.qemu_version))
+        stats = receive(src, writer, progress=lambda n: rep.update(n))
     dt = time.monotonic() - t0
     rep.done(file=stats.path, stream_bytes=stats.stream_bytes, pages=stats.pages,
              zero_pages=stats.zero_pages, seconds=round(dt, 3),
@@ -118,6 +121,28 @@ def cmd_export(args: argparse.Namespace, rep: Reporter) -> int:
     return cmd_send(args, rep)
 
 
+def cmd_save(args: argparse.Namespace, rep: Reporter) -> int:
+    after = "resume" if args.resume else "quit" if args.quit else "pause"
+    r = api.save(args.qmp, args.file, live=args.live, after=after, force=args.force,
+                 reporter=rep)
+    if not args.json:
+        print(f"saved {r.path}: {r.stream_bytes:,} stream bytes in {r.seconds:.2f}s "
+              f"({_gib_s(r.stream_bytes, r.seconds)} GB/s), VM {r.final_state}")
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace, rep: Reporter) -> int:
+    command = args.qemu_command
+    if command and args.qmp:
+        raise VmsnapError("give either --qmp or a QEMU command line, not both")
+    r = api.restore(args.file, qmp_address=args.qmp, command=command or None,
+                    paused=args.paused, reporter=rep)
+    if not args.json:
+        print(f"restored {r.path}: {r.pages:,} pages in {r.seconds:.2f}s, VM {r.final_state}"
+              + (f" (pid {r.pid}, QMP {r.qmp})" if r.pid else ""))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="vmsnap", description="Save and restore QEMU VMs to fixed-offset snapshot files.")
@@ -151,11 +176,35 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("file", metavar="FILE")
     sp = add("verify", cmd_verify, "check every page of a snapshot against its checksums")
     sp.add_argument("file", metavar="FILE")
+    sp = add("save", cmd_save, "save a running VM (over QMP) to FILE")
+    sp.add_argument("--qmp", required=True, metavar="SOCKET", help="the VM's QMP socket")
+    sp.add_argument("file", metavar="FILE")
+    sp.add_argument("--live", action="store_true", help="copy RAM while the guest runs")
+    what = sp.add_mutually_exclusive_group()
+    what.add_argument("--resume", action="store_true", help="resume the VM afterwards")
+    what.add_argument("--quit", action="store_true", help="end QEMU afterwards")
+    sp.add_argument("--force", action="store_true", help="overwrite an existing FILE")
+    sp = add("restore", cmd_restore, "restore FILE into a new or waiting QEMU")
+    sp.add_argument("file", metavar="FILE")
+    sp.add_argument("--qmp", metavar="SOCKET",
+                    help="restore into this QEMU (started with -incoming defer)")
+    sp.add_argument("--paused", action="store_true", help="leave the VM paused")
+    sp.set_defaults(qemu_command=[])
+    sp.epilog = "After --, a QEMU command line to launch instead of the stored one."
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    tail: list[str] = []
+    if "--" in argv:  # restore ... -- QEMU_COMMAND: everything after -- is QEMU's
+        cut = argv.index("--")
+        argv, tail = argv[:cut], argv[cut + 1:]
     args = build_parser().parse_args(argv)
+    if tail:
+        if args.command != "restore":
+            build_parser().error("only restore takes a command line after --")
+        args.qemu_command = tail
     # send writes the stream on stdout: its JSON events go to stderr
     out = sys.stderr if args.command == "send" or (args.command == "export" and not args.dest) \
         else sys.stdout
@@ -167,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         rep.error(message)
         print(f"vmsnap {args.command}: error: {message}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, asyncio.CancelledError):
         rep.error("interrupted")
         print(f"vmsnap {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -31,6 +31,7 @@ class Reporter:
         self._op = ""
         self._progress: Progress | None = None
         self._task = None
+        self._failed = False
 
     def _emit(self, event: str, **fields: Any) -> None:
         print(json.dumps({"event": event, "op": self._op, **fields}), file=self.out, flush=True)
@@ -68,6 +69,8 @@ class Reporter:
             self._emit("done", **figures)
 
     def error(self, message: str) -> None:
+        """Report a failure (once: later calls for the same failure are ignored)."""
         self._stop()
-        if self.as_json:
+        if self.as_json and not self._failed:
             self._emit("error", message=message)
+        self._failed = True

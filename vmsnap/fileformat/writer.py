@@ -80,10 +80,16 @@ class SnapshotWriter:
         return self._file.fallback_reason if self._file else None
 
     # -- lifecycle --------------------------------------------------------------------
+    def reserve(self) -> None:
+        """Create and lock FILE.partial now, before any data is known, so a second writer
+        to the same FILE fails at once (FileLockedError) instead of interleaving."""
+        if self._atomic is None:
+            self._atomic = AtomicFile(self.path).open()
+
     def begin(self, prefix: bytes, blocks: Sequence[tuple[str, int]]) -> FileLayout:
         """Create FILE.partial and write `prefix` (stream bytes up to the first block idstr)
         plus every block's idstr, used_length and MappedRamHeader."""
-        if self._atomic is not None:
+        if self.layout is not None:
             raise ValueError("begin() called twice")
         if not blocks:
             raise ValueError("need at least one RAM block")
@@ -91,7 +97,7 @@ class SnapshotWriter:
         if len(set(names)) != len(names):
             raise ValueError("duplicate RAM block names")
         layout = compute_layout(blocks, len(prefix), self.page_size)
-        self._atomic = AtomicFile(self.path).open()
+        self.reserve()
         try:
             self._file = DirectFile(self._atomic.partial_path, writable=True,
                                     direct=self._direct, alignment=self.page_size)

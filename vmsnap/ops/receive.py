@@ -7,7 +7,6 @@ Everything after the RAM END section (device state, EOF, vmdesc) is kept verbati
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import BinaryIO
@@ -15,7 +14,6 @@ from typing import BinaryIO
 import numpy as np
 
 from ..errors import VmsnapError
-from ..fileformat.trailer import TrailerMetadata
 from ..fileformat.writer import SnapshotWriter
 from ..stream import StreamDecoder, encoder
 from ..stream import events as ev
@@ -130,16 +128,15 @@ class StreamReceiver:
                 + encoder.footer(sid) + b"".join(self.device_state))
 
 
-def receive(source: BinaryIO, path: str | os.PathLike, metadata: TrailerMetadata | None = None,
-            *, direct: bool = True, progress: Callable[[int], None] | None = None,
+def receive(source: BinaryIO, writer: SnapshotWriter, *,
+            progress: Callable[[int], None] | None = None,
             reply: Callable[[bytes], None] | None = None) -> ReceiveStats:
-    """Read a migration stream from `source` until its end and commit it to `path`.
+    """Read a migration stream from `source` until its end and commit it through `writer`.
 
-    On any failure FILE.partial is removed and an existing `path` is left untouched.
+    On any failure FILE.partial is removed and an existing FILE is left untouched.
     `reply` sends bytes back to the source (a socket's return path), if there is one.
     """
-    metadata = metadata or TrailerMetadata()
-    with SnapshotWriter(path, metadata, direct=direct) as writer:
+    with writer:
         rx = StreamReceiver(writer)
         total = 0
         while rx.ended is None:
@@ -151,10 +148,10 @@ def receive(source: BinaryIO, path: str | os.PathLike, metadata: TrailerMetadata
             if progress:
                 progress(total)
         rx.close()
-        if metadata.machine_type is None:
-            metadata.machine_type = rx.config.machine_type
+        if writer.metadata.machine_type is None:
+            writer.metadata.machine_type = rx.config.machine_type
         writer.finish(rx.tail())
         if rx.return_path and reply is not None:
             reply(RP_SHUT_OK)
-    return ReceiveStats(os.fspath(path), total, rx.pages, rx.zero_pages, rx.blocks,
+    return ReceiveStats(writer.path, total, rx.pages, rx.zero_pages, rx.blocks,
                         rx.config.machine_type, writer.direct)

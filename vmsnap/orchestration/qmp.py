@@ -6,6 +6,7 @@ import os
 import socket
 import struct
 from dataclasses import dataclass
+from typing import Any
 
 from qemu.qmp import QMPClient
 
@@ -72,3 +73,25 @@ async def connect(address: str, name: str = "vmsnap") -> tuple[QMPClient, Peer]:
     peer = Peer((q["major"], q["minor"], q["micro"]), bool(status["running"]),
                 str(status["status"]), pid, cmdline)
     return client, peer
+
+
+async def migration_status(client: QMPClient) -> dict[str, Any]:
+    return await client.execute("query-migrate")
+
+
+async def set_capabilities(client: QMPClient, wanted: dict[str, bool]) -> dict[str, bool]:
+    """Apply `wanted` (only for capabilities this QEMU knows); return the previous values."""
+    current = {c["capability"]: c["state"]
+               for c in await client.execute("query-migrate-capabilities")}
+    change = {k: v for k, v in wanted.items() if k in current and current[k] != v}
+    if change:
+        await client.execute("migrate-set-capabilities", {"capabilities": [
+            {"capability": k, "state": v} for k, v in change.items()]})
+    return {k: current[k] for k in change}
+
+
+async def disconnect(client: QMPClient) -> None:
+    try:
+        await client.disconnect()
+    except (EOFError, OSError):  # QEMU went away first
+        pass

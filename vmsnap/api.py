@@ -1,0 +1,62 @@
+"""The Python API: blocking wrappers over the asyncio orchestration, plus inspection.
+
+    import vmsnap
+    vmsnap.save("/run/vm.qmp", "vm.snap", live=True)
+    vmsnap.restore("vm.snap")                  # relaunch from the stored command line
+    with vmsnap.open("vm.snap") as snap: ...   # blocks, metadata, verify()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import threading
+from collections.abc import Coroutine, Sequence
+from typing import Any, TypeVar
+
+from .fileformat.reader import Snapshot, open_snapshot
+from .orchestration import restore as _restore
+from .orchestration import save as _save
+from .orchestration.restore import RestoreResult
+from .orchestration.save import SaveResult
+from .progress import Reporter
+
+T = TypeVar("T")
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run `coro`; SIGTERM (like Ctrl-C) cancels it so its cleanup runs before we exit."""
+
+    async def main() -> T:
+        if threading.current_thread() is threading.main_thread():
+            asyncio.get_running_loop().add_signal_handler(
+                signal.SIGTERM, asyncio.current_task().cancel)
+        return await coro
+
+    return asyncio.run(main())
+
+
+def save(qmp_address: str, path: str | os.PathLike, *, live: bool = False,
+         after: str = "pause", force: bool = False, reporter: Reporter | None = None,
+         direct: bool = True) -> SaveResult:
+    """Save the VM whose QMP socket is `qmp_address` into the snapshot file `path`.
+
+    Paused by default (the guest is stopped first); `live=True` copies RAM while it runs.
+    `after`: "pause" (leave it paused), "resume" (a checkpoint) or "quit" (end QEMU)."""
+    return _run(_save.save(qmp_address, path, live=live, after=after, force=force,
+                           reporter=reporter, direct=direct))
+
+
+def restore(path: str | os.PathLike, *, qmp_address: str | None = None,
+            command: Sequence[str] | None = None, paused: bool = False,
+            reporter: Reporter | None = None, direct: bool = True) -> RestoreResult:
+    """Restore `path` into the QEMU at `qmp_address` (started with -incoming defer), or into
+    one launched from `command`, or from the command line stored in the file."""
+    return _run(_restore.restore(path, qmp_address=qmp_address, command=command,
+                                 paused=paused, reporter=reporter, direct=direct))
+
+
+def open(path: str | os.PathLike, *, direct: bool = True) -> Snapshot:  # noqa: A001
+    """Open a snapshot for inspection (blocks, metadata, present pages, verify())."""
+    return open_snapshot(path, direct=direct)

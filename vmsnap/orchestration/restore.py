@@ -1,0 +1,182 @@
+"""restore: bring a snapshot back into a QEMU started with `-incoming defer`.
+
+With no target, vmsnap relaunches the VM from the command line stored in the file. The
+snapshot is streamed in with every present page sent once; pages are checked against their
+checksums before they leave, so a corrupt file makes the load fail and the guest never runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from qemu.qmp import QMPClient
+
+from ..errors import VmsnapError
+from ..fileformat.reader import open_snapshot
+from ..ops.send import SendStats, send
+from ..progress import Reporter
+from . import qmp as qmpmod
+from .save import INCOMPATIBLE_CAPS
+
+#: Options of the saved command line that clash with an incoming restore (name → has value).
+DROPPED_OPTIONS = {"incoming": True, "loadvm": True, "daemonize": False, "S": False}
+START_TIMEOUT = 60.0
+
+
+@dataclass
+class RestoreResult:
+    path: str
+    seconds: float
+    stream_bytes: int
+    pages: int
+    final_state: str
+    pid: int | None
+    qmp: str
+
+
+def relaunch_argv(argv: Sequence[str], qmp_path: str) -> list[str]:
+    """The saved QEMU command line, made to wait for an incoming stream on our QMP socket."""
+    if not argv:
+        raise VmsnapError("empty QEMU command line")
+    out = [argv[0]]
+    i = 1
+    while i < len(argv):
+        name = argv[i].lstrip("-") if argv[i].startswith("-") else None
+        if name in DROPPED_OPTIONS:
+            i += 2 if DROPPED_OPTIONS[name] else 1
+            continue
+        out.append(argv[i])
+        i += 1
+    return [*out, "-S", "-incoming", "defer", "-qmp", f"unix:{qmp_path},server=on,wait=off"]
+
+
+async def _launch(argv: list[str], qmp_path: str, log_path: str) -> subprocess.Popen:
+    with open(log_path, "wb") as log:
+        try:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                    start_new_session=True)
+        except OSError as err:
+            raise VmsnapError(f"cannot start {argv[0]}: {err.strerror}") from err
+    deadline = time.monotonic() + START_TIMEOUT
+    while not os.path.exists(qmp_path):
+        if proc.poll() is not None:
+            with open(log_path, errors="replace") as f:
+                lines = f.read().strip().splitlines()
+            raise VmsnapError(f"QEMU exited at start: {lines[-1] if lines else 'no message'}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise VmsnapError(f"QEMU did not open its QMP socket in {START_TIMEOUT:.0f}s")
+        await asyncio.sleep(0.02)
+    return proc
+
+
+async def _check_target(client: QMPClient, peer: qmpmod.Peer, machine: str) -> None:
+    if peer.status != "inmigrate":
+        raise VmsnapError(f"target QEMU is {peer.status!r}, not waiting for an incoming "
+                          "migration (start it with -incoming defer)")
+    qom_type = await client.execute("qom-get", {"path": "/machine", "property": "type"})
+    target = str(qom_type).removesuffix("-machine")
+    if target != machine:
+        raise VmsnapError(f"machine type mismatch: snapshot is {machine}, target is {target}")
+
+
+async def _connect_incoming(path: str, timeout: float = START_TIMEOUT) -> socket.socket:
+    deadline = time.monotonic() + timeout
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(path)
+            return sock
+        except (FileNotFoundError, ConnectionRefusedError):
+            sock.close()
+            if time.monotonic() > deadline:
+                raise VmsnapError("target QEMU did not open its incoming socket") from None
+            await asyncio.sleep(0.02)
+
+
+async def restore(path: str | os.PathLike, *, qmp_address: str | None = None,
+                  command: Sequence[str] | None = None, paused: bool = False,
+                  reporter: Reporter | None = None, direct: bool = True) -> RestoreResult:
+    """Restore the snapshot at `path` into the QEMU at `qmp_address`, or into a QEMU
+    launched from `command` (default: the command line stored in the snapshot)."""
+    path = os.path.abspath(os.fspath(path))
+    rep = reporter or Reporter()
+    with open_snapshot(path, direct=direct) as snap:  # validates the file before launching
+        meta = snap.metadata
+        machine = snap.machine_type
+        saved_running = (meta.extra.get("run_state", "running") == "running") if meta else True
+        total = sum(b.present_count * b.page_size for b in snap.blocks)
+    workdir = tempfile.mkdtemp(prefix="vmsnap-")  # 0700
+    proc: subprocess.Popen | None = None
+    client: QMPClient | None = None
+    t0 = time.monotonic()
+    try:
+        if qmp_address is None:
+            argv = list(command) if command else (meta.command_line if meta else None)
+            if not argv:
+                raise VmsnapError(f"{path} stores no QEMU command line: give --qmp SOCKET "
+                                  "or -- QEMU_COMMAND...")
+            qmp_address = os.path.join(workdir, "qmp.sock")
+            proc = await _launch(relaunch_argv(argv, qmp_address), qmp_address,
+                                 os.path.join(workdir, "qemu.log"))
+        client, peer = await qmpmod.connect(qmp_address)
+        await _check_target(client, peer, machine)
+        await qmpmod.set_capabilities(client, dict.fromkeys(INCOMPATIBLE_CAPS, False))
+        incoming = os.path.join(workdir, "incoming.sock")
+        await client.execute("migrate-incoming", {"uri": f"unix:{incoming}"})
+        sock = await _connect_incoming(incoming)
+        rep.start("restore", total)
+        sink = sock.makefile("wb", buffering=0)
+        loop = asyncio.get_running_loop()
+        try:
+            stats: SendStats = await loop.run_in_executor(
+                None, lambda: send(path, sink, direct=direct,
+                                   progress=lambda d, t: rep.update(d, t)))
+        finally:
+            sock.close()
+        await _wait_loaded(client)
+        run = saved_running and not paused
+        if run:
+            await client.execute("cont")
+        result = RestoreResult(path, time.monotonic() - t0, stats.stream_bytes, stats.pages,
+                               "running" if run else "paused",
+                               proc.pid if proc else peer.pid, qmp_address)
+    except BaseException as err:
+        rep.error(" ".join(str(err).split()) or type(err).__name__)
+        if proc is not None:  # never leave a half-loaded VM we started behind
+            proc.kill()
+            proc.wait()
+        raise
+    finally:
+        if client is not None:
+            await qmpmod.disconnect(client)
+        if proc is None or proc.poll() is not None:
+            shutil.rmtree(workdir, ignore_errors=True)
+    rep.done(**result.__dict__)
+    return result
+
+
+async def _wait_loaded(client: QMPClient, timeout: float = 600.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            info = await qmpmod.migration_status(client)
+        except (EOFError, ConnectionError) as err:
+            raise VmsnapError("target QEMU exited while loading the snapshot") from err
+        status = info.get("status")
+        if status == "completed":
+            return
+        if status == "failed":
+            raise VmsnapError("target QEMU rejected the snapshot"
+                              + (f": {info['error-desc']}" if info.get("error-desc") else ""))
+        if time.monotonic() > deadline:
+            raise VmsnapError("target QEMU did not finish loading the snapshot")
+        await asyncio.sleep(0.05)

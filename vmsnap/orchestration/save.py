@@ -1,0 +1,244 @@
+"""save: drive a running QEMU over QMP into a snapshot file, paused (default) or live.
+
+vmsnap stands where a migration destination would: it listens on a private unix socket,
+asks QEMU to `migrate` there and lays the pages it receives at their fixed file offsets.
+Whatever fails — QEMU, the disk, the user's Ctrl-C — the partial file is removed, an
+existing FILE stays as it was, and the VM is put back in the run state it had.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import socket
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from qemu.qmp import QMPClient
+
+from ..errors import VmsnapError
+from ..fileformat.trailer import TrailerMetadata
+from ..fileformat.writer import SnapshotWriter
+from ..ops.receive import ReceiveStats, receive
+from ..progress import Reporter
+from . import qmp as qmpmod
+
+#: Capabilities whose streams vmsnap cannot store; switched off for the save, then restored.
+INCOMPATIBLE_CAPS = ("xbzrle", "compress", "postcopy-ram", "multifd", "mapped-ram",
+                     "x-ignore-shared", "zero-blocks", "release-ram")
+#: Local saves should not be throttled by QEMU's default 128 MiB/s.
+UNLIMITED_BANDWIDTH = 1 << 40
+ACCEPT_TIMEOUT = 30.0
+
+
+@dataclass
+class SaveResult:
+    path: str
+    seconds: float
+    stream_bytes: int
+    pages: int
+    zero_pages: int
+    live: bool
+    qemu_version: str
+    machine_type: str
+    final_state: str
+    direct_io: bool
+    dirty_sync_count: int | None = None
+    downtime_ms: int | None = None
+
+
+async def _set_parameters(client: QMPClient, wanted: dict[str, Any]) -> dict[str, Any]:
+    current = await client.execute("query-migrate-parameters")
+    await client.execute("migrate-set-parameters", wanted)
+    return {k: current[k] for k in wanted if k in current}
+
+
+def _listen(directory: str) -> tuple[socket.socket, str]:
+    path = os.path.join(directory, "migrate.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(path)
+    os.chmod(path, 0o600)
+    sock.listen(1)
+    return sock, path
+
+
+async def save(qmp_address: str, path: str | os.PathLike, *, live: bool = False,
+               after: str = "pause", force: bool = False, reporter: Reporter | None = None,
+               direct: bool = True, downtime_limit_ms: int = 300) -> SaveResult:
+    """Save the VM behind `qmp_address` to `path`. `after`: "pause" | "resume" | "quit"."""
+    if after not in ("pause", "resume", "quit"):
+        raise ValueError(f"after must be pause, resume or quit, not {after!r}")
+    path = os.path.abspath(os.fspath(path))
+    if os.path.exists(path) and not force:
+        raise VmsnapError(f"{path} exists (use --force to overwrite)")
+    rep = reporter or Reporter()
+    client, peer = await qmpmod.connect(qmp_address)
+    try:
+        return await _save(client, peer, path, live, after, rep, direct, downtime_limit_ms)
+    finally:
+        await qmpmod.disconnect(client)
+
+
+async def _save(client: QMPClient, peer: qmpmod.Peer, path: str, live: bool, after: str,
+                rep: Reporter, direct: bool, downtime_limit_ms: int) -> SaveResult:
+    status = await qmpmod.migration_status(client)
+    if status.get("status") in ("setup", "active", "pre-switchover", "device", "cancelling"):
+        raise VmsnapError(f"a migration is already running on this VM ({status['status']})")
+    if peer.status in ("inmigrate", "postmigrate", "shutdown", "internal-error"):
+        raise VmsnapError(f"VM is in state {peer.status!r}; cannot save it")
+    metadata = TrailerMetadata(qemu_version=peer.version_text, command_line=peer.cmdline,
+                               extra={"run_state": "running" if peer.running else "paused",
+                                      "live": live})
+    writer = SnapshotWriter(path, metadata, direct=direct)
+    writer.reserve()  # lock FILE.partial before the VM is touched
+    workdir = tempfile.mkdtemp(prefix="vmsnap-")  # 0700
+    listener, sock_path = _listen(workdir)
+    saved_caps: dict[str, bool] = {}
+    saved_params: dict[str, Any] = {}
+    stopped_by_us = False
+    conn: socket.socket | None = None
+    receiver: asyncio.Future | None = None
+    t0 = time.monotonic()
+    try:
+        saved_caps = await qmpmod.set_capabilities(
+            client, {**dict.fromkeys(INCOMPATIBLE_CAPS, False), "auto-converge": live})
+        params: dict[str, Any] = {"max-bandwidth": UNLIMITED_BANDWIDTH}
+        if live:
+            params["downtime-limit"] = downtime_limit_ms
+        saved_params = await _set_parameters(client, params)
+        if peer.running and not live:
+            await client.execute("stop")
+            stopped_by_us = True
+        rep.start("save", None, live=live)
+        await client.execute("migrate", {"uri": f"unix:{sock_path}"})
+        loop = asyncio.get_running_loop()
+        conn = await _accept(client, listener, sock_path)
+        conn.settimeout(None)
+        source = conn.makefile("rb", buffering=0)
+        receiver = loop.run_in_executor(
+            None, lambda: receive(source, writer, reply=conn.sendall))
+        info = await _watch(client, receiver, rep)
+        stats: ReceiveStats = await receiver
+        final = await _finish(client, after)
+    except BaseException as err:
+        if conn is not None:  # unblock the receiver so it aborts and removes the partial
+            _shutdown(conn)
+        if receiver is not None:
+            await asyncio.gather(receiver, return_exceptions=True)
+        writer.abort()
+        await _recover(client, stopped_by_us, peer.running)
+        rep.error(_describe(err))
+        if isinstance(err, (EOFError, ConnectionError)):
+            raise VmsnapError("QEMU went away during the save") from err
+        raise
+    finally:
+        for s in (conn, listener):
+            if s is not None:
+                s.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+        await _restore_settings(client, saved_caps, saved_params)
+    seconds = time.monotonic() - t0
+    ram = info.get("ram", {})
+    result = SaveResult(path, seconds, stats.stream_bytes, stats.pages, stats.zero_pages, live,
+                        peer.version_text, stats.machine_type, final, stats.direct,
+                        ram.get("dirty-sync-count"), info.get("downtime"))
+    rep.done(**result.__dict__)
+    return result
+
+
+async def _accept(client: QMPClient, listener: socket.socket, path: str) -> socket.socket:
+    """Wait for QEMU's connection, failing early if its migration fails to start."""
+    listener.setblocking(False)
+    loop = asyncio.get_running_loop()
+    deadline = time.monotonic() + ACCEPT_TIMEOUT
+    while True:
+        try:
+            conn, _ = await asyncio.wait_for(loop.sock_accept(listener), 0.2)
+            conn.setblocking(True)
+            return conn
+        except TimeoutError:
+            pass
+        info = await qmpmod.migration_status(client)
+        if info.get("status") in ("failed", "cancelled"):
+            raise VmsnapError("QEMU could not start the migration"
+                              + (f": {info['error-desc']}" if info.get("error-desc") else ""))
+        if time.monotonic() > deadline:
+            raise VmsnapError(f"QEMU did not connect to {path} within {ACCEPT_TIMEOUT:.0f}s")
+
+
+async def _watch(client: QMPClient, receiver: asyncio.Future, rep: Reporter) -> dict[str, Any]:
+    """Poll QEMU's migration status until it completes; report live figures."""
+    while True:
+        info = await qmpmod.migration_status(client)
+        status = info.get("status")
+        if status == "completed":
+            return info
+        if receiver.done() and receiver.exception() is not None:
+            raise receiver.exception()
+        if status in ("failed", "cancelled"):
+            await asyncio.sleep(0.2)  # let the receiver tell its own cause, if it has one
+            if receiver.done() and receiver.exception() is not None:
+                raise receiver.exception()
+            raise VmsnapError(f"migration {status} on the QEMU side"
+                              + (f": {info['error-desc']}" if info.get("error-desc") else ""))
+        ram = info.get("ram", {})
+        rep.update(ram.get("transferred", 0), ram.get("total"),
+                   iteration=ram.get("dirty-sync-count"),
+                   dirty_pages_rate=ram.get("dirty-pages-rate"))
+        await asyncio.sleep(0.2)
+
+
+async def _finish(client: QMPClient, after: str) -> str:
+    if after == "resume":
+        await client.execute("cont")
+        return "running"
+    if after == "quit":
+        try:
+            await client.execute("quit")
+        except (EOFError, ConnectionError):
+            pass
+        return "quit"
+    return "paused"
+
+
+async def _recover(client: QMPClient, stopped_by_us: bool, was_running: bool) -> None:
+    """Put the VM back as it was: cancel our migration, resume it if it ran before."""
+    try:
+        info = await qmpmod.migration_status(client)
+        if info.get("status") in ("setup", "active", "pre-switchover", "device"):
+            await client.execute("migrate_cancel")
+            for _ in range(100):
+                if (await qmpmod.migration_status(client)).get("status") not in (
+                        "setup", "active", "pre-switchover", "device", "cancelling"):
+                    break
+                await asyncio.sleep(0.05)
+        status = await client.execute("query-status")
+        if (stopped_by_us or was_running) and not status["running"]:
+            await client.execute("cont")
+    except Exception:  # noqa: BLE001 - QEMU is gone: nothing left to recover
+        pass
+
+
+async def _restore_settings(client: QMPClient, caps: dict[str, bool],
+                            params: dict[str, Any]) -> None:
+    try:
+        if caps:
+            await qmpmod.set_capabilities(client, caps)
+        if params:
+            await client.execute("migrate-set-parameters", params)
+    except Exception:  # noqa: BLE001 - QEMU is gone or quit
+        pass
+
+
+def _shutdown(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+def _describe(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__

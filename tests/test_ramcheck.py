@@ -1,0 +1,191 @@
+"""Unit tests of testbed.ramcheck with synthetic memory (no QEMU)."""
+
+import numpy as np
+import pytest
+
+from testbed.ramcheck import (
+    PAGE_SIZE,
+    check_counter_pages,
+    fill_pages,
+    page_pattern,
+    splitmix64,
+)
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+def _splitmix64_ref(x: int) -> int:
+    m = (1 << 64) - 1
+    z = (x + 0x9E3779B97F4A7C15) & m
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & m
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & m
+    return z ^ (z >> 31)
+
+
+def _mem(ranges, counters_per_range, mode):
+    return [
+        fill_pages(s, (e - s) // PAGE_SIZE, c, mode)
+        for (s, e), c in zip(ranges, counters_per_range, strict=True)
+    ]
+
+
+def _counter(chunk, page):
+    return chunk[page * PAGE_SIZE : page * PAGE_SIZE + 8].view("<u8")
+
+
+def test_splitmix64_matches_scalar_reference():
+    xs = [0, 1, 2, 511, 512 * 1024 + 1, 2**63, 2**64 - 1]
+    got = splitmix64(np.array(xs, dtype=np.uint64))
+    assert [int(v) for v in got] == [_splitmix64_ref(x) for x in xs]
+    # well-known first output of splitmix64 seeded with 0
+    assert _splitmix64_ref(0) == 0xE220A8397B1DCDAF
+
+
+def test_page_pattern_layout():
+    pfn = 0x400
+    pat = page_pattern(pfn, 2)
+    assert pat.shape == (2, 512)
+    assert pat[0, 0] == 0 and pat[1, 0] == 0
+    assert int(pat[1, 7]) == _splitmix64_ref((pfn + 1) * 512 + 7)
+    # word at guest-physical address a is splitmix64(a >> 3)
+    addr = (pfn + 1) * PAGE_SIZE + 7 * 8
+    assert int(pat[1, 7]) == _splitmix64_ref(addr >> 3)
+
+
+@pytest.mark.parametrize("mode", ["counter", "random"])
+def test_constant_counters_pass(mode):
+    ranges = [(4 * MiB, 8 * MiB), (4 * GiB, 4 * GiB + 2 * MiB)]
+    r = check_counter_pages(ranges, _mem(ranges, [7, 7], mode), mode)
+    assert r.ok, r
+    assert r.edges == 0 and r.pages_checked == 1024 + 512
+    assert r.first_counter == 7 and r.last_counter == 7
+    r.raise_if_bad()
+
+
+@pytest.mark.parametrize("mode", ["counter", "random"])
+def test_one_edge_passes_even_across_ranges(mode):
+    ranges = [(4 * MiB, 8 * MiB), (4 * GiB, 4 * GiB + 2 * MiB)]
+    # edge exactly at the start of the second range
+    r = check_counter_pages(ranges, _mem(ranges, [10, 9], mode), mode)
+    assert r.ok and r.edges == 1 and r.edge_addr == 4 * GiB, r
+    # edge in the middle of the first range
+    c = np.full(1024, 10, dtype=np.uint64)
+    c[300:] = 9
+    mem = [fill_pages(4 * MiB, 1024, c, mode), fill_pages(4 * GiB, 512, 9, mode)]
+    r = check_counter_pages(ranges, mem, mode)
+    assert r.ok and r.edges == 1 and r.edge_addr == 4 * MiB + 300 * PAGE_SIZE, r
+
+
+def test_ranges_may_be_given_unsorted():
+    ranges = [(4 * GiB, 4 * GiB + MiB), (4 * MiB, 5 * MiB)]
+    mem = _mem(ranges, [5, 6], "counter")  # ascending order: 6..6, 5..5 -> one edge
+    r = check_counter_pages(ranges, mem, "counter")
+    assert r.ok and r.edges == 1 and r.edge_addr == 4 * GiB, r
+
+
+@pytest.mark.parametrize(
+    "value, fragment",
+    [(0, "never stamped"), (12, "between"), (100, "between"), (3, "between")],
+)
+def test_single_corrupt_counter_is_named(value, fragment):
+    ranges = [(4 * MiB, 8 * MiB)]
+    mem = _mem(ranges, [10], "counter")
+    _counter(mem[0], 123)[0] = value
+    r = check_counter_pages(ranges, mem, "counter")
+    assert not r.ok
+    assert r.first_bad_addr == 4 * MiB + 123 * PAGE_SIZE, r
+    assert fragment in r.problem
+    with pytest.raises(AssertionError, match="first bad page 0x47b000"):
+        r.raise_if_bad()
+
+
+def test_corrupt_counter_next_to_the_real_edge():
+    ranges = [(4 * MiB, 8 * MiB)]
+    c = np.full(1024, 10, dtype=np.uint64)
+    c[500:] = 9
+    c[700] = 20
+    r = check_counter_pages(ranges, [fill_pages(4 * MiB, 1024, c, "counter")], "counter")
+    assert not r.ok and r.first_bad_addr == 4 * MiB + 700 * PAGE_SIZE, r
+    assert r.edges == 1
+
+
+def test_two_edges_fail():
+    c = np.full(1024, 10, dtype=np.uint64)
+    c[100:] = 9
+    c[600:] = 8
+    r = check_counter_pages([(4 * MiB, 8 * MiB)], [fill_pages(4 * MiB, 1024, c, "counter")])
+    assert not r.ok and r.edges == 2
+    assert r.first_bad_addr == 4 * MiB + 600 * PAGE_SIZE
+    assert "second edge" in r.problem
+
+
+def test_increase_and_big_drop_fail():
+    c = np.full(1024, 10, dtype=np.uint64)
+    c[400:] = 11  # increase: stale tail
+    r = check_counter_pages([(4 * MiB, 8 * MiB)], [fill_pages(4 * MiB, 1024, c, "counter")])
+    assert not r.ok and r.first_bad_addr == 4 * MiB + 400 * PAGE_SIZE and "increases" in r.problem
+    c[400:] = 8  # drop by 2
+    r = check_counter_pages([(4 * MiB, 8 * MiB)], [fill_pages(4 * MiB, 1024, c, "counter")])
+    assert not r.ok and "drops by 2" in r.problem
+
+
+def test_unstamped_tail_fails_even_though_it_drops_by_one():
+    c = np.full(1024, 1, dtype=np.uint64)
+    c[900:] = 0  # first pass stopped before READY
+    r = check_counter_pages([(4 * MiB, 8 * MiB)], [fill_pages(4 * MiB, 1024, c, "counter")])
+    assert not r.ok and r.first_bad_addr == 4 * MiB + 900 * PAGE_SIZE
+    assert "never stamped" in r.problem and r.bad_pages == 124
+
+
+def test_counter_mode_rest_must_be_zero():
+    ranges = [(4 * MiB, 8 * MiB)]
+    mem = _mem(ranges, [3], "counter")
+    mem[0][77 * PAGE_SIZE + 4000] = 1
+    r = check_counter_pages(ranges, mem, "counter")
+    assert not r.ok and r.first_bad_addr == 4 * MiB + 77 * PAGE_SIZE and "not zero" in r.problem
+    assert check_counter_pages(ranges, mem, "counter", check_rest=False).ok
+
+
+def test_random_mode_pattern_errors_are_named():
+    ranges = [(4 * MiB, 6 * MiB), (4 * GiB, 4 * GiB + MiB)]
+    mem = _mem(ranges, [3, 3], "random")
+    assert check_counter_pages(ranges, mem, "random").ok
+    # counter-mode memory is not random-mode memory
+    assert not check_counter_pages(ranges, _mem(ranges, [3, 3], "counter"), "random").ok
+    mem[1][5 * PAGE_SIZE + 8] ^= 0x80  # first pattern byte of page 5 of range 2
+    mem[1][200 * PAGE_SIZE + 4095] ^= 1  # last byte of page 200
+    r = check_counter_pages(ranges, mem, "random")
+    assert not r.ok and r.first_bad_addr == 4 * GiB + 5 * PAGE_SIZE, r
+    assert r.bad_pages == 2 and "splitmix64" in r.problem
+    # a page copied to the wrong place (right counter, pattern of another pfn)
+    mem = _mem(ranges, [3, 3], "random")
+    mem[0][PAGE_SIZE : 2 * PAGE_SIZE] = mem[0][2 * PAGE_SIZE : 3 * PAGE_SIZE]
+    r = check_counter_pages(ranges, mem, "random")
+    assert not r.ok and r.first_bad_addr == 4 * MiB + PAGE_SIZE
+
+
+def test_pattern_check_spans_chunk_boundaries():
+    # more pages than one internal chunk
+    npages = 16384 + 100
+    start = 4 * GiB
+    mem = fill_pages(start, npages, 2, "random")
+    r = check_counter_pages([(start, start + npages * PAGE_SIZE)], [mem.tobytes()], "random")
+    assert r.ok and r.pages_checked == npages
+    mem[(16384 + 50) * PAGE_SIZE + 100] ^= 4
+    r = check_counter_pages([(start, start + npages * PAGE_SIZE)], [mem], "random")
+    assert not r.ok and r.first_bad_addr == start + (16384 + 50) * PAGE_SIZE
+
+
+def test_bad_arguments():
+    mem = fill_pages(4 * MiB, 1, 1, "counter")
+    with pytest.raises(ValueError):
+        check_counter_pages([(4 * MiB, 4 * MiB + PAGE_SIZE)], [mem], "bogus")
+    with pytest.raises(ValueError):
+        check_counter_pages([(4 * MiB, 4 * MiB + 2 * PAGE_SIZE)], [mem])
+    with pytest.raises(ValueError):
+        check_counter_pages([(4 * MiB + 1, 4 * MiB + PAGE_SIZE + 1)], [mem])
+    with pytest.raises(ValueError):
+        check_counter_pages([], [mem])
+    r = check_counter_pages([], [])
+    assert not r.ok

@@ -1,0 +1,71 @@
+"""The test bed proves itself: QEMU's own exec:cat migration round trip passes the RAM check
+for both guests and both QEMU versions, and a single corrupted page is caught."""
+
+from __future__ import annotations
+
+import pytest
+
+from testbed.guests import BootGuest, GuestCheckFailed, LinuxGuest
+from testbed.qemu import Vm, exec_uri
+from testbed.streams import page_data_positions
+
+UNLIMITED = {"max-bandwidth": 1 << 40}
+
+
+def make_guest(kind: str, live: bool):
+    if kind == "boot":
+        # 64 MiB of constantly re-stamped pages: live saves really iterate, yet converge
+        return BootGuest(memory_mb=256, limit_mb=64 if live else None)
+    return LinuxGuest(memory_mb=384, fill_mb=128, mode="dirty" if live else "idle",
+                      rate_mb_s=20 if live else 0)
+
+
+def save_with_cat(vm: Vm, stream, live: bool) -> dict:
+    if not live:
+        vm.stop()
+    params = {**UNLIMITED, "downtime-limit": 2000} if live else UNLIMITED
+    return vm.migrate(exec_uri("cat", stdout=stream), parameters=params)
+
+
+#: (guest, live) cases per QEMU version. Live Linux under QEMU 7.2 + TCG is left out: QEMU's
+#: own exec:cat path corrupts that guest (README, known limits), so it cannot judge vmsnap.
+CASES = [(kind, live, qemu) for qemu in ("7.2", "10") for kind in ("boot", "linux")
+         for live in (False, True) if not (kind == "linux" and live and qemu == "7.2")]
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize(("kind", "live", "qemu"), CASES,
+                         ids=[f"{k}-{'live' if lv else 'paused'}-qemu{q}" for k, lv, q in CASES])
+def test_exec_cat_round_trip(kind, live, qemu, workdir):
+    guest = make_guest(kind, live)
+    config = guest.config(qemu, workdir)
+    stream = workdir / "stream"
+    with Vm(config, workdir, "src") as vm:
+        guest.boot(vm)
+        guest.wait_alive(vm)
+        save_with_cat(vm, stream, live)
+    with Vm(config, workdir, "dst", incoming=exec_uri("cat", stream)) as vm:
+        vm.wait_incoming()
+        guest.check_restored(vm)
+
+
+@pytest.mark.qemu
+def test_ram_check_catches_one_corrupted_page(qemu_version, workdir):
+    guest = BootGuest(memory_mb=256)
+    config = guest.config(qemu_version, workdir)
+    stream = workdir / "stream"
+    with Vm(config, workdir, "src") as vm:
+        guest.boot(vm)
+        save_with_cat(vm, stream, live=False)
+    start, end = guest.ranges[0]
+    victim = start + ((end - start) // 2 & ~0xFFF)
+    position = page_data_positions(stream)[victim]
+    with open(stream, "r+b") as f:
+        f.seek(position)
+        counter = f.read(1)[0]
+        f.seek(position)
+        f.write(bytes([(counter + 0x55) & 0xFF]))
+    with Vm(config, workdir, "dst", incoming=exec_uri("cat", stream)) as vm:
+        vm.wait_incoming()
+        with pytest.raises(GuestCheckFailed, match=f"{victim:#x}"):
+            guest.check_restored(vm)

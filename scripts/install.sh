@@ -36,6 +36,16 @@ if ! cmp -s pyproject.toml .venv/.installed-pyproject 2>/dev/null; then
 fi
 
 scripts/build-qemu10-chroot.sh build/qemu10-root
-guests/bootguest/build.sh build/guests/bootguest
-guests/linuxguest/build.sh build/guests/linuxguest
+# Rebuild a guest only when its sources changed since the last build.
+build_guest() {
+  local name=$1 out=build/guests/$1 hash
+  hash=$(cat guests/"$name"/* | sha256sum | cut -d' ' -f1)
+  if [[ $(cat "$out/.source-hash" 2>/dev/null) != "$hash" ]]; then
+    echo "install: building $name"
+    guests/"$name"/build.sh "$out" >/dev/null
+    echo "$hash" >"$out/.source-hash"
+  fi
+}
+build_guest bootguest
+build_guest linuxguest
 echo "install: done"

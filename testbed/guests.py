@@ -140,7 +140,7 @@ class LinuxGuest:
             vm.cont()
         mark = vm.serial.mark()
         vm.serial.send_line("VERIFY")
-        m = vm.serial.wait_for(r"VERIFY (OK|FAIL)[^\r\n]*", timeout, start=mark)
+        m = vm.serial.wait_for(r"VERIFY (OK|FAIL)[^\r\n]*(?=[\r\n])", timeout, start=mark)
         if m.group(1) != "OK":
             raise GuestCheckFailed(f"linuxguest: {m.group(0)}")
         return m.group(0)

@@ -25,15 +25,25 @@ from testbed.serial import SerialConsole
 
 QEMU_VERSIONS = ("7.2", "10")
 _started: list[subprocess.Popen] = []
+_adopted: list[int] = []
 
 
 class QemuError(RuntimeError):
     """QEMU did not do what the test bed asked, with QEMU's own words attached."""
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:  # a zombie is dead for our purpose
+        return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+
+
 def leftover_processes() -> list[int]:
-    """PIDs of QEMU processes started by this test bed that are still alive."""
-    return [p.pid for p in _started if p.poll() is None]
+    """PIDs of QEMU processes started or adopted by this test bed that are still alive."""
+    return [p.pid for p in _started if p.poll() is None] + [p for p in _adopted if _alive(p)]
 
 
 def kill_leftovers() -> None:
@@ -41,6 +51,9 @@ def kill_leftovers() -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=10)
+    for pid in _adopted:
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
 
 
 def qemu_argv_prefix(version: str, workdir: Path, binds: Sequence[Path] = ()) -> list[str]:
@@ -95,6 +108,7 @@ class Vm:
         self.proc: subprocess.Popen | None = None
         self.qmp: QEMUMonitorProtocol | None = None
         self.serial: SerialConsole | None = None
+        self.adopted_pid: int | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
     def argv(self) -> list[str]:
@@ -125,6 +139,16 @@ class Vm:
                 self.kill()
                 raise QemuError(f"QEMU {self.config.qemu} did not open its sockets in {timeout}s")
             time.sleep(0.02)
+        self.qmp = QEMUMonitorProtocol(str(self.qmp_path))
+        self.qmp.connect()
+        self.serial = SerialConsole(self.serial_path)
+        return self
+
+    def adopt(self, pid: int) -> Vm:
+        """Take over a QEMU started elsewhere with this VM's sockets (e.g. relaunched by
+        `vmsnap restore` from the stored command line); close() ends it."""
+        _adopted.append(pid)
+        self.adopted_pid = pid
         self.qmp = QEMUMonitorProtocol(str(self.qmp_path))
         self.qmp.connect()
         self.serial = SerialConsole(self.serial_path)
@@ -163,9 +187,15 @@ class Vm:
                 self.proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 self.kill()
+        if self.adopted_pid is not None:
+            deadline = time.monotonic() + 10
+            while _alive(self.adopted_pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if _alive(self.adopted_pid):
+                os.kill(self.adopted_pid, signal.SIGKILL)
 
     def __enter__(self) -> Vm:
-        return self.start()
+        return self if self.qmp is not None else self.start()  # adopted VMs are running
 
     def __exit__(self, *exc: object) -> None:
         self.close()

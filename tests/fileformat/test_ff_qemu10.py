@@ -4,20 +4,18 @@ import os
 
 import numpy as np
 import pytest
-import qemu10
 import streambytes
 
+from testbed.capture import capture
 from vmsnap.fileformat import SnapshotWriter, TrailerMetadata, compute_layout, open_snapshot
 
-pytestmark = [
-    pytest.mark.qemu,
-    pytest.mark.skipif(not qemu10.available(), reason="QEMU 10 chroot missing or not root"),
-]
+pytestmark = pytest.mark.qemu
 
 
 @pytest.fixture(scope="module")
 def qemu_file(tmp_path_factory):
-    return qemu10.make_mapped_ram_file(tmp_path_factory.mktemp("q10") / "native.img", 128)
+    out = tmp_path_factory.mktemp("q10") / "native.img"
+    return capture(out, qemu="10", memory_mb=128, mapped_ram=True)
 
 
 def test_reader_parses_native(qemu_file):

@@ -7,29 +7,20 @@ QEMU 7.2 from the host, QEMU 10 from the chroot ``build/qemu10-root`` with
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
 
-from ._capture import CHROOT, capture
+from testbed.capture import capture
 
 MEM_MB = 128
 
 CAPTURES = {
-    "qemu72-q35": dict(qemu10=False, machine="q35"),
-    "qemu10-pc-q35-7.2": dict(qemu10=True, machine="pc-q35-7.2"),
-    "qemu10-q35": dict(qemu10=True, machine="q35"),
-    "qemu10-mapped-ram": dict(qemu10=True, machine="q35", mapped_ram=True),
+    "qemu72-q35": dict(qemu="7.2", machine="q35"),
+    "qemu10-pc-q35-7.2": dict(qemu="10", machine="pc-q35-7.2"),
+    "qemu10-q35": dict(qemu="10", machine="q35"),
+    "qemu10-mapped-ram": dict(qemu="10", machine="q35", mapped_ram=True),
 }
-
-
-def _check_prereqs(qemu10: bool) -> None:
-    if qemu10:
-        if not (CHROOT / "usr/bin/qemu-system-x86_64").exists():
-            pytest.fail(f"QEMU 10 chroot missing at {CHROOT} (run the chroot build script)")
-    elif shutil.which("qemu-system-x86_64") is None:
-        pytest.fail("qemu-system-x86_64 (QEMU 7.2) not installed on the host")
 
 
 @pytest.fixture(scope="session")
@@ -42,9 +33,7 @@ _cache: dict[str, Path] = {}
 
 def get_capture(name: str, capture_dir: Path) -> Path:
     if name not in _cache:
-        kw = CAPTURES[name]
-        _check_prereqs(kw["qemu10"])
-        _cache[name] = capture(capture_dir / f"{name}.bin", mem_mb=MEM_MB, **kw)
+        _cache[name] = capture(capture_dir / f"{name}.bin", memory_mb=MEM_MB, **CAPTURES[name])
     return _cache[name]
 
 

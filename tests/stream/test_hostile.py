@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from vmsnap.stream import RamBlock, StreamDecoder, StreamError
 from vmsnap.stream import encoder as E
+from vmsnap.stream.events import MappedRamHeader
 
 from ._streams import PS, decode_all, small_stream
 
@@ -251,3 +252,59 @@ def test_mapped_ram_header_validation():
         (struct.pack(">IQQQ", 1, PS, boff, (1 << 20) + 1), "mapped_ram.pages_offset"),
     ]:
         assert _err(pre + start + hdr).field == field
+    # used_length must be a page multiple (the bitmap has one bit per page)
+    odd = E.section_start(1, "ram", 0, 4) + BE64.pack(16 * PS | 4) + b"\x06pc.ram" + \
+        BE64.pack(16 * PS - 8)
+    e = _err(pre + odd + struct.pack(">IQQQ", 1, PS, boff, 1 << 20))
+    assert e.field == "ramblock.used_length" and e.offset == len(pre + odd) - 8
+
+
+def test_mapped_ram_header_codec():
+    h = MappedRamHeader(1, PS, 0x8B, 0x100000)
+    raw = h.pack()
+    assert len(raw) == MappedRamHeader.SIZE == 28 and raw == struct.pack(">IQQQ", *vars(h).values())
+    assert MappedRamHeader.parse(b"xx" + raw, 2) == h
+    h.check(1 << 28, 0x6F, PS)
+    for bad, field, at in [
+        (MappedRamHeader(2, PS, 0x8B, 0x100000), "mapped_ram.version", 0x6F),
+        (MappedRamHeader(1, 8192, 0x8B, 0x100000), "mapped_ram.page_size", 0x6F + 4),
+        (MappedRamHeader(1, PS, 0x10, 0x100000), "mapped_ram.bitmap_offset", 0x6F + 12),
+        (MappedRamHeader(1, PS, 0xFFF00, 0x100000), "mapped_ram.pages_offset", 0x6F + 20),
+        (MappedRamHeader(1, PS, 0x8B, 0x100001), "mapped_ram.pages_offset", 0x6F + 20),
+    ]:
+        with pytest.raises(StreamError) as ei:
+            bad.check(1 << 28, 0x6F, PS)
+        assert (ei.value.field, ei.value.offset) == (field, at)
+    ignored = MappedRamHeader(1, PS, 0, 0)
+    assert ignored.ignored
+    ignored.check(1 << 28, 0x6F, PS)
+    assert RamBlock("x", PS, mapped_ram=ignored).resume_offset is None
+    with pytest.raises(StreamError, match="28 bytes"):
+        MappedRamHeader.parse(raw[:27])
+
+
+@given(st.binary(max_size=40), st.integers(0, 1 << 40), st.integers(0, 1 << 34))
+@settings(max_examples=300)
+def test_mapped_ram_header_random(data, hoff, used):
+    try:
+        MappedRamHeader.parse(data).check(used, hoff, PS)
+    except StreamError:
+        pass
+
+
+def test_mapped_ram_entry_offsets_with_addr():
+    """x-ignore-shared adds a be64 addr before the header: offsets still right."""
+    caps = ("mapped-ram", "x-ignore-shared")
+    pre = E.header() + E.configuration("pc-q35-10.0", caps) + E.section_start(1, "ram", 0, 4)
+    blk = RamBlock("pc.ram", 16 * PS, addr=0x1234)
+    pre += E.mem_size([blk])
+    boff = len(pre) + blk.entry_size + 28
+    blk = RamBlock("pc.ram", 16 * PS, addr=0x1234,
+                   mapped_ram=MappedRamHeader(1, PS, boff, 1 << 20))
+    assert blk.entry_size == 1 + 6 + 8 + 8 + 28
+    dec = StreamDecoder()
+    dec.feed(pre + E.ramblock_entry(blk, mapped_ram=True))
+    got = next(e for e in dec.events() if type(e).__name__ == "RamBlocks").blocks[0]
+    assert got == blk and got.stream_offset == len(pre)
+    assert got.header_offset == len(pre) + 1 + 6 + 8 + 8
+    assert dec.wanted_offset == (1 << 20) + 16 * PS

@@ -8,6 +8,7 @@ import struct
 import numpy as np
 import pytest
 
+from vmsnap.fileformat.layout import compute_layout
 from vmsnap.stream import (
     Command,
     Configuration,
@@ -25,6 +26,7 @@ from vmsnap.stream import (
     encode_events,
 )
 from vmsnap.stream import encoder as E
+from vmsnap.stream.events import MappedRamHeader
 
 from ._streams import decode_all
 from .conftest import MEM_MB
@@ -125,17 +127,20 @@ def test_mapped_ram_file(mapped_ram_file, stream10, use_seek):
     start = next(e for e in evs if isinstance(e, SectionStart))
     blocks = next(e for e in evs if isinstance(e, RamBlocks)).blocks
     assert not any(isinstance(e, Pages | ZeroPages) for e in evs)
-    # QEMU's layout rules (§5.2) reproduced by the encoder
-    start_off = raw.index(E.section_start(start.section_id, "ram", 0, 4))
-    layout = E.mapped_ram_layout([(b.name, b.used_length) for b in blocks], start_off,
-                                 start.section_id)
-    assert list(layout) == list(blocks)
-    for b in blocks:
+    # QEMU's layout rules (§5.2) reproduced by vmsnap.fileformat.layout; the decoder
+    # reports where each entry is
+    first = blocks[0].stream_offset
+    assert raw[:first].endswith(E.section_start(start.section_id, "ram", 0, 4)
+                                + E.mem_size(blocks))
+    layout = compute_layout([(b.name, b.used_length) for b in blocks], first)
+    assert [b.ram_block for b in layout.blocks] == list(blocks)
+    for b, lb in zip(blocks, layout.blocks, strict=True):
         m = b.mapped_ram
         assert m.version == 1 and m.page_size == PS
         assert m.pages_offset % (1 << 20) == 0
-    for off, piece in E.ram_start_mapped(start.section_id, blocks, start_off):
-        assert raw[off : off + len(piece)] == piece
+        assert (b.stream_offset, b.header_offset) == (lb.idstr_offset, lb.header_offset)
+        assert raw[lb.idstr_offset : lb.idstr_offset + len(lb.record())] == lb.record()
+        assert MappedRamHeader.parse(raw, b.header_offset) == m
     tail = E.eos() + E.footer(start.section_id)
     last = blocks[-1].resume_offset
     assert raw[last : last + len(tail)] == tail

@@ -8,6 +8,7 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from vmsnap.fileformat.layout import compute_layout
 from vmsnap.stream import (
     Command,
     Configuration,
@@ -162,19 +163,31 @@ def test_configuration_bytes_match_reference():
         b"\x00\x00\x00\x01\x00\x00\x00\x01\x0amapped-ram")
 
 
+def mapped_ram_file(blocks, sid=1):
+    """A mapped-ram file laid out by vmsnap.fileformat (bitmaps/pages left zero)."""
+    pre = E.header() + E.configuration("pc-q35-10.0", ["mapped-ram"]) + \
+        E.section_start(sid, "ram", 0, 4) + E.mem_size([RamBlock(n, ln) for n, ln in blocks])
+    lay = compute_layout(blocks, len(pre), PS)
+    f = bytearray(lay.tail_offset)
+    f[: len(pre)] = pre
+    for b in lay.blocks:
+        rec = b.record()
+        f[b.idstr_offset : b.idstr_offset + len(rec)] = rec
+    f += E.eos() + E.footer(sid) + E.section_end(sid) + E.eos() + E.footer(sid) + b"\x00"
+    return bytes(f), lay
+
+
 def test_mapped_ram_layout_roundtrip():
     blocks = [("pc.ram", 64 * PS), ("pc.bios", 16 * PS)]
-    pre = E.header() + E.configuration("pc-q35-10.0", ["mapped-ram"])
-    lay = E.mapped_ram_layout(blocks, len(pre), 1)
-    f = bytearray(pre)
-    for off, piece in E.ram_start_mapped(1, lay, len(pre)):
-        f += bytes(off - len(f))
-        f[off:] = piece
-    f += E.eos() + E.footer(1) + E.section_end(1) + E.eos() + E.footer(1) + b"\x00"
-    assert lay[0].mapped_ram.pages_offset == 1 << 20
-    assert lay[0].mapped_ram.bitmap_offset == len(pre) + 5 + 4 + 8 + 8 + 7 + 8 + 28
-    evs = decode_all(bytes(f), 65536)
+    f, lay = mapped_ram_file(blocks)
+    start = len(E.header() + E.configuration("pc-q35-10.0", ["mapped-ram"]))
+    assert lay.blocks[0].pages_offset == 1 << 20
+    assert lay.blocks[0].bitmap_offset == start + 5 + 4 + 8 + 8 + 7 + 8 + 28
+    evs = decode_all(f, 65536)
     got = next(e for e in evs if isinstance(e, RamBlocks)).blocks
-    assert list(got) == lay
+    assert list(got) == [b.ram_block for b in lay.blocks]
+    # the decoder reports where each entry and its MappedRamHeader are
+    assert [(b.stream_offset, b.header_offset, b.resume_offset) for b in got] == \
+        [(b.idstr_offset, b.header_offset, b.end) for b in lay.blocks]
     assert isinstance(evs[-1], StreamEnd) and evs[-1].end_offset == len(f)
     assert MappedRamHeader.bitmap_size_for(65 * PS, PS) == 16

@@ -1,94 +1,23 @@
-"""QEMU mapped-ram file layout (reference §5.2), computed exactly as QEMU does."""
+"""QEMU mapped-ram file layout (reference §5.2), computed exactly as QEMU does.
+
+The 28-byte header itself (pack/parse/validation) is the stream codec's
+:class:`~vmsnap.stream.events.MappedRamHeader`; this module owns the placement policy."""
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .errors import SnapshotError
+from ..stream import encoder
+from ..stream.constants import MAPPED_RAM_HDR_VERSION
+from ..stream.events import MappedRamHeader, RamBlock, bitmap_size
 
-MAPPED_RAM_HDR_VERSION = 1
-MAPPED_RAM_HEADER_SIZE = 28
+#: vmsnap's (and QEMU's) policy: every page area starts on a 1 MiB boundary.
 MAPPED_RAM_FILE_OFFSET_ALIGNMENT = 1 << 20
-_HDR = struct.Struct(">IQQQ")
-assert _HDR.size == MAPPED_RAM_HEADER_SIZE
-
-
-def bitmap_size(npages: int) -> int:
-    """Bytes of a QEMU file bitmap: ceil(pages/64) 64-bit words."""
-    return -(-npages // 64) * 8
 
 
 def align_up(value: int, alignment: int) -> int:
     return -(-value // alignment) * alignment
-
-
-@dataclass(frozen=True)
-class MappedRamHeader:
-    version: int
-    page_size: int
-    bitmap_offset: int
-    pages_offset: int
-
-    def pack(self) -> bytes:
-        return _HDR.pack(self.version, self.page_size, self.bitmap_offset, self.pages_offset)
-
-    @classmethod
-    def parse(
-        cls,
-        data: bytes,
-        *,
-        header_offset: int | None = None,
-        used_length: int | None = None,
-        file_size: int | None = None,
-    ) -> MappedRamHeader:
-        """Decode 28 big-endian bytes; with the optional context, validate the offsets."""
-        if len(data) != MAPPED_RAM_HEADER_SIZE:
-            raise SnapshotError(f"MappedRamHeader: need 28 bytes, got {len(data)}")
-        hdr = cls(*_HDR.unpack(data))
-        hdr.validate(header_offset=header_offset, used_length=used_length, file_size=file_size)
-        return hdr
-
-    def validate(
-        self,
-        *,
-        header_offset: int | None = None,
-        used_length: int | None = None,
-        file_size: int | None = None,
-    ) -> None:
-        where = f" (header at {header_offset:#x})" if header_offset is not None else ""
-        if self.version != MAPPED_RAM_HDR_VERSION:
-            raise SnapshotError(f"MappedRamHeader: unsupported version {self.version}{where}")
-        ps = self.page_size
-        if ps < 512 or ps > (1 << 30) or ps & (ps - 1):
-            raise SnapshotError(f"MappedRamHeader: bad page_size {ps}{where}")
-        if self.pages_offset % ps:
-            raise SnapshotError(
-                f"MappedRamHeader: pages_offset {self.pages_offset:#x} not page aligned{where}"
-            )
-        if header_offset is not None and self.bitmap_offset < header_offset + 28:
-            raise SnapshotError(
-                f"MappedRamHeader: bitmap_offset {self.bitmap_offset:#x} before header end{where}"
-            )
-        if used_length is not None:
-            if used_length % ps:
-                raise SnapshotError(
-                    f"MappedRamHeader: used_length {used_length:#x} not a page multiple{where}"
-                )
-            bm_end = self.bitmap_offset + bitmap_size(used_length // ps)
-            if bm_end > self.pages_offset:
-                raise SnapshotError(
-                    f"MappedRamHeader: bitmap {self.bitmap_offset:#x}..{bm_end:#x} overlaps "
-                    f"pages at {self.pages_offset:#x}{where}"
-                )
-            if file_size is not None and self.pages_offset + used_length > file_size:
-                raise SnapshotError(
-                    f"MappedRamHeader: pages {self.pages_offset:#x}+{used_length:#x} beyond end "
-                    f"of file ({file_size:#x}){where}"
-                )
-        if file_size is not None and self.bitmap_offset > file_size:
-            raise SnapshotError(f"MappedRamHeader: bitmap_offset beyond end of file{where}")
 
 
 @dataclass(frozen=True)
@@ -119,11 +48,15 @@ class BlockLayout:
             MAPPED_RAM_HDR_VERSION, self.page_size, self.bitmap_offset, self.pages_offset
         )
 
+    @property
+    def ram_block(self) -> RamBlock:
+        """The block as the stream codec sees it (equal to the decoder's RamBlock)."""
+        return RamBlock(self.name, self.used_length, mapped_ram=self.header,
+                        stream_offset=self.idstr_offset)
+
     def record(self) -> bytes:
         """Stream bytes at idstr_offset: counted idstr, be64 used_length, MappedRamHeader."""
-        name = self.name.encode()
-        return bytes([len(name)]) + name + struct.pack(">Q", self.used_length) + \
-            self.header.pack()
+        return encoder.ramblock_entry(self.ram_block, mapped_ram=True)
 
     def page_file_offset(self, offset: int) -> int:
         return self.pages_offset + offset
@@ -154,7 +87,7 @@ def block_layout(name: str, used_length: int, idstr_offset: int,
     if used_length < 0 or used_length % page_size:
         raise ValueError(f"used_length of {name!r} must be a page multiple: {used_length}")
     header_offset = idstr_offset + 1 + len(raw) + 8
-    bitmap_offset = header_offset + MAPPED_RAM_HEADER_SIZE
+    bitmap_offset = header_offset + MappedRamHeader.SIZE
     bsize = bitmap_size(used_length // page_size)
     pages_offset = align_up(bitmap_offset + bsize, MAPPED_RAM_FILE_OFFSET_ALIGNMENT)
     return BlockLayout(name, used_length, page_size, idstr_offset, header_offset,

@@ -12,6 +12,7 @@ import xxhash
 
 from ..io.aligned import PAGE_SIZE, AlignedBuffer
 from ..io.direct import DirectFile, IOEngineError
+from ..stream.events import MappedRamHeader
 from .bitmap import runs, unpack_bitmap
 from .errors import (
     ChecksumMismatch,
@@ -19,8 +20,8 @@ from .errors import (
     NoCommitRecord,
     SnapshotError,
 )
-from .layout import MappedRamHeader, bitmap_size
-from .prefix import StreamPrefix, parse_prefix, stream_looks_complete
+from .layout import bitmap_size
+from .prefix import StreamPrefix, StreamScan
 from .trailer import Trailer, TrailerMetadata, read_trailer, xxh3
 
 #: Tail (device state) larger than this is refused (sanity bound).
@@ -248,20 +249,25 @@ def _open(path: str, f: DirectFile, allow_incomplete: bool) -> Snapshot:
     except NoCommitRecord:
         trailer = None
         stream_end = size
-    prefix = parse_prefix(pread, stream_end)
+    scan = StreamScan(pread, stream_end)
+    prefix = scan.prefix
     tail_len = stream_end - prefix.tail_offset
     if tail_len < 0 or tail_len > MAX_TAIL:
         raise SnapshotError("stream tail length out of range")
     tail = pread(prefix.tail_offset, tail_len)
-    if trailer is None and not allow_incomplete and not stream_looks_complete(tail):
-        raise IncompleteSnapshot(
-            "incomplete snapshot: no vmsnap commit record and the QEMU stream is unfinished")
+    if trailer is None and not allow_incomplete:
+        problem = scan.tail_problem(tail)
+        if problem is not None:
+            raise IncompleteSnapshot(
+                "incomplete snapshot: no vmsnap commit record and the QEMU stream is "
+                f"unfinished: {problem}")
     blocks = []
-    for pb in prefix.blocks:
-        npages = pb.used_length // pb.header.page_size
-        bm = pread(pb.header.bitmap_offset, bitmap_size(npages))
-        blocks.append(BlockInfo(pb.name, pb.used_length, pb.idstr_offset, pb.header_offset,
-                                pb.header, unpack_bitmap(bm, npages)))
+    for rb in prefix.blocks:
+        hdr = rb.mapped_ram
+        npages = rb.used_length // hdr.page_size
+        bm = pread(hdr.bitmap_offset, bitmap_size(npages))
+        blocks.append(BlockInfo(rb.name, rb.used_length, rb.stream_offset, rb.header_offset,
+                                hdr, unpack_bitmap(bm, npages)))
     if trailer is not None:
         names = [b.name for b in blocks]
         if [b.name for b in trailer.blocks] != names:

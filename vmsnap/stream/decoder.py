@@ -52,7 +52,6 @@ from .events import (
 _BE16 = struct.Struct(">H")
 _BE32 = struct.Struct(">I")
 _BE64 = struct.Struct(">Q")
-_MRH = struct.Struct(">IQQQ")
 
 _RAM_SIG_TAIL = b"\x03ram" + _BE32.pack(0) + _BE32.pack(4)  # after 0x01 + be32 sid
 
@@ -480,6 +479,9 @@ class StreamDecoder:
         if used == 0:
             self._fail(f"block {name!r} has used_length 0", "ramblock.used_length",
                        self._base + p, "> 0")
+        if self.mapped_ram and used & self._mask:
+            self._fail(f"block {name!r} used_length 0x{used:x} is not a page multiple",
+                       "ramblock.used_length", self._base + p, f"a multiple of {self.page_size}")
         p += 8
         bps = addr = None
         if self.postcopy_advised and name in self._blocks_with_page_size:
@@ -491,32 +493,12 @@ class StreamDecoder:
         mrh = None
         skip_to = None
         if self.mapped_ram:
-            self._need(p, C.MAPPED_RAM_HDR_SIZE)
-            ver, mps, boff, poff = _MRH.unpack_from(self._buf, p)
-            hdr_abs = self._base + p
-            p += C.MAPPED_RAM_HDR_SIZE
-            if ver != C.MAPPED_RAM_HDR_VERSION:
-                self._fail(f"mapped-ram header version {ver}", "mapped_ram.version", hdr_abs,
-                           "1")
-            if mps != self.page_size:
-                self._fail(f"mapped-ram page size {mps}", "mapped_ram.page_size", hdr_abs + 4,
-                           str(self.page_size))
-            if not (boff == 0 and poff == 0):
-                end_hdr = self._base + p
-                bsize = MappedRamHeader.bitmap_size_for(used, mps)
-                if boff < end_hdr:
-                    self._fail(f"bitmap_offset {boff} inside the stream already read",
-                               "mapped_ram.bitmap_offset", hdr_abs + 12, f">= {end_hdr}")
-                if poff < boff + bsize or poff % self.page_size:
-                    self._fail(f"pages_offset {poff} overlaps the bitmap or is unaligned",
-                               "mapped_ram.pages_offset", hdr_abs + 20,
-                               f"page aligned and >= {boff + bsize}")
-                if poff + used >= 1 << 63:
-                    self._fail(f"pages_offset {poff} too large", "mapped_ram.pages_offset",
-                               hdr_abs + 20, "< 2**63 - used_length")
-                skip_to = poff + used
-            mrh = MappedRamHeader(ver, mps, boff, poff)
-        blk = RamBlock(name, used, bps, addr, mrh)
+            self._need(p, MappedRamHeader.SIZE)
+            mrh = MappedRamHeader.parse(self._buf, p)
+            mrh.check(used, self._base + p, self.page_size)
+            p += MappedRamHeader.SIZE
+            skip_to = mrh.pages_offset + used if not mrh.ignored else None
+        blk = RamBlock(name, used, bps, addr, mrh, self._base + p0)
         self._block_list.append(blk)
         self.blocks[name] = blk
         self._remaining -= used

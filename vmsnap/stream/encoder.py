@@ -12,12 +12,11 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 from . import constants as C
-from .events import MappedRamHeader, RamBlock
+from .events import RamBlock
 
 _BE16 = struct.Struct(">H")
 _BE32 = struct.Struct(">I")
 _BE64 = struct.Struct(">Q")
-_MRH = struct.Struct(">IQQQ")
 
 
 def counted(s: str | bytes) -> bytes:
@@ -94,10 +93,6 @@ def vmdescription(json_bytes: bytes) -> bytes:
     return bytes([C.QEMU_VM_VMDESCRIPTION]) + _BE32.pack(len(json_bytes)) + json_bytes
 
 
-def mapped_ram_header(h: MappedRamHeader) -> bytes:
-    return _MRH.pack(h.version, h.page_size, h.bitmap_offset, h.pages_offset)
-
-
 def ramblock_entry(b: RamBlock, *, mapped_ram: bool = False) -> bytes:
     out = counted(b.name) + _BE64.pack(b.used_length)
     if b.page_size is not None:
@@ -107,7 +102,7 @@ def ramblock_entry(b: RamBlock, *, mapped_ram: bool = False) -> bytes:
     if mapped_ram:
         if b.mapped_ram is None:
             raise ValueError(f"block {b.name!r} has no MappedRamHeader")
-        out += mapped_ram_header(b.mapped_ram)
+        out += b.mapped_ram.pack()
     return out
 
 
@@ -123,51 +118,12 @@ def ram_start(sid: int, blocks: Sequence[RamBlock], mapped_ram: bool = False,
     """RAM START section header + MEM_SIZE block list (no EOS/footer).
 
     With ``mapped_ram`` each entry carries its MappedRamHeader back to back; the jumps
-    to ``pages_offset + used_length`` are the caller's business (see
-    :func:`ram_start_mapped`)."""
+    to ``pages_offset + used_length`` are the caller's business (the file layout is
+    :func:`vmsnap.fileformat.layout.compute_layout`; each entry is written at its
+    ``idstr_offset``)."""
     out = section_start(sid, "ram", C.RAM_INSTANCE_ID, C.RAM_VERSION_ID)
     out += mem_size(blocks, page_size)
     return out + b"".join(ramblock_entry(b, mapped_ram=mapped_ram) for b in blocks)
-
-
-def mapped_ram_layout(
-    blocks: Sequence[tuple[str, int]], start_offset: int, sid: int, page_size: int = 4096,
-    alignment: int = C.MAPPED_RAM_FILE_OFFSET_ALIGNMENT,
-    ram_start_offset: int | None = None,
-) -> list[RamBlock]:
-    """Compute QEMU's mapped-ram layout (§5.2) for ``(name, used_length)`` blocks whose
-    RAM START section header begins at absolute ``start_offset``."""
-    pos = start_offset + len(section_start(sid, "ram", 0, 4)) + 8
-    out = []
-    for name, used in blocks:
-        pos += 1 + len(name.encode()) + 8
-        boff = pos + C.MAPPED_RAM_HDR_SIZE
-        bsize = MappedRamHeader.bitmap_size_for(used, page_size)
-        poff = -(-(boff + bsize) // alignment) * alignment
-        out.append(RamBlock(name, used, None, None,
-                            MappedRamHeader(C.MAPPED_RAM_HDR_VERSION, page_size, boff, poff)))
-        pos = poff + used
-    return out
-
-
-def ram_start_mapped(sid: int, blocks: Sequence[RamBlock], start_offset: int,
-                     page_size: int = 4096) -> list[tuple[int, bytes]]:
-    """mapped-ram RAM START as ``(absolute_offset, bytes)`` pieces (first one at
-    ``start_offset``; each later one at the previous block's resume offset). The
-    returned final offset (last tuple element's end) is where EOS must follow; bitmaps
-    and pages are written by the caller at the headers' offsets."""
-    pieces = []
-    cur = start_offset
-    buf = section_start(sid, "ram", C.RAM_INSTANCE_ID, C.RAM_VERSION_ID) + mem_size(
-        blocks, page_size)
-    for b in blocks:
-        buf += ramblock_entry(b, mapped_ram=True)
-        ro = b.resume_offset
-        if ro is not None:
-            pieces.append((cur, buf))
-            cur, buf = ro, b""
-    pieces.append((cur, buf))
-    return pieces
 
 
 def _headers(block: str, offsets: np.ndarray, flag: int, continue_: bool,

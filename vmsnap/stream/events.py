@@ -6,9 +6,14 @@ value equality (arrays compared element-wise, ``data`` compared as bytes).
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
+
+from . import constants as C
+from .errors import StreamError
 
 
 @dataclass(frozen=True)
@@ -73,28 +78,89 @@ class SectionEnd:
     section_id: int
 
 
+def bitmap_size(npages: int) -> int:
+    """Bytes of a mapped-ram file bitmap for ``npages`` pages: ceil(npages/64) 64-bit words."""
+    return -(-npages // 64) * 8
+
+
 @dataclass(frozen=True)
 class MappedRamHeader:
-    """28-byte per-block header of the mapped-ram layout (§5.2); offsets are absolute."""
+    """28-byte per-block header of the mapped-ram layout (§5.2); offsets are absolute.
+
+    The one codec of this header: :meth:`pack`, :meth:`parse` and :meth:`check` (the
+    decoder's validation; raises :class:`StreamError` naming the field and its offset).
+    A header with both offsets 0 describes an ignored shared block (no bitmap/pages).
+    """
 
     version: int
     page_size: int
     bitmap_offset: int
     pages_offset: int
 
+    SIZE: ClassVar[int] = C.MAPPED_RAM_HDR_SIZE
+    _STRUCT: ClassVar[struct.Struct] = struct.Struct(">IQQQ")
+
     @staticmethod
     def bitmap_size_for(used_length: int, page_size: int) -> int:
-        pages = -(-used_length // page_size)
-        return -(-pages // 64) * 8
+        return bitmap_size(-(-used_length // page_size))
+
+    @property
+    def ignored(self) -> bool:
+        """True for an ignored shared block (x-ignore-shared): nothing in the file."""
+        return self.bitmap_offset == 0 and self.pages_offset == 0
+
+    def pack(self) -> bytes:
+        return self._STRUCT.pack(self.version, self.page_size, self.bitmap_offset,
+                                 self.pages_offset)
+
+    @classmethod
+    def parse(cls, data, offset: int = 0) -> MappedRamHeader:
+        """Decode 28 big-endian bytes (``data`` may be longer; ``offset`` indexes it)."""
+        if len(data) - offset < cls.SIZE:
+            raise StreamError(f"mapped-ram header needs {cls.SIZE} bytes, got "
+                              f"{max(len(data) - offset, 0)}", "mapped_ram", offset,
+                              f"{cls.SIZE} bytes")
+        return cls(*cls._STRUCT.unpack_from(data, offset))
+
+    def check(self, used_length: int, header_offset: int, page_size: int) -> None:
+        """Validate against the block's ``used_length``, the header's absolute offset and
+        the stream's target ``page_size``. Raises StreamError with absolute offsets."""
+        if self.version != C.MAPPED_RAM_HDR_VERSION:
+            raise StreamError(f"mapped-ram header version {self.version}",
+                              "mapped_ram.version", header_offset,
+                              str(C.MAPPED_RAM_HDR_VERSION))
+        if self.page_size != page_size:
+            raise StreamError(f"mapped-ram page size {self.page_size}",
+                              "mapped_ram.page_size", header_offset + 4, str(page_size))
+        if self.ignored:
+            return
+        end_hdr = header_offset + self.SIZE
+        if self.bitmap_offset < end_hdr:
+            raise StreamError(f"bitmap_offset {self.bitmap_offset} inside the stream already "
+                              "read", "mapped_ram.bitmap_offset", header_offset + 12,
+                              f">= {end_hdr}")
+        bm_end = self.bitmap_offset + self.bitmap_size_for(used_length, page_size)
+        if self.pages_offset < bm_end or self.pages_offset % page_size:
+            raise StreamError(f"pages_offset {self.pages_offset} overlaps the bitmap or is "
+                              "unaligned", "mapped_ram.pages_offset", header_offset + 20,
+                              f"page aligned and >= {bm_end}")
+        if self.pages_offset + used_length >= 1 << 63:
+            raise StreamError(f"pages_offset {self.pages_offset} too large",
+                              "mapped_ram.pages_offset", header_offset + 20,
+                              "< 2**63 - used_length")
 
 
 @dataclass(frozen=True)
 class RamBlock:
+    """One MEM_SIZE entry. ``stream_offset``: absolute offset of its counted idstr in the
+    stream (-1 if not decoded from a stream; not part of equality)."""
+
     name: str
     used_length: int
     page_size: int | None = None
     addr: int | None = None
     mapped_ram: MappedRamHeader | None = None
+    stream_offset: int = field(default=-1, compare=False)
 
     @property
     def bitmap_size(self) -> int:
@@ -102,11 +168,25 @@ class RamBlock:
         return MappedRamHeader.bitmap_size_for(self.used_length, ps)
 
     @property
+    def entry_size(self) -> int:
+        """Bytes of this MEM_SIZE entry: idstr, used_length, [page_size], [addr], [header]."""
+        return (1 + len(self.name.encode()) + 8 + 8 * (self.page_size is not None)
+                + 8 * (self.addr is not None)
+                + MappedRamHeader.SIZE * (self.mapped_ram is not None))
+
+    @property
+    def header_offset(self) -> int | None:
+        """Absolute offset of the MappedRamHeader (None if not mapped or not decoded)."""
+        if self.mapped_ram is None or self.stream_offset < 0:
+            return None
+        return self.stream_offset + self.entry_size - MappedRamHeader.SIZE
+
+    @property
     def resume_offset(self) -> int | None:
         """mapped-ram: absolute offset where the sequential stream continues after
         this block (``pages_offset + used_length``); None if not mapped or ignored."""
         m = self.mapped_ram
-        if m is None or (m.bitmap_offset == 0 and m.pages_offset == 0):
+        if m is None or m.ignored:
             return None
         return m.pages_offset + self.used_length
 

@@ -27,7 +27,7 @@ from .events import (
 
 class EventEncoder:
     """Stateful events → bytes. For mapped-ram streams the block list is emitted with
-    its headers back to back (no jumps); use ``encoder.ram_start_mapped`` for files."""
+    its headers back to back (no jumps); files use ``vmsnap.fileformat.layout``."""
 
     def __init__(self, page_size: int = 4096) -> None:
         self.page_size = page_size

@@ -30,6 +30,17 @@ def save_with_cat(vm: Vm, stream, live: bool) -> dict:
     return vm.migrate(exec_uri("cat", stdout=stream), parameters=migrate_parameters(live))
 
 
+def wait_committed(snap: Path, vm: Vm, timeout: float = 300.0) -> None:
+    """QEMU reports a migration complete once it has written the stream; a vmsnap it exec'd
+    may still be committing (fsync, rename). Wait for FILE without FILE.partial."""
+    partial = Path(f"{snap}.partial")
+    deadline = time.monotonic() + timeout
+    while not (snap.exists() and not partial.exists()):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{snap} not committed after {timeout}s: {vm.log_tail()}")
+        time.sleep(0.05)
+
+
 class HostCommand:
     """A vmsnap (or other) process on the host, one end of a FIFO whose other end QEMU opens.
 

@@ -8,8 +8,7 @@ import pytest
 from testbed.guests import BootGuest, GuestCheckFailed, LinuxGuest
 from testbed.qemu import Vm, exec_uri
 from testbed.streams import page_data_positions
-
-UNLIMITED = {"max-bandwidth": 1 << 40}
+from testbed.transfer import save_with_cat
 
 
 def make_guest(kind: str, live: bool):
@@ -18,13 +17,6 @@ def make_guest(kind: str, live: bool):
         return BootGuest(memory_mb=256, limit_mb=64 if live else None)
     return LinuxGuest(memory_mb=384, fill_mb=128, mode="dirty" if live else "idle",
                       rate_mb_s=20 if live else 0)
-
-
-def save_with_cat(vm: Vm, stream, live: bool) -> dict:
-    if not live:
-        vm.stop()
-    params = {**UNLIMITED, "downtime-limit": 2000} if live else UNLIMITED
-    return vm.migrate(exec_uri("cat", stdout=stream), parameters=params)
 
 
 #: (guest, live) cases per QEMU version. Live Linux under QEMU 7.2 + TCG is left out: QEMU's

@@ -212,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args, rep)
     except USER_ERRORS as err:
+        if isinstance(err, BrokenPipeError):  # our reader went away: no more output there
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         message = _one_line(err)
         rep.error(message)
         print(f"vmsnap {args.command}: error: {message}", file=sys.stderr)

@@ -1,0 +1,143 @@
+"""vmsnap's offline verbs end to end on real QEMU: a guest saved with `vmsnap receive FILE`
+(QEMU's `migrate exec:`) and restored with `vmsnap send FILE` (`-incoming exec:`) passes its
+RAM check — both guests, both QEMU versions, paused and live.
+
+QEMU 7.2 runs on the host and runs vmsnap itself; QEMU 10 runs in a chroot without vmsnap, so
+there QEMU's `exec:cat` talks to a host vmsnap through a FIFO in the (bind-mounted) workdir.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from testbed.guests import BootGuest, LinuxGuest
+from testbed.qemu import Vm, exec_uri
+from testbed.transfer import (
+    VMSNAP,
+    migrate_parameters,
+    save_with_cat,
+    vmsnap_receive_via_fifo,
+    vmsnap_send_via_fifo,
+    wait_committed,
+)
+
+pytestmark = [pytest.mark.qemu, pytest.mark.slow]
+
+MIB = 1 << 20
+
+
+def make_guest(kind: str, live: bool):
+    if kind == "boot":
+        # 64 MiB stamped (and re-stamped while live) out of 256: a mostly-zero guest
+        return BootGuest(memory_mb=256, limit_mb=64)
+    return LinuxGuest(memory_mb=384, fill_mb=128, mode="dirty" if live else "idle",
+                      rate_mb_s=20 if live else 0)
+
+
+def save_with_vmsnap(vm: Vm, snap: Path, live: bool) -> None:
+    """`migrate exec:vmsnap receive FILE` (7.2), or exec:cat into a FIFO read by vmsnap (10)."""
+    if not live:
+        vm.stop()
+    params = migrate_parameters(live)
+    if vm.config.qemu == "7.2":
+        vm.migrate(exec_uri(VMSNAP, "receive", snap), parameters=params)
+        wait_committed(snap, vm)
+        return
+    host = vmsnap_receive_via_fifo(snap, vm.workdir / "save.fifo")
+    try:
+        vm.migrate(exec_uri("cat", stdout=host.fifo), parameters=params)
+        host.wait()
+    finally:
+        host.kill()
+
+
+def restore_with_vmsnap(guest, config, workdir: Path, snap: Path) -> None:
+    """Start a destination on `-incoming exec:vmsnap send FILE` (or cat of a FIFO that a host
+    vmsnap send fills) and run the guest's RAM check on it."""
+    if config.qemu == "7.2":
+        with Vm(config, workdir, "dst", incoming=exec_uri(VMSNAP, "send", snap)) as vm:
+            vm.wait_incoming()
+            guest.check_restored(vm)
+        return
+    host = vmsnap_send_via_fifo(snap, workdir / "restore.fifo")
+    try:
+        with Vm(config, workdir, "dst", incoming=exec_uri("cat", host.fifo)) as vm:
+            vm.wait_incoming()
+            host.wait()
+            guest.check_restored(vm)
+    finally:
+        host.kill()
+
+
+def vmsnap(*args) -> subprocess.CompletedProcess:
+    proc = subprocess.run([VMSNAP, *map(str, args)], capture_output=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+    assert not proc.stderr, proc.stderr
+    return proc
+
+
+def check_file(snap: Path, mostly_zero: bool) -> dict:
+    """`info --json` is sane and `verify` passes; returns the info."""
+    info = json.loads(vmsnap("info", "--json", snap).stdout)
+    assert info["format"] == "vmsnap" and info["integrity"] == "complete, checksummed"
+    assert info["machine_type"].startswith("pc-q35-")
+    ram = next(b for b in info["blocks"] if b["name"] == "pc.ram")
+    assert ram["present_pages"] > 0
+    assert info["present_bytes"] > 0
+    nblocks = len(info["blocks"])
+    present_pages = info["present_bytes"] // 4096
+    trailer = 8 * present_pages + 64 * 1024  # checksum table + JSON + commit record
+    # the file never outgrows RAM + metadata (1 MiB alignment per block, device state, trailer)
+    assert info["apparent_size"] <= info["ram_bytes"] + nblocks * MIB + MIB + trailer, info
+    # holes stay holes: only present pages and metadata take disk space
+    assert info["allocated_size"] <= info["present_bytes"] + 2 * MIB + trailer, info
+    if mostly_zero:
+        assert info["allocated_size"] < info["apparent_size"] // 2, info
+    assert b"OK" in vmsnap("verify", snap).stdout
+    return info
+
+
+#: Live Linux under QEMU 7.2 + TCG is left out: QEMU's own exec:cat corrupts that guest
+#: (see tests/test_testbed_e2e.py), so it cannot judge vmsnap.
+CASES = [(kind, live, qemu) for qemu in ("7.2", "10") for kind in ("boot", "linux")
+         for live in (False, True) if not (kind == "linux" and live and qemu == "7.2")]
+
+
+@pytest.mark.parametrize(("kind", "live", "qemu"), CASES,
+                         ids=[f"{k}-{'live' if lv else 'paused'}-qemu{q}" for k, lv, q in CASES])
+def test_receive_then_send_restores(kind, live, qemu, workdir):
+    guest = make_guest(kind, live)
+    config = guest.config(qemu, workdir)
+    snap = workdir / "guest.vms"
+    with Vm(config, workdir, "src") as vm:
+        guest.boot(vm)
+        guest.wait_alive(vm)
+        save_with_vmsnap(vm, snap, live)
+    info = check_file(snap, mostly_zero=kind == "boot")
+    print(f"{kind} {'live' if live else 'paused'} qemu{qemu}: apparent "
+          f"{info['apparent_size']:,} allocated {info['allocated_size']:,} present "
+          f"{info['present_bytes']:,}")
+    restore_with_vmsnap(guest, config, workdir, snap)
+
+
+def test_import_export_round_trip(workdir):
+    """A plain exec:cat stream (live, QEMU 10), imported to a snapshot and exported back,
+    restores the guest through exec:cat."""
+    guest = make_guest("boot", live=True)
+    config = guest.config("10", workdir)
+    stream, snap, back = workdir / "stream", workdir / "guest.vms", workdir / "exported"
+    with Vm(config, workdir, "src") as vm:
+        guest.boot(vm)
+        guest.wait_alive(vm)
+        save_with_cat(vm, stream, live=True)
+    vmsnap("import", stream, snap)
+    check_file(snap, mostly_zero=True)
+    vmsnap("export", snap, back)
+    assert back.stat().st_size <= stream.stat().st_size  # each page once, zero pages skipped
+    with Vm(config, workdir, "dst", incoming=exec_uri("cat", back)) as vm:
+        vm.wait_incoming()
+        guest.check_restored(vm)

@@ -55,10 +55,12 @@ class StreamReceiver:
         self.blocks = 0
         self.ended: ev.StreamEnd | None = None
 
-    def feed(self, data: bytes) -> None:
-        self.decoder.feed(data)
+    def feed_from(self, source: BinaryIO, size: int = CHUNK) -> int:
+        """Read up to `size` bytes from `source` into the decoder and apply what they hold."""
+        n = self.decoder.feed_from(source.readinto, size)
         for event in self.decoder.events():
             self._apply(event)
+        return n
 
     def close(self) -> None:
         for event in self.decoder.close():
@@ -140,11 +142,10 @@ def receive(source: BinaryIO, writer: SnapshotWriter, *,
         rx = StreamReceiver(writer)
         total = 0
         while rx.ended is None:
-            data = source.read(CHUNK)
-            if not data:
+            n = rx.feed_from(source)
+            if not n:
                 break
-            total += len(data)
-            rx.feed(data)
+            total += n
             if progress:
                 progress(total)
         rx.close()

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 
 import numpy as np
 
@@ -107,6 +107,8 @@ class StreamDecoder:
         self._closed = False
         self._error: StreamError | None = None
         self._out: list[Event] = []
+        #: RamEos already emitted for the EOS word at the current position (footer pending)
+        self._eos_sent = False
         # stream knowledge
         self.capabilities: tuple[str, ...] = ()
         self.machine_type: str | None = None
@@ -187,6 +189,31 @@ class StreamDecoder:
         self._base += self._pos
         self._buf = memoryview(scratch)[:need]
         self._pos = 0
+
+    def feed_from(self, readinto: Callable[[memoryview], int | None], size: int) -> int:
+        """Read up to `size` stream bytes with `readinto` straight into the decoder's own
+        buffer, after the unparsed rest of the previous one: the bulk is never copied again.
+        Returns the count read (0 at end of input)."""
+        if self._error is not None:
+            raise self._error
+        if self._closed:
+            raise StreamError("feed() after close()", "input", self.fed_offset)
+        rem = len(self._buf) - self._pos
+        self._which ^= 1
+        scratch = self._scratch[self._which]
+        if len(scratch) < rem + size:
+            scratch = bytearray(max(rem + size, 2 * len(scratch)))
+            self._scratch[self._which] = scratch
+        view = memoryview(scratch)
+        view[:rem] = self._buf[self._pos:]
+        n = readinto(view[rem:rem + size]) or 0
+        if n and self._state == _S_END:
+            self._fail("data after the end of the stream", "trailing data", self.fed_offset,
+                       "nothing")
+        self._base += self._pos
+        self._buf = view[:rem + n]
+        self._pos = 0
+        return n
 
     def events(self) -> Iterator[Event]:
         """Yield every event that can be parsed from the bytes fed so far."""
@@ -570,7 +597,9 @@ class StreamDecoder:
             self._fail(f"footer section id {sid}", "section.footer.id", self._base + p + 1,
                        str(self.ram_section_id))
         self._pos = p + 5
-        self._out.append(RamEos(self._section_kind))
+        if not self._eos_sent:
+            self._out.append(RamEos(self._section_kind))
+        self._eos_sent = False
         if self._section_kind == "end":
             self._out.append(RamEnd())
             self._state = _S_DEVICE
@@ -622,6 +651,11 @@ class StreamDecoder:
             if a & ~self._mask:
                 self._fail(f"EOS record with address bits 0x{a:x}", "ram.eos", self._base + p,
                            "0x10")
+            if not self._eos_sent:
+                # A sync marker in multifd per-section mode: QEMU acts on the EOS word
+                # itself, and a source may hold the footer back until the channels drain.
+                self._out.append(RamEos(self._section_kind))
+                self._eos_sent = True
             self._eos_footer(p + 8)
             return True
         if flags == C.RAM_SAVE_FLAG_MULTIFD_FLUSH and self._mask >= flags:

@@ -15,6 +15,7 @@ import numpy as np
 
 from ..errors import VmsnapError
 from ..fileformat.writer import SnapshotWriter
+from ..io.vectored import widen_pipe
 from ..stream import StreamDecoder, encoder
 from ..stream import events as ev
 from ..stream.constants import MIG_CMD_OPEN_RETURN_PATH, MIG_CMD_POSTCOPY_ADVISE
@@ -138,6 +139,7 @@ def receive(source: BinaryIO, writer: SnapshotWriter, *,
     On any failure FILE.partial is removed and an existing FILE is left untouched.
     `reply` sends bytes back to the source (a socket's return path), if there is one.
     """
+    widen_pipe(source)
     with writer:
         rx = StreamReceiver(writer)
         total = 0

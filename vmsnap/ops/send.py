@@ -18,6 +18,7 @@ import numpy as np
 
 from ..errors import VmsnapError
 from ..fileformat.reader import Snapshot, open_snapshot
+from ..io.vectored import widen_pipe, writev_all
 from ..stream import StreamDecoder, encoder
 from ..stream import events as ev
 
@@ -84,26 +85,26 @@ def device_state(snap: Snapshot) -> bytes:
 
 def send(path: str | os.PathLike, sink: BinaryIO, *, direct: bool = True,
          progress: Callable[[int, int], None] | None = None) -> SendStats:
-    """Write the snapshot at `path` to `sink` as a plain migration stream."""
+    """Write the snapshot at `path` to `sink` (anything with a file descriptor: pipe,
+    socket, file) as a plain migration stream; page data goes out by writev, uncopied."""
     with open_snapshot(path, direct=direct) as snap:
         head = read_head(snap)
         snap.check_stream_ranges()
         sid = head.section.section_id
-        out = plain_stream_head(snap, head)
-        sink.write(out)
-        sink.write(encoder.section_part(sid))
-        sent = len(out) + 5
+        sink.flush()
+        fd = sink.fileno()
+        widen_pipe(fd)
+        sent = writev_all(fd, [plain_stream_head(snap, head), encoder.section_part(sid)])
         total = sum(b.present_count * b.page_size for b in snap.blocks)
         done = pages = zeros = 0
         last_block = None
         for block, first, count, data in snap.iter_pages():
             offsets = (np.arange(first, first + count, dtype=np.uint64)
                        * np.uint64(block.page_size))
-            records = encoder.page_records(block.name, offsets, data,
-                                           continue_=block.name == last_block)
+            parts = encoder.page_record_parts(block.name, offsets, data,
+                                              continue_=block.name == last_block)
             last_block = block.name
-            sink.write(records)
-            sent += len(records)
+            sent += writev_all(fd, parts)
             pages += count
             done += count * block.page_size
             if progress:
@@ -116,11 +117,7 @@ def send(path: str | os.PathLike, sink: BinaryIO, *, direct: bool = True,
                 records = encoder.zero_records(block.name, absent,
                                                continue_=block.name == last_block)
                 last_block = block.name
-                sink.write(records)
-                sent += len(records)
+                sent += writev_all(fd, [records])
                 zeros += len(absent)
-        rest = encoder.eos() + encoder.footer(sid) + device_state(snap)
-        sink.write(rest)
-        sink.flush()
-        sent += len(rest)
+        sent += writev_all(fd, [encoder.eos() + encoder.footer(sid) + device_state(snap)])
     return SendStats(sent, pages, zeros)

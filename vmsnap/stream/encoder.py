@@ -140,25 +140,29 @@ def _headers(block: str, offsets: np.ndarray, flag: int, continue_: bool,
     return first, words
 
 
+def page_record_parts(block: str, offsets: np.ndarray, pages, continue_: bool = False,
+                      page_size: int = 4096) -> list[memoryview]:
+    """PAGE records as a list of buffers, headers interleaved with views of ``pages``
+    (len(offsets)*page_size bytes) — for vectored writes that never copy page data.
+    The first record carries the idstr unless ``continue_``."""
+    first, words = _headers(block, offsets, C.RAM_SAVE_FLAG_PAGE, continue_, page_size)
+    n = words.size
+    data = memoryview(pages).cast("B")
+    if data.nbytes != n * page_size:
+        raise ValueError(f"pages has {data.nbytes} bytes, expected {n * page_size}")
+    heads = memoryview(words.view(np.uint8))
+    parts: list[memoryview] = []
+    for i in range(n):
+        parts.append(memoryview(first) if i == 0 and first else heads[8 * i:8 * i + 8])
+        parts.append(data[i * page_size:(i + 1) * page_size])
+    return parts
+
+
 def page_records(block: str, offsets: np.ndarray, pages, continue_: bool = False,
                  page_size: int = 4096) -> bytes:
     """PAGE records for ``offsets`` with page bytes ``pages`` (len(offsets)*page_size
     bytes, any buffer). The first record carries the idstr unless ``continue_``."""
-    first, words = _headers(block, offsets, C.RAM_SAVE_FLAG_PAGE, continue_, page_size)
-    n = words.size
-    data = np.frombuffer(pages, dtype=np.uint8) if not isinstance(pages, np.ndarray) else (
-        pages.reshape(-1).view(np.uint8))
-    if data.size != n * page_size:
-        raise ValueError(f"pages has {data.size} bytes, expected {n * page_size}")
-    if n == 0:
-        return b""
-    stride = 8 + page_size
-    rec = np.empty((n, stride), dtype=np.uint8)
-    rec[:, :8] = words.view(np.uint8).reshape(n, 8)
-    rec[:, 8:] = data.reshape(n, page_size)
-    if first:
-        return first + rec[0, 8:].tobytes() + rec[1:].tobytes()
-    return rec.tobytes()
+    return b"".join(page_record_parts(block, offsets, pages, continue_, page_size))
 
 
 def zero_records(block: str, offsets: np.ndarray, fill: int = 0, continue_: bool = False,

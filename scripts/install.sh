@@ -12,7 +12,9 @@ packages=(
   python3 python3-venv python3-pip  # vmsnap itself
   fio util-linux                    # disk limits, loop devices
 )
+bench=0
 if [[ ${1:-} == --bench ]]; then
+  bench=1
   packages+=(libvirt-daemon-system libvirt-clients)  # the virsh save peer
 fi
 
@@ -33,6 +35,9 @@ if ! cmp -s pyproject.toml .venv/.installed-pyproject 2>/dev/null; then
   .venv/bin/pip install -q --upgrade pip
   .venv/bin/pip install -q -e '.[test]'
   cp pyproject.toml .venv/.installed-pyproject
+fi
+if ((bench)) && ! .venv/bin/python -c 'import matplotlib' 2>/dev/null; then
+  .venv/bin/pip install -q -e '.[test,bench]'  # matplotlib for bench/run's chart
 fi
 
 scripts/build-qemu10-chroot.sh build/qemu10-root

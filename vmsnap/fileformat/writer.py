@@ -60,6 +60,8 @@ class SnapshotWriter:
         self._jobs: queue.Queue | None = None
         self._worker: threading.Thread | None = None
         self._error: BaseException | None = None
+        #: guards bitmap/checksum state and counters: multifd channel threads share a writer
+        self._lock = threading.Lock()
         self._atomic: AtomicFile | None = None
         self._file: DirectFile | None = None
         self._pool: BufferPool | None = None
@@ -183,9 +185,44 @@ class SnapshotWriter:
             else:  # copied: hand to the I/O thread, overlap with the next copy/hash
                 self._check_error()
                 self._jobs.put((ios, buf))
-            st.present[chunk] = True
-            st.sums[chunk] = sums  # duplicates: numpy keeps the last, as the file does
-        self.bytes_written += len(pages) * ps
+            with self._lock:
+                st.present[chunk] = True
+                st.sums[chunk] = sums  # duplicates: numpy keeps the last, as the file does
+        with self._lock:
+            self.bytes_written += len(pages) * ps
+
+    def write_aligned_pages(self, block: str, offsets, data) -> None:
+        """Thread-safe variant of `write_pages` for page-aligned `data` (an AlignedBuffer
+        view): checksums and `pwritev` (O_DIRECT) run in the calling thread straight from
+        `data`, no copy; only the bitmap/checksum update is serialized. Several threads may
+        call it at once (multifd channels); the caller orders writes of the same page."""
+        st = self._state(block)
+        pages = self._pages(st, offsets)
+        ps = self.page_size
+        mv = memoryview(data).cast("B")
+        n = len(pages)
+        if mv.nbytes != n * ps:
+            raise ValueError(f"data has {mv.nbytes} bytes for {n} pages")
+        if not n:
+            return
+        if buffer_address(mv) % ps:
+            raise ValueError("write_aligned_pages needs page-aligned memory")
+        assert self._file is not None
+        self._check_error()
+        f = xxhash.xxh3_64_intdigest
+        sums = np.fromiter((f(mv[j * ps:(j + 1) * ps]) for j in range(n)),
+                           dtype=np.uint64, count=n)
+        for first, count in contiguous_runs(pages):
+            self._file.write_at(st.layout.pages_offset + int(pages[first]) * ps,
+                                [mv[first * ps:(first + count) * ps]])
+        with self._lock:
+            st.present[pages] = True
+            st.sums[pages] = sums
+            self.bytes_written += n * ps
+
+    def flush(self) -> None:
+        """Wait until every queued page write has reached the file (raises its error)."""
+        self._drain()
 
     # -- I/O thread ---------------------------------------------------------------------
     def _run(self) -> None:
@@ -226,8 +263,9 @@ class SnapshotWriter:
         """Mark pages as zero: clear their bits and forget their checksums (no write)."""
         st = self._state(block)
         pages = self._pages(st, offsets)
-        st.present[pages] = False
-        st.sums[pages] = 0
+        with self._lock:
+            st.present[pages] = False
+            st.sums[pages] = 0
 
     def present(self, block: str) -> np.ndarray:
         return self._state(block).present.copy()

@@ -1,0 +1,110 @@
+"""Small helpers shared by the benchmark suite: page cache, file sizes, timed subprocesses."""
+
+from __future__ import annotations
+
+import os
+import re
+import statistics
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def drop_caches() -> None:
+    """Write back and drop the host page cache (root only), so the next read is cold."""
+    subprocess.run(["sync"], check=True)
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def sync_all() -> None:
+    """Write back dirty data first, so the save's cache growth is its own (other processes'
+    activity still adds noise: the host is shared)."""
+    subprocess.run(["sync"], check=True)
+
+
+def cached_bytes() -> int:
+    """`Cached:` of /proc/meminfo, in bytes."""
+    text = Path("/proc/meminfo").read_text()
+    return int(re.search(r"^Cached:\s+(\d+) kB", text, re.M).group(1)) * 1024
+
+
+def file_sizes(path: Path) -> dict[str, int]:
+    st = path.stat()
+    return {"apparent_bytes": st.st_size, "allocated_bytes": st.st_blocks * 512}
+
+
+def sync_file(path: Path) -> None:
+    """Make `path` durable (`sync -f` = syncfs of its filesystem, like the peers need)."""
+    subprocess.run(["sync", "-f", str(path)], check=True)
+
+
+@dataclass
+class ChildRun:
+    """A finished child process: wall seconds, its own CPU seconds and peak RSS (wait4)."""
+
+    returncode: int
+    seconds: float
+    cpu_seconds: float
+    max_rss_bytes: int
+    stdout: str
+    stderr: str
+
+
+def _vm_hwm(pid: int | str) -> int:
+    """VmHWM (peak RSS of the current address space) of a process, in bytes; 0 if gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return 0
+
+
+def run_child(argv: list[str], timeout: float = 1800.0,
+              env: dict[str, str] | None = None) -> ChildRun:
+    """Run argv, reaping it with wait4 so its CPU time is its own (not other children's).
+
+    Peak RSS: Linux carries a process's RSS high-water mark across fork+exec, so wait4's
+    ru_maxrss is max(this process's peak at fork, the child's own peak). When it does not
+    exceed our own peak, the child's figure is its VmHWM, polled while it runs."""
+    out_path = Path(f"/tmp/vmsnap-bench-{os.getpid()}-{time.monotonic_ns()}")
+    inherited = _vm_hwm("self")
+    with open(f"{out_path}.out", "w+b") as out, open(f"{out_path}.err", "w+b") as err:
+        t0 = time.monotonic()
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                                env=None if env is None else {**os.environ, **env})
+        deadline = t0 + timeout
+        polled = 0
+        while True:
+            pid, status, ru = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            polled = max(polled, _vm_hwm(proc.pid))
+            if time.monotonic() > deadline:
+                proc.kill()
+                os.wait4(proc.pid, 0)
+                raise TimeoutError(f"{argv[:3]} still running after {timeout}s")
+            time.sleep(0.005)
+        seconds = time.monotonic() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        maxrss = ru.ru_maxrss * 1024
+        out.seek(0)
+        err.seek(0)
+        result = ChildRun(proc.returncode, seconds, ru.ru_utime + ru.ru_stime,
+                          maxrss if maxrss > inherited else polled,
+                          out.read().decode(errors="replace"),
+                          err.read().decode(errors="replace"))
+    for suffix in (".out", ".err"):
+        Path(f"{out_path}{suffix}").unlink(missing_ok=True)
+    return result
+
+
+def summarize(values: list[float]) -> dict[str, float] | None:
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    return {"median": statistics.median(values), "min": min(values), "max": max(values),
+            "n": len(values)}

@@ -1,0 +1,322 @@
+"""The contenders. Each method saves one freshly booted guest and restores it into a fresh
+QEMU, returning one repetition's figures; a RAM check ends every restore, so no number comes
+from a broken restore. Add a method by subclassing Method and listing it in `all_methods()`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.common import cached_bytes, drop_caches, file_sizes, run_child, sync_all, sync_file
+from testbed.guests import BootGuest
+from testbed.qemu import Vm, exec_uri
+from testbed.transfer import VMSNAP, migrate_parameters
+
+
+@dataclass
+class Scenario:
+    key: str
+    label: str
+    make_guest: Callable[[], Any]
+    qemu: str  # the QEMU the source runs on for methods that do not fix it
+    live: bool
+    ram_bytes: int
+    used_bytes: int  # non-zero guest RAM (fio's byte count until vmsnap measured it)
+
+
+@dataclass
+class Context:
+    root: Path  # on the disk under test
+    present_bytes: dict[str, int]  # scenario key -> bytes of present pages (vmsnap info)
+    libvirt: Any = None  # bench.libvirt.Daemon once started, or the reason it cannot run
+    libvirt_version: str | None = None
+
+
+def _wait_running(vm, timeout: float = 600.0) -> None:
+    deadline = time.monotonic() + timeout
+    while (status := vm.status()) != "running":
+        if status in ("paused", "postmigrate", "prelaunch"):
+            vm.cont()
+            continue
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"restored VM not running after {timeout}s ({status})")
+        time.sleep(0.01)
+
+
+def dirty_rate_mb_s(vm, seconds: int = 1) -> float | None:
+    """The source guest's dirty rate as QEMU measures it (calc-dirty-rate, page sampling)."""
+    try:
+        vm.cmd("calc-dirty-rate", **{"calc-time": seconds})
+        deadline = time.monotonic() + seconds + 10
+        while time.monotonic() < deadline:
+            r = vm.cmd("query-dirty-rate")
+            if r.get("status") == "measured":
+                return r.get("dirty-rate")
+            time.sleep(0.1)
+    except Exception:  # noqa: BLE001 - a figure for the record, not a requirement
+        pass
+    return None
+
+
+def _describe(check: Any) -> str:
+    return check if isinstance(check, str) else check.describe()
+
+
+def _live_caps(live: bool) -> dict[str, bool]:
+    # vmsnap turns auto-converge on for live saves; give QEMU's own paths the same help
+    return {"auto-converge": True} if live else {}
+
+
+class Method:
+    name = "?"
+    label = "?"
+    qemu: str | None = None  # None: the scenario's QEMU
+
+    def unsupported(self, scen: Scenario, ctx: Context) -> str | None:
+        return None
+
+    def run(self, scen: Scenario, ctx: Context, wd: Path) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+class Vmsnap(Method):
+    """`vmsnap save --json` / `vmsnap restore --qmp` as child processes (CPU, peak RSS)."""
+
+    def __init__(self, channels: int = 0):
+        self.channels = channels
+        self.name = f"vmsnap-ch{channels}"
+        self.label = f"vmsnap {channels} ch"
+
+    def _channel_args(self, verb: str) -> list[str]:
+        if vmsnap_channels_supported(verb):  # explicit, even 0: the default will be "auto"
+            return ["--channels", str(self.channels)]
+        if self.channels:
+            raise RuntimeError(f"vmsnap {verb} has no --channels option yet")
+        return []  # before issue 5: single channel is all there is
+
+    def run(self, scen, ctx, wd):
+        guest = scen.make_guest()
+        config = guest.config(scen.qemu, wd)
+        snap = wd / "vm.snap"
+        with Vm(config, wd, "src") as src:
+            guest.boot(src)
+            rate = dirty_rate_mb_s(src) if scen.live else None
+            if not scen.live:
+                src.stop()
+            sync_all()
+            c0 = cached_bytes()
+            argv = [VMSNAP, "save", "--json", "--qmp", str(src.tool_qmp_path), str(snap),
+                    *(["--live"] if scen.live else []), *self._channel_args("save")]
+            save = run_child(argv, env=_tmpdir(wd))
+            c1 = cached_bytes()
+            if save.returncode:
+                raise RuntimeError(f"vmsnap save: {save.stderr.strip()[-400:]}")
+        done = _last_event(save.stdout)
+        info = json.loads(subprocess.run([VMSNAP, "info", "--json", str(snap)], check=True,
+                                         capture_output=True, text=True).stdout)
+        ctx.present_bytes[scen.key] = int(info.get("present_bytes") or 0)
+        with Vm(config, wd, "dst", incoming="defer") as dst:
+            drop_caches()
+            t0 = time.monotonic()
+            restore = run_child([VMSNAP, "restore", "--json", str(snap), "--qmp",
+                                 str(dst.tool_qmp_path), *self._channel_args("restore")],
+                                env=_tmpdir(wd))
+            if restore.returncode:
+                raise RuntimeError(f"vmsnap restore: {restore.stderr.strip()[-400:]}")
+            _wait_running(dst)
+            restore_s = time.monotonic() - t0
+            check = guest.check_restored(dst)
+        return {"save_s": save.seconds, "restore_s": restore_s, **file_sizes(snap),
+                "cache_growth_bytes": c1 - c0, "save_cpu_s": save.cpu_seconds,
+                "save_max_rss_bytes": save.max_rss_bytes, "restore_cpu_s": restore.cpu_seconds,
+                "restore_max_rss_bytes": restore.max_rss_bytes,
+                "present_bytes": ctx.present_bytes[scen.key], "check": _describe(check),
+                "dirty_rate_mb_s": rate,
+                "vmsnap_done": done}
+
+
+def _tmpdir(wd: Path) -> dict[str, str]:
+    """vmsnap makes its migration socket under TMPDIR: inside wd, a chroot QEMU 10 sees it."""
+    return {"TMPDIR": str(wd)}
+
+
+def _last_event(stdout: str) -> dict | None:
+    for line in reversed(stdout.strip().splitlines()):
+        try:
+            return json.loads(line)
+        except ValueError:
+            continue
+    return None
+
+
+class QemuMigration(Method):
+    """QEMU's own migration to a file and back (-incoming defer + migrate-incoming), then
+    `sync -f` so the save is durable like vmsnap's fsync'ed file."""
+
+    def _uris(self, path: Path) -> tuple[str, str]:
+        raise NotImplementedError
+
+    caps: dict[str, bool] = {}
+    params: dict[str, Any] = {}
+
+    def run(self, scen, ctx, wd):
+        guest = scen.make_guest()
+        qemu = self.qemu or scen.qemu
+        config = guest.config(qemu, wd)
+        path = wd / "vm.img"
+        out_uri, in_uri = self._uris(path)
+        caps = {**self.caps, **_live_caps(scen.live)}
+        with Vm(config, wd, "src") as src:
+            guest.boot(src)
+            rate = dirty_rate_mb_s(src) if scen.live else None
+            if not scen.live:
+                src.stop()
+            sync_all()
+            c0 = cached_bytes()
+            t0 = time.monotonic()
+            info = src.migrate(out_uri, capabilities=caps,
+                               parameters={**migrate_parameters(scen.live), **self.params})
+            sync_file(path)
+            save_s = time.monotonic() - t0
+            c1 = cached_bytes()
+        with Vm(config, wd, "dst", incoming="defer") as dst:
+            dst.set_migration(self.caps or None, self.params or None)
+            drop_caches()
+            t0 = time.monotonic()
+            dst.cmd("migrate-incoming", uri=in_uri)
+            dst.wait_incoming()
+            _wait_running(dst)
+            restore_s = time.monotonic() - t0
+            check = guest.check_restored(dst)
+        ram = info.get("ram", {})
+        return {"save_s": save_s, "restore_s": restore_s, **file_sizes(path),
+                "cache_growth_bytes": c1 - c0, "check": _describe(check), "qemu": qemu,
+                "dirty_rate_mb_s": rate,
+                "migration": {k: ram.get(k) for k in ("total", "transferred", "duplicate",
+                                                      "dirty-sync-count", "dirty-pages-rate")}}
+
+
+class ExecCat(QemuMigration):
+    name = "exec-cat"
+    label = "exec:cat+sync"
+
+    def _uris(self, path):
+        return exec_uri("cat", stdout=path), exec_uri("cat", path)
+
+
+class Qemu10Native(QemuMigration):
+    name = "qemu10"
+    label = "QEMU10 mapped-ram 4ch dio"
+    qemu = "10"
+    caps = {"mapped-ram": True, "multifd": True}
+    params = {"multifd-channels": 4, "direct-io": True}
+
+    def _uris(self, path):
+        return f"file:{path}", f"file:{path}"
+
+
+class Virsh(Method):
+    name = "virsh"
+    label = "virsh --bypass-cache"
+
+    def unsupported(self, scen, ctx):
+        if scen.live:
+            return "virsh save always pauses the domain: no live save"
+        if not isinstance(scen.make_guest(), BootGuest):
+            return "the libvirt domain runs the bootguest only"
+        if ctx.libvirt is None or isinstance(ctx.libvirt, str):
+            return f"libvirt unavailable: {ctx.libvirt}"
+        return None
+
+    def run(self, scen, ctx, wd):
+        from bench.libvirt import LibvirtVm, virsh
+
+        guest = scen.make_guest()
+        cfg = guest.config("7.2", wd)
+        cmdline = cfg.args[cfg.args.index("-append") + 1]
+        wd.chmod(0o711)  # QEMU runs as libvirt-qemu and writes its RAM dumps below wd
+        vm = LibvirtVm(f"vmsnap-bench-{os.getpid()}", wd / "libvirt", guest.memory_mb, cmdline)
+        path = wd / "vm.virsh"
+        try:
+            vm.create()
+            guest.boot(vm)
+            vm.stop()
+            sync_all()
+            c0 = cached_bytes()
+            t0 = time.monotonic()
+            virsh("save", "--bypass-cache", vm.name, str(path))
+            sync_file(path)
+            save_s = time.monotonic() - t0
+            c1 = cached_bytes()
+            sizes = file_sizes(path)
+            drop_caches()
+            t0 = time.monotonic()
+            virsh("restore", "--bypass-cache", "--running", str(path))
+            _wait_running(vm)
+            restore_s = time.monotonic() - t0
+            check = guest.check_restored(vm)
+        finally:
+            vm.destroy()
+        return {"save_s": save_s, "restore_s": restore_s, **sizes, "cache_growth_bytes": c1 - c0,
+                "check": _describe(check)}
+
+
+class Fio(Method):
+    """The disk's limit: sequential O_DIRECT write (+ final fsync) and read of the bytes of
+    present pages (measured by vmsnap earlier in the run, else the guest's used RAM)."""
+
+    ARGS = ["--bs=1M", "--direct=1", "--ioengine=libaio", "--output-format=json"]
+
+    def __init__(self, jobs: int = 1):
+        self.jobs = jobs
+        self.name = "fio" if jobs == 1 else f"fio-{jobs}j"
+        self.label = "fio O_DIRECT" + (f" {jobs} jobs" if jobs > 1 else "")
+
+    def run(self, scen, ctx, wd):
+        nbytes = ctx.present_bytes.get(scen.key) or scen.used_bytes
+        unit = self.jobs << 20
+        nbytes = -(-nbytes // unit) * unit
+        path = wd / "fio.dat"
+        # one job at queue depth 16; or N jobs at depth 8, each on its own 1/N of the file
+        split = [] if self.jobs == 1 else [
+            f"--numjobs={self.jobs}", f"--offset_increment={nbytes // self.jobs}",
+            "--group_reporting"]
+        common = [f"--size={nbytes // self.jobs}", f"--filename={path}", *self.ARGS,
+                  f"--iodepth={16 if self.jobs == 1 else 8}", *split]
+        sync_all()
+        c0 = cached_bytes()
+        w = run_child(["fio", "--name=w", "--rw=write", "--end_fsync=1", *common])
+        c1 = cached_bytes()
+        if w.returncode:
+            raise RuntimeError(f"fio write: {w.stderr.strip()[-300:]}")
+        sizes = file_sizes(path)
+        drop_caches()
+        r = run_child(["fio", "--name=r", "--rw=read", *common])
+        if r.returncode:
+            raise RuntimeError(f"fio read: {r.stderr.strip()[-300:]}")
+        bw = {k: json.loads(x.stdout)["jobs"][0][k]["bw_bytes"]
+              for k, x in (("write", w), ("read", r))}
+        return {"save_s": w.seconds, "restore_s": r.seconds, **sizes,
+                "cache_growth_bytes": c1 - c0, "fio_bytes": nbytes, "fio_bw_bytes": bw,
+                "check": "n/a (no VM)"}
+
+
+def vmsnap_channels_supported(verb: str = "save") -> bool:
+    """Does `vmsnap VERB --help` list --channels (issue 5)?"""
+    proc = subprocess.run([VMSNAP, verb, "--help"], capture_output=True, text=True)
+    return proc.returncode == 0 and "--channels" in proc.stdout
+
+
+def all_methods(channels: list[int] | None = None) -> dict[str, Method]:
+    """Every method by name; vmsnap gets one entry per channel count."""
+    if channels is None:
+        channels = [0, 2, 4] if vmsnap_channels_supported() else [0]
+    methods: list[Method] = [*(Vmsnap(n) for n in channels), ExecCat(), Virsh(),
+                             Qemu10Native(), Fio(), Fio(4)]
+    return {m.name: m for m in methods}

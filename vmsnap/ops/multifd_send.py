@@ -1,0 +1,306 @@
+"""send_multifd: a snapshot file → a QEMU destination with the `multifd` capability on.
+
+vmsnap acts as the multifd source (reference §3.6): the main channel carries the stream
+header, the RAM START/PART/END sections (ZERO records for small firmware blocks only) and
+the device state; N channels each start with the 64-byte init (the destination's UUID) and
+carry every present page exactly once in packets. Pages are read with O_DIRECT `preadv`
+into page-aligned buffers by one reader thread per channel, checked against the trailer
+and sent as `sendmsg([header, page run])` — no copy of page data in Python.
+
+The sync protocol must match the destination's machine type (`sync_mode_for_machine`):
+per-section (machine ≤ 8.0): one SYNC packet per channel before each EOS (setup, PART, END);
+per-round (≥ 8.1): SYNC on every channel + a MULTIFD_FLUSH record in setup and after the
+last pages. A mismatch is fatal on 7.2 and silently drops pages on 10.x.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import queue
+import re
+import socket
+import threading
+import uuid as uuidlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..errors import VmsnapError
+from ..fileformat.reader import BlockInfo, Snapshot, open_snapshot
+from ..io.aligned import AlignedBuffer
+from ..stream import encoder
+from ..stream import events as ev
+from ..stream.constants import MULTIFD_FLAG_SYNC
+from ..stream.multifd import MultifdInit, PacketHeader, page_count
+from .send import EXPLICIT_ZERO_MAX, SendStats, device_state, read_head
+
+PER_SECTION = "per-section"
+PER_ROUND = "per-round"
+SYNC_MODES = (PER_SECTION, PER_ROUND)
+#: pages read per job (4 MiB): one preadv per run, split into 128-page packets
+CHUNK_PAGES = 1024
+#: read buffers per channel (reader runs ahead of the sender by depth-1 chunks)
+DEPTH = 3
+
+_MACHINE_VERSION = re.compile(r"-(\d+)\.(\d+)(?:-machine)?$")
+
+
+def sync_mode_for_machine(machine: str) -> str:
+    """The multifd sync protocol a destination with resolved machine type `machine`
+    (e.g. "pc-q35-7.2", "pc-i440fx-8.1-machine" as `qom-get /machine type` says) expects:
+    ≤ 8.0 → per-section (flush after each section, `hw_compat_8_0`), ≥ 8.1 → per-round.
+    Aliases ("q35", "pc") must be resolved first: their meaning depends on the QEMU."""
+    m = _MACHINE_VERSION.search(machine.strip())
+    if not m:
+        raise ValueError(f"machine type {machine!r} has no version: resolve the alias first "
+                         "(QMP qom-get path=/machine property=type)")
+    return PER_SECTION if (int(m.group(1)), int(m.group(2))) <= (8, 0) else PER_ROUND
+
+
+def query_destination(cmd: Callable[..., Any]) -> tuple[bytes, str, str]:
+    """(uuid bytes, sync mode, resolved machine type) of an `-incoming` QEMU, via a QMP
+    `cmd(name, **args)` callable (e.g. a legacy QEMUMonitorProtocol's `cmd`)."""
+    uuid = uuidlib.UUID(cmd("query-uuid")["UUID"]).bytes
+    machine = cmd("qom-get", path="/machine", property="type")
+    machine = machine.removesuffix("-machine")
+    return uuid, sync_mode_for_machine(machine), machine
+
+
+def sendmsg_all(sock: socket.socket, bufs: Sequence) -> int:
+    """Send all buffers with as few `sendmsg` calls as the kernel allows (no copies)."""
+    views = [memoryview(b).cast("B") for b in bufs]
+    total = sum(v.nbytes for v in views)
+    while views:
+        n = sock.sendmsg(views)
+        while n and views:
+            if n >= views[0].nbytes:
+                n -= views[0].nbytes
+                views.pop(0)
+            else:
+                views[0] = views[0][n:]
+                n = 0
+        while views and not views[0].nbytes:
+            views.pop(0)
+    return total
+
+
+@dataclass
+class _Job:
+    block: BlockInfo
+    runs: list[tuple[int, int]]  # (first_page, count), in file order
+    index: list[int]  # trailer table index of each run's first page
+    pages: int
+
+
+def plan_jobs(snap: Snapshot, chunk_pages: int = CHUNK_PAGES) -> list[_Job]:
+    """Group present runs (same block, file order) into jobs of ≤ chunk_pages pages."""
+    jobs: list[_Job] = []
+    for b in snap.blocks:
+        before = np.cumsum(b.present, dtype=np.int64) - b.present
+        cur: _Job | None = None
+        for first, count in snap.present_runs(b, chunk_pages):
+            first, count = int(first), int(count)
+            if cur is None or cur.pages + count > chunk_pages:
+                cur = _Job(b, [], [], 0)
+                jobs.append(cur)
+            cur.runs.append((first, count))
+            cur.index.append(int(before[first]))
+            cur.pages += count
+    return jobs
+
+
+@dataclass
+class MultifdSendStats(SendStats):
+    channels: int = 0
+    packets: int = 0
+    sync_mode: str = ""
+    per_channel_pages: list[int] = field(default_factory=list)
+
+
+class _Sender:
+    def __init__(self, snap: Snapshot, jobs: list[_Job], sync_mode: str, uuid: bytes,
+                 verify: bool, depth: int, chunk_pages: int,
+                 progress: Callable[[int, int], None] | None):
+        self.snap = snap
+        self.jobs = jobs
+        self.next_job = itertools.count()
+        self.packet_num = itertools.count(1)
+        self.mode = sync_mode
+        self.uuid = uuid
+        self.verify = verify
+        self.depth = depth
+        self.chunk_pages = chunk_pages
+        self.progress = progress
+        self.total = sum(j.pages for j in jobs) * 4096
+        self.done = 0
+        self.lock = threading.Lock()
+        self.error: BaseException | None = None
+        self.stop = threading.Event()
+
+    def fail(self, e: BaseException) -> None:
+        with self.lock:
+            if self.error is None:
+                self.error = e
+        self.stop.set()
+
+    def sync_packet(self) -> bytes:
+        return PacketHeader.make("", np.zeros(0, np.uint64), flags=MULTIFD_FLAG_SYNC,
+                                 packet_num=next(self.packet_num)).pack()
+
+    # one reader thread per channel: O_DIRECT preadv of whole runs into aligned buffers
+    def _reader(self, out: queue.Queue, free: queue.Queue) -> None:
+        try:
+            while not self.stop.is_set():
+                k = next(self.next_job)
+                if k >= len(self.jobs):
+                    break
+                job = self.jobs[k]
+                buf: AlignedBuffer = free.get()
+                if buf is None:
+                    return
+                ps = job.block.page_size
+                pos = 0
+                for (first, count), idx in zip(job.runs, job.index, strict=True):
+                    mv = self.snap.read_pages(job.block, first, count,
+                                              into=buf.view[pos * ps:(pos + count) * ps])
+                    if self.verify:
+                        self.snap.check_pages(job.block, first, count, mv, idx)
+                    pos += count
+                out.put((job, buf))
+        except BaseException as e:  # noqa: BLE001 - reported by run()
+            self.fail(e)
+        finally:
+            out.put(None)
+
+    def channel(self, cid: int, sock: socket.socket, counts: list[int]) -> None:
+        bufs = [AlignedBuffer(self.chunk_pages * 4096) for _ in range(self.depth)]
+        out: queue.Queue = queue.Queue()
+        free: queue.Queue = queue.Queue()
+        for b in bufs:
+            free.put(b)
+        reader = threading.Thread(target=self._reader, args=(out, free),
+                                  name=f"vmsnap-mfd{cid}-read", daemon=True)
+        try:
+            sock.sendall(MultifdInit(self.uuid, cid).pack())
+            sock.sendall(self.sync_packet())  # setup epoch
+            reader.start()
+            per = page_count()
+            while True:
+                item = out.get()
+                if item is None:
+                    break
+                job, buf = item
+                ps = job.block.page_size
+                offs = np.concatenate([np.arange(f, f + c, dtype=np.uint64)
+                                       for f, c in job.runs]) * np.uint64(ps)
+                for i in range(0, len(offs), per):
+                    if self.stop.is_set():
+                        return
+                    chunk = offs[i:i + per]
+                    hdr = PacketHeader.make(job.block.name, chunk,
+                                            packet_num=next(self.packet_num),
+                                            page_size=ps).pack(ps)
+                    sendmsg_all(sock, [hdr, buf.view[i * ps:(i + len(chunk)) * ps]])
+                counts[cid] += len(offs)
+                free.put(buf)
+                if self.progress:
+                    with self.lock:
+                        self.done += len(offs) * ps
+                        self.progress(self.done, self.total)
+            if self.stop.is_set():
+                return
+            sock.sendall(self.sync_packet())  # closes the RAM epoch (PART marker)
+            if self.mode == PER_SECTION:
+                sock.sendall(self.sync_packet())  # END section's EOS
+        except BaseException as e:  # noqa: BLE001 - reported by run()
+            self.fail(e)
+        finally:
+            free.put(None)
+            reader.join()
+            for b in bufs:
+                b.close()
+
+
+def send_multifd(path: str | os.PathLike, main: socket.socket,
+                 channels: Sequence[socket.socket], uuid: bytes, sync_mode: str, *,
+                 direct: bool = True, verify: bool = True, depth: int = DEPTH,
+                 chunk_pages: int = CHUNK_PAGES,
+                 progress: Callable[[int, int], None] | None = None) -> MultifdSendStats:
+    """Send the snapshot at `path` to a multifd destination over connected sockets.
+
+    `main` must have been connected first (QEMU 7.2 takes the first connection as the main
+    channel), then `channels` (as many as the destination's `multifd-channels`).
+    `uuid`: the destination's 16-byte UUID (`query_destination`); `sync_mode`: PER_SECTION
+    or PER_ROUND from the destination machine type (`sync_mode_for_machine`).
+    A page failing its checksum stops all channels before the end of the stream, so the
+    destination fails its load instead of running with bad RAM.
+    """
+    if sync_mode not in SYNC_MODES:
+        raise ValueError(f"sync_mode must be one of {SYNC_MODES}")
+    if len(uuid) != 16:
+        raise ValueError("uuid must be 16 bytes")
+    if not channels:
+        raise ValueError("need at least one multifd channel")
+    per_round = sync_mode == PER_ROUND
+    with open_snapshot(path, direct=direct) as snap:
+        if any(b.page_size != 4096 for b in snap.blocks):
+            raise VmsnapError("multifd send supports 4 KiB pages only")
+        head = read_head(snap)
+        snap.check_stream_ranges()
+        sid = head.section.section_id
+        c = head.config
+        caps = tuple(x for x in c.capabilities if x != "mapped-ram")
+        blocks = [ev.RamBlock(b.name, b.used_length) for b in snap.blocks]
+        flush = encoder.multifd_flush() if per_round else b""
+        setup = (encoder.header()
+                 + encoder.configuration(c.machine_type, caps, page_bits=c.page_bits,
+                                         uuid=c.uuid)
+                 + head.prelude + encoder.ram_start(sid, blocks)
+                 + flush + encoder.eos() + encoder.footer(sid))
+        part = bytearray(encoder.section_part(sid))
+        zeros = 0
+        last = None
+        for b in snap.blocks:
+            if b.used_length > EXPLICIT_ZERO_MAX:
+                continue
+            absent = np.flatnonzero(~b.present).astype(np.uint64) * np.uint64(b.page_size)
+            if len(absent):
+                part += encoder.zero_records(b.name, absent, continue_=b.name == last)
+                last = b.name
+                zeros += len(absent)
+        part += flush + encoder.eos() + encoder.footer(sid)
+        tail = device_state(snap)  # END section (+ its EOS), device state, EOF, vmdesc
+        jobs = plan_jobs(snap, chunk_pages)
+        sender = _Sender(snap, jobs, sync_mode, uuid, verify, max(1, depth), chunk_pages,
+                         progress)
+        counts = [0] * len(channels)
+        main.sendall(setup)  # the main magic first, on the first connection
+        threads = [threading.Thread(target=sender.channel, args=(i, s, counts),
+                                    name=f"vmsnap-mfd{i}-send", daemon=True)
+                   for i, s in enumerate(channels)]
+        for t in threads:
+            t.start()
+        try:
+            main.sendall(part)
+            for t in threads:
+                t.join()
+            if sender.error is not None:
+                raise sender.error
+            main.sendall(tail)  # only once every page went out
+        except BaseException as e:
+            sender.fail(e)
+            for s in (main, *channels):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+            for t in threads:
+                t.join(30)
+            raise
+        packets = next(sender.packet_num) - 1
+    sent = (len(setup) + len(part) + len(tail) + 64 * len(channels)
+            + packets * 1344 + sum(counts) * 4096)
+    return MultifdSendStats(sent, sum(counts), zeros, len(channels), packets, sync_mode, counts)

@@ -26,15 +26,31 @@ T = TypeVar("T")
 
 
 def _run(coro: Coroutine[Any, Any, T]) -> T:
-    """Run `coro`; SIGTERM (like Ctrl-C) cancels it so its cleanup runs before we exit."""
+    """Run `coro`. SIGINT and SIGTERM cancel it once, so its cleanup (partial file removed,
+    VM resumed) runs to the end: further signals are ignored meanwhile. Then raises
+    KeyboardInterrupt, as an interrupted call would."""
+    signalled = False
 
     async def main() -> T:
         if threading.current_thread() is threading.main_thread():
-            asyncio.get_running_loop().add_signal_handler(
-                signal.SIGTERM, asyncio.current_task().cancel)
+            loop, task = asyncio.get_running_loop(), asyncio.current_task()
+
+            def interrupt() -> None:
+                nonlocal signalled
+                if not signalled:
+                    signalled = True
+                    task.cancel()
+
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, interrupt)
         return await coro
 
-    return asyncio.run(main())
+    try:
+        return asyncio.run(main())
+    except asyncio.CancelledError:
+        if signalled:
+            raise KeyboardInterrupt from None
+        raise
 
 
 def save(qmp_address: str, path: str | os.PathLike, *, live: bool = False,

@@ -17,11 +17,12 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from qemu.qmp import QMPClient
+from qemu.qmp import ExecInterruptedError, QMPClient, StateError
 
 from ..errors import VmsnapError
 from ..fileformat.trailer import TrailerMetadata
 from ..fileformat.writer import SnapshotWriter
+from ..io.atomic import FileLockedError
 from ..ops.receive import ReceiveStats, receive
 from ..progress import Reporter
 from . import qmp as qmpmod
@@ -32,6 +33,8 @@ INCOMPATIBLE_CAPS = ("xbzrle", "compress", "postcopy-ram", "multifd", "mapped-ra
 #: Local saves should not be throttled by QEMU's default 128 MiB/s.
 UNLIMITED_BANDWIDTH = 1 << 40
 ACCEPT_TIMEOUT = 30.0
+#: What a QMP call raises once QEMU has gone away.
+QEMU_GONE = (EOFError, ConnectionError, ExecInterruptedError, StateError)
 
 
 @dataclass
@@ -75,25 +78,33 @@ async def save(qmp_address: str, path: str | os.PathLike, *, live: bool = False,
     if os.path.exists(path) and not force:
         raise VmsnapError(f"{path} exists (use --force to overwrite)")
     rep = reporter or Reporter()
-    client, peer = await qmpmod.connect(qmp_address)
+    writer = SnapshotWriter(path, direct=direct)
     try:
-        return await _save(client, peer, path, live, after, rep, direct, downtime_limit_ms)
+        writer.reserve()  # lock FILE.partial before QMP or the VM is touched
+    except FileLockedError as err:
+        raise VmsnapError(f"{path} is being saved by another process") from err
+    client: QMPClient | None = None
+    try:
+        client, peer = await qmpmod.connect(qmp_address)
+        return await _save(client, peer, writer, live, after, rep, downtime_limit_ms)
     finally:
-        await qmpmod.disconnect(client)
+        if not writer.finished:
+            writer.abort()  # idempotent: removes FILE.partial and releases the lock
+        if client is not None:
+            await qmpmod.disconnect(client)
 
 
-async def _save(client: QMPClient, peer: qmpmod.Peer, path: str, live: bool, after: str,
-                rep: Reporter, direct: bool, downtime_limit_ms: int) -> SaveResult:
+async def _save(client: QMPClient, peer: qmpmod.Peer, writer: SnapshotWriter, live: bool,
+                after: str, rep: Reporter, downtime_limit_ms: int) -> SaveResult:
+    path = writer.path
     status = await qmpmod.migration_status(client)
     if status.get("status") in ("setup", "active", "pre-switchover", "device", "cancelling"):
         raise VmsnapError(f"a migration is already running on this VM ({status['status']})")
     if peer.status in ("inmigrate", "postmigrate", "shutdown", "internal-error"):
         raise VmsnapError(f"VM is in state {peer.status!r}; cannot save it")
-    metadata = TrailerMetadata(qemu_version=peer.version_text, command_line=peer.cmdline,
-                               extra={"run_state": "running" if peer.running else "paused",
-                                      "live": live})
-    writer = SnapshotWriter(path, metadata, direct=direct)
-    writer.reserve()  # lock FILE.partial before the VM is touched
+    writer.metadata = TrailerMetadata(
+        qemu_version=peer.version_text, command_line=peer.cmdline,
+        extra={"run_state": "running" if peer.running else "paused", "live": live})
     workdir = tempfile.mkdtemp(prefix="vmsnap-")  # 0700
     listener, sock_path = _listen(workdir)
     saved_caps: dict[str, bool] = {}
@@ -131,7 +142,7 @@ async def _save(client: QMPClient, peer: qmpmod.Peer, path: str, live: bool, aft
         writer.abort()
         await _recover(client, stopped_by_us, peer.running)
         rep.error(_describe(err))
-        if isinstance(err, (EOFError, ConnectionError)):
+        if isinstance(err, QEMU_GONE):
             raise VmsnapError("QEMU went away during the save") from err
         raise
     finally:
@@ -177,18 +188,37 @@ async def _watch(client: QMPClient, receiver: asyncio.Future, rep: Reporter) -> 
         if status == "completed":
             return info
         if receiver.done() and receiver.exception() is not None:
-            raise receiver.exception()
+            raise await _cause(client, receiver.exception())
         if status in ("failed", "cancelled"):
             await asyncio.sleep(0.2)  # let the receiver tell its own cause, if it has one
             if receiver.done() and receiver.exception() is not None:
-                raise receiver.exception()
-            raise VmsnapError(f"migration {status} on the QEMU side"
-                              + (f": {info['error-desc']}" if info.get("error-desc") else ""))
+                raise await _cause(client, receiver.exception())
+            raise _qemu_side(info)
         ram = info.get("ram", {})
         rep.update(ram.get("transferred", 0), ram.get("total"),
                    iteration=ram.get("dirty-sync-count"),
                    dirty_pages_rate=ram.get("dirty-pages-rate"))
         await asyncio.sleep(0.2)
+
+
+def _qemu_side(info: dict[str, Any]) -> VmsnapError:
+    status = "cancelled" if info.get("status", "").startswith("cancel") else "failed"
+    return VmsnapError(f"migration {status} on the QEMU side"
+                       + (f": {info['error-desc']}" if info.get("error-desc") else ""))
+
+
+async def _cause(client: QMPClient, err: BaseException) -> BaseException:
+    """The first cause of a receiver failure: our own I/O error (disk full) stands; a stream
+    cut short is QEMU's doing (cancelled, failed, or QEMU gone)."""
+    if isinstance(err, OSError) and not isinstance(err, ConnectionError):
+        return err
+    try:
+        info = await qmpmod.migration_status(client)
+    except QEMU_GONE:
+        return VmsnapError("QEMU went away during the save")
+    if info.get("status") in ("cancelling", "cancelled", "failed"):
+        return _qemu_side(info)
+    return err
 
 
 async def _finish(client: QMPClient, after: str) -> str:

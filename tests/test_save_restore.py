@@ -1,0 +1,187 @@
+"""vmsnap save / restore end to end on real QEMU: both guests, both QEMU versions, paused
+and live saves, restore into a waiting QEMU, relaunch from the stored command line, the
+Python API and the --json events."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from qemu.qmp.legacy import QEMUMonitorProtocol
+
+import vmsnap
+from testbed.guests import BootGuest, LinuxGuest
+from testbed.qemu import Vm
+from testbed.serial import SerialConsole
+
+MIB = 1 << 20
+
+
+def make_guest(kind: str, live: bool):
+    if kind == "boot":  # a live boot guest keeps re-stamping 64 MiB: saves really iterate
+        return BootGuest(memory_mb=256, limit_mb=64 if live else None)
+    return LinuxGuest(memory_mb=384, fill_mb=128, mode="dirty" if live else "idle",
+                      rate_mb_s=20 if live else 0)
+
+
+def run_vmsnap(workdir: Path, *args, timeout: float = 900) -> subprocess.CompletedProcess:
+    """Run the vmsnap CLI; TMPDIR=workdir so a chroot QEMU 10 sees vmsnap's sockets."""
+    env = {**os.environ, "TMPDIR": str(workdir)}
+    return subprocess.run([sys.executable, "-m", "vmsnap.cli", *map(str, args)], env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, f"vmsnap failed ({result.returncode}): {result.stderr}"
+    assert "Traceback" not in result.stderr
+    return result
+
+
+def events(result: subprocess.CompletedProcess) -> list[dict]:
+    return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+
+
+def size_bound(path: Path) -> tuple[int, int]:
+    """(apparent size, RAM + 1 MiB per block + device state + trailer)."""
+    with vmsnap.open(path) as snap:
+        ram = sum(b.used_length for b in snap.blocks)
+        trailer = snap.file_size - snap.stream_end
+        return path.stat().st_size, ram + MIB * len(snap.blocks) + len(snap.tail) + trailer
+
+
+CASES = [(kind, live, qemu) for qemu in ("7.2", "10") for kind in ("boot", "linux")
+         for live in (False, True) if not (kind == "linux" and live and qemu == "7.2")]
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize(("kind", "live", "qemu"), CASES,
+                         ids=[f"{k}-{'live' if lv else 'paused'}-qemu{q}" for k, lv, q in CASES])
+def test_save_restore(kind, live, qemu, workdir):
+    guest = make_guest(kind, live)
+    config = guest.config(qemu, workdir)
+    snap = workdir / "vm.snap"
+    with Vm(config, workdir, "src") as src:
+        guest.boot(src)
+        guest.wait_alive(src)
+        extra = ["--live", "--resume"] if live else []
+        result = ok(run_vmsnap(workdir, "save", "--json", "--qmp", src.tool_qmp_path, snap,
+                               *extra))
+        evs = events(result)
+        assert [e["event"] for e in evs][0] == "start" and evs[-1]["event"] == "done"
+        done = evs[-1]
+        assert done["live"] is live and done["stream_bytes"] > 0 and done["pages"] > 0
+        if live:  # --resume: the source runs on
+            assert done["final_state"] == "running" and src.status() == "running"
+            assert done["dirty_sync_count"] >= 2
+            guest.wait_alive(src)
+        else:  # default: left paused
+            assert done["final_state"] == "paused"
+            assert src.status() in ("paused", "postmigrate")  # stopped, state captured
+    apparent, bound = size_bound(snap)
+    assert apparent <= bound, f"file {apparent} > RAM + slack {bound}"
+    with Vm(config, workdir, "dst", incoming="defer") as dst:
+        result = ok(run_vmsnap(workdir, "restore", "--json", snap, "--qmp",
+                               dst.tool_qmp_path))
+        done = events(result)[-1]
+        assert done["event"] == "done" and done["final_state"] == "running"
+        assert dst.status() == "running"
+        guest.check_restored(dst)
+        dst.cont()
+        guest.wait_alive(dst)  # the restored guest keeps running after the check
+    snap.unlink()
+
+
+def attach(vm: Vm) -> Vm:
+    """Reconnect a Vm object to a QEMU that vmsnap relaunched on the testbed's socket paths."""
+    vm.qmp = QEMUMonitorProtocol(str(vm.qmp_path))
+    vm.qmp.connect()
+    vm.serial = SerialConsole(vm.serial_path)
+    return vm
+
+
+def kill_group(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+@pytest.mark.qemu
+def test_restore_relaunches_from_stored_command_line(qemu_version, workdir, request):
+    """`vmsnap restore FILE` alone (7.2), or with `-- COMMAND` (10: the stored chroot command
+    line is not runnable on the host), brings the VM back on its old sockets."""
+    guest = BootGuest(memory_mb=256)
+    config = guest.config(qemu_version, workdir)
+    snap = workdir / "vm.snap"
+    with Vm(config, workdir, "src") as src:
+        guest.boot(src)
+        guest.wait_alive(src)
+        argv = src.argv()
+        result = ok(run_vmsnap(workdir, "save", "--json", "--quit", "--qmp",
+                               src.tool_qmp_path, snap))
+        assert events(result)[-1]["final_state"] == "quit"
+        src.proc.wait(timeout=60)  # gone before its sockets are reused
+    with vmsnap.open(snap) as s:
+        assert s.metadata.command_line[-len(config.args):] == config.args
+    tail = ["--", *argv] if qemu_version == "10" else []
+    result = run_vmsnap(workdir, "restore", "--json", snap, *tail)
+    pids = [e["pid"] for e in events(result) if e["event"] == "done" and e.get("pid")]
+    for pid in pids:
+        request.addfinalizer(lambda pid=pid: kill_group(pid))
+    ok(result)
+    assert pids, result.stdout
+    vm = attach(Vm(config, workdir, "src"))
+    try:
+        assert vm.status() == "running"
+        guest.check_restored(vm)
+    finally:
+        vm.close()
+    kill_group(pids[0])
+
+
+@pytest.mark.qemu
+def test_python_api(workdir):
+    guest = BootGuest(memory_mb=256)
+    config = guest.config("7.2", workdir)
+    snap = workdir / "vm.snap"
+    with Vm(config, workdir, "src") as src:
+        guest.boot(src)
+        result = vmsnap.save(str(src.tool_qmp_path), snap, after="resume")
+        assert result.final_state == "running" and src.status() == "running"
+        assert result.pages > 0 and not result.live
+    with vmsnap.open(snap) as s:
+        assert s.metadata.extra["run_state"] == "running"
+        assert s.machine_type.startswith("pc-q35")
+    with Vm(config, workdir, "dst", incoming="defer") as dst:
+        r = vmsnap.restore(snap, qmp_address=str(dst.tool_qmp_path), paused=True)
+        assert r.final_state == "paused" and dst.status() == "paused"
+        guest.check_restored(dst)
+
+
+@pytest.mark.qemu
+def test_json_progress_events(workdir):
+    guest = BootGuest(memory_mb=512, mode="random")
+    config = guest.config("7.2", workdir)
+    snap = workdir / "vm.snap"
+    with Vm(config, workdir, "src") as src:
+        guest.boot(src)
+        save = ok(run_vmsnap(workdir, "save", "--json", "--qmp", src.tool_qmp_path, snap))
+    with Vm(config, workdir, "dst", incoming="defer") as dst:
+        restore = ok(run_vmsnap(workdir, "restore", "--json", snap, "--qmp",
+                                dst.tool_qmp_path))
+        guest.check_restored(dst)
+    for result, op in ((save, "save"), (restore, "restore")):
+        evs = events(result)
+        kinds = [e["event"] for e in evs]
+        assert kinds[0] == "start" and kinds[-1] == "done" and "error" not in kinds, kinds
+        assert all(e["op"] == op for e in evs)
+        done = evs[-1]
+        assert done["seconds"] > 0 and done["stream_bytes"] > 500 * MIB
+        assert done["pages"] >= 500 * MIB // 4096
+    progress = [e for e in events(restore) if e["event"] == "progress"]
+    assert progress and all(e["done"] <= e["total"] for e in progress)

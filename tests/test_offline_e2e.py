@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from testbed.guests import BootGuest, LinuxGuest
+from testbed.cases import make_guest, round_trip_params
 from testbed.qemu import Vm, exec_uri
 from testbed.transfer import (
     VMSNAP,
@@ -28,14 +28,6 @@ from testbed.transfer import (
 pytestmark = [pytest.mark.qemu, pytest.mark.slow]
 
 MIB = 1 << 20
-
-
-def make_guest(kind: str, live: bool):
-    if kind == "boot":
-        # 64 MiB stamped (and re-stamped while live) out of 256: a mostly-zero guest
-        return BootGuest(memory_mb=256, limit_mb=64)
-    return LinuxGuest(memory_mb=384, fill_mb=128, mode="dirty" if live else "idle",
-                      rate_mb_s=20 if live else 0)
 
 
 def save_with_vmsnap(vm: Vm, snap: Path, live: bool) -> None:
@@ -101,16 +93,9 @@ def check_file(snap: Path, mostly_zero: bool) -> dict:
     return info
 
 
-#: Live Linux under QEMU 7.2 + TCG is left out: QEMU's own exec:cat corrupts that guest
-#: (see tests/test_testbed_e2e.py), so it cannot judge vmsnap.
-CASES = [(kind, live, qemu) for qemu in ("7.2", "10") for kind in ("boot", "linux")
-         for live in (False, True) if not (kind == "linux" and live and qemu == "7.2")]
-
-
-@pytest.mark.parametrize(("kind", "live", "qemu"), CASES,
-                         ids=[f"{k}-{'live' if lv else 'paused'}-qemu{q}" for k, lv, q in CASES])
+@round_trip_params()
 def test_receive_then_send_restores(kind, live, qemu, workdir):
-    guest = make_guest(kind, live)
+    guest = make_guest(kind, live, boot_limit_mb=64)  # a mostly-zero guest
     config = guest.config(qemu, workdir)
     snap = workdir / "guest.vms"
     with Vm(config, workdir, "src") as vm:

@@ -12,21 +12,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from qemu.qmp.legacy import QEMUMonitorProtocol
 
 import vmsnap
-from testbed.guests import BootGuest, LinuxGuest
+from testbed.cases import ROUND_TRIPS, make_guest
+from testbed.guests import BootGuest
 from testbed.qemu import Vm
-from testbed.serial import SerialConsole
 
 MIB = 1 << 20
-
-
-def make_guest(kind: str, live: bool):
-    if kind == "boot":  # a live boot guest keeps re-stamping 64 MiB: saves really iterate
-        return BootGuest(memory_mb=256, limit_mb=64 if live else None)
-    return LinuxGuest(memory_mb=384, fill_mb=128, mode="dirty" if live else "idle",
-                      rate_mb_s=20 if live else 0)
 
 
 def run_vmsnap(workdir: Path, *args, timeout: float = 900) -> subprocess.CompletedProcess:
@@ -54,14 +46,16 @@ def size_bound(path: Path) -> tuple[int, int]:
         return path.stat().st_size, ram + MIB * len(snap.blocks) + len(snap.tail) + trailer
 
 
-CASES = [(kind, live, qemu) for qemu in ("7.2", "10") for kind in ("boot", "linux")
-         for live in (False, True) if not (kind == "linux" and live and qemu == "7.2")]
+#: The whole matrix with 2 multifd channels, and a plain single stream (0) on a few cases.
+SAVE_CASES = ([(*case, 2) for case in ROUND_TRIPS]
+              + [("boot", False, "7.2", 0), ("boot", True, "10", 0), ("linux", True, "10", 0)])
 
 
 @pytest.mark.qemu
-@pytest.mark.parametrize(("kind", "live", "qemu"), CASES,
-                         ids=[f"{k}-{'live' if lv else 'paused'}-qemu{q}" for k, lv, q in CASES])
-def test_save_restore(kind, live, qemu, workdir):
+@pytest.mark.parametrize(("kind", "live", "qemu", "channels"), SAVE_CASES,
+                         ids=[f"{k}-{'live' if lv else 'paused'}-qemu{q}-{c}ch"
+                              for k, lv, q, c in SAVE_CASES])
+def test_save_restore(kind, live, qemu, channels, workdir):
     guest = make_guest(kind, live)
     config = guest.config(qemu, workdir)
     snap = workdir / "vm.snap"
@@ -70,7 +64,7 @@ def test_save_restore(kind, live, qemu, workdir):
         guest.wait_alive(src)
         extra = ["--live", "--resume"] if live else []
         result = ok(run_vmsnap(workdir, "save", "--json", "--qmp", src.tool_qmp_path, snap,
-                               *extra))
+                               "--channels", channels, *extra))
         evs = events(result)
         assert [e["event"] for e in evs][0] == "start" and evs[-1]["event"] == "done"
         done = evs[-1]
@@ -86,7 +80,7 @@ def test_save_restore(kind, live, qemu, workdir):
     assert apparent <= bound, f"file {apparent} > RAM + slack {bound}"
     with Vm(config, workdir, "dst", incoming="defer") as dst:
         result = ok(run_vmsnap(workdir, "restore", "--json", snap, "--qmp",
-                               dst.tool_qmp_path))
+                               dst.tool_qmp_path, "--channels", channels))
         done = events(result)[-1]
         assert done["event"] == "done" and done["final_state"] == "running"
         assert dst.status() == "running"
@@ -94,14 +88,6 @@ def test_save_restore(kind, live, qemu, workdir):
         dst.cont()
         guest.wait_alive(dst)  # the restored guest keeps running after the check
     snap.unlink()
-
-
-def attach(vm: Vm) -> Vm:
-    """Reconnect a Vm object to a QEMU that vmsnap relaunched on the testbed's socket paths."""
-    vm.qmp = QEMUMonitorProtocol(str(vm.qmp_path))
-    vm.qmp.connect()
-    vm.serial = SerialConsole(vm.serial_path)
-    return vm
 
 
 def kill_group(pid: int) -> None:
@@ -135,13 +121,9 @@ def test_restore_relaunches_from_stored_command_line(qemu_version, workdir, requ
         request.addfinalizer(lambda pid=pid: kill_group(pid))
     ok(result)
     assert pids, result.stdout
-    vm = attach(Vm(config, workdir, "src"))
-    try:
+    with Vm(config, workdir, "src").adopt(pids[0]) as vm:
         assert vm.status() == "running"
         guest.check_restored(vm)
-    finally:
-        vm.close()
-    kill_group(pids[0])
 
 
 @pytest.mark.qemu

@@ -5,29 +5,15 @@ from __future__ import annotations
 
 import pytest
 
-from testbed.guests import BootGuest, GuestCheckFailed, LinuxGuest
+from testbed.cases import make_guest, round_trip_params
+from testbed.guests import BootGuest, GuestCheckFailed
 from testbed.qemu import Vm, exec_uri
 from testbed.streams import page_data_positions
 from testbed.transfer import save_with_cat
 
 
-def make_guest(kind: str, live: bool):
-    if kind == "boot":
-        # 64 MiB of constantly re-stamped pages: live saves really iterate, yet converge
-        return BootGuest(memory_mb=256, limit_mb=64 if live else None)
-    return LinuxGuest(memory_mb=384, fill_mb=128, mode="dirty" if live else "idle",
-                      rate_mb_s=20 if live else 0)
-
-
-#: (guest, live) cases per QEMU version. Live Linux under QEMU 7.2 + TCG is left out: QEMU's
-#: own exec:cat path corrupts that guest (README, known limits), so it cannot judge vmsnap.
-CASES = [(kind, live, qemu) for qemu in ("7.2", "10") for kind in ("boot", "linux")
-         for live in (False, True) if not (kind == "linux" and live and qemu == "7.2")]
-
-
 @pytest.mark.qemu
-@pytest.mark.parametrize(("kind", "live", "qemu"), CASES,
-                         ids=[f"{k}-{'live' if lv else 'paused'}-qemu{q}" for k, lv, q in CASES])
+@round_trip_params()
 def test_exec_cat_round_trip(kind, live, qemu, workdir):
     guest = make_guest(kind, live)
     config = guest.config(qemu, workdir)

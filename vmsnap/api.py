@@ -55,22 +55,26 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
 
 def save(qmp_address: str, path: str | os.PathLike, *, live: bool = False,
          after: str = "pause", force: bool = False, reporter: Reporter | None = None,
-         direct: bool = True) -> SaveResult:
+         direct: bool = True, channels: int | None = None) -> SaveResult:
     """Save the VM whose QMP socket is `qmp_address` into the snapshot file `path`.
 
     Paused by default (the guest is stopped first); `live=True` copies RAM while it runs.
-    `after`: "pause" (leave it paused), "resume" (a checkpoint) or "quit" (end QEMU)."""
+    `after`: "pause" (leave it paused), "resume" (a checkpoint) or "quit" (end QEMU).
+    `channels`: parallel multifd channels (0: one plain stream; default: from the CPUs)."""
     return _run(_save.save(qmp_address, path, live=live, after=after, force=force,
-                           reporter=reporter, direct=direct))
+                           reporter=reporter, direct=direct, channels=channels))
 
 
 def restore(path: str | os.PathLike, *, qmp_address: str | None = None,
             command: Sequence[str] | None = None, paused: bool = False,
-            reporter: Reporter | None = None, direct: bool = True) -> RestoreResult:
+            reporter: Reporter | None = None, direct: bool = True,
+            channels: int | None = None) -> RestoreResult:
     """Restore `path` into the QEMU at `qmp_address` (started with -incoming defer), or into
-    one launched from `command`, or from the command line stored in the file."""
+    one launched from `command`, or from the command line stored in the file.
+    `channels`: parallel multifd channels (0: one plain stream; default: from the CPUs)."""
     return _run(_restore.restore(path, qmp_address=qmp_address, command=command,
-                                 paused=paused, reporter=reporter, direct=direct))
+                                 paused=paused, reporter=reporter, direct=direct,
+                                 channels=channels))
 
 
 def open(path: str | os.PathLike, *, direct: bool = True) -> Snapshot:  # noqa: A001

@@ -124,7 +124,7 @@ def cmd_export(args: argparse.Namespace, rep: Reporter) -> int:
 def cmd_save(args: argparse.Namespace, rep: Reporter) -> int:
     after = "resume" if args.resume else "quit" if args.quit else "pause"
     r = api.save(args.qmp, args.file, live=args.live, after=after, force=args.force,
-                 reporter=rep)
+                 reporter=rep, channels=args.channels)
     if not args.json:
         print(f"saved {r.path}: {r.stream_bytes:,} stream bytes in {r.seconds:.2f}s "
               f"({_gib_s(r.stream_bytes, r.seconds)} GB/s), VM {r.final_state}")
@@ -136,11 +136,17 @@ def cmd_restore(args: argparse.Namespace, rep: Reporter) -> int:
     if command and args.qmp:
         raise VmsnapError("give either --qmp or a QEMU command line, not both")
     r = api.restore(args.file, qmp_address=args.qmp, command=command or None,
-                    paused=args.paused, reporter=rep)
+                    paused=args.paused, reporter=rep, channels=args.channels)
     if not args.json:
         print(f"restored {r.path}: {r.pages:,} pages in {r.seconds:.2f}s, VM {r.final_state}"
               + (f" (pid {r.pid}, QMP {r.qmp})" if r.pid else ""))
     return 0
+
+
+def _channels_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--channels", type=int, metavar="N",
+                        help="parallel multifd channels (0: one plain stream; "
+                             "default: one per CPU, 2 to 8)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -184,11 +190,13 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--resume", action="store_true", help="resume the VM afterwards")
     what.add_argument("--quit", action="store_true", help="end QEMU afterwards")
     sp.add_argument("--force", action="store_true", help="overwrite an existing FILE")
+    _channels_option(sp)
     sp = add("restore", cmd_restore, "restore FILE into a new or waiting QEMU")
     sp.add_argument("file", metavar="FILE")
     sp.add_argument("--qmp", metavar="SOCKET",
                     help="restore into this QEMU (started with -incoming defer)")
     sp.add_argument("--paused", action="store_true", help="leave the VM paused")
+    _channels_option(sp)
     sp.set_defaults(qemu_command=[])
     sp.epilog = "After --, a QEMU command line to launch instead of the stored one."
     return p

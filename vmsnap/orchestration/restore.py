@@ -14,6 +14,7 @@ import socket
 import subprocess
 import tempfile
 import time
+import uuid as uuidlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -21,10 +22,11 @@ from qemu.qmp import QMPClient
 
 from ..errors import VmsnapError
 from ..fileformat.reader import open_snapshot
+from ..ops.multifd_send import send_multifd, sync_mode_for_machine
 from ..ops.send import SendStats, send
 from ..progress import Reporter
 from . import qmp as qmpmod
-from .save import INCOMPATIBLE_CAPS
+from .save import INCOMPATIBLE_CAPS, check_channels
 
 #: Options of the saved command line that clash with an incoming restore (name → has value).
 DROPPED_OPTIONS = {"incoming": True, "loadvm": True, "daemonize": False, "S": False}
@@ -104,9 +106,12 @@ async def _connect_incoming(path: str, timeout: float = START_TIMEOUT) -> socket
 
 async def restore(path: str | os.PathLike, *, qmp_address: str | None = None,
                   command: Sequence[str] | None = None, paused: bool = False,
-                  reporter: Reporter | None = None, direct: bool = True) -> RestoreResult:
+                  reporter: Reporter | None = None, direct: bool = True,
+                  channels: int | None = None) -> RestoreResult:
     """Restore the snapshot at `path` into the QEMU at `qmp_address`, or into a QEMU
-    launched from `command` (default: the command line stored in the snapshot)."""
+    launched from `command` (default: the command line stored in the snapshot).
+    `channels`: multifd channels (0: one plain stream; None: check_channels(None))."""
+    channels = check_channels(channels)
     path = os.path.abspath(os.fspath(path))
     rep = reporter or Reporter()
     with open_snapshot(path, direct=direct) as snap:  # validates the file before launching
@@ -129,19 +134,32 @@ async def restore(path: str | os.PathLike, *, qmp_address: str | None = None,
                                  os.path.join(workdir, "qemu.log"))
         client, peer = await qmpmod.connect(qmp_address)
         await _check_target(client, peer, machine)
-        await qmpmod.set_capabilities(client, dict.fromkeys(INCOMPATIBLE_CAPS, False))
+        await qmpmod.set_capabilities(
+            client, {**dict.fromkeys(INCOMPATIBLE_CAPS, False), "multifd": channels > 0})
+        if channels:
+            await client.execute("migrate-set-parameters", {"multifd-channels": channels})
+            uuid = uuidlib.UUID((await client.execute("query-uuid"))["UUID"]).bytes
         incoming = os.path.join(workdir, "incoming.sock")
         await client.execute("migrate-incoming", {"uri": f"unix:{incoming}"})
-        sock = await _connect_incoming(incoming)
-        rep.start("restore", total)
-        sink = sock.makefile("wb", buffering=0)
-        loop = asyncio.get_running_loop()
+        socks = [await _connect_incoming(incoming) for _ in range(channels + 1)]
+        rep.start("restore", total, channels=channels)
+
+        def progress(done: int, total: int) -> None:
+            rep.update(done, total)
+
+        def stream() -> SendStats:
+            if not channels:
+                return send(path, socks[0].makefile("wb", buffering=0), direct=direct,
+                            progress=progress)
+            return send_multifd(path, socks[0], socks[1:], uuid,
+                                sync_mode_for_machine(machine), direct=direct,
+                                progress=progress)
+
         try:
-            stats: SendStats = await loop.run_in_executor(
-                None, lambda: send(path, sink, direct=direct,
-                                   progress=lambda d, t: rep.update(d, t)))
+            stats = await asyncio.get_running_loop().run_in_executor(None, stream)
         finally:
-            sock.close()
+            for sock in socks:
+                sock.close()
         await _wait_loaded(client)
         run = saved_running and not paused
         if run:

@@ -23,6 +23,7 @@ from ..errors import VmsnapError
 from ..fileformat.trailer import TrailerMetadata
 from ..fileformat.writer import SnapshotWriter
 from ..io.atomic import FileLockedError
+from ..ops.multifd_receive import identify_channels, receive_multifd
 from ..ops.receive import ReceiveStats, receive
 from ..progress import Reporter
 from . import qmp as qmpmod
@@ -64,16 +65,32 @@ def _listen(directory: str) -> tuple[socket.socket, str]:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.bind(path)
     os.chmod(path, 0o600)
-    sock.listen(1)
+    sock.listen(64)
     return sock, path
+
+
+MAX_CHANNELS = 64
+
+
+def check_channels(channels: int | None) -> int:
+    """The multifd channel count to use: as asked (0 = one plain stream, up to 64) or, when
+    not given, one per CPU, at least 2, at most 8 (QEMU 7.2 and later all have multifd)."""
+    if channels is None:
+        return max(2, min(8, os.cpu_count() or 2))
+    if not 0 <= channels <= MAX_CHANNELS:
+        raise VmsnapError(f"--channels must be 0..{MAX_CHANNELS}, not {channels}")
+    return channels
 
 
 async def save(qmp_address: str, path: str | os.PathLike, *, live: bool = False,
                after: str = "pause", force: bool = False, reporter: Reporter | None = None,
-               direct: bool = True, downtime_limit_ms: int = 300) -> SaveResult:
-    """Save the VM behind `qmp_address` to `path`. `after`: "pause" | "resume" | "quit"."""
+               direct: bool = True, downtime_limit_ms: int = 300,
+               channels: int | None = None) -> SaveResult:
+    """Save the VM behind `qmp_address` to `path`. `after`: "pause" | "resume" | "quit".
+    `channels`: multifd channels (0: one plain stream; None: check_channels(None))."""
     if after not in ("pause", "resume", "quit"):
         raise ValueError(f"after must be pause, resume or quit, not {after!r}")
+    channels = check_channels(channels)
     path = os.path.abspath(os.fspath(path))
     if os.path.exists(path) and not force:
         raise VmsnapError(f"{path} exists (use --force to overwrite)")
@@ -86,7 +103,8 @@ async def save(qmp_address: str, path: str | os.PathLike, *, live: bool = False,
     client: QMPClient | None = None
     try:
         client, peer = await qmpmod.connect(qmp_address)
-        return await _save(client, peer, writer, live, after, rep, downtime_limit_ms)
+        return await _save(client, peer, writer, live, after, rep, downtime_limit_ms,
+                           channels)
     finally:
         if not writer.finished:
             writer.abort()  # idempotent: removes FILE.partial and releases the lock
@@ -95,7 +113,8 @@ async def save(qmp_address: str, path: str | os.PathLike, *, live: bool = False,
 
 
 async def _save(client: QMPClient, peer: qmpmod.Peer, writer: SnapshotWriter, live: bool,
-                after: str, rep: Reporter, downtime_limit_ms: int) -> SaveResult:
+                after: str, rep: Reporter, downtime_limit_ms: int,
+                channels: int) -> SaveResult:
     path = writer.path
     status = await qmpmod.migration_status(client)
     if status.get("status") in ("setup", "active", "pre-switchover", "device", "cancelling"):
@@ -104,38 +123,40 @@ async def _save(client: QMPClient, peer: qmpmod.Peer, writer: SnapshotWriter, li
         raise VmsnapError(f"VM is in state {peer.status!r}; cannot save it")
     writer.metadata = TrailerMetadata(
         qemu_version=peer.version_text, command_line=peer.cmdline,
-        extra={"run_state": "running" if peer.running else "paused", "live": live})
+        extra={"run_state": "running" if peer.running else "paused", "live": live,
+               "channels": channels})
     workdir = tempfile.mkdtemp(prefix="vmsnap-")  # 0700
     listener, sock_path = _listen(workdir)
     saved_caps: dict[str, bool] = {}
     saved_params: dict[str, Any] = {}
     stopped_by_us = False
-    conn: socket.socket | None = None
+    conns: list[socket.socket] = []
     receiver: asyncio.Future | None = None
     t0 = time.monotonic()
     try:
         saved_caps = await qmpmod.set_capabilities(
-            client, {**dict.fromkeys(INCOMPATIBLE_CAPS, False), "auto-converge": live})
+            client, {**dict.fromkeys(INCOMPATIBLE_CAPS, False), "auto-converge": live,
+                     "multifd": channels > 0})
         params: dict[str, Any] = {"max-bandwidth": UNLIMITED_BANDWIDTH}
+        if channels:
+            params["multifd-channels"] = channels
         if live:
             params["downtime-limit"] = downtime_limit_ms
         saved_params = await _set_parameters(client, params)
         if peer.running and not live:
             await client.execute("stop")
             stopped_by_us = True
-        rep.start("save", None, live=live)
+        rep.start("save", None, live=live, channels=channels)
         await client.execute("migrate", {"uri": f"unix:{sock_path}"})
-        loop = asyncio.get_running_loop()
-        conn = await _accept(client, listener, sock_path)
-        conn.settimeout(None)
-        source = conn.makefile("rb", buffering=0)
-        receiver = loop.run_in_executor(
-            None, lambda: receive(source, writer, reply=conn.sendall))
+        for _ in range(channels + 1):
+            conns.append(await _accept(client, listener, sock_path))
+        receiver = asyncio.get_running_loop().run_in_executor(
+            None, _receive, conns, writer)
         info = await _watch(client, receiver, rep)
         stats: ReceiveStats = await receiver
         final = await _finish(client, after)
     except BaseException as err:
-        if conn is not None:  # unblock the receiver so it aborts and removes the partial
+        for conn in conns:  # unblock the receiver so it aborts and removes the partial
             _shutdown(conn)
         if receiver is not None:
             await asyncio.gather(receiver, return_exceptions=True)
@@ -146,9 +167,8 @@ async def _save(client: QMPClient, peer: qmpmod.Peer, writer: SnapshotWriter, li
             raise VmsnapError("QEMU went away during the save") from err
         raise
     finally:
-        for s in (conn, listener):
-            if s is not None:
-                s.close()
+        for s in (*conns, listener):
+            s.close()
         shutil.rmtree(workdir, ignore_errors=True)
         await _restore_settings(client, saved_caps, saved_params)
     seconds = time.monotonic() - t0
@@ -158,6 +178,15 @@ async def _save(client: QMPClient, peer: qmpmod.Peer, writer: SnapshotWriter, li
                         ram.get("dirty-sync-count"), info.get("downtime"))
     rep.done(**result.__dict__)
     return result
+
+
+def _receive(conns: list[socket.socket], writer: SnapshotWriter) -> ReceiveStats:
+    """Receive one plain stream, or a main channel + multifd channels (told apart by magic)."""
+    if len(conns) == 1:
+        conn = conns[0]
+        return receive(conn.makefile("rb", buffering=0), writer, reply=conn.sendall)
+    main, channels = identify_channels(conns)
+    return receive_multifd(main, channels, writer)
 
 
 async def _accept(client: QMPClient, listener: socket.socket, path: str) -> socket.socket:

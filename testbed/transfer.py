@@ -102,3 +102,38 @@ def vmsnap_receive_via_fifo(snapshot: Path, fifo: Path, *extra: str) -> HostComm
 def vmsnap_send_via_fifo(snapshot: Path, fifo: Path) -> HostCommand:
     """Host `vmsnap send SNAPSHOT > FIFO`; start QEMU with `-incoming exec:cat FIFO`."""
     return HostCommand([VMSNAP, "send", str(snapshot)], fifo, reads_fifo=False)
+
+
+def save_with_vmsnap(vm: Vm, snap: Path, live: bool) -> None:
+    """`migrate exec:vmsnap receive FILE` (7.2), or exec:cat into a FIFO read by vmsnap (10)."""
+    if not live:
+        vm.stop()
+    params = migrate_parameters(live)
+    if vm.config.qemu == "7.2":
+        vm.migrate(exec_uri(VMSNAP, "receive", snap), parameters=params)
+        wait_committed(snap, vm)
+        return
+    host = vmsnap_receive_via_fifo(snap, vm.workdir / "save.fifo")
+    try:
+        vm.migrate(exec_uri("cat", stdout=host.fifo), parameters=params)
+        host.wait()
+    finally:
+        host.kill()
+
+
+def restore_with_vmsnap(guest, config, workdir: Path, snap: Path) -> None:
+    """Start a destination on `-incoming exec:vmsnap send FILE` (or cat of a FIFO that a host
+    vmsnap send fills) and run the guest's RAM check on it."""
+    if config.qemu == "7.2":
+        with Vm(config, workdir, "dst", incoming=exec_uri(VMSNAP, "send", snap)) as vm:
+            vm.wait_incoming()
+            guest.check_restored(vm)
+        return
+    host = vmsnap_send_via_fifo(snap, workdir / "restore.fifo")
+    try:
+        with Vm(config, workdir, "dst", incoming=exec_uri("cat", host.fifo)) as vm:
+            vm.wait_incoming()
+            host.wait()
+            guest.check_restored(vm)
+    finally:
+        host.kill()

@@ -15,7 +15,7 @@ import pytest
 
 from testbed.guests import BootGuest
 from testbed.qemu import Vm, exec_uri
-from testbed.transfer import VMSNAP, migrate_parameters, vmsnap_send_via_fifo, wait_committed
+from testbed.transfer import VMSNAP, migrate_parameters, restore_with_vmsnap, wait_committed
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow]
 
@@ -69,11 +69,4 @@ def test_vmsnap_reads_and_sends_qemu10_native_file(workdir, how):
     assert next(b for b in info["blocks"] if b["name"] == "pc.ram")["present_pages"] > 0
     verify = subprocess.run([VMSNAP, "verify", str(native)], capture_output=True, timeout=600)
     assert verify.returncode != 0 and b"no checksums" in verify.stderr
-    host = vmsnap_send_via_fifo(native, workdir / "restore.fifo")
-    try:
-        with Vm(config, workdir, "dst", incoming=exec_uri("cat", host.fifo)) as vm:
-            vm.wait_incoming()
-            host.wait()
-            guest.check_restored(vm)
-    finally:
-        host.kill()
+    restore_with_vmsnap(guest, config, workdir, native)

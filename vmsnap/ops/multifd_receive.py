@@ -29,6 +29,7 @@ import numpy as np
 from ..errors import VmsnapError
 from ..fileformat.writer import SnapshotWriter
 from ..io.aligned import BufferPool
+from ..io.sockets import shutdown_all
 from ..stream import events as ev
 from ..stream.constants import MULTIFD_MAGIC
 from ..stream.errors import StreamError
@@ -409,11 +410,7 @@ def receive_multifd(main: socket.socket, channels: Sequence[socket.socket],
             writer.finish(rx.tail())
         except BaseException as e:
             gate.fail(e)
-            for s in (main, *channels):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+            shutdown_all((main, *channels))
             for c in chans:
                 c.thread.join(10)
                 if not c.io.is_alive():

@@ -31,6 +31,7 @@ import numpy as np
 from ..errors import VmsnapError
 from ..fileformat.reader import BlockInfo, Snapshot, open_snapshot
 from ..io.aligned import AlignedBuffer
+from ..io.sockets import shutdown_all
 from ..stream import encoder
 from ..stream import events as ev
 from ..stream.constants import MULTIFD_FLAG_SYNC
@@ -292,11 +293,7 @@ def send_multifd(path: str | os.PathLike, main: socket.socket,
             main.sendall(tail)  # only once every page went out
         except BaseException as e:
             sender.fail(e)
-            for s in (main, *channels):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+            shutdown_all((main, *channels))
             for t in threads:
                 t.join(30)
             raise

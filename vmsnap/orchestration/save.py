@@ -23,6 +23,7 @@ from ..errors import VmsnapError
 from ..fileformat.trailer import TrailerMetadata
 from ..fileformat.writer import SnapshotWriter
 from ..io.atomic import FileLockedError
+from ..io.sockets import shutdown_all
 from ..ops.multifd_receive import identify_channels, receive_multifd
 from ..ops.receive import ReceiveStats, receive
 from ..progress import Reporter
@@ -156,8 +157,7 @@ async def _save(client: QMPClient, peer: qmpmod.Peer, writer: SnapshotWriter, li
         stats: ReceiveStats = await receiver
         final = await _finish(client, after)
     except BaseException as err:
-        for conn in conns:  # unblock the receiver so it aborts and removes the partial
-            _shutdown(conn)
+        shutdown_all(conns)  # unblock the receiver so it aborts and removes the partial
         if receiver is not None:
             await asyncio.gather(receiver, return_exceptions=True)
         writer.abort()
@@ -289,13 +289,6 @@ async def _restore_settings(client: QMPClient, caps: dict[str, bool],
         if params:
             await client.execute("migrate-set-parameters", params)
     except Exception:  # noqa: BLE001 - QEMU is gone or quit
-        pass
-
-
-def _shutdown(sock: socket.socket) -> None:
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
         pass
 
 

@@ -54,8 +54,9 @@ class _Abort(Exception):
 class EpochGate:
     """QEMU's multifd_recv_sync_main handshake between the main thread and N channels."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, on_fail: Callable[[], None] = lambda: None):
         self.cond = threading.Condition()
+        self.on_fail = on_fail  # wakes threads blocked outside the gate (socket reads)
         self.main_epoch = 0  # markers the main thread has passed
         self.synced = [0] * channels  # SYNC packets each channel has fully applied
         self.closed = [False] * channels
@@ -65,9 +66,12 @@ class EpochGate:
 
     def fail(self, exc: BaseException) -> None:
         with self.cond:
-            if self.error is None:
+            first = self.error is None
+            if first:
                 self.error = exc
             self.cond.notify_all()
+        if first:
+            self.on_fail()
 
     def _check(self) -> None:
         if self.error is not None:
@@ -366,7 +370,8 @@ def receive_multifd(main: socket.socket, channels: Sequence[socket.socket],
     ps = writer.page_size
     pkt = page_count(ps) * ps * BATCH_PACKETS
     depth = max(2, min(depth, MAX_BUFFER_BYTES // max(1, nch * pkt)))
-    gate = EpochGate(nch)
+    # the first failure anywhere shuts every socket, so no thread stays blocked in a read
+    gate = EpochGate(nch, on_fail=lambda: shutdown_all((main, *channels)))
     total = 0
     with writer:
         rx = _MainReceiver(writer, gate)
@@ -410,13 +415,14 @@ def receive_multifd(main: socket.socket, channels: Sequence[socket.socket],
             writer.finish(rx.tail())
         except BaseException as e:
             gate.fail(e)
-            shutdown_all((main, *channels))
             for c in chans:
                 c.thread.join(10)
                 if not c.io.is_alive():
                     continue
                 c.jobs.put(None)
                 c.io.join(10)
+            if gate.error is not e:  # a channel failed first (e.g. disk full): that is the cause
+                raise gate.error from e
             raise
         finally:
             if pool is not None:

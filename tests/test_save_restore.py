@@ -167,3 +167,47 @@ def test_json_progress_events(workdir):
         assert done["pages"] >= 500 * MIB // 4096
     progress = [e for e in events(restore) if e["event"] == "progress"]
     assert progress and all(e["done"] <= e["total"] for e in progress)
+
+
+def qemu_pids_using(workdir: Path) -> list[int]:
+    """PIDs of live QEMU processes whose command line mentions `workdir`."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if argv and argv[0].endswith(b"qemu-system-x86_64") and any(
+                str(workdir).encode() in a for a in argv):
+            pids.append(int(entry.name))
+    return pids
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize("channels", [0, 2], ids=["1-stream", "2ch"])
+def test_restore_refuses_corrupt_page(channels, workdir):
+    """A page that fails its checksum stops the restore before the stream ends: the launched
+    QEMU is ended, the error names the page, and no guest runs with bad RAM."""
+    guest = BootGuest(memory_mb=256)
+    config = guest.config("7.2", workdir)
+    snap = workdir / "vm.snap"
+    with Vm(config, workdir, "src") as src:
+        guest.boot(src)
+        ok(run_vmsnap(workdir, "save", "--quit", "--qmp", src.tool_qmp_path, snap))
+        src.proc.wait(timeout=60)
+    with vmsnap.open(snap) as s:
+        ram = s.block("pc.ram")
+        first, count = (int(x) for x in s.present_runs(ram)[0])
+        page = first + count // 2
+        position = ram.pages_offset + page * 4096 + 100
+    with open(snap, "r+b") as f:
+        f.seek(position)
+        byte = f.read(1)[0]
+        f.seek(position)
+        f.write(bytes([byte ^ 0x01]))
+    result = run_vmsnap(workdir, "restore", snap, "--channels", channels)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "pc.ram" in lines[0] and f"{page * 4096:#x}" in lines[0], lines[0]
+    assert qemu_pids_using(workdir) == [], "the QEMU vmsnap launched is still running"

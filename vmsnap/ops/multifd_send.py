@@ -33,10 +33,15 @@ from ..fileformat.reader import BlockInfo, Snapshot, open_snapshot
 from ..io.aligned import AlignedBuffer
 from ..io.sockets import shutdown_all
 from ..stream import encoder
-from ..stream import events as ev
 from ..stream.constants import MULTIFD_FLAG_SYNC
 from ..stream.multifd import MultifdInit, PacketHeader, page_count
-from .send import EXPLICIT_ZERO_MAX, SendStats, device_state, read_head
+from .send import (
+    SendStats,
+    device_state,
+    explicit_zero_records,
+    plain_stream_head,
+    read_head,
+)
 
 PER_SECTION = "per-section"
 PER_ROUND = "per-round"
@@ -252,27 +257,11 @@ def send_multifd(path: str | os.PathLike, main: socket.socket,
         head = read_head(snap)
         snap.check_stream_ranges()
         sid = head.section.section_id
-        c = head.config
-        caps = tuple(x for x in c.capabilities if x != "mapped-ram")
-        blocks = [ev.RamBlock(b.name, b.used_length) for b in snap.blocks]
         flush = encoder.multifd_flush() if per_round else b""
-        setup = (encoder.header()
-                 + encoder.configuration(c.machine_type, caps, page_bits=c.page_bits,
-                                         uuid=c.uuid)
-                 + head.prelude + encoder.ram_start(sid, blocks)
-                 + flush + encoder.eos() + encoder.footer(sid))
-        part = bytearray(encoder.section_part(sid))
-        zeros = 0
-        last = None
-        for b in snap.blocks:
-            if b.used_length > EXPLICIT_ZERO_MAX:
-                continue
-            absent = np.flatnonzero(~b.present).astype(np.uint64) * np.uint64(b.page_size)
-            if len(absent):
-                part += encoder.zero_records(b.name, absent, continue_=b.name == last)
-                last = b.name
-                zeros += len(absent)
-        part += flush + encoder.eos() + encoder.footer(sid)
+        setup = plain_stream_head(snap, head, before_eos=flush)
+        zero_records, zeros, _ = explicit_zero_records(snap, None)
+        part = (encoder.section_part(sid) + zero_records + flush + encoder.eos()
+                + encoder.footer(sid))
         tail = device_state(snap)  # END section (+ its EOS), device state, EOF, vmdesc
         jobs = plan_jobs(snap, chunk_pages)
         sender = _Sender(snap, jobs, sync_mode, uuid, verify, max(1, depth), chunk_pages,

@@ -60,8 +60,9 @@ def read_head(snap: Snapshot) -> StreamHead:
     return StreamHead(config, section, prelude)
 
 
-def plain_stream_head(snap: Snapshot, head: StreamHead) -> bytes:
-    """Header, configuration without mapped-ram, and the RAM START with its block list."""
+def plain_stream_head(snap: Snapshot, head: StreamHead, before_eos: bytes = b"") -> bytes:
+    """Header, configuration without mapped-ram, and the RAM START with its block list
+    (`before_eos`, e.g. a multifd flush, goes right before the START's EOS)."""
     c = head.config
     caps = tuple(x for x in c.capabilities if x != "mapped-ram")
     blocks = [ev.RamBlock(b.name, b.used_length) for b in snap.blocks]
@@ -70,7 +71,24 @@ def plain_stream_head(snap: Snapshot, head: StreamHead) -> bytes:
             + encoder.configuration(c.machine_type, caps, page_bits=c.page_bits, uuid=c.uuid)
             + head.prelude
             + encoder.ram_start(sid, blocks)
-            + encoder.eos() + encoder.footer(sid))
+            + before_eos + encoder.eos() + encoder.footer(sid))
+
+
+def explicit_zero_records(snap: Snapshot, last_block: str | None
+                          ) -> tuple[bytes, int, str | None]:
+    """ZERO records for the absent pages of firmware/ROM-sized blocks (a destination fills
+    those itself at startup), as (records, page count, last block named)."""
+    out = bytearray()
+    count = 0
+    for block in snap.blocks:
+        if block.used_length > EXPLICIT_ZERO_MAX:
+            continue
+        absent = np.flatnonzero(~block.present).astype(np.uint64) * np.uint64(block.page_size)
+        if len(absent):
+            out += encoder.zero_records(block.name, absent, continue_=block.name == last_block)
+            last_block = block.name
+            count += len(absent)
+    return bytes(out), count, last_block
 
 
 def device_state(snap: Snapshot) -> bytes:
@@ -96,7 +114,7 @@ def send(path: str | os.PathLike, sink: BinaryIO, *, direct: bool = True,
         widen_pipe(fd)
         sent = writev_all(fd, [plain_stream_head(snap, head), encoder.section_part(sid)])
         total = sum(b.present_count * b.page_size for b in snap.blocks)
-        done = pages = zeros = 0
+        done = pages = 0
         last_block = None
         for block, first, count, data in snap.iter_pages():
             offsets = (np.arange(first, first + count, dtype=np.uint64)
@@ -109,15 +127,7 @@ def send(path: str | os.PathLike, sink: BinaryIO, *, direct: bool = True,
             done += count * block.page_size
             if progress:
                 progress(done, total)
-        for block in snap.blocks:
-            if block.used_length > EXPLICIT_ZERO_MAX:
-                continue
-            absent = np.flatnonzero(~block.present).astype(np.uint64) * np.uint64(block.page_size)
-            if len(absent):
-                records = encoder.zero_records(block.name, absent,
-                                               continue_=block.name == last_block)
-                last_block = block.name
-                sent += writev_all(fd, [records])
-                zeros += len(absent)
-        sent += writev_all(fd, [encoder.eos() + encoder.footer(sid) + device_state(snap)])
+        records, zeros, _ = explicit_zero_records(snap, last_block)
+        sent += writev_all(fd, [records + encoder.eos() + encoder.footer(sid)
+                                + device_state(snap)])
     return SendStats(sent, pages, zeros)

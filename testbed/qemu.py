@@ -41,6 +41,13 @@ def _alive(pid: int) -> bool:
         return f.read().rsplit(")", 1)[1].split()[0] != "Z"
 
 
+def _wait_dead(pid: int, timeout: float = 10.0) -> None:
+    """SIGKILL is asynchronous: wait until the process is really gone (or a zombie)."""
+    deadline = time.monotonic() + timeout
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
 def leftover_processes() -> list[int]:
     """PIDs of QEMU processes started or adopted by this test bed that are still alive."""
     return [p.pid for p in _started if p.poll() is None] + [p for p in _adopted if _alive(p)]
@@ -54,6 +61,7 @@ def kill_leftovers() -> None:
     for pid in _adopted:
         if _alive(pid):
             os.kill(pid, signal.SIGKILL)
+            _wait_dead(pid)
 
 
 def qemu_argv_prefix(version: str, workdir: Path, binds: Sequence[Path] = ()) -> list[str]:
@@ -193,6 +201,7 @@ class Vm:
                 time.sleep(0.05)
             if _alive(self.adopted_pid):
                 os.kill(self.adopted_pid, signal.SIGKILL)
+                _wait_dead(self.adopted_pid)
 
     def __enter__(self) -> Vm:
         return self if self.qmp is not None else self.start()  # adopted VMs are running

@@ -204,3 +204,25 @@ def test_disk_full(workdir, small_fs):
         assert "No space left" in message, message
         assert_file_side(snap, before)
         assert_running(guest, vm)
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize("mode", ["paused", "quit", "live"])
+def test_disk_full_one_stream_never_hangs(workdir, small_fs, mode):
+    """Issue 11 item 2: with one stream, a disk filling up while QEMU sends its last pages
+    with its big lock held (a 5 s downtime limit puts all of them there) left QEMU's
+    migration thread blocked on the socket, QMP silent and vmsnap waiting forever. Now the
+    receiver shuts its socket at once and the watcher sees its failure before asking QMP."""
+    snap = small_fs / "vm.snap"
+    extra = {"paused": [], "quit": ["--quit"], "live": ["--live"]}[mode]
+    guest = BootGuest(memory_mb=256)
+    with Vm(guest.config("7.2", workdir), workdir, "src") as vm:
+        guest.boot(vm)
+        vm.cmd("migrate-set-parameters", **{"downtime-limit": 5000})
+        for _ in range(2):
+            message = failed(run_vmsnap(workdir, "save", "--force", "--channels", 0,
+                                        "--qmp", vm.tool_qmp_path, snap, *extra, timeout=60))
+            assert "No space left" in message, message
+            assert_file_side(snap, None)
+            assert vm.cmd("query-migrate")["status"] in ("failed", "cancelled")
+            assert_running(guest, vm)

@@ -181,12 +181,18 @@ async def _save(client: QMPClient, peer: qmpmod.Peer, writer: SnapshotWriter, li
 
 
 def _receive(conns: list[socket.socket], writer: SnapshotWriter) -> ReceiveStats:
-    """Receive one plain stream, or a main channel + multifd channels (told apart by magic)."""
-    if len(conns) == 1:
-        conn = conns[0]
-        return receive(conn.makefile("rb", buffering=0), writer, reply=conn.sendall)
-    main, channels = identify_channels(conns)
-    return receive_multifd(main, channels, writer)
+    """Receive one plain stream, or a main channel + multifd channels (told apart by magic).
+    Any failure shuts every socket at once: QEMU's migration thread, which may hold the big
+    lock while it writes, must see a broken pipe instead of blocking (and silencing QMP)."""
+    try:
+        if len(conns) == 1:
+            conn = conns[0]
+            return receive(conn.makefile("rb", buffering=0), writer, reply=conn.sendall)
+        main, channels = identify_channels(conns)
+        return receive_multifd(main, channels, writer)
+    except BaseException:
+        shutdown_all(conns)
+        raise
 
 
 async def _accept(client: QMPClient, listener: socket.socket, path: str) -> socket.socket:
@@ -210,14 +216,22 @@ async def _accept(client: QMPClient, listener: socket.socket, path: str) -> sock
 
 
 async def _watch(client: QMPClient, receiver: asyncio.Future, rep: Reporter) -> dict[str, Any]:
-    """Poll QEMU's migration status until it completes; report live figures."""
+    """Poll QEMU's migration status until it completes; report live figures. The receiver's
+    failure is checked first and ends a pending query: QEMU may not answer until it does."""
     while True:
-        info = await qmpmod.migration_status(client)
+        if receiver.done() and receiver.exception() is not None:
+            raise await _cause(client, receiver.exception())
+        query = asyncio.ensure_future(qmpmod.migration_status(client))
+        try:
+            await asyncio.wait((query, receiver), return_when=asyncio.FIRST_COMPLETED)
+            if not query.done() and receiver.exception() is not None:
+                raise await _cause(client, receiver.exception())
+            info = await query
+        finally:
+            query.cancel()
         status = info.get("status")
         if status == "completed":
             return info
-        if receiver.done() and receiver.exception() is not None:
-            raise await _cause(client, receiver.exception())
         if status in ("failed", "cancelled"):
             await asyncio.sleep(0.2)  # let the receiver tell its own cause, if it has one
             if receiver.done() and receiver.exception() is not None:

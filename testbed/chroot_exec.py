@@ -13,10 +13,12 @@ import subprocess
 import sys
 
 
-def _bind(source: str, root: str) -> None:
-    target = os.path.join(root, source.lstrip("/"))
+def _bind(path: str, root: str) -> None:
+    """Make `path` visible at the same path inside `root`, even if it runs through a
+    symlink on the host (a worktree's build/ pointing at the main checkout's)."""
+    target = os.path.join(root, os.path.abspath(path).lstrip("/"))
     os.makedirs(target, exist_ok=True)
-    subprocess.run(["mount", "--bind", source, target], check=True)
+    subprocess.run(["mount", "--bind", os.path.realpath(path), target], check=True)
 
 
 def main(argv: list[str]) -> None:
@@ -27,7 +29,7 @@ def main(argv: list[str]) -> None:
         flag, directory, *options = options
         if flag != "--bind":
             raise SystemExit(f"chroot_exec: unknown option {flag}")
-        binds.append(os.path.realpath(directory))
+        binds.append(directory)
     subprocess.run(["mount", "--make-rprivate", "/"], check=True)
     for source in binds:
         _bind(source, root)

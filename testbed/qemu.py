@@ -178,7 +178,8 @@ class Vm:
         """Quit QEMU (politely, then by force) and release sockets."""
         if self.qmp is not None:
             try:
-                if self.proc is not None and self.proc.poll() is None:
+                if self.proc is not None and self.proc.poll() is None or \
+                        self.adopted_pid is not None and _alive(self.adopted_pid):
                     self.qmp.cmd("quit")
             except Exception:  # noqa: BLE001 - QEMU may already be gone; we kill below
                 pass

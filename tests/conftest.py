@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from testbed.qemu import QEMU_VERSIONS, kill_leftovers, leftover_processes
+from vmsnap.hostkey import KEY_DIR_ENV
 
 
 @pytest.fixture
@@ -26,3 +29,13 @@ def no_qemu_survives():
     alive = leftover_processes()
     kill_leftovers()
     assert not alive, f"QEMU processes survived the test: {alive}"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def private_host_key(tmp_path_factory):
+    """vmsnap's host key (which signs saved files) lives in a private directory for the
+    session, never in the real /var/lib/vmsnap; subprocesses inherit the variable."""
+    directory = tmp_path_factory.mktemp("hostkey")
+    directory.chmod(0o700)
+    os.environ[KEY_DIR_ENV] = str(directory)
+    return directory

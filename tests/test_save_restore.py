@@ -4,38 +4,19 @@ Python API and the --json events."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 import vmsnap
 from testbed.cases import ROUND_TRIPS, make_guest
+from testbed.cli import events, ok, run_vmsnap
 from testbed.guests import BootGuest
 from testbed.qemu import Vm
 
 MIB = 1 << 20
-
-
-def run_vmsnap(workdir: Path, *args, timeout: float = 900) -> subprocess.CompletedProcess:
-    """Run the vmsnap CLI; TMPDIR=workdir so a chroot QEMU 10 sees vmsnap's sockets."""
-    env = {**os.environ, "TMPDIR": str(workdir)}
-    return subprocess.run([sys.executable, "-m", "vmsnap.cli", *map(str, args)], env=env,
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert result.returncode == 0, f"vmsnap failed ({result.returncode}): {result.stderr}"
-    assert "Traceback" not in result.stderr
-    return result
-
-
-def events(result: subprocess.CompletedProcess) -> list[dict]:
-    return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
 
 
 def size_bound(path: Path) -> tuple[int, int]:

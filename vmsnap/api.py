@@ -68,13 +68,15 @@ def save(qmp_address: str, path: str | os.PathLike, *, live: bool = False,
 def restore(path: str | os.PathLike, *, qmp_address: str | None = None,
             command: Sequence[str] | None = None, paused: bool = False,
             reporter: Reporter | None = None, direct: bool = True,
-            channels: int | None = None) -> RestoreResult:
+            channels: int | None = None, trust_command_line: bool = False) -> RestoreResult:
     """Restore `path` into the QEMU at `qmp_address` (started with -incoming defer), or into
-    one launched from `command`, or from the command line stored in the file.
+    one launched from `command`, or from the command line stored in the file: that one runs
+    only if this host's key signed the file, or with `trust_command_line` (after reading
+    it), and only if it starts a QEMU system emulator.
     `channels`: parallel multifd channels (0: one plain stream; default: from the CPUs)."""
     return _run(_restore.restore(path, qmp_address=qmp_address, command=command,
                                  paused=paused, reporter=reporter, direct=direct,
-                                 channels=channels))
+                                 channels=channels, trust_command_line=trust_command_line))
 
 
 def open(path: str | os.PathLike, *, direct: bool = True) -> Snapshot:  # noqa: A001

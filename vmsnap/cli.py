@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import json
 import os
+import shlex
 import sys
 import time
 from collections.abc import Callable
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from . import api
 from .errors import USER_ERRORS, VmsnapError
@@ -81,19 +83,30 @@ def cmd_info(args: argparse.Namespace, rep: Reporter) -> int:
     console = Console()
     summary = Table.grid(padding=(0, 2))
     for key in ("path", "format", "integrity", "qemu_version", "machine_type", "created"):
-        summary.add_row(key.replace("_", " "), str(info[key]))
+        summary.add_row(key.replace("_", " "), _text(info[key]))
     summary.add_row("RAM", f"{info['ram_bytes']:,} bytes ({info['present_bytes']:,} present)")
     summary.add_row("file size", f"{info['apparent_size']:,} apparent, "
                                  f"{info['allocated_size']:,} allocated")
     if info["command_line"]:
-        summary.add_row("command line", " ".join(info["command_line"]))
+        summary.add_row("command line", _text(shlex.join(info["command_line"])))
+        trust = ("trusted: " if info["command_line_trusted"] else "NOT trusted: ") \
+            + info["command_line_trust"]
+        if info["command_line_runs_programs"]:
+            trust += "; makes QEMU run: " + ", ".join(info["command_line_runs_programs"])
+        summary.add_row("relaunch", _text(trust))
     console.print(summary)
     table = Table("block", "used length", "present pages", "zero pages")
     for b in info["blocks"]:
-        table.add_row(b["name"], f"{b['used_length']:#x}", str(b["present_pages"]),
+        table.add_row(_text(b["name"]), f"{b['used_length']:#x}", str(b["present_pages"]),
                       str(b["zero_pages"]))
     console.print(table)
     return 0
+
+
+def _text(value: object) -> Text:
+    """`value` shown as it is: no rich markup, control characters and undecodable bytes
+    escaped (a file's block names and command line must not drive the terminal)."""
+    return Text("".join(c if c.isprintable() else ascii(c)[1:-1] for c in str(value)))
 
 
 def cmd_verify(args: argparse.Namespace, rep: Reporter) -> int:
@@ -136,7 +149,8 @@ def cmd_restore(args: argparse.Namespace, rep: Reporter) -> int:
     if command and args.qmp:
         raise VmsnapError("give either --qmp or a QEMU command line, not both")
     r = api.restore(args.file, qmp_address=args.qmp, command=command or None,
-                    paused=args.paused, reporter=rep, channels=args.channels)
+                    paused=args.paused, reporter=rep, channels=args.channels,
+                    trust_command_line=args.trust_command_line)
     if not args.json:
         print(f"restored {r.path}: {r.pages:,} pages in {r.seconds:.2f}s, VM {r.final_state}"
               + (f" (pid {r.pid}, QMP {r.qmp})" if r.pid else ""))
@@ -196,6 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--qmp", metavar="SOCKET",
                     help="restore into this QEMU (started with -incoming defer)")
     sp.add_argument("--paused", action="store_true", help="leave the VM paused")
+    sp.add_argument("--trust-command-line", action="store_true",
+                    help="run the stored command line although this host did not sign the "
+                         "file, or although it makes QEMU run a program (read it with "
+                         "`vmsnap info` first); it must still start a qemu-system-* binary")
     _channels_option(sp)
     sp.set_defaults(qemu_command=[])
     sp.epilog = "After --, a QEMU command line to launch instead of the stored one."

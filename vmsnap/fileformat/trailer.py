@@ -17,7 +17,12 @@ Body (at `body_offset` = stream_end rounded up to 4096; all integers little-endi
 JSON keys: format_version, qemu_version, machine_type, command_line (list[str] | null),
 created (ISO 8601 UTC), stream_end, checksum ("xxh3-64"), page_size,
 blocks [{"name", "pages"}], ranges [{"start", "length", "xxh3" (16 hex digits)}] — one
-range per non-page byte range of the stream (prefix + block records + bitmaps, tail).
+range per non-page byte range of the stream (prefix + block records + bitmaps, tail) —
+and, in files vmsnap saved, signature {"key_id", "hmac"}: HMAC-SHA256 under the saving
+host's key (see vmsnap.hostkey) of the domain string, the length and bytes of the canonical
+JSON (sorted keys, no spaces) without "signature", and the checksum tables. It covers every
+metadata field and, through the xxh3 tables, every byte of the stream; re-sealing an
+altered file needs the key.
 
 Commit record (last 64 bytes of the file, little-endian)::
 
@@ -34,6 +39,8 @@ Commit record (last 64 bytes of the file, little-endian)::
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import struct
 from collections.abc import Callable, Sequence
@@ -54,6 +61,11 @@ CHECKSUM_ALGO = "xxh3-64"
 _COMMIT = struct.Struct("<8sIIQQQQQ")  # + u64 self checksum
 _BODY_HEAD = struct.Struct("<8sII")
 assert _COMMIT.size == 56
+#: Metadata JSON larger than this is refused (a real one is a few KiB plus 60 bytes per range).
+MAX_METADATA = 16 << 20
+#: Smallest page size any QEMU target uses: bounds the checksum tables by the stream's size.
+MIN_PAGE_SIZE = 1024
+_HMAC_DOMAIN = b"vmsnap trailer hmac v1\0"
 
 
 def xxh3(data) -> int:
@@ -102,6 +114,34 @@ class TrailerMetadata:
         return d
 
 
+def key_id(key: bytes) -> str:
+    """A public name of a host key (16 hex digits): tells "another host" from "altered"."""
+    return hmac.new(key, b"vmsnap key id", hashlib.sha256).hexdigest()[:16]
+
+
+def _canonical(md: dict) -> bytes:
+    return json.dumps(md, separators=(",", ":"), sort_keys=True).encode()
+
+
+def _mac(key: bytes, js: bytes, tables) -> str:
+    mac = hmac.new(key, _HMAC_DOMAIN + struct.pack("<Q", len(js)) + js, hashlib.sha256)
+    mac.update(tables)
+    return mac.hexdigest()
+
+
+@dataclass(frozen=True)
+class Signature:
+    """The trailer's host-key signature and the bytes it signs."""
+
+    key_id: str
+    mac: str
+    metadata_json: bytes = field(repr=False)
+    tables: memoryview = field(repr=False)
+
+    def valid(self, key: bytes) -> bool:
+        return hmac.compare_digest(_mac(key, self.metadata_json, self.tables), self.mac)
+
+
 @dataclass(frozen=True)
 class RangeChecksum:
     start: int
@@ -125,6 +165,7 @@ class Trailer:
     blocks: list[BlockChecksums]
     ranges: list[RangeChecksum]
     commit: CommitRecord
+    signature: Signature | None = None
 
     def block(self, name: str) -> BlockChecksums:
         for b in self.blocks:
@@ -169,7 +210,16 @@ class CommitRecord:
             raise CorruptTrailer("corrupt trailer: body offset inconsistent with stream_end")
         if blen < _BODY_HEAD.size:
             raise CorruptTrailer("corrupt trailer: body too short")
+        if blen > max_body_length(send):
+            raise CorruptTrailer(f"corrupt trailer: body of {blen} bytes is larger than a "
+                                 f"stream of {send} bytes can need")
         return cls(version, boff, blen, bsum, send)
+
+
+def max_body_length(stream_end: int) -> int:
+    """The largest body a stream of `stream_end` bytes can need: the metadata JSON and one
+    8-byte checksum per page the stream can hold."""
+    return _BODY_HEAD.size + MAX_METADATA + 8 + 8 * (stream_end // MIN_PAGE_SIZE)
 
 
 def encode_trailer(
@@ -177,8 +227,10 @@ def encode_trailer(
     metadata: TrailerMetadata,
     blocks: Sequence[BlockChecksums],
     ranges: Sequence[RangeChecksum],
+    key: bytes | None = None,
 ) -> tuple[int, bytes]:
-    """Return (file offset, bytes) of padding-free trailer: body + commit record.
+    """Return (file offset, bytes) of padding-free trailer: body + commit record, signed
+    with `key` when given.
 
     The caller writes it at the returned offset (stream_end rounded up to 4 KiB); the gap
     stream_end..offset must read as zeros.
@@ -190,11 +242,15 @@ def encode_trailer(
     md["ranges"] = [
         {"start": r.start, "length": r.length, "xxh3": f"{r.xxh3:016x}"} for r in ranges
     ]
-    js = json.dumps(md, separators=(",", ":"), sort_keys=True).encode()
+    tables = b"".join(np.ascontiguousarray(b.table, dtype="<u8").tobytes() for b in blocks)
+    if key is not None:
+        md["signature"] = {"key_id": key_id(key), "hmac": _mac(key, _canonical(md), tables)}
+    js = _canonical(md)
+    if len(js) > MAX_METADATA:
+        raise SnapshotError(f"metadata JSON of {len(js)} bytes exceeds {MAX_METADATA}")
     head = _BODY_HEAD.pack(BODY_MAGIC, FORMAT_VERSION, len(js)) + js
     head += b"\0" * (-len(head) % 8)
-    parts = [head] + [np.ascontiguousarray(b.table, dtype="<u8").tobytes() for b in blocks]
-    body = b"".join(parts)
+    body = head + tables
     offset = -(-stream_end // TRAILER_ALIGN) * TRAILER_ALIGN
     commit = CommitRecord(FORMAT_VERSION, offset, len(body), xxh3(body), stream_end)
     return offset, body + commit.pack()
@@ -219,6 +275,9 @@ def decode_body(body: bytes, commit: CommitRecord) -> Trailer:
     if version != FORMAT_VERSION:
         raise UnsupportedVersion(f"unsupported vmsnap trailer body version {version}")
     jend = _BODY_HEAD.size + jlen
+    if jlen > MAX_METADATA:
+        raise CorruptTrailer(f"corrupt trailer: metadata of {jlen} bytes exceeds "
+                             f"{MAX_METADATA}")
     if jend > len(body):
         raise CorruptTrailer("corrupt trailer: metadata length beyond body")
     try:
@@ -227,6 +286,7 @@ def decode_body(body: bytes, commit: CommitRecord) -> Trailer:
         raise CorruptTrailer("corrupt trailer: metadata is not valid JSON") from None
     if not isinstance(md, dict):
         raise CorruptTrailer("corrupt trailer: metadata is not a JSON object")
+    signature = _signature(md, memoryview(body)[jend + (-jend % 8):])
     if _req(md, "format_version", int) != FORMAT_VERSION:
         raise UnsupportedVersion(f"unsupported vmsnap metadata version {md['format_version']}")
     if _req(md, "checksum", str) != CHECKSUM_ALGO:
@@ -284,7 +344,22 @@ def decode_body(body: bytes, commit: CommitRecord) -> Trailer:
         except ValueError:
             raise CorruptTrailer(f"corrupt trailer: range {i} checksum invalid") from None
         ranges.append(RangeChecksum(start, length, value))
-    return Trailer(meta, blocks, ranges, commit)
+    return Trailer(meta, blocks, ranges, commit, signature)
+
+
+def _signature(md: dict, tables: memoryview) -> Signature | None:
+    """Take the signature out of the parsed metadata `md`; None if it has none."""
+    sig = md.pop("signature", None)
+    if sig is None:
+        return None
+    if not (isinstance(sig, dict) and isinstance(sig.get("key_id"), str)
+            and isinstance(sig.get("hmac"), str) and len(sig["hmac"]) == 64):
+        raise CorruptTrailer("corrupt trailer: metadata field 'signature' invalid")
+    try:
+        signed = _canonical(md)
+    except (ValueError, RecursionError):
+        raise CorruptTrailer("corrupt trailer: metadata cannot be signed") from None
+    return Signature(sig["key_id"], sig["hmac"], signed, tables)
 
 
 def read_trailer(pread: Callable[[int, int], bytes], file_size: int) -> Trailer:

@@ -50,8 +50,10 @@ class SnapshotWriter:
         direct: bool = True,
         buffer_size: int = 8 << 20,
         queue_depth: int = 3,
+        signing_key: bytes | None = None,
     ) -> None:
         self.path = os.fspath(path)
+        self.signing_key = signing_key  # host key: signs the trailer (see vmsnap.hostkey)
         self.metadata = metadata or TrailerMetadata()
         self.page_size = page_size
         self._direct = direct
@@ -296,7 +298,8 @@ class SnapshotWriter:
             f.pwrite_meta(tail_off, tail)
             ranges.append(RangeChecksum(tail_off, len(tail), xxh3(tail)))
             stream_end = tail_off + len(tail)
-            off, trailer = encode_trailer(stream_end, self.metadata, checks, ranges)
+            off, trailer = encode_trailer(stream_end, self.metadata, checks, ranges,
+                                         self.signing_key)
             f.pwrite_meta(off, trailer)
             f.truncate(off + len(trailer))
             f.fsync()

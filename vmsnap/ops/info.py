@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 
 from ..fileformat.reader import open_snapshot
+from ..hostkey import trust_of
+from ..orchestration.relaunch import program_options
 
 
 def describe(path: str | os.PathLike) -> dict:
@@ -12,6 +14,8 @@ def describe(path: str | os.PathLike) -> dict:
     st = os.stat(path)
     with open_snapshot(path) as snap:
         meta = snap.metadata
+        command = meta.command_line if meta else None
+        trust = trust_of(snap.trailer)
         blocks = [{"name": b.name, "used_length": b.used_length, "pages": b.npages,
                    "present_pages": b.present_count, "zero_pages": b.npages - b.present_count}
                   for b in snap.blocks]
@@ -24,7 +28,10 @@ def describe(path: str | os.PathLike) -> dict:
             "qemu_version": meta.qemu_version if meta else None,
             "machine_type": snap.machine_type,
             "created": meta.created if meta else None,
-            "command_line": meta.command_line if meta else None,
+            "command_line": command,
+            "command_line_trusted": trust.trusted if command else None,
+            "command_line_trust": trust.reason if command else None,
+            "command_line_runs_programs": program_options(command) if command else None,
             "ram_bytes": sum(b.used_length for b in snap.blocks),
             "present_bytes": sum(b.present_count * b.page_size for b in snap.blocks),
             "apparent_size": st.st_size,

@@ -22,14 +22,14 @@ from qemu.qmp import QMPClient
 
 from ..errors import VmsnapError
 from ..fileformat.reader import open_snapshot
+from ..hostkey import trust_of
 from ..ops.multifd_send import send_multifd, sync_mode_for_machine
 from ..ops.send import SendStats, send
 from ..progress import Reporter
 from . import qmp as qmpmod
+from .relaunch import approve, relaunch_argv
 from .save import INCOMPATIBLE_CAPS, check_channels
 
-#: Options of the saved command line that clash with an incoming restore (name → has value).
-DROPPED_OPTIONS = {"incoming": True, "loadvm": True, "daemonize": False, "S": False}
 START_TIMEOUT = 60.0
 
 
@@ -44,27 +44,13 @@ class RestoreResult:
     qmp: str
 
 
-def relaunch_argv(argv: Sequence[str], qmp_path: str) -> list[str]:
-    """The saved QEMU command line, made to wait for an incoming stream on our QMP socket."""
-    if not argv:
-        raise VmsnapError("empty QEMU command line")
-    out = [argv[0]]
-    i = 1
-    while i < len(argv):
-        name = argv[i].lstrip("-") if argv[i].startswith("-") else None
-        if name in DROPPED_OPTIONS:
-            i += 2 if DROPPED_OPTIONS[name] else 1
-            continue
-        out.append(argv[i])
-        i += 1
-    return [*out, "-S", "-incoming", "defer", "-qmp", f"unix:{qmp_path},server=on,wait=off"]
-
-
-async def _launch(argv: list[str], qmp_path: str, log_path: str) -> subprocess.Popen:
+async def _launch(argv: list[str], program: str | None, qmp_path: str,
+                  log_path: str) -> subprocess.Popen:
+    """Start `argv` (running `program` if given, else argv[0] through PATH)."""
     with open(log_path, "wb") as log:
         try:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                    start_new_session=True)
+            proc = subprocess.Popen(argv, executable=program, stdin=subprocess.DEVNULL,
+                                    stdout=log, stderr=log, start_new_session=True)
         except OSError as err:
             raise VmsnapError(f"cannot start {argv[0]}: {err.strerror}") from err
     deadline = time.monotonic() + START_TIMEOUT
@@ -107,9 +93,11 @@ async def _connect_incoming(path: str, timeout: float = START_TIMEOUT) -> socket
 async def restore(path: str | os.PathLike, *, qmp_address: str | None = None,
                   command: Sequence[str] | None = None, paused: bool = False,
                   reporter: Reporter | None = None, direct: bool = True,
-                  channels: int | None = None) -> RestoreResult:
+                  channels: int | None = None,
+                  trust_command_line: bool = False) -> RestoreResult:
     """Restore the snapshot at `path` into the QEMU at `qmp_address`, or into a QEMU
-    launched from `command` (default: the command line stored in the snapshot).
+    launched from `command` (default: the command line stored in the snapshot, if this
+    host signed the file or `trust_command_line`; see relaunch.approve).
     `channels`: multifd channels (0: one plain stream; None: check_channels(None))."""
     channels = check_channels(channels)
     path = os.path.abspath(os.fspath(path))
@@ -119,6 +107,7 @@ async def restore(path: str | os.PathLike, *, qmp_address: str | None = None,
         machine = snap.machine_type
         saved_running = (meta.extra.get("run_state", "running") == "running") if meta else True
         total = sum(b.present_count * b.page_size for b in snap.blocks)
+        trust = trust_of(snap.trailer)
     workdir = tempfile.mkdtemp(prefix="vmsnap-")  # 0700
     proc: subprocess.Popen | None = None
     client: QMPClient | None = None
@@ -129,8 +118,9 @@ async def restore(path: str | os.PathLike, *, qmp_address: str | None = None,
             if not argv:
                 raise VmsnapError(f"{path} stores no QEMU command line: give --qmp SOCKET "
                                   "or -- QEMU_COMMAND...")
+            program = None if command else approve(argv, trust, trust_command_line, path)
             qmp_address = os.path.join(workdir, "qmp.sock")
-            proc = await _launch(relaunch_argv(argv, qmp_address), qmp_address,
+            proc = await _launch(relaunch_argv(argv, qmp_address), program, qmp_address,
                                  os.path.join(workdir, "qemu.log"))
         client, peer = await qmpmod.connect(qmp_address)
         await _check_target(client, peer, machine)

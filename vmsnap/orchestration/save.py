@@ -22,6 +22,7 @@ from qemu.qmp import ExecInterruptedError, QMPClient, StateError
 from ..errors import VmsnapError
 from ..fileformat.trailer import TrailerMetadata
 from ..fileformat.writer import SnapshotWriter
+from ..hostkey import load_or_create_key
 from ..io.atomic import FileLockedError
 from ..io.sockets import shutdown_all
 from ..ops.multifd_receive import identify_channels, receive_multifd
@@ -96,7 +97,7 @@ async def save(qmp_address: str, path: str | os.PathLike, *, live: bool = False,
     if os.path.exists(path) and not force:
         raise VmsnapError(f"{path} exists (use --force to overwrite)")
     rep = reporter or Reporter()
-    writer = SnapshotWriter(path, direct=direct)
+    writer = SnapshotWriter(path, direct=direct, signing_key=load_or_create_key())
     try:
         writer.reserve()  # lock FILE.partial before QMP or the VM is touched
     except FileLockedError as err:

@@ -1,0 +1,105 @@
+"""Craft hostile snapshot files as an attacker would: edit the trailer's metadata and re-seal
+it (new body checksum and commit record), so the file still passes `vmsnap verify`."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Callable
+from pathlib import Path
+
+from vmsnap.fileformat.trailer import (
+    COMMIT_SIZE,
+    CommitRecord,
+    RangeChecksum,
+    Trailer,
+    decode_trailer_bytes,
+    encode_trailer,
+    xxh3,
+)
+
+_HEAD = struct.Struct("<8sII")
+
+
+def trailer_parts(path: Path) -> tuple[int, int, dict, bytes]:
+    """(body offset, stream_end, metadata JSON as parsed, checksum tables) of a vmsnap file."""
+    data = path.read_bytes()
+    rec = CommitRecord.parse(data[-COMMIT_SIZE:], len(data))
+    body = data[rec.body_offset:rec.body_offset + rec.body_length]
+    _magic, _version, jlen = _HEAD.unpack_from(body)
+    jend = _HEAD.size + jlen
+    return rec.body_offset, rec.stream_end, json.loads(body[_HEAD.size:jend]), \
+        body[jend + (-jend % 8):]
+
+
+def write_trailer(path: Path, body_offset: int, stream_end: int, js: bytes,
+                  tables: bytes, jlen: int | None = None) -> None:
+    """Replace the trailer of `path` by one with metadata bytes `js` (and a JSON length
+    field of `jlen`, default len(js)), sealed with a valid body checksum and commit record."""
+    head = _HEAD.pack(b"VMSNAPT1", 1, len(js) if jlen is None else jlen) + js
+    body = head + b"\0" * (-len(head) % 8) + tables
+    record = CommitRecord(1, body_offset, len(body), xxh3(body), stream_end).pack()
+    with open(path, "r+b") as f:
+        f.truncate(body_offset)
+        f.seek(body_offset)
+        f.write(body + record)
+
+
+def reseal(path: Path, edit: Callable[[dict], None]) -> None:
+    """Let `edit` change the parsed metadata of `path` in place, then re-seal the file; the
+    signature, if any, is kept as it was (the attacker has no key)."""
+    body_offset, stream_end, md, tables = trailer_parts(path)
+    edit(md)
+    write_trailer(path, body_offset, stream_end,
+                  json.dumps(md, separators=(",", ":"), sort_keys=True).encode(), tables)
+
+
+def sparse_copy(src: Path, dst: Path) -> Path:
+    """Copy `src` to `dst` keeping holes (crafted files stay small on disk)."""
+    with open(src, "rb") as fi, open(dst, "wb") as fo:
+        size = os.fstat(fi.fileno()).st_size
+        pos = 0
+        while pos < size:
+            try:
+                data_at = os.lseek(fi.fileno(), pos, os.SEEK_DATA)
+            except OSError:  # ENXIO: only a hole is left
+                break
+            hole_at = os.lseek(fi.fileno(), data_at, os.SEEK_HOLE)
+            os.copy_file_range(fi.fileno(), fo.fileno(), hole_at - data_at, data_at, data_at)
+            pos = hole_at
+        fo.truncate(size)
+    return dst
+
+
+def resign(path: Path, edit: Callable[[Trailer], None], key: bytes | None) -> None:
+    """Let `edit` change the decoded trailer of `path`, then write it back signed with `key`
+    (a host key: the file then looks like one that host saved)."""
+    trailer = decode_trailer_bytes(path.read_bytes())
+    edit(trailer)
+    offset, data = encode_trailer(trailer.commit.stream_end, trailer.metadata, trailer.blocks,
+                                  trailer.ranges, key)
+    with open(path, "r+b") as f:
+        f.truncate(offset)
+        f.seek(offset)
+        f.write(data)
+
+
+def rename_block(path: Path, old: str, new: str, key: bytes | None) -> None:
+    """Rename RAM block `old` to `new` (same length) in the stream and the trailer, with the
+    range checksums recomputed: a file that passes `verify` with a block name of our choice."""
+    if len(old.encode()) != len(new.encode()):
+        raise ValueError("names must have the same length")
+    data = bytearray(path.read_bytes())
+    needle = bytes([len(old.encode())]) + old.encode()
+    at = data.index(needle) + 1
+    data[at:at + len(old.encode())] = new.encode()
+    path.write_bytes(data)
+
+    def edit(trailer: Trailer) -> None:
+        for b in trailer.blocks:
+            if b.name == old:
+                b.name = new
+        trailer.ranges = [RangeChecksum(r.start, r.length, xxh3(data[r.start:r.start + r.length]))
+                          for r in trailer.ranges]
+    resign(path, edit, key)

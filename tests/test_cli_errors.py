@@ -325,3 +325,16 @@ def test_reader_gone(captured, args):
         assert proc.returncode != 0 and not proc.stderr
     else:
         fails_with(proc, "broken pipe")
+
+
+def test_info_json_is_one_event_line_and_no_direct_is_honoured(captured):
+    """`info --json` prints the same JSON-lines "done" event as every verb; -v logs how the
+    file was opened, --no-direct makes that buffered."""
+    import json
+
+    proc = run("-v", "info", "--json", "--no-direct", captured.snap, check=0)
+    lines = proc.stdout.decode().splitlines()
+    assert len(lines) == 1, lines
+    event = json.loads(lines[0])
+    assert (event["event"], event["op"], event["format"]) == ("done", "info", "vmsnap")
+    assert "buffered (O_DIRECT not requested) I/O" in proc.stderr.decode()

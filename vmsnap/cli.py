@@ -7,20 +7,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
+import logging
 import os
 import shlex
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from . import api
-from .errors import USER_ERRORS, VmsnapError
+from . import __version__, api
+from .errors import USER_ERRORS, VmsnapError, one_line
 from .fileformat.trailer import TrailerMetadata
 from .fileformat.writer import SnapshotWriter
 from .ops.info import describe
@@ -43,7 +42,8 @@ def cmd_receive(args: argparse.Namespace, rep: Reporter) -> int:
     rep.start("receive")
     t0 = time.monotonic()
     with open(args.stream, "rb") if args.stream else _stdin() as src:
-        writer = SnapshotWriter(args.file, TrailerMetadata(qemu_version=args.qemu_version))
+        writer = SnapshotWriter(args.file, TrailerMetadata(qemu_version=args.qemu_version),
+                                direct=args.direct)
         stats = receive(src, writer, progress=lambda n: rep.update(n))
     dt = time.monotonic() - t0
     rep.done(file=stats.path, stream_bytes=stats.stream_bytes, pages=stats.pages,
@@ -58,7 +58,8 @@ def cmd_send(args: argparse.Namespace, rep: Reporter) -> int:
     rep.start("send")
     t0 = time.monotonic()
     with open(args.stream, "wb") if args.stream else _stdout() as sink:
-        stats = send(args.file, sink, progress=lambda d, t: rep.update(d, t))
+        stats = send(args.file, sink, direct=args.direct,
+                     progress=lambda d, t: rep.update(d, t))
     dt = time.monotonic() - t0
     rep.done(stream_bytes=stats.stream_bytes, pages=stats.pages, seconds=round(dt, 3),
              gb_per_s=_gib_s(stats.stream_bytes, dt))
@@ -76,9 +77,9 @@ def _stdout():
 
 
 def cmd_info(args: argparse.Namespace, rep: Reporter) -> int:
-    info = describe(args.file)
-    if args.json:
-        print(json.dumps(info, indent=2))
+    info = describe(args.file, direct=args.direct)
+    if args.json:  # one JSON line, the same "done" event as every other verb's last line
+        rep.result("info", **info)
         return 0
     console = Console()
     summary = Table.grid(padding=(0, 2))
@@ -113,7 +114,7 @@ def cmd_verify(args: argparse.Namespace, rep: Reporter) -> int:
     from .fileformat.reader import open_snapshot
 
     t0 = time.monotonic()
-    with open_snapshot(args.file) as snap:
+    with open_snapshot(args.file, direct=args.direct) as snap:
         rep.start("verify", sum(b.present_count * b.page_size for b in snap.blocks))
         result = snap.verify(progress=lambda d, t: rep.update(d, t))
     dt = time.monotonic() - t0
@@ -137,7 +138,7 @@ def cmd_export(args: argparse.Namespace, rep: Reporter) -> int:
 def cmd_save(args: argparse.Namespace, rep: Reporter) -> int:
     after = "resume" if args.resume else "quit" if args.quit else "pause"
     r = api.save(args.qmp, args.file, live=args.live, after=after, force=args.force,
-                 reporter=rep, channels=args.channels)
+                 reporter=rep, direct=args.direct, channels=args.channels)
     if not args.json:
         print(f"saved {r.path}: {r.stream_bytes:,} stream bytes in {r.seconds:.2f}s "
               f"({_gib_s(r.stream_bytes, r.seconds)} GB/s), VM {r.final_state}")
@@ -149,8 +150,8 @@ def cmd_restore(args: argparse.Namespace, rep: Reporter) -> int:
     if command and args.qmp:
         raise VmsnapError("give either --qmp or a QEMU command line, not both")
     r = api.restore(args.file, qmp_address=args.qmp, command=command or None,
-                    paused=args.paused, reporter=rep, channels=args.channels,
-                    trust_command_line=args.trust_command_line)
+                    paused=args.paused, reporter=rep, direct=args.direct,
+                    channels=args.channels, trust_command_line=args.trust_command_line)
     if not args.json:
         print(f"restored {r.path}: {r.pages:,} pages in {r.seconds:.2f}s, VM {r.final_state}"
               + (f" (pid {r.pid}, QMP {r.qmp})" if r.pid else ""))
@@ -166,12 +167,20 @@ def _channels_option(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="vmsnap", description="Save and restore QEMU VMs to fixed-offset snapshot files.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    p.add_argument("-v", "--verbose", action="count", default=0,
+                   help="debug log on stderr (QMP commands, channels, I/O); -vv adds qemu.qmp's")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, func: Callable, help_: str) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help_, description=help_)
         sp.set_defaults(func=func)
-        sp.add_argument("--json", action="store_true", help="machine-readable output")
+        sp.add_argument("--json", action="store_true",
+                        help="machine-readable output: one JSON event per line")
+        sp.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
+                        help="debug log on stderr")
+        sp.add_argument("--no-direct", dest="direct", action="store_false",
+                        help="buffered I/O instead of O_DIRECT for the snapshot file")
         return sp
 
     sp = add("receive", cmd_receive, "read a migration stream on stdin into a snapshot FILE "
@@ -216,8 +225,22 @@ def build_parser() -> argparse.ArgumentParser:
                          "`vmsnap info` first); it must still start a qemu-system-* binary")
     _channels_option(sp)
     sp.set_defaults(qemu_command=[])
+    sp.usage = sp.format_usage().removeprefix("usage: ").rstrip() + " [-- QEMU_COMMAND ...]"
     sp.epilog = "After --, a QEMU command line to launch instead of the stored one."
     return p
+
+
+def _setup_logging(verbose: int) -> None:
+    """Warnings always reach stderr; -v adds vmsnap's debug records, -vv qemu.qmp's too."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(
+        "%(asctime)s %(name)s %(levelname)s: %(message)s" if verbose else "vmsnap: %(message)s"))
+    logger = logging.getLogger("vmsnap")
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG if verbose else logging.WARNING)
+    if verbose >= 2:
+        logging.getLogger("qemu.qmp").addHandler(handler)
+        logging.getLogger("qemu.qmp").setLevel(logging.DEBUG)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -231,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command != "restore":
             build_parser().error("only restore takes a command line after --")
         args.qemu_command = tail
+    _setup_logging(args.verbose)
     # send writes the stream on stdout: its JSON events go to stderr
     out = sys.stderr if args.command == "send" or (args.command == "export" and not args.dest) \
         else sys.stdout
@@ -240,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as err:
         if isinstance(err, BrokenPipeError):  # our reader went away: no more output there
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        message = _one_line(err)
+        message = one_line(err)
         rep.error(message)
         print(f"vmsnap {args.command}: error: {message}", file=sys.stderr)
         return 1
@@ -249,11 +273,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vmsnap {args.command}: interrupted", file=sys.stderr)
         return 130
 
-
-def _one_line(err: BaseException) -> str:
-    if isinstance(err, OSError) and err.filename:
-        return f"{err.strerror or err}: {Path(err.filename)}"
-    return " ".join(str(err).split()) or type(err).__name__
 
 
 if __name__ == "__main__":

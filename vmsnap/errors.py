@@ -1,12 +1,42 @@
-"""The one exception family the CLI turns into a one-line message and a non-zero exit."""
+"""The one exception family: every failure a user can cause derives from `VmsnapError`.
 
-from .fileformat.errors import SnapshotError
-from .stream.errors import StreamError
+A leaf module (it imports nothing from vmsnap), so the codec and the I/O engine can base
+their errors on it without importing anything above them. The specific classes live with
+the code that raises them and are all exported from `vmsnap`:
+
+    VmsnapError
+    ├── StreamError (also ValueError)        malformed/unsupported migration stream
+    ├── SnapshotError (also ValueError)      malformed, incomplete or corrupt snapshot file
+    │   ├── NoCommitRecord, CorruptTrailer (UnsupportedVersion), IncompleteSnapshot
+    │   └── ChecksumMismatch                 a page or stream range fails its xxh3
+    ├── IOEngineError (also OSError)         I/O the engine cannot repair
+    ├── FileLockedError (also OSError)       another process writes the same file
+    └── QMPConnectError (also ConnectionError)  no QMP at the given address
+
+`except vmsnap.VmsnapError` catches all of them; the second bases keep older
+`except ValueError` / `except OSError` handlers working.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
 
 
 class VmsnapError(Exception):
     """A failure with a message fit for one line on stderr."""
 
 
-#: Everything a user can cause with bad input; never shown as a traceback.
-USER_ERRORS = (VmsnapError, SnapshotError, StreamError, OSError)
+class QMPConnectError(VmsnapError, ConnectionError):
+    """Nothing answers QMP at the given address."""
+
+
+#: What the CLI reports as one line (never a traceback): our family, and the OS's own
+#: errors about user paths (missing file, permission, disk full, broken pipe).
+USER_ERRORS = (VmsnapError, OSError)
+
+
+def one_line(err: BaseException) -> str:
+    """`err` as one line: whitespace collapsed; an OSError names its file."""
+    if isinstance(err, OSError) and err.filename:
+        return f"{err.strerror or err}: {Path(err.filename)}"
+    return " ".join(str(err).split()) or type(err).__name__

@@ -5,17 +5,10 @@ from __future__ import annotations
 import json
 import sys
 import time
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
+if TYPE_CHECKING:  # rich is imported only when a bar is shown: `import vmsnap` stays light
+    from rich.progress import Progress, TaskID
 
 
 class Reporter:
@@ -30,7 +23,7 @@ class Reporter:
         self._last = 0.0
         self._op = ""
         self._progress: Progress | None = None
-        self._task = None
+        self._task: TaskID | None = None
         self._failed = False
 
     def _emit(self, event: str, **fields: Any) -> None:
@@ -41,6 +34,16 @@ class Reporter:
         if self.as_json:
             self._emit("start", total=total, **fields)
         elif self.err.isatty():
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn,
+                DownloadColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+                TransferSpeedColumn,
+            )
+
             self._progress = Progress(
                 TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(),
                 TransferSpeedColumn(), TimeRemainingColumn(),
@@ -49,7 +52,7 @@ class Reporter:
             self._task = self._progress.add_task(op, total=total)
 
     def update(self, done: int, total: int | None = None, **fields: Any) -> None:
-        if self._progress is not None:
+        if self._progress is not None and self._task is not None:
             self._progress.update(self._task, completed=done, total=total,
                                   description=fields.get("phase", self._op))
         elif self.as_json:
@@ -67,6 +70,12 @@ class Reporter:
         self._stop()
         if self.as_json:
             self._emit("done", **figures)
+
+    def result(self, op: str, **fields: Any) -> None:
+        """The outcome of an operation without progress (info), as its one "done" event."""
+        self._op = op
+        if self.as_json:
+            self._emit("done", **fields)
 
     def error(self, message: str) -> None:
         """Report a failure (once: later calls for the same failure are ignored)."""

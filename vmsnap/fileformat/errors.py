@@ -1,9 +1,11 @@
-"""Typed errors of the snapshot file format (all ValueError subclasses)."""
+"""Typed errors of the snapshot file format (VmsnapError and ValueError subclasses)."""
 
 from __future__ import annotations
 
+from ..errors import VmsnapError
 
-class SnapshotError(ValueError):
+
+class SnapshotError(VmsnapError, ValueError):
     """A snapshot file is malformed, incomplete or corrupt (one-line message)."""
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +24,8 @@ from .errors import (
 from .layout import bitmap_size
 from .prefix import StreamPrefix, StreamScan
 from .trailer import Trailer, TrailerMetadata, read_trailer, xxh3
+
+log = logging.getLogger(__name__)
 
 #: Tail (device state) larger than this is refused (sanity bound).
 MAX_TAIL = 1 << 30
@@ -225,10 +228,14 @@ def open_snapshot(path: str | os.PathLike, *, direct: bool = True,
     path = os.fspath(path)
     f = DirectFile(path, writable=False, direct=direct)
     try:
-        return _open(path, f, allow_incomplete)
+        snap = _open(path, f, allow_incomplete)
     except BaseException:
         f.close()
         raise
+    log.debug("opened %s: %s file, %d RAM blocks, %s I/O", path,
+              "QEMU-native" if snap.native else "vmsnap", len(snap.blocks),
+              "O_DIRECT" if f.direct else f"buffered ({f.fallback_reason})")
+    return snap
 
 
 def _open(path: str, f: DirectFile, allow_incomplete: bool) -> Snapshot:

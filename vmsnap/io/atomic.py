@@ -17,10 +17,12 @@ import errno
 import fcntl
 import os
 
+from ..errors import VmsnapError
+
 PARTIAL_SUFFIX = ".partial"
 
 
-class FileLockedError(OSError):
+class FileLockedError(VmsnapError, OSError):
     """Another live process is writing the same file."""
 
 

@@ -20,6 +20,7 @@ import logging
 import os
 from collections.abc import Sequence
 
+from ..errors import VmsnapError
 from .aligned import PAGE_SIZE, buffer_address
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ except (ValueError, OSError):  # pragma: no cover
     IOV_MAX = 1024
 
 
-class IOEngineError(OSError):
+class IOEngineError(VmsnapError, OSError):
     """I/O failed in a way the engine cannot repair (short read at EOF, zero-byte write)."""
 
 

@@ -9,10 +9,10 @@ from ..hostkey import trust_of
 from ..orchestration.relaunch import program_options
 
 
-def describe(path: str | os.PathLike) -> dict:
+def describe(path: str | os.PathLike, *, direct: bool = True) -> dict:
     """Blocks, sizes, origin and integrity state of the snapshot at `path`."""
     st = os.stat(path)
-    with open_snapshot(path) as snap:
+    with open_snapshot(path, direct=direct) as snap:
         meta = snap.metadata
         command = meta.command_line if meta else None
         trust = trust_of(snap.trailer)

@@ -18,6 +18,7 @@ epoch k, exactly the semantic QEMU's `multifd_recv_sync_main` gives.
 
 from __future__ import annotations
 
+import logging
 import queue
 import socket
 import threading
@@ -45,6 +46,8 @@ MAX_BUFFER_BYTES = 256 << 20
 #: how long to wait for channels to close after the main stream ended
 CHANNEL_CLOSE_TIMEOUT = 120.0
 _MAIN_MAGIC = 0x5145564D
+
+log = logging.getLogger(__name__)
 
 
 class _Abort(Exception):
@@ -133,12 +136,14 @@ class _MainReceiver(StreamReceiver):
         if isinstance(e, ev.MultifdFlush):
             if self.gate.mode is None:
                 self.gate.mode = "per-round"
+                log.debug("multifd sync mode: per-round (MULTIFD_FLUSH before any EOS)")
             elif self.gate.mode != "per-round":
                 raise VmsnapError("MULTIFD_FLUSH in a per-section multifd stream")
             self._marker()
         elif isinstance(e, ev.RamEos):
             if self.gate.mode is None:
                 self.gate.mode = "per-section"
+                log.debug("multifd sync mode: per-section (EOS first)")
             if self.gate.mode == "per-section":
                 self._marker()
         else:
@@ -151,6 +156,7 @@ class _MainReceiver(StreamReceiver):
         self.writer.flush()  # main-channel page writes of this epoch are on disk
         self.gate.main_marker()
         self.markers += 1
+        log.debug("sync epoch %d: every channel applied its pages", self.markers)
 
 
 def recv_exact(sock: socket.socket, view: memoryview) -> int:
@@ -248,6 +254,7 @@ class _Channel:
                 raise VmsnapError(f"duplicate multifd channel id {ini.id}")
             self.seen_ids.add(ini.id)
         self.stats.id = ini.id
+        log.debug("multifd connection %d is channel id %d", self.i, ini.id)
         while not self.rx.blocks_ready.wait(0.5):
             if gate.error is not None:
                 raise _Abort()
@@ -335,8 +342,10 @@ def identify_channels(socks: Sequence[socket.socket], timeout: float | None = 60
         word = int.from_bytes(magic, "big") if len(magic) == 4 else None
         if word == _MAIN_MAGIC and main is None:
             main = s
+            log.debug("connection %d: main channel", len(chans) + 1)
         elif word == MULTIFD_MAGIC:
             chans.append(s)
+            log.debug("connection %d: multifd channel", len(chans) + (main is not None))
         else:
             raise VmsnapError(f"unexpected connection (first bytes {magic.hex()})")
     if main is None:
@@ -398,6 +407,7 @@ def receive_multifd(main: socket.socket, channels: Sequence[socket.socket],
                     progress(total)
             rx.close()
             if rx.return_path and reply:
+                log.debug("return path: SHUT(0) to the source")
                 main.sendall(RP_SHUT_OK)
             gate.release_all()
             for c in chans:

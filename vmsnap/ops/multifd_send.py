@@ -16,6 +16,7 @@ last pages. A mismatch is fatal on 7.2 and silently drops pages on 10.x.
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import queue
 import re
@@ -50,6 +51,8 @@ SYNC_MODES = (PER_SECTION, PER_ROUND)
 CHUNK_PAGES = 1024
 #: read buffers per channel (reader runs ahead of the sender by depth-1 chunks)
 DEPTH = 3
+
+log = logging.getLogger(__name__)
 
 _MACHINE_VERSION = re.compile(r"-(\d+)\.(\d+)(?:-machine)?$")
 
@@ -192,6 +195,7 @@ class _Sender:
         try:
             sock.sendall(MultifdInit(self.uuid, cid).pack())
             sock.sendall(self.sync_packet())  # setup epoch
+            log.debug("multifd channel %d: init sent, %s sync", cid, self.mode)
             reader.start()
             per = page_count()
             while True:
@@ -219,6 +223,7 @@ class _Sender:
             if self.stop.is_set():
                 return
             sock.sendall(self.sync_packet())  # closes the RAM epoch (PART marker)
+            log.debug("multifd channel %d: %d pages sent, RAM epoch closed", cid, counts[cid])
             if self.mode == PER_SECTION:
                 sock.sendall(self.sync_packet())  # END section's EOS
         except BaseException as e:  # noqa: BLE001 - reported by run()

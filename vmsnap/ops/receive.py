@@ -7,6 +7,7 @@ Everything after the RAM END section (device state, EOF, vmdesc) is kept verbati
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import BinaryIO
@@ -26,6 +27,8 @@ CHUNK = 8 << 20
 MAX_DEVICE_STATE = 1 << 30
 #: The return-path message that tells a QEMU source the destination is done (SHUT, error 0).
 RP_SHUT_OK = b"\x00\x01\x00\x04\x00\x00\x00\x00"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -84,6 +87,7 @@ class StreamReceiver:
             if MAPPED_RAM in e.capabilities:
                 raise VmsnapError("stream is already mapped-ram: use the file QEMU wrote")
             self.config = e
+            log.debug("stream: machine %s, capabilities %s", e.machine_type, e.capabilities)
         elif isinstance(e, ev.Command):
             if e.cmd == MIG_CMD_OPEN_RETURN_PATH:
                 self.return_path = True
@@ -122,6 +126,7 @@ class StreamReceiver:
                                           self.section.instance_id, self.section.version_id)
                   + encoder.mem_size(blocks))
         self.writer.begin(prefix, [(b.name, b.used_length) for b in blocks])
+        log.debug("RAM blocks: %s", ", ".join(f"{b.name} {b.used_length:#x}" for b in blocks))
         self.blocks = len(blocks)
 
     def tail(self) -> bytes:
@@ -155,6 +160,7 @@ def receive(source: BinaryIO, writer: SnapshotWriter, *,
             writer.metadata.machine_type = rx.config.machine_type
         writer.finish(rx.tail())
         if rx.return_path and reply is not None:
+            log.debug("return path: SHUT(0) to the source")
             reply(RP_SHUT_OK)
     return ReceiveStats(writer.path, total, rx.pages, rx.zero_pages, rx.blocks,
                         rx.config.machine_type, writer.direct)

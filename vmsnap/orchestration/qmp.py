@@ -2,13 +2,34 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from qemu.qmp import QMPClient
+
+from ..errors import QMPConnectError
+
+log = logging.getLogger(__name__)
+
+
+class Client(QMPClient):
+    """A QMPClient whose commands and replies are debug records of this module's logger."""
+
+    async def execute(self, cmd: str, arguments: Mapping[str, object] | None = None,
+                      oob: bool = False) -> object:
+        log.debug("%s: -> %s %s", self.name, cmd, dict(arguments) if arguments else "")
+        try:
+            reply = await super().execute(cmd, arguments, oob)
+        except Exception as err:
+            log.debug("%s: <- %s failed: %s", self.name, cmd, err)
+            raise
+        log.debug("%s: <- %s %.500s", self.name, cmd, reply)
+        return reply
 
 
 @dataclass(frozen=True)
@@ -62,9 +83,9 @@ async def connect(address: str, name: str = "vmsnap") -> tuple[QMPClient, Peer]:
         sock.connect(target)
     except OSError as err:
         sock.close()
-        raise ConnectionError(f"cannot connect to QMP at {address}: {err.strerror}") from err
+        raise QMPConnectError(f"cannot connect to QMP at {address}: {err.strerror}") from err
     pid = _peer_pid(sock)
-    client = QMPClient(name)
+    client = Client(name)
     await client.connect(sock)
     version = await client.execute("query-version")
     q = version["qemu"]
@@ -72,6 +93,7 @@ async def connect(address: str, name: str = "vmsnap") -> tuple[QMPClient, Peer]:
     cmdline = read_cmdline(pid) if pid and pid != os.getpid() else None
     peer = Peer((q["major"], q["minor"], q["micro"]), bool(status["running"]),
                 str(status["status"]), pid, cmdline)
+    log.debug("QMP %s: QEMU %s, pid %s, %s", address, peer.version_text, pid, peer.status)
     return client, peer
 
 
@@ -85,6 +107,8 @@ async def set_capabilities(client: QMPClient, wanted: dict[str, bool]) -> dict[s
                for c in await client.execute("query-migrate-capabilities")}
     change = {k: v for k, v in wanted.items() if k in current and current[k] != v}
     if change:
+        log.debug("migration capabilities: %s (were %s)", change,
+                  {k: current[k] for k in change})
         await client.execute("migrate-set-capabilities", {"capabilities": [
             {"capability": k, "state": v} for k, v in change.items()]})
     return {k: current[k] for k in change}

@@ -8,6 +8,7 @@ checksums before they leave, so a corrupt file makes the load fail and the guest
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import shutil
 import socket
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 
 from qemu.qmp import QMPClient
 
-from ..errors import VmsnapError
+from ..errors import VmsnapError, one_line
 from ..fileformat.reader import open_snapshot
 from ..hostkey import trust_of
 from ..ops.multifd_send import send_multifd, sync_mode_for_machine
@@ -31,6 +32,7 @@ from .relaunch import approve, relaunch_argv
 from .save import INCOMPATIBLE_CAPS, check_channels
 
 START_TIMEOUT = 60.0
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -47,10 +49,11 @@ class RestoreResult:
 async def _launch(argv: list[str], program: str | None, qmp_path: str,
                   log_path: str) -> subprocess.Popen:
     """Start `argv` (running `program` if given, else argv[0] through PATH)."""
-    with open(log_path, "wb") as log:
+    log.debug("relaunch: %s (program %s)", argv, program)
+    with open(log_path, "wb") as out:
         try:
             proc = subprocess.Popen(argv, executable=program, stdin=subprocess.DEVNULL,
-                                    stdout=log, stderr=log, start_new_session=True)
+                                    stdout=out, stderr=out, start_new_session=True)
         except OSError as err:
             raise VmsnapError(f"cannot start {argv[0]}: {err.strerror}") from err
     deadline = time.monotonic() + START_TIMEOUT
@@ -132,6 +135,8 @@ async def restore(path: str | os.PathLike, *, qmp_address: str | None = None,
         incoming = os.path.join(workdir, "incoming.sock")
         await client.execute("migrate-incoming", {"uri": f"unix:{incoming}"})
         socks = [await _connect_incoming(incoming) for _ in range(channels + 1)]
+        log.debug("restore: %d connections to %s (%d multifd channels)", len(socks), incoming,
+                  channels)
         rep.start("restore", total, channels=channels)
 
         def progress(done: int, total: int) -> None:
@@ -158,7 +163,7 @@ async def restore(path: str | os.PathLike, *, qmp_address: str | None = None,
                                "running" if run else "paused",
                                proc.pid if proc else peer.pid, qmp_address)
     except BaseException as err:
-        rep.error(" ".join(str(err).split()) or type(err).__name__)
+        rep.error(one_line(err))
         if proc is not None:  # never leave a half-loaded VM we started behind
             proc.kill()
             proc.wait()

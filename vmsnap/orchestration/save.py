@@ -9,6 +9,7 @@ existing FILE stays as it was, and the VM is put back in the run state it had.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import shutil
 import socket
@@ -19,7 +20,7 @@ from typing import Any
 
 from qemu.qmp import ExecInterruptedError, QMPClient, StateError
 
-from ..errors import VmsnapError
+from ..errors import VmsnapError, one_line
 from ..fileformat.trailer import TrailerMetadata
 from ..fileformat.writer import SnapshotWriter
 from ..hostkey import load_or_create_key
@@ -72,6 +73,7 @@ def _listen(directory: str) -> tuple[socket.socket, str]:
 
 
 MAX_CHANNELS = 64
+log = logging.getLogger(__name__)
 
 
 def check_channels(channels: int | None) -> int:
@@ -96,6 +98,8 @@ async def save(qmp_address: str, path: str | os.PathLike, *, live: bool = False,
     path = os.path.abspath(os.fspath(path))
     if os.path.exists(path) and not force:
         raise VmsnapError(f"{path} exists (use --force to overwrite)")
+    log.debug("save %s to %s: live=%s after=%s channels=%d", qmp_address, path, live, after,
+              channels)
     rep = reporter or Reporter()
     writer = SnapshotWriter(path, direct=direct, signing_key=load_or_create_key())
     try:
@@ -163,7 +167,7 @@ async def _save(client: QMPClient, peer: qmpmod.Peer, writer: SnapshotWriter, li
             await asyncio.gather(receiver, return_exceptions=True)
         writer.abort()
         await _recover(client, stopped_by_us, peer.running)
-        rep.error(_describe(err))
+        rep.error(one_line(err))
         if isinstance(err, QEMU_GONE):
             raise VmsnapError("QEMU went away during the save") from err
         raise
@@ -219,6 +223,7 @@ async def _accept(client: QMPClient, listener: socket.socket, path: str) -> sock
 async def _watch(client: QMPClient, receiver: asyncio.Future, rep: Reporter) -> dict[str, Any]:
     """Poll QEMU's migration status until it completes; report live figures. The receiver's
     failure is checked first and ends a pending query: QEMU may not answer until it does."""
+    last = None
     while True:
         if receiver.done() and receiver.exception() is not None:
             raise await _cause(client, receiver.exception())
@@ -231,6 +236,9 @@ async def _watch(client: QMPClient, receiver: asyncio.Future, rep: Reporter) -> 
         finally:
             query.cancel()
         status = info.get("status")
+        if status != last:
+            log.debug("migration status: %s", status)
+            last = status
         if status == "completed":
             return info
         if status in ("failed", "cancelled"):
@@ -306,6 +314,3 @@ async def _restore_settings(client: QMPClient, caps: dict[str, bool],
     except Exception:  # noqa: BLE001 - QEMU is gone or quit
         pass
 
-
-def _describe(err: BaseException) -> str:
-    return " ".join(str(err).split()) or type(err).__name__

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from ..errors import VmsnapError
 
-class StreamError(ValueError):
+
+class StreamError(VmsnapError, ValueError):
     """Malformed, truncated or unsupported migration stream.
 
     ``field`` names what was being parsed, ``offset`` is the absolute stream offset of

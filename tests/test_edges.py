@@ -1,0 +1,74 @@
+"""The package's edges: one exception family, a light `import vmsnap`, the CLI's switches."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+import vmsnap
+from testbed.transfer import VMSNAP
+
+FAMILY = ["StreamError", "SnapshotError", "NoCommitRecord", "CorruptTrailer",
+          "UnsupportedVersion", "IncompleteSnapshot", "ChecksumMismatch", "IOEngineError",
+          "FileLockedError", "QMPConnectError"]
+
+
+@pytest.mark.parametrize("name", FAMILY)
+def test_every_user_error_is_a_vmsnap_error(name):
+    cls = getattr(vmsnap, name)
+    assert issubclass(cls, vmsnap.VmsnapError) and name in vmsnap.__all__
+
+
+def test_second_bases_kept():
+    assert issubclass(vmsnap.StreamError, ValueError)
+    assert issubclass(vmsnap.SnapshotError, ValueError)
+    assert issubclass(vmsnap.IOEngineError, OSError)
+    assert issubclass(vmsnap.FileLockedError, OSError)
+    assert issubclass(vmsnap.QMPConnectError, ConnectionError)
+
+
+def test_one_line():
+    from vmsnap.errors import one_line
+
+    assert one_line(vmsnap.VmsnapError("a\n  b")) == "a b"
+    assert one_line(FileNotFoundError(2, "No such file or directory", "/x/y")) == (
+        "No such file or directory: /x/y")
+    assert one_line(vmsnap.VmsnapError()) == "VmsnapError"
+
+
+def test_import_is_light_and_star_keeps_builtins():
+    code = ("import sys, builtins\nfrom vmsnap import *\n"
+            "assert open is builtins.open\nassert 'rich' not in sys.modules, 'rich imported'\n"
+            "import vmsnap\nassert vmsnap.open is not builtins.open\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_qmp_connect_error_is_caught_by_the_family(tmp_path):
+    with pytest.raises(vmsnap.VmsnapError, match="cannot connect to QMP"):
+        vmsnap.save(str(tmp_path / "no.qmp"), tmp_path / "x.vms", channels=0)
+    assert not (tmp_path / "x.vms.partial").exists()
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([VMSNAP, *args], capture_output=True, text=True, timeout=60)
+
+
+def test_version():
+    proc = run("--version")
+    assert proc.returncode == 0 and proc.stdout.strip() == f"vmsnap {vmsnap.__version__}"
+
+
+def test_restore_usage_shows_the_qemu_command():
+    proc = run("restore", "--help")
+    assert proc.returncode == 0
+    assert "[-- QEMU_COMMAND ...]" in proc.stdout and "--no-direct" in proc.stdout
+
+
+@pytest.mark.parametrize("verbose", [[], ["-v"]], ids=["quiet", "verbose"])
+def test_verbose_logs_debug_records(tmp_path, verbose):
+    proc = run(*verbose, "save", "--qmp", str(tmp_path / "no.qmp"), str(tmp_path / "x.vms"))
+    lines = proc.stderr.splitlines()
+    assert proc.returncode == 1 and lines[-1].startswith("vmsnap save: error: cannot connect")
+    assert len(lines) == 1 if not verbose else any(" DEBUG: " in x for x in lines), lines

@@ -34,7 +34,7 @@ class Scenario:
 class Context:
     root: Path  # on the disk under test
     present_bytes: dict[str, int]  # scenario key -> bytes of present pages (vmsnap info)
-    libvirt: Any = None  # bench.libvirt.Daemon once started, or the reason it cannot run
+    libvirt: Any = None  # testbed.libvirt.Libvirtd once started, or the reason it cannot run
     libvirt_version: str | None = None
 
 
@@ -235,13 +235,16 @@ class Virsh(Method):
         return None
 
     def run(self, scen, ctx, wd):
-        from bench.libvirt import LibvirtVm, virsh
+        import libvirt
+
+        from testbed.libvirt import LibvirtVm
 
         guest = scen.make_guest()
         cfg = guest.config("7.2", wd)
         cmdline = cfg.args[cfg.args.index("-append") + 1]
         wd.chmod(0o711)  # QEMU runs as libvirt-qemu and writes its RAM dumps below wd
-        vm = LibvirtVm(f"vmsnap-bench-{os.getpid()}", wd / "libvirt", guest.memory_mb, cmdline)
+        vm = LibvirtVm(ctx.libvirt.conn, f"vmsnap-bench-{os.getpid()}", wd / "libvirt",
+                       guest.memory_mb, cmdline)
         path = wd / "vm.virsh"
         try:
             vm.create()
@@ -250,14 +253,15 @@ class Virsh(Method):
             sync_all()
             c0 = cached_bytes()
             t0 = time.monotonic()
-            virsh("save", "--bypass-cache", vm.name, str(path))
+            vm.dom.saveFlags(str(path), None, libvirt.VIR_DOMAIN_SAVE_BYPASS_CACHE)
             sync_file(path)
             save_s = time.monotonic() - t0
             c1 = cached_bytes()
             sizes = file_sizes(path)
             drop_caches()
             t0 = time.monotonic()
-            virsh("restore", "--bypass-cache", "--running", str(path))
+            ctx.libvirt.conn.restoreFlags(str(path), None, libvirt.VIR_DOMAIN_SAVE_BYPASS_CACHE
+                                          | libvirt.VIR_DOMAIN_SAVE_RUNNING)
             _wait_running(vm)
             restore_s = time.monotonic() - t0
             check = guest.check_restored(vm)

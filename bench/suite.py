@@ -185,11 +185,15 @@ def _summary(runs: list[dict]) -> dict:
 
 
 def _start_libvirt(ctx: Context):
-    from bench.libvirt import Daemon, LibvirtUnavailable
-
-    daemon = Daemon()
+    """A private libvirtd with Debian's default qemu.conf (QEMU as libvirt-qemu)."""
     try:
-        ctx.libvirt_version = daemon.ensure()
+        from testbed.libvirt import Libvirtd, LibvirtUnavailable
+    except ImportError as err:  # libvirt-python missing
+        return str(err)
+    daemon = Libvirtd(ctx.root / "libvirtd", "debian")
+    try:
+        daemon.start()
+        ctx.libvirt_version = daemon.version
         return daemon
     except (LibvirtUnavailable, OSError, subprocess.SubprocessError) as err:
         daemon.close()

@@ -11,11 +11,12 @@ packages=(
   busybox-static cpio gcc libc6-dev binutils make kmod zstd xz-utils  # the two guests
   python3 python3-venv python3-pip  # vmsnap itself
   fio util-linux                    # disk limits, loop devices
+  libvirt-daemon-system libvirt-clients  # libvirt domains (vmsnap save --domain, save images)
+  libvirt-dev pkg-config            # build libvirt-python in the venv
 )
 bench=0
 if [[ ${1:-} == --bench ]]; then
   bench=1
-  packages+=(libvirt-daemon-system libvirt-clients)  # the virsh save peer
 fi
 
 missing=()

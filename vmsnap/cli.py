@@ -10,9 +10,11 @@ import asyncio
 import logging
 import os
 import shlex
+import stat
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
@@ -22,6 +24,7 @@ from . import __version__, api
 from .errors import USER_ERRORS, VmsnapError, one_line
 from .fileformat.trailer import TrailerMetadata
 from .fileformat.writer import SnapshotWriter
+from .libvirt.image import export_image, import_stream
 from .ops.info import describe
 from .ops.receive import receive
 from .ops.send import send
@@ -126,13 +129,41 @@ def cmd_verify(args: argparse.Namespace, rep: Reporter) -> int:
 
 
 def cmd_import(args: argparse.Namespace, rep: Reporter) -> int:
-    args.file, args.stream, args.qemu_version = args.dest, args.source, None
-    return cmd_receive(args, rep)
+    _refuse_overwrite(args.dest, args.force)
+    rep.start("import")
+    t0 = time.monotonic()
+    stats, domain = import_stream(args.source, args.dest, progress=lambda n: rep.update(n))
+    dt = time.monotonic() - t0
+    rep.done(file=stats.path, stream_bytes=stats.stream_bytes, pages=stats.pages,
+             zero_pages=stats.zero_pages, seconds=round(dt, 3),
+             gb_per_s=_gib_s(stats.stream_bytes, dt), libvirt_image=domain is not None)
+    return 0
 
 
 def cmd_export(args: argparse.Namespace, rep: Reporter) -> int:
-    args.file, args.stream = args.source, args.dest
-    return cmd_send(args, rep)
+    if not args.libvirt:
+        if args.xml:
+            raise VmsnapError("--xml goes with --libvirt")
+        args.file, args.stream = args.source, args.dest
+        return cmd_send(args, rep)
+    if not _is_fifo(args.dest):
+        _refuse_overwrite(args.dest, args.force)
+    xml = Path(args.xml).read_text() if args.xml else None
+    rep.start("export")
+    t0 = time.monotonic()
+    stats = export_image(args.source, args.dest, xml=xml,
+                         progress=lambda d, t: rep.update(d, t))
+    dt = time.monotonic() - t0
+    rep.done(image=args.dest, stream_bytes=stats.stream_bytes, pages=stats.pages,
+             seconds=round(dt, 3), gb_per_s=_gib_s(stats.stream_bytes, dt))
+    return 0
+
+
+def _is_fifo(path: str) -> bool:
+    try:
+        return stat.S_ISFIFO(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return False
 
 
 def cmd_save(args: argparse.Namespace, rep: Reporter) -> int:
@@ -193,14 +224,19 @@ def build_parser() -> argparse.ArgumentParser:
              '(for -incoming "exec:vmsnap send FILE")')
     sp.add_argument("file", metavar="FILE")
     sp.set_defaults(stream=None, force=False)
-    sp = add("import", cmd_import, "convert a plain stream file (from exec:cat) to a snapshot")
-    sp.add_argument("source", metavar="STREAM")
+    sp = add("import", cmd_import, "convert a plain stream file (from exec:cat) or a libvirt "
+             "save image (virsh save / managedsave, a file or a FIFO) to a snapshot")
+    sp.add_argument("source", metavar="STREAM_OR_IMAGE")
     sp.add_argument("dest", metavar="FILE")
     sp.add_argument("--force", action="store_true", help="overwrite an existing FILE")
-    sp = add("export", cmd_export, "convert a snapshot to a plain stream file")
+    sp = add("export", cmd_export, "convert a snapshot to a plain stream file, or with --libvirt "
+             "to a libvirt save image (a file or a FIFO, for virsh restore)")
     sp.add_argument("source", metavar="FILE")
-    sp.add_argument("dest", metavar="STREAM")
-    sp.add_argument("--force", action="store_true", help="overwrite an existing STREAM")
+    sp.add_argument("dest", metavar="STREAM_OR_IMAGE")
+    sp.add_argument("--libvirt", action="store_true", help="write a libvirt save image")
+    sp.add_argument("--xml", metavar="XML",
+                    help="the domain XML for the image (default: the one saved in FILE)")
+    sp.add_argument("--force", action="store_true", help="overwrite an existing output")
     sp = add("info", cmd_info, "show what a snapshot file holds")
     sp.add_argument("file", metavar="FILE")
     sp = add("verify", cmd_verify, "check every page of a snapshot against its checksums")

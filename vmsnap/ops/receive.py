@@ -138,11 +138,13 @@ class StreamReceiver:
 
 def receive(source: BinaryIO, writer: SnapshotWriter, *,
             progress: Callable[[int], None] | None = None,
-            reply: Callable[[bytes], None] | None = None) -> ReceiveStats:
+            reply: Callable[[bytes], None] | None = None,
+            before_commit: Callable[[], None] | None = None) -> ReceiveStats:
     """Read a migration stream from `source` until its end and commit it through `writer`.
 
     On any failure FILE.partial is removed and an existing FILE is left untouched.
     `reply` sends bytes back to the source (a socket's return path), if there is one.
+    `before_commit` runs once the stream is complete; raising there aborts the file.
     """
     widen_pipe(source)
     with writer:
@@ -158,6 +160,8 @@ def receive(source: BinaryIO, writer: SnapshotWriter, *,
         rx.close()
         if writer.metadata.machine_type is None:
             writer.metadata.machine_type = rx.config.machine_type
+        if before_commit is not None:
+            before_commit()
         writer.finish(rx.tail())
         if rx.return_path and reply is not None:
             log.debug("return path: SHUT(0) to the source")

@@ -1,0 +1,124 @@
+"""vmsnap and a real libvirtd: `virsh save` / `managedsave` into a FIFO that `vmsnap import`
+reads, and `vmsnap export --libvirt` images (a file, a FIFO) that `virsh restore` and
+`virsh start` bring back — bootguest under KVM, RAM checked after every restore, under three
+libvirt configurations (QEMU as root without namespaces, as root in a mount namespace, and
+Debian's default: as libvirt-qemu with dynamic ownership). virsh's calls are made with
+libvirt-python, the same API calls virsh makes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+from pathlib import Path
+
+import libvirt
+import pytest
+
+from testbed.guests import BootGuest
+from testbed.libvirt import CONFIGS, Libvirtd, LibvirtVm, private_root
+from testbed.transfer import VMSNAP
+
+pytestmark = [pytest.mark.qemu, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def daemon(request):
+    root = private_root()
+    with Libvirtd(root / "daemon", request.param) as d:
+        d.work = root / "work"
+        yield d
+    subprocess.run(["rm", "-rf", "--", str(root)], check=False)
+
+
+def vmsnap(*args) -> subprocess.CompletedProcess:
+    proc = subprocess.run([VMSNAP, *map(str, args)], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+class Call(threading.Thread):
+    """A blocking libvirt call (it waits on a FIFO) run beside vmsnap; join() re-raises."""
+
+    def __init__(self, fn, *args):
+        super().__init__(daemon=True)
+        self.fn, self.args, self.error = fn, args, None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self.fn(*self.args)
+        except BaseException as err:  # noqa: BLE001 - handed to the joining test
+            self.error = err
+
+    def join(self, timeout: float | None = 300) -> None:
+        super().join(timeout)
+        assert not self.is_alive(), f"{self.fn.__name__} still blocked"
+        if self.error:
+            raise self.error
+
+
+def booted_vm(daemon, name: str, persistent: bool = False):
+    guest = BootGuest(memory_mb=256)
+    cmdline = guest.config("7.2", daemon.work).args[-1]
+    vm = LibvirtVm(daemon.conn, name, daemon.work / name, guest.memory_mb, cmdline)
+    vm.define() if persistent else vm.create()
+    guest.boot(vm)
+    return guest, vm
+
+
+def test_virsh_save_fifo_import_then_virsh_restore(daemon):
+    name = f"lvimg-{os.getpid()}"
+    guest, vm = booted_vm(daemon, name)
+    work = vm.workdir
+    try:
+        fifo = work / "save.fifo"
+        os.mkfifo(fifo, 0o600)
+        snap = work / "vm.vms"
+        save = Call(vm.dom.save, str(fifo))  # virsh save DOM FIFO
+        vmsnap("import", fifo, snap)
+        save.join()
+        assert vm.state()[0] == libvirt.VIR_DOMAIN_NOSTATE  # transient: saved means gone
+        vmsnap("verify", snap)
+
+        image = work / "vm.img"  # virsh restore of an exported image file
+        vmsnap("export", "--libvirt", snap, image)
+        daemon.conn.restore(str(image))
+        assert vm.state()[0] == libvirt.VIR_DOMAIN_RUNNING
+        guest.check_restored(vm)
+        vm.destroy()
+
+        fifo2 = work / "restore.fifo"  # virsh restore FIFO, vmsnap writing it
+        os.mkfifo(fifo2, 0o600)
+        restore = Call(daemon.conn.restore, str(fifo2))
+        vmsnap("export", "--libvirt", snap, fifo2)
+        restore.join()
+        guest.check_restored(vm)
+    finally:
+        vm.destroy()
+
+
+def test_managedsave_fifo_import_then_start_from_export(daemon):
+    """managedsave into a FIFO at libvirt's managed-save path, imported by vmsnap; then
+    `virsh start` restores from that FIFO while vmsnap exports into it."""
+    name = f"lvmsave-{os.getpid()}"
+    guest, vm = booted_vm(daemon, name, persistent=True)
+    try:
+        managed = daemon.path(f"/var/lib/libvirt/qemu/save/{name}.save")
+        os.mkfifo(managed, 0o600)
+        snap = vm.workdir / "managed.vms"
+        save = Call(vm.dom.managedSave)
+        vmsnap("import", managed, snap)
+        save.join()
+        assert vm.state() == (libvirt.VIR_DOMAIN_SHUTOFF, libvirt.VIR_DOMAIN_SHUTOFF_SAVED)
+        assert vm.dom.hasManagedSaveImage()
+        vmsnap("verify", snap)
+        start = Call(vm.dom.create)  # virsh start: restores from the managed-save FIFO
+        vmsnap("export", "--libvirt", snap, managed)
+        start.join()
+        assert vm.state() == (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_RUNNING_RESTORED)
+        guest.check_restored(vm)
+    finally:
+        vm.destroy()
+        Path(managed).unlink(missing_ok=True)

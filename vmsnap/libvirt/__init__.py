@@ -1,0 +1,1 @@
+"""libvirt domains: save images in and out (image), the domain adapter (domain)."""

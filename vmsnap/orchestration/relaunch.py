@@ -8,10 +8,15 @@ explicitly, only without the options that make QEMU itself run a program.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import shutil
+import socket
 import stat
+import struct
+import subprocess
+import sys
 from collections.abc import Sequence
 
 from ..errors import VmsnapError
@@ -119,3 +124,161 @@ def approve(argv: Sequence[str], trust: Trust, trust_command_line: bool, path: s
         raise VmsnapError(f"the stored command line makes QEMU run a program ({risky[0]}); "
                           "read it with `vmsnap info`, then add --trust-command-line")
     return program
+
+
+# -- never beside the original, one relaunch at a time ---------------------------------------
+
+#: Options whose value is a disk image path.
+_IMAGE_OPTIONS = ("hda", "hdb", "hdc", "hdd", "cdrom", "pflash", "mtdblock", "sd")
+_FLOCK = struct.Struct("hhqqi4x")  # struct flock on Linux x86-64/aarch64
+#: QEMU's image locks sit on bytes 100.. (permissions) and 200.. (shared permissions).
+_QEMU_LOCK_BYTES = (100, 200)
+
+
+def _settings(arg: str) -> dict[str, str]:
+    """`a=1,b=2` → {"a": "1", "b": "2"} (QEMU's ",," escape makes no difference here)."""
+    return dict(p.split("=", 1) for p in arg.split(",") if "=" in p)
+
+
+def server_sockets(argv: Sequence[str]) -> list[str]:
+    """The unix socket paths `argv` names (QMP, monitors, chardevs)."""
+    paths = []
+    for arg in argv[1:]:
+        if arg.startswith("unix:"):
+            paths.append(arg[5:].split(",")[0])
+        elif arg.startswith("socket,") and "path" in _settings(arg):
+            paths.append(_settings(arg)["path"])
+    return paths
+
+
+def own_qmp(argv: Sequence[str]) -> str | None:
+    """The first unix QMP socket `argv` opens itself, if any."""
+    for prev, arg in zip(argv, argv[1:], strict=False):
+        if option_name(prev) in ("qmp", "qmp-pretty") and arg.startswith("unix:"):
+            return arg[5:].split(",")[0]
+    return None
+
+
+def disk_images(argv: Sequence[str]) -> list[str]:
+    """The image file paths `argv` names (-drive file=, -blockdev filename=, -hda ...)."""
+    paths = []
+    for prev, arg in zip(argv, argv[1:], strict=False):
+        if option_name(prev) in _IMAGE_OPTIONS:
+            paths.append(arg)
+        settings = _settings(arg)
+        paths += [settings[k] for k in ("file", "filename") if k in settings]
+    return paths
+
+
+def _answers(path: str) -> bool:
+    try:
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            return False
+    except OSError:
+        return False
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(2.0)
+        try:
+            sock.connect(path)
+        except OSError:
+            return False  # a leftover of a QEMU that is gone (QEMU replaces it)
+    return True
+
+
+def _locked(path: str) -> bool:
+    """True if another process holds QEMU's lock bytes of the image at `path`."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return False  # QEMU will say what is wrong with it
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return False
+        for start in _QEMU_LOCK_BYTES:
+            query = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, start, 64, 0)
+            if _FLOCK.unpack(fcntl.fcntl(fd, fcntl.F_OFD_GETLK, query))[0] != fcntl.F_UNLCK:
+                return True
+        return False
+    finally:
+        os.close(fd)
+
+
+def check_not_running(argv: Sequence[str], path: str) -> None:
+    """Refuse to start `argv` while a QEMU already serves its sockets or holds its disks
+    (the VM the file at `path` came from, or an earlier relaunch of it)."""
+    for sock in server_sockets(argv):
+        if _answers(sock):
+            raise VmsnapError(f"will not relaunch {path}: its VM still runs ({sock} answers); "
+                              "stop it first, or restore into another QEMU with --qmp")
+    for image in disk_images(argv):
+        if _locked(image):
+            raise VmsnapError(f"will not relaunch {path}: its disk {image} is in use by a "
+                              "running QEMU")
+
+
+class RelaunchLock:
+    """An exclusive flock on the snapshot file for one relaunch: a second relaunch of the
+    same file started meanwhile fails at once instead of starting a twin VM."""
+
+    def __init__(self, path: str) -> None:
+        self.fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            raise VmsnapError(f"another vmsnap restore is relaunching {path}") from None
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+# -- the guarded QEMU ---------------------------------------------------------------------------
+
+GUARD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "guard.py")
+
+
+class GuardedQemu:
+    """QEMU started through guard.py: it dies with vmsnap, even on SIGKILL, until released."""
+
+    def __init__(self, argv: Sequence[str], program: str | None, log_path: str) -> None:
+        ours, theirs = socket.socketpair()
+        try:
+            with open(log_path, "wb") as log:
+                self._guard = subprocess.Popen(
+                    [sys.executable, "-I", "-S", GUARD, str(theirs.fileno()),
+                     program or argv[0], *argv],
+                    pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, stdout=log,
+                    stderr=log, start_new_session=True)
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        self._sock = ours
+        line = b""
+        while not line.endswith(b"\n"):
+            chunk = ours.recv(32)
+            if not chunk:
+                break
+            line += chunk
+        self.pid = int(line) if line.endswith(b"\n") else None
+
+    def poll(self) -> int | None:
+        """The exit status of QEMU (through the guard), or None while it runs."""
+        return self._guard.poll()
+
+    def kill(self) -> None:
+        """End QEMU now (the guard sees its socket close) and wait for it."""
+        self._sock.close()
+        self._guard.wait()
+
+    def release(self) -> None:
+        """The restore is done: QEMU runs on without vmsnap."""
+        try:
+            self._sock.sendall(b"release")
+        except OSError:
+            pass  # QEMU and its guard are already gone: poll() says so
+        self._guard.wait()
+        self._sock.close()

@@ -12,7 +12,6 @@ import logging
 import os
 import shutil
 import socket
-import subprocess
 import tempfile
 import time
 import uuid as uuidlib
@@ -28,7 +27,14 @@ from ..ops.multifd_send import send_multifd, sync_mode_for_machine
 from ..ops.send import SendStats, send
 from ..progress import Reporter
 from . import qmp as qmpmod
-from .relaunch import approve, relaunch_argv
+from .relaunch import (
+    GuardedQemu,
+    RelaunchLock,
+    approve,
+    check_not_running,
+    own_qmp,
+    relaunch_argv,
+)
 from .save import INCOMPATIBLE_CAPS, check_channels
 
 START_TIMEOUT = 60.0
@@ -47,15 +53,11 @@ class RestoreResult:
 
 
 async def _launch(argv: list[str], program: str | None, qmp_path: str,
-                  log_path: str) -> subprocess.Popen:
-    """Start `argv` (running `program` if given, else argv[0] through PATH)."""
+                  log_path: str) -> GuardedQemu:
+    """Start `argv` (running `program` if given, else argv[0] through PATH) under the guard
+    and wait for its QMP socket."""
     log.debug("relaunch: %s (program %s)", argv, program)
-    with open(log_path, "wb") as out:
-        try:
-            proc = subprocess.Popen(argv, executable=program, stdin=subprocess.DEVNULL,
-                                    stdout=out, stderr=out, start_new_session=True)
-        except OSError as err:
-            raise VmsnapError(f"cannot start {argv[0]}: {err.strerror}") from err
+    proc = GuardedQemu(argv, program, log_path)
     deadline = time.monotonic() + START_TIMEOUT
     while not os.path.exists(qmp_path):
         if proc.poll() is not None:
@@ -112,7 +114,9 @@ async def restore(path: str | os.PathLike, *, qmp_address: str | None = None,
         total = sum(b.present_count * b.page_size for b in snap.blocks)
         trust = trust_of(snap.trailer)
     workdir = tempfile.mkdtemp(prefix="vmsnap-")  # 0700
-    proc: subprocess.Popen | None = None
+    proc: GuardedQemu | None = None
+    lock: RelaunchLock | None = None
+    keep_workdir = False
     client: QMPClient | None = None
     t0 = time.monotonic()
     try:
@@ -122,6 +126,9 @@ async def restore(path: str | os.PathLike, *, qmp_address: str | None = None,
                 raise VmsnapError(f"{path} stores no QEMU command line: give --qmp SOCKET "
                                   "or -- QEMU_COMMAND...")
             program = None if command else approve(argv, trust, trust_command_line, path)
+            if not command:
+                lock = RelaunchLock(path)
+            check_not_running(argv, path)
             qmp_address = os.path.join(workdir, "qmp.sock")
             proc = await _launch(relaunch_argv(argv, qmp_address), program, qmp_address,
                                  os.path.join(workdir, "qemu.log"))
@@ -159,6 +166,10 @@ async def restore(path: str | os.PathLike, *, qmp_address: str | None = None,
         run = saved_running and not paused
         if run:
             await client.execute("cont")
+        if proc is not None:  # loaded: the VM runs on without us, on its own monitor
+            proc.release()
+            keep_workdir = own_qmp(argv) is None  # else our socket is its only monitor
+            qmp_address = own_qmp(argv) or qmp_address
         result = RestoreResult(path, time.monotonic() - t0, stats.stream_bytes, stats.pages,
                                "running" if run else "paused",
                                proc.pid if proc else peer.pid, qmp_address)
@@ -166,12 +177,13 @@ async def restore(path: str | os.PathLike, *, qmp_address: str | None = None,
         rep.error(one_line(err))
         if proc is not None:  # never leave a half-loaded VM we started behind
             proc.kill()
-            proc.wait()
         raise
     finally:
         if client is not None:
             await qmpmod.disconnect(client)
-        if proc is None or proc.poll() is not None:
+        if lock is not None:
+            lock.release()
+        if not keep_workdir:
             shutil.rmtree(workdir, ignore_errors=True)
     rep.done(**result.__dict__)
     return result

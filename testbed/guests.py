@@ -150,3 +150,17 @@ class LinuxGuest:
             vm.cont()
         self.wait_alive(vm)
         return self.check(vm)
+
+
+def shared_ram_args(kind: str, memory_mb: int, mem_path: Path | None = None) -> list[str]:
+    """QEMU options backing the guest's RAM (block `pc.ram`) with shared memory:
+    kind "file" (memory-backend-file at `mem_path`) or "memfd"; "anon" adds nothing."""
+    if kind == "anon":
+        return []
+    if kind == "file":
+        obj = f"memory-backend-file,id=pc.ram,size={memory_mb}M,mem-path={mem_path},share=on"
+    elif kind == "memfd":
+        obj = f"memory-backend-memfd,id=pc.ram,size={memory_mb}M,share=on"
+    else:
+        raise ValueError(f"unknown shared RAM kind {kind!r}")
+    return ["-object", obj, "-machine", "memory-backend=pc.ram"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Container, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -162,13 +162,14 @@ class Snapshot:
                     "(header/bitmap/device state)", file_offset=r.start)
 
     def iter_pages(self, chunk_bytes: int = 8 << 20, verify: bool = True,
-                   ) -> Iterator[tuple[BlockInfo, int, int, memoryview]]:
+                   skip: Container[str] = ()) -> Iterator[tuple[BlockInfo, int, int, memoryview]]:
         """Yield (block, first_page, count, data) for every run of present pages, in file
         order, read with O_DIRECT into two aligned buffers (the next run is read while the
         caller works on this one). `data` is valid until the next item. With `verify`, each
-        run is checked against the trailer before it is yielded."""
+        run is checked against the trailer before it is yielded. Blocks named in `skip`
+        are left out."""
         jobs = [(b, int(first), int(count))
-                for b in self.blocks
+                for b in self.blocks if b.name not in skip
                 for first, count in self.present_runs(b, max(chunk_bytes // b.page_size, 1))]
         index = {b.name: 0 for b in self.blocks}
         bufs = [AlignedBuffer(chunk_bytes), AlignedBuffer(chunk_bytes)]

@@ -28,7 +28,14 @@ from ..io.direct import DirectFile
 from .bitmap import contiguous_runs, pack_bitmap
 from .errors import SnapshotError
 from .layout import BlockLayout, FileLayout, compute_layout
-from .trailer import BlockChecksums, RangeChecksum, TrailerMetadata, encode_trailer, xxh3
+from .trailer import (
+    BlockChecksums,
+    RangeChecksum,
+    TrailerMetadata,
+    encode_trailer,
+    page_checksums,
+    xxh3,
+)
 
 log = logging.getLogger(__name__)
 
@@ -193,11 +200,12 @@ class SnapshotWriter:
         with self._lock:
             self.bytes_written += len(pages) * ps
 
-    def write_aligned_pages(self, block: str, offsets, data) -> None:
+    def write_aligned_pages(self, block: str, offsets, data, sums=None) -> None:
         """Thread-safe variant of `write_pages` for page-aligned `data` (an AlignedBuffer
         view): checksums and `pwritev` (O_DIRECT) run in the calling thread straight from
         `data`, no copy; only the bitmap/checksum update is serialized. Several threads may
-        call it at once (multifd channels); the caller orders writes of the same page."""
+        call it at once (multifd channels); the caller orders writes of the same page.
+        `sums`: the pages' xxh3 if the caller has already computed them from `data`."""
         st = self._state(block)
         pages = self._pages(st, offsets)
         ps = self.page_size
@@ -211,9 +219,10 @@ class SnapshotWriter:
             raise ValueError("write_aligned_pages needs page-aligned memory")
         assert self._file is not None
         self._check_error()
-        f = xxhash.xxh3_64_intdigest
-        sums = np.fromiter((f(mv[j * ps:(j + 1) * ps]) for j in range(n)),
-                           dtype=np.uint64, count=n)
+        if sums is None:
+            sums = page_checksums(mv, ps)
+        elif len(sums) != n:
+            raise ValueError(f"{len(sums)} checksums for {n} pages")
         for first, count in contiguous_runs(pages):
             self._file.write_at(st.layout.pages_offset + int(pages[first]) * ps,
                                 [mv[first * ps:(first + count) * ps]])

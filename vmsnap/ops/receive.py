@@ -8,7 +8,7 @@ Everything after the RAM END section (device state, EOF, vmdesc) is kept verbati
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -19,7 +19,9 @@ from ..fileformat.writer import SnapshotWriter
 from ..io.vectored import widen_pipe
 from ..stream import StreamDecoder, encoder
 from ..stream import events as ev
+from ..stream.constants import CAP_IGNORE_SHARED as IGNORE_SHARED
 from ..stream.constants import MIG_CMD_OPEN_RETURN_PATH, MIG_CMD_POSTCOPY_ADVISE
+from .shared_ram import Backing, CopyStats, copy_left_out
 
 MAPPED_RAM = "mapped-ram"
 CHUNK = 8 << 20
@@ -45,8 +47,11 @@ class ReceiveStats:
 class StreamReceiver:
     """Feeds decoded events of one main channel into a SnapshotWriter."""
 
-    def __init__(self, writer: SnapshotWriter):
+    def __init__(self, writer: SnapshotWriter, *, ignore_shared: bool = False):
         self.writer = writer
+        #: x-ignore-shared stream: blocks carry their addr, shared ones no pages
+        self.ignore_shared = ignore_shared
+        self.streamed: set[str] = set()  # blocks with pages or zero records in the stream
         self.decoder = StreamDecoder()
         self.config: ev.Configuration | None = None
         self.prelude = b""
@@ -76,8 +81,10 @@ class StreamReceiver:
         if isinstance(e, ev.Pages):
             self.writer.write_pages(e.block, e.offsets, e.data)
             self.pages += len(e.offsets)
+            self.streamed.add(e.block)
         elif isinstance(e, ev.ZeroPages):
             self._zero(e)
+            self.streamed.add(e.block)
         elif isinstance(e, ev.DeviceState):
             self.device_bytes += len(e.data)
             if self.device_bytes > MAX_DEVICE_STATE:
@@ -115,11 +122,14 @@ class StreamReceiver:
 
     def _begin(self, blocks: tuple[ev.RamBlock, ...]) -> None:
         assert self.config is not None and self.section is not None
-        if any(b.addr is not None or b.page_size is not None for b in blocks):
+        if any((b.addr is not None and not self.ignore_shared) or b.page_size is not None
+               for b in blocks):
             raise VmsnapError("x-ignore-shared and hugepage RAM blocks are not supported")
         c = self.config
+        # the file is the same whichever way RAM came: no x-ignore-shared, no addr
+        caps = tuple(x for x in c.capabilities if x != IGNORE_SHARED)
         prefix = (encoder.header()
-                  + encoder.configuration(c.machine_type, (*c.capabilities, MAPPED_RAM),
+                  + encoder.configuration(c.machine_type, (*caps, MAPPED_RAM),
                                           page_bits=c.page_bits, uuid=c.uuid)
                   + self.prelude
                   + encoder.section_start(self.section.section_id, "ram",
@@ -139,16 +149,19 @@ class StreamReceiver:
 def receive(source: BinaryIO, writer: SnapshotWriter, *,
             progress: Callable[[int], None] | None = None,
             reply: Callable[[bytes], None] | None = None,
-            before_commit: Callable[[], None] | None = None) -> ReceiveStats:
+            before_commit: Callable[[], None] | None = None,
+            shared: Mapping[str, Backing] | None = None) -> ReceiveStats:
     """Read a migration stream from `source` until its end and commit it through `writer`.
 
     On any failure FILE.partial is removed and an existing FILE is left untouched.
     `reply` sends bytes back to the source (a socket's return path), if there is one.
     `before_commit` runs once the stream is complete; raising there aborts the file.
+    `shared`: the stream is an x-ignore-shared one; the blocks it leaves out are copied
+    from these backings before the commit (the source must stay paused until then).
     """
     widen_pipe(source)
     with writer:
-        rx = StreamReceiver(writer)
+        rx = StreamReceiver(writer, ignore_shared=shared is not None)
         total = 0
         while rx.ended is None:
             n = rx.feed_from(source)
@@ -158,6 +171,9 @@ def receive(source: BinaryIO, writer: SnapshotWriter, *,
             if progress:
                 progress(total)
         rx.close()
+        copied = CopyStats()
+        if shared is not None:
+            copied = copy_left_out(writer, rx.streamed, shared)
         if writer.metadata.machine_type is None:
             writer.metadata.machine_type = rx.config.machine_type
         if before_commit is not None:
@@ -166,5 +182,6 @@ def receive(source: BinaryIO, writer: SnapshotWriter, *,
         if rx.return_path and reply is not None:
             log.debug("return path: SHUT(0) to the source")
             reply(RP_SHUT_OK)
-    return ReceiveStats(writer.path, total, rx.pages, rx.zero_pages, rx.blocks,
+    return ReceiveStats(writer.path, total, rx.pages + copied.pages,
+                        rx.zero_pages + copied.zero_pages, rx.blocks,
                         rx.config.machine_type, writer.direct)

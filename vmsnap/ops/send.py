@@ -10,7 +10,7 @@ fills itself at startup, get explicit ZERO records so they end up exactly as sav
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Container, Mapping
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -21,6 +21,7 @@ from ..fileformat.reader import Snapshot, open_snapshot
 from ..io.vectored import widen_pipe, writev_all
 from ..stream import StreamDecoder, encoder
 from ..stream import events as ev
+from ..stream.constants import CAP_IGNORE_SHARED as IGNORE_SHARED
 
 #: Blocks at most this large are treated as firmware/ROM: absent pages are sent as ZERO.
 EXPLICIT_ZERO_MAX = 64 << 20
@@ -60,12 +61,19 @@ def read_head(snap: Snapshot) -> StreamHead:
     return StreamHead(config, section, prelude)
 
 
-def plain_stream_head(snap: Snapshot, head: StreamHead, before_eos: bytes = b"") -> bytes:
+def plain_stream_head(snap: Snapshot, head: StreamHead, before_eos: bytes = b"",
+                      shared: Mapping[str, int] | None = None) -> bytes:
     """Header, configuration without mapped-ram, and the RAM START with its block list
-    (`before_eos`, e.g. a multifd flush, goes right before the START's EOS)."""
+    (`before_eos`, e.g. a multifd flush, goes right before the START's EOS). `shared`: an
+    x-ignore-shared stream; block name -> addr of the blocks the destination ignores."""
     c = head.config
-    caps = tuple(x for x in c.capabilities if x != "mapped-ram")
-    blocks = [ev.RamBlock(b.name, b.used_length) for b in snap.blocks]
+    caps = tuple(x for x in c.capabilities if x not in ("mapped-ram", IGNORE_SHARED))
+    if shared is None:
+        blocks = [ev.RamBlock(b.name, b.used_length) for b in snap.blocks]
+    else:
+        caps += (IGNORE_SHARED,)
+        blocks = [ev.RamBlock(b.name, b.used_length, addr=shared.get(b.name, 0))
+                  for b in snap.blocks]
     sid = head.section.section_id
     return (encoder.header()
             + encoder.configuration(c.machine_type, caps, page_bits=c.page_bits, uuid=c.uuid)
@@ -74,14 +82,15 @@ def plain_stream_head(snap: Snapshot, head: StreamHead, before_eos: bytes = b"")
             + before_eos + encoder.eos() + encoder.footer(sid))
 
 
-def explicit_zero_records(snap: Snapshot, last_block: str | None
+def explicit_zero_records(snap: Snapshot, last_block: str | None, skip: Container[str] = ()
                           ) -> tuple[bytes, int, str | None]:
     """ZERO records for the absent pages of firmware/ROM-sized blocks (a destination fills
-    those itself at startup), as (records, page count, last block named)."""
+    those itself at startup), as (records, page count, last block named); none for the
+    blocks in `skip`."""
     out = bytearray()
     count = 0
     for block in snap.blocks:
-        if block.used_length > EXPLICIT_ZERO_MAX:
+        if block.used_length > EXPLICIT_ZERO_MAX or block.name in skip:
             continue
         absent = np.flatnonzero(~block.present).astype(np.uint64) * np.uint64(block.page_size)
         if len(absent):
@@ -102,9 +111,13 @@ def device_state(snap: Snapshot) -> bytes:
 
 
 def send(path: str | os.PathLike, sink: BinaryIO, *, direct: bool = True,
-         progress: Callable[[int, int], None] | None = None) -> SendStats:
+         progress: Callable[[int, int], None] | None = None,
+         shared: Mapping[str, int] | None = None) -> SendStats:
     """Write the snapshot at `path` to `sink` (anything with a file descriptor: pipe,
-    socket, file) as a plain migration stream; page data goes out by writev, uncopied."""
+    socket, file) as a plain migration stream; page data goes out by writev, uncopied.
+    `shared`: an x-ignore-shared stream without the pages of these blocks (name -> addr),
+    which the caller has put into the destination's shared RAM itself."""
+    skip = shared or {}
     with open_snapshot(path, direct=direct) as snap:
         head = read_head(snap)
         snap.check_stream_ranges()
@@ -112,11 +125,12 @@ def send(path: str | os.PathLike, sink: BinaryIO, *, direct: bool = True,
         sink.flush()
         fd = sink.fileno()
         widen_pipe(fd)
-        sent = writev_all(fd, [plain_stream_head(snap, head), encoder.section_part(sid)])
-        total = sum(b.present_count * b.page_size for b in snap.blocks)
+        sent = writev_all(fd, [plain_stream_head(snap, head, shared=shared),
+                               encoder.section_part(sid)])
+        total = sum(b.present_count * b.page_size for b in snap.blocks if b.name not in skip)
         done = pages = 0
         last_block = None
-        for block, first, count, data in snap.iter_pages():
+        for block, first, count, data in snap.iter_pages(skip=skip):
             offsets = (np.arange(first, first + count, dtype=np.uint64)
                        * np.uint64(block.page_size))
             parts = encoder.page_record_parts(block.name, offsets, data,
@@ -127,7 +141,7 @@ def send(path: str | os.PathLike, sink: BinaryIO, *, direct: bool = True,
             done += count * block.page_size
             if progress:
                 progress(done, total)
-        records, zeros, _ = explicit_zero_records(snap, last_block)
+        records, zeros, _ = explicit_zero_records(snap, last_block, skip)
         sent += writev_all(fd, [records + encoder.eos() + encoder.footer(sid)
                                 + device_state(snap)])
     return SendStats(sent, pages, zeros)

@@ -25,8 +25,11 @@ from ..fileformat.reader import open_snapshot
 from ..hostkey import trust_of
 from ..ops.multifd_send import send_multifd, sync_mode_for_machine
 from ..ops.send import SendStats, send
+from ..ops.shared_ram import fill_from_file
 from ..progress import Reporter
+from ..stream.constants import CAP_IGNORE_SHARED as IGNORE_SHARED
 from . import qmp as qmpmod
+from . import shared
 from .relaunch import (
     GuardedQemu,
     RelaunchLock,
@@ -50,6 +53,7 @@ class RestoreResult:
     final_state: str
     pid: int | None
     qmp: str
+    ram_path: str = "stream"  # "shared": vmsnap filled the target's shared RAM itself
 
 
 async def _launch(argv: list[str], program: str | None, qmp_path: str,
@@ -113,11 +117,13 @@ async def restore(path: str | os.PathLike, *, qmp_address: str | None = None,
         saved_running = (meta.extra.get("run_state", "running") == "running") if meta else True
         total = sum(b.present_count * b.page_size for b in snap.blocks)
         trust = trust_of(snap.trailer)
+        blocks = {b.name for b in snap.blocks}
     workdir = tempfile.mkdtemp(prefix="vmsnap-")  # 0700
     proc: GuardedQemu | None = None
     lock: RelaunchLock | None = None
     keep_workdir = False
     client: QMPClient | None = None
+    plan: shared.RestorePlan | None = None
     t0 = time.monotonic()
     try:
         if qmp_address is None:
@@ -130,21 +136,31 @@ async def restore(path: str | os.PathLike, *, qmp_address: str | None = None,
                 lock = RelaunchLock(path)
             check_not_running(argv, path)
             qmp_address = os.path.join(workdir, "qmp.sock")
+            shared.fresh_backing_files(argv)
             proc = await _launch(relaunch_argv(argv, qmp_address), program, qmp_address,
                                  os.path.join(workdir, "qemu.log"))
         client, peer = await qmpmod.connect(qmp_address)
         await _check_target(client, peer, machine)
+        plan = await shared.restore_plan(client, peer, blocks)
+        if plan:
+            channels = 0  # the stream holds device state and small blocks only
         await qmpmod.set_capabilities(
-            client, {**dict.fromkeys(INCOMPATIBLE_CAPS, False), "multifd": channels > 0})
+            client, {**dict.fromkeys(INCOMPATIBLE_CAPS, False), "multifd": channels > 0,
+                     IGNORE_SHARED: bool(plan)})
         if channels:
             await client.execute("migrate-set-parameters", {"multifd-channels": channels})
             uuid = uuidlib.UUID((await client.execute("query-uuid"))["UUID"]).bytes
+        if plan:
+            rep.start("restore", total, channels=0, ram_path="shared")
+            await asyncio.get_running_loop().run_in_executor(
+                None, _fill, path, plan, direct, rep, total)
         incoming = os.path.join(workdir, "incoming.sock")
         await client.execute("migrate-incoming", {"uri": f"unix:{incoming}"})
         socks = [await _connect_incoming(incoming) for _ in range(channels + 1)]
         log.debug("restore: %d connections to %s (%d multifd channels)", len(socks), incoming,
                   channels)
-        rep.start("restore", total, channels=channels)
+        if not plan:
+            rep.start("restore", total, channels=channels)
 
         def progress(done: int, total: int) -> None:
             rep.update(done, total)
@@ -152,7 +168,8 @@ async def restore(path: str | os.PathLike, *, qmp_address: str | None = None,
         def stream() -> SendStats:
             if not channels:
                 return send(path, socks[0].makefile("wb", buffering=0), direct=direct,
-                            progress=progress)
+                            progress=None if plan else progress,
+                            shared=plan.addrs if plan else None)
             return send_multifd(path, socks[0], socks[1:], uuid,
                                 sync_mode_for_machine(machine), direct=direct,
                                 progress=progress)
@@ -170,15 +187,19 @@ async def restore(path: str | os.PathLike, *, qmp_address: str | None = None,
             proc.release()
             keep_workdir = own_qmp(argv) is None  # else our socket is its only monitor
             qmp_address = own_qmp(argv) or qmp_address
-        result = RestoreResult(path, time.monotonic() - t0, stats.stream_bytes, stats.pages,
+        result = RestoreResult(path, time.monotonic() - t0, stats.stream_bytes,
+                               stats.pages + (plan.pages if plan else 0),
                                "running" if run else "paused",
-                               proc.pid if proc else peer.pid, qmp_address)
+                               proc.pid if proc else peer.pid, qmp_address,
+                               "shared" if plan else "stream")
     except BaseException as err:
         rep.error(one_line(err))
         if proc is not None:  # never leave a half-loaded VM we started behind
             proc.kill()
         raise
     finally:
+        if plan is not None:
+            plan.close()
         if client is not None:
             await qmpmod.disconnect(client)
         if lock is not None:
@@ -187,6 +208,20 @@ async def restore(path: str | os.PathLike, *, qmp_address: str | None = None,
             shutil.rmtree(workdir, ignore_errors=True)
     rep.done(**result.__dict__)
     return result
+
+
+def _fill(path: str, plan: shared.RestorePlan, direct: bool, rep: Reporter,
+          total: int) -> None:
+    """Fill the target's shared RAM from the file (checksums checked)."""
+    done = 0
+
+    def progress(n: int) -> None:
+        nonlocal done
+        done += n
+        rep.update(done, total)
+
+    with open_snapshot(path, direct=direct) as snap:
+        plan.pages = fill_from_file(snap, plan.backings, progress=progress)
 
 
 async def _wait_loaded(client: QMPClient, timeout: float = 600.0) -> None:

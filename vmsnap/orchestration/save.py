@@ -28,8 +28,10 @@ from ..io.atomic import FileLockedError
 from ..io.sockets import shutdown_all
 from ..ops.multifd_receive import identify_channels, receive_multifd
 from ..ops.receive import ReceiveStats, receive
+from ..ops.shared_ram import Backing
 from ..progress import Reporter
 from . import qmp as qmpmod
+from . import shared
 
 #: Capabilities whose streams vmsnap cannot store; switched off for the save, then restored.
 INCOMPATIBLE_CAPS = ("xbzrle", "compress", "postcopy-ram", "multifd", "mapped-ram",
@@ -55,6 +57,7 @@ class SaveResult:
     direct_io: bool
     dirty_sync_count: int | None = None
     downtime_ms: int | None = None
+    ram_path: str = "stream"  # "shared": RAM copied from its shared backing by vmsnap
 
 
 async def _set_parameters(client: QMPClient, wanted: dict[str, Any]) -> dict[str, Any]:
@@ -139,10 +142,13 @@ async def _save(client: QMPClient, peer: qmpmod.Peer, writer: SnapshotWriter, li
     conns: list[socket.socket] = []
     receiver: asyncio.Future | None = None
     t0 = time.monotonic()
+    backings = None if live else await shared.save_backings(client, peer)
+    if backings:
+        channels = 0  # the stream holds device state and small blocks only
     try:
         saved_caps = await qmpmod.set_capabilities(
             client, {**dict.fromkeys(INCOMPATIBLE_CAPS, False), "auto-converge": live,
-                     "multifd": channels > 0})
+                     "multifd": channels > 0, shared.IGNORE_SHARED: bool(backings)})
         params: dict[str, Any] = {"max-bandwidth": UNLIMITED_BANDWIDTH}
         if channels:
             params["multifd-channels"] = channels
@@ -157,7 +163,7 @@ async def _save(client: QMPClient, peer: qmpmod.Peer, writer: SnapshotWriter, li
         for _ in range(channels + 1):
             conns.append(await _accept(client, listener, sock_path))
         receiver = asyncio.get_running_loop().run_in_executor(
-            None, _receive, conns, writer)
+            None, _receive, conns, writer, backings)
         info = await _watch(client, receiver, rep)
         stats: ReceiveStats = await receiver
         final = await _finish(client, after)
@@ -174,25 +180,31 @@ async def _save(client: QMPClient, peer: qmpmod.Peer, writer: SnapshotWriter, li
     finally:
         for s in (*conns, listener):
             s.close()
+        for b in (backings or {}).values():
+            b.close()
         shutil.rmtree(workdir, ignore_errors=True)
         await _restore_settings(client, saved_caps, saved_params)
     seconds = time.monotonic() - t0
     ram = info.get("ram", {})
     result = SaveResult(path, seconds, stats.stream_bytes, stats.pages, stats.zero_pages, live,
                         peer.version_text, stats.machine_type, final, stats.direct,
-                        ram.get("dirty-sync-count"), info.get("downtime"))
+                        ram.get("dirty-sync-count"), info.get("downtime"),
+                        "shared" if backings else "stream")
     rep.done(**result.__dict__)
     return result
 
 
-def _receive(conns: list[socket.socket], writer: SnapshotWriter) -> ReceiveStats:
+def _receive(conns: list[socket.socket], writer: SnapshotWriter,
+             backings: dict[str, Backing] | None = None) -> ReceiveStats:
     """Receive one plain stream, or a main channel + multifd channels (told apart by magic).
+    With `backings`, an x-ignore-shared stream whose shared RAM vmsnap copies itself.
     Any failure shuts every socket at once: QEMU's migration thread, which may hold the big
     lock while it writes, must see a broken pipe instead of blocking (and silencing QMP)."""
     try:
         if len(conns) == 1:
             conn = conns[0]
-            return receive(conn.makefile("rb", buffering=0), writer, reply=conn.sendall)
+            return receive(conn.makefile("rb", buffering=0), writer, reply=conn.sendall,
+                           shared=backings)
         main, channels = identify_channels(conns)
         return receive_multifd(main, channels, writer)
     except BaseException:

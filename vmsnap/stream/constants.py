@@ -75,6 +75,8 @@ RAM_INSTANCE_ID = 0
 RAM_VERSION_ID = 4
 
 CAPS_SUBSECTION = "configuration/capabilities"
+#: Capability that leaves shared RAM out of the stream and adds `addr` to each RAM block entry.
+CAP_IGNORE_SHARED = "x-ignore-shared"
 PAGE_BITS_SUBSECTION = "configuration/target-page-bits"
 UUID_SUBSECTION = "configuration/uuid"
 

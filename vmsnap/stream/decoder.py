@@ -514,7 +514,7 @@ class StreamDecoder:
         if self.postcopy_advised and name in self._blocks_with_page_size:
             bps = self._be64(p)
             p += 8
-        if "x-ignore-shared" in self.capabilities:
+        if C.CAP_IGNORE_SHARED in self.capabilities:
             addr = self._be64(p)
             p += 8
         mrh = None

@@ -1,0 +1,243 @@
+"""Guest RAM in shared memory, moved by vmsnap itself: no socket hop, no copy in Python.
+
+Save: the backing (a /dev/shm file, a memfd, any `share=on` memory backend) is mapped
+read-only; parallel workers hash each 8 MiB chunk page by page (xxh3), take pages whose
+hash is the zero page's (confirmed by comparison) as holes, and write the others with
+O_DIRECT straight from the mapping to their fixed offsets in the snapshot's page area,
+recording the same hashes in its checksum table. Ranges the backing has never allocated
+(SEEK_HOLE) are not even read.
+
+Restore: the backing's old content is dropped (MADV_REMOVE punches a hole, so absent
+pages read as zero), then parallel workers read each run of present pages with O_DIRECT
+straight into the mapping and check it against the trailer's checksums.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import VmsnapError
+from ..fileformat.bitmap import contiguous_runs, runs
+from ..fileformat.reader import Snapshot
+from ..fileformat.trailer import page_checksums, xxh3
+from ..fileformat.writer import SnapshotWriter
+from ..io.aligned import PAGE_SIZE
+
+#: Bytes per worker job.
+CHUNK = 8 << 20
+#: madvise advice numbers (Linux >= 5.14); older kernels refuse them and pages fault in.
+MADV_POPULATE_READ = 22
+ZERO_PAGE_XXH3 = xxh3(bytes(PAGE_SIZE))
+
+
+def default_workers() -> int:
+    """Enough parallel O_DIRECT requests to keep a disk busy, at least one per CPU."""
+    return max(4, os.cpu_count() or 1)
+
+
+@dataclass
+class Backing:
+    """An open shared-memory file holding one RAM block at `offset`."""
+
+    block: str
+    fd: int
+    offset: int
+    size: int
+
+    def map(self, writable: bool) -> mmap.mmap:
+        prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+        return mmap.mmap(self.fd, self.size, mmap.MAP_SHARED, prot, offset=self.offset)
+
+    def extents(self) -> Iterator[tuple[int, int]]:
+        """(offset, length) of the block's allocated ranges, page aligned (the whole block
+        if the filesystem cannot tell)."""
+        end = self.offset + self.size
+        pos = self.offset
+        while pos < end:
+            try:
+                start = os.lseek(self.fd, pos, os.SEEK_DATA)
+            except OSError as err:
+                if err.errno != errno.ENXIO:  # no SEEK_DATA here: read everything left
+                    yield pos - self.offset, end - pos
+                return
+            if start >= end:
+                return
+            stop = min(os.lseek(self.fd, start, os.SEEK_HOLE), end)
+            first = (start - self.offset) // PAGE_SIZE * PAGE_SIZE
+            last = min(-(-(stop - self.offset) // PAGE_SIZE) * PAGE_SIZE, self.size)
+            yield first, last - first
+            pos = self.offset + last
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+@dataclass
+class CopyStats:
+    pages: int = 0
+    zero_pages: int = 0
+
+
+def _chunks(extents: Iterator[tuple[int, int]], size: int = CHUNK
+            ) -> Iterator[tuple[int, int]]:
+    for start, length in extents:
+        for off in range(start, start + length, size):
+            yield off, min(size, start + length - off)
+
+
+def _run(jobs: list, work: Callable, workers: int) -> None:
+    """Run `work(job)` for every job on `workers` threads; the first failure stops the
+    rest (jobs not yet started are skipped) and is raised."""
+    failed = threading.Event()
+
+    def guarded(job) -> None:
+        if not failed.is_set():
+            try:
+                work(job)
+            except BaseException:
+                failed.set()
+                raise
+
+    with ThreadPoolExecutor(max(1, workers), thread_name_prefix="vmsnap-shm") as ex:
+        futures = [ex.submit(guarded, job) for job in jobs]
+        for fut in futures:
+            fut.result()
+
+
+@contextmanager
+def _mapped(backings: Mapping[str, Backing], writable: bool
+            ) -> Iterator[dict[str, tuple[mmap.mmap, memoryview]]]:
+    maps: dict[str, tuple[mmap.mmap, memoryview]] = {}
+    try:
+        for name, b in backings.items():
+            m = b.map(writable)
+            maps[name] = (m, memoryview(m))
+        yield maps
+    finally:
+        for m, view in maps.values():
+            view.release()
+            try:
+                m.close()
+            except BufferError:  # a failing worker's traceback still holds a view
+                pass
+
+
+def copy_to_file(writer: SnapshotWriter, backings: Mapping[str, Backing], *,
+                 workers: int | None = None,
+                 progress: Callable[[int], None] | None = None) -> CopyStats:
+    """Write every non-zero page of each backing to its block's page area in `writer`."""
+    stats = CopyStats()
+    lock = threading.Lock()
+    with _mapped(backings, writable=False) as maps:
+        def work(job: tuple[str, int, int]) -> None:
+            name, off, n = job
+            m, view = maps[name]
+            try:
+                m.madvise(MADV_POPULATE_READ, off, n)
+            except OSError:
+                pass
+            data = view[off:off + n]
+            sums = page_checksums(data)
+            zero = sums == np.uint64(ZERO_PAGE_XXH3)
+            for i in np.flatnonzero(zero):  # a hash match: confirm with the bytes
+                zero[i] = not np.frombuffer(data, np.uint64, PAGE_SIZE // 8,
+                                            int(i) * PAGE_SIZE).any()
+            pages = np.flatnonzero(~zero)
+            for first, count in contiguous_runs(pages):
+                sel = pages[first:first + count]
+                lo = int(sel[0]) * PAGE_SIZE
+                writer.write_aligned_pages(
+                    name, off + sel.astype(np.uint64) * np.uint64(PAGE_SIZE),
+                    data[lo:lo + count * PAGE_SIZE], sums=sums[sel])
+            with lock:
+                stats.pages += len(pages)
+                stats.zero_pages += n // PAGE_SIZE - len(pages)
+                if progress:
+                    progress(n)
+
+        _run([(name, off, n) for name, b in backings.items()
+              for off, n in _chunks(b.extents())], work, workers or default_workers())
+    return stats
+
+
+def fill_from_file(snap: Snapshot, backings: Mapping[str, Backing], *, verify: bool = True,
+                   workers: int | None = None,
+                   progress: Callable[[int], None] | None = None) -> int:
+    """Make each backing hold its block's pages from `snap` (absent pages zero), every
+    page checked against the trailer first when `verify`. Returns pages read.
+    Raises ChecksumMismatch naming the first bad page; the backing is then garbage."""
+    blocks = {}
+    for name, b in backings.items():
+        try:
+            blocks[name] = block = snap.block(name)
+        except KeyError:
+            raise VmsnapError(f"snapshot has no RAM block {name!r} (the target's shared "
+                              "RAM)") from None
+        if block.used_length != b.size:
+            raise VmsnapError(f"RAM block {name!r}: snapshot has {block.used_length} bytes, "
+                              f"the target's shared RAM {b.size}")
+    lock = threading.Lock()
+    with _mapped(backings, writable=True) as maps:
+        jobs = []
+        for name, block in blocks.items():
+            m, view = maps[name]
+            _clear(m, block.present)
+            index = np.concatenate(([0], np.cumsum(block.present)))
+            jobs += [(block, int(first), int(count), int(index[first]), view)
+                     for first, count in snap.present_runs(block, CHUNK // block.page_size)]
+
+        def work(job) -> None:
+            block, first, count, index, view = job
+            ps = block.page_size
+            data = view[first * ps:(first + count) * ps]
+            snap.read_pages(block, first, count, into=data)
+            if verify:
+                snap.check_pages(block, first, count, data, index)
+            if progress:
+                with lock:
+                    progress(count * ps)
+
+        _run(jobs, work, workers or default_workers())
+    return sum(job[2] for job in jobs)
+
+
+def _clear(m: mmap.mmap, present: np.ndarray) -> None:
+    """Zero the old content: drop the whole range from the backing (MADV_REMOVE), or,
+    where the filesystem cannot, overwrite the pages the snapshot does not fill."""
+    try:
+        m.madvise(mmap.MADV_REMOVE, 0, len(m))
+        return
+    except OSError:
+        pass
+    arr = np.frombuffer(m, dtype=np.uint8)
+    for first, count in runs(~present):
+        arr[first * PAGE_SIZE:(first + count) * PAGE_SIZE] = 0
+    del arr
+
+
+def copy_left_out(writer: SnapshotWriter, streamed: set[str],
+                  backings: Mapping[str, Backing]) -> CopyStats:
+    """After an x-ignore-shared stream: copy every block the stream left out (no page or
+    zero record: QEMU ignored it as shared) from its backing. A left-out block without
+    a backing would be silently empty in the file: refused."""
+    assert writer.layout is not None
+    todo = {}
+    for b in writer.layout.blocks:
+        if b.name in streamed:
+            continue
+        if b.name not in backings:
+            raise VmsnapError(f"RAM block {b.name!r} is shared memory QEMU left out of the "
+                              "stream, and vmsnap cannot read it")
+        todo[b.name] = backings[b.name]
+    return copy_to_file(writer, todo)

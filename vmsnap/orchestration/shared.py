@@ -1,0 +1,256 @@
+"""Find the shared-memory backings of a QEMU's guest RAM, so vmsnap can copy RAM itself.
+
+A RAM block backed by `memory-backend-file` or `memory-backend-memfd` with `share=on` is
+a file both QEMU and vmsnap can map. QMP names the backends (`query-memdev`: id, size,
+share; `qom-get`: type, mem-path, offset); the QEMU process holds each one open, so
+vmsnap opens it through `/proc/<QEMU pid>/fd/<n>`, which works across mount namespaces
+(a chrooted QEMU's mem-path means nothing on the host). The fd is told apart from others
+by the QEMU's shared mapping of exactly the backend's size and offset, on the same inode.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import stat
+from dataclasses import dataclass
+
+from qemu.qmp import QMPClient
+from qemu.qmp.qmp_client import ExecuteError
+
+from ..errors import VmsnapError
+from ..ops.shared_ram import Backing
+from ..stream.constants import CAP_IGNORE_SHARED as IGNORE_SHARED
+from .qmp import Peer
+
+log = logging.getLogger(__name__)
+
+#: QEMU >= 8.1 leaves memfd (unnamed) shared RAM in the stream even with x-ignore-shared.
+NAMED_FILE_RULE = (8, 1, 0)
+
+
+class SharedRamUnreachable(VmsnapError):
+    """A shared RAM backing exists but vmsnap cannot open it."""
+
+
+@dataclass(frozen=True)
+class Memdev:
+    id: str
+    type: str
+    size: int
+    mem_path: str | None
+    offset: int
+
+
+@dataclass(frozen=True)
+class _Mapping:
+    length: int
+    offset: int
+    dev: tuple[int, int]
+    inode: int
+    path: str
+
+
+async def _qom(client: QMPClient, path: str, prop: str) -> object | None:
+    try:
+        return await client.execute("qom-get", {"path": path, "property": prop})
+    except ExecuteError:
+        return None
+
+
+async def shared_memdevs(client: QMPClient) -> list[Memdev]:
+    """The memory backends of this QEMU that are mapped shared (share=on)."""
+    out = []
+    for m in await client.execute("query-memdev"):
+        if not m.get("share") or not m.get("id"):
+            continue
+        obj = f"/objects/{m['id']}"
+        kind = str(await _qom(client, obj, "type") or "")
+        mem_path = await _qom(client, obj, "mem-path")
+        offset = await _qom(client, obj, "offset")
+        out.append(Memdev(m["id"], kind, int(m["size"]),
+                          mem_path if isinstance(mem_path, str) else None,
+                          offset if isinstance(offset, int) else 0))
+    return out
+
+
+def ignored_by(peer: Peer, dev: Memdev) -> bool:
+    """Whether this QEMU's x-ignore-shared leaves `dev` out of the stream (newer QEMUs
+    only ignore shared RAM backed by a named file)."""
+    return peer.version < NAMED_FILE_RULE or dev.type == "memory-backend-file"
+
+
+async def block_addr(client: QMPClient, dev: Memdev) -> int:
+    """The guest-physical `addr` of the backend's memory region (checked by an
+    x-ignore-shared destination; 0 for a backend mapped through aliases)."""
+    addr = await _qom(client, f"/objects/{dev.id}/{dev.id}[0]", "addr")
+    return addr if isinstance(addr, int) else 0
+
+
+def _maps(pid: int) -> list[_Mapping]:
+    out = []
+    with open(f"/proc/{pid}/maps") as f:
+        for line in f:
+            parts = line.split(maxsplit=5)
+            if len(parts) < 6 or parts[1][3] != "s":
+                continue
+            start, end = (int(x, 16) for x in parts[0].split("-"))
+            major, minor = (int(x, 16) for x in parts[3].split(":"))
+            out.append(_Mapping(end - start, int(parts[2], 16), (major, minor), int(parts[4]),
+                                parts[5].rstrip("\n")))
+    return out
+
+
+def _describes(dev: Memdev, path: str) -> bool:
+    if dev.type == "memory-backend-memfd":
+        return path.startswith("/memfd:")
+    if dev.mem_path is None:
+        return False
+    name = os.path.basename(dev.mem_path.rstrip("/"))
+    base = path.removesuffix(" (deleted)")
+    return os.path.basename(base) == name or os.path.dirname(base).endswith(name)
+
+
+def open_backings(pid: int | None, devs: list[Memdev], *, writable: bool
+                  ) -> dict[str, Backing]:
+    """Open every shared backend of QEMU `pid` (read-only, or read-write for a restore).
+    Raises SharedRamUnreachable naming the first one that cannot be opened."""
+    if pid is None:
+        raise SharedRamUnreachable("QEMU's process is unknown (QMP over TCP)")
+    try:
+        maps = _maps(pid)
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError as err:
+        raise SharedRamUnreachable(f"cannot read /proc/{pid}: {err.strerror}") from err
+    by_inode: dict[tuple[tuple[int, int], int], str] = {}
+    for fd in fds:
+        link = f"/proc/{pid}/fd/{fd}"
+        try:
+            st = os.stat(link)
+        except OSError:
+            continue
+        if stat.S_ISREG(st.st_mode):
+            by_inode.setdefault(((os.major(st.st_dev), os.minor(st.st_dev)), st.st_ino), link)
+    out: dict[str, Backing] = {}
+    try:
+        for dev in devs:
+            found = {(m.dev, m.inode) for m in maps
+                     if m.length == dev.size and m.offset == dev.offset
+                     and _describes(dev, m.path) and (m.dev, m.inode) in by_inode}
+            if len(found) != 1:
+                why = "not found" if not found else f"{len(found)} candidates"
+                raise SharedRamUnreachable(
+                    f"shared RAM {dev.id!r} ({dev.type}): its file in QEMU {pid} is {why}")
+            link = by_inode[found.pop()]
+            try:
+                fd = os.open(link, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
+            except OSError as err:
+                raise SharedRamUnreachable(
+                    f"shared RAM {dev.id!r}: cannot open {link}: {err.strerror}") from err
+            out[dev.id] = Backing(dev.id, fd, dev.offset, dev.size)
+    except BaseException:
+        for b in out.values():
+            b.close()
+        raise
+    return out
+
+
+async def _capabilities(client: QMPClient) -> set[str]:
+    return {c["capability"] for c in await client.execute("query-migrate-capabilities")}
+
+
+async def save_backings(client: QMPClient, peer: Peer) -> dict[str, Backing] | None:
+    """For a paused save: the shared backings vmsnap copies itself (QEMU leaves them out
+    of the stream), or None when QEMU must stream all RAM (no shared RAM it would leave
+    out, no x-ignore-shared, or a backing vmsnap cannot open)."""
+    if IGNORE_SHARED not in await _capabilities(client):
+        return None
+    devs = [d for d in await shared_memdevs(client) if ignored_by(peer, d)]
+    if not devs:
+        return None
+    try:
+        return open_backings(peer.pid, devs, writable=False)
+    except SharedRamUnreachable as err:
+        log.info("saving shared RAM through the stream: %s", err)
+        return None
+
+
+@dataclass
+class RestorePlan:
+    """Shared RAM a restore fills itself, and the addr of each block for the stream."""
+
+    backings: dict[str, Backing]
+    addrs: dict[str, int]
+    pages: int = 0  # filled so far
+
+    def close(self) -> None:
+        for b in self.backings.values():
+            b.close()
+
+
+async def restore_plan(client: QMPClient, peer: Peer, blocks: set[str]) -> RestorePlan | None:
+    """For a restore into `peer`: its shared backings (vmsnap fills them from the file and
+    streams only the rest), or None when the whole snapshot goes through the stream (no
+    shared RAM, no x-ignore-shared). Raises SharedRamUnreachable if QEMU has shared RAM
+    for one of the snapshot's `blocks` that vmsnap cannot open."""
+    if IGNORE_SHARED not in await _capabilities(client):
+        return None
+    devs = [d for d in await shared_memdevs(client) if d.id in blocks]
+    if not devs:
+        return None
+    backings = open_backings(peer.pid, devs, writable=True)
+    return RestorePlan(backings, {d.id: await block_addr(client, d) for d in devs})
+
+
+def _object_options(value: str) -> dict[str, str]:
+    """The properties of an `-object` value, in QEMU's key=value form (",," escapes a
+    comma) or its JSON form; the bare first word is the type."""
+    if value.lstrip().startswith("{"):
+        try:
+            obj = json.loads(value)
+        except ValueError:
+            return {}
+        return {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in obj.items()
+                } if isinstance(obj, dict) else {}
+    out = {}
+    for i, item in enumerate(value.replace(",,", "\0").split(",")):
+        key, sep, val = item.replace("\0", ",").partition("=")
+        if not sep and i == 0:
+            key, val = "qom-type", key
+        out[key] = val
+    return out
+
+
+def fresh_backing_files(argv: list[str]) -> None:
+    """Before relaunching QEMU from `argv`: give every shared `memory-backend-file` whose
+    mem-path is an existing file a new, empty file at that path (a new inode, same owner
+    and mode), so the new QEMU never shares RAM with one still running on the old file.
+    Only for a QEMU run directly: a wrapper may give it another view of the paths."""
+    if not argv or not os.path.basename(argv[0]).startswith("qemu-system"):
+        return
+    for opt, value in zip(argv, argv[1:], strict=False):
+        if opt.lstrip("-") != "object":
+            continue
+        props = _object_options(value)
+        if (props.get("qom-type") != "memory-backend-file"
+                or props.get("share") not in ("on", "true", "yes")):
+            continue
+        path = props.get("mem-path", "")
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue  # QEMU creates it (or reports the problem itself)
+        if not stat.S_ISREG(st.st_mode):
+            continue  # a directory: QEMU makes its own unlinked file there
+        tmp = f"{path}.vmsnap-{os.getpid()}"
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            os.fchown(fd, st.st_uid, st.st_gid)
+            os.fchmod(fd, stat.S_IMODE(st.st_mode))
+            os.rename(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+        finally:
+            os.close(fd)

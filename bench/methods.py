@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import cached_bytes, drop_caches, file_sizes, run_child, sync_all, sync_file
-from testbed.guests import BootGuest
+from testbed.guests import BootGuest, shared_ram_args
 from testbed.qemu import Vm, exec_uri
 from testbed.transfer import VMSNAP, migrate_parameters
 
@@ -100,9 +102,12 @@ class Vmsnap(Method):
             raise RuntimeError(f"vmsnap {verb} has no --channels option yet")
         return []  # before issue 5: single channel is all there is
 
+    def config(self, guest, scen: Scenario, wd: Path):
+        return guest.config(self.qemu or scen.qemu, wd)
+
     def run(self, scen, ctx, wd):
         guest = scen.make_guest()
-        config = guest.config(scen.qemu, wd)
+        config = self.config(guest, scen, wd)
         snap = wd / "vm.snap"
         with Vm(config, wd, "src") as src:
             guest.boot(src)
@@ -139,6 +144,36 @@ class Vmsnap(Method):
                 "present_bytes": ctx.present_bytes[scen.key], "check": _describe(check),
                 "dirty_rate_mb_s": rate,
                 "vmsnap_done": done}
+
+
+class VmsnapShared(Vmsnap):
+    """vmsnap with guest RAM in a shared /dev/shm file (memory-backend-file, share=on):
+    vmsnap copies RAM between the backing and the file, QEMU streams device state only."""
+
+    def __init__(self, qemu: str):
+        super().__init__(0)
+        self.qemu = qemu
+        self.name = "vmsnap-shm" + ("" if qemu == "7.2" else qemu)
+        self.label = f"vmsnap shared RAM, QEMU {qemu}"
+
+    def _channel_args(self, verb: str) -> list[str]:
+        return []
+
+    def unsupported(self, scen, ctx):
+        return "live saves of shared RAM use the stream path" if scen.live else None
+
+    def config(self, guest, scen, wd):
+        config = super().config(guest, scen, wd)
+        config.args += shared_ram_args("file", guest.memory_mb, self._shm / "ram")
+        config.binds.append(self._shm)  # the QEMU 10 chroot sees it at the same path
+        return config
+
+    def run(self, scen, ctx, wd):
+        self._shm = Path(tempfile.mkdtemp(prefix="vmsnap-bench-", dir="/dev/shm"))  # 0700
+        try:
+            return super().run(scen, ctx, wd)
+        finally:
+            shutil.rmtree(self._shm, ignore_errors=True)
 
 
 def _tmpdir(wd: Path) -> dict[str, str]:
@@ -321,6 +356,7 @@ def all_methods(channels: list[int] | None = None) -> dict[str, Method]:
     """Every method by name; vmsnap gets one entry per channel count."""
     if channels is None:
         channels = [0, 2, 4] if vmsnap_channels_supported() else [0]
-    methods: list[Method] = [*(Vmsnap(n) for n in channels), ExecCat(), Virsh(),
-                             Qemu10Native(), Fio(), Fio(4)]
+    methods: list[Method] = [*(Vmsnap(n) for n in channels), VmsnapShared("7.2"),
+                             VmsnapShared("10"), ExecCat(), Virsh(), Qemu10Native(), Fio(),
+                             Fio(4)]
     return {m.name: m for m in methods}

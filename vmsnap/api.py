@@ -16,6 +16,7 @@ from collections.abc import Coroutine, Sequence
 from typing import Any, TypeVar
 
 from .fileformat.reader import Snapshot, open_snapshot
+from .orchestration import lazy as _lazy
 from .orchestration import restore as _restore
 from .orchestration import save as _save
 from .orchestration.restore import RestoreResult
@@ -68,12 +69,21 @@ def save(qmp_address: str, path: str | os.PathLike, *, live: bool = False,
 def restore(path: str | os.PathLike, *, qmp_address: str | None = None,
             command: Sequence[str] | None = None, paused: bool = False,
             reporter: Reporter | None = None, direct: bool = True,
-            channels: int | None = None, trust_command_line: bool = False) -> RestoreResult:
+            channels: int | None = None, trust_command_line: bool = False,
+            lazy: str | None = None, verify: bool = False) -> RestoreResult:
     """Restore `path` into the QEMU at `qmp_address` (started with -incoming defer), or into
     one launched from `command`, or from the command line stored in the file: that one runs
     only if this host's key signed the file, or with `trust_command_line` (after reading
     it), and only if it starts a QEMU system emulator.
-    `channels`: parallel multifd channels (0: one plain stream; default: from the CPUs)."""
+    `channels`: parallel multifd channels (0: one plain stream; default: from the CPUs).
+    `lazy`: "auto", "postcopy" or "mmap": the guest runs at once and its RAM follows
+    (a LazyRestoreResult, with the time to running and page-request latencies);
+    `verify` (mmap): check every page before the guest starts, not after."""
+    if lazy is not None:
+        return _run(_lazy.restore_lazy(path, engine=lazy, qmp_address=qmp_address,
+                                       command=command, paused=paused, reporter=reporter,
+                                       direct=direct, verify=verify,
+                                       trust_command_line=trust_command_line))
     return _run(_restore.restore(path, qmp_address=qmp_address, command=command,
                                  paused=paused, reporter=reporter, direct=direct,
                                  channels=channels, trust_command_line=trust_command_line))

@@ -180,11 +180,18 @@ def cmd_restore(args: argparse.Namespace, rep: Reporter) -> int:
     command = args.qemu_command
     if command and args.qmp:
         raise VmsnapError("give either --qmp or a QEMU command line, not both")
+    if args.lazy and args.channels is not None:
+        raise VmsnapError("--lazy sends pages itself: it takes no --channels")
+    if args.verify and not args.lazy:
+        raise VmsnapError("--verify goes with --lazy (a restore checks every page anyway)")
     r = api.restore(args.file, qmp_address=args.qmp, command=command or None,
                     paused=args.paused, reporter=rep, direct=args.direct,
-                    channels=args.channels, trust_command_line=args.trust_command_line)
+                    channels=args.channels, trust_command_line=args.trust_command_line,
+                    lazy=args.lazy, verify=args.verify)
     if not args.json:
+        running = getattr(r, "running_seconds", None)
         print(f"restored {r.path}: {r.pages:,} pages in {r.seconds:.2f}s, VM {r.final_state}"
+              + (f" (running after {running:.2f}s)" if running is not None else "")
               + (f" (pid {r.pid}, QMP {r.qmp})" if r.pid else ""))
     return 0
 
@@ -259,6 +266,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="run the stored command line although this host did not sign the "
                          "file, or although it makes QEMU run a program (read it with "
                          "`vmsnap info` first); it must still start a qemu-system-* binary")
+    sp.add_argument("--lazy", choices=("auto", "postcopy", "mmap"), metavar="ENGINE",
+                    help="--lazy[=ENGINE]: run the guest at once, RAM following on demand "
+                    "(ENGINE: postcopy or mmap; default auto)")
+    sp.add_argument("--verify", action="store_true",
+                    help="with --lazy=mmap: check every page before the guest starts")
     _channels_option(sp)
     sp.set_defaults(qemu_command=[])
     sp.usage = sp.format_usage().removeprefix("usage: ").rstrip() + " [-- QEMU_COMMAND ...]"
@@ -285,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     if "--" in argv:  # restore ... -- QEMU_COMMAND: everything after -- is QEMU's
         cut = argv.index("--")
         argv, tail = argv[:cut], argv[cut + 1:]
+    # `--lazy` alone means --lazy=auto (an optional value would swallow FILE)
+    argv = ["--lazy=auto" if a == "--lazy" else a for a in argv]
     args = build_parser().parse_args(argv)
     if tail:
         if args.command != "restore":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 import time
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -25,9 +26,12 @@ class Reporter:
         self._progress: Progress | None = None
         self._task: TaskID | None = None
         self._failed = False
+        self._lock = threading.Lock()  # updates may come from several sender threads
 
     def _emit(self, event: str, **fields: Any) -> None:
-        print(json.dumps({"event": event, "op": self._op, **fields}), file=self.out, flush=True)
+        line = json.dumps({"event": event, "op": self._op, **fields})
+        with self._lock:
+            print(line, file=self.out, flush=True)
 
     def start(self, op: str, total: int | None = None, **fields: Any) -> None:
         self._op = op
@@ -57,9 +61,21 @@ class Reporter:
                                   description=fields.get("phase", self._op))
         elif self.as_json:
             now = time.monotonic()
-            if now - self._last >= self.interval:
+            with self._lock:
+                if now - self._last < self.interval:
+                    return
                 self._last = now
-                self._emit("progress", done=done, total=total, **fields)
+            self._emit("progress", done=done, total=total, **fields)
+
+    def event(self, event: str, **fields: Any) -> None:
+        """A milestone inside an operation (e.g. "running" during a lazy restore)."""
+        if self.as_json:
+            self._emit(event, **fields)
+
+    def note(self, message: str) -> None:
+        """A one-line notice for the user on stderr (and a JSON event)."""
+        self.event("note", message=message)
+        print(message, file=self.err, flush=True)
 
     def _stop(self) -> None:
         if self._progress is not None:

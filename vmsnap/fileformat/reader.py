@@ -195,16 +195,16 @@ class Snapshot:
                     buf.close()
 
     def verify(self, progress: Callable[[int, int], None] | None = None,
-               chunk_bytes: int = 8 << 20) -> VerifyResult:
-        """Check every present page and every non-page stream range against the trailer.
-        Raises ChecksumMismatch naming the first bad page (block + offset).
-        `progress(done_bytes, total_bytes)` is called after each chunk."""
+               chunk_bytes: int = 8 << 20, skip: Container[str] = ()) -> VerifyResult:
+        """Check every present page (of the blocks not in `skip`) and every non-page stream
+        range against the trailer. Raises ChecksumMismatch naming the first bad page (block
+        + offset). `progress(done_bytes, total_bytes)` is called after each chunk."""
         if self.trailer is None:
             raise SnapshotError("QEMU-native file has no checksums to verify")
         self.check_stream_ranges()
-        total = sum(b.present_count * b.page_size for b in self.blocks)
+        total = sum(b.present_count * b.page_size for b in self.blocks if b.name not in skip)
         done = pages = 0
-        for b, _first, count, _data in self.iter_pages(chunk_bytes):
+        for b, _first, count, _data in self.iter_pages(chunk_bytes, skip=skip):
             done += count * b.page_size
             pages += count
             if progress:

@@ -62,10 +62,11 @@ def read_head(snap: Snapshot) -> StreamHead:
 
 
 def plain_stream_head(snap: Snapshot, head: StreamHead, before_eos: bytes = b"",
-                      shared: Mapping[str, int] | None = None) -> bytes:
+                      shared: Mapping[str, int] | None = None, commands: bytes = b"") -> bytes:
     """Header, configuration without mapped-ram, and the RAM START with its block list
-    (`before_eos`, e.g. a multifd flush, goes right before the START's EOS). `shared`: an
-    x-ignore-shared stream; block name -> addr of the blocks the destination ignores."""
+    (`commands`, e.g. postcopy's, go right after the configuration; `before_eos`, e.g. a
+    multifd flush, right before the START's EOS). `shared`: an x-ignore-shared stream;
+    block name -> addr of the blocks the destination ignores."""
     c = head.config
     caps = tuple(x for x in c.capabilities if x not in ("mapped-ram", IGNORE_SHARED))
     if shared is None:
@@ -77,7 +78,7 @@ def plain_stream_head(snap: Snapshot, head: StreamHead, before_eos: bytes = b"",
     sid = head.section.section_id
     return (encoder.header()
             + encoder.configuration(c.machine_type, caps, page_bits=c.page_bits, uuid=c.uuid)
-            + head.prelude
+            + commands + head.prelude
             + encoder.ram_start(sid, blocks)
             + before_eos + encoder.eos() + encoder.footer(sid))
 
@@ -112,12 +113,13 @@ def device_state(snap: Snapshot) -> bytes:
 
 def send(path: str | os.PathLike, sink: BinaryIO, *, direct: bool = True,
          progress: Callable[[int, int], None] | None = None,
-         shared: Mapping[str, int] | None = None) -> SendStats:
+         shared: Mapping[str, int] | None = None, skip: Container[str] = ()) -> SendStats:
     """Write the snapshot at `path` to `sink` (anything with a file descriptor: pipe,
     socket, file) as a plain migration stream; page data goes out by writev, uncopied.
     `shared`: an x-ignore-shared stream without the pages of these blocks (name -> addr),
-    which the caller has put into the destination's shared RAM itself."""
-    skip = shared or {}
+    which the caller has put into the destination's shared RAM itself. Blocks in `skip`
+    are listed but get no pages (the destination maps them from the file)."""
+    skip = {*(shared or {}), *skip}
     with open_snapshot(path, direct=direct) as snap:
         head = read_head(snap)
         snap.check_stream_ranges()

@@ -22,7 +22,7 @@ from qemu.qmp import QMPClient
 
 from ..errors import VmsnapError, one_line
 from ..fileformat.reader import open_snapshot
-from ..hostkey import trust_of
+from ..hostkey import Trust, trust_of
 from ..ops.multifd_send import send_multifd, sync_mode_for_machine
 from ..ops.send import SendStats, send
 from ..ops.shared_ram import fill_from_file
@@ -73,6 +73,29 @@ async def _launch(argv: list[str], program: str | None, qmp_path: str,
             raise VmsnapError(f"QEMU did not open its QMP socket in {START_TIMEOUT:.0f}s")
         await asyncio.sleep(0.02)
     return proc
+
+
+async def launch_target(path: str, argv: list[str], given: bool, trust: Trust,
+                        trust_command_line: bool, workdir: str,
+                        launch_argv: list[str] | None = None,
+                        ) -> tuple[GuardedQemu, RelaunchLock | None, str]:
+    """Start a QEMU waiting for an incoming stream on a QMP socket in `workdir`: the
+    command line stored in the snapshot at `path` (`given` False: approved, one relaunch at
+    a time) or one the user gave, never beside a running original. `launch_argv`: what to
+    actually start, if `argv` is rewritten. Returns (QEMU, lock or None, QMP path)."""
+    program = None if given else approve(argv, trust, trust_command_line, path)
+    lock = None if given else RelaunchLock(path)
+    try:
+        check_not_running(argv, path)
+        qmp_address = os.path.join(workdir, "qmp.sock")
+        shared.fresh_backing_files(argv)
+        proc = await _launch(relaunch_argv(launch_argv or argv, qmp_address), program,
+                             qmp_address, os.path.join(workdir, "qemu.log"))
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    return proc, lock, qmp_address
 
 
 async def _check_target(client: QMPClient, peer: qmpmod.Peer, machine: str) -> None:
@@ -131,14 +154,8 @@ async def restore(path: str | os.PathLike, *, qmp_address: str | None = None,
             if not argv:
                 raise VmsnapError(f"{path} stores no QEMU command line: give --qmp SOCKET "
                                   "or -- QEMU_COMMAND...")
-            program = None if command else approve(argv, trust, trust_command_line, path)
-            if not command:
-                lock = RelaunchLock(path)
-            check_not_running(argv, path)
-            qmp_address = os.path.join(workdir, "qmp.sock")
-            shared.fresh_backing_files(argv)
-            proc = await _launch(relaunch_argv(argv, qmp_address), program, qmp_address,
-                                 os.path.join(workdir, "qemu.log"))
+            proc, lock, qmp_address = await launch_target(
+                path, argv, bool(command), trust, trust_command_line, workdir)
         client, peer = await qmpmod.connect(qmp_address)
         await _check_target(client, peer, machine)
         plan = await shared.restore_plan(client, peer, blocks)

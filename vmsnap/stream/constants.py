@@ -97,3 +97,21 @@ MULTIFD_HDR_FIXED = 320
 MULTIFD_FLAG_SYNC = 0x1
 MULTIFD_FLAG_COMPRESSION_MASK = 0x3E
 MULTIFD_FLAG_DEVICE_STATE = 0x40
+
+# postcopy (§1.7, §4.3)
+POSTCOPY_RAM_DISCARD_VERSION = 0
+#: PING value a source puts in the PACKAGED blob (QEMU's own sources send 3)
+PACKAGED_PING = 3
+
+# return-path messages, destination -> source on the main socket (§4.1)
+MIG_RP_MSG_SHUT = 1
+MIG_RP_MSG_PONG = 2
+MIG_RP_MSG_REQ_PAGES_ID = 3
+MIG_RP_MSG_REQ_PAGES = 4
+MIG_RP_MSG_RECV_BITMAP = 5
+MIG_RP_MSG_RESUME_ACK = 6
+MIG_RP_MSG_SWITCHOVER_ACK = 7
+#: QEMU's source refuses longer return-path messages (migration.c, source_return_path_thread)
+RP_MAX_LEN = 512
+RP_FIXED_LENGTHS = {MIG_RP_MSG_SHUT: 4, MIG_RP_MSG_PONG: 4, MIG_RP_MSG_REQ_PAGES: 12,
+                    MIG_RP_MSG_RESUME_ACK: 4, MIG_RP_MSG_SWITCHOVER_ACK: 0}

@@ -72,6 +72,29 @@ _S_ERROR = "error"
 _PRELUDE_KEEP = 16
 
 
+def find_vmdesc(buf: bytes | bytearray, max_len: int = C.MAX_VMDESC_LEN) -> int | None:
+    """Index of the VMDESCRIPTION byte if `buf` ends with `00 06 be32(L) JSON(L)` (a JSON
+    object), else None. JSON holds no NUL, so candidates sit around the last NUL (in L)."""
+    if not buf or buf[-1:] not in (b"}", b"\n", b" ", b"\r", b"\t"):
+        return None
+    z = buf.rfind(b"\x00")
+    if z < 0:
+        return None
+    for j in range(max(1, z - 4), z + 2):
+        if j + 5 > len(buf) or buf[j - 1] != 0 or buf[j] != C.QEMU_VM_VMDESCRIPTION:
+            continue
+        ln = _BE32.unpack_from(buf, j + 1)[0]
+        if j + 5 + ln != len(buf) or ln > max_len:
+            continue
+        try:
+            obj = json.loads(bytes(buf[j + 5:]))
+        except (ValueError, RecursionError):
+            continue
+        if isinstance(obj, dict):
+            return j
+    return None
+
+
 class _NeedMore(Exception):
     pass
 
@@ -775,26 +798,8 @@ class StreamDecoder:
 
     def _trailer(self) -> bytes | None:
         """Return the vmdesc JSON if the bytes seen end with 00 06 be32(L) JSON(L)."""
-        tail = self._tail
-        if not tail or tail[-1:] not in (b"}", b"\n", b" ", b"\r", b"\t"):
-            return None
-        z = tail.rfind(b"\x00")
-        if z < 0:
-            return None
-        for j in range(max(1, z - 4), z + 2):
-            if j + 5 > len(tail) or tail[j - 1] != 0 or tail[j] != C.QEMU_VM_VMDESCRIPTION:
-                continue
-            ln = _BE32.unpack_from(tail, j + 1)[0]
-            if j + 5 + ln != len(tail) or ln > self._max_vmdesc:
-                continue
-            js = bytes(tail[j + 5:])
-            try:
-                obj = json.loads(js)
-            except (ValueError, RecursionError):
-                continue
-            if isinstance(obj, dict):
-                return js
-        return None
+        j = find_vmdesc(self._tail, self._max_vmdesc)
+        return None if j is None else bytes(self._tail[j + 5:])
 
     def _finish(self, vmdesc: bytes | None) -> None:
         self.end = StreamEnd(vmdesc, self._base + self._pos)

@@ -1,0 +1,252 @@
+"""vmsnap restore --lazy (postcopy engine) on real QEMU: the guest runs before its RAM is
+in; every page checked; a corrupt page never reaches the guest; vmsnap killed or
+interrupted mid-restore."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from test_save_restore import events, ok, qemu_pids_using, run_vmsnap
+
+import vmsnap
+from testbed.guests import BootGuest, LinuxGuest
+from testbed.qemu import Vm
+from vmsnap.fileformat.hot import hot_path, load_hot
+
+#: (guest, QEMU, target): every target kind, both QEMUs; the Linux guest under TCG on 10
+CASES = [("boot", "7.2", "relaunch"), ("boot", "7.2", "qmp"), ("boot", "10", "command"),
+         ("linux", "10", "qmp")]
+
+
+def saved(guest, qemu: str, workdir: Path) -> tuple[Path, list[str]]:
+    """Boot `guest`, save it with `--quit`; (snapshot, the source's argv)."""
+    snap = workdir / "vm.snap"
+    with Vm(guest.config(qemu, workdir), workdir, "src") as src:
+        guest.boot(src)
+        guest.wait_alive(src)
+        argv = src.argv()
+        ok(run_vmsnap(workdir, "save", "--quit", "--qmp", src.tool_qmp_path, snap))
+        src.proc.wait(timeout=60)
+    return snap, argv
+
+
+def check_done(result: subprocess.CompletedProcess, engine: str = "postcopy") -> dict:
+    evs = events(ok(result))
+    kinds = [e["event"] for e in evs]
+    assert "running" in kinds and kinds[-1] == "done", kinds
+    done = evs[-1]
+    assert done["engine"] == engine and done["final_state"] == "running"
+    assert 0 < done["running_seconds"] < done["seconds"]
+    assert done["pages"] > 0
+    return done
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize(("kind", "qemu", "target"), CASES,
+                         ids=[f"{k}-qemu{q}-{t}" for k, q, t in CASES])
+def test_lazy_restore(kind, qemu, target, workdir, request):
+    guest = (BootGuest(memory_mb=256) if kind == "boot"
+             else LinuxGuest(memory_mb=384, fill_mb=128))
+    snap, argv = saved(guest, qemu, workdir)
+    config = guest.config(qemu, workdir)
+    if target == "qmp":
+        with Vm(config, workdir, "dst", incoming="defer") as dst:
+            done = check_done(run_vmsnap(workdir, "restore", "--json", "--lazy", snap,
+                                         "--qmp", dst.tool_qmp_path))
+            assert dst.cmd("query-migrate")["status"] == "completed"
+            guest.check_restored(dst)
+    else:
+        # --lazy alone picks postcopy on 7.2; on 10 it would pick mmap
+        how = ["--lazy=postcopy", "--", *argv] if target == "command" else ["--lazy"]
+        for attempt in (1, 2):  # the second restore sends the first one's requests first
+            result = run_vmsnap(workdir, "restore", "--json", snap, *how)
+            pids = [e["pid"] for e in events(result) if e["event"] == "done"]
+            for pid in pids:
+                request.addfinalizer(lambda pid=pid: _kill(pid))
+            done = check_done(result)
+            if attempt == 1:
+                assert done["hot_pages"] == 0
+            else:
+                assert done["hot_pages"] > 0
+            with Vm(config, workdir, "src").adopt(pids[0]) as vm:
+                assert vm.status() == "running"
+                guest.check_restored(vm)
+                vm.cmd("quit")
+    assert done["requests"] > 0 and done["latency_p50_us"] > 0
+    with vmsnap.open(snap) as s:
+        assert sum(len(p) for p in load_hot(s).values()) > 0
+    assert oct(os.stat(hot_path(snap)).st_mode & 0o777) == "0o600"
+    if qemu == "7.2" and target == "relaunch":  # no memory-backend-file offset= on 7.2
+        refused = run_vmsnap(workdir, "restore", "--lazy=mmap", snap)
+        assert refused.returncode == 1 and "Traceback" not in refused.stderr
+        lines = refused.stderr.strip().splitlines()
+        assert len(lines) == 1 and "8.2" in lines[0] and "postcopy" in lines[0], lines
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def flip_page(snap: Path) -> int:
+    """Flip one bit in a present page of pc.ram; return the page's offset in the block."""
+    with vmsnap.open(snap) as s:
+        ram = s.block("pc.ram")
+        first, count = (int(x) for x in s.present_runs(ram)[0])
+        page = first + count // 2
+        position = ram.pages_offset + page * 4096 + 100
+    with open(snap, "r+b") as f:
+        f.seek(position)
+        byte = f.read(1)[0]
+        f.seek(position)
+        f.write(bytes([byte ^ 0x01]))
+    return page * 4096
+
+
+@pytest.mark.qemu
+def test_lazy_restore_refuses_corrupt_page(workdir):
+    """The bad page is never sent: one line names block and offset, and the guest does not
+    go on: a launched QEMU is ended, a --qmp target is stopped with its stream cut."""
+    guest = BootGuest(memory_mb=256)
+    snap, _ = saved(guest, "7.2", workdir)
+    offset = flip_page(snap)
+    for target in ("relaunch", "qmp"):
+        if target == "relaunch":
+            result = run_vmsnap(workdir, "restore", "--lazy", snap)
+            assert qemu_pids_using(workdir) == [], "the QEMU vmsnap launched still runs"
+        else:
+            with Vm(guest.config("7.2", workdir), workdir, "dst", incoming="defer") as dst:
+                result = run_vmsnap(workdir, "restore", "--lazy", snap, "--qmp",
+                                    dst.tool_qmp_path, timeout=120)
+                assert dst.status() != "running"
+                assert dst.cmd("query-migrate")["status"] != "completed"
+                dst.kill()
+        assert result.returncode != 0
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+        assert "pc.ram" in lines[0] and f"{offset:#x}" in lines[0], lines[0]
+
+
+def start_lazy(workdir: Path, snap: Path, qmp: Path) -> subprocess.Popen:
+    env = {**os.environ, "TMPDIR": str(workdir)}
+    return subprocess.Popen([sys.executable, "-m", "vmsnap.cli", "restore", "--json", "--lazy",
+                             str(snap), "--qmp", str(qmp)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def wait_running_event(proc: subprocess.Popen) -> None:
+    for line in proc.stdout:
+        if json.loads(line)["event"] == "running":
+            return
+        if json.loads(line)["event"] == "done":
+            break
+    raise AssertionError(f"no running event before the end: {proc.stderr.read()}")
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.qemu
+def test_lazy_restore_vmsnap_killed(workdir):
+    """vmsnap killed while pages are still missing: the target stays in postcopy-paused,
+    its vCPUs wait for their pages instead of spinning."""
+    guest = BootGuest(memory_mb=1024, mode="random")
+    snap, _ = saved(guest, "10", workdir)
+    with Vm(guest.config("10", workdir), workdir, "dst", incoming="defer") as dst:
+        proc = start_lazy(workdir, snap, dst.tool_qmp_path)
+        wait_running_event(proc)
+        proc.send_signal(signal.SIGSTOP)  # freeze it at once, mid-stream
+        proc.kill()
+        assert proc.wait(30) != 0
+        deadline = time.monotonic() + 30
+        while dst.cmd("query-migrate")["status"] != "postcopy-paused":
+            assert time.monotonic() < deadline, dst.cmd("query-migrate")
+            time.sleep(0.1)
+        time.sleep(0.5)
+        before = cpu_seconds(dst.proc.pid)
+        time.sleep(2)
+        assert cpu_seconds(dst.proc.pid) - before < 0.5, "QEMU spins in postcopy-paused"
+        dst.kill()
+
+
+@pytest.mark.qemu
+def test_lazy_restore_sigint_finishes(workdir):
+    """SIGINT once the guest runs: vmsnap says it finishes first, then does, and the guest's
+    RAM is whole."""
+    guest = BootGuest(memory_mb=512, mode="random")
+    snap, _ = saved(guest, "7.2", workdir)
+    with Vm(guest.config("7.2", workdir), workdir, "dst", incoming="defer") as dst:
+        proc = start_lazy(workdir, snap, dst.tool_qmp_path)
+        wait_running_event(proc)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+        assert "not stopping" in err and "Traceback" not in err, err
+        assert json.loads(out.splitlines()[-1])["interrupted"] is True
+        assert dst.cmd("query-migrate")["status"] == "completed"
+        guest.check_restored(dst)
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.qemu
+def test_lazy_mmap_two_vms_then_save_over(workdir, request):
+    """QEMU 10, RAM mapped from the file: two VMs restored from one file at once, each
+    checked; the file is byte-identical after both guests wrote all their RAM; saving over
+    the file (rename) leaves a VM still mapping it intact."""
+    guest = BootGuest(memory_mb=256)
+    snap, _ = saved(guest, "10", workdir)
+    digest = sha256(snap)
+    config = guest.config("10", workdir)
+    pids = {}
+    for name in ("a", "b"):
+        result = run_vmsnap(workdir, "restore", "--json", "--lazy", snap, "--",
+                            *Vm(config, workdir, name).argv())
+        for e in events(result):
+            if e["event"] == "done":
+                request.addfinalizer(lambda pid=e["pid"]: _kill(pid))
+        done = check_done(result, engine="mmap")
+        assert done["verified"] is True and done["pages"] < 1000  # pc.ram is not streamed
+        pids[name] = done["pid"]
+    with Vm(config, workdir, "a").adopt(pids["a"]) as a, \
+            Vm(config, workdir, "b").adopt(pids["b"]) as b:
+        guest.check_restored(a)
+        guest.check_restored(b)
+        assert sha256(snap) == digest, "a guest wrote through to the snapshot file"
+        b.cont()
+        ok(run_vmsnap(workdir, "save", "--force", "--qmp", a.tool_qmp_path, snap))
+        assert sha256(snap) != digest  # a new file took the name
+        guest.check_restored(b)  # b still maps the old one, whole
+        a.cmd("quit")
+        b.cmd("quit")
+
+
+@pytest.mark.qemu
+def test_lazy_mmap_corrupt_page(workdir):
+    """mmap: --verify refuses a bad page before any QEMU starts; without it the background
+    check finds it after the start, names it and ends the QEMU vmsnap launched."""
+    guest = BootGuest(memory_mb=256)
+    snap, argv = saved(guest, "10", workdir)
+    offset = flip_page(snap)
+    for extra in (["--verify"], []):
+        result = run_vmsnap(workdir, "restore", "--lazy=mmap", *extra, snap, "--", *argv)
+        assert result.returncode == 1
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+        assert "pc.ram" in lines[0] and f"{offset:#x}" in lines[0], lines[0]
+        assert qemu_pids_using(workdir) == []

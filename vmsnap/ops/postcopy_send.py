@@ -1,0 +1,303 @@
+"""postcopy_send: serve a snapshot file to a QEMU destination as its postcopy source.
+
+The destination runs the guest as soon as it has the device state; every page it touches
+before it arrives is asked for on the return path (the same socket, other direction) and
+answered from its fixed offset in the file, checked against its checksum first. Meanwhile
+reader threads push every other present page (O_DIRECT, hot pages first). Each page goes
+out exactly once (QEMU places it atomically with UFFDIO_COPY and fails on a second copy).
+
+Pages absent from the file (zero) are sent only when asked for, as ZERO records: the
+destination discards all RAM when advised of postcopy, and unregisters userfaultfd when
+the stream ends, so a page nobody touched reads as zero afterwards, as it was saved.
+A page failing its checksum is never sent: the source stops (error naming block and
+offset) and the caller stops the guest and cuts the stream.
+"""
+
+from __future__ import annotations
+
+import itertools
+import socket
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import VmsnapError
+from ..fileformat.bitmap import contiguous_runs
+from ..fileformat.reader import BlockInfo, Snapshot
+from ..io.aligned import AlignedBuffer
+from ..io.sockets import shutdown_all
+from ..stream import encoder
+from ..stream import postcopy as pc
+from .multifd_send import sendmsg_all
+from .send import device_state, plain_stream_head, read_head
+
+#: pages per background read (and per PART section): short enough that a requested page
+#: waits little behind one, long enough for efficient O_DIRECT reads
+CHUNK_PAGES = 128
+#: pages per PART section a pusher sends at once: a request waits behind at most this much
+SECTION_PAGES = 32
+READERS = 2
+#: largest single page request served (a huge page)
+MAX_REQUEST = 2 << 20
+SHUT_TIMEOUT = 120.0
+
+
+@dataclass
+class PostcopyStats:
+    stream_bytes: int = 0
+    pages: int = 0  # present pages sent
+    zero_pages: int = 0  # absent pages sent as ZERO on request
+    requests: int = 0
+    requested_pages: int = 0
+    pushed_pages: int = 0
+    #: microseconds from receiving a request to its page(s) sent, one entry per request
+    #: that sent pages
+    latencies_us: list[float] = field(default_factory=list)
+    #: pages the destination asked for, in first-request order, per block (hot pages)
+    requested: dict[str, list[int]] = field(default_factory=dict)
+
+
+def postcopy_prologue(snap: Snapshot) -> tuple[bytes, bytes, int]:
+    """(everything before the pages, the closing bytes, RAM section id): stream head with
+    OPEN_RETURN_PATH and POSTCOPY_ADVISE, one discard, PACKAGED(LISTEN, devices, RUN)."""
+    if any(b.page_size != 4096 for b in snap.blocks):
+        raise VmsnapError("lazy restore supports 4 KiB pages only (no huge-page RAM)")
+    head = read_head(snap)
+    sid = head.section.section_id
+    commands = pc.open_return_path() + pc.postcopy_advise(4096, 4096)
+    ram_end = encoder.section_end(sid) + encoder.eos() + encoder.footer(sid)
+    tail = device_state(snap)
+    if not tail.startswith(ram_end):
+        raise VmsnapError(f"{snap.path}: device state does not follow an empty RAM END")
+    first = snap.blocks[0].name
+    prologue = (plain_stream_head(snap, head, commands=commands)
+                + pc.postcopy_ram_discard(first, [(0, 4096)])
+                + pc.packaged(pc.device_sections(tail[len(ram_end):])))
+    return prologue, ram_end + encoder.eof(), sid
+
+
+class PostcopySource:
+    """Drive one postcopy restore over a connected socket: start(), then wait()."""
+
+    def __init__(self, snap: Snapshot, sock: socket.socket, *,
+                 hot: Mapping[str, np.ndarray] | None = None, readers: int = READERS,
+                 chunk_pages: int = CHUNK_PAGES,
+                 progress: Callable[[int, int], None] | None = None) -> None:
+        self.snap = snap
+        self.sock = sock
+        self.readers = max(1, readers)
+        self.chunk_pages = chunk_pages
+        self.progress = progress
+        self.blocks = {b.name: b for b in snap.blocks}
+        self.claimed = {b.name: np.zeros(b.npages, dtype=bool) for b in snap.blocks}
+        # trailer table index of each page (number of present pages before it)
+        self.index = {b.name: np.cumsum(b.present, dtype=np.int64) - b.present
+                      for b in snap.blocks}
+        self.jobs = self._plan(hot or {})
+        self.next_job = itertools.count()
+        self.total = sum(b.present_count * b.page_size for b in snap.blocks)
+        self.stats = PostcopyStats()
+        self.done = 0
+        self.claim_lock = threading.Lock()  # claims, stats and progress
+        self.send_lock = threading.Lock()
+        self.urgent = 0  # requests being answered: pushers hold back their sends meanwhile
+        self.turn = threading.Condition()
+        self.error: BaseException | None = None
+        self.failed = threading.Event()
+        self.shut = threading.Event()
+        self.shut_error: int | None = None
+        self.closing = False
+        self.threads: list[threading.Thread] = []
+
+    # ---------------------------------------------------------------- plan and bookkeeping
+    def _plan(self, hot: Mapping[str, np.ndarray]) -> list[tuple[BlockInfo, int, int]]:
+        """Runs of present pages, at most chunk_pages long: hot pages first, then all in
+        file order (pages already sent are skipped when their job comes)."""
+        jobs = []
+        for name, pages in hot.items():
+            b = self.blocks.get(name)
+            if b is None:
+                continue
+            pages = np.unique(np.asarray(pages, dtype=np.int64))
+            pages = pages[(pages >= 0) & (pages < b.npages)]
+            pages = pages[b.present[pages]]
+            for i, count in contiguous_runs(pages):
+                first, end = int(pages[i]), int(pages[i]) + int(count)
+                jobs += [(b, f, min(self.chunk_pages, end - f))
+                         for f in range(first, end, self.chunk_pages)]
+        for b in self.snap.blocks:
+            jobs += [(b, int(f), int(c)) for f, c in self.snap.present_runs(b, self.chunk_pages)]
+        return jobs
+
+    def _claim(self, name: str, first: int, count: int) -> np.ndarray:
+        """Mark pages [first, first+count) as ours to send; return the mask of new ones."""
+        with self.claim_lock:
+            view = self.claimed[name][first:first + count]
+            new = ~view
+            view[:] = True
+        return new
+
+    def fail(self, err: BaseException) -> None:
+        if self.error is None:
+            self.error = err
+        self.failed.set()
+
+    def _send(self, parts: list) -> None:
+        with self.send_lock:
+            self.stats.stream_bytes += sendmsg_all(self.sock, parts)
+
+    def _push_send(self, parts: list) -> None:
+        """Send for a pusher, after any request being answered."""
+        with self.turn:
+            self.turn.wait_for(lambda: self.urgent == 0, 0.05)
+        self._send(parts)
+
+    def _records(self, b: BlockInfo, pages: np.ndarray, data: memoryview | None) -> list:
+        """A RAM PART section with PAGE records for `pages` (bytes in `data`) or, when
+        `data` is None, ZERO records."""
+        sid = self.sid
+        offs = pages.astype(np.uint64) * np.uint64(b.page_size)
+        if data is None:
+            body = [encoder.zero_records(b.name, offs)]
+        else:
+            body = encoder.page_record_parts(b.name, offs, data)
+        return [encoder.section_part(sid), *body, encoder.eos() + encoder.footer(sid)]
+
+    # ---------------------------------------------------------------- lifecycle
+    def start(self) -> None:
+        """Send what the destination needs to run the guest, then serve and push pages."""
+        self.snap.check_stream_ranges()
+        prologue, self.closing_bytes, self.sid = postcopy_prologue(self.snap)
+        self._send([prologue])
+        self.threads = [threading.Thread(target=self._serve, name="vmsnap-rp", daemon=True)]
+        self.threads += [threading.Thread(target=self._push, name=f"vmsnap-push{i}",
+                                          daemon=True) for i in range(self.readers)]
+        for t in self.threads:
+            t.start()
+
+    def wait(self, timeout: float = SHUT_TIMEOUT) -> PostcopyStats:
+        """Wait until every present page is out, end the stream, wait for the destination's
+        SHUT. Raises the first failure (e.g. ChecksumMismatch) as soon as it happens."""
+        pushers = self.threads[1:]
+        while any(t.is_alive() for t in pushers):
+            if self.failed.wait(0.05):
+                raise self.error  # type: ignore[misc]
+        if self.error is not None:
+            raise self.error
+        self.closing = True
+        self._send([self.closing_bytes])
+        deadline = time.monotonic() + timeout
+        while not self.shut.wait(0.05):
+            if self.error is not None:
+                raise self.error
+            if time.monotonic() > deadline:
+                raise VmsnapError("destination did not finish the postcopy restore")
+        if self.shut_error:
+            raise VmsnapError(f"destination ended the restore with error {self.shut_error}")
+        return self.stats
+
+    def abort(self) -> None:
+        """Cut the stream: a destination in postcopy pauses (postcopy-paused)."""
+        self.fail(VmsnapError("aborted"))
+        shutdown_all([self.sock])
+        for t in self.threads:
+            t.join(10)
+
+    # ---------------------------------------------------------------- threads
+    def _serve(self) -> None:
+        dec = pc.ReturnPathDecoder()
+        try:
+            while not self.shut.is_set():
+                data = self.sock.recv(65536)
+                t0 = time.perf_counter()
+                if not data:
+                    if not self.closing:
+                        self.fail(VmsnapError("destination closed the migration socket "
+                                              "during the restore"))
+                    return
+                for msg in dec.feed(data):
+                    if isinstance(msg, pc.ReqPages):
+                        with self.turn:
+                            self.urgent += 1
+                        try:
+                            self._answer(msg, t0)
+                        finally:
+                            with self.turn:
+                                self.urgent -= 1
+                                self.turn.notify_all()
+                    elif isinstance(msg, pc.Shut):
+                        self.shut_error = msg.error
+                        self.shut.set()
+        except BaseException as err:  # noqa: BLE001 - reported by wait()
+            if not self.failed.is_set():
+                self.fail(err)
+
+    def _answer(self, req: pc.ReqPages, t0: float) -> None:
+        b = self.blocks.get(req.block)
+        ps = b.page_size if b else 4096
+        if (b is None or req.start % ps or req.length % ps or not 0 < req.length <= MAX_REQUEST
+                or req.start + req.length > b.used_length):
+            raise VmsnapError(f"destination asked for pages outside the snapshot: "
+                              f"{req.block!r} {req.start:#x}+{req.length:#x}")
+        first, count = req.start // ps, req.length // ps
+        st = self.stats
+        st.requests += 1
+        st.requested_pages += count
+        st.requested.setdefault(b.name, []).extend(range(first, first + count))
+        new = np.flatnonzero(self._claim(b.name, first, count)) + first
+        if not len(new):
+            return  # already sent, or being pushed right now
+        present = b.present[new]
+        if not present.all():
+            self._send(self._records(b, new[~present], None))
+            st.zero_pages += int((~present).sum())
+        with AlignedBuffer(max(1, int(present.sum())) * ps) as buf:
+            pos = 0
+            wanted = new[present]
+            for i, c in contiguous_runs(wanted):
+                f, c = int(wanted[i]), int(c)
+                mv = self.snap.read_pages(b, f, c, into=buf.view[pos * ps:(pos + c) * ps])
+                self.snap.check_pages(b, f, c, mv, int(self.index[b.name][f]))
+                pos += c
+            if pos:
+                self._send(self._records(b, new[present], buf.view[:pos * ps]))
+                self._count(pos * ps, pos, pushed=False)
+        st.latencies_us.append((time.perf_counter() - t0) * 1e6)
+
+    def _push(self) -> None:
+        try:
+            with AlignedBuffer(self.chunk_pages * 4096) as buf:
+                while not self.failed.is_set():
+                    k = next(self.next_job)
+                    if k >= len(self.jobs):
+                        return
+                    b, first, count = self.jobs[k]
+                    new = self._claim(b.name, first, count)
+                    if not new.any():
+                        continue
+                    ps = b.page_size
+                    mv = self.snap.read_pages(b, first, count, into=buf)
+                    self.snap.check_pages(b, first, count, mv, int(self.index[b.name][first]))
+                    pages = np.flatnonzero(new) + first
+                    if len(pages) != count:  # some went out on request meanwhile
+                        mv = memoryview(np.frombuffer(mv, np.uint8).reshape(count, ps)[new]
+                                        .tobytes())
+                    for i in range(0, len(pages), SECTION_PAGES):
+                        part = pages[i:i + SECTION_PAGES]
+                        self._push_send(self._records(b, part, mv[i * ps:(i + len(part)) * ps]))
+                    self._count(len(pages) * ps, len(pages), pushed=True)
+        except BaseException as err:  # noqa: BLE001 - reported by wait()
+            self.fail(err)
+
+    def _count(self, nbytes: int, pages: int, pushed: bool) -> None:
+        with self.claim_lock:
+            self.done += nbytes
+            done = self.done
+            self.stats.pages += pages
+            if pushed:
+                self.stats.pushed_pages += pages
+        if self.progress:
+            self.progress(done, self.total)

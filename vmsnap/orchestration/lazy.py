@@ -1,0 +1,313 @@
+"""restore --lazy: the guest runs first, its RAM follows.
+
+Engine "postcopy" (any QEMU with postcopy-ram, 7.2 included, every kind of target): vmsnap
+is the destination's postcopy source (vmsnap.ops.postcopy_send). `cont` is issued while
+the target is still `inmigrate`, which makes QEMU start the guest the moment it has the
+device state (POSTCOPY_RUN); pages then arrive on demand and in the background.
+A page failing its checksum is never sent; the guest is stopped, the stream cut (a --qmp
+target is left in postcopy-paused, a QEMU vmsnap launched is ended). Once the guest runs,
+an interrupt does not stop vmsnap: the guest needs every page, so the restore finishes and
+says so. If vmsnap dies, the target stays in postcopy-paused (vCPUs wait for their pages,
+nothing spins).
+
+Engine "mmap" (QEMU >= 8.2, vmsnap launches QEMU): pc.ram is mapped privately from the file
+(vmsnap.orchestration.mapped); the stream carries the rest. Pages are checked in the
+background once the guest runs (a mismatch stops the guest and ends the QEMU vmsnap
+launched); `verify=True` checks every page before the guest starts. An interrupt during
+the background check leaves the guest running, unchecked, and says so.
+
+"auto" picks mmap when vmsnap launches a QEMU >= 8.2 (by the version the snapshot was saved
+with) on a plain `-m` command line, postcopy otherwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from qemu.qmp import QMPClient
+
+from ..errors import VmsnapError, one_line
+from ..fileformat.hot import load_hot, save_hot
+from ..fileformat.reader import Snapshot, open_snapshot
+from ..hostkey import trust_of
+from ..ops.postcopy_send import PostcopySource, PostcopyStats
+from ..ops.send import send
+from ..progress import Reporter
+from . import qmp as qmpmod
+from .mapped import MAPPED_BLOCK, mapped_argv, supports_mmap
+from .relaunch import GuardedQemu, RelaunchLock, own_qmp
+from .restore import (
+    RestoreResult,
+    _check_target,
+    _connect_incoming,
+    _wait_loaded,
+    launch_target,
+)
+from .save import INCOMPATIBLE_CAPS
+
+ENGINES = ("auto", "postcopy", "mmap")
+RUNNING_TIMEOUT = 60.0
+STOP_TIMEOUT = 5.0
+#: GIL switch interval while serving pages: a page request must not wait 5 ms (Python's
+#: default) for the pusher threads to let go of the interpreter
+SWITCH_INTERVAL = 0.0002
+
+
+@dataclass
+class LazyRestoreResult(RestoreResult):
+    engine: str = "postcopy"
+    running_seconds: float | None = None  # command start -> guest running
+    requests: int = 0
+    requested_pages: int = 0
+    zero_pages: int = 0
+    latency_p50_us: float | None = None
+    latency_p99_us: float | None = None
+    hot_pages: int = 0  # pages of the hint sent first
+    interrupted: bool = False
+    verified: bool = False  # mmap: every mapped page checked (before or after the start)
+
+
+def pick_engine(engine: str, snap: Snapshot, argv: Sequence[str] | None) -> str:
+    """The engine to use (`argv`: the command vmsnap launches, None for a --qmp target)."""
+    if engine not in ENGINES:
+        raise VmsnapError(f"unknown lazy engine {engine!r} (choose {', '.join(ENGINES[1:])})")
+    version = snap.metadata.qemu_version if snap.metadata else None
+    if engine == "mmap":
+        if argv is None:
+            raise VmsnapError("--lazy=mmap needs vmsnap to launch QEMU (no --qmp): "
+                              "use --lazy=postcopy for a waiting QEMU")
+        if not supports_mmap(version):
+            raise VmsnapError(f"--lazy=mmap needs QEMU >= 8.2 (memory-backend-file offset=); "
+                              f"this snapshot is from QEMU {version or 'unknown'}: "
+                              "use --lazy=postcopy")
+        return "mmap"
+    if engine == "auto" and argv is not None and supports_mmap(version):
+        try:
+            mapped_argv(argv, snap)
+            return "mmap"
+        except VmsnapError:
+            pass
+    return "postcopy"
+
+
+async def _wait_running(client: QMPClient, t0: float) -> float:
+    deadline = time.monotonic() + RUNNING_TIMEOUT
+    while True:
+        status = (await client.execute("query-status"))["status"]
+        if status == "running":
+            return time.monotonic() - t0
+        info = await qmpmod.migration_status(client)
+        if info.get("status") == "failed":
+            raise VmsnapError("target QEMU rejected the snapshot"
+                              + (f": {info['error-desc']}" if info.get("error-desc") else ""))
+        if time.monotonic() > deadline:
+            raise VmsnapError(f"the guest did not start within {RUNNING_TIMEOUT:.0f}s")
+        await asyncio.sleep(0.005)
+
+
+async def _stop_guest(client: QMPClient, command: str = "stop") -> None:
+    """Stop the vCPUs (or `quit`); a vCPU waiting on a page that never comes may keep QEMU
+    from answering, in which case the guest is stuck on that page and runs no further."""
+    try:
+        await asyncio.wait_for(client.execute(command), STOP_TIMEOUT)
+    except Exception:  # noqa: BLE001 - best effort on a failing path (incl. the timeout)
+        pass
+
+
+async def restore_lazy(path: str | os.PathLike, *, engine: str = "auto",
+                       qmp_address: str | None = None, command: Sequence[str] | None = None,
+                       paused: bool = False, reporter: Reporter | None = None,
+                       direct: bool = True, hot: bool = True, verify: bool = False,
+                       trust_command_line: bool = False) -> LazyRestoreResult:
+    """Restore `path` lazily: the guest runs as soon as its device state is in, RAM follows.
+    Targets (and trust of a stored command line) as for `restore`. `hot` (postcopy): send
+    the pages the last lazy restore saw requested first, and record this one's. `verify`
+    (mmap): check every page before the guest starts."""
+    t0 = time.monotonic()
+    path = os.path.abspath(os.fspath(path))
+    rep = reporter or Reporter()
+    snap = open_snapshot(path, direct=direct)  # validates the file before launching
+    meta = snap.metadata
+    saved_running = (meta.extra.get("run_state", "running") == "running") if meta else True
+    run = saved_running and not paused
+    workdir = tempfile.mkdtemp(prefix="vmsnap-")  # 0700
+    job = _Job(snap, rep, t0, run, hot)
+    switch_interval = sys.getswitchinterval()
+    keep_workdir = False
+    try:
+        argv = None
+        if qmp_address is None:
+            argv = list(command) if command else (meta.command_line if meta else None)
+            if not argv:
+                raise VmsnapError(f"{path} stores no QEMU command line: give --qmp SOCKET "
+                                  "or -- QEMU_COMMAND...")
+        job.engine = pick_engine(engine, snap, argv)
+        if verify and job.engine == "mmap":
+            rep.start("verify", None)
+            snap.verify()
+            job.verified = True
+        if argv is not None:
+            job.proc, job.lock, qmp_address = await launch_target(
+                path, argv, bool(command), trust_of(snap.trailer), trust_command_line,
+                workdir, mapped_argv(argv, snap) if job.engine == "mmap" else None)
+        job.client, peer = await qmpmod.connect(qmp_address)
+        await _check_target(job.client, peer, snap.machine_type)
+        job.pid = job.proc.pid if job.proc else peer.pid
+        job.qmp = qmp_address
+        incoming = os.path.join(workdir, "incoming.sock")
+        sys.setswitchinterval(SWITCH_INTERVAL)
+        if job.engine == "postcopy":
+            result = await _postcopy(job, peer, incoming)
+        else:
+            result = await _mmap(job, incoming)
+        if job.proc is not None and argv is not None:
+            keep_workdir = own_qmp(argv) is None  # else our socket is its only monitor
+            result.qmp = own_qmp(argv) or result.qmp
+    except BaseException as err:
+        await job.fail(err)
+        raise
+    finally:
+        sys.setswitchinterval(switch_interval)
+        snap.close()
+        if job.client is not None:
+            await qmpmod.disconnect(job.client)
+        if job.lock is not None:
+            job.lock.release()
+        if not keep_workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+    rep.done(**result.__dict__)
+    return result
+
+
+@dataclass
+class _Job:
+    """One lazy restore in progress, and what to undo when it fails."""
+
+    snap: Snapshot
+    rep: Reporter
+    t0: float
+    run: bool
+    hot: bool
+    engine: str = "postcopy"
+    proc: GuardedQemu | None = None  # ends with vmsnap until released (guest independent)
+    lock: RelaunchLock | None = None
+    client: QMPClient | None = None
+    pid: int | None = None
+    qmp: str = ""
+    source: PostcopySource | None = None
+    guest_started: bool = False  # mmap: from here on, the guest lives without vmsnap
+    verified: bool = False
+
+    async def fail(self, err: BaseException) -> None:
+        self.rep.error(one_line(err))
+        if self.guest_started:  # the guest no longer depends on vmsnap
+            if not isinstance(err, Exception):
+                self.rep.note("interrupted: the guest runs on, its pages not all checked")
+            elif self.client is not None:  # a bad page: the guest must not go on
+                await _stop_guest(self.client)
+                if self.proc is not None:
+                    await _stop_guest(self.client, "quit")
+            return
+        if self.proc is None and self.client is not None and self.source is not None:
+            await _stop_guest(self.client)  # never let the guest run on with pages missing
+        if self.source is not None:
+            self.source.abort()  # a --qmp target pauses in postcopy-paused
+        if self.proc is not None:
+            self.proc.kill()
+
+    def release(self) -> None:
+        """The guest no longer needs vmsnap: a QEMU it launched outlives it from now on."""
+        self.guest_started = True
+        if self.proc is not None:
+            self.proc.release()
+
+    def result(self, stream_bytes: int, pages: int, running: float | None,
+               **extra) -> LazyRestoreResult:
+        return LazyRestoreResult(
+            self.snap.path, time.monotonic() - self.t0, stream_bytes, pages,
+            "running" if self.run else "paused", self.pid, self.qmp, engine=self.engine,
+            running_seconds=running, verified=self.verified, **extra)
+
+
+async def _postcopy(job: _Job, peer: qmpmod.Peer, incoming: str) -> LazyRestoreResult:
+    client, rep = job.client, job.rep
+    assert client is not None
+    caps = {c["capability"] for c in await client.execute("query-migrate-capabilities")}
+    if "postcopy-ram" not in caps:
+        raise VmsnapError(f"QEMU {peer.version_text} has no postcopy-ram: restore "
+                          "without --lazy")
+    await qmpmod.set_capabilities(
+        client, {**dict.fromkeys(INCOMPATIBLE_CAPS, False), "postcopy-ram": True})
+    await client.execute("migrate-incoming", {"uri": f"unix:{incoming}"})
+    sock = await _connect_incoming(incoming)
+    if job.run:  # while inmigrate: QEMU starts the guest itself at POSTCOPY_RUN
+        await client.execute("cont")
+    hint = load_hot(job.snap) if job.hot else {}
+    source = job.source = PostcopySource(job.snap, sock, hot=hint, progress=rep.update)
+    rep.start("restore", source.total, engine=job.engine, lazy=True)
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, source.start)
+    running = await _wait_running(client, job.t0) if job.run else None
+    rep.event("running", seconds=running)
+    waiter = loop.run_in_executor(None, source.wait)
+    interrupted = False
+    while True:
+        try:
+            stats: PostcopyStats = await asyncio.shield(waiter)
+            break
+        except asyncio.CancelledError:
+            if interrupted or waiter.done():
+                raise
+            interrupted = True
+            left = (source.total - source.done) >> 20
+            rep.note(f"interrupt: not stopping, the guest needs every page: finishing the "
+                     f"lazy restore first ({left} MiB left)")
+    await _wait_loaded(client)
+    job.release()
+    if job.hot and stats.requested:
+        try:
+            save_hot(job.snap, stats.requested)
+        except OSError:
+            pass  # only a hint for next time
+    lat = np.asarray(stats.latencies_us)
+    return job.result(
+        stats.stream_bytes, stats.pages, running, requests=stats.requests,
+        requested_pages=stats.requested_pages, zero_pages=stats.zero_pages,
+        latency_p50_us=float(np.percentile(lat, 50)) if lat.size else None,
+        latency_p99_us=float(np.percentile(lat, 99)) if lat.size else None,
+        hot_pages=int(sum(len(v) for v in hint.values())), interrupted=interrupted)
+
+
+async def _mmap(job: _Job, incoming: str) -> LazyRestoreResult:
+    client, rep = job.client, job.rep
+    assert client is not None
+    await qmpmod.set_capabilities(client, dict.fromkeys(INCOMPATIBLE_CAPS, False))
+    await client.execute("migrate-incoming", {"uri": f"unix:{incoming}"})
+    sock = await _connect_incoming(incoming)
+    rep.start("restore", None, engine=job.engine, lazy=True)
+    loop = asyncio.get_running_loop()
+
+    def stream():
+        with sock, sock.makefile("wb", buffering=0) as sink:
+            return send(job.snap.path, sink, skip={MAPPED_BLOCK})
+
+    stats = await loop.run_in_executor(None, stream)
+    await _wait_loaded(client)
+    job.release()
+    if job.run:  # the stream's own run state is the paused source's
+        await client.execute("cont")
+    running = await _wait_running(client, job.t0) if job.run else None
+    rep.event("running", seconds=running)
+    if not job.verified:  # the guest runs meanwhile; a bad page stops it
+        others = [b.name for b in job.snap.blocks if b.name != MAPPED_BLOCK]  # sent checked
+        await loop.run_in_executor(None, lambda: job.snap.verify(skip=others))
+        job.verified = True
+    return job.result(stats.stream_bytes, stats.pages, running)

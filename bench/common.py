@@ -17,6 +17,17 @@ def drop_caches() -> None:
     Path("/proc/sys/vm/drop_caches").write_text("3\n")
 
 
+def evict_file(path: Path) -> None:
+    """Drop one file's pages from the page cache, so its next read is cold while the
+    programs reading it (Python, QEMU) stay warm."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fdatasync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
 def sync_all() -> None:
     """Write back dirty data first, so the save's cache growth is its own (other processes'
     activity still adds noise: the host is shared)."""

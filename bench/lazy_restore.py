@@ -1,0 +1,207 @@
+"""Lazy restore (postcopy, mmap) next to eager vmsnap restore and QEMU 10's native
+mapped-ram load, in one run, interleaved, cold cache.
+
+    sudo .venv/bin/python bench/lazy_restore.py [--sizes 1024,4096,8192] [--reps 3]
+                                                [--fill 0.9] [--dir /var/tmp/vmsnap-lazy]
+
+Per size: a bootguest (QEMU 10, KVM, mode=random, `limit_mb` = fill x RAM, `beat=1`: a
+heartbeat after every full pass over its pages) is booted and saved once with
+`vmsnap save --quit`. Each repetition then runs every method in turn, each into a freshly
+launched QEMU (`vmsnap restore FILE ... -- ARGV`; the native one is started by the bench),
+the snapshot file evicted from the page cache first (the programs stay warm: a full
+drop_caches makes Python's and QEMU's own start-up dominate), and checks the guest's RAM
+afterwards (one-moving-edge rule):
+
+  eager         vmsnap restore (multifd, default channels)
+  postcopy      vmsnap restore --lazy=postcopy, FILE.hot removed first
+  postcopy-hot  the same with the FILE.hot the previous postcopy run recorded
+  mmap          vmsnap restore --lazy=mmap (background checksum pass included in "done")
+  qemu10        QEMU 10 `migrate-incoming file:FILE` with mapped-ram, multifd 4, direct-io
+
+Figures, all from the command's start (spawn of vmsnap, or of QEMU for qemu10):
+  running   the guest's vCPUs run (vmsnap's "running" event as it arrives; qemu10:
+            query-status)
+  beat      first heartbeat: the guest completed a full pass over all its pages
+  done      the command ended: postcopy = every page resident; eager/qemu10 = loaded and
+            running; mmap = background check of every mapped page finished
+  p50/p99   postcopy page-request latency (receipt of the request -> page sent), us
+Medians of the repetitions; JSON with every repetition in bench/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.common import evict_file  # noqa: E402
+from testbed.guests import BootGuest  # noqa: E402
+from testbed.qemu import Vm  # noqa: E402
+from testbed.serial import SerialConsole  # noqa: E402
+
+METHODS = ("eager", "postcopy", "postcopy-hot", "mmap", "qemu10")
+
+
+class Beat:
+    """Watch a VM's serial socket from its spawn; note when the first heartbeat comes."""
+
+    def __init__(self, path: Path) -> None:
+        self.at: float | None = None
+        self.console: SerialConsole | None = None
+        self.thread = threading.Thread(target=self._watch, args=(path,), daemon=True)
+        self.thread.start()
+
+    def _watch(self, path: Path) -> None:
+        self.console = SerialConsole(path, connect_timeout=120)
+        self.console.wait_for("B", 600)
+        self.at = time.monotonic()
+
+    def close(self) -> None:
+        self.thread.join(600)
+        if self.console is not None:
+            self.console.close()
+
+
+def vmsnap_restore(snap: Path, argv: list[str], extra: list[str], workdir: Path,
+                   t0: float) -> dict:
+    """Run `vmsnap restore`, timing its "running" event as it arrives."""
+    env = {**os.environ, "TMPDIR": str(workdir), "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "vmsnap.cli", "restore", "--json", *extra,
+                             str(snap), "--", *argv], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    running = None
+    done: dict = {}
+    for line in proc.stdout:
+        e = json.loads(line)
+        if e["event"] == "running" and running is None:
+            running = time.monotonic() - t0
+        elif e["event"] == "done":
+            done = e
+    err = proc.stderr.read()
+    if proc.wait():
+        raise RuntimeError(f"vmsnap restore {extra} failed: {err.strip()}")
+    return {"running": running or (time.monotonic() - t0), "done": time.monotonic() - t0,
+            "pid": done["pid"], "p50": done.get("latency_p50_us"),
+            "p99": done.get("latency_p99_us"), "requests": done.get("requests"),
+            "hot_pages": done.get("hot_pages")}
+
+
+def native_restore(snap: Path, vm: Vm, t0: float) -> dict:
+    vm.start()
+    vm.set_migration({"mapped-ram": True, "multifd": True},
+                     {"multifd-channels": 4, "direct-io": True})
+    vm.cmd("migrate-incoming", uri=f"file:{snap}")
+    vm.wait_migration()
+    vm.cont()
+    return {"running": time.monotonic() - t0, "done": time.monotonic() - t0}
+
+
+def run_method(method: str, guest: BootGuest, config, snap: Path, workdir: Path,
+               rep: int) -> dict:
+    name = f"{method}{rep}"
+    vm = Vm(config, workdir, name, incoming="defer")
+    if method == "postcopy":
+        Path(f"{snap}.hot").unlink(missing_ok=True)
+    extra = {"eager": [], "postcopy": ["--lazy=postcopy"], "postcopy-hot": ["--lazy=postcopy"],
+             "mmap": ["--lazy=mmap"]}.get(method)
+    evict_file(snap)
+    t0 = time.monotonic()
+    beat = Beat(vm.serial_path)
+    try:
+        if method == "qemu10":
+            fig = native_restore(snap, vm, t0)
+        else:
+            fig = vmsnap_restore(snap, vm.argv(), extra, workdir, t0)
+            vm.adopt(fig.pop("pid"))
+        beat.close()
+        fig["beat"] = beat.at - t0 if beat.at else None
+        guest.check_restored(vm)
+        fig["ok"] = True
+    finally:
+        vm.close()
+    return fig
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sizes", default="1024,4096,8192", help="guest RAM sizes in MiB")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--fill", type=float, default=0.9, help="fraction of RAM the guest fills")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--dir", default="/var/tmp/vmsnap-lazy")
+    args = ap.parse_args()
+    methods = args.methods.split(",")
+    workdir = Path(args.dir)
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(mode=0o700, parents=True)
+    results: dict = {"host": os.uname().nodename, "reps": args.reps, "fill": args.fill,
+                     "sizes": {}}
+    t_start = time.monotonic()
+    for size in map(int, args.sizes.split(",")):
+        guest = BootGuest(memory_mb=size, mode="random", limit_mb=int(size * args.fill))
+        config = guest.config("10", workdir)
+        config.args[-1] += " beat=1"
+        snap = workdir / "vm.snap"
+        with Vm(config, workdir, "src") as src:
+            guest.boot(src)
+            guest.wait_alive(src)
+            subprocess.run([sys.executable, "-m", "vmsnap.cli", "save", "--quit", "--force",
+                            "--qmp", str(src.tool_qmp_path), str(snap)], check=True,
+                           env={**os.environ, "TMPDIR": str(workdir), "PYTHONPATH": str(REPO)})
+            src.proc.wait(60)
+        runs: dict[str, list[dict]] = {m: [] for m in methods}
+        for rep in range(args.reps):
+            for m in methods:
+                try:
+                    fig = run_method(m, guest, config, snap, workdir, rep)
+                except Exception as err:  # noqa: BLE001 - recorded, left out of the medians
+                    fig = {"ok": False, "error": str(err)}
+                runs[m].append(fig)
+                print(f"{size} MiB rep {rep} {m}: {fig}", flush=True)
+        results["sizes"][size] = {m: {"runs": r, "median": medians(r)} for m, r in runs.items()}
+        snap.unlink()
+        Path(f"{snap}.hot").unlink(missing_ok=True)
+    results["elapsed_s"] = time.monotonic() - t_start
+    out = REPO / "bench" / "results" / f"lazy-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.write_text(json.dumps(results, indent=1))
+    print(table(results))
+    print(f"results: {out}")
+
+
+def medians(runs: list[dict]) -> dict:
+    good = [r for r in runs if r.get("ok")]
+    out = {"ok": f"{len(good)}/{len(runs)}"}
+    for key in ("running", "beat", "done", "p50", "p99"):
+        values = [r[key] for r in good if r.get(key) is not None]
+        out[key] = statistics.median(values) if values else None
+    return out
+
+
+def table(results: dict) -> str:
+    rows = ["| RAM | method | ok | running s | first full pass s | done s | p50 us | p99 us |",
+            "|---|---|---|---|---|---|---|---|"]
+
+    def f(v, fmt):
+        return "" if v is None else format(v, fmt)
+
+    for size, by in results["sizes"].items():
+        for m, d in by.items():
+            md = d["median"]
+            rows.append(f"| {int(size) // 1024} GiB | {m} | {md['ok']} | {f(md['running'], '.2f')}"
+                        f" | {f(md['beat'], '.2f')} | {f(md['done'], '.2f')}"
+                        f" | {f(md['p50'], '.0f')} | {f(md['p99'], '.0f')} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -9,6 +9,10 @@ import struct
 from collections.abc import Callable
 from pathlib import Path
 
+import xxhash
+
+from vmsnap.fileformat.layout import bitmap_size, compute_layout
+from vmsnap.fileformat.reader import open_snapshot
 from vmsnap.fileformat.trailer import (
     COMMIT_SIZE,
     CommitRecord,
@@ -103,3 +107,55 @@ def rename_block(path: Path, old: str, new: str, key: bytes | None) -> None:
         trailer.ranges = [RangeChecksum(r.start, r.length, xxh3(data[r.start:r.start + r.length]))
                           for r in trailer.ranges]
     resign(path, edit, key)
+
+
+def grow_last_block(src: Path, dst: Path, used_length: int) -> Path:
+    """A copy of vmsnap file `src` whose last RAM block claims `used_length` bytes: MEM_SIZE
+    total, block header, layout and stream tail moved to match and the trailer re-sealed, so
+    only the size is a lie. The new bitmap and page area are holes: `dst` takes as little
+    disk as `src` and still passes `vmsnap verify` if vmsnap can index it."""
+    with open_snapshot(src) as snap:
+        blocks, tail, trailer = snap.blocks, snap.tail, snap.trailer
+        header = bytearray(snap.header_bytes)
+        last = blocks[-1]
+        old_bitmap = snap._file.pread_meta(last.bitmap_offset, bitmap_size(last.npages))
+        old_pages = snap._file.pread_meta(last.pages_offset, last.used_length)
+    sizes = [(b.name, b.used_length) for b in blocks[:-1]] + [(last.name, used_length)]
+    layout = compute_layout(sizes, blocks[0].idstr_offset, last.page_size)
+    mem_size = int.from_bytes(header[-8:], "big")
+    header[-8:] = (sum(n for _, n in sizes) | mem_size & (last.page_size - 1)).to_bytes(8, "big")
+    new = layout.blocks[-1]
+    sparse_copy(src, dst)
+    with open(dst, "r+b") as f:
+        f.truncate(new.idstr_offset)
+        f.seek(0)
+        f.write(header)
+        for where, data in ((new.idstr_offset, new.record()), (new.bitmap_offset, old_bitmap),
+                            (new.pages_offset, old_pages), (layout.tail_offset, tail)):
+            f.seek(where)
+            f.write(data)
+    ranges, start = [], 0
+    for b in layout.blocks:
+        ranges.append(_range(dst, start, b.bitmap_offset + b.bitmap_size - start))
+        start = b.end
+    ranges.append(_range(dst, layout.tail_offset, len(tail)))
+    stream_end = layout.tail_offset + len(tail)
+    trailer.metadata.stream_end = stream_end
+    offset, data = encode_trailer(stream_end, trailer.metadata, trailer.blocks, ranges)
+    with open(dst, "r+b") as f:
+        f.truncate(offset)
+        f.seek(offset)
+        f.write(data)
+    return dst
+
+
+def _range(path: Path, start: int, length: int) -> RangeChecksum:
+    digest = xxhash.xxh3_64()
+    with open(path, "rb") as f:
+        f.seek(start)
+        left = length
+        while left:
+            chunk = f.read(min(left, 8 << 20))
+            digest.update(chunk)
+            left -= len(chunk)
+    return RangeChecksum(start, length, digest.intdigest())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 
 import pytest
 
@@ -39,3 +40,17 @@ def private_host_key(tmp_path_factory):
     directory.chmod(0o700)
     os.environ[KEY_DIR_ENV] = str(directory)
     return directory
+
+
+@pytest.fixture(scope="session")
+def small_snapshot(tmp_path_factory):
+    """A real vmsnap file to craft from: QEMU 7.2 (-S, 128 MiB) saved by exec:cat, imported
+    with `vmsnap import` (unsigned, no command line). Copy it before changing it."""
+    from testbed.capture import capture
+    from testbed.transfer import VMSNAP
+
+    d = tmp_path_factory.mktemp("small-snapshot")
+    stream = capture(d / "stream", qemu="7.2", memory_mb=128)
+    out = d / "snap.vms"
+    subprocess.run([VMSNAP, "import", str(stream), str(out)], check=True, capture_output=True)
+    return out

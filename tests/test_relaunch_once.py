@@ -148,3 +148,27 @@ def test_sigkill_of_vmsnap_ends_the_qemu_it_started(workdir, disk):
     out, _err = proc.communicate(timeout=30)
     assert b'"done"' not in out, "the restore finished before vmsnap was killed"
     assert wait_gone(started) == [], f"QEMU {started} outlived the vmsnap that started it"
+
+
+def test_sigint_during_relaunch_says_interrupted(workdir, disk):
+    """Ctrl-C while the relaunched QEMU starts: the JSON error event says "interrupted" (it
+    said "CancelledError"), that QEMU is ended, no temporary directory is left."""
+    _guest, _config, snap, src = boot_and_save(workdir, disk, "--quit")
+    src.proc.wait(timeout=60)
+    src.close()
+    proc = subprocess.Popen([sys.executable, "-m", "vmsnap.cli", "restore", "--json",
+                             str(snap)], env={**os.environ, "TMPDIR": str(workdir)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (started := qemus(workdir)):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "vmsnap started no QEMU"
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    errors = [e for e in events(subprocess.CompletedProcess(proc.args, 130, out, err))
+              if e["event"] == "error"]
+    assert [e["message"] for e in errors] == ["interrupted"], out
+    assert wait_gone(started) == []
+    assert temp_dirs(workdir) == []

@@ -19,6 +19,7 @@ the code that raises them and are all exported from `vmsnap`:
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 
@@ -31,12 +32,18 @@ class QMPConnectError(VmsnapError, ConnectionError):
 
 
 #: What the CLI reports as one line (never a traceback): our family, and the OS's own
-#: errors about user paths (missing file, permission, disk full, broken pipe).
-USER_ERRORS = (VmsnapError, OSError)
+#: errors about user paths (missing file, permission, disk full, broken pipe), and running
+#: out of memory (a file that claims more than this host can index: one line, not a trace).
+USER_ERRORS = (VmsnapError, OSError, MemoryError)
 
 
 def one_line(err: BaseException) -> str:
-    """`err` as one line: whitespace collapsed; an OSError names its file."""
+    """`err` as one line: whitespace collapsed; an OSError names its file; a cancellation
+    (how SIGINT/SIGTERM reach an operation) says so rather than "CancelledError"."""
+    if isinstance(err, asyncio.CancelledError | KeyboardInterrupt):
+        return "interrupted"
+    if isinstance(err, MemoryError):
+        return "out of memory" + (f": {err}" if str(err) else "")
     if isinstance(err, OSError) and err.filename:
         return f"{err.strerror or err}: {Path(err.filename)}"
     return " ".join(str(err).split()) or type(err).__name__

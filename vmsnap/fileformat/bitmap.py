@@ -26,7 +26,7 @@ def unpack_bitmap(data: bytes, npages: int) -> np.ndarray:
     if len(data) < need:
         raise ValueError(f"bitmap needs {need} bytes, got {len(data)}")
     bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8, count=need), bitorder="little")
-    return bits[:npages].astype(bool)
+    return bits[:npages].view(bool)  # no copy: 1 byte per page is the only cost
 
 
 def words_from_present(present: np.ndarray) -> np.ndarray:

@@ -23,12 +23,17 @@ from .errors import (
 )
 from .layout import bitmap_size
 from .prefix import StreamPrefix, StreamScan
-from .trailer import Trailer, TrailerMetadata, read_trailer, xxh3
+from .trailer import CommitRecord, Trailer, TrailerMetadata, read_body, read_commit
 
 log = logging.getLogger(__name__)
 
 #: Tail (device state) larger than this is refused (sanity bound).
 MAX_TAIL = 1 << 30
+#: Pages any file may index whatever its size on disk (1 TiB of 4 KiB pages, 256 MiB of
+#: index): a file whose zero bitmap words became holes (cp --sparse) stays readable.
+INDEX_FLOOR = 1 << 28
+#: Stream ranges are checked in pieces of this size (a range is as long as the file says).
+RANGE_CHUNK = 8 << 20
 
 
 @dataclass
@@ -156,7 +161,11 @@ class Snapshot:
     def check_stream_ranges(self) -> None:
         """Check every non-page byte range (header, bitmaps, device state) against the trailer."""
         for r in self.trailer.ranges if self.trailer else ():
-            if xxh3(self._file.pread_meta(r.start, r.length)) != r.xxh3:
+            digest = xxhash.xxh3_64()
+            for pos in range(r.start, r.start + r.length, RANGE_CHUNK):
+                digest.update(self._file.pread_meta(pos, min(RANGE_CHUNK,
+                                                             r.start + r.length - pos)))
+            if digest.intdigest() != r.xxh3:
                 raise ChecksumMismatch(
                     f"stream bytes {r.start:#x}..{r.start + r.length:#x} corrupt "
                     "(header/bitmap/device state)", file_offset=r.start)
@@ -250,12 +259,12 @@ def _open(path: str, f: DirectFile, allow_incomplete: bool) -> Snapshot:
         except IOEngineError as e:
             raise SnapshotError(f"file truncated: {e.strerror}") from None
 
-    trailer: Trailer | None
+    commit: CommitRecord | None
     try:
-        trailer = read_trailer(pread, size)
-        stream_end = trailer.commit.stream_end
+        commit = read_commit(pread, size)
+        stream_end = commit.stream_end
     except NoCommitRecord:
-        trailer = None
+        commit = None
         stream_end = size
     scan = StreamScan(pread, stream_end)
     prefix = scan.prefix
@@ -263,12 +272,13 @@ def _open(path: str, f: DirectFile, allow_incomplete: bool) -> Snapshot:
     if tail_len < 0 or tail_len > MAX_TAIL:
         raise SnapshotError("stream tail length out of range")
     tail = pread(prefix.tail_offset, tail_len)
-    if trailer is None and not allow_incomplete:
+    if commit is None and not allow_incomplete:
         problem = scan.tail_problem(tail)
         if problem is not None:
             raise IncompleteSnapshot(
                 "incomplete snapshot: no vmsnap commit record and the QEMU stream is "
                 f"unfinished: {problem}")
+    _check_index_size(f, prefix)
     blocks = []
     for rb in prefix.blocks:
         hdr = rb.mapped_ram
@@ -276,7 +286,9 @@ def _open(path: str, f: DirectFile, allow_incomplete: bool) -> Snapshot:
         bm = pread(hdr.bitmap_offset, bitmap_size(npages))
         blocks.append(BlockInfo(rb.name, rb.used_length, rb.stream_offset, rb.header_offset,
                                 hdr, unpack_bitmap(bm, npages)))
-    if trailer is not None:
+    trailer = None
+    if commit is not None:
+        trailer = read_body(pread, commit, sum(b.present_count for b in blocks))
         names = [b.name for b in blocks]
         if [b.name for b in trailer.blocks] != names:
             raise SnapshotError("trailer block list does not match the stream's RAM blocks")
@@ -288,6 +300,18 @@ def _open(path: str, f: DirectFile, allow_incomplete: bool) -> Snapshot:
     header_bytes = pread(0, prefix.first_block_offset)
     return Snapshot(path, f, size, prefix, header_bytes, blocks, prefix.tail_offset, tail,
                     trailer)
+
+
+def _check_index_size(f: DirectFile, prefix: StreamPrefix) -> None:
+    """Refuse RAM blocks whose per-page index (one byte per page in memory) is larger than
+    the file can describe: a file holds its bitmaps (one bit per page) on disk, so a claim
+    of more than 8 pages per allocated byte is a sparse file lying about its size."""
+    pages = sum(b.used_length // b.mapped_ram.page_size for b in prefix.blocks)
+    allocated = os.fstat(f.meta_fd).st_blocks * 512
+    if pages > max(INDEX_FLOOR, 8 * allocated):
+        raise SnapshotError(
+            f"RAM blocks claim {prefix.total_ram:,} bytes ({pages:,} pages), more than a file "
+            f"of {allocated:,} bytes on disk can hold the bitmaps of")
 
 
 __all__ = ["BlockInfo", "Snapshot", "VerifyResult", "open_snapshot", "PAGE_SIZE"]

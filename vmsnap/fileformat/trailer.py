@@ -362,16 +362,33 @@ def _signature(md: dict, tables: memoryview) -> Signature | None:
     return Signature(sig["key_id"], sig["hmac"], signed, tables)
 
 
-def read_trailer(pread: Callable[[int, int], bytes], file_size: int) -> Trailer:
-    """Read and validate the trailer of a file through `pread(offset, length)`.
+def read_commit(pread: Callable[[int, int], bytes], file_size: int) -> CommitRecord:
+    """Read and validate the commit record of a file through `pread(offset, length)`.
 
     Raises NoCommitRecord (no vmsnap record: caller decides native vs incomplete),
     CorruptTrailer / UnsupportedVersion otherwise.
     """
     if file_size < COMMIT_SIZE:
         raise NoCommitRecord("no vmsnap commit record (file too short)")
-    commit = CommitRecord.parse(pread(file_size - COMMIT_SIZE, COMMIT_SIZE), file_size)
+    return CommitRecord.parse(pread(file_size - COMMIT_SIZE, COMMIT_SIZE), file_size)
+
+
+def read_body(pread: Callable[[int, int], bytes], commit: CommitRecord,
+              present_pages: int | None = None) -> Trailer:
+    """Read and decode the body `commit` locates; with `present_pages` (known from the
+    bitmaps), a body longer than their checksum tables and the metadata can need is refused
+    before it is read."""
+    if present_pages is not None and commit.body_length > _BODY_HEAD.size + MAX_METADATA + 8 \
+            + 8 * present_pages:
+        raise CorruptTrailer(f"corrupt trailer: body of {commit.body_length} bytes is larger "
+                             f"than the metadata and checksums of {present_pages} present "
+                             "pages can need")
     return decode_body(pread(commit.body_offset, commit.body_length), commit)
+
+
+def read_trailer(pread: Callable[[int, int], bytes], file_size: int) -> Trailer:
+    """Read and validate the whole trailer of a file (read_commit, then read_body)."""
+    return read_body(pread, read_commit(pread, file_size))
 
 
 def decode_trailer_bytes(data: bytes) -> Trailer:

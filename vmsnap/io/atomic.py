@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import stat
 
 from ..errors import VmsnapError
 
@@ -47,6 +48,8 @@ class AtomicFile:
     def open(self) -> AtomicFile:
         if self.fd >= 0:
             raise ValueError("already open")
+        if os.path.isdir(self.path):  # the final rename would fail: say so before any work
+            raise IsADirectoryError(errno.EISDIR, "Is a directory", self.path)
         for _ in range(10):
             try:
                 fd = os.open(
@@ -75,11 +78,22 @@ class AtomicFile:
         raise FileLockedError(errno.EBUSY, f"cannot create {self.partial_path}")
 
     def _reclaim_stale(self) -> None:
+        """Remove a leftover partial file of a crashed writer. Anything else at that path
+        (a FIFO, whose open would block, a symlink, a directory) is refused, not touched."""
         try:
-            fd = os.open(self.partial_path, os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(self.partial_path,
+                         os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
         except FileNotFoundError:
             return
+        except OSError as err:
+            if err.errno != errno.ELOOP:
+                raise
+            raise VmsnapError(f"{self.partial_path} is a symbolic link, not a partial "
+                              "snapshot: remove it") from None
         try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise VmsnapError(f"{self.partial_path} is not a regular file (a FIFO, "
+                                  "device, socket or directory): remove it")
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

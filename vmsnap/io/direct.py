@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import stat
 from collections.abc import Sequence
 
 from ..errors import VmsnapError
@@ -144,7 +145,14 @@ class DirectFile:
         base |= os.O_CLOEXEC
         if create:
             base |= os.O_CREAT
-        self.meta_fd = os.open(self.path, base, 0o600)
+        # O_NONBLOCK: opening a FIFO must not wait for a writer (no effect on files)
+        self.meta_fd = os.open(self.path, base | os.O_NONBLOCK, 0o600)
+        mode = os.fstat(self.meta_fd).st_mode
+        if not stat.S_ISREG(mode):
+            os.close(self.meta_fd)
+            if stat.S_ISDIR(mode):
+                raise IsADirectoryError(errno.EISDIR, "Is a directory", self.path)
+            raise OSError(errno.EINVAL, "Not a regular file", self.path)
         self._base_flags = base & ~os.O_CREAT
         self.fd = -1
         try:

@@ -128,6 +128,19 @@ def cmd_verify(args: argparse.Namespace, rep: Reporter) -> int:
     return 0
 
 
+def cmd_seal(args: argparse.Namespace, rep: Reporter) -> int:
+    from .fileformat.trailer import TrailerMetadata
+    from .ops.seal import seal
+
+    rep.start("seal")
+    t0 = time.monotonic()
+    pages = seal(args.file, TrailerMetadata(extra={"pages_by": "qemu"}), direct=args.direct)
+    rep.done(file=args.file, pages=pages, seconds=round(time.monotonic() - t0, 3))
+    if not args.json:
+        print(f"{args.file}: sealed, {pages} pages checksummed")
+    return 0
+
+
 def cmd_import(args: argparse.Namespace, rep: Reporter) -> int:
     _refuse_overwrite(args.dest, args.force)
     rep.start("import")
@@ -244,6 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--xml", metavar="XML",
                     help="the domain XML for the image (default: the one saved in FILE)")
     sp.add_argument("--force", action="store_true", help="overwrite an existing output")
+    sp = add("seal", cmd_seal, "add vmsnap's checksums and metadata to a mapped-ram file "
+             "QEMU wrote itself (migrate file: with mapped-ram), in place")
+    sp.add_argument("file", metavar="FILE")
     sp = add("info", cmd_info, "show what a snapshot file holds")
     sp.add_argument("file", metavar="FILE")
     sp = add("verify", cmd_verify, "check every page of a snapshot against its checksums")

@@ -158,6 +158,12 @@ class Snapshot:
                 f"(file offset {block.pages_offset + page * ps:#x})",
                 block=block.name, offset=page * ps, file_offset=block.pages_offset + page * ps)
 
+    def read_meta(self, offset: int, length: int) -> bytes:
+        """Bytes of the stream (not page data), read through the buffered descriptor."""
+        if offset < 0 or length < 0 or offset + length > self.file_size:
+            raise SnapshotError(f"read {offset:#x}+{length:#x} beyond end of file")
+        return self._file.pread_meta(offset, length)
+
     def check_stream_ranges(self) -> None:
         """Check every non-page byte range (header, bitmaps, device state) against the trailer."""
         for r in self.trailer.ranges if self.trailer else ():

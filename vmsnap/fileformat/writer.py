@@ -87,6 +87,11 @@ class SnapshotWriter:
         return bool(self._file and self._file.direct)
 
     @property
+    def direct_requested(self) -> bool:
+        """True if O_DIRECT was asked for (a fallback may still happen)."""
+        return self._direct
+
+    @property
     def fallback_reason(self) -> str | None:
         return self._file.fallback_reason if self._file else None
 
@@ -96,6 +101,22 @@ class SnapshotWriter:
         to the same FILE fails at once (FileLockedError) instead of interleaving."""
         if self._atomic is None:
             self._atomic = AtomicFile(self.path).open()
+
+    @property
+    def partial_path(self) -> str:
+        """FILE.partial (created and locked by `reserve`)."""
+        self.reserve()
+        assert self._atomic is not None
+        return self._atomic.partial_path
+
+    def commit_written(self) -> str:
+        """Commit a FILE.partial that was written and sealed without `begin` (QEMU wrote
+        the stream, vmsnap.ops.seal the trailer): fsync, rename, fsync the directory."""
+        if self.layout is not None or self.finished or self._atomic is None:
+            raise ValueError("nothing written outside the writer to commit")
+        self._atomic.commit()
+        self.finished = True
+        return self.path
 
     def begin(self, prefix: bytes, blocks: Sequence[tuple[str, int]]) -> FileLayout:
         """Create FILE.partial and write `prefix` (stream bytes up to the first block idstr)

@@ -30,8 +30,8 @@ from ..ops.multifd_receive import identify_channels, receive_multifd
 from ..ops.receive import ReceiveStats, receive
 from ..ops.shared_ram import Backing
 from ..progress import Reporter
+from . import native, shared
 from . import qmp as qmpmod
-from . import shared
 
 #: Capabilities whose streams vmsnap cannot store; switched off for the save, then restored.
 INCOMPATIBLE_CAPS = ("xbzrle", "compress", "postcopy-ram", "multifd", "mapped-ram",
@@ -57,7 +57,9 @@ class SaveResult:
     direct_io: bool
     dirty_sync_count: int | None = None
     downtime_ms: int | None = None
-    ram_path: str = "stream"  # "shared": RAM copied from its shared backing by vmsnap
+    #: "stream": pages came through vmsnap's socket; "shared": vmsnap copied them from the
+    #: shared backing; "qemu": QEMU wrote them into the file, vmsnap checksummed them after
+    ram_path: str = "stream"
 
 
 async def _set_parameters(client: QMPClient, wanted: dict[str, Any]) -> dict[str, Any]:
@@ -145,13 +147,20 @@ async def _save(client: QMPClient, peer: qmpmod.Peer, writer: SnapshotWriter, li
     backings = None if live else await shared.save_backings(client, peer)
     if backings:
         channels = 0  # the stream holds device state and small blocks only
+    by_qemu = not live and not backings and await native.supported(client, peer, channels)
+    fdset: native.FdSet | None = None
     try:
         saved_caps = await qmpmod.set_capabilities(
             client, {**dict.fromkeys(INCOMPATIBLE_CAPS, False), "auto-converge": live,
-                     "multifd": channels > 0, shared.IGNORE_SHARED: bool(backings)})
+                     "multifd": channels > 0, shared.IGNORE_SHARED: bool(backings),
+                     native.MAPPED_RAM: by_qemu})
         params: dict[str, Any] = {"max-bandwidth": UNLIMITED_BANDWIDTH}
         if channels:
             params["multifd-channels"] = channels
+        direct_io = by_qemu and writer.direct_requested and native.direct_io_ok(
+            writer.partial_path)
+        if by_qemu:
+            params["direct-io"] = direct_io
         if live:
             params["downtime-limit"] = downtime_limit_ms
         saved_params = await _set_parameters(client, params)
@@ -159,13 +168,20 @@ async def _save(client: QMPClient, peer: qmpmod.Peer, writer: SnapshotWriter, li
             await client.execute("stop")
             stopped_by_us = True
         rep.start("save", None, live=live, channels=channels)
-        await client.execute("migrate", {"uri": f"unix:{sock_path}"})
-        for _ in range(channels + 1):
-            conns.append(await _accept(client, listener, sock_path))
-        receiver = asyncio.get_running_loop().run_in_executor(
-            None, _receive, conns, writer, backings)
-        info = await _watch(client, receiver, rep)
-        stats: ReceiveStats = await receiver
+        loop = asyncio.get_running_loop()
+        if by_qemu:  # QEMU writes FILE.partial; vmsnap seals it once QEMU is done
+            fdset = await native.pass_file(client, writer.partial_path, direct_io)
+            await client.execute("migrate", {"uri": fdset.uri})
+            info = await _watch(client, loop.create_future(), rep)
+            stats: ReceiveStats = await loop.run_in_executor(
+                None, native.seal_and_commit, writer, writer.direct_requested)
+        else:
+            await client.execute("migrate", {"uri": f"unix:{sock_path}"})
+            for _ in range(channels + 1):
+                conns.append(await _accept(client, listener, sock_path))
+            receiver = loop.run_in_executor(None, _receive, conns, writer, backings)
+            info = await _watch(client, receiver, rep)
+            stats = await receiver
         final = await _finish(client, after)
     except BaseException as err:
         shutdown_all(conns)  # unblock the receiver so it aborts and removes the partial
@@ -182,6 +198,7 @@ async def _save(client: QMPClient, peer: qmpmod.Peer, writer: SnapshotWriter, li
             s.close()
         for b in (backings or {}).values():
             b.close()
+        await native.release(client, fdset)
         shutil.rmtree(workdir, ignore_errors=True)
         await _restore_settings(client, saved_caps, saved_params)
     seconds = time.monotonic() - t0
@@ -189,7 +206,7 @@ async def _save(client: QMPClient, peer: qmpmod.Peer, writer: SnapshotWriter, li
     result = SaveResult(path, seconds, stats.stream_bytes, stats.pages, stats.zero_pages, live,
                         peer.version_text, stats.machine_type, final, stats.direct,
                         ram.get("dirty-sync-count"), info.get("downtime"),
-                        "shared" if backings else "stream")
+                        "shared" if backings else "qemu" if by_qemu else "stream")
     rep.done(**result.__dict__)
     return result
 

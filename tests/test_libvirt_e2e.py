@@ -8,8 +8,10 @@ libvirt-python, the same API calls virsh makes."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import libvirt
@@ -60,7 +62,7 @@ class Call(threading.Thread):
 
 
 def booted_vm(daemon, name: str, persistent: bool = False):
-    guest = BootGuest(memory_mb=256)
+    guest = BootGuest(memory_mb=128)
     cmdline = guest.config("7.2", daemon.work).args[-1]
     vm = LibvirtVm(daemon.conn, name, daemon.work / name, guest.memory_mb, cmdline)
     vm.define() if persistent else vm.create()
@@ -99,6 +101,7 @@ def test_virsh_save_fifo_import_then_virsh_restore(daemon):
         vm.destroy()
 
 
+@pytest.mark.parametrize("daemon", ["debian"], indirect=True)
 def test_managedsave_fifo_import_then_start_from_export(daemon):
     """managedsave into a FIFO at libvirt's managed-save path, imported by vmsnap; then
     `virsh start` restores from that FIFO while vmsnap exports into it."""
@@ -122,3 +125,102 @@ def test_managedsave_fifo_import_then_start_from_export(daemon):
     finally:
         vm.destroy()
         Path(managed).unlink(missing_ok=True)
+
+
+def vmsnap_domain(daemon, *args) -> subprocess.CompletedProcess:
+    return vmsnap(*args[:1], "--connect", daemon.uri, *args[1:])
+
+
+def test_save_domain_every_mode_then_restore(daemon):
+    """save --domain paused / --resume / --live --quit: libvirt's state is true after each;
+    `vmsnap restore FILE` brings the domain back through libvirt, RAM checked each time."""
+    name = f"lvsave-{os.getpid()}"
+    guest, vm = booted_vm(daemon, name)
+    work = vm.workdir
+    try:
+        paused = work / "paused.vms"
+        vmsnap_domain(daemon, "save", "--domain", name, paused)
+        assert vm.state()[0] == libvirt.VIR_DOMAIN_PAUSED
+        vm.cont()  # libvirt can resume it: the guest goes on
+        guest.wait_alive(vm)
+
+        checkpoint = work / "checkpoint.vms"
+        vmsnap_domain(daemon, "save", "--domain", name, checkpoint, "--resume")
+        assert vm.state()[0] == libvirt.VIR_DOMAIN_RUNNING
+        guest.wait_alive(vm)
+
+        live = work / "live.vms"
+        vmsnap_domain(daemon, "save", "--domain", name, live, "--live", "--quit")
+        assert vm.state()[0] == libvirt.VIR_DOMAIN_NOSTATE  # transient: ended means gone
+        for snap in (paused, checkpoint, live):
+            vmsnap_domain(daemon, "restore", snap)
+            assert vm.state()[0] == libvirt.VIR_DOMAIN_RUNNING
+            guest.check_restored(vm)
+            vm.destroy()
+    finally:
+        vm.destroy()
+
+
+def kill_mid_stream(argv: list[str], after_bytes: int = 32 << 20) -> None:
+    """Run `argv` and SIGKILL it once it has written `after_bytes`."""
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while proc.poll() is None:
+            io = Path(f"/proc/{proc.pid}/io").read_text()
+            if int(io.split("wchar: ")[1].split()[0]) > after_bytes:
+                proc.kill()
+                break
+            time.sleep(0.005)
+    finally:
+        proc.wait(30)
+    assert proc.returncode == -signal.SIGKILL, "the writer finished before it was killed"
+
+
+@pytest.mark.parametrize("daemon", ["debian"], indirect=True)
+def test_writer_killed_mid_stream_never_cold_boots(daemon):
+    """A vmsnap killed while it feeds libvirt: `vmsnap restore` of a persistent domain and
+    `virsh start` from a managed-save FIFO both fail; the domain stays shut off, not booted
+    afresh; a second try restores it."""
+    name = f"lvkill-{os.getpid()}"
+    guest, vm = booted_vm(daemon, name, persistent=True)
+    try:
+        snap = vm.workdir / "vm.vms"
+        vmsnap_domain(daemon, "save", "--domain", name, snap, "--quit")
+        assert vm.state() == (libvirt.VIR_DOMAIN_SHUTOFF, libvirt.VIR_DOMAIN_SHUTOFF_DESTROYED)
+        kill_mid_stream([VMSNAP, "restore", "--connect", daemon.uri, str(snap)])
+        wait_shut_off(vm)
+
+        managed = daemon.path(f"/var/lib/libvirt/qemu/save/{name}.save")
+        os.mkfifo(managed, 0o600)
+        start = Call(vm.dom.create)  # virsh start: reads the managed-save FIFO
+        kill_mid_stream([VMSNAP, "export", "--libvirt", str(snap), str(managed)])
+        with pytest.raises(libvirt.libvirtError):
+            start.join()
+        wait_shut_off(vm)
+
+        vmsnap_domain(daemon, "restore", snap)
+        guest.check_restored(vm)
+    finally:
+        vm.destroy()
+        Path(managed).unlink(missing_ok=True)
+
+
+def wait_shut_off(vm) -> None:
+    """The domain is (and stays) shut off: libvirt did not boot it instead."""
+    time.sleep(1)
+    assert vm.state()[0] == libvirt.VIR_DOMAIN_SHUTOFF, vm.state()
+
+
+@pytest.mark.parametrize("daemon", ["root"], indirect=True)
+def test_domain_errors_are_one_line(daemon, tmp_path):
+    snap = tmp_path / "x.vms"
+    for args, message in [
+        (("save", "--domain", "no-such-domain", snap), "libvirt domain 'no-such-domain'"),
+        (("save", "--domain", "d", snap, "--channels", "2"), "--channels is for --qmp"),
+        (("restore", snap, "--domain", "a", "--xml", "b"), "either --domain or --xml"),
+    ]:
+        proc = subprocess.run([VMSNAP, *map(str, args[:1]), "--connect", daemon.uri,
+                               *map(str, args[1:])], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 1 and message in proc.stderr, (args, proc.stderr)
+        assert len(proc.stderr.splitlines()) == 1, proc.stderr
+    assert not snap.exists()

@@ -15,6 +15,7 @@ import threading
 from collections.abc import Coroutine, Sequence
 from typing import Any, TypeVar
 
+from .errors import VmsnapError
 from .fileformat.reader import Snapshot, open_snapshot
 from .orchestration import lazy as _lazy
 from .orchestration import restore as _restore
@@ -66,6 +67,18 @@ def save(qmp_address: str, path: str | os.PathLike, *, live: bool = False,
                            reporter=reporter, direct=direct, channels=channels))
 
 
+def save_domain(name: str, path: str | os.PathLike, *, uri: str | None = None,
+                live: bool = False, after: str = "pause", force: bool = False,
+                reporter: Reporter | None = None, direct: bool = True) -> SaveResult:
+    """Save the libvirt domain `name` (connection `uri`, default qemu:///system) into `path`,
+    its migratable XML in the file's metadata; pausing, resuming and quitting go through
+    libvirt, so its view of the domain stays true."""
+    from .libvirt.save import save_domain as _save_domain
+
+    return _run(_save_domain(name, path, uri=uri, live=live, after=after, force=force,
+                             reporter=reporter, direct=direct))
+
+
 def restore(path: str | os.PathLike, *, qmp_address: str | None = None,
             command: Sequence[str] | None = None, paused: bool = False,
             reporter: Reporter | None = None, direct: bool = True,
@@ -78,7 +91,17 @@ def restore(path: str | os.PathLike, *, qmp_address: str | None = None,
     `channels`: parallel multifd channels (0: one plain stream; default: from the CPUs).
     `lazy`: "auto", "postcopy" or "mmap": the guest runs at once and its RAM follows
     (a LazyRestoreResult, with the time to running and page-request latencies);
-    `verify` (mmap): check every page before the guest starts, not after."""
+    `verify` (mmap): check every page before the guest starts, not after.
+    A file saved from a libvirt domain, with neither `qmp_address` nor `command`, is
+    restored through libvirt (restore_domain, default connection; not lazily yet)."""
+    if qmp_address is None and not command:
+        from .libvirt.restore import is_domain_file
+
+        if is_domain_file(path, direct=direct):
+            if lazy is not None:
+                raise VmsnapError("lazy restore of a libvirt domain file is not supported yet")
+            return restore_domain(path, paused=paused, trust_xml=trust_command_line,
+                                  reporter=reporter, direct=direct)
     if lazy is not None:
         return _run(_lazy.restore_lazy(path, engine=lazy, qmp_address=qmp_address,
                                        command=command, paused=paused, reporter=reporter,
@@ -87,6 +110,19 @@ def restore(path: str | os.PathLike, *, qmp_address: str | None = None,
     return _run(_restore.restore(path, qmp_address=qmp_address, command=command,
                                  paused=paused, reporter=reporter, direct=direct,
                                  channels=channels, trust_command_line=trust_command_line))
+
+
+def restore_domain(path: str | os.PathLike, *, uri: str | None = None,
+                   domain: str | None = None, xml: str | None = None, paused: bool = False,
+                   trust_xml: bool = False, reporter: Reporter | None = None,
+                   direct: bool = True) -> RestoreResult:
+    """Bring a libvirt domain back from `path` through libvirt (virDomainRestore fed by vmsnap
+    through a private FIFO): under the domain XML stored in the file (if this host signed it,
+    or `trust_xml`), or the XML of defined domain `domain`, or `xml`."""
+    from .libvirt.restore import restore_domain as _restore_domain
+
+    return _run(_restore_domain(path, uri=uri, domain=domain, xml=xml, paused=paused,
+                                trust_xml=trust_xml, reporter=reporter, direct=direct))
 
 
 def open(path: str | os.PathLike, *, direct: bool = True) -> Snapshot:  # noqa: A001

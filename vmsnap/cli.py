@@ -181,8 +181,16 @@ def _is_fifo(path: str) -> bool:
 
 def cmd_save(args: argparse.Namespace, rep: Reporter) -> int:
     after = "resume" if args.resume else "quit" if args.quit else "pause"
-    r = api.save(args.qmp, args.file, live=args.live, after=after, force=args.force,
-                 reporter=rep, direct=args.direct, channels=args.channels)
+    if args.domain:
+        if args.channels:
+            raise VmsnapError("--domain saves over one stream: --channels is for --qmp")
+        r = api.save_domain(args.domain, args.file, uri=args.connect, live=args.live,
+                            after=after, force=args.force, reporter=rep, direct=args.direct)
+    else:
+        if args.connect:
+            raise VmsnapError("--connect goes with --domain")
+        r = api.save(args.qmp, args.file, live=args.live, after=after, force=args.force,
+                     reporter=rep, direct=args.direct, channels=args.channels)
     if not args.json:
         print(f"saved {r.path}: {r.stream_bytes:,} stream bytes in {r.seconds:.2f}s "
               f"({_gib_s(r.stream_bytes, r.seconds)} GB/s), VM {r.final_state}")
@@ -197,10 +205,21 @@ def cmd_restore(args: argparse.Namespace, rep: Reporter) -> int:
         raise VmsnapError("--lazy sends pages itself: it takes no --channels")
     if args.verify and not args.lazy:
         raise VmsnapError("--verify goes with --lazy (a restore checks every page anyway)")
-    r = api.restore(args.file, qmp_address=args.qmp, command=command or None,
-                    paused=args.paused, reporter=rep, direct=args.direct,
-                    channels=args.channels, trust_command_line=args.trust_command_line,
-                    lazy=args.lazy, verify=args.verify)
+    if args.domain or args.xml or args.connect:
+        if command or args.qmp or args.channels or args.lazy:
+            raise VmsnapError("--domain/--xml/--connect restore through libvirt: "
+                              "not with --qmp, --channels, --lazy or a QEMU command line")
+        if args.domain and args.xml:
+            raise VmsnapError("give either --domain or --xml, not both")
+        r = api.restore_domain(args.file, uri=args.connect, domain=args.domain,
+                               xml=Path(args.xml).read_text() if args.xml else None,
+                               paused=args.paused, trust_xml=args.trust_command_line,
+                               reporter=rep, direct=args.direct)
+    else:
+        r = api.restore(args.file, qmp_address=args.qmp, command=command or None,
+                        paused=args.paused, reporter=rep, direct=args.direct,
+                        channels=args.channels, trust_command_line=args.trust_command_line,
+                        lazy=args.lazy, verify=args.verify)
     if not args.json:
         running = getattr(r, "running_seconds", None)
         print(f"restored {r.path}: {r.pages:,} pages in {r.seconds:.2f}s, VM {r.final_state}"
@@ -264,8 +283,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("file", metavar="FILE")
     sp = add("verify", cmd_verify, "check every page of a snapshot against its checksums")
     sp.add_argument("file", metavar="FILE")
-    sp = add("save", cmd_save, "save a running VM (over QMP) to FILE")
-    sp.add_argument("--qmp", required=True, metavar="SOCKET", help="the VM's QMP socket")
+    sp = add("save", cmd_save, "save a running VM (over QMP, or a libvirt domain) to FILE")
+    vm = sp.add_mutually_exclusive_group(required=True)
+    vm.add_argument("--qmp", metavar="SOCKET", help="the VM's QMP socket")
+    vm.add_argument("--domain", metavar="NAME", help="a libvirt domain")
+    sp.add_argument("--connect", metavar="URI",
+                    help="libvirt connection URI for --domain (default qemu:///system)")
     sp.add_argument("file", metavar="FILE")
     sp.add_argument("--live", action="store_true", help="copy RAM while the guest runs")
     what = sp.add_mutually_exclusive_group()
@@ -278,10 +301,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--qmp", metavar="SOCKET",
                     help="restore into this QEMU (started with -incoming defer)")
     sp.add_argument("--paused", action="store_true", help="leave the VM paused")
+    sp.add_argument("--connect", metavar="URI", help="libvirt connection URI for a domain file "
+                    "(default qemu:///system)")
+    sp.add_argument("--domain", metavar="NAME",
+                    help="restore through libvirt under defined domain NAME's XML")
+    sp.add_argument("--xml", metavar="FILE", help="restore through libvirt under this XML")
     sp.add_argument("--trust-command-line", action="store_true",
                     help="run the stored command line although this host did not sign the "
                          "file, or although it makes QEMU run a program (read it with "
-                         "`vmsnap info` first); it must still start a qemu-system-* binary")
+                         "`vmsnap info` first); it must still start a qemu-system-* binary. "
+                         "For a domain file: define the domain from its stored XML although "
+                         "this host did not sign it")
     sp.add_argument("--lazy", choices=("auto", "postcopy", "mmap"), metavar="ENGINE",
                     help="--lazy[=ENGINE]: run the guest at once, RAM following on demand "
                     "(ENGINE: postcopy or mmap; default auto)")

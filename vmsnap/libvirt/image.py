@@ -157,12 +157,9 @@ def import_stream(source: str, writer_path: str, *, progress: Callable[[int], No
     return stats, domain
 
 
-def export_image(snapshot: str, dest: str, *, xml: str | None = None,
-                 was_running: bool | None = None, direct: bool = True,
-                 progress: Callable[[int, int], None] | None = None) -> SendStats:
-    """Write `snapshot` as a libvirt save image to `dest`: a FIFO (written as read, for
-    `virsh restore FIFO`) or a file (replaced atomically). The domain XML comes from the
-    snapshot's metadata unless `xml` is given."""
+def image_head(snapshot: str, *, xml: str | None = None, was_running: bool | None = None,
+               direct: bool = True) -> bytes:
+    """libvirt's header + XML for `snapshot`: its stored domain XML unless `xml` is given."""
     with open_snapshot(snapshot, direct=direct) as snap:
         domain = domain_of(snap.metadata)
     if xml is None:
@@ -172,22 +169,32 @@ def export_image(snapshot: str, dest: str, *, xml: str | None = None,
         xml = domain.xml
     if was_running is None:
         was_running = domain.was_running if domain else True
-    head = encode_head(xml, was_running=was_running,
+    return encode_head(xml, was_running=was_running,
                        cookie=domain.cookie if domain and xml == domain.xml else None)
+
+
+def export_image(snapshot: str, dest: str, *, xml: str | None = None,
+                 was_running: bool | None = None, direct: bool = True,
+                 progress: Callable[[int, int], None] | None = None) -> SendStats:
+    """Write `snapshot` as a libvirt save image to `dest`: a FIFO (written as read, for
+    `virsh restore FIFO`) or a file (replaced atomically). The domain XML comes from the
+    snapshot's metadata unless `xml` is given."""
+    head = image_head(snapshot, xml=xml, was_running=was_running, direct=direct)
     if os.path.exists(dest) and stat.S_ISFIFO(os.stat(dest).st_mode):
         fd = os.open(dest, os.O_WRONLY | os.O_CLOEXEC)
         try:
-            return _write(fd, head, snapshot, direct, progress)
+            return write_image(fd, head, snapshot, direct, progress)
         finally:
             os.close(fd)
     with AtomicFile(dest) as af:
-        stats = _write(af.fd, head, snapshot, direct, progress)
+        stats = write_image(af.fd, head, snapshot, direct, progress)
         af.commit()
     return stats
 
 
-def _write(fd: int, head: bytes, snapshot: str, direct: bool,
-           progress: Callable[[int, int], None] | None) -> SendStats:
+def write_image(fd: int, head: bytes, snapshot: str, direct: bool = True,
+                progress: Callable[[int, int], None] | None = None) -> SendStats:
+    """`head` then `snapshot` as a plain migration stream, to `fd`."""
     with open(fd, "wb", closefd=False) as sink:
         sink.write(head)
         stats = send(snapshot, sink, direct=direct, progress=progress)

@@ -23,7 +23,7 @@ from pathlib import Path
 from rich.console import Console
 
 from bench.common import summarize
-from bench.methods import Context, Scenario, all_methods
+from bench.methods import Context, Scenario, Virsh, all_methods
 from bench.report import chart, print_tables, print_targets, ratios, targets
 from testbed.guests import BootGuest, LinuxGuest
 from testbed.qemu import kill_leftovers
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, help="repetitions per method (default 3, --quick 1)")
     p.add_argument("--guests", default="paused,zero,live", help="comma list of: paused,zero,live")
     p.add_argument("--methods", help="comma list (default all): vmsnap-chN, exec-cat, virsh, "
-                                     "qemu10, fio")
+                                     "vmsnap-domain, qemu10, fio")
     p.add_argument("--channels", help="vmsnap channel counts, e.g. 0,2,4 (default: 0, plus 2,4 "
                                       "when `vmsnap save --channels` exists)")
     p.add_argument("--scale", type=float, default=1.0,
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     root = args.dir / stamp
     root.mkdir(mode=0o711)  # libvirt's QEMU (user libvirt-qemu) writes RAM dumps below it
     ctx = Context(root=root, present_bytes={})
-    if any(m.name == "virsh" for m in methods):
+    if any(isinstance(m, Virsh) for m in methods):
         ctx.libvirt = _start_libvirt(ctx)
     t_start = time.monotonic()
     lv = ctx.libvirt

@@ -56,6 +56,17 @@ class RestoreResult:
     ram_path: str = "stream"  # "shared": vmsnap filled the target's shared RAM itself
 
 
+def _listening(path: str) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+        return True
+    except (FileNotFoundError, ConnectionRefusedError):
+        return False
+    finally:
+        probe.close()
+
+
 async def _launch(argv: list[str], program: str | None, qmp_path: str,
                   log_path: str) -> GuardedQemu:
     """Start `argv` (running `program` if given, else argv[0] through PATH) under the guard
@@ -63,7 +74,7 @@ async def _launch(argv: list[str], program: str | None, qmp_path: str,
     log.debug("relaunch: %s (program %s)", argv, program)
     proc = GuardedQemu(argv, program, log_path)
     deadline = time.monotonic() + START_TIMEOUT
-    while not os.path.exists(qmp_path):
+    while not _listening(qmp_path):  # the file appears at bind(), before listen()
         if proc.poll() is not None:
             with open(log_path, errors="replace") as f:
                 lines = f.read().strip().splitlines()

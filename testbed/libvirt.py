@@ -103,6 +103,7 @@ class Libvirtd:
     def _wait_ready(self, deadline: float) -> str:
         """Wait until the daemon answers and knows KVM (its first start probes QEMU)."""
         assert self.proc is not None
+        libvirt.registerErrorHandler(lambda _ctx, _err: None, None)  # errors as exceptions only
         while True:
             try:
                 self.conn = libvirt.open(self.uri)

@@ -84,6 +84,8 @@ async def _save(dom: Any, writer: SnapshotWriter, live: bool, after: str, rep: R
                "libvirt": {"xml": dommod.migratable_xml(dom), "cookie": None,
                            "name": dom.name(), "uuid": dom.UUIDString()}})
     ours, theirs = socket.socketpair()
+    for sock in (ours, theirs):  # 208 KiB by default: QEMU would hand over 128 KiB at a time
+        _widen(sock)
     saved_caps: dict[str, bool] = {}
     saved_params: dict[str, Any] = {}
     stopped_by_us = False
@@ -126,6 +128,19 @@ async def _save(dom: Any, writer: SnapshotWriter, live: bool, after: str, rep: R
                         ram.get("dirty-sync-count"), info.get("downtime"))
     rep.done(**result.__dict__)
     return result
+
+
+#: SO_SNDBUFFORCE / SO_RCVBUFFORCE (Linux; root may exceed net.core.*mem_max).
+_FORCE = {socket.SO_SNDBUF: 32, socket.SO_RCVBUF: 33}
+SOCKET_BUFFER = 8 << 20
+
+
+def _widen(sock: socket.socket) -> None:
+    for opt, force in _FORCE.items():
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, force, SOCKET_BUFFER)
+        except OSError:
+            sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
 
 
 async def _finish(mon: dommod.DomainMonitor, dom: Any, after: str) -> str:

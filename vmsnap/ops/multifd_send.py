@@ -23,7 +23,7 @@ import re
 import socket
 import threading
 import uuid as uuidlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -132,7 +132,7 @@ class MultifdSendStats(SendStats):
 class _Sender:
     def __init__(self, snap: Snapshot, jobs: list[_Job], sync_mode: str, uuid: bytes,
                  verify: bool, depth: int, chunk_pages: int,
-                 progress: Callable[[int, int], None] | None):
+                 progress: Callable[[int, int], None] | None, stop: threading.Event):
         self.snap = snap
         self.jobs = jobs
         self.next_job = itertools.count()
@@ -147,7 +147,7 @@ class _Sender:
         self.done = 0
         self.lock = threading.Lock()
         self.error: BaseException | None = None
-        self.stop = threading.Event()
+        self.stop = stop
 
     def fail(self, e: BaseException) -> None:
         with self.lock:
@@ -192,11 +192,11 @@ class _Sender:
             free.put(b)
         reader = threading.Thread(target=self._reader, args=(out, free),
                                   name=f"vmsnap-mfd{cid}-read", daemon=True)
+        reader.start()  # before the first send, so a failing send can still join it
         try:
             sock.sendall(MultifdInit(self.uuid, cid).pack())
             sock.sendall(self.sync_packet())  # setup epoch
             log.debug("multifd channel %d: init sent, %s sync", cid, self.mode)
-            reader.start()
             per = page_count()
             while True:
                 item = out.get()
@@ -208,7 +208,7 @@ class _Sender:
                                        for f, c in job.runs]) * np.uint64(ps)
                 for i in range(0, len(offs), per):
                     if self.stop.is_set():
-                        return
+                        return _release(sock, self.sync_packet())
                     chunk = offs[i:i + per]
                     hdr = PacketHeader.make(job.block.name, chunk,
                                             packet_num=next(self.packet_num),
@@ -221,7 +221,7 @@ class _Sender:
                         self.done += len(offs) * ps
                         self.progress(self.done, self.total)
             if self.stop.is_set():
-                return
+                return _release(sock, self.sync_packet())
             sock.sendall(self.sync_packet())  # closes the RAM epoch (PART marker)
             log.debug("multifd channel %d: %d pages sent, RAM epoch closed", cid, counts[cid])
             if self.mode == PER_SECTION:
@@ -235,19 +235,36 @@ class _Sender:
                 b.close()
 
 
+def _release(sock: socket.socket, sync: bytes) -> None:
+    """End a channel stopped between packets with a SYNC packet, then EOF. QEMU's main
+    thread may be waiting, with its big lock held, for every channel's SYNC (a RAM EOS or
+    FLUSH marker); 7.2 wakes it on nothing else, neither an EOF nor a channel error, so
+    a channel ended otherwise leaves QEMU deaf to QMP and SIGTERM forever. Woken, it
+    reads on, finds the main channel cut short, and its load fails."""
+    try:
+        sock.send(sync, socket.MSG_DONTWAIT)
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
 def send_multifd(path: str | os.PathLike, main: socket.socket,
                  channels: Sequence[socket.socket], uuid: bytes, sync_mode: str, *,
                  direct: bool = True, verify: bool = True, depth: int = DEPTH,
                  chunk_pages: int = CHUNK_PAGES,
-                 progress: Callable[[int, int], None] | None = None) -> MultifdSendStats:
+                 progress: Callable[[int, int], None] | None = None,
+                 stop: threading.Event | None = None,
+                 fresh: Collection[str] = ()) -> MultifdSendStats:
     """Send the snapshot at `path` to a multifd destination over connected sockets.
 
     `main` must have been connected first (QEMU 7.2 takes the first connection as the main
     channel), then `channels` (as many as the destination's `multifd-channels`).
     `uuid`: the destination's 16-byte UUID (`query_destination`); `sync_mode`: PER_SECTION
     or PER_ROUND from the destination machine type (`sync_mode_for_machine`).
-    A page failing its checksum stops all channels before the end of the stream, so the
-    destination fails its load instead of running with bad RAM.
+    A page failing its checksum, or `stop` set by the caller (Ctrl-C), stops all channels
+    before the end of the stream, so the destination fails its load instead of running
+    with bad RAM or waiting forever. Zero pages go as ZERO records on the main channel,
+    except in the `fresh` blocks (see `explicit_zero_records`).
     """
     if sync_mode not in SYNC_MODES:
         raise ValueError(f"sync_mode must be one of {SYNC_MODES}")
@@ -264,13 +281,13 @@ def send_multifd(path: str | os.PathLike, main: socket.socket,
         sid = head.section.section_id
         flush = encoder.multifd_flush() if per_round else b""
         setup = plain_stream_head(snap, head, before_eos=flush)
-        zero_records, zeros, _ = explicit_zero_records(snap, None)
+        zero_records, zeros, _ = explicit_zero_records(snap, None, fresh=fresh)
         part = (encoder.section_part(sid) + zero_records + flush + encoder.eos()
                 + encoder.footer(sid))
         tail = device_state(snap)  # END section (+ its EOS), device state, EOF, vmdesc
         jobs = plan_jobs(snap, chunk_pages)
         sender = _Sender(snap, jobs, sync_mode, uuid, verify, max(1, depth), chunk_pages,
-                         progress)
+                         progress, stop or threading.Event())
         counts = [0] * len(channels)
         main.sendall(setup)  # the main magic first, on the first connection
         threads = [threading.Thread(target=sender.channel, args=(i, s, counts),
@@ -284,6 +301,8 @@ def send_multifd(path: str | os.PathLike, main: socket.socket,
                 t.join()
             if sender.error is not None:
                 raise sender.error
+            if sender.stop.is_set():
+                raise VmsnapError("restore stopped")
             main.sendall(tail)  # only once every page went out
         except BaseException as e:
             sender.fail(e)

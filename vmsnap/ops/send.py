@@ -2,15 +2,16 @@
 
 Every present page is read once (O_DIRECT, read-ahead) and checked against the trailer
 before it is sent; a mismatch stops the stream before its end, so the destination fails
-its load instead of running with bad RAM. Zero pages of ordinary RAM are not sent (fresh
-guest RAM is zero); small blocks (firmware, ROMs, option ROM tables), which a destination
-fills itself at startup, get explicit ZERO records so they end up exactly as saved.
+its load instead of running with bad RAM. Zero pages go as cheap ZERO records, except in
+blocks the caller knows the destination backs with fresh anonymous memory (zero already;
+`restore` asks QEMU); small blocks (firmware, ROMs), which a destination fills itself at
+startup, always get them, so every block ends up exactly as saved.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Container, Mapping
+from collections.abc import Callable, Collection, Container, Mapping
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -83,15 +84,19 @@ def plain_stream_head(snap: Snapshot, head: StreamHead, before_eos: bytes = b"",
             + before_eos + encoder.eos() + encoder.footer(sid))
 
 
-def explicit_zero_records(snap: Snapshot, last_block: str | None, skip: Container[str] = ()
+def explicit_zero_records(snap: Snapshot, last_block: str | None,
+                          skip: Container[str] = (), fresh: Collection[str] = ()
                           ) -> tuple[bytes, int, str | None]:
-    """ZERO records for the absent pages of firmware/ROM-sized blocks (a destination fills
-    those itself at startup), as (records, page count, last block named); none for the
-    blocks in `skip`."""
+    """ZERO records for the absent (zero) pages of every block but the `fresh` ones, as
+    (records, page count, last block named); none for the blocks in `skip`. Only a block
+    the destination backs with fresh anonymous memory is known to be zero already; a file
+    backend may hold old data, and firmware/ROM-sized blocks are filled by the destination
+    itself at startup."""
     out = bytearray()
     count = 0
     for block in snap.blocks:
-        if block.used_length > EXPLICIT_ZERO_MAX or block.name in skip:
+        if block.name in skip or (block.used_length > EXPLICIT_ZERO_MAX
+                                  and block.name in fresh):
             continue
         absent = np.flatnonzero(~block.present).astype(np.uint64) * np.uint64(block.page_size)
         if len(absent):
@@ -113,12 +118,14 @@ def device_state(snap: Snapshot) -> bytes:
 
 def send(path: str | os.PathLike, sink: BinaryIO, *, direct: bool = True,
          progress: Callable[[int, int], None] | None = None,
-         shared: Mapping[str, int] | None = None, skip: Container[str] = ()) -> SendStats:
+         shared: Mapping[str, int] | None = None, skip: Container[str] = (),
+         fresh: Collection[str] = ()) -> SendStats:
     """Write the snapshot at `path` to `sink` (anything with a file descriptor: pipe,
     socket, file) as a plain migration stream; page data goes out by writev, uncopied.
     `shared`: an x-ignore-shared stream without the pages of these blocks (name -> addr),
     which the caller has put into the destination's shared RAM itself. Blocks in `skip`
-    are listed but get no pages (the destination maps them from the file)."""
+    are listed but get no pages (the destination maps them from the file). Zero pages are
+    sent as ZERO records except in the `fresh` blocks (see `explicit_zero_records`)."""
     skip = {*(shared or {}), *skip}
     with open_snapshot(path, direct=direct) as snap:
         head = read_head(snap)
@@ -143,7 +150,7 @@ def send(path: str | os.PathLike, sink: BinaryIO, *, direct: bool = True,
             done += count * block.page_size
             if progress:
                 progress(done, total)
-        records, zeros, _ = explicit_zero_records(snap, last_block, skip)
+        records, zeros, _ = explicit_zero_records(snap, last_block, skip, fresh)
         sent += writev_all(fd, [records + encoder.eos() + encoder.footer(sid)
                                 + device_state(snap)])
     return SendStats(sent, pages, zeros)

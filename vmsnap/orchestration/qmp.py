@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import socket
@@ -10,24 +11,52 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from qemu.qmp import QMPClient
+from qemu.qmp import ConnectError, ExecInterruptedError, ExecuteError, QMPClient, StateError
 
-from ..errors import QMPConnectError
+from ..errors import QMPConnectError, VmsnapError
 
 log = logging.getLogger(__name__)
 
+#: The greeting and first queries: a monitor that another client holds, or a socket that is
+#: no QMP monitor at all, never answers; say so in seconds instead of waiting forever.
+CONNECT_TIMEOUT = 5.0
+#: Any one command. QEMU answers in milliseconds unless it is stuck (stop drains disk I/O).
+COMMAND_TIMEOUT = 60.0
+
+# qemu.qmp logs connection failures itself; vmsnap reports them as one line of its own.
+logging.getLogger("qemu.qmp").addHandler(logging.NullHandler())
+
+
+class QemuGoneError(VmsnapError):
+    """QEMU closed its monitor (it quit, crashed or was killed)."""
+
+
+class QmpCommandError(VmsnapError):
+    """QEMU refused a command; the message is QEMU's own reason."""
+
+    def __init__(self, command: str, error_class: str, desc: str):
+        super().__init__(f"QEMU refused {command}: {desc}")
+        self.command = command
+        self.error_class = error_class
+        self.desc = desc
+
 
 class Client(QMPClient):
-    """A QMPClient whose commands and replies are debug records of this module's logger."""
+    """A QMPClient whose commands time out and fail as one-line VmsnapErrors; commands and
+    replies are debug records of this module's logger."""
 
     async def execute(self, cmd: str, arguments: Mapping[str, object] | None = None,
-                      oob: bool = False) -> object:
+                      oob: bool = False, timeout: float = COMMAND_TIMEOUT) -> Any:
         log.debug("%s: -> %s %s", self.name, cmd, dict(arguments) if arguments else "")
         try:
-            reply = await super().execute(cmd, arguments, oob)
-        except Exception as err:
+            reply = await asyncio.wait_for(super().execute(cmd, arguments, oob), timeout)
+        except ExecuteError as err:
             log.debug("%s: <- %s failed: %s", self.name, cmd, err)
-            raise
+            raise QmpCommandError(cmd, err.error_class, str(err)) from err
+        except TimeoutError:
+            raise VmsnapError(f"QEMU did not answer {cmd} within {timeout:.0f}s") from None
+        except (EOFError, ConnectionError, ExecInterruptedError, StateError) as err:
+            raise QemuGoneError(f"QEMU went away (its monitor closed during {cmd})") from err
         log.debug("%s: <- %s %.500s", self.name, cmd, reply)
         return reply
 
@@ -74,22 +103,38 @@ def resolve_address(address: str) -> str | tuple[str, int]:
     return address
 
 
-async def connect(address: str, name: str = "vmsnap") -> tuple[QMPClient, Peer]:
-    """Connect to QMP at `address` and describe the QEMU behind it."""
+async def connect(address: str, name: str = "vmsnap",
+                  timeout: float = CONNECT_TIMEOUT) -> tuple[Client, Peer]:
+    """Connect to QMP at `address` and describe the QEMU behind it, within `timeout`."""
     target = resolve_address(address)
     family = socket.AF_INET if isinstance(target, tuple) else socket.AF_UNIX
     sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
     try:
         sock.connect(target)
     except OSError as err:
         sock.close()
-        raise QMPConnectError(f"cannot connect to QMP at {address}: {err.strerror}") from err
+        reason = err.strerror or "timed out"
+        raise QMPConnectError(f"cannot connect to QMP at {address}: {reason}") from err
     pid = _peer_pid(sock)
     client = Client(name)
-    await client.connect(sock)
-    version = await client.execute("query-version")
+    try:
+        async with asyncio.timeout(timeout):
+            await client.connect(sock)
+            version = await client.execute("query-version")
+            status = await client.execute("query-status")
+    except TimeoutError:
+        await disconnect(client)
+        sock.close()
+        raise QMPConnectError(f"no QMP answer from {address} within {timeout:.0f}s (QEMU is "
+                             "busy, another client holds this monitor, or it is not QMP)") from None
+    except (ConnectError, VmsnapError) as err:
+        await disconnect(client)
+        sock.close()
+        cause = err.exc if isinstance(err, ConnectError) else err
+        raise QMPConnectError(f"{address} is not a usable QMP monitor: "
+                             f"{' '.join(str(cause).split()) or type(cause).__name__}") from err
     q = version["qemu"]
-    status = await client.execute("query-status")
     cmdline = read_cmdline(pid) if pid and pid != os.getpid() else None
     peer = Peer((q["major"], q["minor"], q["micro"]), bool(status["running"]),
                 str(status["status"]), pid, cmdline)
@@ -97,11 +142,11 @@ async def connect(address: str, name: str = "vmsnap") -> tuple[QMPClient, Peer]:
     return client, peer
 
 
-async def migration_status(client: QMPClient) -> dict[str, Any]:
+async def migration_status(client: Client) -> dict[str, Any]:
     return await client.execute("query-migrate")
 
 
-async def set_capabilities(client: QMPClient, wanted: dict[str, bool]) -> dict[str, bool]:
+async def set_capabilities(client: Client, wanted: dict[str, bool]) -> dict[str, bool]:
     """Apply `wanted` (only for capabilities this QEMU knows); return the previous values."""
     current = {c["capability"]: c["state"]
                for c in await client.execute("query-migrate-capabilities")}
@@ -117,5 +162,5 @@ async def set_capabilities(client: QMPClient, wanted: dict[str, bool]) -> dict[s
 async def disconnect(client: QMPClient) -> None:
     try:
         await client.disconnect()
-    except (EOFError, OSError):  # QEMU went away first
+    except Exception:  # noqa: BLE001 - QEMU went away first, or the session never began
         pass

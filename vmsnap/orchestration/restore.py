@@ -8,21 +8,23 @@ checksums before they leave, so a corrupt file makes the load fail and the guest
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import re
 import shutil
 import socket
 import tempfile
+import threading
 import time
 import uuid as uuidlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-
-from qemu.qmp import QMPClient
 
 from ..errors import VmsnapError, one_line
 from ..fileformat.reader import open_snapshot
 from ..hostkey import Trust, trust_of
+from ..io.sockets import shutdown_all
 from ..ops.multifd_send import send_multifd, sync_mode_for_machine
 from ..ops.send import SendStats, send
 from ..ops.shared_ram import fill_from_file
@@ -30,6 +32,7 @@ from ..progress import Reporter
 from ..stream.constants import CAP_IGNORE_SHARED as IGNORE_SHARED
 from . import qmp as qmpmod
 from . import shared
+from .qmp import Client, QemuGoneError
 from .relaunch import (
     GuardedQemu,
     RelaunchLock,
@@ -38,7 +41,9 @@ from .relaunch import (
     own_qmp,
     relaunch_argv,
 )
-from .save import INCOMPATIBLE_CAPS, check_channels
+from .rendezvous import meeting_place, pass_socket
+from .save import INCOMPATIBLE_CAPS, MIGRATING, check_channels
+from .vmlock import vm_lock
 
 START_TIMEOUT = 60.0
 log = logging.getLogger(__name__)
@@ -109,10 +114,27 @@ async def launch_target(path: str, argv: list[str], given: bool, trust: Trust,
     return proc, lock, qmp_address
 
 
-async def _check_target(client: QMPClient, peer: qmpmod.Peer, machine: str) -> None:
+#: Memory backends whose memory is zero when an -incoming QEMU starts (anonymous or a new
+#: memfd); memory-backend-file may map a file that holds anything.
+FRESH_BACKENDS = ("memory-backend-ram", "memory-backend-memfd")
+
+
+async def fresh_blocks(client: Client) -> set[str]:
+    """Names of the target's RAM blocks that are fresh anonymous memory: those backed by a
+    memory backend object of a FRESH_BACKENDS type (a backend's RAM block is named after
+    its id, "pc.ram" for plain -m). Any other block gets its zero pages sent."""
+    objects = await client.execute("qom-list", {"path": "/objects"})
+    return {o["name"] for o in objects
+            if o.get("type", "").removeprefix("child<").removesuffix(">") in FRESH_BACKENDS}
+
+
+async def _check_target(client: Client, peer: qmpmod.Peer, machine: str) -> None:
     if peer.status != "inmigrate":
         raise VmsnapError(f"target QEMU is {peer.status!r}, not waiting for an incoming "
                           "migration (start it with -incoming defer)")
+    status = (await qmpmod.migration_status(client)).get("status")
+    if status in MIGRATING:
+        raise VmsnapError(f"target QEMU is already loading a migration ({status})")
     qom_type = await client.execute("qom-get", {"path": "/machine", "property": "type"})
     target = str(qom_type).removesuffix("-machine")
     if target != machine:
@@ -156,9 +178,11 @@ async def restore(path: str | os.PathLike, *, qmp_address: str | None = None,
     proc: GuardedQemu | None = None
     lock: RelaunchLock | None = None
     keep_workdir = False
-    client: QMPClient | None = None
+    client: Client | None = None
     plan: shared.RestorePlan | None = None
+    log_path = os.path.join(workdir, "qemu.log")
     t0 = time.monotonic()
+    stack = contextlib.ExitStack()
     try:
         if qmp_address is None:
             argv = list(command) if command else (meta.command_line if meta else None)
@@ -168,6 +192,7 @@ async def restore(path: str | os.PathLike, *, qmp_address: str | None = None,
             proc, lock, qmp_address = await launch_target(
                 path, argv, bool(command), trust, trust_command_line, workdir)
         client, peer = await qmpmod.connect(qmp_address)
+        stack.enter_context(vm_lock(peer.pid))
         await _check_target(client, peer, machine)
         plan = await shared.restore_plan(client, peer, blocks)
         if plan:
@@ -178,17 +203,29 @@ async def restore(path: str | os.PathLike, *, qmp_address: str | None = None,
         if channels:
             await client.execute("migrate-set-parameters", {"multifd-channels": channels})
             uuid = uuidlib.UUID((await client.execute("query-uuid"))["UUID"]).bytes
+        fresh = await fresh_blocks(client)
         if plan:
             rep.start("restore", total, channels=0, ram_path="shared")
             await asyncio.get_running_loop().run_in_executor(
                 None, _fill, path, plan, direct, rep, total)
-        incoming = os.path.join(workdir, "incoming.sock")
-        await client.execute("migrate-incoming", {"uri": f"unix:{incoming}"})
-        socks = [await _connect_incoming(incoming) for _ in range(channels + 1)]
+        if channels:  # multifd needs a unix path this QEMU can reach
+            meeting = meeting_place(peer.pid)
+            stack.callback(meeting.close)
+            incoming = meeting.host("incoming.sock")
+            await client.execute("migrate-incoming",
+                                 {"uri": f"unix:{meeting.qemu('incoming.sock')}"})
+            socks = [await _connect_incoming(incoming) for _ in range(channels + 1)]
+        else:  # one stream: our socket, passed by fd
+            main, uri = await pass_socket(client)
+            stack.callback(main.close)
+            incoming = uri
+            await client.execute("migrate-incoming", {"uri": uri})
+            socks = [main]
         log.debug("restore: %d connections to %s (%d multifd channels)", len(socks), incoming,
                   channels)
         if not plan:
             rep.start("restore", total, channels=channels)
+        stop = threading.Event()
 
         def progress(done: int, total: int) -> None:
             rep.update(done, total)
@@ -197,17 +234,16 @@ async def restore(path: str | os.PathLike, *, qmp_address: str | None = None,
             if not channels:
                 return send(path, socks[0].makefile("wb", buffering=0), direct=direct,
                             progress=None if plan else progress,
-                            shared=plan.addrs if plan else None)
+                            shared=plan.addrs if plan else None, fresh=fresh)
             return send_multifd(path, socks[0], socks[1:], uuid,
                                 sync_mode_for_machine(machine), direct=direct,
-                                progress=progress)
+                                progress=progress, stop=stop, fresh=fresh)
 
         try:
-            stats = await asyncio.get_running_loop().run_in_executor(None, stream)
-        finally:
-            for sock in socks:
-                sock.close()
-        await _wait_loaded(client)
+            stats = await _stream(stream, socks, stop)
+        except ConnectionError as err:  # the target closed the stream: say why it did
+            raise await _target_failure(client, log_path if proc else None) from err
+        await _wait_loaded(client, log_path if proc else None)
         run = saved_running and not paused
         if run:
             await client.execute("cont")
@@ -228,6 +264,7 @@ async def restore(path: str | os.PathLike, *, qmp_address: str | None = None,
     finally:
         if plan is not None:
             plan.close()
+        stack.close()
         if client is not None:
             await qmpmod.disconnect(client)
         if lock is not None:
@@ -252,19 +289,67 @@ def _fill(path: str, plan: shared.RestorePlan, direct: bool, rep: Reporter,
         plan.pages = fill_from_file(snap, plan.backings, progress=progress)
 
 
-async def _wait_loaded(client: QMPClient, timeout: float = 600.0) -> None:
+async def _stream(stream: Callable[[], SendStats], socks: list[socket.socket],
+                  stop: threading.Event) -> SendStats:
+    """Run the blocking sender in a thread. Its failure, or ours (Ctrl-C cancels this
+    task), ends every socket at once: the sender stops within moments, and the target's
+    load fails instead of waiting forever on a channel that is neither fed nor closed."""
+    future = asyncio.get_running_loop().run_in_executor(None, stream)
+    try:
+        return await asyncio.shield(future)
+    except BaseException:
+        stop.set()
+        if len(socks) > 1:  # multifd channels end between packets, with a SYNC QEMU needs
+            await asyncio.wait([future], timeout=1)
+        shutdown_all(socks)
+        await asyncio.wait([future], timeout=10)
+        if future.done() and not future.cancelled():
+            future.exception()  # the sender's broken pipe follows from this failure
+        raise
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def _log_reason(log_path: str | None) -> str | None:
+    """QEMU's first error line in its log (e.g. "Size mismatch: ..."), without the prefix."""
+    try:
+        with open(log_path or "", errors="replace") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        m = re.match(r"\S*qemu-system-\S+: (.+)", line)
+        if m and not m.group(1).startswith("warning:"):
+            return m.group(1).strip()
+    return None
+
+
+async def _target_failure(client: Client, log_path: str | None) -> VmsnapError:
+    """Why the target stopped loading, in QEMU's own words where it gives them."""
+    try:
+        info = await client.execute("query-migrate", timeout=5)
+    except (QemuGoneError, VmsnapError):
+        reason = _log_reason(log_path)
+        return VmsnapError("target QEMU exited while loading the snapshot"
+                           + (f": {reason}" if reason else " (its log tells why)"))
+    desc = info.get("error-desc") or _log_reason(log_path)
+    return VmsnapError("target QEMU rejected the snapshot" + (f": {desc}" if desc else ""))
+
+
+async def _wait_loaded(client: Client, log_path: str | None = None,
+                       timeout: float = 600.0) -> None:
     deadline = time.monotonic() + timeout
     while True:
         try:
             info = await qmpmod.migration_status(client)
-        except (EOFError, ConnectionError) as err:
-            raise VmsnapError("target QEMU exited while loading the snapshot") from err
+        except QemuGoneError:
+            raise await _target_failure(client, log_path) from None
         status = info.get("status")
         if status == "completed":
             return
         if status == "failed":
-            raise VmsnapError("target QEMU rejected the snapshot"
-                              + (f": {info['error-desc']}" if info.get("error-desc") else ""))
+            raise await _target_failure(client, log_path)
         if time.monotonic() > deadline:
             raise VmsnapError("target QEMU did not finish loading the snapshot")
         await asyncio.sleep(0.05)

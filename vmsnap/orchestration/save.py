@@ -11,14 +11,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import shutil
 import socket
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any
-
-from qemu.qmp import ExecInterruptedError, QMPClient, StateError
 
 from ..errors import VmsnapError, one_line
 from ..fileformat.trailer import TrailerMetadata
@@ -32,6 +28,9 @@ from ..ops.shared_ram import Backing
 from ..progress import Reporter
 from . import native, shared
 from . import qmp as qmpmod
+from .qmp import Client, QemuGoneError
+from .rendezvous import Meeting, meeting_place, pass_socket
+from .vmlock import vm_lock
 
 #: Capabilities whose streams vmsnap cannot store; switched off for the save, then restored.
 INCOMPATIBLE_CAPS = ("xbzrle", "compress", "postcopy-ram", "multifd", "mapped-ram",
@@ -39,8 +38,9 @@ INCOMPATIBLE_CAPS = ("xbzrle", "compress", "postcopy-ram", "multifd", "mapped-ra
 #: Local saves should not be throttled by QEMU's default 128 MiB/s.
 UNLIMITED_BANDWIDTH = 1 << 40
 ACCEPT_TIMEOUT = 30.0
-#: What a QMP call raises once QEMU has gone away.
-QEMU_GONE = (EOFError, ConnectionError, ExecInterruptedError, StateError)
+#: Migration states in which QEMU is busy with a migration (ours or someone else's).
+MIGRATING = ("setup", "active", "pre-switchover", "device", "cancelling", "wait-unplug",
+             "postcopy-active")
 
 
 @dataclass
@@ -62,17 +62,19 @@ class SaveResult:
     ram_path: str = "stream"
 
 
-async def _set_parameters(client: QMPClient, wanted: dict[str, Any]) -> dict[str, Any]:
+async def _set_parameters(client: Client, wanted: dict[str, Any]) -> dict[str, Any]:
     current = await client.execute("query-migrate-parameters")
     await client.execute("migrate-set-parameters", wanted)
     return {k: current[k] for k in wanted if k in current}
 
 
-def _listen(directory: str) -> tuple[socket.socket, str]:
-    path = os.path.join(directory, "migrate.sock")
+def _listen(meeting: Meeting) -> tuple[socket.socket, str]:
+    """A listening socket for multifd, where the QEMU can connect (0600, QEMU's user)."""
+    path = meeting.host("migrate.sock")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.bind(path)
     os.chmod(path, 0o600)
+    meeting.give(path)
     sock.listen(64)
     return sock, path
 
@@ -111,11 +113,12 @@ async def save(qmp_address: str, path: str | os.PathLike, *, live: bool = False,
         writer.reserve()  # lock FILE.partial before QMP or the VM is touched
     except FileLockedError as err:
         raise VmsnapError(f"{path} is being saved by another process") from err
-    client: QMPClient | None = None
+    client: Client | None = None
     try:
         client, peer = await qmpmod.connect(qmp_address)
-        return await _save(client, peer, writer, live, after, rep, downtime_limit_ms,
-                           channels)
+        with vm_lock(peer.pid):
+            return await _save(client, peer, writer, live, after, rep, downtime_limit_ms,
+                               channels)
     finally:
         if not writer.finished:
             writer.abort()  # idempotent: removes FILE.partial and releases the lock
@@ -123,12 +126,12 @@ async def save(qmp_address: str, path: str | os.PathLike, *, live: bool = False,
             await qmpmod.disconnect(client)
 
 
-async def _save(client: QMPClient, peer: qmpmod.Peer, writer: SnapshotWriter, live: bool,
+async def _save(client: Client, peer: qmpmod.Peer, writer: SnapshotWriter, live: bool,
                 after: str, rep: Reporter, downtime_limit_ms: int,
                 channels: int) -> SaveResult:
     path = writer.path
     status = await qmpmod.migration_status(client)
-    if status.get("status") in ("setup", "active", "pre-switchover", "device", "cancelling"):
+    if status.get("status") in MIGRATING:
         raise VmsnapError(f"a migration is already running on this VM ({status['status']})")
     if peer.status in ("inmigrate", "postmigrate", "shutdown", "internal-error"):
         raise VmsnapError(f"VM is in state {peer.status!r}; cannot save it")
@@ -136,11 +139,9 @@ async def _save(client: QMPClient, peer: qmpmod.Peer, writer: SnapshotWriter, li
         qemu_version=peer.version_text, command_line=peer.cmdline,
         extra={"run_state": "running" if peer.running else "paused", "live": live,
                "channels": channels})
-    workdir = tempfile.mkdtemp(prefix="vmsnap-")  # 0700
-    listener, sock_path = _listen(workdir)
     saved_caps: dict[str, bool] = {}
     saved_params: dict[str, Any] = {}
-    stopped_by_us = False
+    stopped_by_us = started = False
     conns: list[socket.socket] = []
     receiver: asyncio.Future | None = None
     t0 = time.monotonic()
@@ -149,6 +150,9 @@ async def _save(client: QMPClient, peer: qmpmod.Peer, writer: SnapshotWriter, li
         channels = 0  # the stream holds device state and small blocks only
     by_qemu = not live and not backings and await native.supported(client, peer, channels)
     fdset: native.FdSet | None = None
+    # one stream: our socket passed by fd; multifd: a unix path this QEMU can reach
+    meeting = meeting_place(peer.pid) if channels and not by_qemu else None
+    listener, sock_path = _listen(meeting) if meeting else (None, "")
     try:
         saved_caps = await qmpmod.set_capabilities(
             client, {**dict.fromkeys(INCOMPATIBLE_CAPS, False), "auto-converge": live,
@@ -172,12 +176,19 @@ async def _save(client: QMPClient, peer: qmpmod.Peer, writer: SnapshotWriter, li
         if by_qemu:  # QEMU writes FILE.partial; vmsnap seals it once QEMU is done
             fdset = await native.pass_file(client, writer.partial_path, direct_io)
             await client.execute("migrate", {"uri": fdset.uri})
+            started = True  # from here on the migration is ours to cancel
             info = await _watch(client, loop.create_future(), rep)
             stats: ReceiveStats = await loop.run_in_executor(
                 None, native.seal_and_commit, writer, writer.direct_requested)
         else:
-            await client.execute("migrate", {"uri": f"unix:{sock_path}"})
-            for _ in range(channels + 1):
+            if meeting:
+                uri = f"unix:{meeting.qemu('migrate.sock')}"
+            else:
+                main, uri = await pass_socket(client)
+                conns.append(main)
+            await client.execute("migrate", {"uri": uri})
+            started = True  # from here on the migration is ours to cancel
+            for _ in range(channels + 1 if listener else 0):
                 conns.append(await _accept(client, listener, sock_path))
             receiver = loop.run_in_executor(None, _receive, conns, writer, backings)
             info = await _watch(client, receiver, rep)
@@ -188,18 +199,19 @@ async def _save(client: QMPClient, peer: qmpmod.Peer, writer: SnapshotWriter, li
         if receiver is not None:
             await asyncio.gather(receiver, return_exceptions=True)
         writer.abort()
-        await _recover(client, stopped_by_us, peer.running)
+        await _recover(client, started, stopped_by_us or (started and peer.running))
         rep.error(one_line(err))
-        if isinstance(err, QEMU_GONE):
-            raise VmsnapError("QEMU went away during the save") from err
+        if isinstance(err, QemuGoneError):
+            raise QemuGoneError("QEMU went away during the save") from err
         raise
     finally:
-        for s in (*conns, listener):
+        for s in (*conns, *([listener] if listener else [])):
             s.close()
         for b in (backings or {}).values():
             b.close()
         await native.release(client, fdset)
-        shutil.rmtree(workdir, ignore_errors=True)
+        if meeting:
+            meeting.close()
         await _restore_settings(client, saved_caps, saved_params)
     seconds = time.monotonic() - t0
     ram = info.get("ram", {})
@@ -229,7 +241,7 @@ def _receive(conns: list[socket.socket], writer: SnapshotWriter,
         raise
 
 
-async def _accept(client: QMPClient, listener: socket.socket, path: str) -> socket.socket:
+async def _accept(client: Client, listener: socket.socket, path: str) -> socket.socket:
     """Wait for QEMU's connection, failing early if its migration fails to start."""
     listener.setblocking(False)
     loop = asyncio.get_running_loop()
@@ -249,7 +261,7 @@ async def _accept(client: QMPClient, listener: socket.socket, path: str) -> sock
             raise VmsnapError(f"QEMU did not connect to {path} within {ACCEPT_TIMEOUT:.0f}s")
 
 
-async def _watch(client: QMPClient, receiver: asyncio.Future, rep: Reporter) -> dict[str, Any]:
+async def _watch(client: Client, receiver: asyncio.Future, rep: Reporter) -> dict[str, Any]:
     """Poll QEMU's migration status until it completes; report live figures. The receiver's
     failure is checked first and ends a pending query: QEMU may not answer until it does."""
     last = None
@@ -288,52 +300,51 @@ def _qemu_side(info: dict[str, Any]) -> VmsnapError:
                        + (f": {info['error-desc']}" if info.get("error-desc") else ""))
 
 
-async def _cause(client: QMPClient, err: BaseException) -> BaseException:
+async def _cause(client: Client, err: BaseException) -> BaseException:
     """The first cause of a receiver failure: our own I/O error (disk full) stands; a stream
     cut short is QEMU's doing (cancelled, failed, or QEMU gone)."""
     if isinstance(err, OSError) and not isinstance(err, ConnectionError):
         return err
     try:
         info = await qmpmod.migration_status(client)
-    except QEMU_GONE:
-        return VmsnapError("QEMU went away during the save")
+    except QemuGoneError:
+        return QemuGoneError("QEMU went away during the save")
     if info.get("status") in ("cancelling", "cancelled", "failed"):
         return _qemu_side(info)
     return err
 
 
-async def _finish(client: QMPClient, after: str) -> str:
+async def _finish(client: Client, after: str) -> str:
     if after == "resume":
         await client.execute("cont")
         return "running"
     if after == "quit":
         try:
             await client.execute("quit")
-        except (EOFError, ConnectionError):
+        except QemuGoneError:
             pass
         return "quit"
     return "paused"
 
 
-async def _recover(client: QMPClient, stopped_by_us: bool, was_running: bool) -> None:
-    """Put the VM back as it was: cancel our migration, resume it if it ran before."""
+async def _recover(client: Client, started: bool, resume: bool) -> None:
+    """Put the VM back as it was: cancel the migration if we started it (never another
+    client's), resume the VM if we stopped it or our migration did."""
     try:
-        info = await qmpmod.migration_status(client)
-        if info.get("status") in ("setup", "active", "pre-switchover", "device"):
+        if started and (await qmpmod.migration_status(client)).get("status") in MIGRATING:
             await client.execute("migrate_cancel")
             for _ in range(100):
-                if (await qmpmod.migration_status(client)).get("status") not in (
-                        "setup", "active", "pre-switchover", "device", "cancelling"):
+                if (await qmpmod.migration_status(client)).get("status") not in MIGRATING:
                     break
                 await asyncio.sleep(0.05)
         status = await client.execute("query-status")
-        if (stopped_by_us or was_running) and not status["running"]:
+        if resume and not status["running"]:
             await client.execute("cont")
     except Exception:  # noqa: BLE001 - QEMU is gone: nothing left to recover
         pass
 
 
-async def _restore_settings(client: QMPClient, caps: dict[str, bool],
+async def _restore_settings(client: Client, caps: dict[str, bool],
                             params: dict[str, Any]) -> None:
     try:
         if caps:

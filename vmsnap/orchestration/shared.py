@@ -17,12 +17,11 @@ import stat
 from dataclasses import dataclass
 
 from qemu.qmp import QMPClient
-from qemu.qmp.qmp_client import ExecuteError
 
 from ..errors import VmsnapError
 from ..ops.shared_ram import Backing
 from ..stream.constants import CAP_IGNORE_SHARED as IGNORE_SHARED
-from .qmp import Peer
+from .qmp import Peer, QmpCommandError
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +54,7 @@ class _Mapping:
 async def _qom(client: QMPClient, path: str, prop: str) -> object | None:
     try:
         return await client.execute("qom-get", {"path": path, "property": prop})
-    except ExecuteError:
+    except QmpCommandError:
         return None
 
 

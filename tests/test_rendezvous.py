@@ -1,0 +1,65 @@
+"""A QEMU that cannot see or enter vmsnap's temporary directory (issue 11): QEMU 10 in the
+test bed's chroot (its own mount namespace) with vmsnap's TMPDIR not bound into it, and QEMU
+running as another user (-runas nobody) while vmsnap's TMPDIR is root's 0700 work dir. One
+stream goes by fd (getfd + fd:); multifd channels meet in a 0700 directory inside QEMU's
+root, owned by QEMU's user."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from testbed.guests import BootGuest
+from testbed.paths import QEMU10_ROOT
+from testbed.qemu import Vm
+
+
+def run_ok(env: dict, *args) -> None:
+    r = subprocess.run([sys.executable, "-m", "vmsnap.cli", *map(str, args)], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize("channels", [0, 2], ids=["1-stream", "2ch"])
+def test_qemu10_in_chroot_without_shared_tmpdir(workdir, channels):
+    env = {k: v for k, v in os.environ.items() if k != "TMPDIR"}  # /tmp: not in the chroot
+    before = set((QEMU10_ROOT / "tmp").glob("vmsnap-*"))
+    guest = BootGuest(memory_mb=256)
+    config = guest.config("10", workdir)
+    snap = workdir / "vm.snap"
+    with Vm(config, workdir, "src") as src:
+        guest.boot(src)
+        run_ok(env, "save", "--resume", "--channels", channels, "--qmp", src.tool_qmp_path,
+               snap)
+        guest.wait_alive(src)
+    with Vm(config, workdir, "dst", incoming="defer") as dst:
+        run_ok(env, "restore", snap, "--channels", channels, "--qmp", dst.tool_qmp_path)
+        guest.check_restored(dst)
+    assert set((QEMU10_ROOT / "tmp").glob("vmsnap-*")) <= before, "meeting dir left behind"
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize("channels", [0, 2], ids=["1-stream", "2ch"])
+def test_qemu_running_as_another_user(workdir, channels):
+    """QEMU drops to nobody after start; vmsnap's TMPDIR (the 0700 work dir) is closed to it.
+    (The RAM check's pmemsave cannot write there as nobody: the guest proves it runs.)"""
+    env = {**os.environ, "TMPDIR": str(workdir)}
+    guest = BootGuest(memory_mb=256)
+    config = guest.config("7.2", workdir)
+    config.args += ["-runas", "nobody"]
+    snap = workdir / "vm.snap"
+    with Vm(config, workdir, "src") as src:
+        guest.boot(src)
+        run_ok(env, "save", "--resume", "--channels", channels, "--qmp", src.tool_qmp_path,
+               snap)
+        guest.wait_alive(src)
+    run_ok(env, "verify", snap)
+    with Vm(config, workdir, "dst", incoming="defer") as dst:
+        run_ok(env, "restore", snap, "--channels", channels, "--qmp", dst.tool_qmp_path)
+        assert dst.status() == "running"
+        guest.wait_alive(dst)
+        guest.wait_alive(dst)

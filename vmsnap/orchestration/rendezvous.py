@@ -1,0 +1,97 @@
+"""Where vmsnap and a QEMU meet, whatever QEMU's mount namespace or user.
+
+vmsnap's own temporary directory is private (0700) and lives in vmsnap's mount namespace: a
+QEMU in a container or chroot cannot see it, one running as another user (Debian's libvirt
+runs QEMU as libvirt-qemu) cannot enter it. The main channel therefore goes by fd (QMP
+`getfd` + `fd:`), which needs no path at all. Multifd channels need a unix path QEMU can
+reach, so for such a QEMU their directory is made inside QEMU's own root (/proc/PID/root)
+and given to QEMU's uid, mode 0700: that QEMU can reach it, other users cannot. Never a
+TCP port.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import tempfile
+from dataclasses import dataclass
+
+from ..errors import VmsnapError
+from .qmp import Client
+
+MAIN_FD_NAME = "vmsnap-migration"
+
+
+@dataclass
+class Meeting:
+    """A private directory, as vmsnap opens it (`host_dir`) and as QEMU names it."""
+
+    host_dir: str
+    qemu_dir: str
+    owner: tuple[int, int] | None = None  # (uid, gid) to hand our sockets to
+
+    def host(self, name: str) -> str:
+        return os.path.join(self.host_dir, name)
+
+    def qemu(self, name: str) -> str:
+        return os.path.join(self.qemu_dir, name)
+
+    def give(self, path: str) -> None:
+        """Let QEMU's user connect to a socket we bound at `path`."""
+        if self.owner is not None:
+            os.chown(path, *self.owner)
+
+    def close(self) -> None:
+        shutil.rmtree(self.host_dir, ignore_errors=True)
+
+
+def _ids(pid: int) -> tuple[int, int] | None:
+    """Effective (uid, gid) of process `pid` (QEMU's -runas drops to them after start)."""
+    ids = {}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key in ("Uid", "Gid"):
+                    ids[key] = int(value.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return (ids["Uid"], ids["Gid"]) if len(ids) == 2 else None
+
+
+def meeting_place(pid: int | None) -> Meeting:
+    """A private directory that both vmsnap and QEMU `pid` can reach (None: a local QEMU of
+    ours, e.g. one vmsnap launched or behind TCP QMP: vmsnap's own temporary directory)."""
+    ids = _ids(pid) if pid else None
+    root = f"/proc/{pid}/root"
+    try:
+        same_root = ids is None or os.path.samestat(os.stat(root), os.stat("/"))
+    except OSError:
+        same_root = True  # cannot look inside: assume it sees what we see
+    if ids is None or (same_root and ids[0] == os.geteuid()):
+        d = tempfile.mkdtemp(prefix="vmsnap-")  # 0700
+        return Meeting(d, d)
+    try:
+        d = tempfile.mkdtemp(prefix="vmsnap-", dir=os.path.join(root, "tmp"))
+        os.chown(d, *ids)
+    except OSError as err:
+        raise VmsnapError(f"cannot make a directory QEMU (pid {pid}, uid {ids[0]}) can reach "
+                          f"for its multifd channels: {err.strerror}; use --channels 0"
+                          ) from err
+    return Meeting(d, "/tmp/" + os.path.basename(d), None if ids[0] == os.geteuid() else ids)
+
+
+async def pass_socket(client: Client) -> tuple[socket.socket, str]:
+    """A connected socket pair whose far end is handed to QEMU over QMP (SCM_RIGHTS +
+    `getfd`): returns our end and the `fd:` URI QEMU's migrate/migrate-incoming take."""
+    ours, theirs = socket.socketpair()
+    try:
+        client.send_fd_scm(theirs.fileno())
+        await client.execute("getfd", {"fdname": MAIN_FD_NAME})
+    except BaseException:
+        ours.close()
+        raise
+    finally:
+        theirs.close()
+    return ours, f"fd:{MAIN_FD_NAME}"

@@ -70,6 +70,14 @@ class BootGuest:
         mark = vm.serial.mark()
         vm.serial.wait_for("B", timeout, start=mark)
 
+    def counter(self, vm: Vm) -> int:
+        """The first page's stamp, read while the guest runs: how many sweeps it has made."""
+        path = vm.workdir / f"{vm.name}.counter"
+        vm.pmemsave(self.ranges[0][0], 8, path)
+        value = int.from_bytes(path.read_bytes(), "little")
+        path.unlink()
+        return value
+
     def read_ram(self, vm: Vm) -> list[np.ndarray]:
         chunks = []
         for i, (start, end) in enumerate(self.ranges):

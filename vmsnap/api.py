@@ -2,6 +2,7 @@
 
     import vmsnap
     vmsnap.save("/run/vm.qmp", "vm.snap", live=True)
+    vmsnap.save("/run/vm.qmp", "vm.snap", background=True)   # point in time, guest runs on
     vmsnap.restore("vm.snap")                  # relaunch from the stored command line
     with vmsnap.open("vm.snap") as snap: ...   # blocks, metadata, verify()
 """
@@ -56,15 +57,21 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
 
 
 def save(qmp_address: str, path: str | os.PathLike, *, live: bool = False,
-         after: str = "pause", force: bool = False, reporter: Reporter | None = None,
-         direct: bool = True, channels: int | None = None) -> SaveResult:
+         background: bool = False, after: str | None = None, force: bool = False,
+         reporter: Reporter | None = None, direct: bool = True, channels: int | None = None,
+         downtime_limit_ms: int | None = None) -> SaveResult:
     """Save the VM whose QMP socket is `qmp_address` into the snapshot file `path`.
 
-    Paused by default (the guest is stopped first); `live=True` copies RAM while it runs.
-    `after`: "pause" (leave it paused), "resume" (a checkpoint) or "quit" (end QEMU).
-    `channels`: parallel multifd channels (0: one plain stream; default: from the CPUs)."""
-    return _run(_save.save(qmp_address, path, live=live, after=after, force=force,
-                           reporter=reporter, direct=direct, channels=channels))
+    Paused by default (the guest is stopped first); `live=True` copies RAM while it runs
+    (the file holds RAM at the end); `background=True` keeps it running and saves RAM as it
+    was when the save began (QEMU's background-snapshot, one stream).
+    `after`: "pause" (leave it paused), "resume" (a checkpoint) or "quit" (end QEMU);
+    default "pause", or the VM's own run state for a background save.
+    `channels`: parallel multifd channels (0: one plain stream; default: from the CPUs).
+    `downtime_limit_ms`: a live save's longest final stop (default: chosen by vmsnap)."""
+    return _run(_save.save(qmp_address, path, live=live, background=background, after=after,
+                           force=force, reporter=reporter, direct=direct, channels=channels,
+                           downtime_limit_ms=downtime_limit_ms))
 
 
 def save_domain(name: str, path: str | os.PathLike, *, uri: str | None = None,

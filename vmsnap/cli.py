@@ -180,20 +180,27 @@ def _is_fifo(path: str) -> bool:
 
 
 def cmd_save(args: argparse.Namespace, rep: Reporter) -> int:
-    after = "resume" if args.resume else "quit" if args.quit else "pause"
+    after = "resume" if args.resume else "quit" if args.quit else None
     if args.domain:
         if args.channels:
             raise VmsnapError("--domain saves over one stream: --channels is for --qmp")
+        if args.background or args.downtime_limit is not None:
+            raise VmsnapError("--background and --downtime-limit go with --qmp")
         r = api.save_domain(args.domain, args.file, uri=args.connect, live=args.live,
-                            after=after, force=args.force, reporter=rep, direct=args.direct)
+                            after=after or "pause", force=args.force, reporter=rep,
+                            direct=args.direct)
     else:
         if args.connect:
             raise VmsnapError("--connect goes with --domain")
-        r = api.save(args.qmp, args.file, live=args.live, after=after, force=args.force,
-                     reporter=rep, direct=args.direct, channels=args.channels)
+        r = api.save(args.qmp, args.file, live=args.live, background=args.background,
+                     after=after, force=args.force, reporter=rep, direct=args.direct,
+                     channels=args.channels, downtime_limit_ms=args.downtime_limit)
     if not args.json:
-        print(f"saved {r.path}: {r.stream_bytes:,} stream bytes in {r.seconds:.2f}s "
-              f"({_gib_s(r.stream_bytes, r.seconds)} GB/s), VM {r.final_state}")
+        pause = f", guest paused {r.downtime_ms} ms" if r.mode != "paused" else ""
+        rounds = (f" in {r.dirty_sync_count} rounds (guest dirtying {r.dirty_mb_s or 0} MB/s,"
+                  f" throttled {r.throttle_pct}%)" if r.mode == "live" else "")
+        print(f"saved {r.path} ({r.mode}): {r.stream_bytes:,} stream bytes in {r.seconds:.2f}s "
+              f"({_gib_s(r.stream_bytes, r.seconds)} GB/s){rounds}{pause}, VM {r.final_state}")
     return 0
 
 
@@ -290,11 +297,23 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--connect", metavar="URI",
                     help="libvirt connection URI for --domain (default qemu:///system)")
     sp.add_argument("file", metavar="FILE")
-    sp.add_argument("--live", action="store_true", help="copy RAM while the guest runs")
+    how = sp.add_mutually_exclusive_group()
+    how.add_argument("--live", action="store_true",
+                     help="copy RAM while the guest runs; QEMU stops it for the last round "
+                          "(the file holds RAM as it was at the end)")
+    how.add_argument("--background", action="store_true",
+                     help="a point-in-time checkpoint: the file holds RAM as it was when the "
+                          "save began, the guest runs on (paused ~ms for device state); "
+                          "QEMU >= 6.0 and a kernel with userfaultfd write-protect for the "
+                          "guest's memory; always one stream (no --channels)")
     what = sp.add_mutually_exclusive_group()
-    what.add_argument("--resume", action="store_true", help="resume the VM afterwards")
+    what.add_argument("--resume", action="store_true",
+                      help="resume the VM afterwards (a --background save does by itself)")
     what.add_argument("--quit", action="store_true", help="end QEMU afterwards")
     sp.add_argument("--force", action="store_true", help="overwrite an existing FILE")
+    sp.add_argument("--downtime-limit", type=int, metavar="MS",
+                    help="--live: longest final stop of the guest (default: chosen from the "
+                         "guest's dirty rate and the save's bandwidth)")
     _channels_option(sp)
     sp = add("restore", cmd_restore, "restore FILE into a new or waiting QEMU")
     sp.add_argument("file", metavar="FILE")

@@ -280,6 +280,12 @@ class SnapshotWriter:
         if self._error is not None:
             raise self._error
 
+    def abandon(self) -> None:
+        """Make the next write or finish() raise, from any thread: whoever feeds this writer
+        stops at its next page, with the file never committed."""
+        if self._error is None:
+            self._error = SnapshotError("the save was abandoned")
+
     def _drain(self) -> None:
         if self._jobs is not None:
             self._jobs.join()
@@ -293,6 +299,7 @@ class SnapshotWriter:
 
     def zero_pages(self, block: str, offsets) -> None:
         """Mark pages as zero: clear their bits and forget their checksums (no write)."""
+        self._check_error()
         st = self._state(block)
         pages = self._pages(st, offsets)
         with self._lock:

@@ -23,9 +23,8 @@ from ..hostkey import load_or_create_key
 from ..io.atomic import FileLockedError
 from ..io.sockets import shutdown_all
 from ..orchestration import qmp as qmpmod
+from ..orchestration.modes import INCOMPATIBLE_CAPS, UNLIMITED_BANDWIDTH
 from ..orchestration.save import (
-    INCOMPATIBLE_CAPS,
-    UNLIMITED_BANDWIDTH,
     SaveResult,
     _receive,
     _recover,

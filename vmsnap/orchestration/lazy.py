@@ -43,6 +43,7 @@ from ..ops.send import send
 from ..progress import Reporter
 from . import qmp as qmpmod
 from .mapped import MAPPED_BLOCK, mapped_argv, supports_mmap
+from .modes import INCOMPATIBLE_CAPS
 from .relaunch import GuardedQemu, RelaunchLock, own_qmp
 from .restore import (
     RestoreResult,
@@ -51,7 +52,6 @@ from .restore import (
     _wait_loaded,
     launch_target,
 )
-from .save import INCOMPATIBLE_CAPS
 
 ENGINES = ("auto", "postcopy", "mmap")
 RUNNING_TIMEOUT = 60.0

@@ -32,6 +32,7 @@ from ..progress import Reporter
 from ..stream.constants import CAP_IGNORE_SHARED as IGNORE_SHARED
 from . import qmp as qmpmod
 from . import shared
+from .modes import INCOMPATIBLE_CAPS
 from .qmp import Client, QemuGoneError
 from .relaunch import (
     GuardedQemu,
@@ -42,7 +43,7 @@ from .relaunch import (
     relaunch_argv,
 )
 from .rendezvous import meeting_place, pass_socket
-from .save import INCOMPATIBLE_CAPS, MIGRATING, check_channels
+from .save import MIGRATING, check_channels
 from .vmlock import vm_lock
 
 START_TIMEOUT = 60.0

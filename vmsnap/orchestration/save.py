@@ -1,4 +1,5 @@
-"""save: drive a running QEMU over QMP into a snapshot file, paused (default) or live.
+"""save: drive a running QEMU over QMP into a snapshot file, paused (default), live or in
+the background (modes.py says what each asks of QEMU).
 
 vmsnap stands where a migration destination would: it listens on a private unix socket,
 asks QEMU to `migrate` there and lays the pages it receives at their fixed file offsets.
@@ -26,17 +27,13 @@ from ..ops.multifd_receive import identify_channels, receive_multifd
 from ..ops.receive import ReceiveStats, receive
 from ..ops.shared_ram import Backing
 from ..progress import Reporter
-from . import native, shared
+from . import background, converge, modes, native, shared
 from . import qmp as qmpmod
+from .modes import SaveMode
 from .qmp import Client, QemuGoneError
 from .rendezvous import Meeting, meeting_place, pass_socket
 from .vmlock import vm_lock
 
-#: Capabilities whose streams vmsnap cannot store; switched off for the save, then restored.
-INCOMPATIBLE_CAPS = ("xbzrle", "compress", "postcopy-ram", "multifd", "mapped-ram",
-                     "x-ignore-shared", "zero-blocks", "release-ram")
-#: Local saves should not be throttled by QEMU's default 128 MiB/s.
-UNLIMITED_BANDWIDTH = 1 << 40
 ACCEPT_TIMEOUT = 30.0
 #: Migration states in which QEMU is busy with a migration (ours or someone else's).
 MIGRATING = ("setup", "active", "pre-switchover", "device", "cancelling", "wait-unplug",
@@ -60,6 +57,11 @@ class SaveResult:
     #: "stream": pages came through vmsnap's socket; "shared": vmsnap copied them from the
     #: shared backing; "qemu": QEMU wrote them into the file, vmsnap checksummed them after
     ram_path: str = "stream"
+    mode: str = SaveMode.PAUSED.value
+    #: live saves: the guest's dirty rate, the highest CPU throttle, the final downtime limit
+    dirty_mb_s: float | None = None
+    throttle_pct: int | None = None
+    downtime_limit_ms: int | None = None
 
 
 async def _set_parameters(client: Client, wanted: dict[str, Any]) -> dict[str, Any]:
@@ -94,14 +96,21 @@ def check_channels(channels: int | None) -> int:
 
 
 async def save(qmp_address: str, path: str | os.PathLike, *, live: bool = False,
-               after: str = "pause", force: bool = False, reporter: Reporter | None = None,
-               direct: bool = True, downtime_limit_ms: int = 300,
+               background: bool = False, after: str | None = None, force: bool = False,
+               reporter: Reporter | None = None, direct: bool = True,
+               downtime_limit_ms: int | None = None,
                channels: int | None = None) -> SaveResult:
-    """Save the VM behind `qmp_address` to `path`. `after`: "pause" | "resume" | "quit".
-    `channels`: multifd channels (0: one plain stream; None: check_channels(None))."""
-    if after not in ("pause", "resume", "quit"):
+    """Save the VM behind `qmp_address` to `path`, paused, `live` or in the `background`.
+    `after`: "pause" | "resume" | "quit"; None: "pause", except a background save keeps the
+    VM's run state. `channels`: multifd channels (0: one plain stream; None:
+    check_channels(None); a background save is always one stream)."""
+    if after not in (None, "pause", "resume", "quit"):
         raise ValueError(f"after must be pause, resume or quit, not {after!r}")
-    channels = check_channels(channels)
+    mode = modes.select(live, background)
+    converge.check_limit(downtime_limit_ms)
+    if downtime_limit_ms is not None and mode is not SaveMode.LIVE:
+        raise VmsnapError("--downtime-limit is for --live saves")
+    channels = check_channels(modes.channels_for(mode, channels))
     path = os.path.abspath(os.fspath(path))
     if os.path.exists(path) and not force:
         raise VmsnapError(f"{path} exists (use --force to overwrite)")
@@ -117,7 +126,7 @@ async def save(qmp_address: str, path: str | os.PathLike, *, live: bool = False,
     try:
         client, peer = await qmpmod.connect(qmp_address)
         with vm_lock(peer.pid):
-            return await _save(client, peer, writer, live, after, rep, downtime_limit_ms,
+            return await _save(client, peer, writer, mode, after, rep, downtime_limit_ms,
                                channels)
     finally:
         if not writer.finished:
@@ -126,8 +135,8 @@ async def save(qmp_address: str, path: str | os.PathLike, *, live: bool = False,
             await qmpmod.disconnect(client)
 
 
-async def _save(client: Client, peer: qmpmod.Peer, writer: SnapshotWriter, live: bool,
-                after: str, rep: Reporter, downtime_limit_ms: int,
+async def _save(client: Client, peer: qmpmod.Peer, writer: SnapshotWriter,
+                mode: SaveMode, after: str | None, rep: Reporter, downtime_limit_ms: int | None,
                 channels: int) -> SaveResult:
     path = writer.path
     status = await qmpmod.migration_status(client)
@@ -135,49 +144,54 @@ async def _save(client: Client, peer: qmpmod.Peer, writer: SnapshotWriter, live:
         raise VmsnapError(f"a migration is already running on this VM ({status['status']})")
     if peer.status in ("inmigrate", "postmigrate", "shutdown", "internal-error"):
         raise VmsnapError(f"VM is in state {peer.status!r}; cannot save it")
+    if mode is SaveMode.BACKGROUND and not peer.running:
+        mode = SaveMode.PAUSED  # a paused guest's RAM stands still: a plain save is the same
+    if after is None:
+        after = "resume" if mode is SaveMode.BACKGROUND else "pause"
+    live = mode is SaveMode.LIVE
     writer.metadata = TrailerMetadata(
         qemu_version=peer.version_text, command_line=peer.cmdline,
         extra={"run_state": "running" if peer.running else "paused", "live": live,
-               "channels": channels})
+               "mode": mode.value, "channels": channels})
     saved_caps: dict[str, bool] = {}
     saved_params: dict[str, Any] = {}
     stopped_by_us = started = False
     conns: list[socket.socket] = []
     receiver: asyncio.Future | None = None
     t0 = time.monotonic()
-    backings = None if live else await shared.save_backings(client, peer)
+    # RAM copied from a shared backing by vmsnap is neither point-in-time nor live
+    backings = await shared.save_backings(client, peer) if mode is SaveMode.PAUSED else None
     if backings:
         channels = 0  # the stream holds device state and small blocks only
-    by_qemu = not live and not backings and await native.supported(client, peer, channels)
+    by_qemu = (mode is SaveMode.PAUSED and not backings
+               and await native.supported(client, peer, channels))
     fdset: native.FdSet | None = None
     # one stream: our socket passed by fd; multifd: a unix path this QEMU can reach
     meeting = meeting_place(peer.pid) if channels and not by_qemu else None
     listener, sock_path = _listen(meeting) if meeting else (None, "")
     try:
-        saved_caps = await qmpmod.set_capabilities(
-            client, {**dict.fromkeys(INCOMPATIBLE_CAPS, False), "auto-converge": live,
-                     "multifd": channels > 0, shared.IGNORE_SHARED: bool(backings),
-                     native.MAPPED_RAM: by_qemu})
-        params: dict[str, Any] = {"max-bandwidth": UNLIMITED_BANDWIDTH}
-        if channels:
-            params["multifd-channels"] = channels
+        saved_caps = await modes.apply_capabilities(
+            client, peer, mode, channels,
+            {shared.IGNORE_SHARED: bool(backings), native.MAPPED_RAM: by_qemu})
+        params = modes.base_parameters(channels)
         direct_io = by_qemu and writer.direct_requested and native.direct_io_ok(
             writer.partial_path)
         if by_qemu:
             params["direct-io"] = direct_io
         if live:
-            params["downtime-limit"] = downtime_limit_ms
+            params.update(converge.parameters(downtime_limit_ms))
         saved_params = await _set_parameters(client, params)
-        if peer.running and not live:
+        if peer.running and mode is SaveMode.PAUSED:
             await client.execute("stop")
             stopped_by_us = True
-        rep.start("save", None, live=live, channels=channels)
+        rep.start("save", None, live=live, mode=mode.value, channels=channels)
+        converger = converge.Converger(time.monotonic(), downtime_limit_ms) if live else None
         loop = asyncio.get_running_loop()
         if by_qemu:  # QEMU writes FILE.partial; vmsnap seals it once QEMU is done
             fdset = await native.pass_file(client, writer.partial_path, direct_io)
             await client.execute("migrate", {"uri": fdset.uri})
             started = True  # from here on the migration is ours to cancel
-            info = await _watch(client, loop.create_future(), rep)
+            info = await _watch(client, loop.create_future(), rep, converger)
             stats: ReceiveStats = await loop.run_in_executor(
                 None, native.seal_and_commit, writer, writer.direct_requested)
         else:
@@ -190,11 +204,14 @@ async def _save(client: Client, peer: qmpmod.Peer, writer: SnapshotWriter, live:
             started = True  # from here on the migration is ours to cancel
             for _ in range(channels + 1 if listener else 0):
                 conns.append(await _accept(client, listener, sock_path))
-            receiver = loop.run_in_executor(None, _receive, conns, writer, backings)
-            info = await _watch(client, receiver, rep)
+            receiver = loop.run_in_executor(None, _receive, conns, writer, backings,
+                                            background.must_complete(peer, mode))
+            info = await _watch(client, receiver, rep, converger)
             stats = await receiver
         final = await _finish(client, after)
     except BaseException as err:
+        if background.must_complete(peer, mode):
+            await background.complete_into_nowhere(writer, conns, receiver)
         shutdown_all(conns)  # unblock the receiver so it aborts and removes the partial
         if receiver is not None:
             await asyncio.gather(receiver, return_exceptions=True)
@@ -218,17 +235,20 @@ async def _save(client: Client, peer: qmpmod.Peer, writer: SnapshotWriter, live:
     result = SaveResult(path, seconds, stats.stream_bytes, stats.pages, stats.zero_pages, live,
                         peer.version_text, stats.machine_type, final, stats.direct,
                         ram.get("dirty-sync-count"), info.get("downtime"),
-                        "shared" if backings else "qemu" if by_qemu else "stream")
+                        "shared" if backings else "qemu" if by_qemu else "stream", mode.value,
+                        **(converger.figures() if converger else {}))
     rep.done(**result.__dict__)
     return result
 
 
 def _receive(conns: list[socket.socket], writer: SnapshotWriter,
-             backings: dict[str, Backing] | None = None) -> ReceiveStats:
+             backings: dict[str, Backing] | None = None,
+             drain_on_failure: bool = False) -> ReceiveStats:
     """Receive one plain stream, or a main channel + multifd channels (told apart by magic).
     With `backings`, an x-ignore-shared stream whose shared RAM vmsnap copies itself.
     Any failure shuts every socket at once: QEMU's migration thread, which may hold the big
-    lock while it writes, must see a broken pipe instead of blocking (and silencing QMP)."""
+    lock while it writes, must see a broken pipe instead of blocking (and silencing QMP);
+    `drain_on_failure` (background.must_complete) reads the stream to its end first."""
     try:
         if len(conns) == 1:
             conn = conns[0]
@@ -237,6 +257,8 @@ def _receive(conns: list[socket.socket], writer: SnapshotWriter,
         main, channels = identify_channels(conns)
         return receive_multifd(main, channels, writer)
     except BaseException:
+        if drain_on_failure:
+            background.drain(conns[0])
         shutdown_all(conns)
         raise
 
@@ -261,9 +283,11 @@ async def _accept(client: Client, listener: socket.socket, path: str) -> socket.
             raise VmsnapError(f"QEMU did not connect to {path} within {ACCEPT_TIMEOUT:.0f}s")
 
 
-async def _watch(client: Client, receiver: asyncio.Future, rep: Reporter) -> dict[str, Any]:
-    """Poll QEMU's migration status until it completes; report live figures. The receiver's
-    failure is checked first and ends a pending query: QEMU may not answer until it does."""
+async def _watch(client: Client, receiver: asyncio.Future, rep: Reporter,
+                 converger: converge.Converger | None = None) -> dict[str, Any]:
+    """Poll QEMU's migration status until it completes; report live figures; let a live
+    save's converger tune QEMU. The receiver's failure is checked first and ends a pending
+    query: QEMU may not answer until it does."""
     last = None
     while True:
         if receiver.done() and receiver.exception() is not None:
@@ -280,6 +304,8 @@ async def _watch(client: Client, receiver: asyncio.Future, rep: Reporter) -> dic
         if status != last:
             log.debug("migration status: %s", status)
             last = status
+        if converger is not None:
+            await converger.step(client, info, time.monotonic())
         if status == "completed":
             return info
         if status in ("failed", "cancelled"):
@@ -324,6 +350,8 @@ async def _finish(client: Client, after: str) -> str:
         except QemuGoneError:
             pass
         return "quit"
+    if (await client.execute("query-status"))["running"]:  # a background save runs on
+        await client.execute("stop")
     return "paused"
 
 

@@ -599,10 +599,15 @@ class StreamDecoder:
         if t == C.QEMU_VM_COMMAND:
             self._command(p)
             return True
-        if t in (C.QEMU_VM_SECTION_START, C.QEMU_VM_SECTION_FULL):
+        if t == C.QEMU_VM_SECTION_FULL:
+            # QEMU's background-snapshot never sends a RAM END section: after the last RAM
+            # PART comes the device state it captured when the save began.
+            self._out.append(RamEnd())
+            self._state = _S_DEVICE
+            return True
+        if t == C.QEMU_VM_SECTION_START:
             name = self._section_name(p)
-            kind = "START" if t == C.QEMU_VM_SECTION_START else "FULL"
-            self._fail(f"{kind} section {name!r} before the RAM END section (other "
+            self._fail(f"START section {name!r} before the RAM END section (other "
                        "iterable/device sections interleaved with RAM are not supported)",
                        "section.idstr", self._base + p, "RAM PART/END or COMMAND")
         self._fail(f"unexpected record type 0x{t:02x} between RAM sections", "record.type",

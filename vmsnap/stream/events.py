@@ -273,7 +273,8 @@ class MultifdFlush:
 
 @dataclass(frozen=True)
 class RamEnd:
-    pass
+    """RAM is over: after the RAM END section's footer or, in a background-snapshot stream
+    (which has no RAM END), at the first device section after the last RAM PART."""
 
 
 @dataclass(frozen=True)

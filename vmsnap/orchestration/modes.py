@@ -1,0 +1,95 @@
+"""Save modes: what each one asks of QEMU, and what it checks before the guest is touched.
+
+- paused: vmsnap stops the guest, then QEMU sends RAM once; the file holds RAM at the stop.
+- live: pre-copy while the guest runs, QEMU stops it for the last round (see converge.py);
+  the file holds RAM as it was at the end of the save.
+- background: QEMU's `background-snapshot` (QEMU >= 6.0, userfaultfd write-protect): QEMU
+  stops the guest for a moment to capture device state, write-protects guest RAM and resumes
+  it; a page is copied out before the guest's first write to it, so the file holds RAM as it
+  was when the save began. QEMU refuses multifd with it: one stream.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+from qemu.qmp import ExecuteError, QMPClient
+
+from ..errors import VmsnapError
+from . import qmp as qmpmod
+
+
+class SaveMode(enum.Enum):
+    PAUSED = "paused"
+    LIVE = "live"
+    BACKGROUND = "background"
+
+
+#: Capabilities whose streams vmsnap cannot store; switched off for the save, then restored.
+INCOMPATIBLE_CAPS = ("xbzrle", "compress", "postcopy-ram", "multifd", "mapped-ram",
+                     "x-ignore-shared", "zero-blocks", "release-ram")
+#: What QEMU refuses together with background-snapshot (its check_caps_background_snapshot,
+#: 6.0 to 10.x): all off for a background save, then restored.
+BACKGROUND_CLASHES = ("postcopy-ram", "dirty-bitmaps", "postcopy-blocktime",
+                      "late-block-activate", "return-path", "multifd",
+                      "pause-before-switchover", "auto-converge", "release-ram", "rdma-pin-all",
+                      "compress", "xbzrle", "x-colo", "validate-uuid", "zero-copy-send")
+BACKGROUND = "background-snapshot"
+BACKGROUND_SINCE = (6, 0)
+#: Local saves should not be throttled by QEMU's default 128 MiB/s.
+UNLIMITED_BANDWIDTH = 1 << 40
+
+
+def select(live: bool, background: bool) -> SaveMode:
+    if live and background:
+        raise VmsnapError("choose --live or --background, not both")
+    return SaveMode.BACKGROUND if background else SaveMode.LIVE if live else SaveMode.PAUSED
+
+
+def channels_for(mode: SaveMode, channels: int | None) -> int | None:
+    """A background save is one stream: the default becomes 0, an explicit N > 0 is refused."""
+    if mode is not SaveMode.BACKGROUND:
+        return channels
+    if channels:
+        raise VmsnapError("--background saves over one stream (QEMU refuses multifd with "
+                          "background-snapshot): drop --channels or use --channels 0")
+    return 0
+
+
+def capabilities(mode: SaveMode, channels: int) -> dict[str, bool]:
+    caps = dict.fromkeys(INCOMPATIBLE_CAPS, False)
+    if mode is SaveMode.BACKGROUND:
+        return {**caps, **dict.fromkeys(BACKGROUND_CLASHES, False), BACKGROUND: True}
+    return {**caps, BACKGROUND: False, "auto-converge": mode is SaveMode.LIVE,
+            "multifd": channels > 0}
+
+
+def base_parameters(channels: int) -> dict[str, Any]:
+    params: dict[str, Any] = {"max-bandwidth": UNLIMITED_BANDWIDTH}
+    if channels:
+        params["multifd-channels"] = channels
+    return params
+
+
+async def apply_capabilities(client: QMPClient, peer: qmpmod.Peer, mode: SaveMode,
+                             channels: int, extra: dict[str, bool] | None = None
+                             ) -> dict[str, bool]:
+    """Set the mode's capabilities; return the previous values to restore afterwards.
+
+    For a background save this is the probe: QEMU checks there that the host kernel can
+    write-protect this guest's memory (userfaultfd) and says why not, before anything runs."""
+    if mode is SaveMode.BACKGROUND:
+        known = {c["capability"] for c in await client.execute("query-migrate-capabilities")}
+        if BACKGROUND not in known:
+            raise VmsnapError(f"QEMU {peer.version_text} cannot save in the background: "
+                              f"background-snapshot needs QEMU >= "
+                              f"{'.'.join(map(str, BACKGROUND_SINCE))}")
+    try:
+        return await qmpmod.set_capabilities(client, {**capabilities(mode, channels),
+                                                      **(extra or {})})
+    except ExecuteError as err:
+        why = err.error.error.desc
+        if mode is SaveMode.BACKGROUND:
+            raise VmsnapError(f"cannot save in the background: {why}") from err
+        raise VmsnapError(f"QEMU refused the migration capabilities: {why}") from err

@@ -13,6 +13,7 @@ packages=(
   fio util-linux                    # disk limits, loop devices
   libvirt-daemon-system libvirt-clients  # libvirt domains (vmsnap save --domain, save images)
   libvirt-dev pkg-config            # build libvirt-python in the venv
+  ceph-mon ceph-mgr ceph-osd radosgw ceph-common python3-rados python3-rbd  # rbd:/s3:// targets
 )
 bench=0
 if [[ ${1:-} == --bench ]]; then
@@ -34,9 +35,20 @@ if [[ ! -x .venv/bin/python ]]; then
 fi
 if ! cmp -s pyproject.toml .venv/.installed-pyproject 2>/dev/null; then
   .venv/bin/pip install -q --upgrade pip
-  .venv/bin/pip install -q -e '.[test]'
+  .venv/bin/pip install -q -e '.[test,ceph]'
   cp pyproject.toml .venv/.installed-pyproject
 fi
+# Debian's librados/librbd bindings are built for its python3 only: expose just those two
+# modules to the venv (whatever python3 made it) through a directory of links and a .pth.
+bindings=.venv/lib/debian-ceph
+mkdir -p "$bindings"
+for mod in rados rbd; do
+  so=$(ls /usr/lib/python3/dist-packages/"$mod".cpython-*.so)
+  ln -sfn "$so" "$bindings/$(basename "$so")"
+done
+site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+echo "$PWD/$bindings" >"$site/debian-ceph.pth"
+.venv/bin/python -c 'import rados, rbd' || { echo "install: rados/rbd bindings unusable"; exit 1; }
 if ((bench)) && ! .venv/bin/python -c 'import matplotlib' 2>/dev/null; then
   .venv/bin/pip install -q -e '.[test,bench]'  # matplotlib for bench/run's chart
 fi

@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from . import __version__, api
+from . import __version__, api, targets
 from .errors import USER_ERRORS, VmsnapError, one_line
 from .fileformat.trailer import TrailerMetadata
 from .fileformat.writer import SnapshotWriter
@@ -32,7 +32,7 @@ from .progress import Reporter
 
 
 def _refuse_overwrite(path: str, force: bool) -> None:
-    if os.path.exists(path) and not force:
+    if targets.exists(path) and not force:
         raise VmsnapError(f"{path} exists (use --force to overwrite)")
 
 
@@ -89,8 +89,9 @@ def cmd_info(args: argparse.Namespace, rep: Reporter) -> int:
     for key in ("path", "format", "integrity", "qemu_version", "machine_type", "created"):
         summary.add_row(key.replace("_", " "), _text(info[key]))
     summary.add_row("RAM", f"{info['ram_bytes']:,} bytes ({info['present_bytes']:,} present)")
-    summary.add_row("file size", f"{info['apparent_size']:,} apparent, "
-                                 f"{info['allocated_size']:,} allocated")
+    allocated = info["allocated_size"]
+    summary.add_row("file size", f"{info['apparent_size']:,} apparent"
+                    + (f", {allocated:,} allocated" if allocated is not None else ""))
     if info["command_line"]:
         summary.add_row("command line", _text(shlex.join(info["command_line"])))
         trust = ("trusted: " if info["command_line_trusted"] else "NOT trusted: ") \

@@ -12,8 +12,9 @@ import numpy as np
 import xxhash
 
 from ..io.aligned import PAGE_SIZE, AlignedBuffer
-from ..io.direct import DirectFile, IOEngineError
+from ..io.direct import IOEngineError
 from ..stream.events import MappedRamHeader
+from ..targets import PageSource, open_source
 from .bitmap import runs, unpack_bitmap
 from .errors import (
     ChecksumMismatch,
@@ -76,7 +77,7 @@ class VerifyResult:
 class Snapshot:
     """An open snapshot file. `trailer`/`metadata` are None for QEMU-native files."""
 
-    def __init__(self, path: str, file: DirectFile, size: int, prefix: StreamPrefix,
+    def __init__(self, path: str, file: PageSource, size: int, prefix: StreamPrefix,
                  header_bytes: bytes, blocks: list[BlockInfo], tail_offset: int, tail: bytes,
                  trailer: Trailer | None) -> None:
         self.path = path
@@ -137,7 +138,8 @@ class Snapshot:
             try:
                 self._file.read_into(b.pages_offset + first_page * b.page_size, [mv])
             except IOEngineError as e:
-                raise SnapshotError(f"block {b.name!r}: {e.strerror}") from None
+                raise SnapshotError(f"block {b.name!r} pages from offset "
+                                    f"{first_page * b.page_size:#x}: {e.strerror}") from None
         return mv
 
     def check_pages(self, block: BlockInfo, first: int, count: int, data: memoryview,
@@ -238,11 +240,12 @@ class Snapshot:
 
 def open_snapshot(path: str | os.PathLike, *, direct: bool = True,
                   allow_incomplete: bool = False) -> Snapshot:
-    """Open a snapshot file. Raises SnapshotError (one-line message) if it is malformed,
-    IncompleteSnapshot if it has no commit record and the QEMU stream is unfinished,
-    CorruptTrailer/UnsupportedVersion for a damaged or newer vmsnap trailer."""
+    """Open a snapshot (a file, `rbd:POOL/IMAGE` or `s3://BUCKET/KEY`). Raises SnapshotError
+    (one-line message) if it is malformed, IncompleteSnapshot if it has no commit record
+    and the QEMU stream is unfinished, CorruptTrailer/UnsupportedVersion for a damaged or
+    newer vmsnap trailer."""
     path = os.fspath(path)
-    f = DirectFile(path, writable=False, direct=direct)
+    f = open_source(path, direct=direct)
     try:
         snap = _open(path, f, allow_incomplete)
     except BaseException:
@@ -254,7 +257,7 @@ def open_snapshot(path: str | os.PathLike, *, direct: bool = True,
     return snap
 
 
-def _open(path: str, f: DirectFile, allow_incomplete: bool) -> Snapshot:
+def _open(path: str, f: PageSource, allow_incomplete: bool) -> Snapshot:
     size = f.size()
 
     def pread(off: int, n: int) -> bytes:
@@ -308,12 +311,12 @@ def _open(path: str, f: DirectFile, allow_incomplete: bool) -> Snapshot:
                     trailer)
 
 
-def _check_index_size(f: DirectFile, prefix: StreamPrefix) -> None:
+def _check_index_size(f: PageSource, prefix: StreamPrefix) -> None:
     """Refuse RAM blocks whose per-page index (one byte per page in memory) is larger than
     the file can describe: a file holds its bitmaps (one bit per page) on disk, so a claim
     of more than 8 pages per allocated byte is a sparse file lying about its size."""
     pages = sum(b.used_length // b.mapped_ram.page_size for b in prefix.blocks)
-    allocated = os.fstat(f.meta_fd).st_blocks * 512
+    allocated = f.allocated()
     if pages > max(INDEX_FLOOR, 8 * allocated):
         raise SnapshotError(
             f"RAM blocks claim {prefix.total_ram:,} bytes ({pages:,} pages), more than a file "

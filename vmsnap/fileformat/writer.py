@@ -23,8 +23,7 @@ import numpy as np
 import xxhash
 
 from ..io.aligned import PAGE_SIZE, BufferPool, buffer_address
-from ..io.atomic import AtomicFile
-from ..io.direct import DirectFile
+from ..targets import PageSink, open_sink
 from .bitmap import contiguous_runs, pack_bitmap
 from .errors import SnapshotError
 from .layout import BlockLayout, FileLayout, compute_layout
@@ -71,8 +70,7 @@ class SnapshotWriter:
         self._error: BaseException | None = None
         #: guards bitmap/checksum state and counters: multifd channel threads share a writer
         self._lock = threading.Lock()
-        self._atomic: AtomicFile | None = None
-        self._file: DirectFile | None = None
+        self._file: PageSink | None = None
         self._pool: BufferPool | None = None
         self._prefix = b""
         self.layout: FileLayout | None = None
@@ -97,10 +95,11 @@ class SnapshotWriter:
 
     # -- lifecycle --------------------------------------------------------------------
     def reserve(self) -> None:
-        """Create and lock FILE.partial now, before any data is known, so a second writer
-        to the same FILE fails at once (FileLockedError) instead of interleaving."""
-        if self._atomic is None:
-            self._atomic = AtomicFile(self.path).open()
+        """Create and lock the target now (FILE.partial for a file), before any data is
+        known, so a second writer to the same FILE fails at once (FileLockedError) instead
+        of interleaving."""
+        if self._file is None:
+            self._file = open_sink(self.path, direct=self._direct, alignment=self.page_size)
 
     @property
     def partial_path(self) -> str:
@@ -131,8 +130,6 @@ class SnapshotWriter:
         layout = compute_layout(blocks, len(prefix), self.page_size)
         self.reserve()
         try:
-            self._file = DirectFile(self._atomic.partial_path, writable=True,
-                                    direct=self._direct, alignment=self.page_size)
             self._pool = BufferPool(self._buffer_size, self._depth)
             self._jobs = queue.Queue()
             self._worker = threading.Thread(target=self._run, name="vmsnap-writer", daemon=True)
@@ -314,7 +311,7 @@ class SnapshotWriter:
         atomically rename FILE.partial to FILE. Returns the final path."""
         if self.layout is None or self.finished:
             raise ValueError("writer is not active")
-        assert self._file is not None and self._atomic is not None
+        assert self._file is not None
         try:
             self._drain()
             f = self._file
@@ -339,9 +336,7 @@ class SnapshotWriter:
                                          self.signing_key)
             f.pwrite_meta(off, trailer)
             f.truncate(off + len(trailer))
-            f.fsync()
-            f.close()
-            self._atomic.commit()
+            f.commit()
         except BaseException:
             self.abort()
             raise
@@ -353,9 +348,7 @@ class SnapshotWriter:
         """Discard everything written (removes FILE.partial; FILE is untouched)."""
         self._stop_worker()
         if self._file is not None:
-            self._file.close()
-        if self._atomic is not None:
-            self._atomic.abort()
+            self._file.abort()
         self._cleanup()
 
     def _cleanup(self) -> None:
@@ -363,8 +356,6 @@ class SnapshotWriter:
         if self._pool is not None:
             self._pool.close()
             self._pool = None
-        if self._file is not None:
-            self._file.close()
         self.layout = None if not self.finished else self.layout
 
     def __enter__(self) -> SnapshotWriter:

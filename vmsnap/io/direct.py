@@ -242,6 +242,10 @@ class DirectFile:
     def size(self) -> int:
         return os.fstat(self.meta_fd).st_size
 
+    def allocated(self) -> int:
+        """Bytes the file occupies on disk."""
+        return os.fstat(self.meta_fd).st_blocks * 512
+
     def truncate(self, length: int) -> None:
         os.ftruncate(self.meta_fd, length)
 

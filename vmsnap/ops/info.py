@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+from .. import targets
 from ..fileformat.reader import open_snapshot
 from ..hostkey import trust_of
 from ..orchestration.relaunch import program_options
@@ -11,7 +12,6 @@ from ..orchestration.relaunch import program_options
 
 def describe(path: str | os.PathLike, *, direct: bool = True) -> dict:
     """Blocks, sizes, origin and integrity state of the snapshot at `path`."""
-    st = os.stat(path)
     with open_snapshot(path, direct=direct) as snap:
         meta = snap.metadata
         command = meta.command_line if meta else None
@@ -34,7 +34,12 @@ def describe(path: str | os.PathLike, *, direct: bool = True) -> dict:
             "command_line_runs_programs": program_options(command) if command else None,
             "ram_bytes": sum(b.used_length for b in snap.blocks),
             "present_bytes": sum(b.present_count * b.page_size for b in snap.blocks),
-            "apparent_size": st.st_size,
-            "allocated_size": st.st_blocks * 512,
+            "apparent_size": snap.file_size,
+            "allocated_size": _allocated(path),
             "blocks": blocks,
         }
+
+
+def _allocated(path: str | os.PathLike) -> int | None:
+    """Bytes a local file occupies on disk (None for RBD/S3 targets)."""
+    return None if targets.remote(path) else os.stat(path).st_blocks * 512

@@ -21,6 +21,7 @@ import uuid as uuidlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from .. import targets
 from ..errors import VmsnapError, one_line
 from ..fileformat.reader import open_snapshot
 from ..hostkey import Trust, trust_of
@@ -101,7 +102,7 @@ async def launch_target(path: str, argv: list[str], given: bool, trust: Trust,
     a time) or one the user gave, never beside a running original. `launch_argv`: what to
     actually start, if `argv` is rewritten. Returns (QEMU, lock or None, QMP path)."""
     program = None if given else approve(argv, trust, trust_command_line, path)
-    lock = None if given else RelaunchLock(path)
+    lock = None if given else RelaunchLock(targets.lock_path(path))
     try:
         check_not_running(argv, path)
         qmp_address = os.path.join(workdir, "qmp.sock")
@@ -166,7 +167,7 @@ async def restore(path: str | os.PathLike, *, qmp_address: str | None = None,
     host signed the file or `trust_command_line`; see relaunch.approve).
     `channels`: multifd channels (0: one plain stream; None: check_channels(None))."""
     channels = check_channels(channels)
-    path = os.path.abspath(os.fspath(path))
+    path = targets.normalize(path)
     rep = reporter or Reporter()
     with open_snapshot(path, direct=direct) as snap:  # validates the file before launching
         meta = snap.metadata

@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from .. import targets
 from ..errors import VmsnapError, one_line
 from ..fileformat.trailer import TrailerMetadata
 from ..fileformat.writer import SnapshotWriter
@@ -111,8 +112,8 @@ async def save(qmp_address: str, path: str | os.PathLike, *, live: bool = False,
     if downtime_limit_ms is not None and mode is not SaveMode.LIVE:
         raise VmsnapError("--downtime-limit is for --live saves")
     channels = check_channels(modes.channels_for(mode, channels))
-    path = os.path.abspath(os.fspath(path))
-    if os.path.exists(path) and not force:
+    path = targets.normalize(path)
+    if targets.exists(path) and not force:
         raise VmsnapError(f"{path} exists (use --force to overwrite)")
     log.debug("save %s to %s: live=%s after=%s channels=%d", qmp_address, path, live, after,
               channels)

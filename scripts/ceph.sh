@@ -1,0 +1,252 @@
+#!/usr/bin/env bash
+# A one-node Ceph for vmsnap's tests and benchmarks: one mon, one mgr, one bluestore OSD on a
+# sparse file and radosgw on 127.0.0.1, no systemd, small memory settings. Idempotent.
+#
+#   scripts/ceph.sh start    # create (first time, ~60 s) or restart (~15 s); waits for active+clean
+#   scripts/ceph.sh stop     # stop every daemon it started (SIGTERM, then SIGKILL after 20 s)
+#   scripts/ceph.sh status   # which daemons run; `ceph -s` when the mon is up
+#   scripts/ceph.sh env      # shell exports for clients: CEPH_CONF, AWS_ENDPOINT_URL, keys
+#
+# State lives in $VMSNAP_CEPH_DIR (default build/ceph). Pools: `rbd` for images and RGW's
+# pools (created up front: RGW's first PUT creates them slowly otherwise), bucket `vmsnap`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+dir=$(realpath -m "${VMSNAP_CEPH_DIR:-build/ceph}")
+conf=$dir/ceph.conf
+rgw_port=${VMSNAP_RGW_PORT:-7480}
+daemons=(radosgw osd mgr mon)   # stop order; start order is the reverse
+
+say() { echo "ceph.sh: $*" >&2; }
+pidfile() { echo "$dir/run/$1.pid"; }
+running() {  # running NAME: its pid file names a live process of ours
+  local pid
+  pid=$(cat "$(pidfile "$1")" 2>/dev/null) || return 1
+  [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null
+}
+c() { timeout 60 ceph -c "$conf" "$@"; }
+
+write_conf() {
+  local fsid=$1
+  cat >"$conf" <<EOF
+[global]
+fsid = $fsid
+mon host = v2:127.0.0.1:3300
+mon initial members = a
+public addr = 127.0.0.1
+auth cluster required = cephx
+auth service required = cephx
+auth client required = cephx
+keyring = $dir/\$cluster.\$name.keyring
+run dir = $dir/run
+admin socket = $dir/run/\$name.asok
+log file = $dir/log/\$name.log
+pid file = $dir/run/\$name.pid
+osd pool default size = 1
+osd pool default min size = 1
+osd pool default pg num = 8
+osd pool default pgp num = 8
+osd pool default pg autoscale mode = off
+osd crush chooseleaf type = 0
+mon allow pool size one = true
+mon allow pool delete = true
+mon warn on pool no redundancy = false
+mon data avail warn = 2
+mon data avail crit = 1
+mgr initial modules = iostat
+# a full OSD hangs client writes: clients give up instead
+rados osd op timeout = 60
+rados mon op timeout = 30
+
+[mon]
+mon data = $dir/mon
+mon rocksdb options = write_buffer_size=8388608
+keyring = $dir/mon/keyring
+
+[mgr]
+mgr data = $dir/mgr
+keyring = $dir/mgr/keyring
+
+[osd]
+osd data = $dir/osd
+keyring = $dir/osd/keyring
+osd objectstore = bluestore
+bluestore block path = $dir/osd.block
+bluestore block size = ${VMSNAP_CEPH_OSD_SIZE:-32G}
+bluestore block create = true
+bluestore fsck on mount = false
+osd memory target = 939524096
+bluestore cache autotune = false
+bluestore cache size = 134217728
+osd op num shards = 2
+osd op num threads per shard = 1
+osd max object size = 134217728
+
+[client.rgw.a]
+keyring = $dir/rgw/keyring
+rgw data = $dir/rgw
+rgw frontends = beast endpoint=127.0.0.1:$rgw_port tcp_nodelay=1
+rgw thread pool size = 32
+rgw dns name = 127.0.0.1
+rgw gc obj min wait = 60
+rgw gc processor period = 60
+rgw gc processor max time = 60
+rgw enable usage log = false
+EOF
+}
+
+create() {
+  say "creating a new cluster in $dir"
+  rm -rf "$dir"
+  mkdir -p -m 0700 "$dir"
+  mkdir -p "$dir"/{run,log,mon,mgr,osd,rgw}
+  local fsid osd_uuid
+  fsid=$(cat /proc/sys/kernel/random/uuid)
+  write_conf "$fsid"
+  ceph-authtool --create-keyring "$dir/run/mon.keyring" --gen-key -n mon. --cap mon 'allow *' >/dev/null
+  ceph-authtool --create-keyring "$dir/ceph.client.admin.keyring" --gen-key -n client.admin \
+    --cap mon 'allow *' --cap osd 'allow *' --cap mds 'allow *' --cap mgr 'allow *' >/dev/null
+  ceph-authtool "$dir/run/mon.keyring" --import-keyring "$dir/ceph.client.admin.keyring" >/dev/null
+  monmaptool --create --addv a "[v2:127.0.0.1:3300]" --fsid "$fsid" "$dir/run/monmap" >/dev/null
+  ceph-mon -c "$conf" --mkfs -i a --monmap "$dir/run/monmap" --keyring "$dir/run/mon.keyring"
+  start_mon
+  c auth get-or-create mgr.x mon 'allow profile mgr' osd 'allow *' mds 'allow *' \
+    -o "$dir/mgr/keyring"
+  start_daemon mgr ceph-mgr -c "$conf" -i x
+  osd_uuid=$(cat /proc/sys/kernel/random/uuid)
+  local id
+  id=$(c osd new "$osd_uuid")
+  [[ $id == 0 ]] || { say "unexpected OSD id $id"; exit 1; }
+  ceph-osd -c "$conf" -i 0 --no-mon-config --mkfs --mkkey --osd-uuid "$osd_uuid" \
+    2>"$dir/log/osd-mkfs.log" || { say "OSD mkfs failed (see $dir/log/osd-mkfs.log)"; exit 1; }
+  c auth add osd.0 osd 'allow *' mon 'allow profile osd' mgr 'allow profile osd' \
+    -i "$dir/osd/keyring" 2>>"$dir/log/setup.log"
+  start_daemon osd ceph-osd -c "$conf" -i 0
+  c osd pool create rbd 8 2>>"$dir/log/setup.log"
+  rbd -c "$conf" pool init rbd
+  local p
+  for p in .rgw.root default.rgw.log default.rgw.control default.rgw.meta \
+      default.rgw.buckets.index default.rgw.buckets.data default.rgw.buckets.non-ec; do
+    c osd pool create "$p" 8 2>>"$dir/log/setup.log"
+    c osd pool application enable "$p" rgw 2>>"$dir/log/setup.log"
+  done
+  c auth get-or-create client.rgw.a mon 'allow rw' osd 'allow rwx' -o "$dir/rgw/keyring"
+  wait_clean
+  start_daemon radosgw radosgw -c "$conf" -n client.rgw.a
+  local access secret
+  access=$(head -c 12 /dev/urandom | od -An -tx1 | tr -d ' \n')
+  secret=$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')
+  timeout 120 radosgw-admin -c "$conf" user create --uid=vmsnap --display-name=vmsnap \
+    --access-key="$access" --secret-key="$secret" >/dev/null
+  umask 077
+  cat >"$dir/s3.env" <<EOF
+export AWS_ACCESS_KEY_ID=$access
+export AWS_SECRET_ACCESS_KEY=$secret
+EOF
+  wait_rgw
+  make_bucket
+}
+
+start_mon() { start_daemon mon ceph-mon -c "$conf" -i a; }
+
+start_daemon() {  # start_daemon NAME CMD...: daemonizes itself and writes its pid file
+  local name=$1; shift
+  running "$name" && return 0
+  local pid_conf
+  case $name in
+    mon) pid_conf=mon.a ;; mgr) pid_conf=mgr.x ;; osd) pid_conf=osd.0 ;; radosgw) pid_conf=client.rgw.a ;;
+  esac
+  "$@" --pid-file "$(pidfile "$name")" 2>>"$dir/log/$pid_conf.stderr" || {
+    say "$name failed to start (see $dir/log/)"; exit 1; }
+  for _ in $(seq 100); do running "$name" && return 0; sleep 0.1; done
+  say "$name did not write its pid file"; exit 1
+}
+
+wait_clean() {  # every PG active+clean (HEALTH_OK comes before RGW's PGs are active)
+  local s
+  for _ in $(seq 240); do
+    s=$(c pg stat 2>/dev/null || true)
+    if [[ $s =~ ^([0-9]+)\ pgs:\ ([0-9]+)\ active\+clean\; ]] \
+        && [[ ${BASH_REMATCH[1]} == "${BASH_REMATCH[2]}" ]] && ((BASH_REMATCH[1] > 0)); then
+      return 0
+    fi
+    sleep 0.5
+  done
+  say "PGs not active+clean after 120 s: $s"; exit 1
+}
+
+wait_rgw() {
+  for _ in $(seq 240); do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$rgw_port") 2>/dev/null; then return 0; fi
+    sleep 0.5
+  done
+  say "radosgw does not answer on 127.0.0.1:$rgw_port"; exit 1
+}
+
+make_bucket() {  # idempotent; an S3 PUT bucket answers 200 when we own it already
+  # shellcheck disable=SC1091
+  (source "$dir/s3.env" && export AWS_ENDPOINT_URL="http://127.0.0.1:$rgw_port" &&
+    .venv/bin/python - <<'EOF'
+import boto3
+boto3.client("s3", region_name="default").create_bucket(Bucket="vmsnap")
+EOF
+  )
+}
+
+start() {
+  if [[ ! -s $dir/mon/keyring || ! -s $dir/s3.env ]]; then
+    stop_all quiet
+    create
+  else
+    start_mon
+    start_daemon mgr ceph-mgr -c "$conf" -i x
+    start_daemon osd ceph-osd -c "$conf" -i 0
+    wait_clean
+    start_daemon radosgw radosgw -c "$conf" -n client.rgw.a
+    wait_rgw
+  fi
+  say "up: $(c pg stat)"
+}
+
+stop_all() {
+  local name pid
+  for name in "${daemons[@]}"; do
+    pid=$(cat "$(pidfile "$name")" 2>/dev/null) || continue
+    if [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null; then
+      kill -TERM "$pid"
+      for _ in $(seq 200); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+      kill -0 "$pid" 2>/dev/null && kill -KILL "$pid"
+      [[ ${1:-} == quiet ]] || say "stopped $name ($pid)"
+    fi
+    rm -f "$(pidfile "$name")"
+  done
+}
+
+status() {
+  local name rc=0
+  for name in mon mgr osd radosgw; do
+    if running "$name"; then echo "$name: running ($(cat "$(pidfile "$name")"))"
+    else echo "$name: stopped"; rc=3; fi
+  done
+  running mon && c -s 2>/dev/null || true
+  return $rc
+}
+
+env_exports() {
+  [[ -s $dir/s3.env ]] || { say "no cluster in $dir (run: scripts/ceph.sh start)"; exit 1; }
+  echo "export CEPH_CONF=$conf"
+  echo "export AWS_ENDPOINT_URL=http://127.0.0.1:$rgw_port"
+  echo "export AWS_DEFAULT_REGION=default"
+  cat "$dir/s3.env"
+}
+
+mkdir -p "$(dirname "$dir")"
+case ${1:-} in
+  start|stop) exec 9>"$dir.lock"; flock 9 ;;  # one start/stop at a time
+esac
+case ${1:-} in
+  start) start ;;
+  stop) stop_all ;;
+  status) status ;;
+  env) env_exports ;;
+  *) echo "usage: $0 start|stop|status|env" >&2; exit 2 ;;
+esac

@@ -155,7 +155,7 @@ start_daemon() {  # start_daemon NAME CMD...: daemonizes itself and writes its p
   case $name in
     mon) pid_conf=mon.a ;; mgr) pid_conf=mgr.x ;; osd) pid_conf=osd.0 ;; radosgw) pid_conf=client.rgw.a ;;
   esac
-  "$@" --pid-file "$(pidfile "$name")" 2>>"$dir/log/$pid_conf.stderr" || {
+  "$@" --pid-file "$(pidfile "$name")" 2>>"$dir/log/$pid_conf.stderr" 9>&- || {
     say "$name failed to start (see $dir/log/)"; exit 1; }
   for _ in $(seq 100); do running "$name" && return 0; sleep 0.1; done
   say "$name did not write its pid file"; exit 1

@@ -47,7 +47,7 @@ for mod in rados rbd; do
   ln -sfn "$so" "$bindings/$(basename "$so")"
 done
 site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-echo "$PWD/$bindings" >"$site/debian-ceph.pth"
+realpath "$bindings" >"$site/debian-ceph.pth"
 .venv/bin/python -c 'import rados, rbd' || { echo "install: rados/rbd bindings unusable"; exit 1; }
 if ((bench)) && ! .venv/bin/python -c 'import matplotlib' 2>/dev/null; then
   .venv/bin/pip install -q -e '.[test,bench]'  # matplotlib for bench/run's chart

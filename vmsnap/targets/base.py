@@ -56,8 +56,8 @@ class PageSink(Protocol):
 class PageSource(Protocol):
     """What `open_snapshot` reads from."""
 
-    name: str
     direct: bool
+    fallback_reason: str | None
 
     def size(self) -> int: ...
 
@@ -92,6 +92,8 @@ class RangeReader:
     round trip per block, not one per page."""
 
     BLOCK = 1 << 20
+    direct = False
+    fallback_reason = "remote store"
 
     def __init__(self, name: str, size: int, fetch: Callable[[int, memoryview], None], *,
                  threads: int = 8, keep: int = 32, ahead: int = 8) -> None:

@@ -167,8 +167,6 @@ class Sink:
 class Source(RangeReader):
     """`PageSource` on the snapshot a save committed, read in parallel pieces."""
 
-    direct = False
-
     def __init__(self, r: Remote) -> None:
         io = ioctx(r.container)
         try:

@@ -163,11 +163,11 @@ class Sink:
         self._old = _read_manifest_or_none(r)
         self._prefix = f"{_chunks_root(r.name)}{time.time_ns():x}-{uuid.uuid4().hex[:8]}/"
         self._size = 0
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()  # also signals a free upload slot or an error
         self._cache: OrderedDict[int, bytearray] = OrderedDict()
         self._last: dict[int, _Upload] = {}
         self._stored: set[int] = set()  # chunks whose latest content is non-zero
-        self._slots = threading.Semaphore(THREADS)
+        self._busy = 0  # uploads submitted and not finished
         self._pool = ThreadPoolExecutor(THREADS, thread_name_prefix="vmsnap-s3")
         self._error: BaseException | None = None
         self._done = False
@@ -225,10 +225,21 @@ class Sink:
         return out
 
     def _upload(self, jobs) -> None:
+        """Submit uploads, at most THREADS at a time; fails at once after an upload failed
+        (a writer must not sit out the retries of the others)."""
         for index, up, prev in jobs:
-            self._slots.acquire()
+            with self._lock:
+                while self._busy >= THREADS and self._error is None:
+                    self._lock.wait()
+                self._raise()
+                self._busy += 1
             up.future = self._pool.submit(self._put, index, up, prev)
-            up.future.add_done_callback(lambda _f: self._slots.release())
+            up.future.add_done_callback(self._uploaded)
+
+    def _uploaded(self, _future: Future) -> None:
+        with self._lock:
+            self._busy -= 1
+            self._lock.notify_all()
 
     def _put(self, index: int, up: _Upload, prev: _Upload | None) -> None:
         if prev is not None and prev.future is not None:
@@ -243,6 +254,7 @@ class Sink:
             err = _error(self._r, e)
             with self._lock:
                 self._error = self._error or err
+                self._lock.notify_all()
             raise err from None
         with self._lock:
             if self._last.get(index) is up:
@@ -301,17 +313,25 @@ class Sink:
             log.warning("%s: old chunks not deleted: %s", self.name, _why(e))
 
     def abort(self) -> None:
+        """Quick: the caller's error report waits for it. Chunks are deleted only if the
+        store works; otherwise (or if an upload still in flight lands later) a later save
+        of this KEY collects them."""
         if self._done:
             return
         self._done = True
         with self._lock:
             self._cache.clear()
+            store_failed = self._error is not None
             self._error = self._error or TargetError(f"{self.name}: save aborted")
-        self._pool.shutdown(wait=True, cancel_futures=True)
+            self._lock.notify_all()
+        self._pool.shutdown(wait=not store_failed, cancel_futures=True)
+        if store_failed:
+            return
         try:
             _delete_sets(self._r, keep=None, force=self._prefix, only_force=True)
         except (ClientError, BotoCoreError) as e:
-            log.warning("%s: chunks of the aborted save not deleted: %s", self.name, _why(e))
+            # a later save of this KEY deletes them (ORPHAN_AGE)
+            log.info("%s: chunks of the aborted save not deleted: %s", self.name, _why(e))
 
 
 def _read_manifest_or_none(r: Remote) -> dict | None:
@@ -347,8 +367,6 @@ def _delete_sets(r: Remote, *, keep: str | None, force: str | None,
 
 class Source(RangeReader):
     """`PageSource` on a committed manifest: parallel ranged GETs, holes read as zeros."""
-
-    direct = False
 
     def __init__(self, r: Remote) -> None:
         m = _read_manifest(r)

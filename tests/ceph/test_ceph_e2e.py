@@ -1,0 +1,145 @@
+"""Save to and restore from Ceph through the CLI on real QEMU (bootguest, KVM): rbd: and
+s3:// on QEMU 7.2 and 10. The save runs as one "host" (its own scratch directory) and the
+restore as another (a clean directory, nothing but the URL); guest RAM is checked. Faults:
+radosgw killed mid-save (old snapshot intact, VM back in its run state), wrong credentials
+(one line, VM untouched), a deleted chunk (one line naming the page)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import boto3
+import pytest
+
+import vmsnap
+from testbed.guests import BootGuest
+from testbed.qemu import Vm
+from vmsnap import targets
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.qemu
+
+
+def vmsnap_cli(cwd: Path, *args, env: dict | None = None, timeout: float = 600,
+               **popen) -> subprocess.CompletedProcess:
+    """The vmsnap CLI as a separate "host": its own cwd and TMPDIR, the cluster's client
+    environment only."""
+    env = {**os.environ, "TMPDIR": str(cwd), **(env or {})}
+    return subprocess.run([sys.executable, "-m", "vmsnap.cli", *map(str, args)], cwd=cwd,
+                          env=env, capture_output=True, text=True, timeout=timeout, **popen)
+
+
+def ok(r: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert r.returncode == 0, f"vmsnap failed ({r.returncode}): {r.stderr}"
+    assert "Traceback" not in r.stderr
+    return r
+
+
+def one_line_error(r: subprocess.CompletedProcess) -> str:
+    assert r.returncode == 1, (r.returncode, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    return lines[0]
+
+
+def host(workdir: Path, name: str) -> Path:
+    d = workdir / name
+    d.mkdir(mode=0o700)
+    return d
+
+
+@pytest.mark.parametrize("qemu", ["7.2", "10"], ids=lambda q: f"qemu{q}")
+@pytest.mark.parametrize("kind", ["rbd", "s3"])
+def test_save_here_restore_there(kind, qemu, workdir, request):
+    url = request.getfixturevalue(f"{kind}_url")
+    guest = BootGuest(memory_mb=256)
+    a, b = host(workdir, "a"), host(workdir, "b")
+    with Vm(guest.config(qemu, a), a, "src") as src:
+        guest.boot(src)
+        guest.wait_alive(src)
+        ok(vmsnap_cli(a, "save", "--qmp", src.tool_qmp_path, url))
+        assert src.status() in ("paused", "postmigrate")
+        assert one_line_error(vmsnap_cli(a, "save", "--qmp", src.tool_qmp_path, url)) \
+            .endswith("exists (use --force to overwrite)")
+    assert not any(a.glob("*.partial"))
+    info = json.loads(ok(vmsnap_cli(b, "info", "--json", url)).stdout.splitlines()[-1])
+    assert info["path"] == url and info["integrity"] == "complete, checksummed"
+    assert info["allocated_size"] is None
+    ok(vmsnap_cli(b, "verify", url))
+    with Vm(guest.config(qemu, b), b, "dst", incoming="defer") as dst:
+        ok(vmsnap_cli(b, "restore", url, "--qmp", dst.tool_qmp_path))
+        assert dst.status() == "running"
+        guest.check_restored(dst)
+
+
+def _rgw_pid() -> int:
+    ceph_dir = Path(os.environ.get("VMSNAP_CEPH_DIR", ROOT / "build" / "ceph")).resolve()
+    return int((ceph_dir / "run" / "radosgw.pid").read_text())
+
+
+def test_radosgw_killed_mid_save(s3_url, workdir):
+    """The old snapshot stays the snapshot, the VM runs again, the error is one line."""
+    guest = BootGuest(memory_mb=512, mode="random")
+    a = host(workdir, "a")
+    with Vm(guest.config("7.2", a), a, "src") as src:
+        guest.boot(src)
+        ok(vmsnap_cli(a, "save", "--resume", "--qmp", src.tool_qmp_path, s3_url))
+        old = vmsnap.open(s3_url)
+        created = old.metadata.created
+        old.close()
+        env = {**os.environ, "TMPDIR": str(a)}
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "vmsnap.cli", "save", "--json", "--force", "--resume",
+             "--qmp", str(src.tool_qmp_path), s3_url], cwd=a, env=env, text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            for line in proc.stdout:  # pages are flowing to radosgw: kill it
+                if json.loads(line)["event"] == "progress":
+                    os.kill(_rgw_pid(), signal.SIGKILL)
+                    break
+            _, err = proc.communicate(timeout=300)
+        finally:
+            proc.kill()
+            restart = subprocess.run(["bash", str(ROOT / "scripts" / "ceph.sh"), "start"],
+                                     capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 1 and "Traceback" not in err, err
+        assert len(err.strip().splitlines()) == 1, err
+        assert restart.returncode == 0, restart.stderr
+        assert src.status() == "running"
+        guest.wait_alive(src)
+    with vmsnap.open(s3_url) as snap:
+        assert snap.metadata.created == created
+        snap.verify()
+
+
+def test_wrong_credentials_and_deleted_chunk(s3_url, workdir):
+    guest = BootGuest(memory_mb=256)
+    a = host(workdir, "a")
+    with Vm(guest.config("7.2", a), a, "src") as src:
+        guest.boot(src)
+        bad = {"AWS_SECRET_ACCESS_KEY": "wrong"}
+        line = one_line_error(vmsnap_cli(a, "save", "--qmp", src.tool_qmp_path, s3_url,
+                                         env=bad))
+        assert "access denied" in line and s3_url in line
+        assert src.status() == "running"  # refused before the VM was touched
+        ok(vmsnap_cli(a, "save", "--qmp", src.tool_qmp_path, s3_url))
+    assert "access denied" in one_line_error(vmsnap_cli(a, "info", s3_url, env=bad))
+    with vmsnap.open(s3_url) as snap:
+        ram = snap.block("pc.ram")
+        page = int(snap.present_runs(ram)[-1][0])
+        foff = ram.pages_offset + page * ram.page_size
+    r = targets.remote(s3_url)
+    manifest = json.loads(boto3.client("s3").get_object(Bucket=r.container, Key=r.name)
+                          ["Body"].read())
+    chunk = manifest["chunk_size"]
+    key = f"{manifest['prefix']}{foff // chunk * chunk:012x}"
+    boto3.client("s3").delete_object(Bucket=r.container, Key=key)
+    b = host(workdir, "b")
+    with Vm(guest.config("7.2", b), b, "dst", incoming="defer") as dst:
+        line = one_line_error(vmsnap_cli(b, "restore", s3_url, "--qmp", dst.tool_qmp_path))
+        assert f"{key} is missing" in line and "'pc.ram' pages from offset 0x" in line, line

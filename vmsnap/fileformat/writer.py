@@ -24,6 +24,7 @@ import xxhash
 
 from ..io.aligned import PAGE_SIZE, BufferPool, buffer_address
 from ..targets import PageSink, open_sink
+from ..targets.local import LocalSink
 from .bitmap import contiguous_runs, pack_bitmap
 from .errors import SnapshotError
 from .layout import BlockLayout, FileLayout, compute_layout
@@ -105,15 +106,16 @@ class SnapshotWriter:
     def partial_path(self) -> str:
         """FILE.partial (created and locked by `reserve`)."""
         self.reserve()
-        assert self._atomic is not None
-        return self._atomic.partial_path
+        if not isinstance(self._file, LocalSink):
+            raise ValueError(f"{self.path} is not a local file")
+        return self._file.partial_path
 
     def commit_written(self) -> str:
         """Commit a FILE.partial that was written and sealed without `begin` (QEMU wrote
         the stream, vmsnap.ops.seal the trailer): fsync, rename, fsync the directory."""
-        if self.layout is not None or self.finished or self._atomic is None:
+        if self.layout is not None or self.finished or self._file is None:
             raise ValueError("nothing written outside the writer to commit")
-        self._atomic.commit()
+        self._file.commit()
         self.finished = True
         return self.path
 

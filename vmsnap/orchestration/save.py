@@ -164,7 +164,7 @@ async def _save(client: Client, peer: qmpmod.Peer, writer: SnapshotWriter,
     backings = await shared.save_backings(client, peer) if mode is SaveMode.PAUSED else None
     if backings:
         channels = 0  # the stream holds device state and small blocks only
-    by_qemu = (mode is SaveMode.PAUSED and not backings
+    by_qemu = (mode is SaveMode.PAUSED and not backings and targets.remote(writer.path) is None
                and await native.supported(client, peer, channels))
     fdset: native.FdSet | None = None
     # one stream: our socket passed by fd; multifd: a unix path this QEMU can reach

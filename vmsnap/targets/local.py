@@ -26,6 +26,11 @@ class LocalSink:
         self.direct = self._file.direct
         self.fallback_reason = self._file.fallback_reason
 
+    @property
+    def partial_path(self) -> str:
+        """FILE.partial, for a writer outside vmsnap (QEMU's own mapped-ram)."""
+        return self._atomic.partial_path
+
     def write_at(self, offset: int, bufs: Sequence) -> int:
         n = self._file.write_at(offset, bufs)
         self.direct, self.fallback_reason = self._file.direct, self._file.fallback_reason

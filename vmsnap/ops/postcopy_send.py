@@ -29,6 +29,7 @@ from ..fileformat.bitmap import contiguous_runs
 from ..fileformat.reader import BlockInfo, Snapshot
 from ..io.aligned import AlignedBuffer
 from ..io.sockets import shutdown_all
+from ..stream import constants as C
 from ..stream import encoder
 from ..stream import postcopy as pc
 from .multifd_send import sendmsg_all
@@ -69,7 +70,7 @@ def postcopy_prologue(snap: Snapshot) -> tuple[bytes, bytes, int]:
     sid = head.section.section_id
     commands = pc.open_return_path() + pc.postcopy_advise(4096, 4096)
     ram_end = encoder.section_end(sid) + encoder.eos() + encoder.footer(sid)
-    tail = device_state(snap)
+    tail = _skip_empty_rounds(device_state(snap), sid)
     if not tail.startswith(ram_end):
         raise VmsnapError(f"{snap.path}: device state does not follow an empty RAM END")
     first = snap.blocks[0].name
@@ -77,6 +78,22 @@ def postcopy_prologue(snap: Snapshot) -> tuple[bytes, bytes, int]:
                 + pc.postcopy_ram_discard(first, [(0, 4096)])
                 + pc.packaged(pc.device_sections(tail[len(ram_end):])))
     return prologue, ram_end + encoder.eof(), sid
+
+
+def _skip_empty_rounds(tail: bytes, sid: int) -> bytes:
+    """Drop what a file written by QEMU's own mapped-ram writer has before its RAM END: one
+    empty PART section per round (its pages went to the file) and the SWITCHOVER_START hint
+    (QEMU >= 10), neither of which means anything once the pages are sent by request."""
+    empty_part = encoder.section_part(sid) + encoder.eos() + encoder.footer(sid)
+    switchover = encoder.command(C.MIG_CMD_SWITCHOVER_START)
+    start = 0
+    while True:
+        for skip in (empty_part, switchover):
+            if tail.startswith(skip, start):
+                start += len(skip)
+                break
+        else:
+            return tail[start:]
 
 
 class PostcopySource:

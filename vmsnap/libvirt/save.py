@@ -25,6 +25,7 @@ from ..io.sockets import shutdown_all
 from ..orchestration import qmp as qmpmod
 from ..orchestration.modes import INCOMPATIBLE_CAPS, UNLIMITED_BANDWIDTH
 from ..orchestration.save import (
+    SaveMode,
     SaveResult,
     _receive,
     _recover,
@@ -87,7 +88,7 @@ async def _save(dom: Any, writer: SnapshotWriter, live: bool, after: str, rep: R
         _widen(sock)
     saved_caps: dict[str, bool] = {}
     saved_params: dict[str, Any] = {}
-    stopped_by_us = False
+    stopped_by_us = started = False
     receiver: asyncio.Future | None = None
     t0 = time.monotonic()
     try:
@@ -104,6 +105,7 @@ async def _save(dom: Any, writer: SnapshotWriter, live: bool, after: str, rep: R
         await mon.execute_with_fds("getfd", {"fdname": FDNAME}, [theirs.fileno()])
         theirs.close()
         await mon.execute("migrate", {"uri": f"fd:{FDNAME}"})
+        started = True
         receiver = asyncio.get_running_loop().run_in_executor(None, _receive, [ours], writer)
         info = await _watch(mon, receiver, rep)
         stats = await receiver
@@ -113,7 +115,7 @@ async def _save(dom: Any, writer: SnapshotWriter, live: bool, after: str, rep: R
         if receiver is not None:
             await asyncio.gather(receiver, return_exceptions=True)
         writer.abort()
-        await _recover(mon, stopped_by_us, running)
+        await _recover(mon, started, stopped_by_us or (started and running))
         rep.error(one_line(err))
         raise
     finally:
@@ -124,7 +126,8 @@ async def _save(dom: Any, writer: SnapshotWriter, live: bool, after: str, rep: R
     ram = info.get("ram", {})
     result = SaveResult(writer.path, seconds, stats.stream_bytes, stats.pages, stats.zero_pages,
                         live, version, stats.machine_type, final, stats.direct,
-                        ram.get("dirty-sync-count"), info.get("downtime"))
+                        ram.get("dirty-sync-count"), info.get("downtime"),
+                        mode=(SaveMode.LIVE if live else SaveMode.PAUSED).value)
     rep.done(**result.__dict__)
     return result
 

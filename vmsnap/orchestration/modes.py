@@ -14,7 +14,7 @@ from __future__ import annotations
 import enum
 from typing import Any
 
-from qemu.qmp import ExecuteError, QMPClient
+from qemu.qmp import QMPClient
 
 from ..errors import VmsnapError
 from . import qmp as qmpmod
@@ -88,8 +88,8 @@ async def apply_capabilities(client: QMPClient, peer: qmpmod.Peer, mode: SaveMod
     try:
         return await qmpmod.set_capabilities(client, {**capabilities(mode, channels),
                                                       **(extra or {})})
-    except ExecuteError as err:
-        why = err.error.error.desc
+    except qmpmod.QmpCommandError as err:
+        why = err.desc
         if mode is SaveMode.BACKGROUND:
             raise VmsnapError(f"cannot save in the background: {why}") from err
         raise VmsnapError(f"QEMU refused the migration capabilities: {why}") from err

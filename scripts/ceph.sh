@@ -18,10 +18,14 @@ daemons=(radosgw osd mgr mon)   # stop order; start order is the reverse
 
 say() { echo "ceph.sh: $*" >&2; }
 pidfile() { echo "$dir/run/$1.pid"; }
+alive() {  # alive PID: a process that is not a zombie (a killed daemon whose parent is a
+  # non-reaping PID 1, as in some CI containers, stays a zombie that `kill -0` still sees)
+  [[ -n $1 ]] && kill -0 "$1" 2>/dev/null && ! grep -q '^State:[[:space:]]*Z' "/proc/$1/status" 2>/dev/null
+}
 running() {  # running NAME: its pid file names a live process of ours
   local pid
   pid=$(cat "$(pidfile "$1")" 2>/dev/null) || return 1
-  [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null
+  alive "$pid"
 }
 c() { timeout 60 ceph -c "$conf" "$@"; }
 
@@ -179,7 +183,9 @@ wait_rgw() {
     if (exec 3<>"/dev/tcp/127.0.0.1/$rgw_port") 2>/dev/null; then return 0; fi
     sleep 0.5
   done
-  say "radosgw does not answer on 127.0.0.1:$rgw_port"; exit 1
+  say "radosgw does not answer on 127.0.0.1:$rgw_port ($(running radosgw && echo running || echo exited);" \
+    "log: $(tail -n 2 "$dir/log/client.rgw.a.log" 2>/dev/null | tr '\n' ' '))"
+  exit 1
 }
 
 make_bucket() {  # idempotent; an S3 PUT bucket answers 200 when we own it already
@@ -211,10 +217,10 @@ stop_all() {
   local name pid
   for name in "${daemons[@]}"; do
     pid=$(cat "$(pidfile "$name")" 2>/dev/null) || continue
-    if [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null; then
+    if alive "$pid"; then
       kill -TERM "$pid"
-      for _ in $(seq 200); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-      kill -0 "$pid" 2>/dev/null && kill -KILL "$pid"
+      for _ in $(seq 200); do alive "$pid" || break; sleep 0.1; done
+      alive "$pid" && kill -KILL "$pid"
       [[ ${1:-} == quiet ]] || say "stopped $name ($pid)"
     fi
     rm -f "$(pidfile "$name")"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -210,7 +211,13 @@ def test_second_restore_into_loading_target(workdir):
         for line in first.stdout:
             if json.loads(line)["event"] == "start":
                 break
-        message = failed(run_vmsnap(workdir, "restore", snap, "--qmp", third, timeout=60))
+        # hold the first restore mid-load, so a fast machine cannot finish it before the
+        # second one asks (CI saw 'running' here)
+        first.send_signal(signal.SIGSTOP)
+        try:
+            message = failed(run_vmsnap(workdir, "restore", snap, "--qmp", third, timeout=60))
+        finally:
+            first.send_signal(signal.SIGCONT)
         # QEMU 7.2 loading multifd holds its big lock: the monitor may not even greet
         assert any(m in message for m in ("another vmsnap", "already loading",
                                           "no QMP answer")), message

@@ -96,11 +96,7 @@ class Vmsnap(Method):
         self.label = f"vmsnap {channels} ch"
 
     def _channel_args(self, verb: str) -> list[str]:
-        if vmsnap_channels_supported(verb):  # explicit, even 0: the default will be "auto"
-            return ["--channels", str(self.channels)]
-        if self.channels:
-            raise RuntimeError(f"vmsnap {verb} has no --channels option yet")
-        return []  # before issue 5: single channel is all there is
+        return ["--channels", str(self.channels)]  # explicit, even 0: the default is "auto"
 
     def config(self, guest, scen: Scenario, wd: Path):
         return guest.config(self.qemu or scen.qemu, wd)
@@ -388,16 +384,10 @@ class Fio(Method):
                 "check": "n/a (no VM)"}
 
 
-def vmsnap_channels_supported(verb: str = "save") -> bool:
-    """Does `vmsnap VERB --help` list --channels (issue 5)?"""
-    proc = subprocess.run([VMSNAP, verb, "--help"], capture_output=True, text=True)
-    return proc.returncode == 0 and "--channels" in proc.stdout
-
-
 def all_methods(channels: list[int] | None = None) -> dict[str, Method]:
     """Every method by name; vmsnap gets one entry per channel count."""
     if channels is None:
-        channels = [0, 2, 4] if vmsnap_channels_supported() else [0]
+        channels = [0, 2, 4]
     methods: list[Method] = [*(Vmsnap(n) for n in channels), VmsnapShared("7.2"),
                              VmsnapShared("10"), ExecCat(), Virsh(), VmsnapDomain(), Qemu10Native(),
                              Fio(),

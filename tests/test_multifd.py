@@ -22,7 +22,7 @@ from vmsnap.ops.multifd_receive import identify_channels, receive_multifd
 from vmsnap.ops.multifd_send import (
     PER_ROUND,
     PER_SECTION,
-    query_destination,
+    destination,
     send_multifd,
     sync_mode_for_machine,
 )
@@ -198,7 +198,8 @@ def multifd_save(vm: Vm, workdir: Path, path: Path, live: bool, channels: int = 
 
 def multifd_restore(vm: Vm, workdir: Path, path: Path, channels: int = CHANNELS):
     vm.set_migration({"multifd": True}, {"multifd-channels": channels})
-    uuid, mode, machine = query_destination(vm.cmd)
+    target = destination(vm.cmd("query-uuid"), vm.cmd("qom-get", path="/machine",
+                                                      property="type"))
     sock_path = workdir / "restore.sock"
     vm.cmd("migrate-incoming", uri=f"unix:{sock_path}")
     deadline = time.monotonic() + 30
@@ -211,12 +212,12 @@ def multifd_restore(vm: Vm, workdir: Path, path: Path, channels: int = CHANNELS)
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             s.connect(str(sock_path))
             conns.append(s)
-        stats = send_multifd(path, conns[0], conns[1:], uuid, mode)
+        stats = send_multifd(path, conns[0], conns[1:], target.uuid, target.sync_mode)
         vm.wait_incoming(300)
     finally:
         for c in conns:
             c.close()
-    return stats, mode, machine
+    return stats, target.sync_mode, target.machine
 
 
 @pytest.mark.qemu

@@ -46,4 +46,9 @@ def one_line(err: BaseException) -> str:
         return "out of memory" + (f": {err}" if str(err) else "")
     if isinstance(err, OSError) and err.filename:
         return f"{err.strerror or err}: {Path(err.filename)}"
-    return " ".join(str(err).split()) or type(err).__name__
+    return squash(str(err)) or type(err).__name__
+
+
+def squash(text: str) -> str:
+    """`text` on one line: every run of whitespace (newlines too) becomes one space."""
+    return " ".join(text.split())

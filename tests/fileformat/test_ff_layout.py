@@ -1,7 +1,6 @@
 import struct
 
 import numpy as np
-import pytest
 
 from vmsnap.fileformat import (
     MappedRamHeader,
@@ -65,30 +64,3 @@ def test_bitmap_roundtrip_and_runs():
         assert (r2[:, 1] <= 3).all() and r2[:, 1].sum() == p.sum()
     assert runs(np.zeros(5, bool)).shape == (0, 2)
     assert contiguous_runs(np.array([3, 4, 5, 9, 10, 2])).tolist() == [[0, 3], [3, 2], [5, 1]]
-
-
-def test_word_helpers_match_packed():
-    from vmsnap.fileformat.bitmap import (
-        clear_bits,
-        offsets_to_pages,
-        set_bits,
-        words_from_present,
-        words_to_bytes,
-    )
-    rng = np.random.default_rng(3)
-    n = 1000
-    words = np.zeros(bitmap_size(n) // 8, np.uint64)
-    present = np.zeros(n, bool)
-    for _ in range(20):
-        pages = rng.integers(0, n, 40)
-        if rng.random() < 0.6:
-            set_bits(words, pages)
-            present[pages] = True
-        else:
-            clear_bits(words, pages)
-            present[pages] = False
-    assert words_to_bytes(words) == pack_bitmap(present)
-    assert (words_from_present(present) == words).all()
-    assert offsets_to_pages(np.array([0, 8192], np.uint64)).tolist() == [0, 2]
-    with pytest.raises(ValueError):
-        offsets_to_pages([4095])

@@ -29,17 +29,10 @@ def unpack_bitmap(data: bytes, npages: int) -> np.ndarray:
     return bits[:npages].view(bool)  # no copy: 1 byte per page is the only cost
 
 
-def words_from_present(present: np.ndarray) -> np.ndarray:
-    """bool[npages] → uint64 words (host order values of the LE file words)."""
-    return np.frombuffer(pack_bitmap(present), dtype="<u8").astype(np.uint64)
 
 
-def set_pages(present: np.ndarray, pages: np.ndarray) -> None:
-    present[np.asarray(pages, dtype=np.int64)] = True
 
 
-def clear_pages(present: np.ndarray, pages: np.ndarray) -> None:
-    present[np.asarray(pages, dtype=np.int64)] = False
 
 
 def runs(present: np.ndarray, max_pages: int | None = None) -> np.ndarray:
@@ -72,28 +65,3 @@ def contiguous_runs(pages: np.ndarray) -> np.ndarray:
     starts = np.concatenate(([0], breaks))
     ends = np.concatenate((breaks, [len(pages)]))
     return np.stack([starts, ends - starts], axis=1).astype(np.int64)
-
-
-def set_bits(words: np.ndarray, pages) -> None:
-    """Set bit `page` in a uint64 word array (QEMU `unsigned long` bitmap) for each page."""
-    p = np.asarray(pages, dtype=np.uint64)
-    np.bitwise_or.at(words, (p >> np.uint64(6)).astype(np.int64),
-                     np.left_shift(np.uint64(1), p & np.uint64(63)))
-
-
-def clear_bits(words: np.ndarray, pages) -> None:
-    p = np.asarray(pages, dtype=np.uint64)
-    np.bitwise_and.at(words, (p >> np.uint64(6)).astype(np.int64),
-                      ~np.left_shift(np.uint64(1), p & np.uint64(63)))
-
-
-def words_to_bytes(words: np.ndarray) -> bytes:
-    return np.asarray(words, dtype=np.uint64).astype("<u8").tobytes()
-
-
-def offsets_to_pages(offsets, page_size: int = 4096) -> np.ndarray:
-    """Byte offsets inside a block → page numbers (offsets must be page aligned)."""
-    off = np.asarray(offsets, dtype=np.uint64)
-    if len(off) and (off % np.uint64(page_size)).any():
-        raise ValueError("offset not page aligned")
-    return (off // np.uint64(page_size)).astype(np.int64)

@@ -58,9 +58,6 @@ class BlockLayout:
         """Stream bytes at idstr_offset: counted idstr, be64 used_length, MappedRamHeader."""
         return encoder.ramblock_entry(self.ram_block, mapped_ram=True)
 
-    def page_file_offset(self, offset: int) -> int:
-        return self.pages_offset + offset
-
 
 @dataclass(frozen=True)
 class FileLayout:

@@ -24,7 +24,14 @@ from .errors import (
 )
 from .layout import bitmap_size
 from .prefix import StreamPrefix, StreamScan
-from .trailer import CommitRecord, Trailer, TrailerMetadata, read_body, read_commit
+from .trailer import (
+    CommitRecord,
+    Trailer,
+    TrailerMetadata,
+    page_checksums,
+    read_body,
+    read_commit,
+)
 
 log = logging.getLogger(__name__)
 
@@ -149,9 +156,7 @@ class Snapshot:
         if self.trailer is None:
             return
         ps = block.page_size
-        f = xxhash.xxh3_64_intdigest
-        got = np.fromiter((f(data[j * ps:(j + 1) * ps]) for j in range(count)),
-                          dtype=np.uint64, count=count)
+        got = page_checksums(data[:count * ps], ps)
         bad = np.flatnonzero(got != self.trailer.block(block.name).table[index:index + count])
         if len(bad):
             page = first + int(bad[0])

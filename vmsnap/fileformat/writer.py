@@ -20,7 +20,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import xxhash
 
 from ..io.aligned import PAGE_SIZE, BufferPool, buffer_address
 from ..targets import PageSink, open_sink
@@ -189,7 +188,6 @@ class SnapshotWriter:
         self._check_error()
         src_aligned = buffer_address(mv) % ps == 0
         per_buf = self._pool.size // ps
-        f = xxhash.xxh3_64_intdigest
         if src_aligned:
             self._drain()  # keep file order: earlier queued writes land first
         for i0 in range(0, len(pages), per_buf):
@@ -201,8 +199,7 @@ class SnapshotWriter:
                 buf = self._pool.acquire()
                 buf.array[: n * ps] = np.frombuffer(src, dtype=np.uint8)
                 src = buf.view[: n * ps]
-            sums = np.fromiter((f(src[j * ps:(j + 1) * ps]) for j in range(n)),
-                               dtype=np.uint64, count=n)
+            sums = page_checksums(src, ps)
             ios = [
                 (st.layout.pages_offset + int(chunk[first]) * ps,
                  src[first * ps:(first + count) * ps])

@@ -23,15 +23,12 @@ from collections.abc import Sequence
 
 from ..errors import VmsnapError
 from .aligned import PAGE_SIZE, buffer_address
+from .vectored import IOV_MAX, Buffer, transfer_all
 
 log = logging.getLogger(__name__)
 
-#: Upper bound for one pwritev/preadv call (bytes) and for its iovec count.
+#: Upper bound for one pwritev/preadv call (bytes); IOV_MAX bounds its iovec count.
 MAX_IO_BYTES = 8 << 20
-try:
-    IOV_MAX = min(os.sysconf("SC_IOV_MAX"), 1024)
-except (ValueError, OSError):  # pragma: no cover
-    IOV_MAX = 1024
 
 
 class IOEngineError(VmsnapError, OSError):
@@ -66,25 +63,20 @@ def _chunks(bufs: Sequence[memoryview]):
         yield group
 
 
-def pwritev_all(fd: int, bufs: Sequence, offset: int) -> int:
+def pwritev_all(fd: int, bufs: Sequence[Buffer], offset: int) -> int:
     """Write all buffers contiguously at `offset`; handles partial writes. Returns bytes."""
     total = 0
-    views = [memoryview(b).cast("B") for b in bufs]
-    for group in _chunks(views):
-        pos = 0
-        want = sum(v.nbytes for v in group)
-        while pos < want:
-            n = os.pwritev(fd, group, offset + total + pos)
+    for group in _chunks([memoryview(b).cast("B") for b in bufs]):
+        def pwritev(views: list[memoryview], done: int, start: int = offset + total) -> int:
+            n = os.pwritev(fd, views, start + done)
             if n <= 0:
-                raise IOEngineError(errno.EIO, f"pwritev wrote {n} bytes at {offset + total + pos}")
-            pos += n
-            if pos < want:
-                group = _advance(group, n)
-        total += want
+                raise IOEngineError(errno.EIO, f"pwritev wrote {n} bytes at {start + done}")
+            return n
+        total += transfer_all(pwritev, group)
     return total
 
 
-def preadv_all(fd: int, bufs: Sequence, offset: int) -> int:
+def preadv_all(fd: int, bufs: Sequence[Buffer], offset: int) -> int:
     """Fill all buffers from `offset`; handles partial reads; EOF before the end is an error."""
     total = 0
     views = [memoryview(b).cast("B") for b in bufs]
@@ -92,32 +84,17 @@ def preadv_all(fd: int, bufs: Sequence, offset: int) -> int:
         if v.readonly:
             raise ValueError("preadv target buffer is read-only")
     for group in _chunks(views):
-        pos = 0
         want = sum(v.nbytes for v in group)
-        while pos < want:
-            n = os.preadv(fd, group, offset + total + pos)
+
+        def preadv(views: list[memoryview], done: int, start: int = offset + total,
+                   want: int = want) -> int:
+            n = os.preadv(fd, views, start + done)
             if n == 0:
-                raise IOEngineError(
-                    errno.EIO,
-                    f"unexpected end of file at offset {offset + total + pos} "
-                    f"(wanted {want - pos} more bytes)",
-                )
-            pos += n
-            if pos < want:
-                group = _advance(group, n)
-        total += want
+                raise IOEngineError(errno.EIO, f"unexpected end of file at offset {start + done}"
+                                               f" (wanted {want - done} more bytes)")
+            return n
+        total += transfer_all(preadv, group)
     return total
-
-
-def _advance(group: list[memoryview], n: int) -> list[memoryview]:
-    out = []
-    for v in group:
-        if n >= v.nbytes:
-            n -= v.nbytes
-            continue
-        out.append(v[n:])
-        n = 0
-    return out
 
 
 class DirectFile:

@@ -5,18 +5,25 @@ from __future__ import annotations
 import fcntl
 import os
 import stat
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
-IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
+#: Most buffers one writev/pwritev/preadv/sendmsg call takes (Linux: 1024).
+try:
+    IOV_MAX = min(os.sysconf("SC_IOV_MAX"), 1024)
+except (ValueError, OSError):  # pragma: no cover
+    IOV_MAX = 1024
+
+Buffer = memoryview | bytes | bytearray
 
 
-def writev_all(fd: int, parts: Sequence[memoryview | bytes]) -> int:
-    """Write every byte of `parts` to `fd` (pipe, socket or file), resuming partial writes."""
-    total = 0
-    i = 0
+def transfer_all(op: Callable[[list[memoryview], int], int], parts: Sequence[Buffer]) -> int:
+    """Move every byte of `parts` with `op(views, done)`, which moves a prefix of `views`
+    (at most IOV_MAX buffers; `done` bytes already moved) and returns how many bytes it
+    moved: resumes partial transfers without copying. Returns the byte count."""
     pending = [memoryview(p).cast("B") for p in parts]
+    total = i = 0
     while i < len(pending):
-        n = os.writev(fd, pending[i:i + IOV_MAX])
+        n = op(pending[i:i + IOV_MAX], total)
         total += n
         while i < len(pending) and n >= pending[i].nbytes:
             n -= pending[i].nbytes
@@ -24,6 +31,11 @@ def writev_all(fd: int, parts: Sequence[memoryview | bytes]) -> int:
         if n:
             pending[i] = pending[i][n:]
     return total
+
+
+def writev_all(fd: int, parts: Sequence[Buffer]) -> int:
+    """Write every byte of `parts` to `fd` (pipe, socket or file), resuming partial writes."""
+    return transfer_all(lambda views, _done: os.writev(fd, views), parts)
 
 
 def widen_pipe(file, size: int = 1 << 20) -> None:

@@ -10,7 +10,7 @@ import json
 from typing import Any
 from xml.etree import ElementTree
 
-from ..errors import VmsnapError
+from ..errors import VmsnapError, squash
 
 try:
     import libvirt
@@ -29,7 +29,7 @@ def _require() -> None:
 
 def message(err: Exception) -> str:
     text = err.get_error_message() if hasattr(err, "get_error_message") else str(err)
-    return " ".join(str(text).split())
+    return squash(str(text))
 
 
 def name_in(xml: str) -> str:

@@ -23,7 +23,7 @@ import re
 import socket
 import threading
 import uuid as uuidlib
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +33,7 @@ from ..errors import VmsnapError
 from ..fileformat.reader import BlockInfo, Snapshot, open_snapshot
 from ..io.aligned import AlignedBuffer
 from ..io.sockets import shutdown_all
+from ..io.vectored import Buffer, transfer_all
 from ..stream import encoder
 from ..stream.constants import MULTIFD_FLAG_SYNC
 from ..stream.multifd import MultifdInit, PacketHeader, page_count
@@ -69,31 +70,29 @@ def sync_mode_for_machine(machine: str) -> str:
     return PER_SECTION if (int(m.group(1)), int(m.group(2))) <= (8, 0) else PER_ROUND
 
 
-def query_destination(cmd: Callable[..., Any]) -> tuple[bytes, str, str]:
-    """(uuid bytes, sync mode, resolved machine type) of an `-incoming` QEMU, via a QMP
-    `cmd(name, **args)` callable (e.g. a legacy QEMUMonitorProtocol's `cmd`)."""
-    uuid = uuidlib.UUID(cmd("query-uuid")["UUID"]).bytes
-    machine = cmd("qom-get", path="/machine", property="type")
-    machine = machine.removesuffix("-machine")
-    return uuid, sync_mode_for_machine(machine), machine
+@dataclass(frozen=True)
+class Destination:
+    """What the sender must know of an `-incoming` QEMU: its UUID (multifd channels send
+    it) and its resolved machine type (which fixes the sync protocol)."""
+
+    uuid: bytes
+    machine: str
+
+    @property
+    def sync_mode(self) -> str:
+        return sync_mode_for_machine(self.machine)
 
 
-def sendmsg_all(sock: socket.socket, bufs: Sequence) -> int:
+def destination(query_uuid: Mapping[str, Any], machine_type: object) -> Destination:
+    """The Destination from QMP `query-uuid`'s reply and `qom-get path=/machine
+    property=type`'s (e.g. "pc-q35-7.2-machine")."""
+    return Destination(uuidlib.UUID(str(query_uuid["UUID"])).bytes,
+                       str(machine_type).removesuffix("-machine"))
+
+
+def sendmsg_all(sock: socket.socket, bufs: Sequence[Buffer]) -> int:
     """Send all buffers with as few `sendmsg` calls as the kernel allows (no copies)."""
-    views = [memoryview(b).cast("B") for b in bufs]
-    total = sum(v.nbytes for v in views)
-    while views:
-        n = sock.sendmsg(views)
-        while n and views:
-            if n >= views[0].nbytes:
-                n -= views[0].nbytes
-                views.pop(0)
-            else:
-                views[0] = views[0][n:]
-                n = 0
-        while views and not views[0].nbytes:
-            views.pop(0)
-    return total
+    return transfer_all(lambda views, _done: sock.sendmsg(views), bufs)
 
 
 @dataclass
@@ -259,7 +258,7 @@ def send_multifd(path: str | os.PathLike, main: socket.socket,
 
     `main` must have been connected first (QEMU 7.2 takes the first connection as the main
     channel), then `channels` (as many as the destination's `multifd-channels`).
-    `uuid`: the destination's 16-byte UUID (`query_destination`); `sync_mode`: PER_SECTION
+    `uuid`: the destination's 16-byte UUID (`destination`); `sync_mode`: PER_SECTION
     or PER_ROUND from the destination machine type (`sync_mode_for_machine`).
     A page failing its checksum, or `stop` set by the caller (Ctrl-C), stops all channels
     before the end of the stream, so the destination fails its load instead of running

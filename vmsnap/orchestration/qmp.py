@@ -13,7 +13,7 @@ from typing import Any
 
 from qemu.qmp import ConnectError, ExecInterruptedError, ExecuteError, QMPClient, StateError
 
-from ..errors import QMPConnectError, VmsnapError
+from ..errors import QMPConnectError, VmsnapError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ async def connect(address: str, name: str = "vmsnap",
         sock.close()
         cause = err.exc if isinstance(err, ConnectError) else err
         raise QMPConnectError(f"{address} is not a usable QMP monitor: "
-                             f"{' '.join(str(cause).split()) or type(cause).__name__}") from err
+                             f"{one_line(cause)}") from err
     q = version["qemu"]
     cmdline = read_cmdline(pid) if pid and pid != os.getpid() else None
     peer = Peer((q["major"], q["minor"], q["micro"]), bool(status["running"]),

@@ -17,7 +17,6 @@ import socket
 import tempfile
 import threading
 import time
-import uuid as uuidlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -26,7 +25,7 @@ from ..errors import VmsnapError, one_line
 from ..fileformat.reader import open_snapshot
 from ..hostkey import Trust, trust_of
 from ..io.sockets import shutdown_all
-from ..ops.multifd_send import send_multifd, sync_mode_for_machine
+from ..ops.multifd_send import Destination, destination, send_multifd
 from ..ops.send import SendStats, send
 from ..ops.shared_ram import fill_from_file
 from ..progress import Reporter
@@ -130,17 +129,19 @@ async def fresh_blocks(client: Client) -> set[str]:
             if o.get("type", "").removeprefix("child<").removesuffix(">") in FRESH_BACKENDS}
 
 
-async def _check_target(client: Client, peer: qmpmod.Peer, machine: str) -> None:
+async def _check_target(client: Client, peer: qmpmod.Peer, machine: str) -> Destination:
     if peer.status != "inmigrate":
         raise VmsnapError(f"target QEMU is {peer.status!r}, not waiting for an incoming "
                           "migration (start it with -incoming defer)")
     status = (await qmpmod.migration_status(client)).get("status")
     if status in MIGRATING:
         raise VmsnapError(f"target QEMU is already loading a migration ({status})")
-    qom_type = await client.execute("qom-get", {"path": "/machine", "property": "type"})
-    target = str(qom_type).removesuffix("-machine")
-    if target != machine:
-        raise VmsnapError(f"machine type mismatch: snapshot is {machine}, target is {target}")
+    target = destination(await client.execute("query-uuid"),
+                         await client.execute("qom-get", {"path": "/machine", "property": "type"}))
+    if target.machine != machine:
+        raise VmsnapError(f"machine type mismatch: snapshot is {machine}, target is "
+                          f"{target.machine}")
+    return target
 
 
 async def _connect_incoming(path: str, timeout: float = START_TIMEOUT) -> socket.socket:
@@ -195,7 +196,7 @@ async def restore(path: str | os.PathLike, *, qmp_address: str | None = None,
                 path, argv, bool(command), trust, trust_command_line, workdir)
         client, peer = await qmpmod.connect(qmp_address)
         stack.enter_context(vm_lock(peer.pid))
-        await _check_target(client, peer, machine)
+        target = await _check_target(client, peer, machine)
         plan = await shared.restore_plan(client, peer, blocks)
         if plan:
             channels = 0  # the stream holds device state and small blocks only
@@ -204,7 +205,6 @@ async def restore(path: str | os.PathLike, *, qmp_address: str | None = None,
                      IGNORE_SHARED: bool(plan)})
         if channels:
             await client.execute("migrate-set-parameters", {"multifd-channels": channels})
-            uuid = uuidlib.UUID((await client.execute("query-uuid"))["UUID"]).bytes
         fresh = await fresh_blocks(client)
         if plan:
             rep.start("restore", total, channels=0, ram_path="shared")
@@ -237,8 +237,8 @@ async def restore(path: str | os.PathLike, *, qmp_address: str | None = None,
                 return send(path, socks[0].makefile("wb", buffering=0), direct=direct,
                             progress=None if plan else progress,
                             shared=plan.addrs if plan else None, fresh=fresh)
-            return send_multifd(path, socks[0], socks[1:], uuid,
-                                sync_mode_for_machine(machine), direct=direct,
+            return send_multifd(path, socks[0], socks[1:], target.uuid,
+                                target.sync_mode, direct=direct,
                                 progress=progress, stop=stop, fresh=fresh)
 
         try:

@@ -31,6 +31,7 @@ import numpy as np
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
+from ..errors import squash
 from ..fileformat.bitmap import runs
 from ..io.direct import IOEngineError
 from . import Remote
@@ -74,7 +75,7 @@ def _why(e: Exception) -> str:
         if code == "NoSuchBucket":
             return "no such bucket"
         return f"{code}: {e.response.get('Error', {}).get('Message') or e}"
-    return " ".join(str(e).split())
+    return squash(str(e))
 
 
 def _error(r: Remote | str, e: Exception, code: int = errno.EIO) -> TargetError:

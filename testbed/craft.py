@@ -159,3 +159,25 @@ def _range(path: Path, start: int, length: int) -> RangeChecksum:
             digest.update(chunk)
             left -= len(chunk)
     return RangeChecksum(start, length, digest.intdigest())
+
+
+def flip_bit(path: Path, position: int, mask: int = 0x01) -> None:
+    """XOR the byte at `position` of `path` with `mask` in place (bit rot, as a disk makes it)."""
+    with open(path, "r+b") as f:
+        f.seek(position)
+        byte = f.read(1)[0]
+        f.seek(position)
+        f.write(bytes([byte ^ mask]))
+
+
+def flip_page_bit(path: Path, block: str = "pc.ram", *, run: int = 0, byte: int = 100,
+                  mask: int = 0x01) -> int:
+    """Flip `mask` in byte `byte` of the middle page of present run `run` (0: first, -1:
+    last) of `block` in the snapshot at `path`; return that page's number in the block."""
+    with open_snapshot(path) as s:
+        b = s.block(block)
+        first, count = (int(x) for x in s.present_runs(b)[run])
+        page = first + count // 2
+        position = b.pages_offset + page * b.page_size + byte
+    flip_bit(path, position, mask)
+    return page

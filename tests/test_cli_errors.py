@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from testbed.craft import flip_bit
 from testbed.guests import BootGuest
 from testbed.qemu import Vm
 from testbed.streams import page_data_positions
@@ -123,18 +124,10 @@ def test_cut_at_stream_end_is_native_without_checksums(captured, tmp_path):
 
 # -- damaged content ------------------------------------------------------------------------
 
-def flip(path: Path, position: int, mask: int = 0x01) -> None:
-    with open(path, "r+b") as f:
-        f.seek(position)
-        byte = f.read(1)[0]
-        f.seek(position)
-        f.write(bytes([byte ^ mask]))
-
-
 def test_bit_flip_in_a_page(captured, tmp_path):
     page = captured.first_present
     f = copy(captured.snap, tmp_path / "flip.vms")
-    flip(f, captured.pc_ram_pages + page * 4096 + 2000, 0x10)
+    flip_bit(f, captured.pc_ram_pages + page * 4096 + 2000, 0x10)
     where = ("pc.ram", f"{page * 4096:#x}")
     fails_with(run("verify", f), "corrupt", *where)
     proc = run("send", f)
@@ -152,7 +145,7 @@ def test_bit_flip_in_a_page(captured, tmp_path):
 
 def test_bit_flip_in_device_state(captured, tmp_path):
     f = copy(captured.snap, tmp_path / "flip.vms")
-    flip(f, captured.tail_offset + 300)
+    flip_bit(f, captured.tail_offset + 300)
     fails_with(run("verify", f), "corrupt")
     fails_with(run("send", f), "corrupt")
 
@@ -244,7 +237,7 @@ def test_unknown_format_version(captured, tmp_path, where):
 
 def test_corrupt_commit_record(captured, tmp_path):
     f = copy(captured.snap, tmp_path / "c.vms")
-    flip(f, os.path.getsize(f) - COMMIT_SIZE + 20)
+    flip_bit(f, os.path.getsize(f) - COMMIT_SIZE + 20)
     for verb in ("info", "verify", "send"):
         fails_with(run(verb, f), "trailer")
 

@@ -17,6 +17,7 @@ import pytest
 from test_save_restore import events, ok, qemu_pids_using, run_vmsnap
 
 import vmsnap
+from testbed.craft import flip_page_bit
 from testbed.guests import BootGuest, LinuxGuest
 from testbed.qemu import Vm
 from vmsnap.fileformat.hot import hot_path, load_hot
@@ -98,28 +99,13 @@ def _kill(pid: int) -> None:
         pass
 
 
-def flip_page(snap: Path) -> int:
-    """Flip one bit in a present page of pc.ram; return the page's offset in the block."""
-    with vmsnap.open(snap) as s:
-        ram = s.block("pc.ram")
-        first, count = (int(x) for x in s.present_runs(ram)[0])
-        page = first + count // 2
-        position = ram.pages_offset + page * 4096 + 100
-    with open(snap, "r+b") as f:
-        f.seek(position)
-        byte = f.read(1)[0]
-        f.seek(position)
-        f.write(bytes([byte ^ 0x01]))
-    return page * 4096
-
-
 @pytest.mark.qemu
 def test_lazy_restore_refuses_corrupt_page(workdir):
     """The bad page is never sent: one line names block and offset, and the guest does not
     go on: a launched QEMU is ended, a --qmp target is stopped with its stream cut."""
     guest = BootGuest(memory_mb=256)
     snap, _ = saved(guest, "7.2", workdir)
-    offset = flip_page(snap)
+    offset = flip_page_bit(snap) * 4096
     for target in ("relaunch", "qmp"):
         if target == "relaunch":
             result = run_vmsnap(workdir, "restore", "--lazy", snap)
@@ -242,7 +228,7 @@ def test_lazy_mmap_corrupt_page(workdir):
     check finds it after the start, names it and ends the QEMU vmsnap launched."""
     guest = BootGuest(memory_mb=256)
     snap, argv = saved(guest, "10", workdir)
-    offset = flip_page(snap)
+    offset = flip_page_bit(snap) * 4096
     for extra in (["--verify"], []):
         result = run_vmsnap(workdir, "restore", "--lazy=mmap", *extra, snap, "--", *argv)
         assert result.returncode == 1

@@ -13,6 +13,7 @@ import pytest
 
 import vmsnap
 from testbed.cli import events, ok, one_line, run_vmsnap
+from testbed.craft import flip_page_bit
 from testbed.guests import BootGuest
 from testbed.qemu import Vm
 
@@ -26,20 +27,6 @@ def outside(tmp_path_factory) -> Path:
     d.mkdir(mode=0o700, exist_ok=True)
     yield d
     shutil.rmtree(d, ignore_errors=True)
-
-
-def flip_page(snap: Path) -> int:
-    with vmsnap.open(snap) as s:
-        b = s.block("pc.ram")
-        first, count = (int(x) for x in s.present_runs(b)[0])
-        page = first + count // 2
-        position = b.pages_offset + page * 4096 + 7
-    with open(snap, "r+b") as f:
-        f.seek(position)
-        byte = f.read(1)[0]
-        f.seek(position)
-        f.write(bytes([byte ^ 0x80]))
-    return page
 
 
 @pytest.mark.qemu
@@ -66,7 +53,7 @@ def test_qemu_writes_vmsnap_seals(workdir, outside):
         dst.cmd("migrate-incoming", uri=f"file:{copy}")
         dst.wait_incoming()
         guest.check_restored(dst)
-    page = flip_page(snap)
+    page = flip_page_bit(snap, byte=7, mask=0x80)
     line = one_line(run_vmsnap(workdir, "restore", snap, "--", *cfg_argv(cfg, workdir)))
     assert f"{page * 4096:#x}" in line
 

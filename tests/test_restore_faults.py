@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-import vmsnap
+from testbed.craft import flip_page_bit
 from testbed.guests import BootGuest
 from testbed.qemu import Vm
 
@@ -128,16 +128,7 @@ def test_corrupt_page_restore_never_wedges_target(snapshots, workdir, qemu_versi
                                                   channels):
     snap = workdir / "vm.snap"
     shutil.copyfile(snapshots(qemu_version), snap)
-    with vmsnap.open(snap) as s:
-        ram = s.block("pc.ram")
-        first, count = (int(x) for x in s.present_runs(ram)[-1])
-        page = first + count // 2
-        position = ram.pages_offset + page * 4096 + 100
-    with open(snap, "r+b") as f:
-        f.seek(position)
-        byte = f.read(1)[0]
-        f.seek(position)
-        f.write(bytes([byte ^ 0x01]))
+    page = flip_page_bit(snap, run=-1)
     config = GUEST.config(qemu_version, workdir)
     with Vm(config, workdir, "dst", incoming="defer") as dst:
         r = subprocess.run(vmsnap_argv("restore", snap, "--qmp", dst.tool_qmp_path,

@@ -13,6 +13,7 @@ import pytest
 import vmsnap
 from testbed.cases import ROUND_TRIPS, make_guest
 from testbed.cli import events, ok, run_vmsnap
+from testbed.craft import flip_page_bit
 from testbed.guests import BootGuest
 from testbed.qemu import Vm
 
@@ -176,16 +177,7 @@ def test_restore_refuses_corrupt_page(channels, workdir):
         guest.boot(src)
         ok(run_vmsnap(workdir, "save", "--quit", "--qmp", src.tool_qmp_path, snap))
         src.proc.wait(timeout=60)
-    with vmsnap.open(snap) as s:
-        ram = s.block("pc.ram")
-        first, count = (int(x) for x in s.present_runs(ram)[0])
-        page = first + count // 2
-        position = ram.pages_offset + page * 4096 + 100
-    with open(snap, "r+b") as f:
-        f.seek(position)
-        byte = f.read(1)[0]
-        f.seek(position)
-        f.write(bytes([byte ^ 0x01]))
+    page = flip_page_bit(snap)
     result = run_vmsnap(workdir, "restore", snap, "--channels", channels)
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()

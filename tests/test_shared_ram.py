@@ -13,6 +13,7 @@ import pytest
 
 import vmsnap
 from testbed.cli import events, ok, run_vmsnap
+from testbed.craft import flip_page_bit
 from testbed.guests import BootGuest, shared_ram_args
 from testbed.qemu import Vm
 from vmsnap.errors import VmsnapError
@@ -90,21 +91,6 @@ def kill(pid: int) -> None:
         pass
 
 
-def flip_page(snap: Path, block: str = "pc.ram") -> int:
-    """Flip one bit in the middle of the first run of present pages; returns its page."""
-    with vmsnap.open(snap) as s:
-        b = s.block(block)
-        first, count = (int(x) for x in s.present_runs(b)[0])
-        page = first + count // 2
-        position = b.pages_offset + page * 4096 + 100
-    with open(snap, "r+b") as f:
-        f.seek(position)
-        byte = f.read(1)[0]
-        f.seek(position)
-        f.write(bytes([byte ^ 0x01]))
-    return page
-
-
 @pytest.mark.qemu
 def test_relaunch_fills_a_fresh_backing_and_refuses_a_corrupt_page(workdir, request):
     """`vmsnap restore FILE` relaunches QEMU on a new file at the stored mem-path (the old
@@ -131,7 +117,7 @@ def test_relaunch_fills_a_fresh_backing_and_refuses_a_corrupt_page(workdir, requ
     with Vm(cfg, workdir, "src").adopt(pids[0]) as restored:
         guest.check_restored(restored)
 
-    page = flip_page(snap)
+    page = flip_page_bit(snap)
     result = run_vmsnap(workdir, "restore", snap)
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
@@ -148,7 +134,7 @@ def test_corrupt_page_caught_filling_a_waiting_target(workdir):
     with Vm(config(guest, "10", workdir, "memfd", "src"), workdir, "src") as vm:
         guest.boot(vm)
         assert save(workdir, vm, snap)["ram_path"] == "qemu"  # QEMU 10 writes the pages
-    page = flip_page(snap)
+    page = flip_page_bit(snap)
     with Vm(config(guest, "10", workdir, "file", "dst"), workdir, "dst",
             incoming="defer") as dst:
         result = run_vmsnap(workdir, "restore", snap, "--qmp", dst.tool_qmp_path)

@@ -65,3 +65,42 @@ def test_qemu_running_as_another_user(workdir, channels):
         assert dst.status() == "running"
         guest.wait_alive(dst)
         guest.wait_alive(dst)
+
+
+@pytest.mark.qemu
+def test_lazy_restore_into_qemu_that_cannot_see_tmpdir(workdir):
+    """restore --lazy --qmp hands the postcopy stream (and its return path) over by fd too."""
+    env = {k: v for k, v in os.environ.items() if k != "TMPDIR"}  # /tmp: not in the chroot
+    guest = BootGuest(memory_mb=256)
+    config = guest.config("10", workdir)
+    snap = workdir / "vm.snap"
+    with Vm(config, workdir, "src") as src:
+        guest.boot(src)
+        run_ok(env, "save", "--quit", "--qmp", src.tool_qmp_path, snap)
+    with Vm(config, workdir, "dst", incoming="defer") as dst:
+        run_ok(env, "restore", snap, "--lazy", "--qmp", dst.tool_qmp_path)
+        guest.check_restored(dst)
+
+
+@pytest.mark.qemu
+def test_lazy_restore_refused_for_qemu_without_userfaultfd(workdir):
+    """QEMU as nobody gets no userfaultfd (vm.unprivileged_userfaultfd=0): --lazy says so in
+    one line before touching the target, which still takes an eager restore."""
+    env = {**os.environ, "TMPDIR": str(workdir)}
+    guest = BootGuest(memory_mb=256)
+    config = guest.config("7.2", workdir)
+    config.args += ["-runas", "nobody"]
+    snap = workdir / "vm.snap"
+    with Vm(config, workdir, "src") as src:
+        guest.boot(src)
+        run_ok(env, "save", "--quit", "--qmp", src.tool_qmp_path, snap)
+    with Vm(config, workdir, "dst", incoming="defer") as dst:
+        r = subprocess.run([sys.executable, "-m", "vmsnap.cli", "restore", str(snap), "--lazy",
+                            "--qmp", str(dst.tool_qmp_path)], env=env, capture_output=True,
+                           text=True, timeout=120)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 1 and len(lines) == 1 and "userfaultfd" in lines[0], r.stderr
+        assert dst.status() == "inmigrate"
+        run_ok(env, "restore", snap, "--qmp", dst.tool_qmp_path)
+        assert dst.status() == "running"
+        guest.wait_alive(dst)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -45,10 +46,10 @@ from . import qmp as qmpmod
 from .mapped import MAPPED_BLOCK, mapped_argv, supports_mmap
 from .modes import INCOMPATIBLE_CAPS
 from .relaunch import GuardedQemu, RelaunchLock, own_qmp
+from .rendezvous import pass_socket
 from .restore import (
     RestoreResult,
     _check_target,
-    _connect_incoming,
     _wait_loaded,
     launch_target,
 )
@@ -162,12 +163,11 @@ async def restore_lazy(path: str | os.PathLike, *, engine: str = "auto",
         await _check_target(job.client, peer, snap.machine_type)
         job.pid = job.proc.pid if job.proc else peer.pid
         job.qmp = qmp_address
-        incoming = os.path.join(workdir, "incoming.sock")
         sys.setswitchinterval(SWITCH_INTERVAL)
         if job.engine == "postcopy":
-            result = await _postcopy(job, peer, incoming)
+            result = await _postcopy(job, peer)
         else:
-            result = await _mmap(job, incoming)
+            result = await _mmap(job)
         if job.proc is not None and argv is not None:
             keep_workdir = own_qmp(argv) is None  # else our socket is its only monitor
             result.qmp = own_qmp(argv) or result.qmp
@@ -237,17 +237,34 @@ class _Job:
             running_seconds=running, verified=self.verified, **extra)
 
 
-async def _postcopy(job: _Job, peer: qmpmod.Peer, incoming: str) -> LazyRestoreResult:
+async def _incoming(client: QMPClient) -> socket.socket:
+    """The stream's socket, handed to QEMU by fd: no path, so a QEMU in another mount
+    namespace or running as another user takes it too."""
+    sock, uri = await pass_socket(client)
+    try:
+        await client.execute("migrate-incoming", {"uri": uri})
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def _postcopy(job: _Job, peer: qmpmod.Peer) -> LazyRestoreResult:
     client, rep = job.client, job.rep
     assert client is not None
     caps = {c["capability"] for c in await client.execute("query-migrate-capabilities")}
     if "postcopy-ram" not in caps:
         raise VmsnapError(f"QEMU {peer.version_text} has no postcopy-ram: restore "
                           "without --lazy")
-    await qmpmod.set_capabilities(
-        client, {**dict.fromkeys(INCOMPATIBLE_CAPS, False), "postcopy-ram": True})
-    await client.execute("migrate-incoming", {"uri": f"unix:{incoming}"})
-    sock = await _connect_incoming(incoming)
+    try:
+        await qmpmod.set_capabilities(
+            client, {**dict.fromkeys(INCOMPATIBLE_CAPS, False), "postcopy-ram": True})
+    except qmpmod.QmpCommandError as err:  # QEMU checks userfaultfd here
+        raise VmsnapError(f"QEMU {peer.version_text} cannot use postcopy here ({err.desc}): "
+                          "it needs userfaultfd, which a QEMU not running as root gets only "
+                          "with sysctl vm.unprivileged_userfaultfd=1 or access to "
+                          "/dev/userfaultfd; restore without --lazy") from err
+    sock = await _incoming(client)
     if job.run:  # while inmigrate: QEMU starts the guest itself at POSTCOPY_RUN
         await client.execute("cont")
     hint = load_hot(job.snap) if job.hot else {}
@@ -286,12 +303,11 @@ async def _postcopy(job: _Job, peer: qmpmod.Peer, incoming: str) -> LazyRestoreR
         hot_pages=int(sum(len(v) for v in hint.values())), interrupted=interrupted)
 
 
-async def _mmap(job: _Job, incoming: str) -> LazyRestoreResult:
+async def _mmap(job: _Job) -> LazyRestoreResult:
     client, rep = job.client, job.rep
     assert client is not None
     await qmpmod.set_capabilities(client, dict.fromkeys(INCOMPATIBLE_CAPS, False))
-    await client.execute("migrate-incoming", {"uri": f"unix:{incoming}"})
-    sock = await _connect_incoming(incoming)
+    sock = await _incoming(client)
     rep.start("restore", None, engine=job.engine, lazy=True)
     loop = asyncio.get_running_loop()
 

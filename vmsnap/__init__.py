@@ -3,29 +3,60 @@
 Every failure a user can cause raises a `VmsnapError` subclass (see `vmsnap.errors`). Logs go
 to module loggers under "vmsnap" (debug: QMP commands, capabilities, channels, sync epochs,
 I/O fallbacks); the package adds only a NullHandler, so configure logging to see them.
+
+The names below load on first use: `import vmsnap` stays cheap, so the `vmsnap` command
+takes SIGINT over before its heavy imports (vmsnap.__main__).
 """
 
+from __future__ import annotations
+
+import importlib
 import logging
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
-from .api import open as open  # noqa: A004 - vmsnap.open, not in __all__
-from .api import restore, save
-from .errors import QMPConnectError, VmsnapError
-from .fileformat.errors import (
-    ChecksumMismatch,
-    CorruptTrailer,
-    IncompleteSnapshot,
-    NoCommitRecord,
-    SnapshotError,
-    UnsupportedVersion,
-)
-from .fileformat.reader import Snapshot, VerifyResult
-from .io.atomic import FileLockedError
-from .io.direct import IOEngineError
-from .orchestration.restore import RestoreResult
-from .orchestration.save import SaveResult
-from .stream.errors import StreamError
+#: public name -> the module that defines it
+_EXPORTS = {
+    "open": ".api", "restore": ".api", "save": ".api",
+    "QMPConnectError": ".errors", "VmsnapError": ".errors",
+    "ChecksumMismatch": ".fileformat.errors", "CorruptTrailer": ".fileformat.errors",
+    "IncompleteSnapshot": ".fileformat.errors", "NoCommitRecord": ".fileformat.errors",
+    "SnapshotError": ".fileformat.errors", "UnsupportedVersion": ".fileformat.errors",
+    "Snapshot": ".fileformat.reader", "VerifyResult": ".fileformat.reader",
+    "FileLockedError": ".io.atomic", "IOEngineError": ".io.direct",
+    "RestoreResult": ".orchestration.restore", "SaveResult": ".orchestration.save",
+    "StreamError": ".stream.errors",
+}
+
+if TYPE_CHECKING:
+    from .api import open as open  # noqa: A004
+    from .api import restore, save
+    from .errors import QMPConnectError, VmsnapError
+    from .fileformat.errors import (
+        ChecksumMismatch,
+        CorruptTrailer,
+        IncompleteSnapshot,
+        NoCommitRecord,
+        SnapshotError,
+        UnsupportedVersion,
+    )
+    from .fileformat.reader import Snapshot, VerifyResult
+    from .io.atomic import FileLockedError
+    from .io.direct import IOEngineError
+    from .orchestration.restore import RestoreResult
+    from .orchestration.save import SaveResult
+    from .stream.errors import StreamError
+
+
+def __getattr__(name: str) -> object:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'vmsnap' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 

@@ -1,0 +1,32 @@
+"""The `vmsnap` command (and `python -m vmsnap`): Ctrl-C is honoured from the first instruction.
+
+Importing the CLI (rich, numpy, qemu.qmp, asyncio) takes a noticeable fraction of a second; an
+interrupt meanwhile would end in a KeyboardInterrupt traceback. Until the CLI has loaded and
+takes SIGINT over, an interrupt ends the process at once with one line and the shell's code.
+(Before this module runs, the interpreter's own start-up, some tens of milliseconds, is
+Python's.) An interrupt that the parent ignores (a background job) stays ignored.
+"""
+
+import os
+import signal
+import sys
+
+
+def _interrupted(signum: int, frame: object) -> None:
+    os.write(2, b"vmsnap: interrupted\n")
+    os._exit(128 + signum)
+
+
+def main() -> int:
+    honour = signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    if honour:
+        signal.signal(signal.SIGINT, _interrupted)
+    from .cli import main as cli_main
+
+    if honour:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    return cli_main()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

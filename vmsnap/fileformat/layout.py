@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..stream import encoder
-from ..stream.constants import MAPPED_RAM_HDR_VERSION
+from ..stream.constants import MAPPED_RAM_HDR_VERSION, TARGET_PAGE_SIZE
 from ..stream.events import MappedRamHeader, RamBlock, bitmap_size
 
 #: vmsnap's (and QEMU's) policy: every page area starts on a 1 MiB boundary.
@@ -77,7 +77,7 @@ class FileLayout:
 
 
 def block_layout(name: str, used_length: int, idstr_offset: int,
-                 page_size: int = 4096) -> BlockLayout:
+                 page_size: int = TARGET_PAGE_SIZE) -> BlockLayout:
     raw = name.encode()
     if not 0 < len(raw) <= 255:
         raise ValueError(f"RAMBlock name length must be 1..255 bytes: {name!r}")
@@ -92,7 +92,7 @@ def block_layout(name: str, used_length: int, idstr_offset: int,
 
 
 def compute_layout(
-    blocks: Sequence[tuple[str, int]], start: int, page_size: int = 4096
+    blocks: Sequence[tuple[str, int]], start: int, page_size: int = TARGET_PAGE_SIZE
 ) -> FileLayout:
     """Lay out `blocks` [(name, used_length)] whose first idstr is written at `start`
     (mapped_ram_setup_ramblock: bitmap right after the header, pages rounded up to 1 MiB,

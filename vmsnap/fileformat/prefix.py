@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..stream import RamBlock, RamBlocks, SectionStart, StreamDecoder, StreamError
+from ..stream.constants import QEMU_VM_SECTION_FOOTER, TARGET_PAGE_SIZE
 from .errors import SnapshotError
 
 #: Bytes read at a time from the header region and at each block entry.
@@ -45,7 +46,7 @@ class StreamScan:
     The constructor decodes up to ``prefix.tail_offset`` (raises SnapshotError)."""
 
     def __init__(self, pread: Callable[[int, int], bytes], size: int,
-                 page_size: int = 4096) -> None:
+                 page_size: int = TARGET_PAGE_SIZE) -> None:
         self._dec = dec = StreamDecoder(page_size)
         blocks: tuple[RamBlock, ...] | None = None
         sid = None
@@ -110,7 +111,7 @@ class StreamScan:
         except StreamError as e:
             return describe(e)
         end = dec.end
-        if end is None or (end.vmdesc is None and tail[-6:-5] != b"\x7e"):
+        if end is None or (end.vmdesc is None and tail[-6:-5] != bytes([QEMU_VM_SECTION_FOOTER])):
             return f"stream does not end with a vmdesc trailer (offset {off + len(tail):#x})"
         return None
 

@@ -50,6 +50,7 @@ from datetime import UTC, datetime
 import numpy as np
 import xxhash
 
+from ..stream.constants import TARGET_PAGE_SIZE
 from .errors import CorruptTrailer, NoCommitRecord, SnapshotError, UnsupportedVersion
 
 FORMAT_VERSION = 1
@@ -72,7 +73,7 @@ def xxh3(data) -> int:
     return xxhash.xxh3_64_intdigest(data)
 
 
-def page_checksums(data, page_size: int = 4096) -> np.ndarray:
+def page_checksums(data, page_size: int = TARGET_PAGE_SIZE) -> np.ndarray:
     """xxh3_64 of every page of `data` (n*page_size bytes) → uint64[n]."""
     mv = memoryview(data).cast("B")
     n = mv.nbytes // page_size
@@ -95,7 +96,7 @@ class TrailerMetadata:
     format_version: int = FORMAT_VERSION
     checksum: str = CHECKSUM_ALGO
     stream_end: int = 0
-    page_size: int = 4096
+    page_size: int = TARGET_PAGE_SIZE
     extra: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:

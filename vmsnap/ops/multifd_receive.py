@@ -32,10 +32,11 @@ from ..fileformat.writer import SnapshotWriter
 from ..io.aligned import BufferPool
 from ..io.sockets import shutdown_all
 from ..stream import events as ev
-from ..stream.constants import MULTIFD_MAGIC
+from ..stream.constants import MULTIFD_MAGIC, QEMU_VM_FILE_MAGIC
 from ..stream.errors import StreamError
 from ..stream.multifd import MultifdInit, PacketHeader, header_size, page_count
-from .receive import RP_SHUT_OK, ReceiveStats, StreamReceiver
+from ..stream.postcopy import rp_shut
+from .receive import ReceiveStats, StreamReceiver
 
 #: payload buffers per channel
 DEFAULT_DEPTH = 4
@@ -45,7 +46,6 @@ BATCH_PACKETS = 8
 MAX_BUFFER_BYTES = 256 << 20
 #: how long to wait for channels to close after the main stream ended
 CHANNEL_CLOSE_TIMEOUT = 120.0
-_MAIN_MAGIC = 0x5145564D
 
 log = logging.getLogger(__name__)
 
@@ -340,7 +340,7 @@ def identify_channels(socks: Sequence[socket.socket], timeout: float | None = 60
         finally:
             s.settimeout(old)
         word = int.from_bytes(magic, "big") if len(magic) == 4 else None
-        if word == _MAIN_MAGIC and main is None:
+        if word == QEMU_VM_FILE_MAGIC and main is None:
             main = s
             log.debug("connection %d: main channel", len(chans) + 1)
         elif word == MULTIFD_MAGIC:
@@ -408,7 +408,7 @@ def receive_multifd(main: socket.socket, channels: Sequence[socket.socket],
             rx.close()
             if rx.return_path and reply:
                 log.debug("return path: SHUT(0) to the source")
-                main.sendall(RP_SHUT_OK)
+                main.sendall(rp_shut(0))
             gate.release_all()
             for c in chans:
                 c.thread.join(CHANNEL_CLOSE_TIMEOUT)
@@ -443,6 +443,7 @@ def receive_multifd(main: socket.socket, channels: Sequence[socket.socket],
                     pool.close()
     cstats = [c.stats for c in chans]
     return MultifdReceiveStats(
-        writer.path, total + sum(c.bytes + c.packets * header_size(ps) + 64 for c in cstats),
+        writer.path,
+        total + sum(c.bytes + c.packets * header_size(ps) + MultifdInit.SIZE for c in cstats),
         rx.pages + sum(c.pages for c in cstats), rx.zero_pages + sum(c.zero_pages for c in cstats),
         rx.blocks, rx.config.machine_type, writer.direct, cstats, gate.mode, rx.markers)

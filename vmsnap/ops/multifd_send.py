@@ -36,7 +36,8 @@ from ..io.sockets import shutdown_all
 from ..io.vectored import Buffer, transfer_all
 from ..stream import encoder
 from ..stream.constants import MULTIFD_FLAG_SYNC
-from ..stream.multifd import MultifdInit, PacketHeader, page_count
+from ..stream.constants import TARGET_PAGE_SIZE as PAGE
+from ..stream.multifd import MultifdInit, PacketHeader, header_size, page_count
 from .send import (
     SendStats,
     device_state,
@@ -142,7 +143,7 @@ class _Sender:
         self.depth = depth
         self.chunk_pages = chunk_pages
         self.progress = progress
-        self.total = sum(j.pages for j in jobs) * 4096
+        self.total = sum(j.pages for j in jobs) * PAGE
         self.done = 0
         self.lock = threading.Lock()
         self.error: BaseException | None = None
@@ -184,7 +185,7 @@ class _Sender:
             out.put(None)
 
     def channel(self, cid: int, sock: socket.socket, counts: list[int]) -> None:
-        bufs = [AlignedBuffer(self.chunk_pages * 4096) for _ in range(self.depth)]
+        bufs = [AlignedBuffer(self.chunk_pages * PAGE) for _ in range(self.depth)]
         out: queue.Queue = queue.Queue()
         free: queue.Queue = queue.Queue()
         for b in bufs:
@@ -273,7 +274,7 @@ def send_multifd(path: str | os.PathLike, main: socket.socket,
         raise ValueError("need at least one multifd channel")
     per_round = sync_mode == PER_ROUND
     with open_snapshot(path, direct=direct) as snap:
-        if any(b.page_size != 4096 for b in snap.blocks):
+        if any(b.page_size != PAGE for b in snap.blocks):
             raise VmsnapError("multifd send supports 4 KiB pages only")
         head = read_head(snap)
         snap.check_stream_ranges()
@@ -310,6 +311,6 @@ def send_multifd(path: str | os.PathLike, main: socket.socket,
                 t.join(30)
             raise
         packets = next(sender.packet_num) - 1
-    sent = (len(setup) + len(part) + len(tail) + 64 * len(channels)
-            + packets * 1344 + sum(counts) * 4096)
+    sent = (len(setup) + len(part) + len(tail) + MultifdInit.SIZE * len(channels)
+            + packets * header_size(PAGE) + sum(counts) * PAGE)
     return MultifdSendStats(sent, sum(counts), zeros, len(channels), packets, sync_mode, counts)

@@ -32,6 +32,7 @@ from ..io.sockets import shutdown_all
 from ..stream import constants as C
 from ..stream import encoder
 from ..stream import postcopy as pc
+from ..stream.constants import TARGET_PAGE_SIZE as PAGE
 from .multifd_send import sendmsg_all
 from .send import device_state, plain_stream_head, read_head
 
@@ -64,18 +65,18 @@ class PostcopyStats:
 def postcopy_prologue(snap: Snapshot) -> tuple[bytes, bytes, int]:
     """(everything before the pages, the closing bytes, RAM section id): stream head with
     OPEN_RETURN_PATH and POSTCOPY_ADVISE, one discard, PACKAGED(LISTEN, devices, RUN)."""
-    if any(b.page_size != 4096 for b in snap.blocks):
+    if any(b.page_size != PAGE for b in snap.blocks):
         raise VmsnapError("lazy restore supports 4 KiB pages only (no huge-page RAM)")
     head = read_head(snap)
     sid = head.section.section_id
-    commands = pc.open_return_path() + pc.postcopy_advise(4096, 4096)
+    commands = pc.open_return_path() + pc.postcopy_advise(PAGE, PAGE)
     ram_end = encoder.section_end(sid) + encoder.eos() + encoder.footer(sid)
     tail = _skip_empty_rounds(device_state(snap), sid)
     if not tail.startswith(ram_end):
         raise VmsnapError(f"{snap.path}: device state does not follow an empty RAM END")
     first = snap.blocks[0].name
     prologue = (plain_stream_head(snap, head, commands=commands)
-                + pc.postcopy_ram_discard(first, [(0, 4096)])
+                + pc.postcopy_ram_discard(first, [(0, PAGE)])
                 + pc.packaged(pc.device_sections(tail[len(ram_end):])))
     return prologue, ram_end + encoder.eof(), sid
 
@@ -254,7 +255,7 @@ class PostcopySource:
 
     def _answer(self, req: pc.ReqPages, t0: float) -> None:
         b = self.blocks.get(req.block)
-        ps = b.page_size if b else 4096
+        ps = b.page_size if b else PAGE
         if (b is None or req.start % ps or req.length % ps or not 0 < req.length <= MAX_REQUEST
                 or req.start + req.length > b.used_length):
             raise VmsnapError(f"destination asked for pages outside the snapshot: "
@@ -286,7 +287,7 @@ class PostcopySource:
 
     def _push(self) -> None:
         try:
-            with AlignedBuffer(self.chunk_pages * 4096) as buf:
+            with AlignedBuffer(self.chunk_pages * PAGE) as buf:
                 while not self.failed.is_set():
                     k = next(self.next_job)
                     if k >= len(self.jobs):

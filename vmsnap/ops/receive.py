@@ -20,15 +20,13 @@ from ..io.vectored import widen_pipe
 from ..stream import StreamDecoder, encoder
 from ..stream import events as ev
 from ..stream.constants import CAP_IGNORE_SHARED as IGNORE_SHARED
-from ..stream.constants import MIG_CMD_OPEN_RETURN_PATH, MIG_CMD_POSTCOPY_ADVISE
+from ..stream.constants import CAP_MAPPED_RAM, MIG_CMD_OPEN_RETURN_PATH, MIG_CMD_POSTCOPY_ADVISE
+from ..stream.postcopy import rp_shut
 from .shared_ram import Backing, CopyStats, copy_left_out
 
-MAPPED_RAM = "mapped-ram"
 CHUNK = 8 << 20
 #: Device state is small (KiB to a few MiB); refuse to buffer absurd amounts.
 MAX_DEVICE_STATE = 1 << 30
-#: The return-path message that tells a QEMU source the destination is done (SHUT, error 0).
-RP_SHUT_OK = b"\x00\x01\x00\x04\x00\x00\x00\x00"
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +89,7 @@ class StreamReceiver:
                 raise VmsnapError("device state larger than 1 GiB: refusing")
             self.device_state.append(e.data)
         elif isinstance(e, ev.Configuration):
-            if MAPPED_RAM in e.capabilities:
+            if CAP_MAPPED_RAM in e.capabilities:
                 raise VmsnapError("stream is already mapped-ram: use the file QEMU wrote")
             self.config = e
             log.debug("stream: machine %s, capabilities %s", e.machine_type, e.capabilities)
@@ -129,7 +127,7 @@ class StreamReceiver:
         # the file is the same whichever way RAM came: no x-ignore-shared, no addr
         caps = tuple(x for x in c.capabilities if x != IGNORE_SHARED)
         prefix = (encoder.header()
-                  + encoder.configuration(c.machine_type, (*caps, MAPPED_RAM),
+                  + encoder.configuration(c.machine_type, (*caps, CAP_MAPPED_RAM),
                                           page_bits=c.page_bits, uuid=c.uuid)
                   + self.prelude
                   + encoder.section_start(self.section.section_id, "ram",
@@ -181,7 +179,7 @@ def receive(source: BinaryIO, writer: SnapshotWriter, *,
         writer.finish(rx.tail())
         if rx.return_path and reply is not None:
             log.debug("return path: SHUT(0) to the source")
-            reply(RP_SHUT_OK)
+            reply(rp_shut(0))
     return ReceiveStats(writer.path, total, rx.pages + copied.pages,
                         rx.zero_pages + copied.zero_pages, rx.blocks,
                         rx.config.machine_type, writer.direct)

@@ -28,6 +28,7 @@ from ..fileformat.trailer import (
     xxh3,
 )
 from ..io.aligned import AlignedBuffer
+from ..stream.events import bitmap_size
 from .shared_ram import CHUNK, default_workers
 
 
@@ -38,7 +39,7 @@ def stream_ranges(snap: Snapshot) -> list[RangeChecksum]:
     out = []
     start = 0
     for b in snap.blocks:
-        end = b.bitmap_offset + (b.npages + 63) // 64 * 8
+        end = b.bitmap_offset + bitmap_size(b.npages)
         out.append(RangeChecksum(start, end - start, xxh3(snap.read_meta(start, end - start))))
         start = b.pages_offset + b.used_length
     out.append(RangeChecksum(snap.tail_offset, len(snap.tail), xxh3(snap.tail)))

@@ -23,6 +23,7 @@ from ..io.vectored import widen_pipe, writev_all
 from ..stream import StreamDecoder, encoder
 from ..stream import events as ev
 from ..stream.constants import CAP_IGNORE_SHARED as IGNORE_SHARED
+from ..stream.constants import CAP_MAPPED_RAM
 
 #: Blocks at most this large are treated as firmware/ROM: absent pages are sent as ZERO.
 EXPLICIT_ZERO_MAX = 64 << 20
@@ -69,7 +70,7 @@ def plain_stream_head(snap: Snapshot, head: StreamHead, before_eos: bytes = b"",
     multifd flush, right before the START's EOS). `shared`: an x-ignore-shared stream;
     block name -> addr of the blocks the destination ignores."""
     c = head.config
-    caps = tuple(x for x in c.capabilities if x not in ("mapped-ram", IGNORE_SHARED))
+    caps = tuple(x for x in c.capabilities if x not in (CAP_MAPPED_RAM, IGNORE_SHARED))
     if shared is None:
         blocks = [ev.RamBlock(b.name, b.used_length) for b in snap.blocks]
     else:

@@ -19,11 +19,11 @@ from ..fileformat.reader import open_snapshot
 from ..fileformat.writer import SnapshotWriter
 from ..ops.receive import ReceiveStats
 from ..ops.seal import seal
+from ..stream.constants import CAP_MAPPED_RAM
 from .qmp import Peer
 
 #: file:/dev/fdset and the direct-io parameter are QEMU 9.1's.
 MIN_VERSION = (9, 1, 0)
-MAPPED_RAM = "mapped-ram"
 
 
 async def supported(client: QMPClient, peer: Peer, channels: int) -> bool:
@@ -32,7 +32,7 @@ async def supported(client: QMPClient, peer: Peer, channels: int) -> bool:
     if channels < 1 or peer.version < MIN_VERSION or peer.pid is None:
         return False
     caps = {c["capability"] for c in await client.execute("query-migrate-capabilities")}
-    return MAPPED_RAM in caps
+    return CAP_MAPPED_RAM in caps
 
 
 @dataclass

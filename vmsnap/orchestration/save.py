@@ -28,6 +28,7 @@ from ..ops.multifd_receive import identify_channels, receive_multifd
 from ..ops.receive import ReceiveStats, receive
 from ..ops.shared_ram import Backing
 from ..progress import Reporter
+from ..stream.constants import CAP_MAPPED_RAM
 from . import background, converge, modes, native, shared
 from . import qmp as qmpmod
 from .modes import SaveMode
@@ -173,7 +174,7 @@ async def _save(client: Client, peer: qmpmod.Peer, writer: SnapshotWriter,
     try:
         saved_caps = await modes.apply_capabilities(
             client, peer, mode, channels,
-            {shared.IGNORE_SHARED: bool(backings), native.MAPPED_RAM: by_qemu})
+            {shared.IGNORE_SHARED: bool(backings), CAP_MAPPED_RAM: by_qemu})
         params = modes.base_parameters(channels)
         direct_io = by_qemu and writer.direct_requested and native.direct_io_ok(
             writer.partial_path)

@@ -74,7 +74,12 @@ RAM_IDSTR = b"ram"
 RAM_INSTANCE_ID = 0
 RAM_VERSION_ID = 4
 
+#: Target page size of every architecture vmsnap saves (x86-64, aarch64 with 4 KiB pages).
+TARGET_PAGE_SIZE = 4096
+
 CAPS_SUBSECTION = "configuration/capabilities"
+#: Capability of a fixed-offset file: a bitmap and a page area per RAM block.
+CAP_MAPPED_RAM = "mapped-ram"
 #: Capability that leaves shared RAM out of the stream and adds `addr` to each RAM block entry.
 CAP_IGNORE_SHARED = "x-ignore-shared"
 PAGE_BITS_SUBSECTION = "configuration/target-page-bits"

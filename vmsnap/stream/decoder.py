@@ -110,7 +110,7 @@ class StreamDecoder:
 
     def __init__(
         self,
-        page_size: int = 4096,
+        page_size: int = C.TARGET_PAGE_SIZE,
         *,
         blocks_with_page_size: Collection[str] = (),
         max_vmdesc: int = C.MAX_VMDESC_LEN,

@@ -106,7 +106,7 @@ def ramblock_entry(b: RamBlock, *, mapped_ram: bool = False) -> bytes:
     return out
 
 
-def mem_size(blocks: Iterable[RamBlock], page_size: int = 4096) -> bytes:
+def mem_size(blocks: Iterable[RamBlock], page_size: int = C.TARGET_PAGE_SIZE) -> bytes:
     total = sum(b.used_length for b in blocks)
     if total & (page_size - 1):
         raise ValueError("MEM_SIZE total must be page aligned")
@@ -114,7 +114,7 @@ def mem_size(blocks: Iterable[RamBlock], page_size: int = 4096) -> bytes:
 
 
 def ram_start(sid: int, blocks: Sequence[RamBlock], mapped_ram: bool = False,
-              page_size: int = 4096) -> bytes:
+              page_size: int = C.TARGET_PAGE_SIZE) -> bytes:
     """RAM START section header + MEM_SIZE block list (no EOS/footer).
 
     With ``mapped_ram`` each entry carries its MappedRamHeader back to back; the jumps
@@ -141,7 +141,7 @@ def _headers(block: str, offsets: np.ndarray, flag: int, continue_: bool,
 
 
 def page_record_parts(block: str, offsets: np.ndarray, pages, continue_: bool = False,
-                      page_size: int = 4096) -> list[memoryview]:
+                      page_size: int = C.TARGET_PAGE_SIZE) -> list[memoryview]:
     """PAGE records as a list of buffers, headers interleaved with views of ``pages``
     (len(offsets)*page_size bytes) — for vectored writes that never copy page data.
     The first record carries the idstr unless ``continue_``."""
@@ -159,14 +159,14 @@ def page_record_parts(block: str, offsets: np.ndarray, pages, continue_: bool = 
 
 
 def page_records(block: str, offsets: np.ndarray, pages, continue_: bool = False,
-                 page_size: int = 4096) -> bytes:
+                 page_size: int = C.TARGET_PAGE_SIZE) -> bytes:
     """PAGE records for ``offsets`` with page bytes ``pages`` (len(offsets)*page_size
     bytes, any buffer). The first record carries the idstr unless ``continue_``."""
     return b"".join(page_record_parts(block, offsets, pages, continue_, page_size))
 
 
 def zero_records(block: str, offsets: np.ndarray, fill: int = 0, continue_: bool = False,
-                 page_size: int = 4096) -> bytes:
+                 page_size: int = C.TARGET_PAGE_SIZE) -> bytes:
     """ZERO records (8-byte word [+ idstr] + fill byte)."""
     first, words = _headers(block, offsets, C.RAM_SAVE_FLAG_ZERO, continue_, page_size)
     n = words.size

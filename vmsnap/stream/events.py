@@ -164,7 +164,7 @@ class RamBlock:
 
     @property
     def bitmap_size(self) -> int:
-        ps = self.mapped_ram.page_size if self.mapped_ram else 4096
+        ps = self.mapped_ram.page_size if self.mapped_ram else C.TARGET_PAGE_SIZE
         return MappedRamHeader.bitmap_size_for(self.used_length, ps)
 
     @property

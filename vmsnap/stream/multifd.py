@@ -21,13 +21,15 @@ from .errors import StreamError
 
 _INIT = struct.Struct(">II16sB7x32x")
 _HDR = struct.Struct(">IIIIIIQI28s256s")
+#: where the 256-byte ramblock name starts in a packet header (64)
+_RAMBLOCK_AT = _HDR.size - 256
 
 
-def page_count(page_size: int = 4096) -> int:
+def page_count(page_size: int = C.TARGET_PAGE_SIZE) -> int:
     return C.MULTIFD_PACKET_SIZE // page_size
 
 
-def header_size(page_size: int = 4096) -> int:
+def header_size(page_size: int = C.TARGET_PAGE_SIZE) -> int:
     return C.MULTIFD_HDR_FIXED + 8 * page_count(page_size)
 
 
@@ -96,7 +98,7 @@ class PacketHeader:
     def zero_offsets(self) -> np.ndarray:
         return self.slots[self.normal_pages : self.normal_pages + self.zero_pages]
 
-    def payload_size(self, page_size: int = 4096) -> int:
+    def payload_size(self, page_size: int = C.TARGET_PAGE_SIZE) -> int:
         return self.normal_pages * page_size
 
     def __eq__(self, other: object) -> bool:
@@ -115,7 +117,7 @@ class PacketHeader:
         buf,
         offset: int = 0,
         *,
-        page_size: int = 4096,
+        page_size: int = C.TARGET_PAGE_SIZE,
         blocks: Mapping[str, int] | None = None,
         legacy: bool = False,
     ) -> PacketHeader:
@@ -167,12 +169,12 @@ class PacketHeader:
             bname = name.split(b"\0", 1)[0]
             if not bname or name[255] != 0:
                 raise StreamError("ramblock name not NUL terminated or empty",
-                                  "multifd.ramblock", offset + 64, "a NUL-padded name")
+                                  "multifd.ramblock", offset + _RAMBLOCK_AT, "a NUL-padded name")
             if blocks is not None:
                 blk = hdr.block
                 if blk not in blocks:
                     raise StreamError(f"unknown RAMBlock {blk!r}", "multifd.ramblock",
-                                      offset + 64, "a block from the MEM_SIZE list")
+                                      offset + _RAMBLOCK_AT, "a block from the MEM_SIZE list")
                 limit = blocks[blk] - page_size
                 offs = slots[:used]
                 bad = np.flatnonzero((offs > np.uint64(limit))
@@ -184,7 +186,7 @@ class PacketHeader:
                                       f"page aligned and <= 0x{limit:x}")
         return hdr
 
-    def pack(self, page_size: int = 4096) -> bytes:
+    def pack(self, page_size: int = C.TARGET_PAGE_SIZE) -> bytes:
         cnt = page_count(page_size)
         slots = np.zeros(cnt, np.uint64)
         n = min(cnt, len(self.slots))
@@ -199,7 +201,7 @@ class PacketHeader:
 
     @classmethod
     def make(cls, block: str, normal: np.ndarray, zero: np.ndarray | None = None, *,
-             packet_num: int = 0, flags: int = 0, page_size: int = 4096,
+             packet_num: int = 0, flags: int = 0, page_size: int = C.TARGET_PAGE_SIZE,
              pages_alloc: int | None = None) -> PacketHeader:
         """Build a header for ``normal`` (+ ``zero``) page offsets of ``block``."""
         cnt = page_count(page_size)

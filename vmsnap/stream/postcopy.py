@@ -24,6 +24,16 @@ _BE32 = struct.Struct(">I")
 _BE64 = struct.Struct(">Q")
 
 
+def rp_message(kind: int, payload: bytes = b"") -> bytes:
+    """A return-path message (destination → source): be16 type, be16 length, payload."""
+    return _BE16.pack(kind) + _BE16.pack(len(payload)) + payload
+
+
+def rp_shut(status: int = 0) -> bytes:
+    """SHUT: the destination is done (0) or failed (non-zero); the source may close."""
+    return rp_message(C.MIG_RP_MSG_SHUT, _BE32.pack(status))
+
+
 def open_return_path() -> bytes:
     return command(C.MIG_CMD_OPEN_RETURN_PATH)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 
 from . import encoder as E
+from .constants import TARGET_PAGE_SIZE
 from .events import (
     Command,
     Configuration,
@@ -29,7 +30,7 @@ class EventEncoder:
     """Stateful events → bytes. For mapped-ram streams the block list is emitted with
     its headers back to back (no jumps); files use ``vmsnap.fileformat.layout``."""
 
-    def __init__(self, page_size: int = 4096) -> None:
+    def __init__(self, page_size: int = TARGET_PAGE_SIZE) -> None:
         self.page_size = page_size
         self.sid: int | None = None
         self.mapped_ram = False
@@ -71,7 +72,7 @@ class EventEncoder:
         raise TypeError(f"not an event: {ev!r}")
 
 
-def iter_encode(events: Iterable[Event], page_size: int = 4096) -> Iterator[bytes]:
+def iter_encode(events: Iterable[Event], page_size: int = TARGET_PAGE_SIZE) -> Iterator[bytes]:
     enc = EventEncoder(page_size)
     for ev in events:
         b = enc.encode(ev)
@@ -79,5 +80,5 @@ def iter_encode(events: Iterable[Event], page_size: int = 4096) -> Iterator[byte
             yield b
 
 
-def encode_events(events: Iterable[Event], page_size: int = 4096) -> bytes:
+def encode_events(events: Iterable[Event], page_size: int = TARGET_PAGE_SIZE) -> bytes:
     return b"".join(iter_encode(events, page_size))

@@ -60,10 +60,42 @@ def ceph_env():
 
 
 @pytest.fixture
-def rbd_url(ceph_env) -> str:
-    return f"rbd:{POOL}/t-{uuid.uuid4().hex[:12]}"
+def rbd_url(ceph_env):
+    """A fresh image name; the image (with its snapshots and metadata) is removed after."""
+    name = f"t-{uuid.uuid4().hex[:12]}"
+    yield f"rbd:{POOL}/{name}"
+    remove_image(POOL, name)
 
 
 @pytest.fixture
-def s3_url(ceph_env) -> str:
-    return f"s3://{BUCKET}/t-{uuid.uuid4().hex[:12]}/vm.snap"
+def s3_url(ceph_env):
+    """A fresh key under its own prefix; every object under that prefix (manifest, chunks of
+    every save, the .hot note) is deleted after."""
+    prefix = f"t-{uuid.uuid4().hex[:12]}/"
+    yield f"s3://{BUCKET}/{prefix}vm.snap"
+    remove_objects(BUCKET, prefix)
+
+
+def remove_image(pool: str, name: str) -> None:
+    import rbd
+
+    from vmsnap.targets.ceph import ioctx
+
+    io = ioctx(pool)
+    try:
+        with rbd.Image(io, name) as img:
+            for snap in img.list_snaps():
+                img.remove_snap(snap["name"])
+        rbd.RBD().remove(io, name)
+    except rbd.ImageNotFound:
+        pass
+
+
+def remove_objects(bucket: str, prefix: str) -> None:
+    import boto3
+
+    s3 = boto3.client("s3")  # from the environment now (a test may have broken its own)
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+        if keys:
+            s3.delete_objects(Bucket=bucket, Delete={"Objects": keys, "Quiet": True})

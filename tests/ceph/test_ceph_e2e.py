@@ -1,5 +1,6 @@
 """Save to and restore from Ceph through the CLI on real QEMU (bootguest, KVM): rbd: and
-s3:// on QEMU 7.2 and 10. The save runs as one "host" (its own scratch directory) and the
+s3:// on QEMU 7.2 and 10, restored eagerly and lazily (postcopy; hot pages first the second
+time; mmap refused). The save runs as one "host" (its own scratch directory) and the
 restore as another (a clean directory, nothing but the URL); guest RAM is checked. Faults:
 radosgw killed mid-save (old snapshot intact, VM back in its run state), wrong credentials
 (one line, VM untouched), a deleted chunk (one line naming the page)."""
@@ -75,6 +76,20 @@ def test_save_here_restore_there(kind, qemu, workdir, request):
         ok(vmsnap_cli(b, "restore", url, "--qmp", dst.tool_qmp_path))
         assert dst.status() == "running"
         guest.check_restored(dst)
+    assert one_line_error(vmsnap_cli(b, "restore", url, "--lazy=mmap")).endswith(
+        f"--lazy=mmap maps a local file; {url} is remote: use --lazy=postcopy")
+    for attempt in (1, 2):  # the second one sends the pages the first was asked for first
+        with Vm(guest.config(qemu, b), b, f"lazy{attempt}", incoming="defer") as dst:
+            r = ok(vmsnap_cli(b, "restore", "--json", "--lazy", url, "--qmp",
+                              dst.tool_qmp_path))
+            done = json.loads(r.stdout.splitlines()[-1])
+            assert done["event"] == "done" and done["engine"] == "postcopy"
+            assert 0 < done["running_seconds"] < done["seconds"]
+            assert done["requests"] > 0 and done["latency_p50_us"] > 0
+            assert (done["hot_pages"] > 0) == (attempt == 2), done["hot_pages"]
+            assert dst.cmd("query-migrate")["status"] == "completed"
+            guest.check_restored(dst)
+    assert not [p.name for p in b.iterdir() if p.name.startswith(("rbd:", "s3:"))]
 
 
 def _rgw_pid() -> int:

@@ -60,6 +60,10 @@ def check(url: str, ram: np.ndarray) -> None:
             mv = s.read_pages(b, int(first), int(count))
             got[first * PS:(first + count) * PS] = np.frombuffer(mv, np.uint8)
         assert (got == ram).all()
+        for first, count in s.present_runs(b)[::97]:  # a lazy restore's page requests
+            last = int(first + count - 1)
+            mv = s.read_pages(b, last, 1, urgent=True)
+            assert bytes(mv) == ram[last * PS:(last + 1) * PS].tobytes()
         s.verify()
 
 

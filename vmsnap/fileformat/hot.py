@@ -1,10 +1,11 @@
 """Hot pages: the pages a guest asked for first during a lazy restore, kept beside the
-snapshot as `FILE.hot` so the next lazy restore sends them first.
+snapshot so the next lazy restore sends them first: the file `FILE.hot`, the S3 object
+`KEY.hot`, or the RBD image's metadata key `vmsnap.hot` (targets.write_beside).
 
-The hint lives in its own file, written atomically (0600), and is tied to the snapshot
-it was recorded on by the snapshot's commit record: a missing, damaged, oversized or
-stale hint is ignored. It only changes the order pages are sent in, so it can never spoil
-a restore or the snapshot.
+The hint is written atomically (a file 0600) and is tied to the snapshot it was recorded on
+by the snapshot's commit record: a missing, damaged, oversized or stale hint is ignored,
+and so is a store that cannot be read or written. It only changes the order pages are sent
+in, so it can never spoil a restore or the snapshot.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from ..io.atomic import AtomicFile
+from .. import targets
 from .reader import Snapshot
 
 SUFFIX = ".hot"
@@ -25,6 +26,7 @@ MAX_BYTES = 32 << 20
 
 
 def hot_path(snapshot_path: str | os.PathLike) -> str:
+    """Where a local snapshot's hint is."""
     return os.fspath(snapshot_path) + SUFFIX
 
 
@@ -39,9 +41,8 @@ def _identity(snap: Snapshot) -> str:
 def load_hot(snap: Snapshot) -> dict[str, np.ndarray]:
     """The hot pages recorded for `snap`, or {} when there is no valid hint for it."""
     try:
-        with open(hot_path(snap.path), "rb") as f:
-            raw = f.read(MAX_BYTES + 1)
-        if len(raw) > MAX_BYTES:
+        raw = targets.read_beside(snap.path, SUFFIX, MAX_BYTES)
+        if raw is None:
             return {}
         doc = json.loads(raw)
         if doc.get("version") != VERSION or doc.get("snapshot") != _identity(snap):
@@ -62,6 +63,4 @@ def save_hot(snap: Snapshot, requested: Mapping[str, Sequence[int]]) -> None:
     doc = {"version": VERSION, "snapshot": _identity(snap),
            "blocks": {name: list(dict.fromkeys(int(p) for p in pages))
                       for name, pages in requested.items()}}
-    with AtomicFile(hot_path(snap.path)) as af:
-        os.write(af.fd, json.dumps(doc, separators=(",", ":")).encode())
-        af.commit()
+    targets.write_beside(snap.path, SUFFIX, json.dumps(doc, separators=(",", ":")))

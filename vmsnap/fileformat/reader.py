@@ -128,9 +128,10 @@ class Snapshot:
         return runs(self._b(block).present, max_pages)
 
     def read_pages(self, block: str | BlockInfo, first_page: int, count: int,
-                   into=None) -> memoryview:
+                   into=None, *, urgent: bool = False) -> memoryview:
         """Read `count` pages starting at page `first_page` (O_DIRECT when `into` is an
-        aligned buffer). Returns a memoryview of exactly count*page_size bytes."""
+        aligned buffer; `urgent`: someone waits on them, see PageSource.read_urgent).
+        Returns a memoryview of exactly count*page_size bytes."""
         b = self._b(block)
         if first_page < 0 or count < 0 or first_page + count > b.npages:
             raise SnapshotError(f"pages {first_page}+{count} outside block {b.name!r}")
@@ -143,7 +144,8 @@ class Snapshot:
         mv = mv[:n]
         if n:
             try:
-                self._file.read_into(b.pages_offset + first_page * b.page_size, [mv])
+                read = self._file.read_urgent if urgent else self._file.read_into
+                read(b.pages_offset + first_page * b.page_size, [mv])
             except IOEngineError as e:
                 raise SnapshotError(f"block {b.name!r} pages from offset "
                                     f"{first_page * b.page_size:#x}: {e.strerror}") from None

@@ -277,7 +277,8 @@ class PostcopySource:
             wanted = new[present]
             for i, c in contiguous_runs(wanted):
                 f, c = int(wanted[i]), int(c)
-                mv = self.snap.read_pages(b, f, c, into=buf.view[pos * ps:(pos + c) * ps])
+                mv = self.snap.read_pages(b, f, c, into=buf.view[pos * ps:(pos + c) * ps],
+                                          urgent=True)
                 self.snap.check_pages(b, f, c, mv, int(self.index[b.name][f]))
                 pos += c
             if pos:

@@ -17,7 +17,8 @@ launched); `verify=True` checks every page before the guest starts. An interrupt
 the background check leaves the guest running, unchecked, and says so.
 
 "auto" picks mmap when vmsnap launches a QEMU >= 8.2 (by the version the snapshot was saved
-with) on a plain `-m` command line, postcopy otherwise.
+with) on a plain `-m` command line from a local file, postcopy otherwise. A remote snapshot
+(rbd:, s3://) cannot be mapped: postcopy serves its page requests by ranged reads.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 from qemu.qmp import QMPClient
 
+from .. import targets
 from ..errors import VmsnapError, one_line
 from ..fileformat.hot import load_hot, save_hot
 from ..fileformat.reader import Snapshot, open_snapshot
@@ -81,7 +83,11 @@ def pick_engine(engine: str, snap: Snapshot, argv: Sequence[str] | None) -> str:
     if engine not in ENGINES:
         raise VmsnapError(f"unknown lazy engine {engine!r} (choose {', '.join(ENGINES[1:])})")
     version = snap.metadata.qemu_version if snap.metadata else None
+    where = targets.remote(snap.path)
     if engine == "mmap":
+        if where is not None:
+            raise VmsnapError(f"--lazy=mmap maps a local file; {where} is remote: "
+                              "use --lazy=postcopy")
         if argv is None:
             raise VmsnapError("--lazy=mmap needs vmsnap to launch QEMU (no --qmp): "
                               "use --lazy=postcopy for a waiting QEMU")
@@ -90,7 +96,7 @@ def pick_engine(engine: str, snap: Snapshot, argv: Sequence[str] | None) -> str:
                               f"this snapshot is from QEMU {version or 'unknown'}: "
                               "use --lazy=postcopy")
         return "mmap"
-    if engine == "auto" and argv is not None and supports_mmap(version):
+    if engine == "auto" and argv is not None and where is None and supports_mmap(version):
         try:
             mapped_argv(argv, snap)
             return "mmap"
@@ -133,7 +139,7 @@ async def restore_lazy(path: str | os.PathLike, *, engine: str = "auto",
     the pages the last lazy restore saw requested first, and record this one's. `verify`
     (mmap): check every page before the guest starts."""
     t0 = time.monotonic()
-    path = os.path.abspath(os.fspath(path))
+    path = targets.normalize(path)
     rep = reporter or Reporter()
     snap = open_snapshot(path, direct=direct)  # validates the file before launching
     meta = snap.metadata

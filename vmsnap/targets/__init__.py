@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from ..io.aligned import PAGE_SIZE
 from ..io.direct import DirectFile
 from .base import PageSink, PageSource, TargetError
-from .local import LocalSink
+from .local import LocalSink, read_local_beside, write_local_beside
 
 _RBD = re.compile(r"rbd:(?P<a>[^/@\s]+)/(?P<b>[^/@\s]+)")
 _S3 = re.compile(r"s3://(?P<a>[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9])/(?P<b>\S+)")
@@ -93,6 +93,25 @@ def open_source(path: str | os.PathLike, *, direct: bool = True) -> PageSource:
     return _module(r).Source(r)
 
 
+def read_beside(path: str | os.PathLike, suffix: str, limit: int) -> str | None:
+    """A small text kept beside the snapshot at `path` (a hint like the hot pages): the file
+    PATH+SUFFIX, the S3 object KEY+SUFFIX or the RBD image's metadata key vmsnap+SUFFIX.
+    None if there is none, or it is longer than `limit` bytes."""
+    r = remote(path)
+    if r is None:
+        return read_local_beside(os.fspath(path) + suffix, limit)
+    return _module(r).read_beside(r, suffix, limit)
+
+
+def write_beside(path: str | os.PathLike, suffix: str, text: str) -> None:
+    """Replace the text beside `path` (atomically; a file is 0600)."""
+    r = remote(path)
+    if r is None:
+        write_local_beside(os.fspath(path) + suffix, text)
+    else:
+        _module(r).write_beside(r, suffix, text)
+
+
 def _module(r: Remote):
     try:
         if r.kind == "rbd":
@@ -106,4 +125,4 @@ def _module(r: Remote):
 
 
 __all__ = ["PageSink", "PageSource", "Remote", "TargetError", "exists", "normalize",
-           "open_sink", "open_source", "remote"]
+           "open_sink", "open_source", "read_beside", "remote", "write_beside"]

@@ -67,6 +67,10 @@ class PageSource(Protocol):
     def read_into(self, offset: int, bufs: Sequence) -> int:
         """Fill `bufs` from `offset` (IOEngineError, naming the bytes, if they are missing)."""
 
+    def read_urgent(self, offset: int, bufs: Sequence) -> int:
+        """`read_into` for a read someone waits on (a lazy restore's page request): the
+        fewest bytes and round trips, ahead of any read-ahead."""
+
     def pread_meta(self, offset: int, length: int) -> bytes: ...
 
     def close(self) -> None: ...
@@ -130,9 +134,7 @@ class RangeReader:
         total = 0
         with self._lock:
             for off, view in pieces(offset, bufs, self.BLOCK):
-                if off + view.nbytes > self.size_bytes:
-                    raise IOEngineError(errno.EIO, f"{self.name}: read of {view.nbytes} bytes "
-                                        f"at {off:#x} is beyond the end ({self.size_bytes:#x})")
+                self._check_end(off, view.nbytes)
                 k, at = divmod(off, self.BLOCK)
                 total += view.nbytes
                 if view.nbytes == self.BLOCK and k not in self._blocks:
@@ -147,6 +149,28 @@ class RangeReader:
         for fut, at, view in cached:
             view[:] = fut.result()[at:at + view.nbytes]
         return total
+
+    def read_urgent(self, offset: int, bufs: Sequence) -> int:
+        """Pieces whose block is already fetched come from the cache; the others are fetched
+        exactly (no whole block, no read-ahead) in the caller's thread, so a page request
+        never queues behind the pool's read-ahead."""
+        total = 0
+        for off, view in pieces(offset, bufs, self.BLOCK):
+            self._check_end(off, view.nbytes)
+            k, at = divmod(off, self.BLOCK)
+            with self._lock:
+                fut = self._blocks.get(k)
+            if fut is not None and fut.done() and fut.exception() is None:
+                view[:] = fut.result()[at:at + view.nbytes]
+            else:
+                self._fetch(off, view)
+            total += view.nbytes
+        return total
+
+    def _check_end(self, off: int, n: int) -> None:
+        if off + n > self.size_bytes:
+            raise IOEngineError(errno.EIO, f"{self.name}: read of {n} bytes at {off:#x} is "
+                                f"beyond the end ({self.size_bytes:#x})")
 
     def size(self) -> int:
         return self.size_bytes

@@ -50,3 +50,18 @@ class LocalSink:
     def abort(self) -> None:
         self._file.close()
         self._atomic.abort()
+
+
+def read_local_beside(path: str, limit: int) -> str | None:
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(limit + 1)
+    except FileNotFoundError:
+        return None
+    return raw.decode() if len(raw) <= limit else None
+
+
+def write_local_beside(path: str, text: str) -> None:
+    with AtomicFile(path) as af:
+        os.write(af.fd, text.encode())
+        af.commit()

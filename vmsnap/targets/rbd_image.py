@@ -42,6 +42,26 @@ def exists(r: Remote) -> bool:
         return False
 
 
+def read_beside(r: Remote, suffix: str, limit: int) -> str | None:
+    """`targets.read_beside`: the image metadata key vmsnap+SUFFIX (removed with the image)."""
+    try:
+        with rbd.Image(ioctx(r.container), r.name, read_only=True) as img:
+            text = img.metadata_get(f"vmsnap{suffix}")
+    except (rbd.ImageNotFound, KeyError):
+        return None
+    except rbd.Error as e:
+        raise TargetError(f"{r}: cannot read metadata: {e}") from None
+    return text if len(text.encode()) <= limit else None
+
+
+def write_beside(r: Remote, suffix: str, text: str) -> None:
+    try:
+        with rbd.Image(ioctx(r.container), r.name) as img:
+            img.metadata_set(f"vmsnap{suffix}", text)
+    except rbd.Error as e:
+        raise TargetError(f"{r}: cannot write metadata: {e}") from None
+
+
 class Sink:
     """`PageSink` on an RBD image head; `commit` snapshots it."""
 

@@ -94,19 +94,41 @@ def _chunks_root(key: str) -> str:
     return f"{key}.chunks/"
 
 
-def _read_manifest(r: Remote) -> dict | None:
-    """The manifest at `r`, validated; None if there is no object."""
+def _get_small(r: Remote, key: str, limit: int, what: str) -> bytes | None:
+    """The object `key` (None if there is none); TargetError if it is larger than `limit`
+    bytes, which is too large for `what` it should be."""
     try:
-        obj = client().get_object(Bucket=r.container, Key=r.name)
-        if obj.get("ContentLength", 0) > MAX_MANIFEST:
-            raise TargetError(f"{r}: not a vmsnap snapshot (object too large for a manifest)")
-        body = obj["Body"].read()
+        obj = client().get_object(Bucket=r.container, Key=key)
+        if obj.get("ContentLength", 0) > limit:
+            obj["Body"].close()
+            raise TargetError(f"{r}: object {key} is too large for {what}")
+        return obj["Body"].read()
     except ClientError as e:
         if _missing(e):
             return None
         raise _error(r, e) from None
     except BotoCoreError as e:
         raise _error(r, e) from None
+
+
+def read_beside(r: Remote, suffix: str, limit: int) -> str | None:
+    """`targets.read_beside`: the object KEY+SUFFIX."""
+    body = _get_small(r, r.name + suffix, limit, f"a {suffix} note")
+    return None if body is None else body.decode()
+
+
+def write_beside(r: Remote, suffix: str, text: str) -> None:
+    try:
+        client().put_object(Bucket=r.container, Key=r.name + suffix, Body=text.encode())
+    except (ClientError, BotoCoreError) as e:
+        raise _error(r, e) from None
+
+
+def _read_manifest(r: Remote) -> dict | None:
+    """The manifest at `r`, validated; None if there is no object."""
+    body = _get_small(r, r.name, MAX_MANIFEST, "a vmsnap manifest")
+    if body is None:
+        return None
     try:
         m = json.loads(body)
         assert m["format"] == MANIFEST_FORMAT

@@ -225,3 +225,25 @@ def test_second_restore_into_loading_target(workdir):
         assert first.returncode == 0, err
         assert dst.status() == "running"
     snap.unlink()
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize("qemu", ["7.2", "10"])
+def test_target_with_other_ram_size(workdir, qemu):
+    """A target started with another -m: one line naming both sizes before anything is sent
+    (QEMU alone says "Size mismatch" only in its log, and exits); the target still waits."""
+    guest = BootGuest(memory_mb=256)
+    snap = workdir / "vm.snap"
+    with Vm(guest.config(qemu, workdir), workdir, "src") as vm:
+        guest.boot(vm)
+        assert run_vmsnap(workdir, "save", "--quit", "--qmp", vm.tool_qmp_path,
+                          snap).returncode == 0
+        vm.proc.wait(timeout=60)
+    bigger = BootGuest(memory_mb=512).config(qemu, workdir)
+    with Vm(bigger, workdir, "dst", incoming="defer") as dst:
+        for extra in (["--channels", "0"], ["--channels", "2"], ["--lazy"]):
+            message = failed(run_vmsnap(workdir, "restore", snap, *extra, "--qmp",
+                                        dst.tool_qmp_path))
+            assert "RAM size mismatch" in message and "256 MiB" in message \
+                and "512 MiB" in message, message
+            assert dst.status() == "inmigrate"

@@ -166,7 +166,8 @@ async def restore_lazy(path: str | os.PathLike, *, engine: str = "auto",
                 path, argv, bool(command), trust_of(snap.trailer), trust_command_line,
                 workdir, mapped_argv(argv, snap) if job.engine == "mmap" else None)
         job.client, peer = await qmpmod.connect(qmp_address)
-        await _check_target(job.client, peer, snap.machine_type)
+        await _check_target(job.client, peer, snap.machine_type,
+                            {b.name: b.used_length for b in snap.blocks})
         job.pid = job.proc.pid if job.proc else peer.pid
         job.qmp = qmp_address
         sys.setswitchinterval(SWITCH_INTERVAL)

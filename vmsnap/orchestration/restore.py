@@ -129,7 +129,10 @@ async def fresh_blocks(client: Client) -> set[str]:
             if o.get("type", "").removeprefix("child<").removesuffix(">") in FRESH_BACKENDS}
 
 
-async def _check_target(client: Client, peer: qmpmod.Peer, machine: str) -> Destination:
+async def _check_target(client: Client, peer: qmpmod.Peer, machine: str,
+                        sizes: dict[str, int]) -> Destination:
+    """Refuse, before anything is sent, a target that cannot take this snapshot (QEMU would
+    only say so in its log, and exit). `sizes`: the snapshot's RAM block sizes by name."""
     if peer.status != "inmigrate":
         raise VmsnapError(f"target QEMU is {peer.status!r}, not waiting for an incoming "
                           "migration (start it with -incoming defer)")
@@ -141,6 +144,13 @@ async def _check_target(client: Client, peer: qmpmod.Peer, machine: str) -> Dest
     if target.machine != machine:
         raise VmsnapError(f"machine type mismatch: snapshot is {machine}, target is "
                           f"{target.machine}")
+    for memdev in await client.execute("query-memdev"):  # a backend's block bears its id
+        want = sizes.get(memdev.get("id", ""))
+        if want is not None and memdev["size"] != want:
+            raise VmsnapError(
+                f"RAM size mismatch: the snapshot's {memdev['id']} is {want >> 20} MiB, the "
+                f"target's is {memdev['size'] >> 20} MiB (start it with the saved -m or "
+                "backend size)")
     return target
 
 
@@ -176,7 +186,7 @@ async def restore(path: str | os.PathLike, *, qmp_address: str | None = None,
         saved_running = (meta.extra.get("run_state", "running") == "running") if meta else True
         total = sum(b.present_count * b.page_size for b in snap.blocks)
         trust = trust_of(snap.trailer)
-        blocks = {b.name for b in snap.blocks}
+        sizes = {b.name: b.used_length for b in snap.blocks}
     workdir = tempfile.mkdtemp(prefix="vmsnap-")  # 0700
     proc: GuardedQemu | None = None
     lock: RelaunchLock | None = None
@@ -196,8 +206,8 @@ async def restore(path: str | os.PathLike, *, qmp_address: str | None = None,
                 path, argv, bool(command), trust, trust_command_line, workdir)
         client, peer = await qmpmod.connect(qmp_address)
         stack.enter_context(vm_lock(peer.pid))
-        target = await _check_target(client, peer, machine)
-        plan = await shared.restore_plan(client, peer, blocks)
+        target = await _check_target(client, peer, machine, sizes)
+        plan = await shared.restore_plan(client, peer, set(sizes))
         if plan:
             channels = 0  # the stream holds device state and small blocks only
         await qmpmod.set_capabilities(

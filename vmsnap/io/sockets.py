@@ -3,7 +3,18 @@
 from __future__ import annotations
 
 import socket
+import time
 from collections.abc import Iterable
+
+#: SO_SNDBUFFORCE / SO_RCVBUFFORCE (Linux; root may exceed net.core.*mem_max).
+_FORCE = {socket.SO_SNDBUF: 32, socket.SO_RCVBUF: 33}
+SOCKET_BUFFER = 8 << 20
+#: A batched read that found less than this ...
+BATCH = 1 << 20
+#: ... sleeps this long, at most, then takes whatever came meanwhile (seconds) ...
+BATCH_WAIT = 0.002
+#: ... or less: the writer must not fill its send buffer in the meantime (bytes/s).
+FASTEST_WRITER = 2e9
 
 
 def shutdown_all(socks: Iterable[socket.socket]) -> None:
@@ -13,3 +24,41 @@ def shutdown_all(socks: Iterable[socket.socket]) -> None:
             sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
+
+
+def widen(*socks: socket.socket) -> int:
+    """Give each socket 8 MiB send and receive buffers (208 KiB by default: a writer would
+    block every few dozen KiB); beyond net.core.*mem_max only as root. Returns the smallest
+    send buffer the kernel granted."""
+    for sock in socks:
+        for opt, force in _FORCE.items():
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, force, SOCKET_BUFFER)
+            except OSError:
+                sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
+    return min(s.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) for s in socks)
+
+
+class BatchedReader(socket.SocketIO):
+    """An unbuffered binary file on a blocking stream socket whose reads come in batches.
+
+    A writer that sends small pieces (QEMU's background snapshot flushes every 4 KiB page
+    on its own) wakes a reader blocked on a unix socket for every piece, and every read
+    costs the decoder its fixed overhead and the file one small write. Here a read that
+    finds less than BATCH waits for the first bytes, sleeps a moment (no wake-ups) and
+    takes what came meanwhile. `peer_sndbuf`: the writer's send buffer, which bounds the
+    sleep (the writer must not block on a full buffer while the reader sleeps)."""
+
+    def __init__(self, sock: socket.socket, peer_sndbuf: int):
+        super().__init__(sock, "rb")
+        self.wait = min(BATCH_WAIT, peer_sndbuf / 4 / FASTEST_WRITER)
+
+    def readinto(self, b) -> int:  # type: ignore[override]
+        n = super().readinto(b)
+        if not n or n >= min(BATCH, len(b)) or self.wait < 1e-4:
+            return n
+        time.sleep(self.wait)
+        try:
+            return n + self._sock.recv_into(memoryview(b)[n:], 0, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return n

@@ -21,7 +21,7 @@ from ..fileformat.trailer import TrailerMetadata
 from ..fileformat.writer import SnapshotWriter
 from ..hostkey import load_or_create_key
 from ..io.atomic import FileLockedError
-from ..io.sockets import shutdown_all
+from ..io.sockets import shutdown_all, widen
 from ..orchestration import qmp as qmpmod
 from ..orchestration.modes import INCOMPATIBLE_CAPS, UNLIMITED_BANDWIDTH
 from ..orchestration.save import (
@@ -84,8 +84,7 @@ async def _save(dom: Any, writer: SnapshotWriter, live: bool, after: str, rep: R
                "libvirt": {"xml": dommod.migratable_xml(dom), "cookie": None,
                            "name": dom.name(), "uuid": dom.UUIDString()}})
     ours, theirs = socket.socketpair()
-    for sock in (ours, theirs):  # 208 KiB by default: QEMU would hand over 128 KiB at a time
-        _widen(sock)
+    widen(ours, theirs)  # 208 KiB by default: QEMU would hand over 128 KiB at a time
     saved_caps: dict[str, bool] = {}
     saved_params: dict[str, Any] = {}
     stopped_by_us = started = False
@@ -130,19 +129,6 @@ async def _save(dom: Any, writer: SnapshotWriter, live: bool, after: str, rep: R
                         mode=(SaveMode.LIVE if live else SaveMode.PAUSED).value)
     rep.done(**result.__dict__)
     return result
-
-
-#: SO_SNDBUFFORCE / SO_RCVBUFFORCE (Linux; root may exceed net.core.*mem_max).
-_FORCE = {socket.SO_SNDBUF: 32, socket.SO_RCVBUF: 33}
-SOCKET_BUFFER = 8 << 20
-
-
-def _widen(sock: socket.socket) -> None:
-    for opt, force in _FORCE.items():
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, force, SOCKET_BUFFER)
-        except OSError:
-            sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
 
 
 async def _finish(mon: dommod.DomainMonitor, dom: Any, after: str) -> str:

@@ -18,6 +18,7 @@ import tempfile
 from dataclasses import dataclass
 
 from ..errors import VmsnapError
+from ..io.sockets import widen
 from .qmp import Client
 
 MAIN_FD_NAME = "vmsnap-migration"
@@ -84,8 +85,10 @@ def meeting_place(pid: int | None) -> Meeting:
 
 async def pass_socket(client: Client) -> tuple[socket.socket, str]:
     """A connected socket pair whose far end is handed to QEMU over QMP (SCM_RIGHTS +
-    `getfd`): returns our end and the `fd:` URI QEMU's migrate/migrate-incoming take."""
+    `getfd`): returns our end and the `fd:` URI QEMU's migrate/migrate-incoming take.
+    Both ends get the same wide buffers (io.sockets.widen)."""
     ours, theirs = socket.socketpair()
+    widen(ours, theirs)
     try:
         client.send_fd_scm(theirs.fileno())
         await client.execute("getfd", {"fdname": MAIN_FD_NAME})

@@ -23,7 +23,7 @@ from ..fileformat.trailer import TrailerMetadata
 from ..fileformat.writer import SnapshotWriter
 from ..hostkey import load_or_create_key
 from ..io.atomic import FileLockedError
-from ..io.sockets import shutdown_all
+from ..io.sockets import BatchedReader, shutdown_all
 from ..ops.multifd_receive import identify_channels, receive_multifd
 from ..ops.receive import ReceiveStats, receive
 from ..ops.shared_ram import Backing
@@ -253,9 +253,9 @@ def _receive(conns: list[socket.socket], writer: SnapshotWriter,
     `drain_on_failure` (background.must_complete) reads the stream to its end first."""
     try:
         if len(conns) == 1:
-            conn = conns[0]
-            return receive(conn.makefile("rb", buffering=0), writer, reply=conn.sendall,
-                           shared=backings)
+            conn = conns[0]  # both ends of the pair have the same buffers (pass_socket)
+            source = BatchedReader(conn, conn.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF))
+            return receive(source, writer, reply=conn.sendall, shared=backings)
         main, channels = identify_channels(conns)
         return receive_multifd(main, channels, writer)
     except BaseException:

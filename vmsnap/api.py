@@ -90,7 +90,8 @@ def restore(path: str | os.PathLike, *, qmp_address: str | None = None,
             command: Sequence[str] | None = None, paused: bool = False,
             reporter: Reporter | None = None, direct: bool = True,
             channels: int | None = None, trust_command_line: bool = False,
-            lazy: str | None = None, verify: bool = False) -> RestoreResult:
+            lazy: str | None = None, verify: bool = False,
+            resume: bool = False) -> RestoreResult:
     """Restore `path` into the QEMU at `qmp_address` (started with -incoming defer), or into
     one launched from `command`, or from the command line stored in the file: that one runs
     only if this host's key signed the file, or with `trust_command_line` (after reading
@@ -99,6 +100,8 @@ def restore(path: str | os.PathLike, *, qmp_address: str | None = None,
     `lazy`: "auto", "postcopy" or "mmap": the guest runs at once and its RAM follows
     (a LazyRestoreResult, with the time to running and page-request latencies);
     `verify` (mmap): check every page before the guest starts, not after.
+    `resume` (with `lazy` and `qmp_address`): finish a lazy restore of this file whose
+    vmsnap died, on the target it left in postcopy-paused.
     A file saved from a libvirt domain, with neither `qmp_address` nor `command`, is
     restored through libvirt (restore_domain, default connection; not lazily yet)."""
     if qmp_address is None and not command:
@@ -109,10 +112,12 @@ def restore(path: str | os.PathLike, *, qmp_address: str | None = None,
                 raise VmsnapError("lazy restore of a libvirt domain file is not supported yet")
             return restore_domain(path, paused=paused, trust_xml=trust_command_line,
                                   reporter=reporter, direct=direct)
+    if resume and lazy is None:
+        raise VmsnapError("resume finishes a lazy restore: give lazy= too")
     if lazy is not None:
         return _run(_lazy.restore_lazy(path, engine=lazy, qmp_address=qmp_address,
                                        command=command, paused=paused, reporter=reporter,
-                                       direct=direct, verify=verify,
+                                       direct=direct, verify=verify, resume=resume,
                                        trust_command_line=trust_command_line))
     return _run(_restore.restore(path, qmp_address=qmp_address, command=command,
                                  paused=paused, reporter=reporter, direct=direct,

@@ -213,6 +213,9 @@ def cmd_restore(args: argparse.Namespace, rep: Reporter) -> int:
         raise VmsnapError("--lazy sends pages itself: it takes no --channels")
     if args.verify and not args.lazy:
         raise VmsnapError("--verify goes with --lazy (a restore checks every page anyway)")
+    if args.resume and not (args.lazy and args.qmp):
+        raise VmsnapError("--resume finishes a lazy restore whose vmsnap died: give it with "
+                          "--lazy and --qmp SOCKET")
     if args.domain or args.xml or args.connect:
         if command or args.qmp or args.channels or args.lazy:
             raise VmsnapError("--domain/--xml/--connect restore through libvirt: "
@@ -227,7 +230,7 @@ def cmd_restore(args: argparse.Namespace, rep: Reporter) -> int:
         r = api.restore(args.file, qmp_address=args.qmp, command=command or None,
                         paused=args.paused, reporter=rep, direct=args.direct,
                         channels=args.channels, trust_command_line=args.trust_command_line,
-                        lazy=args.lazy, verify=args.verify)
+                        lazy=args.lazy, verify=args.verify, resume=args.resume)
     if not args.json:
         running = getattr(r, "running_seconds", None)
         print(f"restored {r.path}: {r.pages:,} pages in {r.seconds:.2f}s, VM {r.final_state}"
@@ -337,6 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "(ENGINE: postcopy or mmap; default auto)")
     sp.add_argument("--verify", action="store_true",
                     help="with --lazy=mmap: check every page before the guest starts")
+    sp.add_argument("--resume", action="store_true",
+                    help="with --lazy --qmp: finish a lazy restore of FILE whose vmsnap died, "
+                    "on the target it left in postcopy-paused (QEMU's postcopy recovery)")
     _channels_option(sp)
     sp.set_defaults(qemu_command=[])
     sp.usage = sp.format_usage().removeprefix("usage: ").rstrip() + " [-- QEMU_COMMAND ...]"

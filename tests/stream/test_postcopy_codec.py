@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import struct
 
+import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from vmsnap.stream import StreamDecoder, StreamError, encoder
+from vmsnap.stream import constants as C
 from vmsnap.stream import events as ev
 from vmsnap.stream import postcopy as pc
 
@@ -88,5 +90,76 @@ def test_return_path_rejects_malformed(bad):
 def test_return_path_decoder_never_crashes(data):
     try:
         list(pc.ReturnPathDecoder().feed(data))
+    except StreamError:
+        pass
+
+
+# ------------------------------------------------------------------ postcopy recovery
+def recv_bitmap_reply(block: str, bits: np.ndarray, *, size: int | None = None,
+                      end: int = C.RECV_BITMAP_ENDING) -> bytes:
+    """What a recovering QEMU sends for RECV_BITMAP (bytes as captured from 7.2 and 10):
+    RP header covering the counted name only, then be64 size, LE bitmap, be64 marker."""
+    raw = np.packbits(np.asarray(bits, dtype=np.uint8), bitorder="little").tobytes()
+    raw = raw.ljust(pc.bitmap_size(len(bits)), b"\0")
+    name = bytes([len(block)]) + block.encode()
+    return (rp(C.MIG_RP_MSG_RECV_BITMAP, name) + struct.pack(">Q", size or len(raw)) + raw
+            + struct.pack(">Q", end))
+
+
+def test_recovery_commands_bytes():
+    assert pc.recv_bitmap("pc.ram") == b"\x08\x00\x0a\x00\x07\x06pc.ram"
+    assert pc.postcopy_resume() == b"\x08\x00\x09\x00\x00"
+    assert [pc.bitmap_size(n) for n in (1, 64, 65, 131072)] == [8, 8, 16, 16384]
+
+
+def test_recv_bitmap_as_qemu_sends_it():
+    """As QEMU 10 sent it (512 MiB pc.ram, 3 pages received, then the RESUME_ACK and the
+    first page request after it: the first 24 bytes and the tail are the captured ones),
+    split at every byte."""
+    bits = np.zeros(131072, dtype=bool)
+    bits[[6, 7, 1000]] = True
+    data = (recv_bitmap_reply("pc.ram", bits) + recv_bitmap_reply("/rom@etc/acpi/rsdp", [1])
+            + bytes.fromhex("0006000400000001" "0003001300000000001020000000100006")
+            + b"pc.ram")
+    assert data[:24].hex() == "000500070670632e72616d0000000000004000c000000000"
+    dec = pc.ReturnPathDecoder({"pc.ram": 131072, "/rom@etc/acpi/rsdp": 1})
+    got = []
+    for i in range(len(data)):
+        got += dec.feed(data[i:i + 1])
+    assert not dec.truncated
+    assert [type(m) for m in got] == [pc.RecvBitmap, pc.RecvBitmap, pc.ResumeAck, pc.ReqPages]
+    assert got[0].block == "pc.ram" and np.array_equal(got[0].received, bits)
+    assert got[1].received.tolist() == [True]
+    assert got[2] == pc.ResumeAck(1) and got[3] == pc.ReqPages("pc.ram", 0x102000, 4096)
+
+
+BITS = np.ones(100, dtype=bool)
+
+
+@pytest.mark.parametrize("bad", [
+    recv_bitmap_reply("pc.ram", BITS, size=8),  # size does not match the block's pages
+    recv_bitmap_reply("pc.ram", BITS, size=1 << 62),  # hostile size: refused before reading
+    recv_bitmap_reply("pc.ram", BITS, end=0),  # ending marker missing
+    recv_bitmap_reply("pc.rom", BITS),  # a block not asked for
+    rp(C.MIG_RP_MSG_RECV_BITMAP, b"\x09pc.ram"),  # name length lies
+    rp(C.MIG_RP_MSG_RECV_BITMAP, b""),  # no name at all
+    rp(C.MIG_RP_MSG_RESUME_ACK, b"\x00\x01"),  # RESUME_ACK with the wrong length
+])
+def test_recv_bitmap_rejects_hostile(bad):
+    with pytest.raises(StreamError):
+        list(pc.ReturnPathDecoder({"pc.ram": 100}).feed(bad))
+
+
+def test_recv_bitmap_truncated_is_seen():
+    whole = recv_bitmap_reply("pc.ram", BITS)
+    for cut in (6, 7 + 8, len(whole) - 1):
+        dec = pc.ReturnPathDecoder({"pc.ram": 100})
+        assert list(dec.feed(whole[:cut])) == [] and dec.truncated
+
+
+@given(st.binary(max_size=300))
+def test_recovering_decoder_never_crashes(data):
+    try:
+        list(pc.ReturnPathDecoder({"pc.ram": 100, "a": 1}).feed(data))
     except StreamError:
         pass

@@ -11,6 +11,11 @@ destination discards all RAM when advised of postcopy, and unregisters userfault
 the stream ends, so a page nobody touched reads as zero afterwards, as it was saved.
 A page failing its checksum is never sent: the source stops (error naming block and
 offset) and the caller stops the guest and cuts the stream.
+
+resume() instead of start() finishes a restore whose source died, on a destination that
+`migrate-recover` gave this socket: it asks which pages the destination has (RECV_BITMAP
+per block), resumes it (POSTCOPY_RESUME, RESUME_ACK) and then serves and pushes only the
+others, ending the stream as start() does.
 """
 
 from __future__ import annotations
@@ -45,6 +50,8 @@ READERS = 2
 #: largest single page request served (a huge page)
 MAX_REQUEST = 2 << 20
 SHUT_TIMEOUT = 120.0
+#: how long a recovering destination may take to answer RECV_BITMAP or POSTCOPY_RESUME
+HANDSHAKE_TIMEOUT = 30.0
 
 
 @dataclass
@@ -60,6 +67,8 @@ class PostcopyStats:
     latencies_us: list[float] = field(default_factory=list)
     #: pages the destination asked for, in first-request order, per block (hot pages)
     requested: dict[str, list[int]] = field(default_factory=dict)
+    #: resume(): pages the destination already had (its RECV_BITMAP replies)
+    already_received: int = 0
 
 
 def postcopy_prologue(snap: Snapshot) -> tuple[bytes, bytes, int]:
@@ -129,6 +138,8 @@ class PostcopySource:
         self.shut_error: int | None = None
         self.closing = False
         self.threads: list[threading.Thread] = []
+        self.decoder = pc.ReturnPathDecoder()
+        self.backlog: list[pc.RpMessage] = []  # read during resume(), served first
 
     # ---------------------------------------------------------------- plan and bookkeeping
     def _plan(self, hot: Mapping[str, np.ndarray]) -> list[tuple[BlockInfo, int, int]]:
@@ -190,6 +201,52 @@ class PostcopySource:
         self.snap.check_stream_ranges()
         prologue, self.closing_bytes, self.sid = postcopy_prologue(self.snap)
         self._send([prologue])
+        self._start_threads()
+
+    def resume(self) -> None:
+        """Take over a recovering destination (postcopy-recover): learn the pages it has,
+        resume it, then serve and push the others."""
+        self.snap.check_stream_ranges()
+        _, self.closing_bytes, self.sid = postcopy_prologue(self.snap)
+        self.decoder = pc.ReturnPathDecoder({b.name: b.npages for b in self.snap.blocks})
+        self._send([b"".join(pc.recv_bitmap(b.name) for b in self.snap.blocks)])
+        received: dict[str, np.ndarray] = {}
+        self.sock.settimeout(HANDSHAKE_TIMEOUT)
+        try:
+            while len(received) < len(self.blocks):
+                for msg in self._read_handshake():
+                    if not isinstance(msg, pc.RecvBitmap):
+                        raise VmsnapError(f"destination sent {msg} before its received pages")
+                    received[msg.block] = msg.received
+            self._send([pc.postcopy_resume()])
+            acked = False
+            while not acked:
+                for msg in self._read_handshake():
+                    if isinstance(msg, pc.ResumeAck) and msg.value == C.RESUME_ACK_VALUE:
+                        acked = True
+                    elif acked and isinstance(msg, pc.ReqPages):
+                        self.backlog.append(msg)
+                    else:
+                        raise VmsnapError(f"destination answered the resume with {msg}")
+        except TimeoutError:
+            raise VmsnapError(f"the destination did not answer the postcopy recovery within "
+                              f"{HANDSHAKE_TIMEOUT:.0f}s") from None
+        finally:
+            self.sock.settimeout(None)
+        for b in self.snap.blocks:
+            self.claimed[b.name] |= received[b.name]
+        self.stats.already_received = int(sum(v.sum() for v in received.values()))
+        self.total = sum(int((b.present & ~received[b.name]).sum()) * b.page_size
+                         for b in self.snap.blocks)
+        self._start_threads()
+
+    def _read_handshake(self) -> list[pc.RpMessage]:
+        data = self.sock.recv(65536)
+        if not data:
+            raise VmsnapError("destination closed the migration socket during the recovery")
+        return list(self.decoder.feed(data))
+
+    def _start_threads(self) -> None:
         self.threads = [threading.Thread(target=self._serve, name="vmsnap-rp", daemon=True)]
         self.threads += [threading.Thread(target=self._push, name=f"vmsnap-push{i}",
                                           daemon=True) for i in range(self.readers)]
@@ -226,17 +283,11 @@ class PostcopySource:
 
     # ---------------------------------------------------------------- threads
     def _serve(self) -> None:
-        dec = pc.ReturnPathDecoder()
         try:
-            while not self.shut.is_set():
-                data = self.sock.recv(65536)
-                t0 = time.perf_counter()
-                if not data:
-                    if not self.closing:
-                        self.fail(VmsnapError("destination closed the migration socket "
-                                              "during the restore"))
-                    return
-                for msg in dec.feed(data):
+            backlog, self.backlog = self.backlog, []
+            t0 = time.perf_counter()
+            while True:
+                for msg in backlog:
                     if isinstance(msg, pc.ReqPages):
                         with self.turn:
                             self.urgent += 1
@@ -249,6 +300,16 @@ class PostcopySource:
                     elif isinstance(msg, pc.Shut):
                         self.shut_error = msg.error
                         self.shut.set()
+                if self.shut.is_set():
+                    return
+                data = self.sock.recv(65536)
+                t0 = time.perf_counter()
+                if not data:
+                    if not self.closing:
+                        self.fail(VmsnapError("destination closed the migration socket "
+                                              "during the restore"))
+                    return
+                backlog = list(self.decoder.feed(data))
         except BaseException as err:  # noqa: BLE001 - reported by wait()
             if not self.failed.is_set():
                 self.fail(err)

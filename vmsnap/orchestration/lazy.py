@@ -74,6 +74,7 @@ class LazyRestoreResult(RestoreResult):
     latency_p50_us: float | None = None
     latency_p99_us: float | None = None
     hot_pages: int = 0  # pages of the hint sent first
+    already_received: int = 0  # --resume: pages the target had before this vmsnap came
     interrupted: bool = False
     verified: bool = False  # mmap: every mapped page checked (before or after the start)
 
@@ -133,11 +134,14 @@ async def restore_lazy(path: str | os.PathLike, *, engine: str = "auto",
                        qmp_address: str | None = None, command: Sequence[str] | None = None,
                        paused: bool = False, reporter: Reporter | None = None,
                        direct: bool = True, hot: bool = True, verify: bool = False,
-                       trust_command_line: bool = False) -> LazyRestoreResult:
+                       trust_command_line: bool = False,
+                       resume: bool = False) -> LazyRestoreResult:
     """Restore `path` lazily: the guest runs as soon as its device state is in, RAM follows.
     Targets (and trust of a stored command line) as for `restore`. `hot` (postcopy): send
     the pages the last lazy restore saw requested first, and record this one's. `verify`
-    (mmap): check every page before the guest starts."""
+    (mmap): check every page before the guest starts. `resume` (postcopy, --qmp): finish a
+    lazy restore of this same file whose vmsnap died, on the target it left in
+    postcopy-paused."""
     t0 = time.monotonic()
     path = targets.normalize(path)
     rep = reporter or Reporter()
@@ -151,6 +155,9 @@ async def restore_lazy(path: str | os.PathLike, *, engine: str = "auto",
     keep_workdir = False
     try:
         argv = None
+        if resume and (qmp_address is None or engine == "mmap"):
+            raise VmsnapError("--resume finishes a postcopy lazy restore into a waiting QEMU: "
+                              "give --qmp SOCKET (and --lazy or --lazy=postcopy)")
         if qmp_address is None:
             argv = list(command) if command else (meta.command_line if meta else None)
             if not argv:
@@ -166,12 +173,15 @@ async def restore_lazy(path: str | os.PathLike, *, engine: str = "auto",
                 path, argv, bool(command), trust_of(snap.trailer), trust_command_line,
                 workdir, mapped_argv(argv, snap) if job.engine == "mmap" else None)
         job.client, peer = await qmpmod.connect(qmp_address)
-        await _check_target(job.client, peer, snap.machine_type,
-                            {b.name: b.used_length for b in snap.blocks})
+        if not resume:
+            await _check_target(job.client, peer, snap.machine_type,
+                                {b.name: b.used_length for b in snap.blocks})
         job.pid = job.proc.pid if job.proc else peer.pid
         job.qmp = qmp_address
         sys.setswitchinterval(SWITCH_INTERVAL)
-        if job.engine == "postcopy":
+        if resume:
+            result = await _postcopy_resume(job)
+        elif job.engine == "postcopy":
             result = await _postcopy(job, peer)
         else:
             result = await _mmap(job)
@@ -257,7 +267,7 @@ async def _incoming(client: QMPClient) -> socket.socket:
 
 
 async def _postcopy(job: _Job, peer: qmpmod.Peer) -> LazyRestoreResult:
-    client, rep = job.client, job.rep
+    client = job.client
     assert client is not None
     caps = {c["capability"] for c in await client.execute("query-migrate-capabilities")}
     if "postcopy-ram" not in caps:
@@ -274,12 +284,39 @@ async def _postcopy(job: _Job, peer: qmpmod.Peer) -> LazyRestoreResult:
     sock = await _incoming(client)
     if job.run:  # while inmigrate: QEMU starts the guest itself at POSTCOPY_RUN
         await client.execute("cont")
+    return await _serve(job, sock, resume=False)
+
+
+async def _postcopy_resume(job: _Job) -> LazyRestoreResult:
+    """Finish a postcopy restore whose vmsnap died: QEMU's postcopy recovery gives the
+    paused target a new channel (`migrate-recover`, by fd), on which this vmsnap asks which
+    pages it has and sends the others."""
+    client = job.client
+    assert client is not None
+    status = (await qmpmod.migration_status(client)).get("status")
+    if status != "postcopy-paused":
+        raise VmsnapError(f"--resume finishes a lazy restore whose vmsnap died, on a target "
+                          f"left in postcopy-paused; this target's migration is {status!r}")
+    sock, uri = await pass_socket(client)
+    try:
+        await client.execute("migrate-recover", {"uri": uri})
+    except BaseException:
+        sock.close()
+        raise
+    return await _serve(job, sock, resume=True)
+
+
+async def _serve(job: _Job, sock: socket.socket, resume: bool) -> LazyRestoreResult:
+    """Be the postcopy source on `sock` until every page is in and the target says so."""
+    client, rep = job.client, job.rep
+    assert client is not None
     hint = load_hot(job.snap) if job.hot else {}
     source = job.source = PostcopySource(job.snap, sock, hot=hint, progress=rep.update)
-    rep.start("restore", source.total, engine=job.engine, lazy=True)
+    rep.start("restore", None if resume else source.total, engine=job.engine, lazy=True,
+              resume=resume)
     loop = asyncio.get_running_loop()
-    await loop.run_in_executor(None, source.start)
-    running = await _wait_running(client, job.t0) if job.run else None
+    await loop.run_in_executor(None, source.resume if resume else source.start)
+    running = await _wait_running(client, job.t0) if job.run and not resume else None
     rep.event("running", seconds=running)
     waiter = loop.run_in_executor(None, source.wait)
     interrupted = False
@@ -307,7 +344,8 @@ async def _postcopy(job: _Job, peer: qmpmod.Peer) -> LazyRestoreResult:
         requested_pages=stats.requested_pages, zero_pages=stats.zero_pages,
         latency_p50_us=float(np.percentile(lat, 50)) if lat.size else None,
         latency_p99_us=float(np.percentile(lat, 99)) if lat.size else None,
-        hot_pages=int(sum(len(v) for v in hint.values())), interrupted=interrupted)
+        hot_pages=int(sum(len(v) for v in hint.values())), interrupted=interrupted,
+        already_received=stats.already_received)
 
 
 async def _mmap(job: _Job) -> LazyRestoreResult:

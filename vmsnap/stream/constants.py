@@ -118,5 +118,9 @@ MIG_RP_MSG_RESUME_ACK = 6
 MIG_RP_MSG_SWITCHOVER_ACK = 7
 #: QEMU's source refuses longer return-path messages (migration.c, source_return_path_thread)
 RP_MAX_LEN = 512
+#: what ends the raw bitmap after a RECV_BITMAP reply (ram.c, RAMBLOCK_RECV_BITMAP_ENDING)
+RECV_BITMAP_ENDING = 0x0123456789ABCDEF
+#: RESUME_ACK's value (migration.h, MIGRATION_RESUME_ACK_VALUE)
+RESUME_ACK_VALUE = 1
 RP_FIXED_LENGTHS = {MIG_RP_MSG_SHUT: 4, MIG_RP_MSG_PONG: 4, MIG_RP_MSG_REQ_PAGES: 12,
                     MIG_RP_MSG_RESUME_ACK: 4, MIG_RP_MSG_SWITCHOVER_ACK: 0}

@@ -90,7 +90,7 @@ def restore(path: str | os.PathLike, *, qmp_address: str | None = None,
             command: Sequence[str] | None = None, paused: bool = False,
             reporter: Reporter | None = None, direct: bool = True,
             channels: int | None = None, trust_command_line: bool = False,
-            lazy: str | None = None, verify: bool = False,
+            lazy: str | None = None, verify: bool | None = None,
             resume: bool = False) -> RestoreResult:
     """Restore `path` into the QEMU at `qmp_address` (started with -incoming defer), or into
     one launched from `command`, or from the command line stored in the file: that one runs
@@ -99,7 +99,9 @@ def restore(path: str | os.PathLike, *, qmp_address: str | None = None,
     `channels`: parallel multifd channels (0: one plain stream; default: from the CPUs).
     `lazy`: "auto", "postcopy" or "mmap": the guest runs at once and its RAM follows
     (a LazyRestoreResult, with the time to running and page-request latencies);
-    `verify` (mmap): check every page before the guest starts, not after.
+    `verify`: None (default) checks every page on its way in (lazy mmap: once the guest
+    runs); True with lazy mmap: before the guest starts; False (eager only): a QEMU >= 9.1
+    target reads the file itself, fastest, its pages unchecked (the device state is).
     `resume` (with `lazy` and `qmp_address`): finish a lazy restore of this file whose
     vmsnap died, on the target it left in postcopy-paused.
     A file saved from a libvirt domain, with neither `qmp_address` nor `command`, is
@@ -115,13 +117,16 @@ def restore(path: str | os.PathLike, *, qmp_address: str | None = None,
     if resume and lazy is None:
         raise VmsnapError("resume finishes a lazy restore: give lazy= too")
     if lazy is not None:
+        if verify is False:
+            raise VmsnapError("a lazy restore checks every page it sends: no verify=False")
         return _run(_lazy.restore_lazy(path, engine=lazy, qmp_address=qmp_address,
                                        command=command, paused=paused, reporter=reporter,
-                                       direct=direct, verify=verify, resume=resume,
+                                       direct=direct, verify=bool(verify), resume=resume,
                                        trust_command_line=trust_command_line))
     return _run(_restore.restore(path, qmp_address=qmp_address, command=command,
                                  paused=paused, reporter=reporter, direct=direct,
-                                 channels=channels, trust_command_line=trust_command_line))
+                                 channels=channels, trust_command_line=trust_command_line,
+                                 verify=verify is not False))
 
 
 def restore_domain(path: str | os.PathLike, *, uri: str | None = None,

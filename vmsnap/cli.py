@@ -216,6 +216,9 @@ def cmd_restore(args: argparse.Namespace, rep: Reporter) -> int:
     if args.resume and not (args.lazy and args.qmp):
         raise VmsnapError("--resume finishes a lazy restore whose vmsnap died: give it with "
                           "--lazy and --qmp SOCKET")
+    if args.verify is False and args.lazy:
+        raise VmsnapError("--no-verify is for eager restores (--lazy checks every page it "
+                          "sends)")
     if args.domain or args.xml or args.connect:
         if command or args.qmp or args.channels or args.lazy:
             raise VmsnapError("--domain/--xml/--connect restore through libvirt: "
@@ -338,8 +341,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--lazy", choices=("auto", "postcopy", "mmap"), metavar="ENGINE",
                     help="--lazy[=ENGINE]: run the guest at once, RAM following on demand "
                     "(ENGINE: postcopy or mmap; default auto)")
-    sp.add_argument("--verify", action="store_true",
-                    help="with --lazy=mmap: check every page before the guest starts")
+    check = sp.add_mutually_exclusive_group()
+    check.add_argument("--verify", action="store_true", default=None,
+                       help="with --lazy=mmap: check every page before the guest starts")
+    check.add_argument("--no-verify", dest="verify", action="store_false",
+                       help="let a QEMU >= 9.1 target read the file itself (mapped-ram, "
+                       "multifd, direct-io): fastest, pages unchecked, device state checked; "
+                       "elsewhere pages are checked as they are sent")
     sp.add_argument("--resume", action="store_true",
                     help="with --lazy --qmp: finish a lazy restore of FILE whose vmsnap died, "
                     "on the target it left in postcopy-paused (QEMU's postcopy recovery)")

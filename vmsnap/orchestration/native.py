@@ -1,6 +1,9 @@
-"""QEMU >= 9.1 writes the pages itself: `migrate file:/dev/fdset/N` with mapped-ram,
+"""QEMU >= 9.1 moves the pages itself. Save: `migrate file:/dev/fdset/N` with mapped-ram,
 multifd and direct-io into vmsnap's FILE.partial, then vmsnap seals it (page checksums
-from a parallel O_DIRECT read-back, metadata, commit record) and commits it.
+from a parallel O_DIRECT read-back, metadata, commit record) and commits it. Restore with
+`verify=False`: `migrate-incoming file:/dev/fdset/N`, QEMU reads each present page once at
+its offset (vmsnap files are QEMU's mapped-ram layout); vmsnap checks only the device
+state and the stream's other non-page bytes first.
 
 The file goes to QEMU as two descriptors in an fdset (`add-fd` over the QMP socket): a
 plain one for the main channel and an O_DIRECT one for the multifd channels (QEMU picks
@@ -10,17 +13,27 @@ vmsnap's directory, writes it all the same.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from qemu.qmp import QMPClient
 
+from .. import targets
 from ..fileformat.reader import open_snapshot
 from ..fileformat.writer import SnapshotWriter
 from ..ops.receive import ReceiveStats
 from ..ops.seal import seal
+from ..ops.send import SendStats
+from ..progress import Reporter
 from ..stream.constants import CAP_MAPPED_RAM
+from . import qmp as qmpmod
+from .modes import INCOMPATIBLE_CAPS
 from .qmp import Peer
+
+log = logging.getLogger(__name__)
 
 #: file:/dev/fdset and the direct-io parameter are QEMU 9.1's.
 MIN_VERSION = (9, 1, 0)
@@ -45,21 +58,22 @@ class FdSet:
         return f"file:/dev/fdset/{self.id}"
 
 
-def direct_io_ok(path: str) -> bool:
+def direct_io_ok(path: str, access: int = os.O_WRONLY) -> bool:
     """Whether the file system takes O_DIRECT (QEMU's direct-io fails where it does not)."""
     try:
-        os.close(os.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_DIRECT))
+        os.close(os.open(path, access | os.O_CLOEXEC | os.O_DIRECT))
     except OSError:
         return False
     return True
 
 
-async def pass_file(client: QMPClient, path: str, direct_io: bool) -> FdSet:
-    """Open `path` for QEMU (plain, and O_DIRECT for direct-io) and hand the descriptors
-    to it in a new fdset."""
-    fds = (os.open(path, os.O_WRONLY | os.O_CLOEXEC),)
+async def pass_file(client: QMPClient, path: str, direct_io: bool,
+                    access: int = os.O_WRONLY) -> FdSet:
+    """Open `path` for QEMU (plain, and O_DIRECT for direct-io; `access` O_WRONLY to save,
+    O_RDONLY to load) and hand the descriptors to it in a new fdset."""
+    fds = (os.open(path, access | os.O_CLOEXEC),)
     if direct_io:
-        fds += (os.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_DIRECT),)
+        fds += (os.open(path, access | os.O_CLOEXEC | os.O_DIRECT),)
     fdset: int | None = None
     try:
         for fd in fds:
@@ -94,4 +108,39 @@ def seal_and_commit(writer: SnapshotWriter, direct: bool) -> ReceiveStats:
                              sum(b.npages - b.present_count for b in snap.blocks),
                              len(snap.blocks), snap.machine_type, snap.direct)
     writer.commit_written()
+    return stats
+
+
+async def can_load(client: QMPClient, peer: Peer, path: str, stale: set[str]) -> bool:
+    """Whether QEMU can load the local file at `path` itself: QEMU >= 9.1 with mapped-ram,
+    and no RAM block of the snapshot in memory that may hold old data (`stale`): QEMU's
+    loader writes present pages only, so a zero page must land on zeroed memory."""
+    if stale:
+        log.debug("native load: not into %s (may hold old data)", sorted(stale))
+        return False
+    return targets.remote(path) is None and await supported(client, peer, 1)
+
+
+async def load(client: QMPClient, path: str, channels: int, direct: bool, rep: Reporter,
+               total: int, wait: Callable[[], Awaitable[None]]) -> SendStats:
+    """Check the device state and other non-page bytes, then let QEMU read the pages from
+    the file itself (`migrate-incoming file:` with mapped-ram, multifd, direct-io) and
+    `wait` until it has."""
+    loop = asyncio.get_running_loop()
+    with open_snapshot(path, direct=direct) as snap:
+        await loop.run_in_executor(None, snap.check_stream_ranges)
+        stats = SendStats(snap.stream_end, sum(b.present_count for b in snap.blocks), 0)
+    direct_io = direct and direct_io_ok(path, os.O_RDONLY)
+    await qmpmod.set_capabilities(client, {**dict.fromkeys(INCOMPATIBLE_CAPS, False),
+                                           CAP_MAPPED_RAM: True, "multifd": True})
+    await client.execute("migrate-set-parameters",
+                         {"multifd-channels": channels, "direct-io": direct_io})
+    rep.start("restore", total, channels=channels, ram_path="qemu")
+    fdset = await pass_file(client, path, direct_io, os.O_RDONLY)
+    try:
+        await client.execute("migrate-incoming", {"uri": fdset.uri})
+        await wait()
+    finally:
+        await release(client, fdset)
+    rep.update(total, total)
     return stats

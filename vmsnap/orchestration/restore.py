@@ -30,8 +30,8 @@ from ..ops.send import SendStats, send
 from ..ops.shared_ram import fill_from_file
 from ..progress import Reporter
 from ..stream.constants import CAP_IGNORE_SHARED as IGNORE_SHARED
+from . import native, shared
 from . import qmp as qmpmod
-from . import shared
 from .modes import INCOMPATIBLE_CAPS
 from .qmp import Client, QemuGoneError
 from .relaunch import (
@@ -120,13 +120,13 @@ async def launch_target(path: str, argv: list[str], given: bool, trust: Trust,
 FRESH_BACKENDS = ("memory-backend-ram", "memory-backend-memfd")
 
 
-async def fresh_blocks(client: Client) -> set[str]:
-    """Names of the target's RAM blocks that are fresh anonymous memory: those backed by a
-    memory backend object of a FRESH_BACKENDS type (a backend's RAM block is named after
-    its id, "pc.ram" for plain -m). Any other block gets its zero pages sent."""
+async def memory_backends(client: Client) -> dict[str, str]:
+    """The target's memory backend objects, id -> QOM type. A backend's RAM block is named
+    after its id ("pc.ram" for plain -m)."""
     objects = await client.execute("qom-list", {"path": "/objects"})
-    return {o["name"] for o in objects
-            if o.get("type", "").removeprefix("child<").removesuffix(">") in FRESH_BACKENDS}
+    types = {o["name"]: o.get("type", "").removeprefix("child<").removesuffix(">")
+             for o in objects}
+    return {name: t for name, t in types.items() if t.startswith("memory-backend-")}
 
 
 async def _check_target(client: Client, peer: qmpmod.Peer, machine: str,
@@ -171,12 +171,14 @@ async def _connect_incoming(path: str, timeout: float = START_TIMEOUT) -> socket
 async def restore(path: str | os.PathLike, *, qmp_address: str | None = None,
                   command: Sequence[str] | None = None, paused: bool = False,
                   reporter: Reporter | None = None, direct: bool = True,
-                  channels: int | None = None,
-                  trust_command_line: bool = False) -> RestoreResult:
+                  channels: int | None = None, trust_command_line: bool = False,
+                  verify: bool = True) -> RestoreResult:
     """Restore the snapshot at `path` into the QEMU at `qmp_address`, or into a QEMU
     launched from `command` (default: the command line stored in the snapshot, if this
     host signed the file or `trust_command_line`; see relaunch.approve).
-    `channels`: multifd channels (0: one plain stream; None: check_channels(None))."""
+    `channels`: multifd channels (0: one plain stream; None: check_channels(None)).
+    `verify=False` lets a QEMU >= 9.1 target read the file itself (see native.can_load):
+    its pages are then not checked, only the device state."""
     channels = check_channels(channels)
     path = targets.normalize(path)
     rep = reporter or Reporter()
@@ -208,53 +210,19 @@ async def restore(path: str | os.PathLike, *, qmp_address: str | None = None,
         stack.enter_context(vm_lock(peer.pid))
         target = await _check_target(client, peer, machine, sizes)
         plan = await shared.restore_plan(client, peer, set(sizes))
-        if plan:
-            channels = 0  # the stream holds device state and small blocks only
-        await qmpmod.set_capabilities(
-            client, {**dict.fromkeys(INCOMPATIBLE_CAPS, False), "multifd": channels > 0,
-                     IGNORE_SHARED: bool(plan)})
-        if channels:
-            await client.execute("migrate-set-parameters", {"multifd-channels": channels})
-        fresh = await fresh_blocks(client)
-        if plan:
-            rep.start("restore", total, channels=0, ram_path="shared")
-            await asyncio.get_running_loop().run_in_executor(
-                None, _fill, path, plan, direct, rep, total)
-        if channels:  # multifd needs a unix path this QEMU can reach
-            meeting = meeting_place(peer.pid)
-            stack.callback(meeting.close)
-            incoming = meeting.host("incoming.sock")
-            await client.execute("migrate-incoming",
-                                 {"uri": f"unix:{meeting.qemu('incoming.sock')}"})
-            socks = [await _connect_incoming(incoming) for _ in range(channels + 1)]
-        else:  # one stream: our socket, passed by fd
-            main, uri = await pass_socket(client)
-            stack.callback(main.close)
-            incoming = uri
-            await client.execute("migrate-incoming", {"uri": uri})
-            socks = [main]
-        log.debug("restore: %d connections to %s (%d multifd channels)", len(socks), incoming,
-                  channels)
-        if not plan:
-            rep.start("restore", total, channels=channels)
-        stop = threading.Event()
-
-        def progress(done: int, total: int) -> None:
-            rep.update(done, total)
-
-        def stream() -> SendStats:
-            if not channels:
-                return send(path, socks[0].makefile("wb", buffering=0), direct=direct,
-                            progress=None if plan else progress,
-                            shared=plan.addrs if plan else None, fresh=fresh)
-            return send_multifd(path, socks[0], socks[1:], target.uuid,
-                                target.sync_mode, direct=direct,
-                                progress=progress, stop=stop, fresh=fresh)
-
-        try:
-            stats = await _stream(stream, socks, stop)
-        except ConnectionError as err:  # the target closed the stream: say why it did
-            raise await _target_failure(client, log_path if proc else None) from err
+        backends = await memory_backends(client)
+        # fresh anonymous memory starts zeroed: only other blocks need their zero pages
+        fresh = {name for name, t in backends.items() if t in FRESH_BACKENDS}
+        stale = set(sizes) & (set(backends) - fresh)  # e.g. a file that holds old data
+        if not verify and not plan and await native.can_load(client, peer, path, stale):
+            stats = await native.load(client, path, channels or 1, direct, rep, total,
+                                      lambda: _wait_loaded(client, log_path if proc else None))
+            ram_path = "qemu"
+        else:
+            stats = await _load_stream(client, peer, path, channels, plan, fresh, target,
+                                       direct, rep, total, stack,
+                                       log_path if proc else None)
+            ram_path = "shared" if plan else "stream"
         await _wait_loaded(client, log_path if proc else None)
         run = saved_running and not paused
         if run:
@@ -266,8 +234,7 @@ async def restore(path: str | os.PathLike, *, qmp_address: str | None = None,
         result = RestoreResult(path, time.monotonic() - t0, stats.stream_bytes,
                                stats.pages + (plan.pages if plan else 0),
                                "running" if run else "paused",
-                               proc.pid if proc else peer.pid, qmp_address,
-                               "shared" if plan else "stream")
+                               proc.pid if proc else peer.pid, qmp_address, ram_path)
     except BaseException as err:
         rep.error(one_line(err))
         if proc is not None:  # never leave a half-loaded VM we started behind
@@ -285,6 +252,62 @@ async def restore(path: str | os.PathLike, *, qmp_address: str | None = None,
             shutil.rmtree(workdir, ignore_errors=True)
     rep.done(**result.__dict__)
     return result
+
+
+async def _load_stream(client: Client, peer: qmpmod.Peer, path: str, channels: int,
+                       plan: shared.RestorePlan | None, fresh: set[str], target: Destination,
+                       direct: bool, rep: Reporter, total: int, stack: contextlib.ExitStack,
+                       log_path: str | None) -> SendStats:
+    """Send the snapshot as a migration stream (one socket or multifd channels), each page
+    checked against its checksum as it is read; `plan`: shared RAM vmsnap fills itself;
+    `fresh`: blocks whose zero pages need not be sent."""
+    if plan:
+        channels = 0  # the stream holds device state and small blocks only
+    await qmpmod.set_capabilities(
+        client, {**dict.fromkeys(INCOMPATIBLE_CAPS, False), "multifd": channels > 0,
+                 IGNORE_SHARED: bool(plan)})
+    if channels:
+        await client.execute("migrate-set-parameters", {"multifd-channels": channels})
+    if plan:
+        rep.start("restore", total, channels=0, ram_path="shared")
+        await asyncio.get_running_loop().run_in_executor(
+            None, _fill, path, plan, direct, rep, total)
+    if channels:  # multifd needs a unix path this QEMU can reach
+        meeting = meeting_place(peer.pid)
+        stack.callback(meeting.close)
+        incoming = meeting.host("incoming.sock")
+        await client.execute("migrate-incoming",
+                             {"uri": f"unix:{meeting.qemu('incoming.sock')}"})
+        socks = [await _connect_incoming(incoming) for _ in range(channels + 1)]
+    else:  # one stream: our socket, passed by fd
+        main, uri = await pass_socket(client)
+        stack.callback(main.close)
+        incoming = uri
+        await client.execute("migrate-incoming", {"uri": uri})
+        socks = [main]
+    log.debug("restore: %d connections to %s (%d multifd channels)", len(socks), incoming,
+              channels)
+    if not plan:
+        rep.start("restore", total, channels=channels)
+    stop = threading.Event()
+
+    def progress(done: int, total: int) -> None:
+        rep.update(done, total)
+
+    def stream() -> SendStats:
+        if not channels:
+            return send(path, socks[0].makefile("wb", buffering=0), direct=direct,
+                        progress=None if plan else progress,
+                        shared=plan.addrs if plan else None, fresh=fresh)
+        return send_multifd(path, socks[0], socks[1:], target.uuid,
+                            target.sync_mode, direct=direct,
+                            progress=progress, stop=stop, fresh=fresh)
+
+    try:
+        stats = await _stream(stream, socks, stop)
+    except ConnectionError as err:  # the target closed the stream: say why it did
+        raise await _target_failure(client, log_path) from err
+    return stats
 
 
 def _fill(path: str, plan: shared.RestorePlan, direct: bool, rep: Reporter,

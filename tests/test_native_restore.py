@@ -1,0 +1,75 @@
+"""restore --no-verify (issue 10): a QEMU >= 9.1 target reads the snapshot itself (mapped-ram,
+multifd, direct-io), handed over as fds in an fdset, so a QEMU in another mount namespace
+that cannot see the file loads it. vmsnap checks the device state and the stream's other
+non-page bytes first; where QEMU cannot (7.2) or must not (RAM that may hold old data) read
+the file, the restore takes the stream path, every page checked."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from testbed.cli import events, ok, one_line, run_vmsnap
+from testbed.craft import flip_bit
+from testbed.guests import BootGuest
+from testbed.qemu import Vm
+from vmsnap.fileformat.reader import open_snapshot
+
+pytestmark = pytest.mark.qemu
+
+
+@pytest.fixture
+def outside():
+    """A directory the chroot QEMU 10 cannot see (only the test's workdir is bound in)."""
+    d = Path(tempfile.mkdtemp(prefix="vmsnap-native-", dir="/var/tmp"))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def done(result) -> dict:
+    return next(e for e in events(ok(result)) if e["event"] == "done")
+
+
+def test_qemu10_reads_the_file_itself_and_checks_device_state(workdir, outside):
+    guest = BootGuest(memory_mb=256)
+    config = guest.config("10", workdir)
+    snap = outside / "vm.snap"
+    with Vm(config, workdir, "src") as src:
+        guest.boot(src)
+        ok(run_vmsnap(workdir, "save", "--quit", "--qmp", src.tool_qmp_path, snap))
+    with Vm(config, workdir, "dst", incoming="defer") as dst:
+        d = done(run_vmsnap(workdir, "restore", "--json", "--no-verify", snap, "--qmp",
+                            dst.tool_qmp_path))
+        assert d["ram_path"] == "qemu" and d["final_state"] == "running", d
+        guest.check_restored(dst)
+    with open_snapshot(str(snap)) as s:
+        device_state = s.tail_offset + len(s.tail) // 2
+    flip_bit(snap, device_state)
+    with Vm(config, workdir, "dst2", incoming="defer") as dst:
+        line = one_line(run_vmsnap(workdir, "restore", "--no-verify", snap, "--qmp",
+                                   dst.tool_qmp_path))
+        assert "corrupt" in line and "device state" in line, line
+        assert dst.status() == "inmigrate"
+
+
+def test_qemu72_target_takes_the_checked_stream(workdir):
+    guest = BootGuest(memory_mb=256)
+    config = guest.config("7.2", workdir)
+    snap = workdir / "vm.snap"
+    with Vm(config, workdir, "src") as src:
+        guest.boot(src)
+        ok(run_vmsnap(workdir, "save", "--quit", "--qmp", src.tool_qmp_path, snap))
+    with Vm(config, workdir, "dst", incoming="defer") as dst:
+        d = done(run_vmsnap(workdir, "restore", "--json", "--no-verify", snap, "--qmp",
+                            dst.tool_qmp_path))
+        assert d["ram_path"] == "stream", d
+        guest.check_restored(dst)
+
+
+def test_no_verify_is_for_eager_restores(workdir):
+    line = one_line(run_vmsnap(workdir, "restore", "--lazy", "--no-verify", workdir / "x",
+                               "--qmp", workdir / "q"))
+    assert "--no-verify" in line

@@ -6,14 +6,17 @@
 #   scripts/ceph.sh stop     # stop every daemon it started (SIGTERM, then SIGKILL after 20 s)
 #   scripts/ceph.sh status   # which daemons run; `ceph -s` when the mon is up
 #   scripts/ceph.sh env      # shell exports for clients: CEPH_CONF, AWS_ENDPOINT_URL, keys
+#   scripts/ceph.sh ports    # "MON_PORT RGW_PORT" of the state dir (made or to be made)
 #
 # State lives in $VMSNAP_CEPH_DIR (default build/ceph). Pools: `rbd` for images and RGW's
 # pools (created up front: RGW's first PUT creates them slowly otherwise), bucket `vmsnap`.
+# Ports (mon, radosgw on 127.0.0.1) are fixed when the cluster is created: 3300 and 7480 for
+# build/ceph, a pair in 17000-18999 derived from the path of any other state dir (so two
+# state dirs do not clash), or VMSNAP_MON_PORT / VMSNAP_RGW_PORT.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dir=$(realpath -m "${VMSNAP_CEPH_DIR:-build/ceph}")
 conf=$dir/ceph.conf
-rgw_port=${VMSNAP_RGW_PORT:-7480}
 daemons=(radosgw osd mgr mon)   # stop order; start order is the reverse
 
 say() { echo "ceph.sh: $*" >&2; }
@@ -29,12 +32,30 @@ running() {  # running NAME: its pid file names a live process of ours
 }
 c() { timeout 60 ceph -c "$conf" "$@"; }
 
+set_ports() {  # mon_port, rgw_port: from the cluster's ceph.conf once it exists
+  local mon=3300 rgw=7480 h
+  if [[ $dir != "$(realpath -m build/ceph)" ]]; then
+    h=$(printf %s "$dir" | cksum)
+    mon=$((17000 + ${h%% *} % 1000 * 2)) rgw=$((mon + 1))
+  fi
+  mon_port=${VMSNAP_MON_PORT:-$mon} rgw_port=${VMSNAP_RGW_PORT:-$rgw}
+  [[ -s $conf ]] || return 0
+  mon=$(sed -n 's/^mon host = v2:127\.0\.0\.1:\([0-9]*\)$/\1/p' "$conf")
+  rgw=$(sed -n 's/^rgw frontends = beast endpoint=127\.0\.0\.1:\([0-9]*\) .*/\1/p' "$conf")
+  if [[ $mon_port != "$mon" && -n ${VMSNAP_MON_PORT:-} ]] ||
+      [[ $rgw_port != "$rgw" && -n ${VMSNAP_RGW_PORT:-} ]]; then
+    say "the cluster in $dir uses ports $mon and $rgw (stop it and remove $dir to change them)"
+    exit 1
+  fi
+  mon_port=$mon rgw_port=$rgw
+}
+
 write_conf() {
   local fsid=$1
   cat >"$conf" <<EOF
 [global]
 fsid = $fsid
-mon host = v2:127.0.0.1:3300
+mon host = v2:127.0.0.1:$mon_port
 mon initial members = a
 public addr = 127.0.0.1
 auth cluster required = cephx
@@ -84,6 +105,9 @@ bluestore cache size = 134217728
 osd op num shards = 2
 osd op num threads per shard = 1
 osd max object size = 134217728
+# vmsnap replaces an RBD snapshot per save: trim them at once
+osd snap trim sleep hdd = 0
+osd snap trim sleep hybrid = 0
 
 [client.rgw.a]
 keyring = $dir/rgw/keyring
@@ -110,7 +134,7 @@ create() {
   ceph-authtool --create-keyring "$dir/ceph.client.admin.keyring" --gen-key -n client.admin \
     --cap mon 'allow *' --cap osd 'allow *' --cap mds 'allow *' --cap mgr 'allow *' >/dev/null
   ceph-authtool "$dir/run/mon.keyring" --import-keyring "$dir/ceph.client.admin.keyring" >/dev/null
-  monmaptool --create --addv a "[v2:127.0.0.1:3300]" --fsid "$fsid" "$dir/run/monmap" >/dev/null
+  monmaptool --create --addv a "[v2:127.0.0.1:$mon_port]" --fsid "$fsid" "$dir/run/monmap" >/dev/null
   ceph-mon -c "$conf" --mkfs -i a --monmap "$dir/run/monmap" --keyring "$dir/run/mon.keyring"
   start_mon
   c auth get-or-create mgr.x mon 'allow profile mgr' osd 'allow *' mds 'allow *' \
@@ -165,13 +189,18 @@ start_daemon() {  # start_daemon NAME CMD...: daemonizes itself and writes its p
   say "$name did not write its pid file"; exit 1
 }
 
-wait_clean() {  # every PG active+clean (HEALTH_OK comes before RGW's PGs are active)
-  local s
+wait_clean() {  # every PG active+clean, maybe trimming snapshots or scrubbing
+  local s total clean n state  # (HEALTH_OK comes before RGW's PGs are active)
   for _ in $(seq 240); do
     s=$(c pg stat 2>/dev/null || true)
-    if [[ $s =~ ^([0-9]+)\ pgs:\ ([0-9]+)\ active\+clean\; ]] \
-        && [[ ${BASH_REMATCH[1]} == "${BASH_REMATCH[2]}" ]] && ((BASH_REMATCH[1] > 0)); then
-      return 0
+    if [[ $s =~ ^([0-9]+)\ pgs:\ ([^;]*)\; ]]; then
+      total=${BASH_REMATCH[1]} clean=0
+      while read -r n state; do
+        if [[ $state == active+clean || $state == active+clean+* ]]; then
+          clean=$((clean + n))
+        fi
+      done < <(tr ',' '\n' <<<"${BASH_REMATCH[2]}")
+      if ((total > 0 && clean == total)); then return 0; fi
     fi
     sleep 0.5
   done
@@ -246,6 +275,7 @@ env_exports() {
 }
 
 mkdir -p "$(dirname "$dir")"
+set_ports
 case ${1:-} in
   start|stop) exec 9>"$dir.lock"; flock 9 ;;  # one start/stop at a time
 esac
@@ -254,5 +284,6 @@ case ${1:-} in
   stop) stop_all ;;
   status) status ;;
   env) env_exports ;;
-  *) echo "usage: $0 start|stop|status|env" >&2; exit 2 ;;
+  ports) echo "$mon_port $rgw_port" ;;
+  *) echo "usage: $0 start|stop|status|env|ports" >&2; exit 2 ;;
 esac

@@ -2,8 +2,8 @@
 s3:// on QEMU 7.2 and 10, restored eagerly and lazily (postcopy; hot pages first the second
 time; mmap refused). The save runs as one "host" (its own scratch directory) and the
 restore as another (a clean directory, nothing but the URL); guest RAM is checked. Faults:
-radosgw killed mid-save (old snapshot intact, VM back in its run state), wrong credentials
-(one line, VM untouched), a deleted chunk (one line naming the page)."""
+radosgw or the OSD killed mid-save (old snapshot intact, VM back in its run state), wrong
+credentials (one line, VM untouched), a deleted chunk (one line naming the page)."""
 
 from __future__ import annotations
 
@@ -12,17 +12,18 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import boto3
 import pytest
 
 import vmsnap
+from testbed.ceph import ceph_sh, daemon_pid
 from testbed.guests import BootGuest
 from testbed.qemu import Vm
 from vmsnap import targets
 
-ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.qemu
 
 
@@ -92,42 +93,49 @@ def test_save_here_restore_there(kind, qemu, workdir, request):
     assert not [p.name for p in b.iterdir() if p.name.startswith(("rbd:", "s3:"))]
 
 
-def _rgw_pid() -> int:
-    ceph_dir = Path(os.environ.get("VMSNAP_CEPH_DIR", ROOT / "build" / "ceph")).resolve()
-    return int((ceph_dir / "run" / "radosgw.pid").read_text())
+#: librados waits this long for a dead OSD (scripts/ceph.sh sets 60 s) in the OSD test
+OSD_TIMEOUT = 8
 
 
-def test_radosgw_killed_mid_save(s3_url, workdir):
-    """The old snapshot stays the snapshot, the VM runs again, the error is one line."""
+@pytest.mark.parametrize(("kind", "daemon"), [("s3", "radosgw"), ("rbd", "osd")])
+def test_daemon_killed_mid_save(kind, daemon, workdir, request):
+    """radosgw or the OSD SIGKILLed while pages flow: the save fails in one line, the old
+    snapshot stays the snapshot (nothing partial is taken for it), the VM runs again; the
+    daemon is restarted with scripts/ceph.sh start."""
+    url = request.getfixturevalue(f"{kind}_url")
     guest = BootGuest(memory_mb=512, mode="random")
     a = host(workdir, "a")
     with Vm(guest.config("7.2", a), a, "src") as src:
         guest.boot(src)
-        ok(vmsnap_cli(a, "save", "--resume", "--qmp", src.tool_qmp_path, s3_url))
-        old = vmsnap.open(s3_url)
-        created = old.metadata.created
-        old.close()
+        ok(vmsnap_cli(a, "save", "--resume", "--qmp", src.tool_qmp_path, url))
+        with vmsnap.open(url) as old:
+            created = old.metadata.created
         env = {**os.environ, "TMPDIR": str(a)}
+        if daemon == "osd":
+            env["CEPH_ARGS"] = (f"--rados_osd_op_timeout={OSD_TIMEOUT} "
+                                f"--rados_mon_op_timeout={OSD_TIMEOUT}")
         proc = subprocess.Popen(
             [sys.executable, "-m", "vmsnap.cli", "save", "--json", "--force", "--resume",
-             "--qmp", str(src.tool_qmp_path), s3_url], cwd=a, env=env, text=True,
+             "--qmp", str(src.tool_qmp_path), url], cwd=a, env=env, text=True,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         try:
-            for line in proc.stdout:  # pages are flowing to radosgw: kill it
+            for line in proc.stdout:  # pages are flowing: kill the daemon
                 if json.loads(line)["event"] == "progress":
-                    os.kill(_rgw_pid(), signal.SIGKILL)
+                    os.kill(daemon_pid(daemon), signal.SIGKILL)
                     break
-            _, err = proc.communicate(timeout=300)
+            t0 = time.monotonic()
+            _, err = proc.communicate(timeout=120)
+            failed_after = time.monotonic() - t0
         finally:
             proc.kill()
-            restart = subprocess.run(["bash", str(ROOT / "scripts" / "ceph.sh"), "start"],
-                                     capture_output=True, text=True, timeout=600)
+            restart = ceph_sh("start")
         assert proc.returncode == 1 and "Traceback" not in err, err
-        assert len(err.strip().splitlines()) == 1, err
+        assert len(err.strip().splitlines()) == 1 and url in err, err  # names the cause
+        assert failed_after < 4 * OSD_TIMEOUT, failed_after
         assert restart.returncode == 0, restart.stderr
         assert src.status() == "running"
         guest.wait_alive(src)
-    with vmsnap.open(s3_url) as snap:
+    with vmsnap.open(url) as snap:
         assert snap.metadata.created == created
         snap.verify()
 

@@ -37,6 +37,9 @@ from .rendezvous import Meeting, meeting_place, pass_socket
 from .vmlock import vm_lock
 
 ACCEPT_TIMEOUT = 30.0
+#: how long a failed migration waits for our receiver's own cause once QEMU found its pipe
+#: broken (our side cut the stream: a target stuck in a Ceph op timeout, 60 s by default)
+CAUSE_WAIT = 90.0
 #: Migration states in which QEMU is busy with a migration (ours or someone else's).
 MIGRATING = ("setup", "active", "pre-switchover", "device", "cancelling", "wait-unplug",
              "postcopy-active")
@@ -311,7 +314,10 @@ async def _watch(client: Client, receiver: asyncio.Future, rep: Reporter,
         if status == "completed":
             return info
         if status in ("failed", "cancelled"):
-            await asyncio.sleep(0.2)  # let the receiver tell its own cause, if it has one
+            # let the receiver tell its own cause, if it has one; a pipe QEMU found broken
+            # is our cut: the receiver is still failing (a store stuck in its own timeout)
+            cut = any(w in info.get("error-desc", "") for w in ("Broken pipe", "reset by peer"))
+            await asyncio.wait([receiver], timeout=CAUSE_WAIT if cut else 0.2)
             if receiver.done() and receiver.exception() is not None:
                 raise await _cause(client, receiver.exception())
             raise _qemu_side(info)

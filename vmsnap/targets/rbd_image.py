@@ -11,6 +11,7 @@ holder no longer watches the image (a crashed client).
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import threading
 import time
@@ -24,6 +25,8 @@ from ..io.direct import IOEngineError
 from . import Remote
 from .base import RangeReader, TargetError, pieces
 from .ceph import ioctx
+
+log = logging.getLogger(__name__)
 
 SNAP_KEY = "vmsnap.snapshot"
 SNAP_PREFIX = "vmsnap-"
@@ -119,7 +122,8 @@ class Sink:
                     self._cond.wait()
                     self._raise()
                 self._inflight += len(data)
-            self._image.aio_write(data, off, self._completion(len(data), off))
+            self._call(f"write at {off:#x}", self._image.aio_write, data, off,
+                       self._completion(len(data), off))
             total += len(data)
         return total
 
@@ -129,10 +133,20 @@ class Sink:
             with self._cond:
                 self._inflight -= n
                 if rc < 0 and self._error is None:
-                    self._error = IOEngineError(
-                        -rc, f"{self.name}: write at {off:#x} failed: {os.strerror(-rc)}")
+                    self._error = TargetError(
+                        f"{self.name}: write at {off:#x} failed: {os.strerror(-rc)}", -rc)
                 self._cond.notify_all()
         return done
+
+    def _call(self, what: str, fn, *args):
+        """A synchronous librbd call; its failure (a dead OSD: the op timeout) names the
+        image, as an OSError the save reports as its cause."""
+        try:
+            return fn(*args)
+        except rbd.Error as e:
+            code = getattr(e, "errno", None)
+            raise TargetError(f"{self.name}: {what} failed: "
+                              f"{os.strerror(code) if code else e}", code or errno.EIO) from None
 
     def _raise(self) -> None:
         if self._error is not None:
@@ -149,19 +163,22 @@ class Sink:
 
     def truncate(self, length: int) -> None:
         self._drain()
-        self._image.resize(length)
+        self._call("resize", self._image.resize, length)
         self._size = length
 
     def commit(self) -> None:
         self._drain()
         img = self._image
-        img.flush()
+        self._call("flush", img.flush)
         name = f"{SNAP_PREFIX}{time.time_ns():x}"
-        img.create_snap(name)
-        img.metadata_set(SNAP_KEY, name)  # the commit point
-        for s in img.list_snaps():
-            if s["name"].startswith(SNAP_PREFIX) and s["name"] != name:
-                img.remove_snap(s["name"])
+        self._call("snapshot", img.create_snap, name)
+        self._call("commit", img.metadata_set, SNAP_KEY, name)  # the commit point
+        try:  # committed: a failure from here on leaves an old snapshot, nothing worse
+            for s in img.list_snaps():
+                if s["name"].startswith(SNAP_PREFIX) and s["name"] != name:
+                    img.remove_snap(s["name"])
+        except rbd.Error as e:
+            log.warning("%s: old snapshot not removed: %s", self.name, e)
         self._done = True
         self._close()
 

@@ -3,8 +3,10 @@ mapped-ram load, in one run, interleaved, cold cache.
 
     sudo .venv/bin/python bench/lazy_restore.py [--sizes 1024,4096,8192] [--reps 3]
                                                 [--fill 0.9] [--dir /var/tmp/vmsnap-lazy]
+                                                [--qemu 10|7.2]
 
-Per size: a bootguest (QEMU 10, KVM, mode=random, `limit_mb` = fill x RAM, `beat=1`: a
+Per size: a bootguest (QEMU 10 or 7.2; 7.2 runs eager and postcopy only, having neither
+memory-backend-file offset= nor mapped-ram; KVM, mode=random, `limit_mb` = fill x RAM, `beat=1`: a
 heartbeat after every full pass over its pages) is booted and saved once with
 `vmsnap save --quit`. Each repetition then runs every method in turn, each into a freshly
 launched QEMU (`vmsnap restore FILE ... -- ARGV`; the native one is started by the bench),
@@ -50,6 +52,7 @@ from testbed.qemu import Vm  # noqa: E402
 from testbed.serial import SerialConsole  # noqa: E402
 
 METHODS = ("eager", "postcopy", "postcopy-hot", "mmap", "qemu10")
+METHODS_72 = ("eager", "postcopy", "postcopy-hot")
 
 
 class Beat:
@@ -137,19 +140,20 @@ def main() -> None:
     ap.add_argument("--sizes", default="1024,4096,8192", help="guest RAM sizes in MiB")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--fill", type=float, default=0.9, help="fraction of RAM the guest fills")
-    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--methods", default=None, help="default: every method the QEMU has")
+    ap.add_argument("--qemu", default="10", choices=("10", "7.2"))
     ap.add_argument("--dir", default="/var/tmp/vmsnap-lazy")
     args = ap.parse_args()
-    methods = args.methods.split(",")
+    methods = (args.methods or ",".join(METHODS if args.qemu == "10" else METHODS_72)).split(",")
     workdir = Path(args.dir)
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(mode=0o700, parents=True)
-    results: dict = {"host": os.uname().nodename, "reps": args.reps, "fill": args.fill,
-                     "sizes": {}}
+    results: dict = {"host": os.uname().nodename, "qemu": args.qemu, "reps": args.reps,
+                     "fill": args.fill, "loadavg_start": os.getloadavg(), "sizes": {}}
     t_start = time.monotonic()
     for size in map(int, args.sizes.split(",")):
         guest = BootGuest(memory_mb=size, mode="random", limit_mb=int(size * args.fill))
-        config = guest.config("10", workdir)
+        config = guest.config(args.qemu, workdir)
         config.args[-1] += " beat=1"
         snap = workdir / "vm.snap"
         with Vm(config, workdir, "src") as src:
@@ -166,13 +170,16 @@ def main() -> None:
                     fig = run_method(m, guest, config, snap, workdir, rep)
                 except Exception as err:  # noqa: BLE001 - recorded, left out of the medians
                     fig = {"ok": False, "error": str(err)}
+                fig["loadavg"] = os.getloadavg()[0]
                 runs[m].append(fig)
                 print(f"{size} MiB rep {rep} {m}: {fig}", flush=True)
         results["sizes"][size] = {m: {"runs": r, "median": medians(r)} for m, r in runs.items()}
         snap.unlink()
         Path(f"{snap}.hot").unlink(missing_ok=True)
     results["elapsed_s"] = time.monotonic() - t_start
-    out = REPO / "bench" / "results" / f"lazy-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    results["loadavg_end"] = os.getloadavg()
+    out = (REPO / "bench" / "results"
+           / f"lazy-qemu{args.qemu}-{time.strftime('%Y%m%d-%H%M%S')}.json")
     out.write_text(json.dumps(results, indent=1))
     print(table(results))
     print(f"results: {out}")
@@ -181,15 +188,16 @@ def main() -> None:
 def medians(runs: list[dict]) -> dict:
     good = [r for r in runs if r.get("ok")]
     out = {"ok": f"{len(good)}/{len(runs)}"}
-    for key in ("running", "beat", "done", "p50", "p99"):
+    for key in ("running", "beat", "done", "p50", "p99", "loadavg"):
         values = [r[key] for r in good if r.get(key) is not None]
         out[key] = statistics.median(values) if values else None
     return out
 
 
 def table(results: dict) -> str:
-    rows = ["| RAM | method | ok | running s | first full pass s | done s | p50 us | p99 us |",
-            "|---|---|---|---|---|---|---|---|"]
+    rows = [f"QEMU {results['qemu']}",
+            "| RAM | method | ok | running s | first full pass s | done s | p50 us | p99 us "
+            "| load |", "|---|---|---|---|---|---|---|---|---|"]
 
     def f(v, fmt):
         return "" if v is None else format(v, fmt)
@@ -199,7 +207,8 @@ def table(results: dict) -> str:
             md = d["median"]
             rows.append(f"| {int(size) // 1024} GiB | {m} | {md['ok']} | {f(md['running'], '.2f')}"
                         f" | {f(md['beat'], '.2f')} | {f(md['done'], '.2f')}"
-                        f" | {f(md['p50'], '.0f')} | {f(md['p99'], '.0f')} |")
+                        f" | {f(md['p50'], '.0f')} | {f(md['p99'], '.0f')}"
+                        f" | {f(md['loadavg'], '.1f')} |")
     return "\n".join(rows)
 
 

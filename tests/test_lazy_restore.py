@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from test_save_restore import events, ok, qemu_pids_using, run_vmsnap
 
@@ -255,3 +256,35 @@ def test_lazy_mmap_corrupt_page(workdir):
         assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
         assert "pc.ram" in lines[0] and f"{offset:#x}" in lines[0], lines[0]
         assert qemu_pids_using(workdir) == []
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize("channels", ["0", "2"], ids=["one-stream", "multifd"])
+def test_live_save_records_hot_pages(channels, workdir):
+    """A live save of a guest re-stamping a 32 MiB working set (of 256 MiB) records the
+    pages it saw re-dirtied in its last rounds as FILE.hot, all inside that working set;
+    a lazy restore of the file then sends them first, and the guest's RAM checks."""
+    guest = BootGuest(memory_mb=256, limit_mb=32)
+    config = guest.config("10", workdir)
+    snap = workdir / "vm.snap"
+    with Vm(config, workdir, "src") as src:
+        guest.boot(src)
+        guest.wait_alive(src)
+        save = events(ok(run_vmsnap(workdir, "save", "--json", "--live", "--quit",
+                                    "--channels", channels, "--qmp", src.tool_qmp_path,
+                                    snap)))[-1]
+        src.proc.wait(timeout=60)
+    assert save["mode"] == "live" and save["hot_pages"] > 0, save
+    with vmsnap.open(snap) as s:
+        hot = load_hot(s)
+    assert list(hot) == ["pc.ram"] and len(hot["pc.ram"]) == save["hot_pages"]
+    working_set = np.zeros(256 << 8, dtype=bool)
+    for start, end in guest.ranges:
+        working_set[start >> 12:end >> 12] = True
+    assert working_set.sum() <= (40 << 8), guest.ranges  # the guest stamps ~32 MiB
+    assert working_set[hot["pc.ram"]].all(), "a hot page outside the guest's working set"
+    with Vm(config, workdir, "dst", incoming="defer") as dst:
+        done = check_done(run_vmsnap(workdir, "restore", "--json", "--lazy", snap, "--qmp",
+                                     dst.tool_qmp_path))
+        assert done["hot_pages"] == save["hot_pages"]
+        guest.check_restored(dst)

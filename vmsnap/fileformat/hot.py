@@ -1,6 +1,7 @@
-"""Hot pages: the pages a guest asked for first during a lazy restore, kept beside the
-snapshot so the next lazy restore sends them first: the file `FILE.hot`, the S3 object
-`KEY.hot`, or the RBD image's metadata key `vmsnap.hot` (targets.write_beside).
+"""Hot pages: the pages a guest asked for first during a lazy restore, or the pages a live
+save saw re-dirtied in its last rounds, kept beside the snapshot so the next lazy restore
+sends them first: the file `FILE.hot`, the S3 object `KEY.hot`, or the RBD image's metadata
+key `vmsnap.hot` (targets.write_beside).
 
 The hint is written atomically (a file 0600) and is tied to the snapshot it was recorded on
 by the snapshot's commit record: a missing, damaged, oversized or stale hint is ignored,
@@ -12,12 +13,14 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 
 from .. import targets
-from .reader import Snapshot
+from ..errors import VmsnapError
+from .reader import Snapshot, open_snapshot
 
 SUFFIX = ".hot"
 VERSION = 1
@@ -64,3 +67,52 @@ def save_hot(snap: Snapshot, requested: Mapping[str, Sequence[int]]) -> None:
            "blocks": {name: list(dict.fromkeys(int(p) for p in pages))
                       for name, pages in requested.items()}}
     targets.write_beside(snap.path, SUFFIX, json.dumps(doc, separators=(",", ":")))
+
+
+class RewriteTracker:
+    """A live save's rounds as its receiver sees them. QEMU sends a dirty page at most once
+    per dirty-bitmap sync, so a page written again means a sync came in between: it starts
+    the receiver's next round. (A round begins at the first such page, so the receiver's
+    rounds may start later than QEMU's syncs, never earlier.) Both receivers feed every page
+    write (data or zero) through the SnapshotWriter, which calls `note`; multifd channel
+    threads may call it at once."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.round = 1
+        self._last: dict[str, np.ndarray] = {}  # block -> round of each page's last write
+        self._again: dict[str, np.ndarray] = {}  # block -> page written more than once
+
+    def note(self, block: str, npages: int, pages: np.ndarray) -> None:
+        with self._lock:
+            last = self._last.get(block)
+            if last is None:
+                last = self._last[block] = np.zeros(npages, dtype=np.uint32)
+                self._again[block] = np.zeros(npages, dtype=bool)
+            seen = last[pages]
+            if (seen == self.round).any():
+                self.round += 1
+            self._again[block][pages[seen > 0]] = True
+            last[pages] = self.round
+
+    def hot(self) -> dict[str, np.ndarray]:
+        """Pages re-dirtied late: written more than once, last in the last two rounds
+        (after the last-but-one sync the receiver can tell)."""
+        with self._lock:
+            return {name: np.flatnonzero(self._again[name] & (last >= self.round - 1))
+                    for name, last in self._last.items()}
+
+
+def save_rewrites(path: str, tracker: RewriteTracker) -> int:
+    """Record a committed live save's late re-dirtied pages as its hint; the number of
+    pages recorded (0 when there were none, or the hint could not be written: it is only a
+    hint, and is written after the commit, so it never touches the snapshot)."""
+    pages = {name: p for name, p in tracker.hot().items() if len(p)}
+    if not pages:
+        return 0
+    try:
+        with open_snapshot(path) as snap:  # ties the hint to this very commit
+            save_hot(snap, {name: p.tolist() for name, p in pages.items()})
+    except (OSError, VmsnapError):
+        return 0
+    return sum(len(p) for p in pages.values())

@@ -18,6 +18,7 @@ import queue
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -35,6 +36,9 @@ from .trailer import (
     page_checksums,
     xxh3,
 )
+
+if TYPE_CHECKING:
+    from .hot import RewriteTracker
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +81,8 @@ class SnapshotWriter:
         self._blocks: dict[str, _BlockState] = {}
         self.bytes_written = 0
         self.finished = False
+        #: live saves: sees every page write, to tell the rounds apart (hot pages)
+        self.rewrites: RewriteTracker | None = None
 
     # -- properties -------------------------------------------------------------------
     @property
@@ -173,11 +179,16 @@ class SnapshotWriter:
             )
         return (off // np.uint64(self.page_size)).astype(np.int64)
 
+    def _note(self, st: _BlockState, pages: np.ndarray) -> None:
+        if self.rewrites is not None and len(pages):
+            self.rewrites.note(st.layout.name, st.layout.npages, pages)
+
     def write_pages(self, block: str, offsets, data) -> None:
         """Write len(offsets) pages (`data` = n*page_size bytes, in offsets order) to their
         fixed file offsets; sets bitmap bits and records xxh3 of exactly what is written."""
         st = self._state(block)
         pages = self._pages(st, offsets)
+        self._note(st, pages)
         ps = self.page_size
         mv = memoryview(data).cast("B")
         if mv.nbytes != len(pages) * ps:
@@ -225,6 +236,7 @@ class SnapshotWriter:
         `sums`: the pages' xxh3 if the caller has already computed them from `data`."""
         st = self._state(block)
         pages = self._pages(st, offsets)
+        self._note(st, pages)
         ps = self.page_size
         mv = memoryview(data).cast("B")
         n = len(pages)
@@ -298,6 +310,7 @@ class SnapshotWriter:
         self._check_error()
         st = self._state(block)
         pages = self._pages(st, offsets)
+        self._note(st, pages)
         with self._lock:
             st.present[pages] = False
             st.sums[pages] = 0

@@ -19,6 +19,7 @@ from typing import Any
 
 from .. import targets
 from ..errors import VmsnapError, one_line
+from ..fileformat.hot import RewriteTracker, save_rewrites
 from ..fileformat.trailer import TrailerMetadata
 from ..fileformat.writer import SnapshotWriter
 from ..hostkey import load_or_create_key
@@ -67,6 +68,9 @@ class SaveResult:
     dirty_mb_s: float | None = None
     throttle_pct: int | None = None
     downtime_limit_ms: int | None = None
+    #: live saves: pages re-dirtied in the last rounds, recorded in FILE.hot (lazy restores
+    #: of FILE send them first)
+    hot_pages: int = 0
 
 
 async def _set_parameters(client: Client, wanted: dict[str, Any]) -> dict[str, Any]:
@@ -154,6 +158,8 @@ async def _save(client: Client, peer: qmpmod.Peer, writer: SnapshotWriter,
     if after is None:
         after = "resume" if mode is SaveMode.BACKGROUND else "pause"
     live = mode is SaveMode.LIVE
+    if live:
+        writer.rewrites = RewriteTracker()
     writer.metadata = TrailerMetadata(
         qemu_version=peer.version_text, command_line=peer.cmdline,
         extra={"run_state": "running" if peer.running else "paused", "live": live,
@@ -235,13 +241,14 @@ async def _save(client: Client, peer: qmpmod.Peer, writer: SnapshotWriter,
         if meeting:
             meeting.close()
         await _restore_settings(client, saved_caps, saved_params)
+    hot_pages = save_rewrites(path, writer.rewrites) if writer.rewrites else 0
     seconds = time.monotonic() - t0
     ram = info.get("ram", {})
     result = SaveResult(path, seconds, stats.stream_bytes, stats.pages, stats.zero_pages, live,
                         peer.version_text, stats.machine_type, final, stats.direct,
                         ram.get("dirty-sync-count"), info.get("downtime"),
                         "shared" if backings else "qemu" if by_qemu else "stream", mode.value,
-                        **(converger.figures() if converger else {}))
+                        **(converger.figures() if converger else {}), hot_pages=hot_pages)
     rep.done(**result.__dict__)
     return result
 

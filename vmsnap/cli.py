@@ -198,8 +198,9 @@ def cmd_save(args: argparse.Namespace, rep: Reporter) -> int:
                      channels=args.channels, downtime_limit_ms=args.downtime_limit)
     if not args.json:
         pause = f", guest paused {r.downtime_ms} ms" if r.mode != "paused" else ""
-        rounds = (f" in {r.dirty_sync_count} rounds (guest dirtying {r.dirty_mb_s or 0} MB/s,"
-                  f" throttled {r.throttle_pct}%)" if r.mode == "live" else "")
+        rounds = (f" in {r.rounds} round{'s' * (r.rounds != 1)} (guest dirtying "
+                  f"{r.dirty_mb_s or 0} MB/s, throttled {r.throttle_pct}%, downtime limit "
+                  f"{r.downtime_limit_ms} ms)" if r.mode == "live" else "")
         print(f"saved {r.path} ({r.mode}): {r.stream_bytes:,} stream bytes in {r.seconds:.2f}s "
               f"({_gib_s(r.stream_bytes, r.seconds)} GB/s){rounds}{pause}, VM {r.final_state}")
     return 0

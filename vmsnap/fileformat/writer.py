@@ -41,6 +41,8 @@ if TYPE_CHECKING:
     from .hot import RewriteTracker
 
 log = logging.getLogger(__name__)
+#: Runs of pages shorter than this are written buffered (SnapshotWriter._write_run).
+SCATTERED_RUN = 64 << 10
 
 
 @dataclass
@@ -218,7 +220,7 @@ class SnapshotWriter:
             ]
             if buf is None:  # caller's aligned memory: write now, it may be reused after
                 for foff, view in ios:
-                    self._file.write_at(foff, [view])
+                    self._write_run(foff, view)
             else:  # copied: hand to the I/O thread, overlap with the next copy/hash
                 self._check_error()
                 self._jobs.put((ios, buf))
@@ -253,12 +255,22 @@ class SnapshotWriter:
         elif len(sums) != n:
             raise ValueError(f"{len(sums)} checksums for {n} pages")
         for first, count in contiguous_runs(pages):
-            self._file.write_at(st.layout.pages_offset + int(pages[first]) * ps,
-                                [mv[first * ps:(first + count) * ps]])
+            self._write_run(st.layout.pages_offset + int(pages[first]) * ps,
+                            mv[first * ps:(first + count) * ps])
         with self._lock:
             st.present[pages] = True
             st.sums[pages] = sums
             self.bytes_written += n * ps
+
+    def _write_run(self, offset: int, view: memoryview) -> None:
+        """Write one run of pages. Short runs (pages a live save sends again, scattered over
+        RAM) go through the page cache: the commit's fsync writes them back sorted and many
+        at a time, where O_DIRECT would wait for each 4 KiB write in turn (15k against 180k
+        writes/s on this host's disk: a live save's final round took seconds)."""
+        if view.nbytes < SCATTERED_RUN:
+            self._file.pwrite_meta(offset, view)
+        else:
+            self._file.write_at(offset, [view])
 
     def flush(self) -> None:
         """Wait until every queued page write has reached the file (raises its error)."""
@@ -276,7 +288,7 @@ class SnapshotWriter:
                 try:
                     if self._error is None:
                         for foff, view in ios:
-                            self._file.write_at(foff, [view])
+                            self._write_run(foff, view)
                 except BaseException as e:  # noqa: BLE001 - re-raised in the caller
                     self._error = e
                 finally:

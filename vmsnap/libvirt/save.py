@@ -30,6 +30,7 @@ from ..orchestration.save import (
     _receive,
     _recover,
     _restore_settings,
+    _rounds,
     _set_parameters,
     _watch,
 )
@@ -123,10 +124,12 @@ async def _save(dom: Any, writer: SnapshotWriter, live: bool, after: str, rep: R
         await _restore_settings(mon, saved_caps, saved_params)
     seconds = time.monotonic() - t0
     ram = info.get("ram", {})
+    mode = SaveMode.LIVE if live else SaveMode.PAUSED
     result = SaveResult(writer.path, seconds, stats.stream_bytes, stats.pages, stats.zero_pages,
                         live, version, stats.machine_type, final, stats.direct,
-                        ram.get("dirty-sync-count"), info.get("downtime"),
-                        mode=(SaveMode.LIVE if live else SaveMode.PAUSED).value)
+                        ram.get("dirty-sync-count"), info.get("downtime"), mode=mode.value,
+                        downtime_limit_ms=downtime_limit_ms if live else None,
+                        rounds=_rounds(mode, ram.get("dirty-sync-count")))
     rep.done(**result.__dict__)
     return result
 

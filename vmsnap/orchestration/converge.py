@@ -6,12 +6,16 @@ measured bandwidth. With its defaults (300 ms, throttle 20 % + 10 % per round) a
 dirtying 150 MB/s over one stream took 67-83 s to save here. vmsnap
 - turns auto-converge on and starts it harder (QEMU throttles the vCPUs once the guest dirties
   more than half of what a round sends, two rounds in a row);
-- times the first round (one pass over RAM: about what a paused save takes) and finishes
-  the save, by raising the downtime limit to what the RAM still dirty takes at QEMU's own
-  measured bandwidth (plus a margin), as soon as either more rounds cannot pay off (the
-  guest dirties at least STALL_RATIO of the bandwidth: each round would at best halve what
-  is left) or the save has run BUDGET x the first round. Again at each poll until QEMU
-  switches over. A user's --downtime-limit is left alone.
+- times the first round (one pass over RAM: about what a paused save takes) and measures
+  the guest's dirty rate at its end: what is dirty again over the first round's time (QEMU
+  reports its own rate only after a second-long period, later, so that one is used once
+  there);
+- finishes the save by raising the downtime limit to what the RAM still dirty takes at
+  QEMU's own measured bandwidth (plus a margin), as soon as either more rounds cannot pay
+  off (the guest dirties at least STALL_RATIO of the bandwidth: each round would at best
+  halve what is left) or the save has run BUDGET x the first round. Again at each poll
+  until QEMU switches over: the guest is stopped and the rest sent, as a paused save
+  would. A user's --downtime-limit is left alone.
 """
 
 from __future__ import annotations
@@ -66,6 +70,8 @@ class Converger:
         ram = info.get("ram", {})
         if self.first_round_s is None and ram.get("dirty-sync-count", 0) >= 2:
             self.first_round_s = now - self.started
+            if not self.dirty_bytes_s:  # dirty again since the first round's pages went
+                self.dirty_bytes_s = ram.get("remaining", 0) / max(self.first_round_s, 1e-3)
         if self.user_limit_ms is not None or self.first_round_s is None:
             return None
         bandwidth = ram.get("mbps", 0) * 1e6 / 8  # QEMU's own estimate, bytes/s

@@ -71,6 +71,9 @@ class SaveResult:
     #: live saves: pages re-dirtied in the last rounds, recorded in FILE.hot (lazy restores
     #: of FILE send them first)
     hot_pages: int = 0
+    #: passes over RAM: 1 for paused and background saves; a live save's rounds while the
+    #: guest ran, the last of them ending in the final stop (downtime_ms)
+    rounds: int | None = None
 
 
 async def _set_parameters(client: Client, wanted: dict[str, Any]) -> dict[str, Any]:
@@ -248,9 +251,18 @@ async def _save(client: Client, peer: qmpmod.Peer, writer: SnapshotWriter,
                         peer.version_text, stats.machine_type, final, stats.direct,
                         ram.get("dirty-sync-count"), info.get("downtime"),
                         "shared" if backings else "qemu" if by_qemu else "stream", mode.value,
-                        **(converger.figures() if converger else {}), hot_pages=hot_pages)
+                        **(converger.figures() if converger else {}), hot_pages=hot_pages,
+                        rounds=_rounds(mode, ram.get("dirty-sync-count")))
     rep.done(**result.__dict__)
     return result
+
+
+def _rounds(mode: SaveMode, syncs: int | None) -> int | None:
+    """Passes over RAM from QEMU's dirty-sync-count, which also counts the sync at setup
+    and the one at the final stop (a paused save: 3)."""
+    if mode is not SaveMode.LIVE:
+        return 1
+    return max(1, syncs - 2) if syncs else None
 
 
 def _receive(conns: list[socket.socket], writer: SnapshotWriter,

@@ -90,6 +90,8 @@ class Method:
 class Vmsnap(Method):
     """`vmsnap save --json` / `vmsnap restore --qmp` as child processes (CPU, peak RSS)."""
 
+    restore_args: tuple[str, ...] = ()
+
     def __init__(self, channels: int = 0):
         self.channels = channels
         self.name = f"vmsnap-ch{channels}"
@@ -126,7 +128,8 @@ class Vmsnap(Method):
             drop_caches()
             t0 = time.monotonic()
             restore = run_child([VMSNAP, "restore", "--json", str(snap), "--qmp",
-                                 str(dst.tool_qmp_path), *self._channel_args("restore")],
+                                 str(dst.tool_qmp_path), *self._channel_args("restore"),
+                                 *self.restore_args],
                                 env=_tmpdir(wd))
             if restore.returncode:
                 raise RuntimeError(f"vmsnap restore: {restore.stderr.strip()[-400:]}")
@@ -140,6 +143,19 @@ class Vmsnap(Method):
                 "present_bytes": ctx.present_bytes[scen.key], "check": _describe(check),
                 "dirty_rate_mb_s": rate,
                 "vmsnap_done": done}
+
+
+class Vmsnap10(Vmsnap):
+    """vmsnap on QEMU 10 (4 channels): the save goes through QEMU's own mapped-ram writer and
+    vmsnap's seal; the restore either checks every page on the stream path or, with
+    `--no-verify`, lets QEMU read the file itself."""
+
+    def __init__(self, verify: bool):
+        super().__init__(4)
+        self.qemu = "10"
+        self.restore_args = () if verify else ("--no-verify",)
+        self.name = "vmsnap10" + ("" if verify else "-noverify")
+        self.label = "vmsnap QEMU 10" + ("" if verify else " --no-verify")
 
 
 class VmsnapShared(Vmsnap):
@@ -388,7 +404,8 @@ def all_methods(channels: list[int] | None = None) -> dict[str, Method]:
     """Every method by name; vmsnap gets one entry per channel count."""
     if channels is None:
         channels = [0, 2, 4]
-    methods: list[Method] = [*(Vmsnap(n) for n in channels), VmsnapShared("7.2"),
+    methods: list[Method] = [*(Vmsnap(n) for n in channels), Vmsnap10(True), Vmsnap10(False),
+                             VmsnapShared("7.2"),
                              VmsnapShared("10"), ExecCat(), Virsh(), VmsnapDomain(), Qemu10Native(),
                              Fio(),
                              Fio(4)]

@@ -6,7 +6,9 @@ wrote on its own."""
 
 from __future__ import annotations
 
+import json
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -81,3 +83,72 @@ def test_seal_a_file_qemu_wrote_alone(workdir):
     with Vm(cfg, workdir, "dst", incoming="defer") as dst:
         ok(run_vmsnap(workdir, "restore", native, "--qmp", dst.tool_qmp_path))
         guest.check_restored(dst)
+
+
+def _info(workdir: Path, snap: Path) -> dict:
+    return json.loads(ok(run_vmsnap(workdir, "info", "--json", snap)).stdout)
+
+
+@pytest.mark.qemu
+def test_commit_first_seal_later_and_background(workdir, outside):
+    """--seal later: FILE is committed, signed and restorable before its page checksums
+    exist; info and verify say so; `vmsnap seal` adds them and keeps the signature (the
+    stored command line stays trusted). --seal background: a detached `vmsnap seal` does."""
+    guest = BootGuest(memory_mb=MB, mode="random")
+    cfg = guest.config("10", workdir)
+    later, bg = outside / "later.snap", outside / "bg.snap"
+    with Vm(cfg, workdir, "src") as src:
+        guest.boot(src)
+        done = events(ok(run_vmsnap(workdir, "save", "--json", "--resume", "--seal", "later",
+                                    "--qmp", src.tool_qmp_path, later)))[-1]
+        assert done["ram_path"] == "qemu" and not done["pages_checked"], done
+        assert done["committed_seconds"] <= done["seconds"] + 0.001
+        bg_done = events(ok(run_vmsnap(workdir, "save", "--json", "--seal", "background",
+                                       "--qmp", src.tool_qmp_path, bg)))[-1]
+    info = _info(workdir, later)
+    assert info["pages_checked"] is False and "pending" in info["integrity"], info
+    assert info["command_line_trusted"] is True
+    assert "pending" in one_line(run_vmsnap(workdir, "verify", later))
+    with Vm(cfg, workdir, "dst", incoming="defer") as dst:  # restorable at once, unchecked
+        r = ok(run_vmsnap(workdir, "restore", later, "--qmp", dst.tool_qmp_path))
+        assert "pending" in r.stderr
+        guest.check_restored(dst)
+    ok(run_vmsnap(workdir, "seal", later))
+    info = _info(workdir, later)
+    assert info["pages_checked"] is True and info["command_line_trusted"] is True, info
+    ok(run_vmsnap(workdir, "verify", later))
+    pid = bg_done["sealing_pid"]
+    deadline = time.monotonic() + 120
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _info(workdir, bg)["pages_checked"] is True
+    ok(run_vmsnap(workdir, "verify", bg))
+
+
+@pytest.mark.qemu
+def test_interrupted_seal_is_read_through_its_journal(workdir, outside):
+    """A seal that crashed while it rewrote the trailer: the file reads as sealed through
+    FILE.seal (the stream is untouched), verifies, and `vmsnap seal` completes it."""
+    guest = BootGuest(memory_mb=MB, mode="random")
+    cfg = guest.config("10", workdir)
+    snap, sealed = outside / "vm.snap", outside / "sealed.snap"
+    with Vm(cfg, workdir, "src") as src:
+        guest.boot(src)
+        ok(run_vmsnap(workdir, "save", "--seal", "later", "--qmp", src.tool_qmp_path, snap))
+    shutil.copyfile(snap, sealed)
+    ok(run_vmsnap(workdir, "seal", sealed))
+    with vmsnap.open(snap) as s:
+        offset = s.trailer.commit.body_offset
+    trailer = sealed.read_bytes()[offset:]
+    Path(f"{snap}.seal").write_bytes(offset.to_bytes(8, "little") + trailer)
+    with open(snap, "r+b") as f:  # the crash: half the new trailer over the old one
+        f.seek(offset)
+        f.write(trailer[:len(trailer) // 2])
+    with vmsnap.open(snap) as s:
+        assert s.pages_checked
+    ok(run_vmsnap(workdir, "verify", snap))
+    ok(run_vmsnap(workdir, "seal", snap))  # completes the journaled seal
+    assert not Path(f"{snap}.seal").exists()
+    assert snap.read_bytes() == sealed.read_bytes()
+    Path(f"{snap}.seal").write_bytes(b"\0" * 100)  # a stray journal of garbage: ignored
+    ok(run_vmsnap(workdir, "verify", snap))

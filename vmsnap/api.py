@@ -59,7 +59,7 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
 def save(qmp_address: str, path: str | os.PathLike, *, live: bool = False,
          background: bool = False, after: str | None = None, force: bool = False,
          reporter: Reporter | None = None, direct: bool = True, channels: int | None = None,
-         downtime_limit_ms: int | None = None) -> SaveResult:
+         downtime_limit_ms: int | None = None, seal: str = "now") -> SaveResult:
     """Save the VM whose QMP socket is `qmp_address` into the snapshot file `path`.
 
     Paused by default (the guest is stopped first); `live=True` copies RAM while it runs
@@ -68,10 +68,13 @@ def save(qmp_address: str, path: str | os.PathLike, *, live: bool = False,
     `after`: "pause" (leave it paused), "resume" (a checkpoint) or "quit" (end QEMU);
     default "pause", or the VM's own run state for a background save.
     `channels`: parallel multifd channels (0: one plain stream; default: from the CPUs).
-    `downtime_limit_ms`: a live save's longest final stop (default: chosen by vmsnap)."""
+    `downtime_limit_ms`: a live save's longest final stop (default: chosen by vmsnap).
+    `seal`: where QEMU >= 9.1 wrote the pages itself, the file is committed first and its
+    page checksums come "now" (before returning), in the "background" (a detached
+    `vmsnap seal`) or "later" (run `vmsnap seal`); result.committed_seconds, pages_checked."""
     return _run(_save.save(qmp_address, path, live=live, background=background, after=after,
                            force=force, reporter=reporter, direct=direct, channels=channels,
-                           downtime_limit_ms=downtime_limit_ms))
+                           downtime_limit_ms=downtime_limit_ms, seal=seal))
 
 
 def save_domain(name: str, path: str | os.PathLike, *, uri: str | None = None,

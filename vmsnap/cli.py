@@ -28,6 +28,7 @@ from .libvirt.image import export_image, import_stream
 from .ops.info import describe
 from .ops.receive import receive
 from .ops.send import send
+from .orchestration.save import SEAL_WHEN
 from .progress import Reporter
 
 
@@ -130,12 +131,13 @@ def cmd_verify(args: argparse.Namespace, rep: Reporter) -> int:
 
 
 def cmd_seal(args: argparse.Namespace, rep: Reporter) -> int:
-    from .fileformat.trailer import TrailerMetadata
+    from .hostkey import load_key
     from .ops.seal import seal
 
     rep.start("seal")
     t0 = time.monotonic()
-    pages = seal(args.file, TrailerMetadata(extra={"pages_by": "qemu"}), direct=args.direct)
+    pages = seal(args.file, TrailerMetadata(extra={"pages_by": "qemu"}), load_key(),
+                 direct=args.direct)
     rep.done(file=args.file, pages=pages, seconds=round(time.monotonic() - t0, 3))
     if not args.json:
         print(f"{args.file}: sealed, {pages} pages checksummed")
@@ -185,8 +187,8 @@ def cmd_save(args: argparse.Namespace, rep: Reporter) -> int:
     if args.domain:
         if args.channels:
             raise VmsnapError("--domain saves over one stream: --channels is for --qmp")
-        if args.background or args.downtime_limit is not None:
-            raise VmsnapError("--background and --downtime-limit go with --qmp")
+        if args.background or args.downtime_limit is not None or args.seal != "now":
+            raise VmsnapError("--background, --downtime-limit and --seal go with --qmp")
         r = api.save_domain(args.domain, args.file, uri=args.connect, live=args.live,
                             after=after or "pause", force=args.force, reporter=rep,
                             direct=args.direct)
@@ -195,7 +197,8 @@ def cmd_save(args: argparse.Namespace, rep: Reporter) -> int:
             raise VmsnapError("--connect goes with --domain")
         r = api.save(args.qmp, args.file, live=args.live, background=args.background,
                      after=after, force=args.force, reporter=rep, direct=args.direct,
-                     channels=args.channels, downtime_limit_ms=args.downtime_limit)
+                     channels=args.channels, downtime_limit_ms=args.downtime_limit,
+                     seal=args.seal)
     if not args.json:
         pause = f", guest paused {r.downtime_ms} ms" if r.mode != "paused" else ""
         rounds = (f" in {r.rounds} round{'s' * (r.rounds != 1)} (guest dirtying "
@@ -203,6 +206,10 @@ def cmd_save(args: argparse.Namespace, rep: Reporter) -> int:
                   f"{r.downtime_limit_ms} ms)" if r.mode == "live" else "")
         print(f"saved {r.path} ({r.mode}): {r.stream_bytes:,} stream bytes in {r.seconds:.2f}s "
               f"({_gib_s(r.stream_bytes, r.seconds)} GB/s){rounds}{pause}, VM {r.final_state}")
+        if not r.pages_checked:
+            print(f"committed after {r.committed_seconds:.2f}s; page checksums "
+                  + (f"being added (vmsnap seal, pid {r.sealing_pid})" if r.sealing_pid
+                     else "pending: run `vmsnap seal` on it"))
     return 0
 
 
@@ -319,6 +326,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="resume the VM afterwards (a --background save does by itself)")
     what.add_argument("--quit", action="store_true", help="end QEMU afterwards")
     sp.add_argument("--force", action="store_true", help="overwrite an existing FILE")
+    sp.add_argument("--seal", choices=SEAL_WHEN, default="now",
+                    help="where QEMU >= 9.1 writes the pages itself (paused, --channels >= 1): "
+                    "the file is committed first, its page checksums (a read-back) come now "
+                    "(default), in the background (a detached `vmsnap seal`) or later (run "
+                    "`vmsnap seal FILE`); until then it restores with pages unchecked and "
+                    "`info` and `verify` say so")
     sp.add_argument("--downtime-limit", type=int, metavar="MS",
                     help="--live: longest final stop of the guest (default: chosen from the "
                          "guest's dirty rate and the save's bandwidth)")

@@ -135,3 +135,25 @@ def test_random_json_with_valid_checksums(keys, n):
             decode_trailer_bytes(b"\0" * 8192 + body + rec.pack())
         except SnapshotError:
             pass
+
+
+def test_pending_page_checksums():
+    """A trailer committed before its page checksums: empty tables, marked pending; the mark
+    with tables, or any other value, is a corrupt trailer."""
+    md = TrailerMetadata(machine_type="pc-q35-10.0")
+    empty = [BlockChecksums("pc.ram", np.zeros(0, np.uint64))]
+    off, tr = encode_trailer(5000, md, empty, [RangeChecksum(0, 100, 1)], sealed=False)
+    t = decode_trailer_bytes(b"s" * off + tr)
+    assert not t.sealed and t.block("pc.ram").pages == 0
+    assert decode_trailer_bytes(make_image()).sealed
+    full = [BlockChecksums("pc.ram", np.arange(3, dtype=np.uint64))]
+    off, tr = encode_trailer(5000, md, full, [], sealed=False)
+    with pytest.raises(CorruptTrailer, match="pending"):
+        decode_trailer_bytes(b"s" * off + tr)
+    md.extra = {}
+    off, tr = encode_trailer(5000, md, empty, [], sealed=False)
+    bad = tr.replace(b'"page_checksums":"pending"', b'"page_checksums":"elapsed"')
+    body_len = len(bad) - COMMIT_SIZE
+    commit = CommitRecord(1, off, body_len, xxh3(bad[:body_len]), 5000)
+    with pytest.raises(CorruptTrailer, match="page_checksums"):
+        decode_trailer_bytes(b"s" * off + bad[:body_len] + commit.pack())

@@ -14,7 +14,8 @@ import xxhash
 from ..io.aligned import PAGE_SIZE, AlignedBuffer
 from ..io.direct import IOEngineError
 from ..stream.events import MappedRamHeader
-from ..targets import PageSource, open_source
+from ..targets import PageSource, open_source, remote
+from . import journal
 from .bitmap import runs, unpack_bitmap
 from .errors import (
     ChecksumMismatch,
@@ -103,6 +104,11 @@ class Snapshot:
         return self.trailer is None
 
     @property
+    def pages_checked(self) -> bool:
+        """Whether the trailer has every page's checksum (False: QEMU-native, or pending)."""
+        return self.trailer is not None and self.trailer.sealed
+
+    @property
     def metadata(self) -> TrailerMetadata | None:
         return self.trailer.metadata if self.trailer else None
 
@@ -155,7 +161,7 @@ class Snapshot:
                     index: int) -> None:
         """Compare pages [first, first+count) of `block` (bytes in `data`) with the trailer's
         table, whose entry for `first` is at `index`. Raises ChecksumMismatch naming the page."""
-        if self.trailer is None:
+        if not self.pages_checked:
             return
         ps = block.page_size
         got = page_checksums(data[:count * ps], ps)
@@ -225,6 +231,9 @@ class Snapshot:
         + offset). `progress(done_bytes, total_bytes)` is called after each chunk."""
         if self.trailer is None:
             raise SnapshotError("QEMU-native file has no checksums to verify")
+        if not self.trailer.sealed:
+            raise SnapshotError(f"page checksums of {self.path} are pending (QEMU wrote the "
+                                "pages): run `vmsnap seal` on it first")
         self.check_stream_ranges()
         total = sum(b.present_count * b.page_size for b in self.blocks if b.name not in skip)
         done = pages = 0
@@ -254,7 +263,12 @@ def open_snapshot(path: str | os.PathLike, *, direct: bool = True,
     path = os.fspath(path)
     f = open_source(path, direct=direct)
     try:
-        snap = _open(path, f, allow_incomplete)
+        try:
+            snap = _open(path, f, allow_incomplete)
+        except SnapshotError:
+            if remote(path) is not None or not os.path.lexists(journal.journal_path(path)):
+                raise
+            snap = _open(path, f, allow_incomplete)  # a seal began while we read: again
     except BaseException:
         f.close()
         raise
@@ -275,6 +289,7 @@ def _open(path: str, f: PageSource, allow_incomplete: bool) -> Snapshot:
         except IOEngineError as e:
             raise SnapshotError(f"file truncated: {e.strerror}") from None
 
+    pread, size = _as_sealed(path, pread, size)
     commit: CommitRecord | None
     try:
         commit = read_commit(pread, size)
@@ -308,7 +323,7 @@ def _open(path: str, f: PageSource, allow_incomplete: bool) -> Snapshot:
         names = [b.name for b in blocks]
         if [b.name for b in trailer.blocks] != names:
             raise SnapshotError("trailer block list does not match the stream's RAM blocks")
-        for b in blocks:
+        for b in blocks if trailer.sealed else ():
             if trailer.block(b.name).pages != b.present_count:
                 raise SnapshotError(
                     f"trailer checksum table of {b.name!r} has {trailer.block(b.name).pages} "
@@ -316,6 +331,25 @@ def _open(path: str, f: PageSource, allow_incomplete: bool) -> Snapshot:
     header_bytes = pread(0, prefix.first_block_offset)
     return Snapshot(path, f, size, prefix, header_bytes, blocks, prefix.tail_offset, tail,
                     trailer)
+
+
+def _as_sealed(path: str, pread: journal.Pread, size: int) -> tuple[journal.Pread, int]:
+    """The file as an interrupted `vmsnap seal` leaves it, when its own trailer does not read
+    and a seal journal is there (see vmsnap.fileformat.journal)."""
+    if remote(path) is not None or not os.path.lexists(journal.journal_path(path)):
+        return pread, size
+    try:
+        read_body(pread, read_commit(pread, size))
+        return pread, size
+    except NoCommitRecord:
+        pass  # QEMU-native, or a trailer being written
+    except SnapshotError:
+        pass  # a trailer being replaced
+    sealed = journal.overlay(path, pread, size)
+    if sealed is None:
+        return pread, size
+    log.debug("%s: trailer from the seal journal (an interrupted seal)", path)
+    return sealed
 
 
 def _check_index_size(f: PageSource, prefix: StreamPrefix) -> None:

@@ -16,7 +16,9 @@ Body (at `body_offset` = stream_end rounded up to 4096; all integers little-endi
 
 JSON keys: format_version, qemu_version, machine_type, command_line (list[str] | null),
 created (ISO 8601 UTC), stream_end, checksum ("xxh3-64"), page_size,
-blocks [{"name", "pages"}], ranges [{"start", "length", "xxh3" (16 hex digits)}] — one
+page_checksums ("pending" in a file committed before its page checksums exist: QEMU wrote
+the pages, `vmsnap seal` adds the tables later; absent otherwise), blocks [{"name", "pages"}],
+ranges [{"start", "length", "xxh3" (16 hex digits)}] — one
 range per non-page byte range of the stream (prefix + block records + bitmaps, tail) —
 and, in files vmsnap saved, signature {"key_id", "hmac"}: HMAC-SHA256 under the saving
 host's key (see vmsnap.hostkey) of the domain string, the length and bytes of the canonical
@@ -59,6 +61,7 @@ COMMIT_MAGIC = b"VMSNAPC1"
 COMMIT_SIZE = 64
 TRAILER_ALIGN = 4096
 CHECKSUM_ALGO = "xxh3-64"
+PENDING = "pending"
 _COMMIT = struct.Struct("<8sIIQQQQQ")  # + u64 self checksum
 _BODY_HEAD = struct.Struct("<8sII")
 assert _COMMIT.size == 56
@@ -167,6 +170,8 @@ class Trailer:
     ranges: list[RangeChecksum]
     commit: CommitRecord
     signature: Signature | None = None
+    #: False: committed before its page checksums exist (tables empty; `vmsnap seal`)
+    sealed: bool = True
 
     def block(self, name: str) -> BlockChecksums:
         for b in self.blocks:
@@ -229,9 +234,11 @@ def encode_trailer(
     blocks: Sequence[BlockChecksums],
     ranges: Sequence[RangeChecksum],
     key: bytes | None = None,
+    sealed: bool = True,
 ) -> tuple[int, bytes]:
     """Return (file offset, bytes) of padding-free trailer: body + commit record, signed
-    with `key` when given.
+    with `key` when given. `sealed=False`: the page checksums are still to come (`blocks`
+    with empty tables).
 
     The caller writes it at the returned offset (stream_end rounded up to 4 KiB); the gap
     stream_end..offset must read as zeros.
@@ -239,6 +246,8 @@ def encode_trailer(
     md = metadata.to_json()
     md["stream_end"] = stream_end
     md["format_version"] = FORMAT_VERSION
+    if not sealed:
+        md["page_checksums"] = PENDING
     md["blocks"] = [{"name": b.name, "pages": int(b.pages)} for b in blocks]
     md["ranges"] = [
         {"start": r.start, "length": r.length, "xxh3": f"{r.xxh3:016x}"} for r in ranges
@@ -301,6 +310,9 @@ def decode_body(body: bytes, commit: CommitRecord) -> Trailer:
         if md.get(k) is not None and not isinstance(md[k], str):
             raise CorruptTrailer(f"corrupt trailer: metadata field {k!r} invalid")
     page_size = _req(md, "page_size", int)
+    pending = md.get("page_checksums", None)
+    if pending not in (None, PENDING):
+        raise CorruptTrailer("corrupt trailer: metadata field 'page_checksums' invalid")
     created = _req(md, "created", str)
     extra = md.get("extra", {})
     if not isinstance(extra, dict):
@@ -345,7 +357,10 @@ def decode_body(body: bytes, commit: CommitRecord) -> Trailer:
         except ValueError:
             raise CorruptTrailer(f"corrupt trailer: range {i} checksum invalid") from None
         ranges.append(RangeChecksum(start, length, value))
-    return Trailer(meta, blocks, ranges, commit, signature)
+    if pending and any(b.pages for b in blocks):
+        raise CorruptTrailer("corrupt trailer: checksum tables in a file whose page "
+                             "checksums are pending")
+    return Trailer(meta, blocks, ranges, commit, signature, sealed=pending is None)
 
 
 def _signature(md: dict, tables: memoryview) -> Signature | None:

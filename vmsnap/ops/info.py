@@ -23,7 +23,10 @@ def describe(path: str | os.PathLike, *, direct: bool = True) -> dict:
             "path": os.fspath(path),
             "format": "qemu-native mapped-ram" if snap.native else "vmsnap",
             "integrity": ("no checksums (QEMU-native file)" if snap.native
-                          else "complete, checksummed"),
+                          else "complete, checksummed" if snap.pages_checked
+                          else "complete; device state checksummed, page checksums pending "
+                               "(run `vmsnap seal`)"),
+            "pages_checked": snap.pages_checked,
             "format_version": meta.format_version if meta else None,
             "qemu_version": meta.qemu_version if meta else None,
             "machine_type": snap.machine_type,

@@ -5,12 +5,12 @@ QEMU >= 9 writes its own mapped-ram file (`migrate file:` with mapped-ram, multi
 direct-io) faster than any stream receiver can; the pages' checksums then come from a
 read-back: parallel O_DIRECT reads of every present page, hashed in the buffers they were
 read into. The trailer is appended after QEMU's stream, which stays byte for byte as QEMU
-wrote it, so QEMU can still load the file natively.
+wrote it, so QEMU can still load the file natively. A save can commit first (commit_pending:
+metadata, signature, device-state checksums) and seal later.
 """
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -18,12 +18,14 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from ..errors import VmsnapError
+from ..fileformat.journal import finish, replace_trailer
 from ..fileformat.reader import Snapshot, open_snapshot
 from ..fileformat.trailer import (
     BlockChecksums,
     RangeChecksum,
     TrailerMetadata,
     encode_trailer,
+    key_id,
     page_checksums,
     xxh3,
 )
@@ -82,24 +84,49 @@ def page_tables(snap: Snapshot, workers: int | None = None,
     return [BlockChecksums(b.name, tables[b.name]) for b in snap.blocks]
 
 
-def seal(path: str, metadata: TrailerMetadata, key: bytes | None = None, *,
+def seal(path: str, metadata: TrailerMetadata | None = None, key: bytes | None = None, *,
          direct: bool = True, progress: Callable[[int], None] | None = None) -> int:
-    """Append vmsnap's trailer to the QEMU-native file at `path` and fsync it. Returns the
-    number of pages checksummed. Refuses a file that already has a trailer."""
+    """Give the file at `path` its page checksums: a QEMU-native file gets a whole trailer
+    (`metadata`, signed with `key` when given), a file committed with pending checksums
+    gets its tables (its metadata kept; signed with `key` only if its signature is valid
+    under `key`: sealing never vouches for another host's file). Journaled (see
+    vmsnap.fileformat.journal), fsynced. Returns the number of pages checksummed; refuses
+    a file whose checksums exist."""
     with open_snapshot(path, direct=direct) as snap:
-        if not snap.native:
-            raise VmsnapError(f"{path} is already sealed (it has a vmsnap trailer)")
+        if snap.pages_checked:
+            if finish(path):  # read through the journal of an interrupted seal: complete it
+                return sum(b.present_count for b in snap.blocks)
+            raise VmsnapError(f"{path} is already sealed (it has its page checksums)")
+        if snap.trailer is not None:  # committed before its checksums: keep what it says
+            sig = snap.trailer.signature
+            if key is not None and not (sig is not None and sig.key_id == key_id(key)
+                                        and sig.valid(key)):
+                key = None
+            metadata = snap.trailer.metadata
+        elif metadata is None:
+            metadata = TrailerMetadata()
         if metadata.machine_type is None:
             metadata.machine_type = snap.machine_type
         checks = page_tables(snap, progress=progress)
         ranges = stream_ranges(snap)
         stream_end = snap.stream_end
     offset, trailer = encode_trailer(stream_end, metadata, checks, ranges, key)
-    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-    try:
-        os.pwrite(fd, trailer, offset)
-        os.ftruncate(fd, offset + len(trailer))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    replace_trailer(path, offset, trailer)
     return sum(c.pages for c in checks)
+
+
+def commit_pending(path: str, metadata: TrailerMetadata, key: bytes | None = None, *,
+                   direct: bool = True) -> None:
+    """Give the QEMU-native file at `path` a trailer whose page checksums are pending: its
+    metadata, signature and stream ranges (device state included) are there at once, the
+    pages' checksums when `seal` has read them back."""
+    with open_snapshot(path, direct=direct) as snap:
+        if snap.trailer is not None:
+            raise VmsnapError(f"{path} already has a vmsnap trailer")
+        if metadata.machine_type is None:
+            metadata.machine_type = snap.machine_type
+        empty = [BlockChecksums(b.name, np.zeros(0, np.uint64)) for b in snap.blocks]
+        ranges = stream_ranges(snap)
+        stream_end = snap.stream_end
+    offset, trailer = encode_trailer(stream_end, metadata, empty, ranges, key, sealed=False)
+    replace_trailer(path, offset, trailer)

@@ -1,6 +1,7 @@
 """QEMU >= 9.1 moves the pages itself. Save: `migrate file:/dev/fdset/N` with mapped-ram,
-multifd and direct-io into vmsnap's FILE.partial, then vmsnap seals it (page checksums
-from a parallel O_DIRECT read-back, metadata, commit record) and commits it. Restore with
+multifd and direct-io into vmsnap's FILE.partial; vmsnap commits it at once with its
+metadata, signature and device-state checksums (the guest may run on), then seals it: page
+checksums from a parallel O_DIRECT read-back, now, in the background or later. Restore with
 `verify=False`: `migrate-incoming file:/dev/fdset/N`, QEMU reads each present page once at
 its offset (vmsnap files are QEMU's mapped-ram layout); vmsnap checks only the device
 state and the stream's other non-page bytes first.
@@ -16,8 +17,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import subprocess
+import sys
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from qemu.qmp import QMPClient
 
@@ -25,7 +30,7 @@ from .. import targets
 from ..fileformat.reader import open_snapshot
 from ..fileformat.writer import SnapshotWriter
 from ..ops.receive import ReceiveStats
-from ..ops.seal import seal
+from ..ops.seal import commit_pending, seal
 from ..ops.send import SendStats
 from ..progress import Reporter
 from ..stream.constants import CAP_MAPPED_RAM
@@ -98,17 +103,39 @@ async def release(client: QMPClient, fdset: FdSet | None, fds: tuple[int, ...] =
         os.close(fd)
 
 
-def seal_and_commit(writer: SnapshotWriter, direct: bool) -> ReceiveStats:
-    """Seal the FILE.partial QEMU wrote and commit it; figures for the save result."""
+def commit_first(writer: SnapshotWriter, direct: bool) -> ReceiveStats:
+    """Commit the FILE.partial QEMU wrote with its page checksums pending (metadata,
+    signature, device state and other non-page bytes checksummed): the file is durable and
+    restorable at once; `seal_after` adds the page checksums."""
     path = writer.partial_path
     writer.metadata.extra["pages_by"] = "qemu"
-    pages = seal(path, writer.metadata, writer.signing_key, direct=direct)
+    commit_pending(path, writer.metadata, writer.signing_key, direct=direct)
     with open_snapshot(path, direct=direct) as snap:
-        stats = ReceiveStats(writer.path, snap.stream_end, pages,
+        stats = ReceiveStats(writer.path, snap.stream_end,
+                             sum(b.present_count for b in snap.blocks),
                              sum(b.npages - b.present_count for b in snap.blocks),
                              len(snap.blocks), snap.machine_type, snap.direct)
     writer.commit_written()
     return stats
+
+
+async def seal_after(path: str, how: str, key: bytes | None, direct: bool,
+                     rep: Reporter) -> dict[str, Any]:
+    """Add the page checksums to a file `commit_first` committed: `how` is "now" (a
+    parallel O_DIRECT read-back before returning), "background" (a detached `vmsnap seal`
+    that outlives this process) or "later" (the user runs `vmsnap seal`). Result fields."""
+    if how == "now":
+        t0 = time.monotonic()
+        await asyncio.get_running_loop().run_in_executor(
+            None, lambda: seal(path, key=key, direct=direct))
+        return {"pages_checked": True, "seal_seconds": round(time.monotonic() - t0, 3)}
+    if how == "background":
+        argv = [sys.executable, "-m", "vmsnap", "seal", *([] if direct else ["--no-direct"]),
+                path]
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+        return {"pages_checked": False, "sealing_pid": proc.pid}
+    return {"pages_checked": False}
 
 
 async def can_load(client: QMPClient, peer: Peer, path: str, stale: set[str]) -> bool:

@@ -189,6 +189,9 @@ async def restore(path: str | os.PathLike, *, qmp_address: str | None = None,
         total = sum(b.present_count * b.page_size for b in snap.blocks)
         trust = trust_of(snap.trailer)
         sizes = {b.name: b.used_length for b in snap.blocks}
+        if snap.trailer is not None and not snap.pages_checked:
+            rep.note(f"page checksums of {path} are pending (vmsnap seal): pages go in "
+                     "unchecked, the device state checked")
     workdir = tempfile.mkdtemp(prefix="vmsnap-")  # 0700
     proc: GuardedQemu | None = None
     lock: RelaunchLock | None = None

@@ -46,6 +46,9 @@ MIGRATING = ("setup", "active", "pre-switchover", "device", "cancelling", "wait-
              "postcopy-active")
 
 
+SEAL_WHEN = ("now", "background", "later")
+
+
 @dataclass
 class SaveResult:
     path: str
@@ -61,7 +64,8 @@ class SaveResult:
     dirty_sync_count: int | None = None
     downtime_ms: int | None = None
     #: "stream": pages came through vmsnap's socket; "shared": vmsnap copied them from the
-    #: shared backing; "qemu": QEMU wrote them into the file, vmsnap checksummed them after
+    #: shared backing; "qemu": QEMU wrote them into the file, vmsnap checksums them after
+    #: the commit (see `seal`)
     ram_path: str = "stream"
     mode: str = SaveMode.PAUSED.value
     #: live saves: the guest's dirty rate, the highest CPU throttle, the final downtime limit
@@ -74,6 +78,12 @@ class SaveResult:
     #: passes over RAM: 1 for paused and background saves; a live save's rounds while the
     #: guest ran, the last of them ending in the final stop (downtime_ms)
     rounds: int | None = None
+    #: seconds until FILE was durable and committed (ram_path "qemu": before its page
+    #: checksums, whose read-back took seal_seconds or runs in process sealing_pid)
+    committed_seconds: float | None = None
+    pages_checked: bool = True
+    seal_seconds: float | None = None
+    sealing_pid: int | None = None
 
 
 async def _set_parameters(client: Client, wanted: dict[str, Any]) -> dict[str, Any]:
@@ -111,13 +121,17 @@ async def save(qmp_address: str, path: str | os.PathLike, *, live: bool = False,
                background: bool = False, after: str | None = None, force: bool = False,
                reporter: Reporter | None = None, direct: bool = True,
                downtime_limit_ms: int | None = None,
-               channels: int | None = None) -> SaveResult:
+               channels: int | None = None, seal: str = "now") -> SaveResult:
     """Save the VM behind `qmp_address` to `path`, paused, `live` or in the `background`.
     `after`: "pause" | "resume" | "quit"; None: "pause", except a background save keeps the
     VM's run state. `channels`: multifd channels (0: one plain stream; None:
-    check_channels(None); a background save is always one stream)."""
+    check_channels(None); a background save is always one stream). `seal`: when QEMU wrote
+    the pages itself (QEMU >= 9.1, paused, channels), when their checksums are added to the
+    committed file: "now" (before returning), "background" or "later" (native.seal_after)."""
     if after not in (None, "pause", "resume", "quit"):
         raise ValueError(f"after must be pause, resume or quit, not {after!r}")
+    if seal not in SEAL_WHEN:
+        raise ValueError(f"seal must be one of {', '.join(SEAL_WHEN)}, not {seal!r}")
     mode = modes.select(live, background)
     converge.check_limit(downtime_limit_ms)
     if downtime_limit_ms is not None and mode is not SaveMode.LIVE:
@@ -139,7 +153,7 @@ async def save(qmp_address: str, path: str | os.PathLike, *, live: bool = False,
         client, peer = await qmpmod.connect(qmp_address)
         with vm_lock(peer.pid):
             return await _save(client, peer, writer, mode, after, rep, downtime_limit_ms,
-                               channels)
+                               channels, seal)
     finally:
         if not writer.finished:
             writer.abort()  # idempotent: removes FILE.partial and releases the lock
@@ -149,7 +163,7 @@ async def save(qmp_address: str, path: str | os.PathLike, *, live: bool = False,
 
 async def _save(client: Client, peer: qmpmod.Peer, writer: SnapshotWriter,
                 mode: SaveMode, after: str | None, rep: Reporter, downtime_limit_ms: int | None,
-                channels: int) -> SaveResult:
+                channels: int, seal: str) -> SaveResult:
     path = writer.path
     status = await qmpmod.migration_status(client)
     if status.get("status") in MIGRATING:
@@ -207,7 +221,7 @@ async def _save(client: Client, peer: qmpmod.Peer, writer: SnapshotWriter,
             started = True  # from here on the migration is ours to cancel
             info = await _watch(client, loop.create_future(), rep, converger)
             stats: ReceiveStats = await loop.run_in_executor(
-                None, native.seal_and_commit, writer, writer.direct_requested)
+                None, native.commit_first, writer, writer.direct_requested)
         else:
             if meeting:
                 uri = f"unix:{meeting.qemu('migrate.sock')}"
@@ -245,6 +259,9 @@ async def _save(client: Client, peer: qmpmod.Peer, writer: SnapshotWriter,
             meeting.close()
         await _restore_settings(client, saved_caps, saved_params)
     hot_pages = save_rewrites(path, writer.rewrites) if writer.rewrites else 0
+    committed = time.monotonic() - t0
+    sealing = (await native.seal_after(path, seal, writer.signing_key,
+                                       writer.direct_requested, rep) if by_qemu else {})
     seconds = time.monotonic() - t0
     ram = info.get("ram", {})
     result = SaveResult(path, seconds, stats.stream_bytes, stats.pages, stats.zero_pages, live,
@@ -252,7 +269,8 @@ async def _save(client: Client, peer: qmpmod.Peer, writer: SnapshotWriter,
                         ram.get("dirty-sync-count"), info.get("downtime"),
                         "shared" if backings else "qemu" if by_qemu else "stream", mode.value,
                         **(converger.figures() if converger else {}), hot_pages=hot_pages,
-                        rounds=_rounds(mode, ram.get("dirty-sync-count")))
+                        rounds=_rounds(mode, ram.get("dirty-sync-count")),
+                        committed_seconds=round(committed, 3), **sealing)
     rep.done(**result.__dict__)
     return result
 

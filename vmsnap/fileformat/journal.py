@@ -1,0 +1,109 @@
+"""The seal journal: how a committed file gets its trailer replaced without a moment in which
+a crash leaves it unreadable.
+
+`vmsnap seal` replaces a trailer in place (a QEMU-native file gets one, a file committed with
+pending page checksums gets the full one). Before it touches FILE it writes FILE.seal, the
+new trailer's bytes and where they go (u64 little-endian file offset, then the bytes), and
+fsyncs it; then it writes the trailer into FILE, fsyncs, and removes the journal. A reader
+that finds FILE's own trailer unreadable reads FILE as the seal leaves it: the stream from
+FILE (a seal never touches it), the trailer from the journal. Local files only.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Callable
+
+from .errors import SnapshotError
+from .trailer import COMMIT_SIZE, TRAILER_ALIGN, max_body_length, read_trailer
+
+SUFFIX = ".seal"
+_OFFSET = struct.Struct("<Q")
+
+Pread = Callable[[int, int], bytes]
+
+
+def journal_path(path: str) -> str:
+    return path + SUFFIX
+
+
+def replace_trailer(path: str, offset: int, trailer: bytes) -> None:
+    """Write `trailer` at `offset` of `path` (and cut the file there), journaled."""
+    jpath = journal_path(path)
+    fd = os.open(jpath, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o600)
+    try:
+        os.write(fd, _OFFSET.pack(offset) + trailer)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    _fsync_dir(jpath)
+    _apply(path, offset, trailer)
+
+
+def finish(path: str) -> bool:
+    """Complete the seal a crash interrupted (its journal is there and holds a valid trailer
+    for this file); False if there was none."""
+    if not os.path.lexists(journal_path(path)):
+        return False
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        sealed = overlay(path, lambda off, n: os.pread(f.fileno(), n, off), size)
+        if sealed is None:
+            raise SnapshotError(f"{journal_path(path)} is not a seal journal of {path}")
+        read_trailer(*sealed)  # CorruptTrailer if the journal's trailer is not whole
+    with open(journal_path(path), "rb") as j:
+        data = j.read()
+    (offset,) = _OFFSET.unpack_from(data)
+    _apply(path, offset, data[_OFFSET.size:])
+    return True
+
+
+def _apply(path: str, offset: int, trailer: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        os.pwrite(fd, trailer, offset)
+        os.ftruncate(fd, offset + len(trailer))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    jpath = journal_path(path)
+    os.unlink(jpath)
+    _fsync_dir(jpath)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def overlay(path: str, pread: Pread, size: int) -> tuple[Pread, int] | None:
+    """(pread, size) of `path` as an interrupted seal leaves it, from its journal; None if
+    there is no usable journal. The journal's trailer is validated by the caller, as any."""
+    limit = _OFFSET.size + max_body_length(size) + COMMIT_SIZE
+    try:
+        with open(journal_path(path), "rb") as j:
+            data = j.read(limit + 1)
+    except OSError:
+        return None
+    if not _OFFSET.size + COMMIT_SIZE <= len(data) <= limit:
+        return None
+    (offset,) = _OFFSET.unpack_from(data)
+    trailer = data[_OFFSET.size:]
+    if offset % TRAILER_ALIGN or offset > -(-size // TRAILER_ALIGN) * TRAILER_ALIGN:
+        return None
+    end = offset + len(trailer)
+
+    def pread_overlaid(off: int, n: int) -> bytes:
+        if off < 0 or n < 0 or off + n > end:
+            return pread(off, n)  # out of range: the file's own reader says so
+        if off + n <= offset:
+            return pread(off, n)
+        head = pread(off, offset - off) if off < offset else b""
+        return head + trailer[max(off, offset) - offset:off + n - offset]
+
+    return pread_overlaid, end

@@ -5,4 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install.sh
 .venv/bin/ruff check .
+.venv/bin/mypy --strict vmsnap
 exec .venv/bin/pytest -ra --durations=15 "$@"

@@ -37,6 +37,7 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
     async def main() -> T:
         if threading.current_thread() is threading.main_thread():
             loop, task = asyncio.get_running_loop(), asyncio.current_task()
+            assert task is not None  # asyncio.run runs main() as a task
 
             def interrupt() -> None:
                 nonlocal signalled
@@ -56,7 +57,7 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
         raise
 
 
-def save(qmp_address: str, path: str | os.PathLike, *, live: bool = False,
+def save(qmp_address: str, path: str | os.PathLike[str], *, live: bool = False,
          background: bool = False, after: str | None = None, force: bool = False,
          reporter: Reporter | None = None, direct: bool = True, channels: int | None = None,
          downtime_limit_ms: int | None = None, seal: str = "now") -> SaveResult:
@@ -77,7 +78,7 @@ def save(qmp_address: str, path: str | os.PathLike, *, live: bool = False,
                            downtime_limit_ms=downtime_limit_ms, seal=seal))
 
 
-def save_domain(name: str, path: str | os.PathLike, *, uri: str | None = None,
+def save_domain(name: str, path: str | os.PathLike[str], *, uri: str | None = None,
                 live: bool = False, after: str = "pause", force: bool = False,
                 reporter: Reporter | None = None, direct: bool = True) -> SaveResult:
     """Save the libvirt domain `name` (connection `uri`, default qemu:///system) into `path`,
@@ -89,7 +90,7 @@ def save_domain(name: str, path: str | os.PathLike, *, uri: str | None = None,
                              reporter=reporter, direct=direct))
 
 
-def restore(path: str | os.PathLike, *, qmp_address: str | None = None,
+def restore(path: str | os.PathLike[str], *, qmp_address: str | None = None,
             command: Sequence[str] | None = None, paused: bool = False,
             reporter: Reporter | None = None, direct: bool = True,
             channels: int | None = None, trust_command_line: bool = False,
@@ -132,7 +133,7 @@ def restore(path: str | os.PathLike, *, qmp_address: str | None = None,
                                  verify=verify is not False))
 
 
-def restore_domain(path: str | os.PathLike, *, uri: str | None = None,
+def restore_domain(path: str | os.PathLike[str], *, uri: str | None = None,
                    domain: str | None = None, xml: str | None = None, paused: bool = False,
                    trust_xml: bool = False, reporter: Reporter | None = None,
                    direct: bool = True) -> RestoreResult:
@@ -145,6 +146,6 @@ def restore_domain(path: str | os.PathLike, *, uri: str | None = None,
                                 trust_xml=trust_xml, reporter=reporter, direct=direct))
 
 
-def open(path: str | os.PathLike, *, direct: bool = True) -> Snapshot:  # noqa: A001
+def open(path: str | os.PathLike[str], *, direct: bool = True) -> Snapshot:  # noqa: A001
     """Open a snapshot for inspection (blocks, metadata, present pages, verify())."""
     return open_snapshot(path, direct=direct)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import logging
 import os
 import shlex
@@ -41,6 +42,10 @@ def _gib_s(nbytes: int, seconds: float) -> float:
     return round(nbytes / seconds / 1e9, 3) if seconds > 0 else 0.0
 
 
+#: A verb: parsed arguments and the event reporter in, exit status out.
+Command = Callable[[argparse.Namespace, Reporter], int]
+
+
 def cmd_receive(args: argparse.Namespace, rep: Reporter) -> int:
     _refuse_overwrite(args.file, args.force)
     rep.start("receive")
@@ -70,13 +75,13 @@ def cmd_send(args: argparse.Namespace, rep: Reporter) -> int:
     return 0
 
 
-def _stdin():
+def _stdin() -> io.BufferedReader:
     if sys.stdin is None:
         raise VmsnapError("no standard input to read the stream from")
     return open(sys.stdin.fileno(), "rb", closefd=False)  # noqa: SIM115
 
 
-def _stdout():
+def _stdout() -> io.BufferedWriter:
     return open(sys.stdout.fileno(), "wb", closefd=False)  # noqa: SIM115
 
 
@@ -96,7 +101,7 @@ def cmd_info(args: argparse.Namespace, rep: Reporter) -> int:
     if info["command_line"]:
         summary.add_row("command line", _text(shlex.join(info["command_line"])))
         trust = ("trusted: " if info["command_line_trusted"] else "NOT trusted: ") \
-            + info["command_line_trust"]
+            + (info["command_line_trust"] or "")
         if info["command_line_runs_programs"]:
             trust += "; makes QEMU run: " + ", ".join(info["command_line_runs_programs"])
         summary.add_row("relaunch", _text(trust))
@@ -264,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="debug log on stderr (QMP commands, channels, I/O); -vv adds qemu.qmp's")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def add(name: str, func: Callable, help_: str) -> argparse.ArgumentParser:
+    def add(name: str, func: Command, help_: str) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help_, description=help_)
         sp.set_defaults(func=func)
         sp.add_argument("--json", action="store_true",
@@ -404,7 +409,8 @@ def main(argv: list[str] | None = None) -> int:
         else sys.stdout
     rep = Reporter(as_json=args.json, out=out)
     try:
-        return args.func(args, rep)
+        func: Command = args.func
+        return func(args, rep)
     except USER_ERRORS as err:
         if isinstance(err, BrokenPipeError):  # our reader went away: no more output there
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

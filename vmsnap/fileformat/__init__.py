@@ -1,6 +1,6 @@
 """The vmsnap snapshot file: QEMU mapped-ram layout + vmsnap trailer."""
 
-from ..stream.events import MappedRamHeader
+from ..stream.events import MappedRamHeader, bitmap_size
 from .bitmap import contiguous_runs, pack_bitmap, runs, unpack_bitmap
 from .errors import (
     ChecksumMismatch,
@@ -10,7 +10,7 @@ from .errors import (
     SnapshotError,
     UnsupportedVersion,
 )
-from .layout import BlockLayout, FileLayout, bitmap_size, compute_layout
+from .layout import BlockLayout, FileLayout, compute_layout
 from .reader import BlockInfo, Snapshot, VerifyResult, open_snapshot
 from .trailer import Trailer, TrailerMetadata, decode_trailer_bytes, encode_trailer
 from .writer import SnapshotWriter

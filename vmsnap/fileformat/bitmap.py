@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .layout import bitmap_size
+from ..stream.events import bitmap_size
 
 
 def pack_bitmap(present: np.ndarray) -> bytes:

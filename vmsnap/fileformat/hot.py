@@ -28,7 +28,7 @@ VERSION = 1
 MAX_BYTES = 32 << 20
 
 
-def hot_path(snapshot_path: str | os.PathLike) -> str:
+def hot_path(snapshot_path: str | os.PathLike[str]) -> str:
     """Where a local snapshot's hint is."""
     return os.fspath(snapshot_path) + SUFFIX
 

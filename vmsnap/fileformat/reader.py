@@ -13,7 +13,8 @@ import xxhash
 
 from ..io.aligned import PAGE_SIZE, AlignedBuffer
 from ..io.direct import IOEngineError
-from ..stream.events import MappedRamHeader
+from ..io.vectored import Buffer
+from ..stream.events import MappedRamHeader, RamBlock, bitmap_size
 from ..targets import PageSource, open_source, remote
 from . import journal
 from .bitmap import runs, unpack_bitmap
@@ -23,7 +24,6 @@ from .errors import (
     NoCommitRecord,
     SnapshotError,
 )
-from .layout import bitmap_size
 from .prefix import StreamPrefix, StreamScan
 from .trailer import (
     CommitRecord,
@@ -73,6 +73,17 @@ class BlockInfo:
     @property
     def present_count(self) -> int:
         return int(self.present.sum())
+
+
+@dataclass(frozen=True)
+class PageRun:
+    """`count` present pages of `block` from page `first`; `index` is the first one's entry
+    in the block's checksum table."""
+
+    block: BlockInfo
+    first: int
+    count: int
+    index: int
 
 
 @dataclass
@@ -133,8 +144,18 @@ class Snapshot:
         """(first_page, count) runs of present pages, shape (n, 2)."""
         return runs(self._b(block).present, max_pages)
 
+    def page_runs(self, max_bytes: int) -> list[PageRun]:
+        """Every run of present pages of every block, none longer than `max_bytes`."""
+        out = []
+        for b in self.blocks:
+            index = np.concatenate(([0], np.cumsum(b.present)))
+            out += [PageRun(b, int(first), int(count), int(index[first]))
+                    for first, count in self.present_runs(b, max_bytes // b.page_size)]
+        return out
+
     def read_pages(self, block: str | BlockInfo, first_page: int, count: int,
-                   into=None, *, urgent: bool = False) -> memoryview:
+                   into: AlignedBuffer | Buffer | None = None, *, urgent: bool = False
+                   ) -> memoryview:
         """Read `count` pages starting at page `first_page` (O_DIRECT when `into` is an
         aligned buffer; `urgent`: someone waits on them, see PageSource.read_urgent).
         Returns a memoryview of exactly count*page_size bytes."""
@@ -161,7 +182,7 @@ class Snapshot:
                     index: int) -> None:
         """Compare pages [first, first+count) of `block` (bytes in `data`) with the trailer's
         table, whose entry for `first` is at `index`. Raises ChecksumMismatch naming the page."""
-        if not self.pages_checked:
+        if self.trailer is None or not self.pages_checked:
             return
         ps = block.page_size
         got = page_checksums(data[:count * ps], ps)
@@ -207,6 +228,7 @@ class Snapshot:
             fut = ex.submit(self.read_pages, *jobs[0], bufs[0]) if jobs else None
             try:
                 for k, (b, first, count) in enumerate(jobs):
+                    assert fut is not None  # submitted for job k before
                     mv = fut.result()
                     if k + 1 < len(jobs):
                         fut = ex.submit(self.read_pages, *jobs[k + 1], bufs[(k + 1) % 2])
@@ -250,11 +272,11 @@ class Snapshot:
     def __enter__(self) -> Snapshot:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 
-def open_snapshot(path: str | os.PathLike, *, direct: bool = True,
+def open_snapshot(path: str | os.PathLike[str], *, direct: bool = True,
                   allow_incomplete: bool = False) -> Snapshot:
     """Open a snapshot (a file, `rbd:POOL/IMAGE` or `s3://BUCKET/KEY`). Raises SnapshotError
     (one-line message) if it is malformed, IncompleteSnapshot if it has no commit record
@@ -281,7 +303,7 @@ def open_snapshot(path: str | os.PathLike, *, direct: bool = True,
 def _open(path: str, f: PageSource, allow_incomplete: bool) -> Snapshot:
     size = f.size()
 
-    def pread(off: int, n: int) -> bytes:
+    def read(off: int, n: int) -> bytes:
         if off < 0 or n < 0 or off + n > size:
             raise SnapshotError(f"read {off:#x}+{n:#x} beyond end of file ({size:#x})")
         try:
@@ -289,7 +311,7 @@ def _open(path: str, f: PageSource, allow_incomplete: bool) -> Snapshot:
         except IOEngineError as e:
             raise SnapshotError(f"file truncated: {e.strerror}") from None
 
-    pread, size = _as_sealed(path, pread, size)
+    pread, size = _as_sealed(path, read, size)
     commit: CommitRecord | None
     try:
         commit = read_commit(pread, size)
@@ -312,10 +334,10 @@ def _open(path: str, f: PageSource, allow_incomplete: bool) -> Snapshot:
     _check_index_size(f, prefix)
     blocks = []
     for rb in prefix.blocks:
-        hdr = rb.mapped_ram
+        header_offset, hdr = _mapped_header(rb)
         npages = rb.used_length // hdr.page_size
         bm = pread(hdr.bitmap_offset, bitmap_size(npages))
-        blocks.append(BlockInfo(rb.name, rb.used_length, rb.stream_offset, rb.header_offset,
+        blocks.append(BlockInfo(rb.name, rb.used_length, rb.stream_offset, header_offset,
                                 hdr, unpack_bitmap(bm, npages)))
     trailer = None
     if commit is not None:
@@ -352,11 +374,19 @@ def _as_sealed(path: str, pread: journal.Pread, size: int) -> tuple[journal.Prea
     return sealed
 
 
+def _mapped_header(rb: RamBlock) -> tuple[int, MappedRamHeader]:
+    """(file offset, value) of the mapped-ram header of a block StreamScan decoded (every
+    block of a file has one)."""
+    if rb.mapped_ram is None or rb.header_offset is None:
+        raise SnapshotError(f"RAM block {rb.name!r} has no mapped-ram header")
+    return rb.header_offset, rb.mapped_ram
+
+
 def _check_index_size(f: PageSource, prefix: StreamPrefix) -> None:
     """Refuse RAM blocks whose per-page index (one byte per page in memory) is larger than
     the file can describe: a file holds its bitmaps (one bit per page) on disk, so a claim
     of more than 8 pages per allocated byte is a sparse file lying about its size."""
-    pages = sum(b.used_length // b.mapped_ram.page_size for b in prefix.blocks)
+    pages = sum(b.used_length // _mapped_header(b)[1].page_size for b in prefix.blocks)
     allocated = f.allocated()
     if pages > max(INDEX_FLOOR, 8 * allocated):
         raise SnapshotError(

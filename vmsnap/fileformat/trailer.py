@@ -48,10 +48,12 @@ import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any, TypeVar
 
 import numpy as np
 import xxhash
 
+from ..io.vectored import Buffer
 from ..stream.constants import TARGET_PAGE_SIZE
 from .errors import CorruptTrailer, NoCommitRecord, SnapshotError, UnsupportedVersion
 
@@ -71,12 +73,16 @@ MAX_METADATA = 16 << 20
 MIN_PAGE_SIZE = 1024
 _HMAC_DOMAIN = b"vmsnap trailer hmac v1\0"
 
+#: A JSON object as json.loads returns it (validated field by field where it is read).
+JsonObject = dict[str, Any]
+T = TypeVar("T")
 
-def xxh3(data) -> int:
+
+def xxh3(data: Buffer) -> int:
     return xxhash.xxh3_64_intdigest(data)
 
 
-def page_checksums(data, page_size: int = TARGET_PAGE_SIZE) -> np.ndarray:
+def page_checksums(data: Buffer, page_size: int = TARGET_PAGE_SIZE) -> np.ndarray:
     """xxh3_64 of every page of `data` (n*page_size bytes) → uint64[n]."""
     mv = memoryview(data).cast("B")
     n = mv.nbytes // page_size
@@ -100,10 +106,10 @@ class TrailerMetadata:
     checksum: str = CHECKSUM_ALGO
     stream_end: int = 0
     page_size: int = TARGET_PAGE_SIZE
-    extra: dict = field(default_factory=dict)
+    extra: JsonObject = field(default_factory=dict)
 
-    def to_json(self) -> dict:
-        d = {
+    def to_json(self) -> JsonObject:
+        d: JsonObject = {
             "format_version": self.format_version,
             "qemu_version": self.qemu_version,
             "machine_type": self.machine_type,
@@ -123,11 +129,11 @@ def key_id(key: bytes) -> str:
     return hmac.new(key, b"vmsnap key id", hashlib.sha256).hexdigest()[:16]
 
 
-def _canonical(md: dict) -> bytes:
+def _canonical(md: JsonObject) -> bytes:
     return json.dumps(md, separators=(",", ":"), sort_keys=True).encode()
 
 
-def _mac(key: bytes, js: bytes, tables) -> str:
+def _mac(key: bytes, js: bytes, tables: Buffer) -> str:
     mac = hmac.new(key, _HMAC_DOMAIN + struct.pack("<Q", len(js)) + js, hashlib.sha256)
     mac.update(tables)
     return mac.hexdigest()
@@ -266,11 +272,12 @@ def encode_trailer(
     return offset, body + commit.pack()
 
 
-def _req(d: dict, key: str, types, what: str = ""):
-    if key not in d or not isinstance(d[key], types) or isinstance(d[key], bool) and \
-            types is not bool:
+def _req(d: JsonObject, key: str, kind: type[T], what: str = "") -> T:
+    """`d[key]` if it is a `kind` (a bool is no int here), else CorruptTrailer."""
+    value = d.get(key)
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
         raise CorruptTrailer(f"corrupt trailer: metadata field {what}{key!r} missing or invalid")
-    return d[key]
+    return value
 
 
 def decode_body(body: bytes, commit: CommitRecord) -> Trailer:
@@ -363,7 +370,7 @@ def decode_body(body: bytes, commit: CommitRecord) -> Trailer:
     return Trailer(meta, blocks, ranges, commit, signature, sealed=pending is None)
 
 
-def _signature(md: dict, tables: memoryview) -> Signature | None:
+def _signature(md: JsonObject, tables: memoryview) -> Signature | None:
     """Take the signature out of the parsed metadata `md`; None if it has none."""
     sig = md.pop("signature", None)
     if sig is None:

@@ -21,8 +21,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
+import numpy.typing as npt
 
-from ..io.aligned import PAGE_SIZE, BufferPool, buffer_address
+from ..io.aligned import PAGE_SIZE, AlignedBuffer, BufferPool, buffer_address
+from ..io.vectored import Buffer
 from ..targets import PageSink, open_sink
 from ..targets.local import LocalSink
 from .bitmap import contiguous_runs, pack_bitmap
@@ -45,6 +47,10 @@ log = logging.getLogger(__name__)
 SCATTERED_RUN = 64 << 10
 
 
+#: Page writes the I/O thread makes from a pool buffer: (file offset, view) runs, buffer.
+_WriteJob = tuple[list[tuple[int, memoryview]], AlignedBuffer]
+
+
 @dataclass
 class _BlockState:
     layout: BlockLayout
@@ -55,7 +61,7 @@ class _BlockState:
 class SnapshotWriter:
     def __init__(
         self,
-        path: str | os.PathLike,
+        path: str | os.PathLike[str],
         metadata: TrailerMetadata | None = None,
         *,
         page_size: int = PAGE_SIZE,
@@ -71,7 +77,7 @@ class SnapshotWriter:
         self._direct = direct
         self._buffer_size = buffer_size
         self._depth = max(1, queue_depth)
-        self._jobs: queue.Queue | None = None
+        self._jobs: queue.Queue[_WriteJob | None] | None = None
         self._worker: threading.Thread | None = None
         self._error: BaseException | None = None
         #: guards bitmap/checksum state and counters: multifd channel threads share a writer
@@ -102,12 +108,13 @@ class SnapshotWriter:
         return self._file.fallback_reason if self._file else None
 
     # -- lifecycle --------------------------------------------------------------------
-    def reserve(self) -> None:
+    def reserve(self) -> PageSink:
         """Create and lock the target now (FILE.partial for a file), before any data is
         known, so a second writer to the same FILE fails at once (FileLockedError) instead
         of interleaving."""
         if self._file is None:
             self._file = open_sink(self.path, direct=self._direct, alignment=self.page_size)
+        return self._file
 
     @property
     def partial_path(self) -> str:
@@ -137,17 +144,17 @@ class SnapshotWriter:
         if len(set(names)) != len(names):
             raise ValueError("duplicate RAM block names")
         layout = compute_layout(blocks, len(prefix), self.page_size)
-        self.reserve()
+        sink = self.reserve()
         try:
             self._pool = BufferPool(self._buffer_size, self._depth)
             self._jobs = queue.Queue()
             self._worker = threading.Thread(target=self._run, name="vmsnap-writer", daemon=True)
             self._worker.start()
             self._prefix = bytes(prefix)
-            self._file.truncate(layout.tail_offset)
-            self._file.pwrite_meta(0, self._prefix)
+            sink.truncate(layout.tail_offset)
+            sink.pwrite_meta(0, self._prefix)
             for b in layout.blocks:
-                self._file.pwrite_meta(b.idstr_offset, b.record())
+                sink.pwrite_meta(b.idstr_offset, b.record())
                 self._blocks[b.name] = _BlockState(
                     b, np.zeros(b.npages, dtype=bool), np.zeros(b.npages, dtype=np.uint64)
                 )
@@ -165,7 +172,7 @@ class SnapshotWriter:
         except KeyError:
             raise SnapshotError(f"unknown RAM block {block!r}") from None
 
-    def _pages(self, st: _BlockState, offsets) -> np.ndarray:
+    def _pages(self, st: _BlockState, offsets: npt.ArrayLike) -> np.ndarray:
         try:
             off = np.asarray(offsets, dtype=np.uint64)
         except (OverflowError, ValueError, TypeError):
@@ -185,7 +192,7 @@ class SnapshotWriter:
         if self.rewrites is not None and len(pages):
             self.rewrites.note(st.layout.name, st.layout.npages, pages)
 
-    def write_pages(self, block: str, offsets, data) -> None:
+    def write_pages(self, block: str, offsets: npt.ArrayLike, data: Buffer) -> None:
         """Write len(offsets) pages (`data` = n*page_size bytes, in offsets order) to their
         fixed file offsets; sets bitmap bits and records xxh3 of exactly what is written."""
         st = self._state(block)
@@ -230,7 +237,8 @@ class SnapshotWriter:
         with self._lock:
             self.bytes_written += len(pages) * ps
 
-    def write_aligned_pages(self, block: str, offsets, data, sums=None) -> None:
+    def write_aligned_pages(self, block: str, offsets: npt.ArrayLike, data: Buffer,
+                            sums: np.ndarray | None = None) -> None:
         """Thread-safe variant of `write_pages` for page-aligned `data` (an AlignedBuffer
         view): checksums and `pwritev` (O_DIRECT) run in the calling thread straight from
         `data`, no copy; only the bitmap/checksum update is serialized. Several threads may
@@ -267,6 +275,7 @@ class SnapshotWriter:
         RAM) go through the page cache: the commit's fsync writes them back sorted and many
         at a time, where O_DIRECT would wait for each 4 KiB write in turn (15k against 180k
         writes/s on this host's disk: a live save's final round took seconds)."""
+        assert self._file is not None
         if view.nbytes < SCATTERED_RUN:
             self._file.pwrite_meta(offset, view)
         else:
@@ -278,7 +287,7 @@ class SnapshotWriter:
 
     # -- I/O thread ---------------------------------------------------------------------
     def _run(self) -> None:
-        assert self._jobs is not None and self._pool is not None
+        assert self._jobs is not None and self._pool is not None and self._file is not None
         while True:
             job = self._jobs.get()
             try:
@@ -317,7 +326,7 @@ class SnapshotWriter:
             self._worker.join()
         self._worker = None
 
-    def zero_pages(self, block: str, offsets) -> None:
+    def zero_pages(self, block: str, offsets: npt.ArrayLike) -> None:
         """Mark pages as zero: clear their bits and forget their checksums (no write)."""
         self._check_error()
         st = self._state(block)
@@ -385,6 +394,6 @@ class SnapshotWriter:
     def __enter__(self) -> SnapshotWriter:
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> None:
+    def __exit__(self, *exc: object) -> None:
         if not self.finished:
             self.abort()

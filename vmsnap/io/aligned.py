@@ -9,10 +9,12 @@ from contextlib import contextmanager
 
 import numpy as np
 
+from .vectored import Buffer
+
 PAGE_SIZE = 4096
 
 
-def buffer_address(buf) -> int:
+def buffer_address(buf: Buffer) -> int:
     """Address of the first byte of a buffer-protocol object (readonly allowed)."""
     mv = memoryview(buf)
     if mv.nbytes == 0:
@@ -20,7 +22,7 @@ def buffer_address(buf) -> int:
     return np.frombuffer(mv.cast("B"), dtype=np.uint8).ctypes.data
 
 
-def is_aligned(buf, alignment: int = PAGE_SIZE) -> bool:
+def is_aligned(buf: Buffer, alignment: int = PAGE_SIZE) -> bool:
     """True if the buffer starts on an `alignment` boundary and its size is a multiple of it."""
     mv = memoryview(buf)
     return mv.nbytes % alignment == 0 and buffer_address(mv) % alignment == 0
@@ -57,7 +59,7 @@ class AlignedBuffer:
     def __enter__(self) -> AlignedBuffer:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 
@@ -118,5 +120,5 @@ class BufferPool:
     def __enter__(self) -> BufferPool:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()

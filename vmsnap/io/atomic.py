@@ -36,7 +36,7 @@ def fsync_dir(path: str) -> None:
 
 
 class AtomicFile:
-    def __init__(self, path: str | os.PathLike, mode: int = 0o600) -> None:
+    def __init__(self, path: str | os.PathLike[str], mode: int = 0o600) -> None:
         self.path = os.path.abspath(os.fspath(path))
         self.partial_path = self.path + PARTIAL_SUFFIX
         self.mode = mode
@@ -143,6 +143,6 @@ class AtomicFile:
     def __enter__(self) -> AtomicFile:
         return self.open()
 
-    def __exit__(self, exc_type, exc, tb) -> None:
+    def __exit__(self, *exc: object) -> None:
         if not self.committed:
             self.abort()

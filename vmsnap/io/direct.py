@@ -19,7 +19,7 @@ import errno
 import logging
 import os
 import stat
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from ..errors import VmsnapError
 from .aligned import PAGE_SIZE, buffer_address
@@ -44,7 +44,7 @@ def _aligned_io(offset: int, bufs: Sequence[memoryview], alignment: int) -> bool
     return True
 
 
-def _chunks(bufs: Sequence[memoryview]):
+def _chunks(bufs: Sequence[memoryview]) -> Iterator[list[memoryview]]:
     """Group buffers into lists that respect IOV_MAX and MAX_IO_BYTES (a single larger
     buffer is split)."""
     group: list[memoryview] = []
@@ -105,7 +105,7 @@ class DirectFile:
 
     def __init__(
         self,
-        path: str | os.PathLike,
+        path: str | os.PathLike[str],
         *,
         writable: bool = False,
         create: bool = False,
@@ -167,7 +167,7 @@ class DirectFile:
                 pass
 
     # -- page data ------------------------------------------------------------------
-    def write_at(self, offset: int, bufs: Sequence, *, dontneed: bool = True) -> int:
+    def write_at(self, offset: int, bufs: Sequence[Buffer], *, dontneed: bool = True) -> int:
         """Write `bufs` contiguously at `offset` with coalesced pwritev calls.
 
         With O_DIRECT, unaligned requests (offset, length or memory) go through the
@@ -188,7 +188,7 @@ class DirectFile:
             self._dontneed(offset, n)
         return n
 
-    def read_into(self, offset: int, bufs: Sequence, *, dontneed: bool = True) -> int:
+    def read_into(self, offset: int, bufs: Sequence[Buffer], *, dontneed: bool = True) -> int:
         """Fill `bufs` from `offset` with coalesced preadv calls (EOF is an error)."""
         views = [memoryview(b).cast("B") for b in bufs]
         fd = self.fd
@@ -205,12 +205,12 @@ class DirectFile:
             self._dontneed(offset, n)
         return n
 
-    def read_urgent(self, offset: int, bufs: Sequence) -> int:
+    def read_urgent(self, offset: int, bufs: Sequence[Buffer]) -> int:
         """A read someone waits on (targets.PageSource): a file has no faster way."""
         return self.read_into(offset, bufs)
 
     # -- metadata -----------------------------------------------------------------
-    def pwrite_meta(self, offset: int, data) -> int:
+    def pwrite_meta(self, offset: int, data: Buffer) -> int:
         return pwritev_all(self.meta_fd, [data], offset)
 
     def pread_meta(self, offset: int, length: int) -> bytes:
@@ -253,5 +253,5 @@ class DirectFile:
     def __enter__(self) -> DirectFile:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()

@@ -5,6 +5,10 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
 
 #: SO_SNDBUFFORCE / SO_RCVBUFFORCE (Linux; root may exceed net.core.*mem_max).
 _FORCE = {socket.SO_SNDBUF: 32, socket.SO_RCVBUF: 33}
@@ -51,14 +55,16 @@ class BatchedReader(socket.SocketIO):
 
     def __init__(self, sock: socket.socket, peer_sndbuf: int):
         super().__init__(sock, "rb")
+        self.sock = sock
         self.wait = min(BATCH_WAIT, peer_sndbuf / 4 / FASTEST_WRITER)
 
-    def readinto(self, b) -> int:  # type: ignore[override]
+    def readinto(self, b: WriteableBuffer) -> int | None:
         n = super().readinto(b)
-        if not n or n >= min(BATCH, len(b)) or self.wait < 1e-4:
+        view = memoryview(b).cast("B")
+        if not n or n >= min(BATCH, view.nbytes) or self.wait < 1e-4:
             return n
         time.sleep(self.wait)
         try:
-            return n + self._sock.recv_into(memoryview(b)[n:], 0, socket.MSG_DONTWAIT)
+            return n + self.sock.recv_into(view[n:], 0, socket.MSG_DONTWAIT)
         except BlockingIOError:
             return n

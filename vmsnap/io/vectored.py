@@ -6,6 +6,9 @@ import fcntl
 import os
 import stat
 from collections.abc import Callable, Sequence
+from typing import Protocol, runtime_checkable
+
+import numpy as np
 
 #: Most buffers one writev/pwritev/preadv/sendmsg call takes (Linux: 1024).
 try:
@@ -13,7 +16,13 @@ try:
 except (ValueError, OSError):  # pragma: no cover
     IOV_MAX = 1024
 
-Buffer = memoryview | bytes | bytearray
+#: What vmsnap hands to memoryview(): bytes-likes and numpy arrays (page data).
+Buffer = memoryview | bytes | bytearray | np.ndarray
+
+
+@runtime_checkable
+class HasFileno(Protocol):
+    def fileno(self) -> int: ...
 
 
 def transfer_all(op: Callable[[list[memoryview], int], int], parts: Sequence[Buffer]) -> int:
@@ -38,12 +47,13 @@ def writev_all(fd: int, parts: Sequence[Buffer]) -> int:
     return transfer_all(lambda views, _done: os.writev(fd, views), parts)
 
 
-def widen_pipe(file, size: int = 1 << 20) -> None:
+def widen_pipe(file: object, size: int = 1 << 20) -> None:
     """Grow the kernel buffer of a pipe (an fd or a file object; 64 KiB by default) so big
     writes/reads take fewer context switches; a no-op for anything else or if refused."""
     try:
-        fd = file if isinstance(file, int) else file.fileno()
-        if stat.S_ISFIFO(os.fstat(fd).st_mode):
+        fd = file if isinstance(file, int) else file.fileno() if isinstance(file, HasFileno) \
+            else None
+        if fd is not None and stat.S_ISFIFO(os.fstat(fd).st_mode):
             fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, size)
-    except (AttributeError, OSError, ValueError):
+    except (OSError, ValueError):  # io.UnsupportedOperation is both
         pass

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Mapping
 from typing import Any
 from xml.etree import ElementTree
 
@@ -60,11 +61,11 @@ def lookup(conn: Any, name: str) -> Any:
 
 def migratable_xml(dom: Any) -> str:
     """The XML a restore needs (with <uuid>, without what the running QEMU added)."""
-    return dom.XMLDesc(libvirt.VIR_DOMAIN_XML_SECURE | libvirt.VIR_DOMAIN_XML_MIGRATABLE)
+    return str(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_SECURE | libvirt.VIR_DOMAIN_XML_MIGRATABLE))
 
 
 def is_running(dom: Any) -> bool:
-    return dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
+    return bool(dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING)
 
 
 class DomainMonitor:
@@ -74,13 +75,13 @@ class DomainMonitor:
     def __init__(self, dom: Any):
         self.dom = dom
 
-    async def execute(self, cmd: str, arguments: dict[str, Any] | None = None) -> Any:
+    async def execute(self, cmd: str, arguments: Mapping[str, object] | None = None) -> Any:
         return await self.execute_with_fds(cmd, arguments)
 
-    async def execute_with_fds(self, cmd: str, arguments: dict[str, Any] | None = None,
+    async def execute_with_fds(self, cmd: str, arguments: Mapping[str, object] | None = None,
                                fds: list[int] | None = None) -> Any:
         """Run `cmd`, handing QEMU `fds` with it (SCM_RIGHTS through libvirt)."""
-        msg = json.dumps({"execute": cmd, **({"arguments": arguments} if arguments else {})})
+        msg = json.dumps({"execute": cmd, **({"arguments": dict(arguments)} if arguments else {})})
         loop = asyncio.get_running_loop()
         try:
             if fds:

@@ -50,7 +50,9 @@ class DomainImage:
 
 def domain_of(meta: TrailerMetadata | None) -> DomainImage | None:
     """The libvirt domain a snapshot was made from, if any."""
-    lv = meta.extra.get("libvirt") if meta else None
+    if meta is None:
+        return None
+    lv = meta.extra.get("libvirt")
     if not isinstance(lv, dict) or not isinstance(lv.get("xml"), str):
         return None
     cookie = lv.get("cookie")

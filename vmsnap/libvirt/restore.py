@@ -16,23 +16,25 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
+from typing import Any
 
 from ..errors import VmsnapError
 from ..fileformat.reader import open_snapshot
 from ..hostkey import trust_of
+from ..ops.send import SendStats
 from ..orchestration.restore import RestoreResult
 from ..progress import Reporter
 from . import domain as dommod
 from .image import domain_of, image_head, write_image
 
 
-def is_domain_file(path: str | os.PathLike, direct: bool = True) -> bool:
+def is_domain_file(path: str | os.PathLike[str], direct: bool = True) -> bool:
     """Whether the snapshot at `path` was made from a libvirt domain."""
     with open_snapshot(os.fspath(path), direct=direct) as snap:
         return domain_of(snap.metadata) is not None
 
 
-async def restore_domain(path: str | os.PathLike, *, uri: str | None = None,
+async def restore_domain(path: str | os.PathLike[str], *, uri: str | None = None,
                          domain: str | None = None, xml: str | None = None,
                          paused: bool = False, trust_xml: bool = False,
                          reporter: Reporter | None = None, direct: bool = True) -> RestoreResult:
@@ -76,8 +78,8 @@ async def restore_domain(path: str | os.PathLike, *, uri: str | None = None,
     return result
 
 
-async def _feed(conn, fifo: str, head: bytes, path: str, paused: bool, direct: bool,
-                progress: Callable[[int, int], None]):
+async def _feed(conn: Any, fifo: str, head: bytes, path: str, paused: bool, direct: bool,
+                progress: Callable[[int, int], None]) -> SendStats:
     """Run libvirt's restore of `fifo` and write the image into it, side by side."""
     import libvirt
 
@@ -107,7 +109,7 @@ async def _feed(conn, fifo: str, head: bytes, path: str, paused: bool, direct: b
     return stats
 
 
-async def _open_writer(fifo: str, restoring: asyncio.Future) -> int:
+async def _open_writer(fifo: str, restoring: asyncio.Future[Any]) -> int:
     """Open the FIFO for writing once libvirt opened it for reading; fail if libvirt's
     restore ends first (it refused before reading anything)."""
     while True:

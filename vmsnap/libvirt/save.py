@@ -22,10 +22,10 @@ from ..fileformat.writer import SnapshotWriter
 from ..hostkey import load_or_create_key
 from ..io.atomic import FileLockedError
 from ..io.sockets import shutdown_all, widen
+from ..ops.receive import ReceiveStats
 from ..orchestration import qmp as qmpmod
-from ..orchestration.modes import INCOMPATIBLE_CAPS, UNLIMITED_BANDWIDTH
+from ..orchestration.modes import INCOMPATIBLE_CAPS, UNLIMITED_BANDWIDTH, SaveMode
 from ..orchestration.save import (
-    SaveMode,
     SaveResult,
     _receive,
     _recover,
@@ -40,7 +40,7 @@ from . import domain as dommod
 FDNAME = "vmsnap-migrate"
 
 
-async def save_domain(name: str, path: str | os.PathLike, *, uri: str | None = None,
+async def save_domain(name: str, path: str | os.PathLike[str], *, uri: str | None = None,
                       live: bool = False, after: str = "pause", force: bool = False,
                       reporter: Reporter | None = None, direct: bool = True,
                       downtime_limit_ms: int = 300) -> SaveResult:
@@ -89,7 +89,7 @@ async def _save(dom: Any, writer: SnapshotWriter, live: bool, after: str, rep: R
     saved_caps: dict[str, bool] = {}
     saved_params: dict[str, Any] = {}
     stopped_by_us = started = False
-    receiver: asyncio.Future | None = None
+    receiver: asyncio.Future[ReceiveStats] | None = None
     t0 = time.monotonic()
     try:
         saved_caps = await qmpmod.set_capabilities(

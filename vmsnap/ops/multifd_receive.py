@@ -23,13 +23,13 @@ import queue
 import socket
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from ..errors import VmsnapError
 from ..fileformat.writer import SnapshotWriter
-from ..io.aligned import BufferPool
+from ..io.aligned import AlignedBuffer, BufferPool
 from ..io.sockets import shutdown_all
 from ..stream import events as ev
 from ..stream.constants import MULTIFD_MAGIC, QEMU_VM_FILE_MAGIC
@@ -79,6 +79,16 @@ class EpochGate:
     def _check(self) -> None:
         if self.error is not None:
             raise _Abort() from self.error
+
+    def raise_error(self) -> None:
+        """Raise the first failure, if any thread failed."""
+        if self.error is not None:
+            raise self.error
+
+    def cause(self) -> BaseException:
+        """The first failure (call only once one was reported)."""
+        assert self.error is not None
+        return self.error
 
     def channel_sync(self, i: int) -> None:
         """Channel i applied its k-th SYNC packet: wait until the main thread passed marker k."""
@@ -180,9 +190,43 @@ class ChannelStats:
     bytes: int = 0
 
 
+@dataclass
+class _PageJob:
+    """Pages a channel received into a pool buffer: checksum and write them, then free it."""
+
+    block: str
+    offsets: np.ndarray
+    buf: AlignedBuffer
+    pages: int
+
+
+@dataclass
+class _ZeroJob:
+    """Pages a packet declared zero: clear their bits."""
+
+    block: str
+    offsets: np.ndarray
+
+
+@dataclass
+class _Batch:
+    """Pages of consecutive packets of one block, gathered in one pool buffer."""
+
+    buf: AlignedBuffer
+    block: str
+    offsets: list[np.ndarray] = field(default_factory=list)
+    pages: int = 0
+
+    def job(self) -> _PageJob:
+        return _PageJob(self.block, np.concatenate(self.offsets), self.buf, self.pages)
+
+
 class _Channel:
+    """One multifd connection: a thread that reads its packets into pool buffers and an
+    I/O thread that writes them (in order, so a SYNC means "all applied")."""
+
     def __init__(self, index: int, sock: socket.socket, rx: _MainReceiver, gate: EpochGate,
-                 writer: SnapshotWriter, pool: BufferPool, nchannels: int, seen_ids: set,
+                 writer: SnapshotWriter, pool: BufferPool, nchannels: int, seen_ids: set[int],
                  ids_lock: threading.Lock, legacy: bool):
         self.i = index
         self.sock = sock
@@ -195,8 +239,10 @@ class _Channel:
         self.ids_lock = ids_lock
         self.legacy = legacy
         self.stats = ChannelStats()
-        self.jobs: queue.Queue = queue.Queue()
+        self.jobs: queue.Queue[_PageJob | _ZeroJob | None] = queue.Queue()
         self.io_error: BaseException | None = None
+        self._batch: _Batch | None = None
+        self._header = bytearray(header_size(writer.page_size))
         self.thread = threading.Thread(target=self._run, name=f"vmsnap-mfd{index}", daemon=True)
         self.io = threading.Thread(target=self._io, name=f"vmsnap-mfd{index}-io", daemon=True)
 
@@ -206,32 +252,31 @@ class _Channel:
 
     # -- I/O thread: checksum + pwritev from the aligned buffer, zero pages, in order
     def _io(self) -> None:
-        while True:
-            job = self.jobs.get()
+        while (job := self.jobs.get()) is not None:
             try:
-                if job is None:
-                    return
-                kind, block, offsets, buf, n = job
-                try:
-                    if self.io_error is None:
-                        if kind == "pages":
-                            ps = self.writer.page_size
-                            self.writer.write_aligned_pages(block, offsets, buf.view[:n * ps])
-                        else:
-                            self.writer.zero_pages(block, offsets)
-                except BaseException as e:  # noqa: BLE001 - re-raised by the channel thread
-                    self.io_error = e
-                finally:
-                    if buf is not None:
-                        self.pool.release(buf)
+                if self.io_error is None:
+                    self._apply(job)
+            except BaseException as e:  # noqa: BLE001 - re-raised by the channel thread
+                self.io_error = e
             finally:
+                if isinstance(job, _PageJob):
+                    self.pool.release(job.buf)
                 self.jobs.task_done()
+        self.jobs.task_done()
+
+    def _apply(self, job: _PageJob | _ZeroJob) -> None:
+        if isinstance(job, _PageJob):
+            data = job.buf.view[:job.pages * self.writer.page_size]
+            self.writer.write_aligned_pages(job.block, job.offsets, data)
+        else:
+            self.writer.zero_pages(job.block, job.offsets)
 
     def _drain(self) -> None:
         self.jobs.join()
         if self.io_error is not None:
             raise self.io_error
 
+    # -- channel thread: init, then packets until the source closes the connection
     def _run(self) -> None:
         try:
             self._receive()
@@ -244,9 +289,21 @@ class _Channel:
             self.gate.channel_closed(self.i)
 
     def _receive(self) -> None:
-        sock, gate = self.sock, self.gate
+        self._handshake()
+        blocks = self._wait_for_blocks()
+        try:
+            while (h := self._next_header(blocks)) is not None:
+                self._packet(h)
+            self._flush()  # the source closed the channel after its last packet
+        finally:
+            if self._batch is not None:
+                self.pool.release(self._batch.buf)
+                self._batch = None
+
+    def _handshake(self) -> None:
+        """Read the init packet: the channel's id, each id once."""
         init = bytearray(MultifdInit.SIZE)
-        if recv_exact(sock, memoryview(init)) != len(init):
+        if recv_exact(self.sock, memoryview(init)) != len(init):
             raise VmsnapError(f"multifd channel {self.i} closed before its init packet")
         ini = MultifdInit.parse(init, channels=self.n)
         with self.ids_lock:
@@ -255,69 +312,70 @@ class _Channel:
             self.seen_ids.add(ini.id)
         self.stats.id = ini.id
         log.debug("multifd connection %d is channel id %d", self.i, ini.id)
+
+    def _wait_for_blocks(self) -> dict[str, int]:
+        """The RAM block sizes, once the main channel has read them (packets name blocks)."""
         while not self.rx.blocks_ready.wait(0.5):
-            if gate.error is not None:
+            if self.gate.error is not None:
                 raise _Abort()
-        blocks = self.rx.block_sizes
-        ps = self.writer.page_size
-        hsize = header_size(ps)
-        hbuf = bytearray(hsize)
-        hview = memoryview(hbuf)
-        st = self.stats
-        cap = self.pool.size // ps  # pages per batch buffer
-        batch = None  # [buffer, block, [offset arrays], pages]
+        return self.rx.block_sizes
 
-        def flush() -> None:
-            nonlocal batch
-            if batch is not None:
-                buf, blk, offs, n = batch
-                batch = None
-                self.jobs.put(("pages", blk, np.concatenate(offs), buf, n))
-
+    def _next_header(self, blocks: dict[str, int]) -> PacketHeader | None:
+        """The next packet header; None when the source closed the channel."""
+        got = recv_exact(self.sock, memoryview(self._header))
+        if got == 0:
+            return None
+        if got != len(self._header):
+            raise VmsnapError(f"multifd channel {self.stats.id}: truncated packet header")
         try:
-            while True:
-                got = recv_exact(sock, hview)
-                if got == 0:
-                    flush()
-                    return  # the source closed the channel after its last packet
-                if got != hsize:
-                    raise VmsnapError(f"multifd channel {ini.id}: truncated packet header")
-                try:
-                    h = PacketHeader.parse(hbuf, page_size=ps, blocks=blocks,
-                                           legacy=self.legacy)
-                except StreamError as e:
-                    raise VmsnapError(
-                        f"multifd channel {ini.id} packet {st.packets}: {e}") from e
-                st.packets += 1
-                n = h.normal_pages
-                if n:
-                    # consecutive packets of one block share a buffer: one checksum/pwritev
-                    # job per batch instead of per packet (the payload still lands in place)
-                    if batch is not None and (batch[1] != h.block or batch[3] + n > cap):
-                        flush()
-                    if self.io_error is not None:
-                        raise self.io_error
-                    if batch is None:
-                        batch = [self.pool.acquire(), h.block, [], 0]
-                    at = batch[3] * ps
-                    if recv_exact(sock, batch[0].view[at:at + n * ps]) != n * ps:
-                        raise VmsnapError(f"multifd channel {ini.id}: truncated packet payload")
-                    batch[2].append(h.normal_offsets.copy())
-                    batch[3] += n
-                    st.pages += n
-                    st.bytes += n * ps
-                if h.zero_pages:
-                    flush()
-                    self.jobs.put(("zero", h.block, h.zero_offsets.copy(), None, 0))
-                    st.zero_pages += h.zero_pages
-                if h.sync:
-                    flush()
-                    self._drain()
-                    st.syncs += 1
-                    gate.channel_sync(self.i)
-        finally:
-            if batch is not None:
-                self.pool.release(batch[0])
+            return PacketHeader.parse(self._header, page_size=self.writer.page_size,
+                                      blocks=blocks, legacy=self.legacy)
+        except StreamError as e:
+            raise VmsnapError(
+                f"multifd channel {self.stats.id} packet {self.stats.packets}: {e}") from e
+
+    def _packet(self, h: PacketHeader) -> None:
+        st = self.stats
+        st.packets += 1
+        if h.normal_pages:
+            self._payload(h)
+        if h.zero_pages:
+            self._flush()
+            self.jobs.put(_ZeroJob(h.block, h.zero_offsets.copy()))
+            st.zero_pages += h.zero_pages
+        if h.sync:
+            self._flush()
+            self._drain()
+            st.syncs += 1
+            self.gate.channel_sync(self.i)
+
+    def _payload(self, h: PacketHeader) -> None:
+        """Read the packet's pages into the batch buffer: consecutive packets of one block
+        share a buffer, so one checksum/pwritev job per batch instead of per packet (the
+        payload still lands in place)."""
+        ps, n = self.writer.page_size, h.normal_pages
+        if self._batch is not None and (self._batch.block != h.block
+                                        or self._batch.pages + n > self.pool.size // ps):
+            self._flush()
+        if self.io_error is not None:
+            raise self.io_error
+        if self._batch is None:
+            self._batch = _Batch(self.pool.acquire(), h.block)
+        batch = self._batch
+        at = batch.pages * ps
+        if recv_exact(self.sock, batch.buf.view[at:at + n * ps]) != n * ps:
+            raise VmsnapError(f"multifd channel {self.stats.id}: truncated packet payload")
+        batch.offsets.append(h.normal_offsets.copy())
+        batch.pages += n
+        self.stats.pages += n
+        self.stats.bytes += n * ps
+
+    def _flush(self) -> None:
+        """Hand the batch to the I/O thread."""
+        if self._batch is not None:
+            job = self._batch.job()
+            self._batch = None
+            self.jobs.put(job)
 
 
 class _SocketSource:
@@ -331,7 +389,8 @@ def identify_channels(socks: Sequence[socket.socket], timeout: float | None = 60
                       ) -> tuple[socket.socket, list[socket.socket]]:
     """Split accepted connections into (main, multifd channels) by peeking their first 4
     bytes (QEMU's own rule since 8.0; 7.2 also sends its magic at once on every connection)."""
-    main, chans = None, []
+    main: socket.socket | None = None
+    chans: list[socket.socket] = []
     for s in socks:
         old = s.gettimeout()
         s.settimeout(timeout)
@@ -376,74 +435,101 @@ def receive_multifd(main: socket.socket, channels: Sequence[socket.socket],
     On failure FILE.partial is removed and every socket is shut down.
     """
     nch = len(channels)
-    ps = writer.page_size
-    pkt = page_count(ps) * ps * BATCH_PACKETS
+    pkt = page_count(writer.page_size) * writer.page_size * BATCH_PACKETS
     depth = max(2, min(depth, MAX_BUFFER_BYTES // max(1, nch * pkt)))
     # the first failure anywhere shuts every socket, so no thread stays blocked in a read
     gate = EpochGate(nch, on_fail=lambda: shutdown_all((main, *channels)))
-    total = 0
     with writer:
         rx = _MainReceiver(writer, gate)
         pool = BufferPool(pkt, depth * nch) if nch else None
-        ids: set = set()
-        lock = threading.Lock()
-        chans = [_Channel(i, s, rx, gate, writer, pool, nch, ids, lock, legacy)
-                 for i, s in enumerate(channels)]
+        chans = _channels(channels, rx, gate, writer, pool, legacy)
         try:
             for c in chans:
                 c.start()
-            source = _SocketSource(main)
-            while rx.ended is None:
-                if gate.error is not None:
-                    raise gate.error
-                try:
-                    got = rx.feed_from(source)  # main channel: no RAM pages in multifd mode
-                except _Abort:
-                    raise gate.error from None
-                if not got:
-                    break
-                total += got
-                if progress:
-                    progress(total)
-            rx.close()
+            total = _read_main(rx, main, gate, progress)
             if rx.return_path and reply:
                 log.debug("return path: SHUT(0) to the source")
                 main.sendall(rp_shut(0))
-            gate.release_all()
-            for c in chans:
-                c.thread.join(CHANNEL_CLOSE_TIMEOUT)
-                if c.thread.is_alive():
-                    raise VmsnapError(f"multifd channel {c.i} did not close after the stream end")
-                c.io.join()
-                if c.io_error is not None:
-                    raise c.io_error
-            if gate.error is not None:
-                raise gate.error
+            _join_channels(chans, gate)
             if writer.metadata.machine_type is None:
-                writer.metadata.machine_type = rx.config.machine_type
+                writer.metadata.machine_type = rx.machine_type
             writer.flush()
             writer.finish(rx.tail())
         except BaseException as e:
-            gate.fail(e)
-            for c in chans:
-                c.thread.join(10)
-                if not c.io.is_alive():
-                    continue
-                c.jobs.put(None)
-                c.io.join(10)
-            if gate.error is not e:  # a channel failed first (e.g. disk full): that is the cause
-                raise gate.error from e
+            _stop_channels(chans, gate, e)
             raise
         finally:
-            if pool is not None:
-                for c in chans:  # never unmap buffers a live thread may still touch
-                    if c.thread.is_alive() or c.io.is_alive():
-                        break
-                else:
-                    pool.close()
+            if pool is not None and not any(c.thread.is_alive() or c.io.is_alive()
+                                            for c in chans):
+                pool.close()  # never unmap buffers a live thread may still touch
+    return _stats(writer, rx, total, chans, gate)
+
+
+def _channels(socks: Sequence[socket.socket], rx: _MainReceiver, gate: EpochGate,
+              writer: SnapshotWriter, pool: BufferPool | None, legacy: bool) -> list[_Channel]:
+    if pool is None:
+        return []
+    ids: set[int] = set()
+    lock = threading.Lock()
+    return [_Channel(i, s, rx, gate, writer, pool, len(socks), ids, lock, legacy)
+            for i, s in enumerate(socks)]
+
+
+def _read_main(rx: _MainReceiver, main: socket.socket, gate: EpochGate,
+               progress: Callable[[int], None] | None) -> int:
+    """Decode the main channel to its end (no RAM pages there in multifd mode); returns
+    its byte count. A channel's failure ends it with that failure."""
+    source = _SocketSource(main)
+    total = 0
+    while rx.ended is None:
+        gate.raise_error()
+        try:
+            got = rx.feed_from(source)
+        except _Abort:
+            raise gate.cause() from None
+        if not got:
+            break
+        total += got
+        if progress:
+            progress(total)
+    rx.close()
+    return total
+
+
+def _join_channels(chans: Sequence[_Channel], gate: EpochGate) -> None:
+    """Let every channel run to its end (the source closes them) and raise what failed."""
+    gate.release_all()
+    for c in chans:
+        c.thread.join(CHANNEL_CLOSE_TIMEOUT)
+        if c.thread.is_alive():
+            raise VmsnapError(f"multifd channel {c.i} did not close after the stream end")
+        c.io.join()
+        if c.io_error is not None:
+            raise c.io_error
+    gate.raise_error()
+
+
+def _stop_channels(chans: Sequence[_Channel], gate: EpochGate, err: BaseException) -> None:
+    """After `err`: stop every thread; if a channel failed first (e.g. disk full), raise
+    that, the cause, instead."""
+    gate.fail(err)
+    for c in chans:
+        c.thread.join(10)
+        if not c.io.is_alive():
+            continue
+        c.jobs.put(None)
+        c.io.join(10)
+    cause = gate.cause()
+    if cause is not err:
+        raise cause from err
+
+
+def _stats(writer: SnapshotWriter, rx: _MainReceiver, main_bytes: int,
+           chans: Sequence[_Channel], gate: EpochGate) -> MultifdReceiveStats:
     cstats = [c.stats for c in chans]
+    hsize = header_size(writer.page_size)
     return MultifdReceiveStats(
         writer.path,
-        total + sum(c.bytes + c.packets * header_size(ps) + MultifdInit.SIZE for c in cstats),
+        main_bytes + sum(c.bytes + c.packets * hsize + MultifdInit.SIZE for c in cstats),
         rx.pages + sum(c.pages for c in cstats), rx.zero_pages + sum(c.zero_pages for c in cstats),
-        rx.blocks, rx.config.machine_type, writer.direct, cstats, gate.mode, rx.markers)
+        rx.blocks, rx.machine_type, writer.direct, cstats, gate.mode, rx.markers)

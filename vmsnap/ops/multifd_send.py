@@ -160,14 +160,15 @@ class _Sender:
                                  packet_num=next(self.packet_num)).pack()
 
     # one reader thread per channel: O_DIRECT preadv of whole runs into aligned buffers
-    def _reader(self, out: queue.Queue, free: queue.Queue) -> None:
+    def _reader(self, out: queue.Queue[tuple[_Job, AlignedBuffer] | None],
+                free: queue.Queue[AlignedBuffer | None]) -> None:
         try:
             while not self.stop.is_set():
                 k = next(self.next_job)
                 if k >= len(self.jobs):
                     break
                 job = self.jobs[k]
-                buf: AlignedBuffer = free.get()
+                buf = free.get()
                 if buf is None:
                     return
                 ps = job.block.page_size
@@ -186,8 +187,8 @@ class _Sender:
 
     def channel(self, cid: int, sock: socket.socket, counts: list[int]) -> None:
         bufs = [AlignedBuffer(self.chunk_pages * PAGE) for _ in range(self.depth)]
-        out: queue.Queue = queue.Queue()
-        free: queue.Queue = queue.Queue()
+        out: queue.Queue[tuple[_Job, AlignedBuffer] | None] = queue.Queue()
+        free: queue.Queue[AlignedBuffer | None] = queue.Queue()
         for b in bufs:
             free.put(b)
         reader = threading.Thread(target=self._reader, args=(out, free),
@@ -248,7 +249,7 @@ def _release(sock: socket.socket, sync: bytes) -> None:
         pass
 
 
-def send_multifd(path: str | os.PathLike, main: socket.socket,
+def send_multifd(path: str | os.PathLike[str], main: socket.socket,
                  channels: Sequence[socket.socket], uuid: bytes, sync_mode: str, *,
                  direct: bool = True, verify: bool = True, depth: int = DEPTH,
                  chunk_pages: int = CHUNK_PAGES,

@@ -24,7 +24,7 @@ import itertools
 import socket
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -34,6 +34,7 @@ from ..fileformat.bitmap import contiguous_runs
 from ..fileformat.reader import BlockInfo, Snapshot
 from ..io.aligned import AlignedBuffer
 from ..io.sockets import shutdown_all
+from ..io.vectored import Buffer
 from ..stream import constants as C
 from ..stream import encoder
 from ..stream import postcopy as pc
@@ -174,21 +175,22 @@ class PostcopySource:
             self.error = err
         self.failed.set()
 
-    def _send(self, parts: list) -> None:
+    def _send(self, parts: list[Buffer]) -> None:
         with self.send_lock:
             self.stats.stream_bytes += sendmsg_all(self.sock, parts)
 
-    def _push_send(self, parts: list) -> None:
+    def _push_send(self, parts: list[Buffer]) -> None:
         """Send for a pusher, after any request being answered."""
         with self.turn:
             self.turn.wait_for(lambda: self.urgent == 0, 0.05)
         self._send(parts)
 
-    def _records(self, b: BlockInfo, pages: np.ndarray, data: memoryview | None) -> list:
+    def _records(self, b: BlockInfo, pages: np.ndarray, data: memoryview | None) -> list[Buffer]:
         """A RAM PART section with PAGE records for `pages` (bytes in `data`) or, when
         `data` is None, ZERO records."""
         sid = self.sid
         offs = pages.astype(np.uint64) * np.uint64(b.page_size)
+        body: Sequence[Buffer]
         if data is None:
             body = [encoder.zero_records(b.name, offs)]
         else:

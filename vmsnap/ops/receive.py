@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import Protocol
 
 import numpy as np
 
@@ -29,6 +29,12 @@ CHUNK = 8 << 20
 MAX_DEVICE_STATE = 1 << 30
 
 log = logging.getLogger(__name__)
+
+
+class Readable(Protocol):
+    """A stream source: a binary file, pipe, or socket wrapper (readinto like RawIOBase)."""
+
+    def readinto(self, buffer: memoryview, /) -> int | None: ...
 
 
 @dataclass
@@ -62,12 +68,19 @@ class StreamReceiver:
         self.blocks = 0
         self.ended: ev.StreamEnd | None = None
 
-    def feed_from(self, source: BinaryIO, size: int = CHUNK) -> int:
+    def feed_from(self, source: Readable, size: int = CHUNK) -> int:
         """Read up to `size` bytes from `source` into the decoder and apply what they hold."""
         n = self.decoder.feed_from(source.readinto, size)
         for event in self.decoder.events():
             self._apply(event)
         return n
+
+    @property
+    def machine_type(self) -> str:
+        """The source's machine type (from the stream's configuration section)."""
+        if self.config is None:
+            raise VmsnapError("stream has no configuration section")
+        return self.config.machine_type
 
     def close(self) -> None:
         for event in self.decoder.close():
@@ -139,12 +152,14 @@ class StreamReceiver:
 
     def tail(self) -> bytes:
         """Stream bytes after the page areas: close START, an empty END, device state."""
+        if self.section is None:
+            raise VmsnapError("stream has no RAM section")
         sid = self.section.section_id
         return (encoder.eos() + encoder.footer(sid) + encoder.section_end(sid) + encoder.eos()
                 + encoder.footer(sid) + b"".join(self.device_state))
 
 
-def receive(source: BinaryIO, writer: SnapshotWriter, *,
+def receive(source: Readable, writer: SnapshotWriter, *,
             progress: Callable[[int], None] | None = None,
             reply: Callable[[bytes], None] | None = None,
             before_commit: Callable[[], None] | None = None,
@@ -173,7 +188,7 @@ def receive(source: BinaryIO, writer: SnapshotWriter, *,
         if shared is not None:
             copied = copy_left_out(writer, rx.streamed, shared)
         if writer.metadata.machine_type is None:
-            writer.metadata.machine_type = rx.config.machine_type
+            writer.metadata.machine_type = rx.machine_type
         if before_commit is not None:
             before_commit()
         writer.finish(rx.tail())
@@ -182,4 +197,4 @@ def receive(source: BinaryIO, writer: SnapshotWriter, *,
             reply(rp_shut(0))
     return ReceiveStats(writer.path, total, rx.pages + copied.pages,
                         rx.zero_pages + copied.zero_pages, rx.blocks,
-                        rx.config.machine_type, writer.direct)
+                        rx.machine_type, writer.direct)

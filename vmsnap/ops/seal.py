@@ -19,7 +19,7 @@ import numpy as np
 
 from ..errors import VmsnapError
 from ..fileformat.journal import finish, replace_trailer
-from ..fileformat.reader import Snapshot, open_snapshot
+from ..fileformat.reader import PageRun, Snapshot, open_snapshot
 from ..fileformat.trailer import (
     BlockChecksums,
     RangeChecksum,
@@ -52,17 +52,13 @@ def page_tables(snap: Snapshot, workers: int | None = None,
                 progress: Callable[[int], None] | None = None) -> list[BlockChecksums]:
     """xxh3 of every present page, read back with parallel O_DIRECT reads."""
     tables = {b.name: np.zeros(b.present_count, dtype=np.uint64) for b in snap.blocks}
-    jobs = []
-    for b in snap.blocks:
-        index = np.concatenate(([0], np.cumsum(b.present)))
-        jobs += [(b, int(first), int(count), int(index[first]))
-                 for first, count in snap.present_runs(b, CHUNK // b.page_size)]
+    jobs = snap.page_runs(CHUNK)
     local = threading.local()
     buffers: list[AlignedBuffer] = []
     lock = threading.Lock()
 
-    def work(job) -> None:
-        b, first, count, index = job
+    def work(job: PageRun) -> None:
+        b, first, count, index = job.block, job.first, job.count, job.index
         if not hasattr(local, "buf"):
             local.buf = AlignedBuffer(CHUNK)
             with lock:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Collection, Container, Mapping
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import Protocol
 
 import numpy as np
 
@@ -117,9 +117,17 @@ def device_state(snap: Snapshot) -> bytes:
     return tail[len(closing) + len(sid_footer):]
 
 
-def send(path: str | os.PathLike, sink: BinaryIO, *, direct: bool = True,
+class Sink(Protocol):
+    """Where `send` writes: a binary file object over a descriptor (pipe, socket, file)."""
+
+    def fileno(self) -> int: ...
+
+    def flush(self) -> None: ...
+
+
+def send(path: str | os.PathLike[str], sink: Sink, *, direct: bool = True,
          progress: Callable[[int, int], None] | None = None,
-         shared: Mapping[str, int] | None = None, skip: Container[str] = (),
+         shared: Mapping[str, int] | None = None, skip: Collection[str] = (),
          fresh: Collection[str] = ()) -> SendStats:
     """Write the snapshot at `path` to `sink` (anything with a file descriptor: pipe,
     socket, file) as a plain migration stream; page data goes out by writev, uncopied.

@@ -18,16 +18,17 @@ import errno
 import mmap
 import os
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 
 from ..errors import VmsnapError
 from ..fileformat.bitmap import contiguous_runs, runs
-from ..fileformat.reader import Snapshot
+from ..fileformat.reader import PageRun, Snapshot
 from ..fileformat.trailer import page_checksums, xxh3
 from ..fileformat.writer import SnapshotWriter
 from ..io.aligned import PAGE_SIZE
@@ -36,6 +37,7 @@ from ..io.aligned import PAGE_SIZE
 CHUNK = 8 << 20
 #: madvise advice numbers (Linux >= 5.14); older kernels refuse them and pages fault in.
 MADV_POPULATE_READ = 22
+J = TypeVar("J")
 ZERO_PAGE_XXH3 = xxh3(bytes(PAGE_SIZE))
 
 
@@ -96,12 +98,12 @@ def _chunks(extents: Iterator[tuple[int, int]], size: int = CHUNK
             yield off, min(size, start + length - off)
 
 
-def _run(jobs: list, work: Callable, workers: int) -> None:
+def _run(jobs: Sequence[J], work: Callable[[J], None], workers: int) -> None:
     """Run `work(job)` for every job on `workers` threads; the first failure stops the
     rest (jobs not yet started are skipped) and is raised."""
     failed = threading.Event()
 
-    def guarded(job) -> None:
+    def guarded(job: J) -> None:
         if not failed.is_set():
             try:
                 work(job)
@@ -189,16 +191,13 @@ def fill_from_file(snap: Snapshot, backings: Mapping[str, Backing], *, verify: b
                               f"the target's shared RAM {b.size}")
     lock = threading.Lock()
     with _mapped(backings, writable=True) as maps:
-        jobs = []
         for name, block in blocks.items():
-            m, view = maps[name]
-            _clear(m, block.present)
-            index = np.concatenate(([0], np.cumsum(block.present)))
-            jobs += [(block, int(first), int(count), int(index[first]), view)
-                     for first, count in snap.present_runs(block, CHUNK // block.page_size)]
+            _clear(maps[name][0], block.present)
+        jobs = [run for run in snap.page_runs(CHUNK) if run.block.name in blocks]
 
-        def work(job) -> None:
-            block, first, count, index, view = job
+        def work(job: PageRun) -> None:
+            block, first, count, index = job.block, job.first, job.count, job.index
+            view = maps[block.name][1]
             ps = block.page_size
             data = view[first * ps:(first + count) * ps]
             snap.read_pages(block, first, count, into=data)
@@ -209,7 +208,7 @@ def fill_from_file(snap: Snapshot, backings: Mapping[str, Backing], *, verify: b
                     progress(count * ps)
 
         _run(jobs, work, workers or default_workers())
-    return sum(job[2] for job in jobs)
+    return sum(job.count for job in jobs)
 
 
 def _clear(m: mmap.mmap, present: np.ndarray) -> None:

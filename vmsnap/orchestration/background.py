@@ -15,6 +15,7 @@ import asyncio
 import socket
 
 from ..fileformat.writer import SnapshotWriter
+from ..ops.receive import ReceiveStats
 from .modes import SaveMode
 from .qmp import Peer
 
@@ -28,7 +29,7 @@ def must_complete(peer: Peer, mode: SaveMode) -> bool:
 
 
 async def complete_into_nowhere(writer: SnapshotWriter, conns: list[socket.socket],
-                                receiver: asyncio.Future | None) -> None:
+                                receiver: asyncio.Future[ReceiveStats] | None) -> None:
     """Let QEMU finish the background snapshot; keep none of it."""
     writer.abandon()  # the receiver stops storing at its next page and drains (_receive)
     if receiver is not None:

@@ -24,9 +24,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from qemu.qmp import QMPClient
-
 from ..errors import VmsnapError
+from .qmp import Monitor
 
 DEFAULT_DOWNTIME_MS = 300
 #: QEMU refuses downtime limits above 2000 s.
@@ -80,7 +79,7 @@ class Converger:
         stalled = (self.dirty_bytes_s or 0) >= STALL_RATIO * bandwidth
         if not stalled and now - self.started < BUDGET * self.first_round_s:
             return None
-        need = math.ceil(ram.get("remaining", 0) / bandwidth * 1000 * MARGIN)
+        need: int = math.ceil(ram.get("remaining", 0) / bandwidth * 1000 * MARGIN)
         if self.limit_ms is not None:
             need = max(need, math.ceil(self.limit_ms * 1.5))
         need = min(MAX_DOWNTIME_MS, need)
@@ -89,7 +88,7 @@ class Converger:
         self.limit_ms = need
         return need
 
-    async def step(self, client: QMPClient, info: dict[str, Any], now: float) -> None:
+    async def step(self, client: Monitor, info: dict[str, Any], now: float) -> None:
         if info.get("status") != "active":
             return
         ram = info.get("ram", {})

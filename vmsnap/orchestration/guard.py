@@ -34,7 +34,7 @@ def main(argv: list[str]) -> int:
     sock.sendall(f"{proc.pid}\n".encode())
     qemu = os.pidfd_open(proc.pid)
     while True:
-        ready, _, _ = select.select([sock, qemu], [], [])
+        ready, _, _ = select.select([sock.fileno(), qemu], [], [])
         if qemu in ready:
             code = proc.wait()
             return 128 - code if code < 0 else code

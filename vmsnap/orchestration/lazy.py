@@ -24,6 +24,7 @@ with) on a plain `-m` command line from a local file, postcopy otherwise. A remo
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import shutil
 import socket
@@ -34,7 +35,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from qemu.qmp import QMPClient
 
 from .. import targets
 from ..errors import VmsnapError, one_line
@@ -42,17 +42,19 @@ from ..fileformat.hot import load_hot, save_hot
 from ..fileformat.reader import Snapshot, open_snapshot
 from ..hostkey import trust_of
 from ..ops.postcopy_send import PostcopySource, PostcopyStats
-from ..ops.send import send
+from ..ops.send import SendStats, send
 from ..progress import Reporter
 from . import qmp as qmpmod
 from .mapped import MAPPED_BLOCK, mapped_argv, supports_mmap
 from .modes import INCOMPATIBLE_CAPS
+from .qmp import Client, Monitor
 from .relaunch import GuardedQemu, RelaunchLock, own_qmp
 from .rendezvous import pass_socket
 from .restore import (
     RestoreResult,
     _check_target,
     _wait_loaded,
+    launch_argv,
     launch_target,
 )
 
@@ -106,7 +108,7 @@ def pick_engine(engine: str, snap: Snapshot, argv: Sequence[str] | None) -> str:
     return "postcopy"
 
 
-async def _wait_running(client: QMPClient, t0: float) -> float:
+async def _wait_running(client: Monitor, t0: float) -> float:
     deadline = time.monotonic() + RUNNING_TIMEOUT
     while True:
         status = (await client.execute("query-status"))["status"]
@@ -121,7 +123,7 @@ async def _wait_running(client: QMPClient, t0: float) -> float:
         await asyncio.sleep(0.005)
 
 
-async def _stop_guest(client: QMPClient, command: str = "stop") -> None:
+async def _stop_guest(client: Monitor, command: str = "stop") -> None:
     """Stop the vCPUs (or `quit`); a vCPU waiting on a page that never comes may keep QEMU
     from answering, in which case the guest is stuck on that page and runs no further."""
     try:
@@ -130,7 +132,7 @@ async def _stop_guest(client: QMPClient, command: str = "stop") -> None:
         pass
 
 
-async def restore_lazy(path: str | os.PathLike, *, engine: str = "auto",
+async def restore_lazy(path: str | os.PathLike[str], *, engine: str = "auto",
                        qmp_address: str | None = None, command: Sequence[str] | None = None,
                        paused: bool = False, reporter: Reporter | None = None,
                        direct: bool = True, hot: bool = True, verify: bool = False,
@@ -154,30 +156,28 @@ async def restore_lazy(path: str | os.PathLike, *, engine: str = "auto",
     switch_interval = sys.getswitchinterval()
     keep_workdir = False
     try:
-        argv = None
         if resume and (qmp_address is None or engine == "mmap"):
             raise VmsnapError("--resume finishes a postcopy lazy restore into a waiting QEMU: "
                               "give --qmp SOCKET (and --lazy or --lazy=postcopy)")
-        if qmp_address is None:
-            argv = list(command) if command else (meta.command_line if meta else None)
-            if not argv:
-                raise VmsnapError(f"{path} stores no QEMU command line: give --qmp SOCKET "
-                                  "or -- QEMU_COMMAND...")
+        argv = launch_argv(path, command, meta) if qmp_address is None else None
         job.engine = pick_engine(engine, snap, argv)
         if verify and job.engine == "mmap":
             rep.start("verify", None)
             snap.verify()
             job.verified = True
-        if argv is not None:
-            job.proc, job.lock, qmp_address = await launch_target(
+        if argv is None:
+            assert qmp_address is not None  # no command line to launch: a target was given
+            address = qmp_address
+        else:
+            job.proc, job.lock, address = await launch_target(
                 path, argv, bool(command), trust_of(snap.trailer), trust_command_line,
                 workdir, mapped_argv(argv, snap) if job.engine == "mmap" else None)
-        job.client, peer = await qmpmod.connect(qmp_address)
+        job.client, peer = await qmpmod.connect(address)
         if not resume:
             await _check_target(job.client, peer, snap.machine_type,
                                 {b.name: b.used_length for b in snap.blocks})
         job.pid = job.proc.pid if job.proc else peer.pid
-        job.qmp = qmp_address
+        job.qmp = address
         sys.setswitchinterval(SWITCH_INTERVAL)
         if resume:
             result = await _postcopy_resume(job)
@@ -216,7 +216,7 @@ class _Job:
     engine: str = "postcopy"
     proc: GuardedQemu | None = None  # ends with vmsnap until released (guest independent)
     lock: RelaunchLock | None = None
-    client: QMPClient | None = None
+    client: Client | None = None
     pid: int | None = None
     qmp: str = ""
     source: PostcopySource | None = None
@@ -246,15 +246,15 @@ class _Job:
         if self.proc is not None:
             self.proc.release()
 
-    def result(self, stream_bytes: int, pages: int, running: float | None,
-               **extra) -> LazyRestoreResult:
+    def result(self, stream_bytes: int, pages: int, running: float | None
+               ) -> LazyRestoreResult:
         return LazyRestoreResult(
             self.snap.path, time.monotonic() - self.t0, stream_bytes, pages,
             "running" if self.run else "paused", self.pid, self.qmp, engine=self.engine,
-            running_seconds=running, verified=self.verified, **extra)
+            running_seconds=running, verified=self.verified)
 
 
-async def _incoming(client: QMPClient) -> socket.socket:
+async def _incoming(client: Client) -> socket.socket:
     """The stream's socket, handed to QEMU by fd: no path, so a QEMU in another mount
     namespace or running as another user takes it too."""
     sock, uri = await pass_socket(client)
@@ -339,8 +339,8 @@ async def _serve(job: _Job, sock: socket.socket, resume: bool) -> LazyRestoreRes
         except OSError:
             pass  # only a hint for next time
     lat = np.asarray(stats.latencies_us)
-    return job.result(
-        stats.stream_bytes, stats.pages, running, requests=stats.requests,
+    return dataclasses.replace(
+        job.result(stats.stream_bytes, stats.pages, running), requests=stats.requests,
         requested_pages=stats.requested_pages, zero_pages=stats.zero_pages,
         latency_p50_us=float(np.percentile(lat, 50)) if lat.size else None,
         latency_p99_us=float(np.percentile(lat, 99)) if lat.size else None,
@@ -356,7 +356,7 @@ async def _mmap(job: _Job) -> LazyRestoreResult:
     rep.start("restore", None, engine=job.engine, lazy=True)
     loop = asyncio.get_running_loop()
 
-    def stream():
+    def stream() -> SendStats:
         with sock, sock.makefile("wb", buffering=0) as sink:
             return send(job.snap.path, sink, skip={MAPPED_BLOCK})
 

@@ -25,7 +25,7 @@ _VERSION = re.compile(r"^(\d+)\.(\d+)")
 def supports_mmap(qemu_version: str | None) -> bool:
     """Whether a QEMU of `qemu_version` ("10.0.13") has memory-backend-file offset=."""
     m = _VERSION.match(qemu_version or "")
-    return bool(m) and (int(m.group(1)), int(m.group(2))) >= MIN_VERSION
+    return m is not None and (int(m.group(1)), int(m.group(2))) >= MIN_VERSION
 
 
 def _qemu_escape(value: str) -> str:

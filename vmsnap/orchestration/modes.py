@@ -14,10 +14,9 @@ from __future__ import annotations
 import enum
 from typing import Any
 
-from qemu.qmp import QMPClient
-
 from ..errors import VmsnapError
 from . import qmp as qmpmod
+from .qmp import Monitor
 
 
 class SaveMode(enum.Enum):
@@ -72,7 +71,7 @@ def base_parameters(channels: int) -> dict[str, Any]:
     return params
 
 
-async def apply_capabilities(client: QMPClient, peer: qmpmod.Peer, mode: SaveMode,
+async def apply_capabilities(client: Monitor, peer: qmpmod.Peer, mode: SaveMode,
                              channels: int, extra: dict[str, bool] | None = None
                              ) -> dict[str, bool]:
     """Set the mode's capabilities; return the previous values to restore afterwards.

@@ -24,8 +24,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from qemu.qmp import QMPClient
-
 from .. import targets
 from ..fileformat.reader import open_snapshot
 from ..fileformat.writer import SnapshotWriter
@@ -36,7 +34,7 @@ from ..progress import Reporter
 from ..stream.constants import CAP_MAPPED_RAM
 from . import qmp as qmpmod
 from .modes import INCOMPATIBLE_CAPS
-from .qmp import Peer
+from .qmp import Client, Monitor, Peer
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +42,7 @@ log = logging.getLogger(__name__)
 MIN_VERSION = (9, 1, 0)
 
 
-async def supported(client: QMPClient, peer: Peer, channels: int) -> bool:
+async def supported(client: Monitor, peer: Peer, channels: int) -> bool:
     """Whether QEMU can write this save itself: a paused multifd save (the caller checks
     paused) over a local QMP socket to a QEMU with mapped-ram and fdsets."""
     if channels < 1 or peer.version < MIN_VERSION or peer.pid is None:
@@ -72,11 +70,11 @@ def direct_io_ok(path: str, access: int = os.O_WRONLY) -> bool:
     return True
 
 
-async def pass_file(client: QMPClient, path: str, direct_io: bool,
+async def pass_file(client: Client, path: str, direct_io: bool,
                     access: int = os.O_WRONLY) -> FdSet:
     """Open `path` for QEMU (plain, and O_DIRECT for direct-io; `access` O_WRONLY to save,
     O_RDONLY to load) and hand the descriptors to it in a new fdset."""
-    fds = (os.open(path, access | os.O_CLOEXEC),)
+    fds: tuple[int, ...] = (os.open(path, access | os.O_CLOEXEC),)
     if direct_io:
         fds += (os.open(path, access | os.O_CLOEXEC | os.O_DIRECT),)
     fdset: int | None = None
@@ -92,7 +90,7 @@ async def pass_file(client: QMPClient, path: str, direct_io: bool,
     return FdSet(fdset, fds)
 
 
-async def release(client: QMPClient, fdset: FdSet | None, fds: tuple[int, ...] = ()) -> None:
+async def release(client: Monitor, fdset: FdSet | None, fds: tuple[int, ...] = ()) -> None:
     """Drop QEMU's copies (remove-fd) and close ours."""
     if fdset is not None:
         try:
@@ -138,7 +136,7 @@ async def seal_after(path: str, how: str, key: bytes | None, direct: bool,
     return {"pages_checked": False}
 
 
-async def can_load(client: QMPClient, peer: Peer, path: str, stale: set[str]) -> bool:
+async def can_load(client: Monitor, peer: Peer, path: str, stale: set[str]) -> bool:
     """Whether QEMU can load the local file at `path` itself: QEMU >= 9.1 with mapped-ram,
     and no RAM block of the snapshot in memory that may hold old data (`stale`): QEMU's
     loader writes present pages only, so a zero page must land on zeroed memory."""
@@ -148,7 +146,7 @@ async def can_load(client: QMPClient, peer: Peer, path: str, stale: set[str]) ->
     return targets.remote(path) is None and await supported(client, peer, 1)
 
 
-async def load(client: QMPClient, path: str, channels: int, direct: bool, rep: Reporter,
+async def load(client: Client, path: str, channels: int, direct: bool, rep: Reporter,
                total: int, wait: Callable[[], Awaitable[None]]) -> SendStats:
     """Check the device state and other non-page bytes, then let QEMU read the pages from
     the file itself (`migrate-incoming file:` with mapped-ram, multifd, direct-io) and

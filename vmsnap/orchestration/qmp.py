@@ -9,7 +9,7 @@ import socket
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from qemu.qmp import ConnectError, ExecInterruptedError, ExecuteError, QMPClient, StateError
 
@@ -39,6 +39,13 @@ class QmpCommandError(VmsnapError):
         self.command = command
         self.error_class = error_class
         self.desc = desc
+
+
+class Monitor(Protocol):
+    """What most steps need of a QMP connection: `execute`. A Client, or libvirt's
+    DomainMonitor (vmsnap.libvirt.domain), which passes commands through libvirt."""
+
+    async def execute(self, cmd: str, arguments: Mapping[str, object] | None = None) -> Any: ...
 
 
 class Client(QMPClient):
@@ -142,11 +149,12 @@ async def connect(address: str, name: str = "vmsnap",
     return client, peer
 
 
-async def migration_status(client: Client) -> dict[str, Any]:
-    return await client.execute("query-migrate")
+async def migration_status(client: Monitor) -> dict[str, Any]:
+    status: dict[str, Any] = await client.execute("query-migrate")
+    return status
 
 
-async def set_capabilities(client: Client, wanted: dict[str, bool]) -> dict[str, bool]:
+async def set_capabilities(client: Monitor, wanted: dict[str, bool]) -> dict[str, bool]:
     """Apply `wanted` (only for capabilities this QEMU knows); return the previous values."""
     current = {c["capability"]: c["state"]
                for c in await client.execute("query-migrate-capabilities")}

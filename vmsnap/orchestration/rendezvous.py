@@ -17,9 +17,10 @@ import socket
 import tempfile
 from dataclasses import dataclass
 
+from qemu.qmp import QMPClient
+
 from ..errors import VmsnapError
 from ..io.sockets import widen
-from .qmp import Client
 
 MAIN_FD_NAME = "vmsnap-migration"
 
@@ -83,7 +84,7 @@ def meeting_place(pid: int | None) -> Meeting:
     return Meeting(d, "/tmp/" + os.path.basename(d), None if ids[0] == os.geteuid() else ids)
 
 
-async def pass_socket(client: Client) -> tuple[socket.socket, str]:
+async def pass_socket(client: QMPClient) -> tuple[socket.socket, str]:
     """A connected socket pair whose far end is handed to QEMU over QMP (SCM_RIGHTS +
     `getfd`): returns our end and the `fd:` URI QEMU's migrate/migrate-incoming take.
     Both ends get the same wide buffers (io.sockets.widen)."""

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from .. import targets
 from ..errors import VmsnapError, one_line
 from ..fileformat.reader import open_snapshot
+from ..fileformat.trailer import TrailerMetadata
 from ..hostkey import Trust, trust_of
 from ..io.sockets import shutdown_all
 from ..ops.multifd_send import Destination, destination, send_multifd
@@ -33,7 +34,7 @@ from ..stream.constants import CAP_IGNORE_SHARED as IGNORE_SHARED
 from . import native, shared
 from . import qmp as qmpmod
 from .modes import INCOMPATIBLE_CAPS
-from .qmp import Client, QemuGoneError
+from .qmp import Client, Monitor, QemuGoneError
 from .relaunch import (
     GuardedQemu,
     RelaunchLock,
@@ -92,6 +93,17 @@ async def _launch(argv: list[str], program: str | None, qmp_path: str,
     return proc
 
 
+def launch_argv(path: str, command: Sequence[str] | None,
+                meta: TrailerMetadata | None) -> list[str]:
+    """The QEMU command line to launch for a restore of `path`: `command` if given, else
+    the one stored in the snapshot."""
+    argv = list(command) if command else (meta.command_line if meta else None)
+    if not argv:
+        raise VmsnapError(f"{path} stores no QEMU command line: give --qmp SOCKET "
+                          "or -- QEMU_COMMAND...")
+    return argv
+
+
 async def launch_target(path: str, argv: list[str], given: bool, trust: Trust,
                         trust_command_line: bool, workdir: str,
                         launch_argv: list[str] | None = None,
@@ -120,7 +132,7 @@ async def launch_target(path: str, argv: list[str], given: bool, trust: Trust,
 FRESH_BACKENDS = ("memory-backend-ram", "memory-backend-memfd")
 
 
-async def memory_backends(client: Client) -> dict[str, str]:
+async def memory_backends(client: Monitor) -> dict[str, str]:
     """The target's memory backend objects, id -> QOM type. A backend's RAM block is named
     after its id ("pc.ram" for plain -m)."""
     objects = await client.execute("qom-list", {"path": "/objects"})
@@ -129,7 +141,7 @@ async def memory_backends(client: Client) -> dict[str, str]:
     return {name: t for name, t in types.items() if t.startswith("memory-backend-")}
 
 
-async def _check_target(client: Client, peer: qmpmod.Peer, machine: str,
+async def _check_target(client: Monitor, peer: qmpmod.Peer, machine: str,
                         sizes: dict[str, int]) -> Destination:
     """Refuse, before anything is sent, a target that cannot take this snapshot (QEMU would
     only say so in its log, and exit). `sizes`: the snapshot's RAM block sizes by name."""
@@ -168,7 +180,7 @@ async def _connect_incoming(path: str, timeout: float = START_TIMEOUT) -> socket
             await asyncio.sleep(0.02)
 
 
-async def restore(path: str | os.PathLike, *, qmp_address: str | None = None,
+async def restore(path: str | os.PathLike[str], *, qmp_address: str | None = None,
                   command: Sequence[str] | None = None, paused: bool = False,
                   reporter: Reporter | None = None, direct: bool = True,
                   channels: int | None = None, trust_command_line: bool = False,
@@ -198,15 +210,13 @@ async def restore(path: str | os.PathLike, *, qmp_address: str | None = None,
     keep_workdir = False
     client: Client | None = None
     plan: shared.RestorePlan | None = None
+    argv: list[str] = []  # what was launched, if anything
     log_path = os.path.join(workdir, "qemu.log")
     t0 = time.monotonic()
     stack = contextlib.ExitStack()
     try:
         if qmp_address is None:
-            argv = list(command) if command else (meta.command_line if meta else None)
-            if not argv:
-                raise VmsnapError(f"{path} stores no QEMU command line: give --qmp SOCKET "
-                                  "or -- QEMU_COMMAND...")
+            argv = launch_argv(path, command, meta)
             proc, lock, qmp_address = await launch_target(
                 path, argv, bool(command), trust, trust_command_line, workdir)
         client, peer = await qmpmod.connect(qmp_address)
@@ -230,7 +240,7 @@ async def restore(path: str | os.PathLike, *, qmp_address: str | None = None,
         run = saved_running and not paused
         if run:
             await client.execute("cont")
-        if proc is not None:  # loaded: the VM runs on without us, on its own monitor
+        if proc is not None and argv:  # loaded: the VM runs on without us, on its own monitor
             proc.release()
             keep_workdir = own_qmp(argv) is None  # else our socket is its only monitor
             qmp_address = own_qmp(argv) or qmp_address

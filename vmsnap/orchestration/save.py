@@ -29,11 +29,11 @@ from ..ops.multifd_receive import identify_channels, receive_multifd
 from ..ops.receive import ReceiveStats, receive
 from ..ops.shared_ram import Backing
 from ..progress import Reporter
-from ..stream.constants import CAP_MAPPED_RAM
+from ..stream.constants import CAP_IGNORE_SHARED, CAP_MAPPED_RAM
 from . import background, converge, modes, native, shared
 from . import qmp as qmpmod
 from .modes import SaveMode
-from .qmp import Client, QemuGoneError
+from .qmp import Client, Monitor, QemuGoneError
 from .rendezvous import Meeting, meeting_place, pass_socket
 from .vmlock import vm_lock
 
@@ -86,7 +86,7 @@ class SaveResult:
     sealing_pid: int | None = None
 
 
-async def _set_parameters(client: Client, wanted: dict[str, Any]) -> dict[str, Any]:
+async def _set_parameters(client: Monitor, wanted: dict[str, Any]) -> dict[str, Any]:
     current = await client.execute("query-migrate-parameters")
     await client.execute("migrate-set-parameters", wanted)
     return {k: current[k] for k in wanted if k in current}
@@ -117,7 +117,7 @@ def check_channels(channels: int | None) -> int:
     return channels
 
 
-async def save(qmp_address: str, path: str | os.PathLike, *, live: bool = False,
+async def save(qmp_address: str, path: str | os.PathLike[str], *, live: bool = False,
                background: bool = False, after: str | None = None, force: bool = False,
                reporter: Reporter | None = None, direct: bool = True,
                downtime_limit_ms: int | None = None,
@@ -185,7 +185,7 @@ async def _save(client: Client, peer: qmpmod.Peer, writer: SnapshotWriter,
     saved_params: dict[str, Any] = {}
     stopped_by_us = started = False
     conns: list[socket.socket] = []
-    receiver: asyncio.Future | None = None
+    receiver: asyncio.Future[ReceiveStats] | None = None
     t0 = time.monotonic()
     # RAM copied from a shared backing by vmsnap is neither point-in-time nor live
     backings = await shared.save_backings(client, peer) if mode is SaveMode.PAUSED else None
@@ -200,7 +200,7 @@ async def _save(client: Client, peer: qmpmod.Peer, writer: SnapshotWriter,
     try:
         saved_caps = await modes.apply_capabilities(
             client, peer, mode, channels,
-            {shared.IGNORE_SHARED: bool(backings), CAP_MAPPED_RAM: by_qemu})
+            {CAP_IGNORE_SHARED: bool(backings), CAP_MAPPED_RAM: by_qemu})
         params = modes.base_parameters(channels)
         direct_io = by_qemu and writer.direct_requested and native.direct_io_ok(
             writer.partial_path)
@@ -230,7 +230,8 @@ async def _save(client: Client, peer: qmpmod.Peer, writer: SnapshotWriter,
                 conns.append(main)
             await client.execute("migrate", {"uri": uri})
             started = True  # from here on the migration is ours to cancel
-            for _ in range(channels + 1 if listener else 0):
+            for _ in range(channels + 1 if listener is not None else 0):
+                assert listener is not None
                 conns.append(await _accept(client, listener, sock_path))
             receiver = loop.run_in_executor(None, _receive, conns, writer, backings,
                                             background.must_complete(peer, mode))
@@ -325,20 +326,20 @@ async def _accept(client: Client, listener: socket.socket, path: str) -> socket.
             raise VmsnapError(f"QEMU did not connect to {path} within {ACCEPT_TIMEOUT:.0f}s")
 
 
-async def _watch(client: Client, receiver: asyncio.Future, rep: Reporter,
+async def _watch(client: Monitor, receiver: asyncio.Future[ReceiveStats], rep: Reporter,
                  converger: converge.Converger | None = None) -> dict[str, Any]:
     """Poll QEMU's migration status until it completes; report live figures; let a live
     save's converger tune QEMU. The receiver's failure is checked first and ends a pending
     query: QEMU may not answer until it does."""
     last = None
     while True:
-        if receiver.done() and receiver.exception() is not None:
-            raise await _cause(client, receiver.exception())
+        if receiver.done() and (err := receiver.exception()) is not None:
+            raise await _cause(client, err)
         query = asyncio.ensure_future(qmpmod.migration_status(client))
         try:
             await asyncio.wait((query, receiver), return_when=asyncio.FIRST_COMPLETED)
-            if not query.done() and receiver.exception() is not None:
-                raise await _cause(client, receiver.exception())
+            if not query.done() and (err := receiver.exception()) is not None:
+                raise await _cause(client, err)
             info = await query
         finally:
             query.cancel()
@@ -355,8 +356,8 @@ async def _watch(client: Client, receiver: asyncio.Future, rep: Reporter,
             # is our cut: the receiver is still failing (a store stuck in its own timeout)
             cut = any(w in info.get("error-desc", "") for w in ("Broken pipe", "reset by peer"))
             await asyncio.wait([receiver], timeout=CAUSE_WAIT if cut else 0.2)
-            if receiver.done() and receiver.exception() is not None:
-                raise await _cause(client, receiver.exception())
+            if receiver.done() and (err := receiver.exception()) is not None:
+                raise await _cause(client, err)
             raise _qemu_side(info)
         ram = info.get("ram", {})
         rep.update(ram.get("transferred", 0), ram.get("total"),
@@ -371,7 +372,7 @@ def _qemu_side(info: dict[str, Any]) -> VmsnapError:
                        + (f": {info['error-desc']}" if info.get("error-desc") else ""))
 
 
-async def _cause(client: Client, err: BaseException) -> BaseException:
+async def _cause(client: Monitor, err: BaseException) -> BaseException:
     """The first cause of a receiver failure: our own I/O error (disk full) stands; a stream
     cut short is QEMU's doing (cancelled, failed, or QEMU gone)."""
     if isinstance(err, OSError) and not isinstance(err, ConnectionError):
@@ -385,7 +386,7 @@ async def _cause(client: Client, err: BaseException) -> BaseException:
     return err
 
 
-async def _finish(client: Client, after: str) -> str:
+async def _finish(client: Monitor, after: str) -> str:
     if after == "resume":
         await client.execute("cont")
         return "running"
@@ -400,7 +401,7 @@ async def _finish(client: Client, after: str) -> str:
     return "paused"
 
 
-async def _recover(client: Client, started: bool, resume: bool) -> None:
+async def _recover(client: Monitor, started: bool, resume: bool) -> None:
     """Put the VM back as it was: cancel the migration if we started it (never another
     client's), resume the VM if we stopped it or our migration did."""
     try:
@@ -417,7 +418,7 @@ async def _recover(client: Client, started: bool, resume: bool) -> None:
         pass
 
 
-async def _restore_settings(client: Client, caps: dict[str, bool],
+async def _restore_settings(client: Monitor, caps: dict[str, bool],
                             params: dict[str, Any]) -> None:
     try:
         if caps:

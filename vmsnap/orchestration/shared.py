@@ -16,12 +16,10 @@ import os
 import stat
 from dataclasses import dataclass
 
-from qemu.qmp import QMPClient
-
 from ..errors import VmsnapError
 from ..ops.shared_ram import Backing
 from ..stream.constants import CAP_IGNORE_SHARED as IGNORE_SHARED
-from .qmp import Peer, QmpCommandError
+from .qmp import Monitor, Peer, QmpCommandError
 
 log = logging.getLogger(__name__)
 
@@ -51,14 +49,15 @@ class _Mapping:
     path: str
 
 
-async def _qom(client: QMPClient, path: str, prop: str) -> object | None:
+async def _qom(client: Monitor, path: str, prop: str) -> object | None:
     try:
-        return await client.execute("qom-get", {"path": path, "property": prop})
+        value: object = await client.execute("qom-get", {"path": path, "property": prop})
+        return value
     except QmpCommandError:
         return None
 
 
-async def shared_memdevs(client: QMPClient) -> list[Memdev]:
+async def shared_memdevs(client: Monitor) -> list[Memdev]:
     """The memory backends of this QEMU that are mapped shared (share=on)."""
     out = []
     for m in await client.execute("query-memdev"):
@@ -80,7 +79,7 @@ def ignored_by(peer: Peer, dev: Memdev) -> bool:
     return peer.version < NAMED_FILE_RULE or dev.type == "memory-backend-file"
 
 
-async def block_addr(client: QMPClient, dev: Memdev) -> int:
+async def block_addr(client: Monitor, dev: Memdev) -> int:
     """The guest-physical `addr` of the backend's memory region (checked by an
     x-ignore-shared destination; 0 for a backend mapped through aliases)."""
     addr = await _qom(client, f"/objects/{dev.id}/{dev.id}[0]", "addr")
@@ -123,8 +122,8 @@ def open_backings(pid: int | None, devs: list[Memdev], *, writable: bool
     except OSError as err:
         raise SharedRamUnreachable(f"cannot read /proc/{pid}: {err.strerror}") from err
     by_inode: dict[tuple[tuple[int, int], int], str] = {}
-    for fd in fds:
-        link = f"/proc/{pid}/fd/{fd}"
+    for name in fds:
+        link = f"/proc/{pid}/fd/{name}"
         try:
             st = os.stat(link)
         except OSError:
@@ -155,11 +154,11 @@ def open_backings(pid: int | None, devs: list[Memdev], *, writable: bool
     return out
 
 
-async def _capabilities(client: QMPClient) -> set[str]:
+async def _capabilities(client: Monitor) -> set[str]:
     return {c["capability"] for c in await client.execute("query-migrate-capabilities")}
 
 
-async def save_backings(client: QMPClient, peer: Peer) -> dict[str, Backing] | None:
+async def save_backings(client: Monitor, peer: Peer) -> dict[str, Backing] | None:
     """For a paused save: the shared backings vmsnap copies itself (QEMU leaves them out
     of the stream), or None when QEMU must stream all RAM (no shared RAM it would leave
     out, no x-ignore-shared, or a backing vmsnap cannot open)."""
@@ -188,7 +187,7 @@ class RestorePlan:
             b.close()
 
 
-async def restore_plan(client: QMPClient, peer: Peer, blocks: set[str]) -> RestorePlan | None:
+async def restore_plan(client: Monitor, peer: Peer, blocks: set[str]) -> RestorePlan | None:
     """For a restore into `peer`: its shared backings (vmsnap fills them from the file and
     streams only the rest), or None when the whole snapshot goes through the stream (no
     shared RAM, no x-ignore-shared). Raises SharedRamUnreachable if QEMU has shared RAM

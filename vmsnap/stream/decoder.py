@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import struct
 from collections.abc import Callable, Collection, Iterator
+from typing import NoReturn
 
 import numpy as np
 
@@ -273,7 +274,8 @@ class StreamDecoder:
         return evs
 
     # ------------------------------------------------------------------ helpers
-    def _fail(self, message: str, field: str, offset: int, expected: str | None = None):
+    def _fail(self, message: str, field: str, offset: int,
+              expected: str | None = None) -> NoReturn:
         self._error = StreamError(message, field, offset, expected)
         self._state = _S_ERROR
         raise self._error
@@ -288,15 +290,18 @@ class StreamDecoder:
 
     def _be16(self, pos: int) -> int:
         self._need(pos, 2)
-        return _BE16.unpack_from(self._buf, pos)[0]
+        value: int = _BE16.unpack_from(self._buf, pos)[0]
+        return value
 
     def _be32(self, pos: int) -> int:
         self._need(pos, 4)
-        return _BE32.unpack_from(self._buf, pos)[0]
+        value: int = _BE32.unpack_from(self._buf, pos)[0]
+        return value
 
     def _be64(self, pos: int) -> int:
         self._need(pos, 8)
-        return _BE64.unpack_from(self._buf, pos)[0]
+        value: int = _BE64.unpack_from(self._buf, pos)[0]
+        return value
 
     def _counted(self, pos: int, field: str) -> tuple[str, int]:
         n = self._u8(pos)
@@ -739,7 +744,7 @@ class StreamDecoder:
             data[ps:].reshape(k, ps)[...] = pages
         self._pos = r + k * stride
         self._last_block = blk
-        self._out.append(Pages(blk.name, offsets, memoryview(data), cont, self._base + p))
+        self._out.append(Pages(blk.name, offsets, data.data, cont, self._base + p))
 
     def _zero_run(self, p: int, blk: RamBlock, off0: int, q: int, fill: int,
                   cont: bool) -> None:

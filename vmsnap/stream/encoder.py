@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 from . import constants as C
-from .events import RamBlock
+from .events import Bytes, RamBlock
 
 _BE16 = struct.Struct(">H")
 _BE32 = struct.Struct(">I")
@@ -140,7 +140,7 @@ def _headers(block: str, offsets: np.ndarray, flag: int, continue_: bool,
     return first, words
 
 
-def page_record_parts(block: str, offsets: np.ndarray, pages, continue_: bool = False,
+def page_record_parts(block: str, offsets: np.ndarray, pages: Bytes, continue_: bool = False,
                       page_size: int = C.TARGET_PAGE_SIZE) -> list[memoryview]:
     """PAGE records as a list of buffers, headers interleaved with views of ``pages``
     (len(offsets)*page_size bytes) — for vectored writes that never copy page data.
@@ -150,7 +150,7 @@ def page_record_parts(block: str, offsets: np.ndarray, pages, continue_: bool = 
     data = memoryview(pages).cast("B")
     if data.nbytes != n * page_size:
         raise ValueError(f"pages has {data.nbytes} bytes, expected {n * page_size}")
-    heads = memoryview(words.view(np.uint8))
+    heads = words.view(np.uint8).data
     parts: list[memoryview] = []
     for i in range(n):
         parts.append(memoryview(first) if i == 0 and first else heads[8 * i:8 * i + 8])
@@ -158,7 +158,7 @@ def page_record_parts(block: str, offsets: np.ndarray, pages, continue_: bool = 
     return parts
 
 
-def page_records(block: str, offsets: np.ndarray, pages, continue_: bool = False,
+def page_records(block: str, offsets: np.ndarray, pages: Bytes, continue_: bool = False,
                  page_size: int = C.TARGET_PAGE_SIZE) -> bytes:
     """PAGE records for ``offsets`` with page bytes ``pages`` (len(offsets)*page_size
     bytes, any buffer). The first record carries the idstr unless ``continue_``."""

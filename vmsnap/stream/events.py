@@ -15,6 +15,9 @@ import numpy as np
 from . import constants as C
 from .errors import StreamError
 
+#: Bytes-like input the codec reads (struct.unpack_from, len, slicing).
+Bytes = bytes | bytearray | memoryview
+
 
 @dataclass(frozen=True)
 class Header:
@@ -114,7 +117,7 @@ class MappedRamHeader:
                                  self.pages_offset)
 
     @classmethod
-    def parse(cls, data, offset: int = 0) -> MappedRamHeader:
+    def parse(cls, data: Bytes, offset: int = 0) -> MappedRamHeader:
         """Decode 28 big-endian bytes (``data`` may be longer; ``offset`` indexes it)."""
         if len(data) - offset < cls.SIZE:
             raise StreamError(f"mapped-ram header needs {cls.SIZE} bytes, got "

@@ -18,6 +18,7 @@ import numpy as np
 
 from . import constants as C
 from .errors import StreamError
+from .events import Bytes
 
 _INIT = struct.Struct(">II16sB7x32x")
 _HDR = struct.Struct(">IIIIIIQI28s256s")
@@ -43,7 +44,7 @@ class MultifdInit:
     SIZE = C.MULTIFD_INIT_SIZE
 
     @classmethod
-    def parse(cls, buf, offset: int = 0, *, channels: int | None = None) -> MultifdInit:
+    def parse(cls, buf: Bytes, offset: int = 0, *, channels: int | None = None) -> MultifdInit:
         if len(buf) - offset < C.MULTIFD_INIT_SIZE:
             raise StreamError(f"multifd init packet truncated ({len(buf) - offset} bytes)",
                               "multifd.init", offset, "64 bytes")
@@ -114,7 +115,7 @@ class PacketHeader:
     @classmethod
     def parse(
         cls,
-        buf,
+        buf: Bytes,
         offset: int = 0,
         *,
         page_size: int = C.TARGET_PAGE_SIZE,

@@ -11,7 +11,9 @@ import os
 import re
 import stat
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from ..io.aligned import PAGE_SIZE
 from ..io.direct import DirectFile
@@ -33,7 +35,7 @@ class Remote:
         return f"{self.kind}{sep}{self.container}/{self.name}"
 
 
-def remote(path: str | os.PathLike) -> Remote | None:
+def remote(path: str | os.PathLike[str]) -> Remote | None:
     """The parsed URL if `path` names an RBD image or S3 object, else None (a local path).
     A string that starts like a URL but is malformed is refused rather than taken as a file."""
     text = os.fspath(path)
@@ -47,13 +49,13 @@ def remote(path: str | os.PathLike) -> Remote | None:
     return Remote(kind, m["a"], m["b"])
 
 
-def normalize(path: str | os.PathLike) -> str:
+def normalize(path: str | os.PathLike[str]) -> str:
     """An absolute path for a local file; a URL as given."""
     r = remote(path)
     return str(r) if r else os.path.abspath(os.fspath(path))
 
 
-def exists(path: str | os.PathLike) -> bool:
+def exists(path: str | os.PathLike[str]) -> bool:
     """True if a committed snapshot (or, locally, any file) is at `path`."""
     r = remote(path)
     if r is None:
@@ -61,7 +63,7 @@ def exists(path: str | os.PathLike) -> bool:
     return _module(r).exists(r)
 
 
-def lock_path(path: str | os.PathLike) -> str:
+def lock_path(path: str | os.PathLike[str]) -> str:
     """A local file to flock for per-host mutual exclusion on `path`: the file itself, or
     for a URL a 0600 file named by its hash in a private per-user directory."""
     if remote(path) is None:
@@ -77,7 +79,7 @@ def lock_path(path: str | os.PathLike) -> str:
     return name
 
 
-def open_sink(path: str | os.PathLike, *, direct: bool = True,
+def open_sink(path: str | os.PathLike[str], *, direct: bool = True,
               alignment: int = PAGE_SIZE) -> PageSink:
     """Reserve `path` for one writer (FileLockedError if another one holds it)."""
     r = remote(path)
@@ -86,14 +88,14 @@ def open_sink(path: str | os.PathLike, *, direct: bool = True,
     return _module(r).Sink(r)
 
 
-def open_source(path: str | os.PathLike, *, direct: bool = True) -> PageSource:
+def open_source(path: str | os.PathLike[str], *, direct: bool = True) -> PageSource:
     r = remote(path)
     if r is None:
         return DirectFile(path, writable=False, direct=direct)
     return _module(r).Source(r)
 
 
-def read_beside(path: str | os.PathLike, suffix: str, limit: int) -> str | None:
+def read_beside(path: str | os.PathLike[str], suffix: str, limit: int) -> str | None:
     """A small text kept beside the snapshot at `path` (a hint like the hot pages): the file
     PATH+SUFFIX, the S3 object KEY+SUFFIX or the RBD image's metadata key vmsnap+SUFFIX.
     None if there is none, or it is longer than `limit` bytes."""
@@ -103,7 +105,7 @@ def read_beside(path: str | os.PathLike, suffix: str, limit: int) -> str | None:
     return _module(r).read_beside(r, suffix, limit)
 
 
-def write_beside(path: str | os.PathLike, suffix: str, text: str) -> None:
+def write_beside(path: str | os.PathLike[str], suffix: str, text: str) -> None:
     """Replace the text beside `path` (atomically; a file is 0600)."""
     r = remote(path)
     if r is None:
@@ -112,16 +114,32 @@ def write_beside(path: str | os.PathLike, suffix: str, text: str) -> None:
         _module(r).write_beside(r, suffix, text)
 
 
-def _module(r: Remote):
+class _Backend(Protocol):
+    """What a remote target module (rbd_image, s3_objects) offers."""
+
+    @property
+    def Sink(self) -> Callable[[Remote], PageSink]: ...  # noqa: N802 - the module's class
+
+    @property
+    def Source(self) -> Callable[[Remote], PageSource]: ...  # noqa: N802
+
+    def exists(self, r: Remote) -> bool: ...
+
+    def read_beside(self, r: Remote, suffix: str, limit: int) -> str | None: ...
+
+    def write_beside(self, r: Remote, suffix: str, text: str) -> None: ...
+
+
+def _module(r: Remote) -> _Backend:
     try:
         if r.kind == "rbd":
-            from . import rbd_image as mod
-        else:
-            from . import s3_objects as mod
+            from . import rbd_image
+            return rbd_image
+        from . import s3_objects
+        return s3_objects
     except ImportError as e:
         need = "python3-rbd" if r.kind == "rbd" else "boto3 (pip install 'vmsnap[ceph]')"
         raise TargetError(f"{r.kind} targets need {need}: {e}", errno.ENOSYS) from None
-    return mod
 
 
 __all__ = ["PageSink", "PageSource", "Remote", "TargetError", "exists", "normalize",

@@ -16,6 +16,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Protocol
 
 from ..io.direct import IOEngineError
+from ..io.vectored import Buffer
 
 
 class TargetError(OSError):
@@ -36,11 +37,11 @@ class PageSink(Protocol):
     direct: bool
     fallback_reason: str | None
 
-    def write_at(self, offset: int, bufs: Sequence) -> int:
+    def write_at(self, offset: int, bufs: Sequence[Buffer]) -> int:
         """Write `bufs` contiguously at `offset`; thread-safe (multifd channels share it).
         The caller may reuse `bufs` once it returns."""
 
-    def pwrite_meta(self, offset: int, data) -> int:
+    def pwrite_meta(self, offset: int, data: Buffer) -> int:
         """Write unaligned metadata bytes at `offset`."""
 
     def truncate(self, length: int) -> None:
@@ -64,10 +65,10 @@ class PageSource(Protocol):
     def allocated(self) -> int:
         """Bytes actually stored (bounds what a hostile header may claim)."""
 
-    def read_into(self, offset: int, bufs: Sequence) -> int:
+    def read_into(self, offset: int, bufs: Sequence[Buffer]) -> int:
         """Fill `bufs` from `offset` (IOEngineError, naming the bytes, if they are missing)."""
 
-    def read_urgent(self, offset: int, bufs: Sequence) -> int:
+    def read_urgent(self, offset: int, bufs: Sequence[Buffer]) -> int:
         """`read_into` for a read someone waits on (a lazy restore's page request): the
         fewest bytes and round trips, ahead of any read-ahead."""
 
@@ -76,7 +77,7 @@ class PageSource(Protocol):
     def close(self) -> None: ...
 
 
-def pieces(offset: int, bufs: Sequence, unit: int) -> Iterator[tuple[int, memoryview]]:
+def pieces(offset: int, bufs: Sequence[Buffer], unit: int) -> Iterator[tuple[int, memoryview]]:
     """Split a contiguous write/read of `bufs` at `offset` into (offset, view) pieces that do
     not cross a multiple of `unit` (an RBD object, an S3 chunk)."""
     for b in bufs:
@@ -97,7 +98,7 @@ class RangeReader:
 
     BLOCK = 1 << 20
     direct = False
-    fallback_reason = "remote store"
+    fallback_reason: str | None = "remote store"
 
     def __init__(self, name: str, size: int, fetch: Callable[[int, memoryview], None], *,
                  threads: int = 8, keep: int = 32, ahead: int = 8) -> None:
@@ -108,14 +109,14 @@ class RangeReader:
         self._nblocks = -(-size // self.BLOCK)
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="vmsnap-range")
         self._lock = threading.Lock()
-        self._blocks: OrderedDict[int, Future] = OrderedDict()
+        self._blocks: OrderedDict[int, Future[bytearray]] = OrderedDict()
 
     def _whole(self, start: int, n: int) -> bytearray:
         buf = bytearray(n)
         self._fetch(start, memoryview(buf))
         return buf
 
-    def _block(self, k: int) -> Future:
+    def _block(self, k: int) -> Future[bytearray]:
         """The cached fetch of block `k` (lock held), started if missing."""
         fut = self._blocks.get(k)
         if fut is None:
@@ -128,9 +129,9 @@ class RangeReader:
             self._blocks.move_to_end(k)
         return fut
 
-    def read_into(self, offset: int, bufs: Sequence) -> int:
-        direct: list[Future] = []
-        cached: list[tuple[Future, int, memoryview]] = []
+    def read_into(self, offset: int, bufs: Sequence[Buffer]) -> int:
+        direct: list[Future[None]] = []
+        cached: list[tuple[Future[bytearray], int, memoryview]] = []
         total = 0
         with self._lock:
             for off, view in pieces(offset, bufs, self.BLOCK):
@@ -146,11 +147,11 @@ class RangeReader:
                         self._block(j)
         for fut in direct:
             fut.result()
-        for fut, at, view in cached:
-            view[:] = fut.result()[at:at + view.nbytes]
+        for block, at, view in cached:
+            view[:] = block.result()[at:at + view.nbytes]
         return total
 
-    def read_urgent(self, offset: int, bufs: Sequence) -> int:
+    def read_urgent(self, offset: int, bufs: Sequence[Buffer]) -> int:
         """Pieces whose block is already fetched come from the cache; the others are fetched
         exactly (no whole block, no read-ahead) in the caller's thread, so a page request
         never queues behind the pool's read-ahead."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import threading
+from typing import Any
 
 from .base import TargetError
 
@@ -20,7 +21,7 @@ _lock = threading.Lock()
 _cluster = None
 
 
-def cluster():
+def cluster() -> Any:  # rados.Rados (python3-rados has no type hints)
     """The process's connected `rados.Rados` (CEPH_CONF or the default search path,
     CEPH_ARGS for --id/--keyring)."""
     global _cluster
@@ -30,7 +31,7 @@ def cluster():
         return _cluster
 
 
-def _connect():
+def _connect() -> Any:
     try:
         import rados
     except ImportError:
@@ -58,7 +59,7 @@ def _conf_name() -> str:
     return os.environ.get("CEPH_CONF") or "default ceph.conf"
 
 
-def ioctx(pool: str):
+def ioctx(pool: str) -> Any:  # rados.Ioctx
     import rados
     try:
         return cluster().open_ioctx(pool)

@@ -8,12 +8,13 @@ from collections.abc import Sequence
 from ..io.aligned import PAGE_SIZE
 from ..io.atomic import AtomicFile
 from ..io.direct import DirectFile
+from ..io.vectored import Buffer
 
 
 class LocalSink:
     """`PageSink` on a file: page data by O_DIRECT `pwritev`, metadata buffered."""
 
-    def __init__(self, path: str | os.PathLike, *, direct: bool = True,
+    def __init__(self, path: str | os.PathLike[str], *, direct: bool = True,
                  alignment: int = PAGE_SIZE) -> None:
         self._atomic = AtomicFile(path).open()
         self.name = self._atomic.path
@@ -31,12 +32,12 @@ class LocalSink:
         """FILE.partial, for a writer outside vmsnap (QEMU's own mapped-ram)."""
         return self._atomic.partial_path
 
-    def write_at(self, offset: int, bufs: Sequence) -> int:
+    def write_at(self, offset: int, bufs: Sequence[Buffer]) -> int:
         n = self._file.write_at(offset, bufs)
         self.direct, self.fallback_reason = self._file.direct, self._file.fallback_reason
         return n
 
-    def pwrite_meta(self, offset: int, data) -> int:
+    def pwrite_meta(self, offset: int, data: Buffer) -> int:
         return self._file.pwrite_meta(offset, data)
 
     def truncate(self, length: int) -> None:

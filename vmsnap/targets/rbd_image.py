@@ -16,12 +16,14 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import rbd
 
 from ..io.atomic import FileLockedError
 from ..io.direct import IOEngineError
+from ..io.vectored import Buffer
 from . import Remote
 from .base import RangeReader, TargetError, pieces
 from .ceph import ioctx
@@ -110,7 +112,7 @@ class Sink:
         raise FileLockedError(errno.EBUSY, f"{self.name}: cannot lock the image")
 
     # -- writes ------------------------------------------------------------------
-    def write_at(self, offset: int, bufs: Sequence) -> int:
+    def write_at(self, offset: int, bufs: Sequence[Buffer]) -> int:
         total = 0
         for off, view in pieces(offset, bufs, UNIT):
             data = bytes(view)  # librbd takes bytes; the caller may reuse its buffer
@@ -127,8 +129,8 @@ class Sink:
             total += len(data)
         return total
 
-    def _completion(self, n: int, off: int):
-        def done(comp) -> None:
+    def _completion(self, n: int, off: int) -> Callable[[Any], None]:
+        def done(comp: Any) -> None:  # rbd.Completion
             rc = comp.get_return_value()
             with self._cond:
                 self._inflight -= n
@@ -138,7 +140,7 @@ class Sink:
                 self._cond.notify_all()
         return done
 
-    def _call(self, what: str, fn, *args):
+    def _call(self, what: str, fn: Callable[..., Any], *args: object) -> Any:  # librbd
         """A synchronous librbd call; its failure (a dead OSD: the op timeout) names the
         image, as an OSError the save reports as its cause."""
         try:
@@ -158,7 +160,7 @@ class Sink:
                 self._cond.wait()
             self._raise()
 
-    def pwrite_meta(self, offset: int, data) -> int:
+    def pwrite_meta(self, offset: int, data: Buffer) -> int:
         return self.write_at(offset, [data])
 
     def truncate(self, length: int) -> None:

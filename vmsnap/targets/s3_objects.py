@@ -25,6 +25,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
+from typing import Any
 
 import boto3
 import numpy as np
@@ -34,6 +35,7 @@ from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 from ..errors import squash
 from ..fileformat.bitmap import runs
 from ..io.direct import IOEngineError
+from ..io.vectored import Buffer
 from . import Remote
 from .base import RangeReader, TargetError, pieces
 
@@ -48,11 +50,14 @@ ORPHAN_AGE = 15 * 60
 MANIFEST_FORMAT = "vmsnap-s3-chunks/1"
 MAX_MANIFEST = 64 << 20
 
+#: A manifest as parsed from JSON (validated in _read_manifest), plus its "present" array.
+Manifest = dict[str, Any]
+
 _client_lock = threading.Lock()
 _client = None
 
 
-def client():
+def client() -> Any:  # a botocore S3 client (boto3 has no type hints)
     """One boto3 S3 client per process (thread-safe)."""
     global _client
     with _client_lock:
@@ -102,7 +107,8 @@ def _get_small(r: Remote, key: str, limit: int, what: str) -> bytes | None:
         if obj.get("ContentLength", 0) > limit:
             obj["Body"].close()
             raise TargetError(f"{r}: object {key} is too large for {what}")
-        return obj["Body"].read()
+        data: bytes = obj["Body"].read()
+        return data
     except ClientError as e:
         if _missing(e):
             return None
@@ -124,13 +130,13 @@ def write_beside(r: Remote, suffix: str, text: str) -> None:
         raise _error(r, e) from None
 
 
-def _read_manifest(r: Remote) -> dict | None:
+def _read_manifest(r: Remote) -> Manifest | None:
     """The manifest at `r`, validated; None if there is no object."""
     body = _get_small(r, r.name, MAX_MANIFEST, "a vmsnap manifest")
     if body is None:
         return None
     try:
-        m = json.loads(body)
+        m: Manifest = json.loads(body)
         assert m["format"] == MANIFEST_FORMAT
         size, chunk, prefix = m["size"], m["chunk_size"], m["prefix"]
         assert isinstance(size, int) and size >= 0
@@ -166,7 +172,7 @@ class _Upload:
 
     def __init__(self, data: bytes | None) -> None:
         self.data = data
-        self.future: Future | None = None
+        self.future: Future[None] | None = None
 
 
 class Sink:
@@ -196,7 +202,7 @@ class Sink:
         self._done = False
 
     # -- writes ------------------------------------------------------------------
-    def write_at(self, offset: int, bufs: Sequence) -> int:
+    def write_at(self, offset: int, bufs: Sequence[Buffer]) -> int:
         total = 0
         for off, view in pieces(offset, bufs, CHUNK):
             index, at = divmod(off, CHUNK)
@@ -247,7 +253,7 @@ class Sink:
             out.append((index, up, prev))
         return out
 
-    def _upload(self, jobs) -> None:
+    def _upload(self, jobs: list[tuple[int, _Upload, _Upload | None]]) -> None:
         """Submit uploads, at most THREADS at a time; fails at once after an upload failed
         (a writer must not sit out the retries of the others)."""
         for index, up, prev in jobs:
@@ -259,7 +265,7 @@ class Sink:
             up.future = self._pool.submit(self._put, index, up, prev)
             up.future.add_done_callback(self._uploaded)
 
-    def _uploaded(self, _future: Future) -> None:
+    def _uploaded(self, _future: Future[None]) -> None:
         with self._lock:
             self._busy -= 1
             self._lock.notify_all()
@@ -287,7 +293,7 @@ class Sink:
         if self._error is not None:
             raise self._error
 
-    def pwrite_meta(self, offset: int, data) -> int:
+    def pwrite_meta(self, offset: int, data: Buffer) -> int:
         return self.write_at(offset, [data])
 
     def truncate(self, length: int) -> None:
@@ -305,8 +311,8 @@ class Sink:
         futures = [u.future for u in list(self._last.values()) if u.future is not None]
         wait(futures)
         for f in futures:
-            if f.exception() is not None:
-                raise f.exception()
+            if (err := f.exception()) is not None:
+                raise err
         self._raise()
 
     def commit(self) -> None:
@@ -357,7 +363,7 @@ class Sink:
             log.info("%s: chunks of the aborted save not deleted: %s", self.name, _why(e))
 
 
-def _read_manifest_or_none(r: Remote) -> dict | None:
+def _read_manifest_or_none(r: Remote) -> Manifest | None:
     try:
         return _read_manifest(r)
     except TargetError:
@@ -396,7 +402,9 @@ class Source(RangeReader):
         if m is None:
             raise TargetError(f"{r}: no such snapshot", errno.ENOENT)
         self._r = r
-        self._chunk, self._prefix, self._present = m["chunk_size"], m["prefix"], m["present"]
+        self._chunk: int = m["chunk_size"]
+        self._prefix: str = m["prefix"]
+        self._present: np.ndarray = m["present"]
         super().__init__(str(r), m["size"], self._get, threads=THREADS)
 
     def allocated(self) -> int:

@@ -26,7 +26,7 @@ from vmsnap.ops.multifd_send import (
     send_multifd,
     sync_mode_for_machine,
 )
-from vmsnap.stream import RamBlock
+from vmsnap.stream import RamBlock, StreamError
 from vmsnap.stream import encoder as E
 from vmsnap.stream.constants import MULTIFD_FLAG_SYNC
 from vmsnap.stream.multifd import MultifdInit, PacketHeader
@@ -83,17 +83,20 @@ def _main_stream(per_round: bool, zero_in_end: list[int]) -> bytes:
     return out + E.eof() + E.vmdescription(VMDESC)
 
 
-def _feeder(sock, parts, delay=0.0):
+def _feeder(sock, parts, sent: threading.Event | None = None):
+    """Send `parts` on `sock` in a thread, then close it and set `sent`. A part that is an
+    Event is waited for (another feeder's `sent`): a deterministic "this channel is late"."""
     def run():
         try:
             for p in parts:
-                if isinstance(p, float):
-                    time.sleep(p)
+                if isinstance(p, threading.Event):
+                    assert p.wait(30), "the other channel never finished sending"
                 else:
                     sock.sendall(p)
         finally:
             sock.close()
-    time.sleep(delay)
+            if sent is not None:
+                sent.set()
     t = threading.Thread(target=run, daemon=True)
     t.start()
     return t
@@ -108,13 +111,14 @@ def test_epoch_ordering_later_epoch_wins(tmp_path, per_round):
     main_a, main_b = socket.socketpair()
     ch = [socket.socketpair() for _ in range(2)]
     uuid = bytes(16)
-    c0 = [MultifdInit(uuid, 0).pack(), _sync(1), 0.3,  # late: channel 1 must wait for us
+    c1_sent = threading.Event()
+    c0 = [MultifdInit(uuid, 0).pack(), _sync(1), c1_sent,  # late: channel 1 waits for us
           _packet({3: 0x11, 4: 0x44, 6: 0x66}, 3), _packet({7: 0x77}, 5, sync=True),
           _sync(8)]
     # 7.2 quirk: SYNC riding on a data packet, followed by an empty packet
     c1 = [MultifdInit(uuid, 1).pack(), _sync(2), _packet({6: 0x66, 8: 0x88}, 4), _sync(6),
           _packet({3: 0x22}, 7), _sync(9)]
-    threads = [_feeder(ch[0][0], c0), _feeder(ch[1][0], c1),
+    threads = [_feeder(ch[0][0], c0), _feeder(ch[1][0], c1, c1_sent),
                _feeder(main_a, [_main_stream(per_round, [4])])]
     path = tmp_path / "snap"
     stats = receive_multifd(main_b, [ch[1][1], ch[0][1]], SnapshotWriter(path))
@@ -137,7 +141,7 @@ def test_channel_error_aborts_and_removes_partial(tmp_path):
     bad[0] ^= 0xFF
     threads = [_feeder(a, [bytes(bad)]), _feeder(main_a, [_main_stream(False, [])])]
     path = tmp_path / "snap"
-    with pytest.raises(Exception, match="magic"):
+    with pytest.raises(StreamError, match="magic"):
         receive_multifd(main_b, [b], SnapshotWriter(path))
     for t in threads:
         t.join(10)

@@ -79,15 +79,16 @@ def save(qmp_address: str, path: str | os.PathLike[str], *, live: bool = False,
 
 
 def save_domain(name: str, path: str | os.PathLike[str], *, uri: str | None = None,
-                live: bool = False, after: str = "pause", force: bool = False,
-                reporter: Reporter | None = None, direct: bool = True) -> SaveResult:
+                live: bool = False, background: bool = False, after: str | None = None,
+                force: bool = False, reporter: Reporter | None = None,
+                direct: bool = True) -> SaveResult:
     """Save the libvirt domain `name` (connection `uri`, default qemu:///system) into `path`,
     its migratable XML in the file's metadata; pausing, resuming and quitting go through
-    libvirt, so its view of the domain stays true."""
+    libvirt, so its view of the domain stays true. Modes and `after` as for `save`."""
     from .libvirt.save import save_domain as _save_domain
 
-    return _run(_save_domain(name, path, uri=uri, live=live, after=after, force=force,
-                             reporter=reporter, direct=direct))
+    return _run(_save_domain(name, path, uri=uri, live=live, background=background,
+                             after=after, force=force, reporter=reporter, direct=direct))
 
 
 def restore(path: str | os.PathLike[str], *, qmp_address: str | None = None,

@@ -192,11 +192,11 @@ def cmd_save(args: argparse.Namespace, rep: Reporter) -> int:
     if args.domain:
         if args.channels:
             raise VmsnapError("--domain saves over one stream: --channels is for --qmp")
-        if args.background or args.downtime_limit is not None or args.seal != "now":
-            raise VmsnapError("--background, --downtime-limit and --seal go with --qmp")
+        if args.downtime_limit is not None or args.seal != "now":
+            raise VmsnapError("--downtime-limit and --seal go with --qmp")
         r = api.save_domain(args.domain, args.file, uri=args.connect, live=args.live,
-                            after=after or "pause", force=args.force, reporter=rep,
-                            direct=args.direct)
+                            background=args.background, after=after, force=args.force,
+                            reporter=rep, direct=args.direct)
     else:
         if args.connect:
             raise VmsnapError("--connect goes with --domain")

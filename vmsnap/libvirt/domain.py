@@ -12,6 +12,7 @@ from typing import Any
 from xml.etree import ElementTree
 
 from ..errors import VmsnapError, squash
+from ..orchestration.qmp import QmpCommandError
 
 try:
     import libvirt
@@ -94,7 +95,9 @@ class DomainMonitor:
             raise VmsnapError(f"libvirt monitor, {cmd}: {message(err)}") from err
         reply = json.loads(out)
         if "error" in reply:
-            raise VmsnapError(f"QEMU refused {cmd}: {reply['error'].get('desc', reply['error'])}")
+            error = reply["error"]
+            raise QmpCommandError(cmd, str(error.get("class", "")),
+                                  str(error.get("desc", error)))
         return reply.get("return")
 
     async def call(self, fn: Any, *args: Any) -> Any:

@@ -23,8 +23,9 @@ from ..hostkey import load_or_create_key
 from ..io.atomic import FileLockedError
 from ..io.sockets import shutdown_all, widen
 from ..ops.receive import ReceiveStats
+from ..orchestration import background, modes
 from ..orchestration import qmp as qmpmod
-from ..orchestration.modes import INCOMPATIBLE_CAPS, UNLIMITED_BANDWIDTH, SaveMode
+from ..orchestration.modes import UNLIMITED_BANDWIDTH, SaveMode
 from ..orchestration.save import (
     SaveResult,
     _receive,
@@ -41,12 +42,15 @@ FDNAME = "vmsnap-migrate"
 
 
 async def save_domain(name: str, path: str | os.PathLike[str], *, uri: str | None = None,
-                      live: bool = False, after: str = "pause", force: bool = False,
-                      reporter: Reporter | None = None, direct: bool = True,
-                      downtime_limit_ms: int = 300) -> SaveResult:
-    """Save libvirt domain `name` to `path`. `after`: "pause" | "resume" | "quit"."""
-    if after not in ("pause", "resume", "quit"):
+                      live: bool = False, background: bool = False, after: str | None = None,
+                      force: bool = False, reporter: Reporter | None = None,
+                      direct: bool = True, downtime_limit_ms: int = 300) -> SaveResult:
+    """Save libvirt domain `name` to `path`, paused, `live` or in the `background` (a
+    point-in-time checkpoint; the guest runs on). `after`: "pause" | "resume" | "quit";
+    None: "pause", except a background save keeps the domain's run state."""
+    if after not in (None, "pause", "resume", "quit"):
         raise ValueError(f"after must be pause, resume or quit, not {after!r}")
+    mode = modes.select(live, background)
     path = os.path.abspath(os.fspath(path))
     if os.path.exists(path) and not force:
         raise VmsnapError(f"{path} exists (use --force to overwrite)")
@@ -61,7 +65,7 @@ async def save_domain(name: str, path: str | os.PathLike[str], *, uri: str | Non
         except FileLockedError as err:
             raise VmsnapError(f"{path} is being saved by another process") from err
         try:
-            return await _save(dom, writer, live, after, reporter or Reporter(),
+            return await _save(dom, writer, mode, after, reporter or Reporter(),
                                downtime_limit_ms)
         finally:
             if not writer.finished:
@@ -70,8 +74,9 @@ async def save_domain(name: str, path: str | os.PathLike[str], *, uri: str | Non
         conn.close()
 
 
-async def _save(dom: Any, writer: SnapshotWriter, live: bool, after: str, rep: Reporter,
-                downtime_limit_ms: int) -> SaveResult:
+async def _save(dom: Any, writer: SnapshotWriter, mode: SaveMode, after: str | None,
+                rep: Reporter, downtime_limit_ms: int) -> SaveResult:
+    live = mode is SaveMode.LIVE
     mon = dommod.DomainMonitor(dom)
     status = await qmpmod.migration_status(mon)
     if status.get("status") in ("setup", "active", "pre-switchover", "device", "cancelling"):
@@ -79,6 +84,12 @@ async def _save(dom: Any, writer: SnapshotWriter, live: bool, after: str, rep: R
     q = (await mon.execute("query-version"))["qemu"]
     version = f"{q['major']}.{q['minor']}.{q['micro']}"
     running = dommod.is_running(dom)
+    peer = qmpmod.Peer((q["major"], q["minor"], q["micro"]), running,
+                       "running" if running else "paused", None, None)
+    if mode is SaveMode.BACKGROUND and not running:
+        mode = SaveMode.PAUSED  # a paused guest's RAM stands still: a plain save is the same
+    if after is None:
+        after = "resume" if mode is SaveMode.BACKGROUND else "pause"
     writer.metadata = TrailerMetadata(
         qemu_version=version,
         extra={"run_state": "running" if running else "paused", "live": live, "channels": 0,
@@ -92,25 +103,27 @@ async def _save(dom: Any, writer: SnapshotWriter, live: bool, after: str, rep: R
     receiver: asyncio.Future[ReceiveStats] | None = None
     t0 = time.monotonic()
     try:
-        saved_caps = await qmpmod.set_capabilities(
-            mon, {**dict.fromkeys(INCOMPATIBLE_CAPS, False), "auto-converge": live})
+        saved_caps = await modes.apply_capabilities(mon, peer, mode, 0)
         params: dict[str, Any] = {"max-bandwidth": UNLIMITED_BANDWIDTH}
         if live:
             params["downtime-limit"] = downtime_limit_ms
         saved_params = await _set_parameters(mon, params)
-        if running and not live:
+        if running and mode is SaveMode.PAUSED:
             await mon.call(dom.suspend)
             stopped_by_us = True
-        rep.start("save", None, live=live, channels=0)
+        rep.start("save", None, live=live, mode=mode.value, channels=0)
         await mon.execute_with_fds("getfd", {"fdname": FDNAME}, [theirs.fileno()])
         theirs.close()
         await mon.execute("migrate", {"uri": f"fd:{FDNAME}"})
         started = True
-        receiver = asyncio.get_running_loop().run_in_executor(None, _receive, [ours], writer)
+        receiver = asyncio.get_running_loop().run_in_executor(
+            None, _receive, [ours], writer, None, background.must_complete(peer, mode))
         info = await _watch(mon, receiver, rep)
         stats = await receiver
         final = await _finish(mon, dom, after)
     except BaseException as err:
+        if background.must_complete(peer, mode):  # QEMU 7.2 freezes on a cancel
+            await background.complete_into_nowhere(writer, [ours], receiver)
         shutdown_all([ours])
         if receiver is not None:
             await asyncio.gather(receiver, return_exceptions=True)
@@ -124,7 +137,6 @@ async def _save(dom: Any, writer: SnapshotWriter, live: bool, after: str, rep: R
         await _restore_settings(mon, saved_caps, saved_params)
     seconds = time.monotonic() - t0
     ram = info.get("ram", {})
-    mode = SaveMode.LIVE if live else SaveMode.PAUSED
     result = SaveResult(writer.path, seconds, stats.stream_bytes, stats.pages, stats.zero_pages,
                         live, version, stats.machine_type, final, stats.direct,
                         ram.get("dirty-sync-count"), info.get("downtime"), mode=mode.value,
@@ -135,11 +147,16 @@ async def _save(dom: Any, writer: SnapshotWriter, live: bool, after: str, rep: R
 
 
 async def _finish(mon: dommod.DomainMonitor, dom: Any, after: str) -> str:
-    """The domain as asked, through libvirt so its state stays true."""
+    """The domain as asked, through libvirt so its state stays true (after a background
+    save the guest is running already)."""
+    running = dommod.is_running(dom)
     if after == "resume":
-        await mon.call(dom.resume)
+        if not running:
+            await mon.call(dom.resume)
         return "running"
     if after == "quit":
         await mon.call(dom.destroy)
         return "quit"
+    if running:
+        await mon.call(dom.suspend)
     return "paused"

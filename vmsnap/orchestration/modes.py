@@ -90,5 +90,23 @@ async def apply_capabilities(client: Monitor, peer: qmpmod.Peer, mode: SaveMode,
     except qmpmod.QmpCommandError as err:
         why = err.desc
         if mode is SaveMode.BACKGROUND:
+            if "kernel" in why and _not_root(peer.pid) is not False:
+                why += (" (write-protecting guest RAM needs userfaultfd, which a QEMU not "
+                        "running as root gets only with sysctl vm.unprivileged_userfaultfd=1 "
+                        "or access to /dev/userfaultfd)")
             raise VmsnapError(f"cannot save in the background: {why}") from err
         raise VmsnapError(f"QEMU refused the migration capabilities: {why}") from err
+
+
+def _not_root(pid: int | None) -> bool | None:
+    """Whether process `pid` runs as a user other than root (None: cannot tell)."""
+    if pid is None:
+        return None
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("Uid:"):
+                    return int(line.split()[2]) != 0  # effective uid
+    except (OSError, ValueError, IndexError):
+        return None
+    return None

@@ -190,10 +190,10 @@ def test_background_python_api(workdir):
 # -- the fault matrix of paused saves, applied to background saves -------------------------
 
 @pytest.fixture
-def running(workdir):
-    """A QEMU 7.2 guest rewriting all of its 1 GiB: a background save takes a while."""
+def running(workdir, qemu_version):
+    """A guest rewriting all of its 1 GiB: a background save takes a while."""
     guest = BootGuest(memory_mb=1024, mode="random")
-    with Vm(guest.config("7.2", workdir), workdir, "src") as vm:
+    with Vm(guest.config(qemu_version, workdir), workdir, "src") as vm:
         guest.boot(vm)
         yield guest, vm
     for f in workdir.glob("vm.snap*"):
@@ -222,11 +222,16 @@ def test_background_interrupted(running, workdir, sig):
     time.sleep(0.1)
     if proc.poll() is None:  # a second signal must not cut the cleanup short
         proc.send_signal(sig)
-    assert "interrupted" in failed(proc, timeout=600)  # QEMU finishes the snapshot first
+    assert "interrupted" in failed(proc, timeout=600)
     assert_file_side(snap, before)
     # QEMU 7.2 would freeze the guest if the snapshot were cancelled: vmsnap lets it
-    # complete into nowhere (orchestration/background.py)
-    assert vm.cmd("query-migrate")["status"] == "completed"
+    # complete into nowhere (orchestration/background.py); QEMU >= 8.1 releases the write
+    # protection when cancelled, so vmsnap stops at once
+    status = vm.cmd("query-migrate")["status"]
+    if vm.config.qemu == "7.2":
+        assert status == "completed"
+    else:
+        assert status in ("cancelled", "failed")
     assert_running(guest, vm)
 
 
@@ -244,18 +249,4 @@ def test_background_disk_full(workdir, small_fs):  # noqa: F811 - the fixture
         assert_file_side(snap, None)
         assert not snap.exists()
         assert vm.cmd("query-migrate")["status"] == "completed"
-        assert_running(guest, vm)
-
-
-@pytest.mark.qemu
-def test_background_cancelled_qemu10_guest_runs_on(workdir):
-    """QEMU >= 8.1 releases write protection when a snapshot fails: vmsnap stops at once."""
-    guest = BootGuest(memory_mb=1024, mode="random")
-    with Vm(guest.config("10", workdir), workdir, "src") as vm:
-        guest.boot(vm)
-        proc = start_save(workdir, vm, workdir / "vm.snap", "--background")
-        proc.send_signal(signal.SIGINT)
-        assert "interrupted" in failed(proc)
-        assert_file_side(workdir / "vm.snap", None)
-        assert vm.cmd("query-migrate")["status"] in ("cancelled", "failed")
         assert_running(guest, vm)

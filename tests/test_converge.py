@@ -4,6 +4,7 @@ rewrites all of its RAM as fast as it can: it must finish, soon, with sound RAM.
 from __future__ import annotations
 
 import pytest
+from test_save_faults import failed
 from test_save_restore import events, ok, run_vmsnap
 
 from testbed.guests import BootGuest
@@ -110,5 +111,29 @@ def test_live_save_of_a_guest_rewriting_all_ram_converges(workdir):
     assert live["rounds"] == live["dirty_sync_count"] - 2 and paused["rounds"] == 1
     assert live["dirty_mb_s"] > 100, live  # measured: 640 MB/s
     with Vm(config, workdir, "dst", incoming="defer") as dst:
+        ok(run_vmsnap(workdir, "restore", snap, "--qmp", dst.tool_qmp_path))
+        guest.check_restored(dst)
+
+
+@pytest.mark.qemu
+def test_users_downtime_limit_is_kept(workdir):
+    """--downtime-limit MS goes to QEMU as given and stays (vmsnap never raises it); QEMU's
+    own setting is back afterwards; it is refused for other modes."""
+    guest = BootGuest(memory_mb=256, limit_mb=64)
+    snap = workdir / "vm.snap"
+    with Vm(guest.config("7.2", workdir), workdir, "src") as src:
+        guest.boot(src)
+        before = src.cmd("query-migrate-parameters")["downtime-limit"]
+        done = events(ok(run_vmsnap(workdir, "save", "--json", "--live", "--resume",
+                                    "--downtime-limit", 1234, "--channels", 0,
+                                    "--qmp", src.tool_qmp_path, snap)))[-1]
+        assert (done["mode"], done["downtime_limit_ms"]) == ("live", 1234), done
+        assert done["rounds"] >= 1 and done["downtime_ms"] is not None
+        assert src.cmd("query-migrate-parameters")["downtime-limit"] == before
+        message = failed(run_vmsnap(workdir, "save", "--background", "--force",
+                                    "--downtime-limit", 100, "--qmp", src.tool_qmp_path, snap))
+        assert "--downtime-limit is for --live" in message, message
+        guest.wait_alive(src)
+    with Vm(guest.config("7.2", workdir), workdir, "dst", incoming="defer") as dst:
         ok(run_vmsnap(workdir, "restore", snap, "--qmp", dst.tool_qmp_path))
         guest.check_restored(dst)

@@ -105,7 +105,7 @@ def test_background_guest_dirtying_all_ram(workdir):
 
 
 #: QEMU 7.2 + TCG live migration of this guest is unsound (README: 2 of 3 vmsnap --live
-#: restores broken, 3 of 3 background ones sound, with the guest dirtying 50 MB/s);
+#: restores broken, 8 of 8 background ones sound, with the guest dirtying 50 MB/s);
 #: background snapshots do not use dirty tracking but userfaultfd write-protection.
 @pytest.mark.qemu
 def test_background_linux_guest_tcg(qemu_version, workdir):

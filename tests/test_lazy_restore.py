@@ -172,6 +172,7 @@ def test_lazy_restore_vmsnap_killed_then_resumed(qemu, workdir):
         before = cpu_seconds(dst.proc.pid)
         time.sleep(2)
         assert cpu_seconds(dst.proc.pid) - before < 0.5, "QEMU spins in postcopy-paused"
+        dst.cmd("stop")  # as a failing vmsnap leaves it: --resume runs the guest again
         result = run_vmsnap(workdir, "restore", "--json", "--lazy", "--resume", snap,
                             "--qmp", dst.tool_qmp_path)
         done = events(ok(result))[-1]
@@ -180,6 +181,7 @@ def test_lazy_restore_vmsnap_killed_then_resumed(qemu, workdir):
         assert done["already_received"] + done["pages"] <= present + done["zero_pages"]
         assert done["pages"] > present // 2, done
         assert dst.cmd("query-migrate")["status"] == "completed"
+        assert dst.status() == "running"
         guest.check_restored(dst)
         again = run_vmsnap(workdir, "restore", "--lazy", "--resume", snap, "--qmp",
                            dst.tool_qmp_path)

@@ -332,6 +332,8 @@ async def _serve(job: _Job, sock: socket.socket, resume: bool) -> LazyRestoreRes
             rep.note(f"interrupt: not stopping, the guest needs every page: finishing the "
                      f"lazy restore first ({left} MiB left)")
     await _wait_loaded(client)
+    if resume and job.run and not (await client.execute("query-status"))["running"]:
+        await client.execute("cont")  # the attempt that failed stopped the guest
     job.release()
     if job.hot and stats.requested:
         try:

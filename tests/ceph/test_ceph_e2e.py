@@ -94,7 +94,7 @@ def test_save_here_restore_there(kind, qemu, workdir, request):
 
 
 #: librados waits this long for a dead OSD (scripts/ceph.sh sets 60 s) in the OSD test
-OSD_TIMEOUT = 8
+OSD_TIMEOUT = 5
 
 
 @pytest.mark.parametrize(("kind", "daemon"), [("s3", "radosgw"), ("rbd", "osd")])
@@ -131,7 +131,7 @@ def test_daemon_killed_mid_save(kind, daemon, workdir, request):
             restart = ceph_sh("start")
         assert proc.returncode == 1 and "Traceback" not in err, err
         assert len(err.strip().splitlines()) == 1 and url in err, err  # names the cause
-        assert failed_after < 4 * OSD_TIMEOUT, failed_after
+        assert failed_after < 6 * OSD_TIMEOUT, failed_after  # three timeouts in a row, and slack
         assert restart.returncode == 0, restart.stderr
         assert src.status() == "running"
         guest.wait_alive(src)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,10 +24,10 @@ MB = 256
 
 
 @pytest.fixture
-def outside(tmp_path_factory) -> Path:
-    """A directory the chroot QEMU does not have bound (vmsnap's files go there)."""
-    d = Path("/var/tmp") / f"vmsnap-native-{tmp_path_factory.getbasetemp().name}"
-    d.mkdir(mode=0o700, exist_ok=True)
+def outside() -> Path:
+    """A directory the chroot QEMU does not have bound (vmsnap's files go there), this
+    test's own."""
+    d = Path(tempfile.mkdtemp(prefix="vmsnap-native-", dir="/var/tmp"))  # 0700
     yield d
     shutil.rmtree(d, ignore_errors=True)
 

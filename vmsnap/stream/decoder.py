@@ -20,6 +20,7 @@ reader may instead call :meth:`StreamDecoder.seek` with :attr:`StreamDecoder.wan
 
 from __future__ import annotations
 
+import enum
 import json
 import struct
 from collections.abc import Callable, Collection, Iterator
@@ -56,19 +57,40 @@ _BE64 = struct.Struct(">Q")
 
 _RAM_SIG_TAIL = b"\x03ram" + _BE32.pack(0) + _BE32.pack(4)  # after 0x01 + be32 sid
 
-# decoder states
-_S_HEADER = "header"
-_S_CONFIG = "config"
-_S_TOP = "top"  # before the RAM START
-_S_PRELUDE = "prelude"
-_S_MEMSIZE = "memsize"
-_S_BLOCKS = "blocks"
-_S_SKIP = "skip"
-_S_RAM = "ram-records"
-_S_RAMTOP = "ram-top"  # between RAM sections
-_S_DEVICE = "device"
-_S_END = "end"
-_S_ERROR = "error"
+
+class State(enum.Enum):
+    """Where the decoder is in the stream; the value names it in errors (StreamError.field
+    of a truncated stream)."""
+
+    HEADER = "header"  # file magic and version
+    CONFIG = "config"  # the configuration section, if any
+    TOP = "top"  # top-level records before the RAM START
+    PRELUDE = "prelude"  # device sections before the RAM START, kept verbatim
+    MEMSIZE = "memsize"  # the RAM START's MEM_SIZE record
+    BLOCKS = "blocks"  # its RAM block list
+    SKIP = "skip"  # over a mapped-ram block's bitmap and page area
+    RAM = "ram-records"  # PAGE/ZERO/EOS/MULTIFD_FLUSH records of a RAM section
+    RAMTOP = "ram-top"  # between RAM sections
+    DEVICE = "device"  # device state after the RAM END, up to EOF and vmdesc
+    END = "end"
+    ERROR = "error"
+
+
+#: Every transition the decoder makes (any state may also go to ERROR).
+TRANSITIONS: dict[State, frozenset[State]] = {
+    State.HEADER: frozenset({State.CONFIG}),
+    State.CONFIG: frozenset({State.TOP}),
+    State.TOP: frozenset({State.MEMSIZE, State.PRELUDE}),
+    State.PRELUDE: frozenset({State.TOP}),
+    State.MEMSIZE: frozenset({State.BLOCKS, State.RAM}),
+    State.BLOCKS: frozenset({State.BLOCKS, State.RAM, State.SKIP}),
+    State.SKIP: frozenset({State.BLOCKS, State.RAM}),
+    State.RAM: frozenset({State.RAMTOP, State.DEVICE}),
+    State.RAMTOP: frozenset({State.RAM, State.DEVICE}),
+    State.DEVICE: frozenset({State.END}),
+    State.END: frozenset(),
+    State.ERROR: frozenset(),
+}
 
 _PRELUDE_KEEP = 16
 
@@ -127,7 +149,8 @@ class StreamDecoder:
         self._which = 0
         self._pos = 0
         self._base = 0  # absolute offset of _buf[0]
-        self._state = _S_HEADER
+        self._state = State.HEADER
+        self._after_skip = State.RAM  # where SKIP leads (set with _skip_to)
         self._closed = False
         self._error: StreamError | None = None
         self._out: list[Event] = []
@@ -163,20 +186,20 @@ class StreamDecoder:
     def wanted_offset(self) -> int:
         """Absolute offset of the next byte the decoder actually needs (differs from
         :attr:`fed_offset` while jumping over a mapped-ram bitmap/page area)."""
-        if self._state == _S_SKIP:
+        if self._state == State.SKIP:
             return max(self._skip_to, self.fed_offset)
         return self.fed_offset
 
     @property
     def mapped_ram(self) -> bool:
-        return "mapped-ram" in self.capabilities
+        return C.CAP_MAPPED_RAM in self.capabilities
 
     def seek(self, offset: int) -> None:
         """Continue feeding at absolute ``offset``; only legal while jumping over a
         mapped-ram area, with ``fed_offset <= offset <= wanted_offset``."""
-        if self._state != _S_SKIP or not (self.fed_offset <= offset <= self._skip_to):
+        if self._state != State.SKIP or not (self.fed_offset <= offset <= self._skip_to):
             raise ValueError(
-                f"seek({offset}) not allowed (state {self._state}, fed {self.fed_offset})"
+                f"seek({offset}) not allowed (state {self._state.value}, fed {self.fed_offset})"
             )
         self._base = offset
         self._buf = memoryview(b"")
@@ -192,7 +215,7 @@ class StreamDecoder:
         n = len(data) if not isinstance(data, memoryview) else data.nbytes
         if not n:
             return
-        if self._state == _S_END:
+        if self._state == State.END:
             self._fail("data after the end of the stream", "trailing data", self.fed_offset,
                        "nothing")
         rem = len(self._buf) - self._pos
@@ -231,7 +254,7 @@ class StreamDecoder:
         view = memoryview(scratch)
         view[:rem] = self._buf[self._pos:]
         n = readinto(view[rem:rem + size]) or 0
-        if n and self._state == _S_END:
+        if n and self._state == State.END:
             self._fail("data after the end of the stream", "trailing data", self.fed_offset,
                        "nothing")
         self._base += self._pos
@@ -261,15 +284,15 @@ class StreamDecoder:
             raise self._error
         evs = list(self.events())
         self._closed = True
-        if self._state == _S_DEVICE:
+        if self._state == State.DEVICE:
             self._device_close()
             evs.extend(self._out)
             self._out = []
-        if self._state != _S_END:
+        if self._state != State.END:
             self._fail(
-                f"stream truncated (state {self._state}, "
+                f"stream truncated (state {self._state.value}, "
                 f"{len(self._buf) - self._pos} unparsed bytes)",
-                self._state, self.offset, "more data",
+                self._state.value, self.offset, "more data",
             )
         return evs
 
@@ -277,7 +300,7 @@ class StreamDecoder:
     def _fail(self, message: str, field: str, offset: int,
               expected: str | None = None) -> NoReturn:
         self._error = StreamError(message, field, offset, expected)
-        self._state = _S_ERROR
+        self._state = State.ERROR
         raise self._error
 
     def _need(self, pos: int, n: int) -> None:
@@ -324,33 +347,21 @@ class StreamDecoder:
             return False
         except StreamError as e:
             self._error = e
-            self._state = _S_ERROR
+            self._state = State.ERROR
             raise
 
     # ------------------------------------------------------------------ state machine
     def _step(self) -> bool:
-        st = self._state
-        if st == _S_RAM:
-            return self._ram_record()
-        if st == _S_DEVICE:
-            return self._device()
-        if st == _S_SKIP:
-            return self._skip()
-        if st == _S_HEADER:
-            return self._header()
-        if st == _S_CONFIG:
-            return self._config()
-        if st == _S_TOP:
-            return self._top()
-        if st == _S_PRELUDE:
-            return self._prelude()
-        if st == _S_MEMSIZE:
-            return self._memsize()
-        if st == _S_BLOCKS:
-            return self._block()
-        if st == _S_RAMTOP:
-            return self._ramtop()
-        return False  # END / ERROR
+        """Parse what the current state reads (see _STEPS); False when it needs more input
+        (or the stream is over)."""
+        step = _STEPS.get(self._state)
+        return step(self) if step is not None else False
+
+    def _go(self, state: State) -> None:
+        """Move to `state`, which TRANSITIONS must allow (a decoder bug otherwise)."""
+        if state not in TRANSITIONS[self._state]:
+            raise AssertionError(f"decoder: no transition {self._state.value} -> {state.value}")
+        self._state = state
 
     def _header(self) -> bool:
         p = self._pos
@@ -362,7 +373,7 @@ class StreamDecoder:
             self._fail(f"unsupported stream version {ver}", "version", self._base + p + 4, "3")
         self._pos = p + 8
         self._out.append(Header(ver))
-        self._state = _S_CONFIG
+        self._go(State.CONFIG)
         return True
 
     def _config(self) -> bool:
@@ -370,7 +381,7 @@ class StreamDecoder:
         t = self._u8(p)
         if t != C.QEMU_VM_CONFIGURATION:
             # machine types <= 2.3 send no configuration
-            self._state = _S_TOP
+            self._go(State.TOP)
             return True
         n = self._be32(p + 1)
         if n == 0 or n > C.MAX_MACHINE_NAME:
@@ -422,7 +433,7 @@ class StreamDecoder:
         self.machine_type = machine
         self.capabilities = tuple(caps)
         self._out.append(Configuration(machine, tuple(caps), raw, tuple(subs), page_bits, uuid))
-        self._state = _S_TOP
+        self._go(State.TOP)
         return True
 
     def _command(self, p: int) -> None:
@@ -469,12 +480,12 @@ class StreamDecoder:
                 self._pos = p + 5 + len(_RAM_SIG_TAIL)
                 self.ram_section_id = sid
                 self._out.append(SectionStart(sid, "ram", C.RAM_INSTANCE_ID, C.RAM_VERSION_ID))
-                self._state = _S_MEMSIZE
+                self._go(State.MEMSIZE)
                 return True
-            self._state = _S_PRELUDE
+            self._go(State.PRELUDE)
             return True
         if t == C.QEMU_VM_SECTION_FULL:
-            self._state = _S_PRELUDE
+            self._go(State.PRELUDE)
             return True
         self._fail(f"unexpected record type 0x{t:02x} before the RAM START", "record.type",
                    self._base + p, "COMMAND (0x08), START (0x01) or FULL (0x04)")
@@ -491,7 +502,7 @@ class StreamDecoder:
                 if i - 5 > p:
                     self._out.append(Prelude(bytes(buf[p : i - 5])))
                 self._pos = i - 5
-                self._state = _S_TOP
+                self._go(State.TOP)
                 return True
             search = i + 1
         keep_from = max(p, len(buf) - _PRELUDE_KEEP)
@@ -512,7 +523,7 @@ class StreamDecoder:
         self._block_list = []
         self.blocks = {}
         self._pos = p + 8
-        self._state = _S_BLOCKS if self._remaining else _S_RAM
+        self._go(State.BLOCKS if self._remaining else State.RAM)
         if not self._remaining:
             self._out.append(RamBlocks(()))
         return True
@@ -560,21 +571,21 @@ class StreamDecoder:
         self._pos = p
         if self._remaining == 0:
             self._out.append(RamBlocks(tuple(self._block_list)))
-            nxt = _S_RAM
+            nxt = State.RAM
         else:
-            nxt = _S_BLOCKS
+            nxt = State.BLOCKS
         if skip_to is not None:
             self._skip_to = skip_to
             self._after_skip = nxt
-            self._state = _S_SKIP
+            self._go(State.SKIP)
         else:
-            self._state = nxt
+            self._go(nxt)
         return True
 
     def _skip(self) -> bool:
         cur = self._base + self._pos
         if cur >= self._skip_to:
-            self._state = self._after_skip
+            self._go(self._after_skip)
             return True
         avail = len(self._buf) - self._pos
         if avail == 0:
@@ -599,7 +610,7 @@ class StreamDecoder:
             else:
                 self._section_kind = "end"
                 self._out.append(SectionEnd(sid))
-            self._state = _S_RAM
+            self._go(State.RAM)
             return True
         if t == C.QEMU_VM_COMMAND:
             self._command(p)
@@ -608,7 +619,7 @@ class StreamDecoder:
             # QEMU's background-snapshot never sends a RAM END section: after the last RAM
             # PART comes the device state it captured when the save began.
             self._out.append(RamEnd())
-            self._state = _S_DEVICE
+            self._go(State.DEVICE)
             return True
         if t == C.QEMU_VM_SECTION_START:
             name = self._section_name(p)
@@ -635,9 +646,9 @@ class StreamDecoder:
         self._eos_sent = False
         if self._section_kind == "end":
             self._out.append(RamEnd())
-            self._state = _S_DEVICE
+            self._go(State.DEVICE)
         else:
-            self._state = _S_RAMTOP
+            self._go(State.RAMTOP)
 
     def _record_block(self, p: int, flags: int) -> tuple[RamBlock, int, bool]:
         if flags & C.RAM_SAVE_FLAG_CONTINUE:
@@ -814,7 +825,7 @@ class StreamDecoder:
     def _finish(self, vmdesc: bytes | None) -> None:
         self.end = StreamEnd(vmdesc, self._base + self._pos)
         self._out.append(self.end)
-        self._state = _S_END
+        self._go(State.END)
         self._tail = bytearray()
 
     def _device_close(self) -> None:
@@ -826,3 +837,18 @@ class StreamDecoder:
         else:
             self._fail("device state does not end with EOF (0x00) or a vmdesc trailer",
                        "device_state", self.offset, "0x00 [0x06 be32 len JSON]")
+
+
+#: What each state parses: one step, True if it consumed input or changed state.
+_STEPS: dict[State, Callable[[StreamDecoder], bool]] = {
+    State.HEADER: StreamDecoder._header,
+    State.CONFIG: StreamDecoder._config,
+    State.TOP: StreamDecoder._top,
+    State.PRELUDE: StreamDecoder._prelude,
+    State.MEMSIZE: StreamDecoder._memsize,
+    State.BLOCKS: StreamDecoder._block,
+    State.SKIP: StreamDecoder._skip,
+    State.RAM: StreamDecoder._ram_record,
+    State.RAMTOP: StreamDecoder._ramtop,
+    State.DEVICE: StreamDecoder._device,
+}

@@ -282,6 +282,20 @@ def _req(d: JsonObject, key: str, kind: type[T], what: str = "") -> T:
 
 def decode_body(body: bytes, commit: CommitRecord) -> Trailer:
     """Validate and decode the trailer body located by `commit`."""
+    md, tables_at = _body_json(body, commit)
+    signature = _signature(md, memoryview(body)[tables_at:])
+    meta, sealed = _metadata(md, commit)
+    blocks = _tables(md, body, tables_at)
+    ranges = _ranges(md, commit.stream_end)
+    if not sealed and any(b.pages for b in blocks):
+        raise CorruptTrailer("corrupt trailer: checksum tables in a file whose page "
+                             "checksums are pending")
+    return Trailer(meta, blocks, ranges, commit, signature, sealed=sealed)
+
+
+def _body_json(body: bytes, commit: CommitRecord) -> tuple[JsonObject, int]:
+    """Check the body (length, checksum, magic, version) and parse its metadata JSON
+    object; returns it and the offset of the checksum tables."""
     if len(body) != commit.body_length:
         raise CorruptTrailer("corrupt trailer: body truncated")
     if xxh3(body) != commit.body_xxh3:
@@ -303,7 +317,12 @@ def decode_body(body: bytes, commit: CommitRecord) -> Trailer:
         raise CorruptTrailer("corrupt trailer: metadata is not valid JSON") from None
     if not isinstance(md, dict):
         raise CorruptTrailer("corrupt trailer: metadata is not a JSON object")
-    signature = _signature(md, memoryview(body)[jend + (-jend % 8):])
+    return md, jend + (-jend % 8)
+
+
+def _metadata(md: JsonObject, commit: CommitRecord) -> tuple[TrailerMetadata, bool]:
+    """The metadata fields, each checked, and whether the page checksums are there (not
+    "pending")."""
     if _req(md, "format_version", int) != FORMAT_VERSION:
         raise UnsupportedVersion(f"unsupported vmsnap metadata version {md['format_version']}")
     if _req(md, "checksum", str) != CHECKSUM_ALGO:
@@ -329,7 +348,11 @@ def decode_body(body: bytes, commit: CommitRecord) -> Trailer:
         command_line=cmd, created=created, stream_end=commit.stream_end,
         page_size=page_size, extra=extra,
     )
-    pos = jend + (-jend % 8)
+    return meta, pending is None
+
+
+def _tables(md: JsonObject, body: bytes, pos: int) -> list[BlockChecksums]:
+    """The "blocks" entries with their checksum tables, which fill the body from `pos`."""
     blocks = []
     names = set()
     for i, bd in enumerate(_req(md, "blocks", list)):
@@ -348,6 +371,11 @@ def decode_body(body: bytes, commit: CommitRecord) -> Trailer:
         pos = end
     if pos != len(body):
         raise CorruptTrailer("corrupt trailer: body length does not match its tables")
+    return blocks
+
+
+def _ranges(md: JsonObject, stream_end: int) -> list[RangeChecksum]:
+    """The "ranges" entries: byte ranges inside the stream, each with a 16-digit xxh3."""
     ranges = []
     for i, rd in enumerate(_req(md, "ranges", list)):
         if not isinstance(rd, dict):
@@ -355,7 +383,7 @@ def decode_body(body: bytes, commit: CommitRecord) -> Trailer:
         start = _req(rd, "start", int, f"ranges[{i}].")
         length = _req(rd, "length", int, f"ranges[{i}].")
         hx = _req(rd, "xxh3", str, f"ranges[{i}].")
-        if start < 0 or length < 0 or start + length > commit.stream_end:
+        if start < 0 or length < 0 or start + length > stream_end:
             raise CorruptTrailer(f"corrupt trailer: range {i} outside the stream")
         try:
             if len(hx) != 16:
@@ -364,10 +392,7 @@ def decode_body(body: bytes, commit: CommitRecord) -> Trailer:
         except ValueError:
             raise CorruptTrailer(f"corrupt trailer: range {i} checksum invalid") from None
         ranges.append(RangeChecksum(start, length, value))
-    if pending and any(b.pages for b in blocks):
-        raise CorruptTrailer("corrupt trailer: checksum tables in a file whose page "
-                             "checksums are pending")
-    return Trailer(meta, blocks, ranges, commit, signature, sealed=pending is None)
+    return ranges
 
 
 def _signature(md: JsonObject, tables: memoryview) -> Signature | None:

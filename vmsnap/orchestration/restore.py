@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import re
@@ -18,7 +19,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .. import targets
 from ..errors import VmsnapError, one_line
@@ -194,77 +195,118 @@ async def restore(path: str | os.PathLike[str], *, qmp_address: str | None = Non
     channels = check_channels(channels)
     path = targets.normalize(path)
     rep = reporter or Reporter()
-    with open_snapshot(path, direct=direct) as snap:  # validates the file before launching
-        meta = snap.metadata
-        machine = snap.machine_type
-        saved_running = (meta.extra.get("run_state", "running") == "running") if meta else True
-        total = sum(b.present_count * b.page_size for b in snap.blocks)
-        trust = trust_of(snap.trailer)
-        sizes = {b.name: b.used_length for b in snap.blocks}
-        if snap.trailer is not None and not snap.pages_checked:
-            rep.note(f"page checksums of {path} are pending (vmsnap seal): pages go in "
-                     "unchecked, the device state checked")
-    workdir = tempfile.mkdtemp(prefix="vmsnap-")  # 0700
-    proc: GuardedQemu | None = None
-    lock: RelaunchLock | None = None
-    keep_workdir = False
-    client: Client | None = None
-    plan: shared.RestorePlan | None = None
-    argv: list[str] = []  # what was launched, if anything
-    log_path = os.path.join(workdir, "qemu.log")
+    facts = _facts(path, direct)  # validates the file before launching
+    if facts.pages_pending:
+        rep.note(f"page checksums of {path} are pending (vmsnap seal): pages go in "
+                 "unchecked, the device state checked")
+    held = _Held(tempfile.mkdtemp(prefix="vmsnap-"))  # 0700
     t0 = time.monotonic()
-    stack = contextlib.ExitStack()
     try:
         if qmp_address is None:
-            argv = launch_argv(path, command, meta)
-            proc, lock, qmp_address = await launch_target(
-                path, argv, bool(command), trust, trust_command_line, workdir)
+            held.argv = launch_argv(path, command, facts.meta)
+            held.proc, held.lock, qmp_address = await launch_target(
+                path, held.argv, bool(command), facts.trust, trust_command_line, held.workdir)
         client, peer = await qmpmod.connect(qmp_address)
-        stack.enter_context(vm_lock(peer.pid))
-        target = await _check_target(client, peer, machine, sizes)
-        plan = await shared.restore_plan(client, peer, set(sizes))
-        backends = await memory_backends(client)
-        # fresh anonymous memory starts zeroed: only other blocks need their zero pages
-        fresh = {name for name, t in backends.items() if t in FRESH_BACKENDS}
-        stale = set(sizes) & (set(backends) - fresh)  # e.g. a file that holds old data
-        if not verify and not plan and await native.can_load(client, peer, path, stale):
-            stats = await native.load(client, path, channels or 1, direct, rep, total,
-                                      lambda: _wait_loaded(client, log_path if proc else None))
-            ram_path = "qemu"
-        else:
-            stats = await _load_stream(client, peer, path, channels, plan, fresh, target,
-                                       direct, rep, total, stack,
-                                       log_path if proc else None)
-            ram_path = "shared" if plan else "stream"
-        await _wait_loaded(client, log_path if proc else None)
-        run = saved_running and not paused
+        held.client = client
+        held.stack.enter_context(vm_lock(peer.pid))
+        target = await _check_target(client, peer, facts.machine, facts.sizes)
+        held.plan = plan = await shared.restore_plan(client, peer, set(facts.sizes))
+        stats, ram_path = await _load(client, peer, path, facts, held, target, channels,
+                                      direct, verify, rep)
+        await _wait_loaded(client, held.log_path)
+        run = facts.saved_running and not paused
         if run:
             await client.execute("cont")
-        if proc is not None and argv:  # loaded: the VM runs on without us, on its own monitor
-            proc.release()
-            keep_workdir = own_qmp(argv) is None  # else our socket is its only monitor
-            qmp_address = own_qmp(argv) or qmp_address
+        if held.proc is not None:  # loaded: the VM runs on without us, on its own monitor
+            held.proc.release()
+            held.keep_workdir = own_qmp(held.argv) is None  # else our socket is its only one
+            qmp_address = own_qmp(held.argv) or qmp_address
         result = RestoreResult(path, time.monotonic() - t0, stats.stream_bytes,
                                stats.pages + (plan.pages if plan else 0),
                                "running" if run else "paused",
-                               proc.pid if proc else peer.pid, qmp_address, ram_path)
+                               held.proc.pid if held.proc else peer.pid, qmp_address, ram_path)
     except BaseException as err:
         rep.error(one_line(err))
-        if proc is not None:  # never leave a half-loaded VM we started behind
-            proc.kill()
+        if held.proc is not None:  # never leave a half-loaded VM we started behind
+            held.proc.kill()
         raise
     finally:
-        if plan is not None:
-            plan.close()
-        stack.close()
-        if client is not None:
-            await qmpmod.disconnect(client)
-        if lock is not None:
-            lock.release()
-        if not keep_workdir:
-            shutil.rmtree(workdir, ignore_errors=True)
+        await held.release()
     rep.done(**result.__dict__)
     return result
+
+
+@dataclass(frozen=True)
+class _Facts:
+    """What a restore needs to know of the snapshot, read (and the file checked) before
+    anything is launched."""
+
+    meta: TrailerMetadata | None
+    machine: str
+    saved_running: bool
+    total: int  # bytes of present pages
+    trust: Trust
+    sizes: dict[str, int]  # RAM block sizes by name
+    pages_pending: bool  # a vmsnap file whose page checksums `vmsnap seal` has yet to add
+
+
+def _facts(path: str, direct: bool) -> _Facts:
+    with open_snapshot(path, direct=direct) as snap:
+        meta = snap.metadata
+        return _Facts(meta, snap.machine_type,
+                      (meta.extra.get("run_state", "running") == "running") if meta else True,
+                      sum(b.present_count * b.page_size for b in snap.blocks),
+                      trust_of(snap.trailer), {b.name: b.used_length for b in snap.blocks},
+                      snap.trailer is not None and not snap.pages_checked)
+
+
+@dataclass
+class _Held:
+    """What a restore holds and releases whatever happens (the QEMU it launched is killed
+    on failure by the caller, released on success)."""
+
+    workdir: str
+    proc: GuardedQemu | None = None
+    lock: RelaunchLock | None = None
+    argv: list[str] = field(default_factory=list)  # the launched QEMU's command line
+    client: Client | None = None
+    plan: shared.RestorePlan | None = None
+    keep_workdir: bool = False  # the launched QEMU's only monitor socket is in it
+    stack: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
+
+    @property
+    def log_path(self) -> str | None:
+        """The launched QEMU's log (None for a --qmp target)."""
+        return os.path.join(self.workdir, "qemu.log") if self.proc else None
+
+    async def release(self) -> None:
+        if self.plan is not None:
+            self.plan.close()
+        self.stack.close()
+        if self.client is not None:
+            await qmpmod.disconnect(self.client)
+        if self.lock is not None:
+            self.lock.release()
+        if not self.keep_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+async def _load(client: Client, peer: qmpmod.Peer, path: str, facts: _Facts, held: _Held,
+                target: Destination, channels: int, direct: bool, verify: bool,
+                rep: Reporter) -> tuple[SendStats, str]:
+    """Bring the RAM and device state in: QEMU reads the file itself (unverified, where it
+    can) or vmsnap streams it. Returns the stats and the RAM path taken."""
+    backends = await memory_backends(client)
+    # fresh anonymous memory starts zeroed: only other blocks need their zero pages
+    fresh = {name for name, t in backends.items() if t in FRESH_BACKENDS}
+    stale = set(facts.sizes) & (set(backends) - fresh)  # e.g. a file that holds old data
+    if not verify and not held.plan and await native.can_load(client, peer, path, stale):
+        stats = await native.load(client, path, channels or 1, direct, rep, facts.total,
+                                  lambda: _wait_loaded(client, held.log_path))
+        return stats, "qemu"
+    stats = await _load_stream(client, peer, path, channels, held.plan, fresh, target,
+                               direct, rep, facts.total, held.stack, held.log_path)
+    return stats, "shared" if held.plan else "stream"
 
 
 async def _load_stream(client: Client, peer: qmpmod.Peer, path: str, channels: int,
@@ -303,24 +345,24 @@ async def _load_stream(client: Client, peer: qmpmod.Peer, path: str, channels: i
     if not plan:
         rep.start("restore", total, channels=channels)
     stop = threading.Event()
-
-    def progress(done: int, total: int) -> None:
-        rep.update(done, total)
-
-    def stream() -> SendStats:
-        if not channels:
-            return send(path, socks[0].makefile("wb", buffering=0), direct=direct,
-                        progress=None if plan else progress,
-                        shared=plan.addrs if plan else None, fresh=fresh)
-        return send_multifd(path, socks[0], socks[1:], target.uuid,
-                            target.sync_mode, direct=direct,
-                            progress=progress, stop=stop, fresh=fresh)
-
+    send_all = functools.partial(_send, path, socks, channels, plan, fresh, target, direct,
+                                 rep, stop)
     try:
-        stats = await _stream(stream, socks, stop)
+        return await _stream(send_all, socks, stop)
     except ConnectionError as err:  # the target closed the stream: say why it did
         raise await _target_failure(client, log_path) from err
-    return stats
+
+
+def _send(path: str, socks: list[socket.socket], channels: int,
+          plan: shared.RestorePlan | None, fresh: set[str], target: Destination, direct: bool,
+          rep: Reporter, stop: threading.Event) -> SendStats:
+    """Send the snapshot (in a thread): one plain stream, or main + multifd channels."""
+    if not channels:
+        return send(path, socks[0].makefile("wb", buffering=0), direct=direct,
+                    progress=None if plan else rep.update,
+                    shared=plan.addrs if plan else None, fresh=fresh)
+    return send_multifd(path, socks[0], socks[1:], target.uuid, target.sync_mode,
+                        direct=direct, progress=rep.update, stop=stop, fresh=fresh)
 
 
 def _fill(path: str, plan: shared.RestorePlan, direct: bool, rep: Reporter,

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 
@@ -35,3 +36,28 @@ def one_line(result: subprocess.CompletedProcess) -> str:
 
 def events(result: subprocess.CompletedProcess) -> list[dict]:
     return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+
+
+def signal_twice(proc: subprocess.Popen, sig: int, timeout: float = 10) -> None:
+    """Send `sig` to `proc`, wait until the kernel has handed it over (no longer pending in
+    /proc/PID/status), then send it again: the second one reaches a vmsnap that is already
+    cleaning up after the first, whatever the machine's load (two signals sent back to
+    back could merge into one; a fixed sleep could find vmsnap gone)."""
+    proc.send_signal(sig)
+    mask = 1 << (sig - 1)
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None:
+        try:
+            status = Path(f"/proc/{proc.pid}/status").read_text()
+        except FileNotFoundError:
+            break
+        pending = 0
+        for line in status.splitlines():
+            if line.startswith(("SigPnd:", "ShdPnd:")):
+                pending |= int(line.split()[1], 16)
+        if not pending & mask:
+            proc.send_signal(sig)
+            return
+        assert time.monotonic() < deadline, f"signal {sig} still pending after {timeout}s"
+        time.sleep(0.001)
+    raise AssertionError(f"vmsnap ended before its second signal (exit {proc.returncode})")

@@ -12,7 +12,6 @@ import json
 import signal
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -30,6 +29,7 @@ from test_save_restore import events, ok, run_vmsnap, size_bound
 
 import vmsnap
 from testbed.cases import make_guest
+from testbed.cli import signal_twice
 from testbed.guests import BootGuest
 from testbed.qemu import Vm
 
@@ -219,10 +219,7 @@ def test_background_interrupted(running, workdir, sig):
     snap = workdir / "vm.snap"
     before = good_save(workdir, vm, snap)
     proc = start_save(workdir, vm, snap, "--background")
-    proc.send_signal(sig)
-    time.sleep(0.1)
-    if proc.poll() is None:  # a second signal must not cut the cleanup short
-        proc.send_signal(sig)
+    signal_twice(proc, sig)  # a second signal must not cut the cleanup short
     assert "interrupted" in failed(proc, timeout=600)
     assert_file_side(snap, before)
     # QEMU 7.2 would freeze the guest if the snapshot were cancelled: vmsnap lets it

@@ -10,12 +10,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import xxhash
 
+from testbed.cli import signal_twice
 from testbed.guests import BootGuest
 from testbed.qemu import Vm
 
@@ -119,10 +119,7 @@ def test_vmsnap_interrupted(big, workdir, sig, live):
     snap = workdir / "vm.snap"
     before = good_save(workdir, vm, snap)
     proc = start_save(workdir, vm, snap, *(["--live"] if live else []))
-    proc.send_signal(sig)
-    time.sleep(0.1)
-    if proc.poll() is None:  # a second signal must not cut the cleanup short
-        proc.send_signal(sig)
+    signal_twice(proc, sig)  # a second signal must not cut the cleanup short
     assert "interrupted" in failed(proc)
     assert_file_side(snap, before)
     assert vm.cmd("query-migrate")["status"] in ("cancelled", "failed")

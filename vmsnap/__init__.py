@@ -18,7 +18,9 @@ __version__ = "0.1.0"
 
 #: public name -> the module that defines it
 _EXPORTS = {
-    "open": ".api", "restore": ".api", "save": ".api",
+    "open": ".api", "restore": ".api", "save": ".api", "info": ".api", "verify": ".api",
+    "receive": ".api", "send": ".api", "seal": ".api", "import_stream": ".api",
+    "export_image": ".api",
     "QMPConnectError": ".errors", "VmsnapError": ".errors",
     "ChecksumMismatch": ".fileformat.errors", "CorruptTrailer": ".fileformat.errors",
     "IncompleteSnapshot": ".fileformat.errors", "NoCommitRecord": ".fileformat.errors",
@@ -26,12 +28,24 @@ _EXPORTS = {
     "Snapshot": ".fileformat.reader", "VerifyResult": ".fileformat.reader",
     "FileLockedError": ".io.atomic", "IOEngineError": ".io.direct",
     "RestoreResult": ".orchestration.restore", "SaveResult": ".orchestration.save",
+    "LazyRestoreResult": ".orchestration.lazy", "SnapshotInfo": ".ops.info",
+    "ReceiveStats": ".ops.receive", "SendStats": ".ops.send",
     "StreamError": ".stream.errors",
 }
 
 if TYPE_CHECKING:
+    from .api import (
+        export_image,
+        import_stream,
+        info,
+        receive,
+        restore,
+        save,
+        seal,
+        send,
+        verify,
+    )
     from .api import open as open  # noqa: A004
-    from .api import restore, save
     from .errors import QMPConnectError, VmsnapError
     from .fileformat.errors import (
         ChecksumMismatch,
@@ -44,6 +58,10 @@ if TYPE_CHECKING:
     from .fileformat.reader import Snapshot, VerifyResult
     from .io.atomic import FileLockedError
     from .io.direct import IOEngineError
+    from .ops.info import SnapshotInfo
+    from .ops.receive import ReceiveStats
+    from .ops.send import SendStats
+    from .orchestration.lazy import LazyRestoreResult
     from .orchestration.restore import RestoreResult
     from .orchestration.save import SaveResult
     from .stream.errors import StreamError
@@ -63,7 +81,9 @@ logging.getLogger(__name__).addHandler(logging.NullHandler())
 # `open` is vmsnap.open, never in __all__: `from vmsnap import *` must not shadow the builtin.
 __all__ = [
     "ChecksumMismatch", "CorruptTrailer", "FileLockedError", "IOEngineError",
-    "IncompleteSnapshot", "NoCommitRecord", "QMPConnectError", "RestoreResult", "SaveResult",
-    "Snapshot", "SnapshotError", "StreamError", "UnsupportedVersion", "VerifyResult",
-    "VmsnapError", "restore", "save",
+    "IncompleteSnapshot", "LazyRestoreResult", "NoCommitRecord", "QMPConnectError",
+    "ReceiveStats", "RestoreResult", "SaveResult", "SendStats", "Snapshot", "SnapshotError",
+    "SnapshotInfo", "StreamError", "UnsupportedVersion", "VerifyResult", "VmsnapError",
+    "export_image", "import_stream", "info", "receive", "restore", "save", "seal", "send",
+    "verify",
 ]

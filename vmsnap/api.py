@@ -5,6 +5,10 @@
     vmsnap.save("/run/vm.qmp", "vm.snap", background=True)   # point in time, guest runs on
     vmsnap.restore("vm.snap")                  # relaunch from the stored command line
     with vmsnap.open("vm.snap") as snap: ...   # blocks, metadata, verify()
+    vmsnap.info("vm.snap"); vmsnap.verify("vm.snap")
+    vmsnap.receive(sys.stdin.buffer, "vm.snap"); vmsnap.send("vm.snap", sys.stdout.buffer)
+
+Every `vmsnap` command is a thin layer over these functions.
 """
 
 from __future__ import annotations
@@ -13,8 +17,8 @@ import asyncio
 import os
 import signal
 import threading
-from collections.abc import Coroutine, Sequence
-from typing import Any, TypeVar
+from collections.abc import Callable, Coroutine, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .errors import VmsnapError
 from .fileformat.reader import Snapshot, open_snapshot
@@ -23,6 +27,13 @@ from .orchestration import restore as _restore
 from .orchestration import save as _save
 from .orchestration.restore import RestoreResult
 from .orchestration.save import SaveResult
+
+if TYPE_CHECKING:
+    from .fileformat.reader import VerifyResult
+    from .libvirt.image import DomainImage
+    from .ops.info import SnapshotInfo
+    from .ops.receive import Readable, ReceiveStats
+    from .ops.send import SendStats, Sink
 from .progress import Reporter
 
 T = TypeVar("T")
@@ -150,3 +161,74 @@ def restore_domain(path: str | os.PathLike[str], *, uri: str | None = None,
 def open(path: str | os.PathLike[str], *, direct: bool = True) -> Snapshot:  # noqa: A001
     """Open a snapshot for inspection (blocks, metadata, present pages, verify())."""
     return open_snapshot(path, direct=direct)
+
+
+# -- the other verbs: files and streams, no QEMU -------------------------------------------
+def info(path: str | os.PathLike[str], *, direct: bool = True) -> SnapshotInfo:
+    """What the snapshot at `path` holds: blocks, sizes, origin, integrity state and the
+    trust of its stored command line (`vmsnap info`)."""
+    from .ops.info import describe
+
+    return describe(path, direct=direct)
+
+
+def verify(path: str | os.PathLike[str], *, direct: bool = True,
+           progress: Callable[[int, int], None] | None = None) -> VerifyResult:
+    """Check every page and every other stream byte of `path` against its checksums
+    (`vmsnap verify`); ChecksumMismatch names the first bad page."""
+    with open_snapshot(path, direct=direct) as snap:
+        return snap.verify(progress=progress)
+
+
+def receive(source: Readable, path: str | os.PathLike[str], *,
+            qemu_version: str | None = None, direct: bool = True,
+            progress: Callable[[int], None] | None = None) -> ReceiveStats:
+    """Store the QEMU migration stream read from `source` (a binary file object: pipe,
+    socket, file) as the snapshot `path`, committed atomically (`vmsnap receive`)."""
+    from .fileformat.trailer import TrailerMetadata
+    from .fileformat.writer import SnapshotWriter
+    from .ops.receive import receive as _receive
+
+    writer = SnapshotWriter(path, TrailerMetadata(qemu_version=qemu_version), direct=direct)
+    return _receive(source, writer, progress=progress)
+
+
+def send(path: str | os.PathLike[str], sink: Sink, *, direct: bool = True,
+         progress: Callable[[int, int], None] | None = None) -> SendStats:
+    """Write the snapshot `path` to `sink` (a binary file object over a descriptor) as a
+    plain QEMU migration stream, every page checked first (`vmsnap send`)."""
+    from .ops.send import send as _send
+
+    return _send(path, sink, direct=direct, progress=progress)
+
+
+def seal(path: str | os.PathLike[str], *, direct: bool = True) -> int:
+    """Give a file QEMU wrote itself (mapped-ram) vmsnap's checksums (`vmsnap seal`).
+    Returns the pages checksummed."""
+    from .fileformat.trailer import TrailerMetadata
+    from .hostkey import load_key
+    from .ops.seal import seal as _seal
+
+    return _seal(os.fspath(path), TrailerMetadata(extra={"pages_by": "qemu"}), load_key(),
+                 direct=direct)
+
+
+def import_stream(source: str, path: str | os.PathLike[str], *, direct: bool = True,
+                  progress: Callable[[int], None] | None = None
+                  ) -> tuple[ReceiveStats, DomainImage | None]:
+    """Store `source` (a plain QEMU stream or a libvirt save image: file or FIFO) as the
+    snapshot `path` (`vmsnap import`); returns the figures and the libvirt domain, if any."""
+    from .libvirt.image import import_stream as _import
+
+    return _import(source, os.fspath(path), progress=progress, direct=direct)
+
+
+def export_image(path: str | os.PathLike[str], dest: str, *, xml: str | None = None,
+                 direct: bool = True,
+                 progress: Callable[[int, int], None] | None = None) -> SendStats:
+    """Write the snapshot `path` as a libvirt save image to `dest` (a FIFO, written as read,
+    or a file replaced atomically), under its stored domain XML or `xml`
+    (`vmsnap export --libvirt`)."""
+    from .libvirt.image import export_image as _export
+
+    return _export(os.fspath(path), dest, xml=xml, direct=direct, progress=progress)

@@ -23,12 +23,6 @@ from rich.text import Text
 
 from . import __version__, api, targets
 from .errors import USER_ERRORS, VmsnapError, one_line
-from .fileformat.trailer import TrailerMetadata
-from .fileformat.writer import SnapshotWriter
-from .libvirt.image import export_image, import_stream
-from .ops.info import describe
-from .ops.receive import receive
-from .ops.send import send
 from .orchestration.save import SEAL_WHEN
 from .progress import Reporter
 
@@ -51,9 +45,8 @@ def cmd_receive(args: argparse.Namespace, rep: Reporter) -> int:
     rep.start("receive")
     t0 = time.monotonic()
     with open(args.stream, "rb") if args.stream else _stdin() as src:
-        writer = SnapshotWriter(args.file, TrailerMetadata(qemu_version=args.qemu_version),
-                                direct=args.direct)
-        stats = receive(src, writer, progress=lambda n: rep.update(n))
+        stats = api.receive(src, args.file, qemu_version=args.qemu_version,
+                            direct=args.direct, progress=rep.update)
     dt = time.monotonic() - t0
     rep.done(file=stats.path, stream_bytes=stats.stream_bytes, pages=stats.pages,
              zero_pages=stats.zero_pages, seconds=round(dt, 3),
@@ -67,8 +60,7 @@ def cmd_send(args: argparse.Namespace, rep: Reporter) -> int:
     rep.start("send")
     t0 = time.monotonic()
     with open(args.stream, "wb") if args.stream else _stdout() as sink:
-        stats = send(args.file, sink, direct=args.direct,
-                     progress=lambda d, t: rep.update(d, t))
+        stats = api.send(args.file, sink, direct=args.direct, progress=rep.update)
     dt = time.monotonic() - t0
     rep.done(stream_bytes=stats.stream_bytes, pages=stats.pages, seconds=round(dt, 3),
              gb_per_s=_gib_s(stats.stream_bytes, dt))
@@ -86,7 +78,7 @@ def _stdout() -> io.BufferedWriter:
 
 
 def cmd_info(args: argparse.Namespace, rep: Reporter) -> int:
-    info = describe(args.file, direct=args.direct)
+    info = api.info(args.file, direct=args.direct)
     if args.json:  # one JSON line, the same "done" event as every other verb's last line
         rep.result("info", **info)
         return 0
@@ -121,12 +113,10 @@ def _text(value: object) -> Text:
 
 
 def cmd_verify(args: argparse.Namespace, rep: Reporter) -> int:
-    from .fileformat.reader import open_snapshot
-
     t0 = time.monotonic()
-    with open_snapshot(args.file, direct=args.direct) as snap:
+    with api.open(args.file, direct=args.direct) as snap:
         rep.start("verify", sum(b.present_count * b.page_size for b in snap.blocks))
-        result = snap.verify(progress=lambda d, t: rep.update(d, t))
+        result = snap.verify(progress=rep.update)
     dt = time.monotonic() - t0
     rep.done(file=args.file, pages=result.pages, bytes=result.bytes, seconds=round(dt, 3),
              ok=True)
@@ -136,13 +126,9 @@ def cmd_verify(args: argparse.Namespace, rep: Reporter) -> int:
 
 
 def cmd_seal(args: argparse.Namespace, rep: Reporter) -> int:
-    from .hostkey import load_key
-    from .ops.seal import seal
-
     rep.start("seal")
     t0 = time.monotonic()
-    pages = seal(args.file, TrailerMetadata(extra={"pages_by": "qemu"}), load_key(),
-                 direct=args.direct)
+    pages = api.seal(args.file, direct=args.direct)
     rep.done(file=args.file, pages=pages, seconds=round(time.monotonic() - t0, 3))
     if not args.json:
         print(f"{args.file}: sealed, {pages} pages checksummed")
@@ -153,7 +139,7 @@ def cmd_import(args: argparse.Namespace, rep: Reporter) -> int:
     _refuse_overwrite(args.dest, args.force)
     rep.start("import")
     t0 = time.monotonic()
-    stats, domain = import_stream(args.source, args.dest, progress=lambda n: rep.update(n))
+    stats, domain = api.import_stream(args.source, args.dest, progress=rep.update)
     dt = time.monotonic() - t0
     rep.done(file=stats.path, stream_bytes=stats.stream_bytes, pages=stats.pages,
              zero_pages=stats.zero_pages, seconds=round(dt, 3),
@@ -172,8 +158,7 @@ def cmd_export(args: argparse.Namespace, rep: Reporter) -> int:
     xml = Path(args.xml).read_text() if args.xml else None
     rep.start("export")
     t0 = time.monotonic()
-    stats = export_image(args.source, args.dest, xml=xml,
-                         progress=lambda d, t: rep.update(d, t))
+    stats = api.export_image(args.source, args.dest, xml=xml, progress=rep.update)
     dt = time.monotonic() - t0
     rep.done(image=args.dest, stream_bytes=stats.stream_bytes, pages=stats.pages,
              seconds=round(dt, 3), gb_per_s=_gib_s(stats.stream_bytes, dt))

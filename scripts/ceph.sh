@@ -207,6 +207,20 @@ wait_clean() {  # every PG active+clean, maybe trimming snapshots or scrubbing
   say "PGs not active+clean after 120 s: $s"; exit 1
 }
 
+osd_up_from() {  # the osdmap epoch from which osd.0 is up; empty while it is down
+  c osd dump 2>/dev/null | sed -n 's/^osd\.0 up .* up_from \([0-9]*\) .*/\1/p'
+}
+
+wait_osd_boot() {  # wait_osd_boot EPOCH: the new OSD has booted (until then the monitor's
+  local now     # PG states are those of the dead one: active+clean, then stale)
+  for _ in $(seq 240); do
+    now=$(osd_up_from)
+    if [[ -n $now && $now != "$1" ]]; then return 0; fi
+    sleep 0.5
+  done
+  say "osd.0 did not boot within 120 s"; exit 1
+}
+
 wait_rgw() {
   for _ in $(seq 240); do
     if (exec 3<>"/dev/tcp/127.0.0.1/$rgw_port") 2>/dev/null; then return 0; fi
@@ -234,7 +248,10 @@ start() {
   else
     start_mon
     start_daemon mgr ceph-mgr -c "$conf" -i x
+    local dead=""  # a killed OSD the monitor still sees up (no peer reported it)
+    running osd || dead=$(osd_up_from)
     start_daemon osd ceph-osd -c "$conf" -i 0
+    [[ -z $dead ]] || wait_osd_boot "$dead"
     wait_clean
     start_daemon radosgw radosgw -c "$conf" -n client.rgw.a
     wait_rgw

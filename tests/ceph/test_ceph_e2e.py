@@ -133,6 +133,7 @@ def test_daemon_killed_mid_save(kind, daemon, workdir, request):
         assert len(err.strip().splitlines()) == 1 and url in err, err  # names the cause
         assert failed_after < 6 * OSD_TIMEOUT, failed_after  # three timeouts in a row, and slack
         assert restart.returncode == 0, restart.stderr
+        assert "stale" not in restart.stderr, restart.stderr  # the new daemon is the one up
         assert src.status() == "running"
         guest.wait_alive(src)
     with vmsnap.open(url) as snap:

@@ -108,6 +108,11 @@ class TrailerMetadata:
     page_size: int = TARGET_PAGE_SIZE
     extra: JsonObject = field(default_factory=dict)
 
+    @property
+    def was_running(self) -> bool:
+        """Whether the VM ran when it was saved (extra "run_state"; running if unset)."""
+        return bool(self.extra.get("run_state", "running") == "running")
+
     def to_json(self) -> JsonObject:
         d: JsonObject = {
             "format_version": self.format_version,

@@ -57,7 +57,7 @@ def domain_of(meta: TrailerMetadata | None) -> DomainImage | None:
         return None
     cookie = lv.get("cookie")
     return DomainImage(lv["xml"], cookie if isinstance(cookie, str) else None,
-                       meta.extra.get("run_state", "running") == "running")
+                       meta.was_running)
 
 
 class _ImageSource:

@@ -266,8 +266,8 @@ class PostcopySource:
         SHUT. Raises the first failure (e.g. ChecksumMismatch) as soon as it happens."""
         pushers = self.threads[1:]
         while any(t.is_alive() for t in pushers):
-            if self.failed.wait(0.05):
-                raise self.error  # type: ignore[misc]
+            if self.failed.wait(0.05) and self.error is not None:
+                raise self.error
         if self.error is not None:
             raise self.error
         self.closing = True

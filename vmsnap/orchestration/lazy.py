@@ -149,7 +149,7 @@ async def restore_lazy(path: str | os.PathLike[str], *, engine: str = "auto",
     rep = reporter or Reporter()
     snap = open_snapshot(path, direct=direct)  # validates the file before launching
     meta = snap.metadata
-    saved_running = (meta.extra.get("run_state", "running") == "running") if meta else True
+    saved_running = meta.was_running if meta else True
     run = saved_running and not paused
     workdir = tempfile.mkdtemp(prefix="vmsnap-")  # 0700
     job = _Job(snap, rep, t0, run, hot)

@@ -254,7 +254,7 @@ def _facts(path: str, direct: bool) -> _Facts:
     with open_snapshot(path, direct=direct) as snap:
         meta = snap.metadata
         return _Facts(meta, snap.machine_type,
-                      (meta.extra.get("run_state", "running") == "running") if meta else True,
+                      meta.was_running if meta else True,
                       sum(b.present_count * b.page_size for b in snap.blocks),
                       trust_of(snap.trailer), {b.name: b.used_length for b in snap.blocks},
                       snap.trailer is not None and not snap.pages_checked)

@@ -1,4 +1,5 @@
-"""Save to and restore from Ceph through the CLI on real QEMU (bootguest, KVM): rbd: and
+"""Save to and restore from Ceph through the CLI on real QEMU (bootguest under KVM, and the
+Linux guest under TCG): rbd: and
 s3:// on QEMU 7.2 and 10, restored eagerly and lazily (postcopy; hot pages first the second
 time; mmap refused). The save runs as one "host" (its own scratch directory) and the
 restore as another (a clean directory, nothing but the URL); guest RAM is checked. Faults:
@@ -20,7 +21,7 @@ import pytest
 
 import vmsnap
 from testbed.ceph import ceph_sh, daemon_pid
-from testbed.guests import BootGuest
+from testbed.guests import BootGuest, LinuxGuest
 from testbed.qemu import Vm
 from vmsnap import targets
 
@@ -91,6 +92,22 @@ def test_save_here_restore_there(kind, qemu, workdir, request):
             assert dst.cmd("query-migrate")["status"] == "completed"
             guest.check_restored(dst)
     assert not [p.name for p in b.iterdir() if p.name.startswith(("rbd:", "s3:"))]
+
+
+@pytest.mark.parametrize("kind", ["rbd", "s3"])
+def test_linux_guest_eager_and_lazy(kind, workdir, request):
+    """The Linux guest (QEMU 10, TCG) saved on one host to each target, restored on another
+    eagerly and lazily; memfill's VERIFY checks its RAM after each."""
+    url = request.getfixturevalue(f"{kind}_url")
+    guest = LinuxGuest(memory_mb=384, fill_mb=128)
+    a, b = host(workdir, "a"), host(workdir, "b")
+    with Vm(guest.config("10", a), a, "src") as src:
+        guest.boot(src)
+        ok(vmsnap_cli(a, "save", "--qmp", src.tool_qmp_path, url))
+    for how in ([], ["--lazy"]):
+        with Vm(guest.config("10", b), b, "dst", incoming="defer") as dst:
+            ok(vmsnap_cli(b, "restore", url, *how, "--qmp", dst.tool_qmp_path))
+            guest.check_restored(dst)
 
 
 #: librados waits this long for a dead OSD (scripts/ceph.sh sets 60 s) in the OSD test

@@ -78,6 +78,32 @@ def test_urls():
     assert targets.normalize("x.snap") == os.path.abspath("x.snap")
 
 
+@pytest.mark.parametrize("manifest", [
+    b"not json", b"[]", b'{"format": "other"}',
+    b'{"format": FMT, "size": 1152921504606846976, "chunk_size": 4194304, "prefix": P, '
+    b'"runs": []}',  # 1 EiB: refused before anything is allocated for it
+    b'{"format": FMT, "size": -1, "chunk_size": 4194304, "prefix": P, "runs": []}',
+    b'{"format": FMT, "size": 8388608, "chunk_size": 0, "prefix": P, "runs": []}',
+    b'{"format": FMT, "size": 8388608, "chunk_size": true, "prefix": P, "runs": []}',
+    b'{"format": FMT, "size": 8388608, "chunk_size": 4194304, "prefix": "../x/", "runs": []}',
+    b'{"format": FMT, "size": 8388608, "chunk_size": 4194304, "prefix": P, "runs": [[1, 2]]}',
+    b'{"format": FMT, "size": 8388608, "chunk_size": 4194304, "prefix": P, "runs": [[0]]}',
+    b'{"format": FMT, "size": 8388608, "chunk_size": 4194304, "prefix": P, "runs": [[-1, 1]]}',
+])
+def test_hostile_manifest_is_one_line(monkeypatch, manifest):
+    """A manifest object's fields are checked before use (no asserts: they vanish under -O)."""
+    r = targets.remote("s3://bucket/vm.snap")
+    body = (manifest.replace(b"FMT", repr(s3_objects.MANIFEST_FORMAT).replace("'", '"').encode())
+            .replace(b"P", b'"' + s3_objects._chunks_root(r.name).encode() + b'x/"'))
+    monkeypatch.setattr(s3_objects, "_get_small", lambda *a: body)
+    with pytest.raises(targets.TargetError, match="not a vmsnap snapshot manifest"):
+        s3_objects._read_manifest(r)
+    good = body.split(b'"runs"')[0] + b'"runs": [[1, 1]]}'
+    if b'"size": 8388608, "chunk_size": 4194304' in good and b"../" not in good:
+        monkeypatch.setattr(s3_objects, "_get_small", lambda *a: good)
+        assert s3_objects._read_manifest(r)["present"].tolist() == [False, True]
+
+
 @pytest.fixture(params=["rbd", "s3"])
 def url(request):
     return request.getfixturevalue(f"{request.param}_url")

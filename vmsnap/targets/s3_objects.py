@@ -42,6 +42,8 @@ from .base import RangeReader, TargetError, pieces
 log = logging.getLogger(__name__)
 
 CHUNK = 4 << 20
+#: Most chunks a manifest may claim (64 TiB of 4 MiB chunks): bounds what reading one allocates
+MAX_CHUNKS = 1 << 24
 #: dirty chunks kept in memory before the least recently written is uploaded
 CACHED_CHUNKS = 16
 THREADS = 8
@@ -130,26 +132,40 @@ def write_beside(r: Remote, suffix: str, text: str) -> None:
         raise _error(r, e) from None
 
 
+def _count(value: object) -> bool:
+    """A non-negative JSON integer (not a bool)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def _read_manifest(r: Remote) -> Manifest | None:
     """The manifest at `r`, validated; None if there is no object."""
     body = _get_small(r, r.name, MAX_MANIFEST, "a vmsnap manifest")
     if body is None:
         return None
+    bad = TargetError(f"{r}: not a vmsnap snapshot manifest", errno.EINVAL)
     try:
         m: Manifest = json.loads(body)
-        assert m["format"] == MANIFEST_FORMAT
-        size, chunk, prefix = m["size"], m["chunk_size"], m["prefix"]
-        assert isinstance(size, int) and size >= 0
-        assert isinstance(chunk, int) and chunk > 0 and chunk % RangeReader.BLOCK == 0
-        assert isinstance(prefix, str) and prefix.startswith(_chunks_root(r.name))
-        nchunks = -(-size // chunk)
-        present = np.zeros(nchunks, dtype=bool)
-        for first, count in m["runs"]:
-            assert isinstance(first, int) and isinstance(count, int)
-            assert 0 <= first and 0 < count and first + count <= nchunks
-            present[first:first + count] = True
-    except (ValueError, KeyError, TypeError, AssertionError):
-        raise TargetError(f"{r}: not a vmsnap snapshot manifest", errno.EINVAL) from None
+    except ValueError:
+        raise bad from None
+    if not isinstance(m, dict) or m.get("format") != MANIFEST_FORMAT:
+        raise bad
+    size, chunk, prefix, runs = m.get("size"), m.get("chunk_size"), m.get("prefix"), m.get("runs")
+    if not isinstance(size, int) or not isinstance(chunk, int) or not _count(size) \
+            or not _count(chunk) or chunk == 0 or chunk % RangeReader.BLOCK \
+            or not isinstance(prefix, str) or not prefix.startswith(_chunks_root(r.name)) \
+            or not isinstance(runs, list):
+        raise bad
+    nchunks = -(-size // chunk)
+    if nchunks > MAX_CHUNKS:  # a claim no snapshot makes: refuse before allocating for it
+        raise bad
+    present = np.zeros(nchunks, dtype=bool)
+    for run in runs:
+        if not (isinstance(run, list) and len(run) == 2 and all(map(_count, run))):
+            raise bad
+        first, count = (int(x) for x in run)
+        if count == 0 or first + count > nchunks:
+            raise bad
+        present[first:first + count] = True
     m["present"] = present
     return m
 

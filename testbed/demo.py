@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import tempfile
 import time
@@ -110,13 +111,18 @@ def main() -> None:
     p.add_argument("--guest", choices=("linux", "boot"), default="linux")
     p.add_argument("--memory-mb", type=int, default=1024)
     p.add_argument("--fill-mb", type=int, default=768, help="linux guest: MiB of RAM to fill")
-    p.add_argument("--dir", type=Path, help="work directory (default: a private temp dir)")
+    p.add_argument("--dir", type=Path, help="work directory, kept afterwards (default: a "
+                   "private temp dir, removed afterwards)")
     args = p.parse_args()
     guest = (LinuxGuest(memory_mb=args.memory_mb, fill_mb=args.fill_mb)
              if args.guest == "linux" else BootGuest(mode="random", memory_mb=args.memory_mb))
     workdir = args.dir or Path(tempfile.mkdtemp(prefix="vmsnap-demo-"))
     workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    run(guest, workdir)
+    try:
+        run(guest, workdir)
+    finally:
+        if args.dir is None:  # the snapshot and stream are as large as guest RAM
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import evict_file, run_child, summarize  # noqa: E402
+from bench.common import evict_file, run_child, summarize, timed_restore  # noqa: E402
 from testbed.ceph import (  # noqa: E402
     BUCKET,
     POOL,
@@ -61,22 +61,10 @@ def evict(target: str, url: str) -> None:
 
 def lazy_restore(url: str, qmp: Path, env: dict[str, str]) -> dict:
     """`vmsnap restore --lazy=postcopy`, timing its "running" event as it arrives."""
-    t0 = time.monotonic()
-    proc = subprocess.Popen([VMSNAP, "restore", "--json", "--lazy=postcopy", url, "--qmp",
-                             str(qmp)], env={**os.environ, **env}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    running = None
-    done: dict = {}
-    for line in proc.stdout:
-        e = json.loads(line)
-        if e["event"] == "running" and running is None:
-            running = time.monotonic() - t0
-        elif e["event"] == "done":
-            done = e
-    err = proc.stderr.read()
-    if proc.wait():
-        raise RuntimeError(f"lazy restore of {url}: {err.strip()[-400:]}")
-    return {"lazy_running_s": running, "lazy_done_s": time.monotonic() - t0,
+    running, end, done = timed_restore(
+        [VMSNAP, "restore", "--json", "--lazy=postcopy", url, "--qmp", str(qmp)],
+        {**os.environ, **env}, time.monotonic())
+    return {"lazy_running_s": running, "lazy_done_s": end,
             "lazy_p50_us": done.get("latency_p50_us"), "lazy_p99_us": done.get("latency_p99_us"),
             "lazy_requests": done.get("requests"), "lazy_vmsnap_running_s":
             done.get("running_seconds")}

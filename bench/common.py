@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import statistics
@@ -119,3 +120,24 @@ def summarize(values: list[float]) -> dict[str, float] | None:
         return None
     return {"median": statistics.median(values), "min": min(values), "max": max(values),
             "n": len(values)}
+
+
+def timed_restore(argv: list[str], env: dict[str, str], t0: float) -> tuple[float, float, dict]:
+    """Run a `vmsnap restore --json ...` command line; return (seconds from `t0` to its
+    "running" event, as it arrives; seconds to its end; its "done" event)."""
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    assert proc.stdout is not None and proc.stderr is not None
+    running = None
+    done: dict = {}
+    for line in proc.stdout:
+        e = json.loads(line)
+        if e["event"] == "running" and running is None:
+            running = time.monotonic() - t0
+        elif e["event"] == "done":
+            done = e
+    err = proc.stderr.read()
+    if proc.wait():
+        raise RuntimeError(f"{' '.join(argv[:4])}... failed: {err.strip()[-400:]}")
+    end = time.monotonic() - t0
+    return (end if running is None else running), end, done

@@ -46,7 +46,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import evict_file  # noqa: E402
+from bench.common import evict_file, timed_restore  # noqa: E402
 from testbed.guests import BootGuest  # noqa: E402
 from testbed.qemu import Vm  # noqa: E402
 from testbed.serial import SerialConsole  # noqa: E402
@@ -79,21 +79,10 @@ def vmsnap_restore(snap: Path, argv: list[str], extra: list[str], workdir: Path,
                    t0: float) -> dict:
     """Run `vmsnap restore`, timing its "running" event as it arrives."""
     env = {**os.environ, "TMPDIR": str(workdir), "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-m", "vmsnap.cli", "restore", "--json", *extra,
-                             str(snap), "--", *argv], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    running = None
-    done: dict = {}
-    for line in proc.stdout:
-        e = json.loads(line)
-        if e["event"] == "running" and running is None:
-            running = time.monotonic() - t0
-        elif e["event"] == "done":
-            done = e
-    err = proc.stderr.read()
-    if proc.wait():
-        raise RuntimeError(f"vmsnap restore {extra} failed: {err.strip()}")
-    return {"running": running or (time.monotonic() - t0), "done": time.monotonic() - t0,
+    running, end, done = timed_restore(
+        [sys.executable, "-m", "vmsnap.cli", "restore", "--json", *extra, str(snap), "--",
+         *argv], env, t0)
+    return {"running": running, "done": end,
             "pid": done["pid"], "p50": done.get("latency_p50_us"),
             "p99": done.get("latency_p99_us"), "requests": done.get("requests"),
             "hot_pages": done.get("hot_pages")}

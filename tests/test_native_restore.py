@@ -33,9 +33,12 @@ def done(result) -> dict:
     return next(e for e in events(ok(result)) if e["event"] == "done")
 
 
-def test_qemu10_reads_the_file_itself_and_checks_device_state(workdir, outside):
+@pytest.mark.parametrize(("qemu", "ram_path"), [("10", "qemu"), ("7.2", "stream")])
+def test_no_verify_restore(workdir, outside, qemu, ram_path):
+    """QEMU 10 reads the file itself (it cannot see its directory) after vmsnap checked the
+    device state, which refuses a flipped bit there in one line; QEMU 7.2 takes the stream."""
     guest = BootGuest(memory_mb=256)
-    config = guest.config("10", workdir)
+    config = guest.config(qemu, workdir)
     snap = outside / "vm.snap"
     with Vm(config, workdir, "src") as src:
         guest.boot(src)
@@ -43,8 +46,10 @@ def test_qemu10_reads_the_file_itself_and_checks_device_state(workdir, outside):
     with Vm(config, workdir, "dst", incoming="defer") as dst:
         d = done(run_vmsnap(workdir, "restore", "--json", "--no-verify", snap, "--qmp",
                             dst.tool_qmp_path))
-        assert d["ram_path"] == "qemu" and d["final_state"] == "running", d
+        assert d["ram_path"] == ram_path and d["final_state"] == "running", d
         guest.check_restored(dst)
+    if qemu != "10":
+        return
     with open_snapshot(str(snap)) as s:
         device_state = s.tail_offset + len(s.tail) // 2
     flip_bit(snap, device_state)
@@ -53,20 +58,6 @@ def test_qemu10_reads_the_file_itself_and_checks_device_state(workdir, outside):
                                    dst.tool_qmp_path))
         assert "corrupt" in line and "device state" in line, line
         assert dst.status() == "inmigrate"
-
-
-def test_qemu72_target_takes_the_checked_stream(workdir):
-    guest = BootGuest(memory_mb=256)
-    config = guest.config("7.2", workdir)
-    snap = workdir / "vm.snap"
-    with Vm(config, workdir, "src") as src:
-        guest.boot(src)
-        ok(run_vmsnap(workdir, "save", "--quit", "--qmp", src.tool_qmp_path, snap))
-    with Vm(config, workdir, "dst", incoming="defer") as dst:
-        d = done(run_vmsnap(workdir, "restore", "--json", "--no-verify", snap, "--qmp",
-                            dst.tool_qmp_path))
-        assert d["ram_path"] == "stream", d
-        guest.check_restored(dst)
 
 
 def test_no_verify_is_for_eager_restores(workdir):

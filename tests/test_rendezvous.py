@@ -9,12 +9,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from testbed.guests import BootGuest
 from testbed.paths import QEMU10_ROOT
-from testbed.qemu import Vm
+from testbed.qemu import Vm, VmConfig
 
 
 def run_ok(env: dict, *args) -> None:
@@ -44,16 +45,21 @@ def test_qemu10_in_chroot_without_shared_tmpdir(workdir, channels):
     assert not left, f"meeting directory left behind: {left}"
 
 
+def as_nobody(workdir: Path) -> tuple[dict[str, str], BootGuest, VmConfig, Path]:
+    """vmsnap's environment, a bootguest and its QEMU 7.2 config dropping to nobody, and the
+    snapshot's path (in the 0700 work dir, closed to nobody)."""
+    guest = BootGuest(memory_mb=256)
+    config = guest.config("7.2", workdir)
+    config.args += ["-runas", "nobody"]
+    return {**os.environ, "TMPDIR": str(workdir)}, guest, config, workdir / "vm.snap"
+
+
 @pytest.mark.qemu
 @pytest.mark.parametrize("channels", [0, 2], ids=["1-stream", "2ch"])
 def test_qemu_running_as_another_user(workdir, channels):
     """QEMU drops to nobody after start; vmsnap's TMPDIR (the 0700 work dir) is closed to it.
     (The RAM check's pmemsave cannot write there as nobody: the guest proves it runs.)"""
-    env = {**os.environ, "TMPDIR": str(workdir)}
-    guest = BootGuest(memory_mb=256)
-    config = guest.config("7.2", workdir)
-    config.args += ["-runas", "nobody"]
-    snap = workdir / "vm.snap"
+    env, guest, config, snap = as_nobody(workdir)
     with Vm(config, workdir, "src") as src:
         guest.boot(src)
         run_ok(env, "save", "--resume", "--channels", channels, "--qmp", src.tool_qmp_path,
@@ -86,11 +92,7 @@ def test_lazy_restore_into_qemu_that_cannot_see_tmpdir(workdir):
 def test_lazy_restore_refused_for_qemu_without_userfaultfd(workdir):
     """QEMU as nobody gets no userfaultfd (vm.unprivileged_userfaultfd=0): --lazy says so in
     one line before touching the target, which still takes an eager restore."""
-    env = {**os.environ, "TMPDIR": str(workdir)}
-    guest = BootGuest(memory_mb=256)
-    config = guest.config("7.2", workdir)
-    config.args += ["-runas", "nobody"]
-    snap = workdir / "vm.snap"
+    env, guest, config, snap = as_nobody(workdir)
     with Vm(config, workdir, "src") as src:
         guest.boot(src)
         run_ok(env, "save", "--quit", "--qmp", src.tool_qmp_path, snap)

@@ -254,12 +254,13 @@ class _Job:
             running_seconds=running, verified=self.verified)
 
 
-async def _incoming(client: Client) -> socket.socket:
-    """The stream's socket, handed to QEMU by fd: no path, so a QEMU in another mount
-    namespace or running as another user takes it too."""
+async def _incoming(client: Client, command: str = "migrate-incoming") -> socket.socket:
+    """The stream's socket, handed to QEMU by fd and given to `command` (or
+    migrate-recover): no path, so a QEMU in another mount namespace or running as another
+    user takes it too."""
     sock, uri = await pass_socket(client)
     try:
-        await client.execute("migrate-incoming", {"uri": uri})
+        await client.execute(command, {"uri": uri})
     except BaseException:
         sock.close()
         raise
@@ -297,13 +298,7 @@ async def _postcopy_resume(job: _Job) -> LazyRestoreResult:
     if status != "postcopy-paused":
         raise VmsnapError(f"--resume finishes a lazy restore whose vmsnap died, on a target "
                           f"left in postcopy-paused; this target's migration is {status!r}")
-    sock, uri = await pass_socket(client)
-    try:
-        await client.execute("migrate-recover", {"uri": uri})
-    except BaseException:
-        sock.close()
-        raise
-    return await _serve(job, sock, resume=True)
+    return await _serve(job, await _incoming(client, "migrate-recover"), resume=True)
 
 
 async def _serve(job: _Job, sock: socket.socket, resume: bool) -> LazyRestoreResult:

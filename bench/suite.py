@@ -141,7 +141,12 @@ def main(argv: list[str] | None = None) -> int:
     png_path = json_path.with_suffix(".png")
     print_tables(console, record)
     print_targets(console, record["targets"])
-    chart(record, png_path)
+    try:
+        chart(record, png_path)
+    except ImportError:  # matplotlib comes with `scripts/install.sh --bench`
+        console.print(f"wrote {json_path} ({record['elapsed_s']:.0f} s); no chart: "
+                      "matplotlib is missing (scripts/install.sh --bench)")
+        return 0
     console.print(f"wrote {json_path} and {png_path} ({record['elapsed_s']:.0f} s)")
     return 0
 

@@ -49,14 +49,13 @@ def finish(path: str) -> bool:
         return False
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
-        sealed = overlay(path, lambda off, n: os.pread(f.fileno(), n, off), size)
-        if sealed is None:
+        entry = _read(path, size)
+        if entry is None:
             raise SnapshotError(f"{journal_path(path)} is not a seal journal of {path}")
-        read_trailer(*sealed)  # CorruptTrailer if the journal's trailer is not whole
-    with open(journal_path(path), "rb") as j:
-        data = j.read()
-    (offset,) = _OFFSET.unpack_from(data)
-    _apply(path, offset, data[_OFFSET.size:])
+        # CorruptTrailer if the journal's trailer is not whole: the bytes checked are the
+        # bytes applied
+        read_trailer(*_laid_over(lambda off, n: os.pread(f.fileno(), n, off), *entry))
+    _apply(path, *entry)
     return True
 
 
@@ -84,6 +83,13 @@ def _fsync_dir(path: str) -> None:
 def overlay(path: str, pread: Pread, size: int) -> tuple[Pread, int] | None:
     """(pread, size) of `path` as an interrupted seal leaves it, from its journal; None if
     there is no usable journal. The journal's trailer is validated by the caller, as any."""
+    entry = _read(path, size)
+    return None if entry is None else _laid_over(pread, *entry)
+
+
+def _read(path: str, size: int) -> tuple[int, bytes] | None:
+    """(file offset, trailer bytes) of the journal of `path` (a file of `size` bytes), read
+    once and bounded by what a trailer for that file can be; None if unusable."""
     limit = _OFFSET.size + max_body_length(size) + COMMIT_SIZE
     try:
         with open(journal_path(path), "rb") as j:
@@ -93,9 +99,13 @@ def overlay(path: str, pread: Pread, size: int) -> tuple[Pread, int] | None:
     if not _OFFSET.size + COMMIT_SIZE <= len(data) <= limit:
         return None
     (offset,) = _OFFSET.unpack_from(data)
-    trailer = data[_OFFSET.size:]
     if offset % TRAILER_ALIGN or offset > -(-size // TRAILER_ALIGN) * TRAILER_ALIGN:
         return None
+    return offset, data[_OFFSET.size:]
+
+
+def _laid_over(pread: Pread, offset: int, trailer: bytes) -> tuple[Pread, int]:
+    """(pread, size) of a file whose bytes from `offset` on are `trailer`."""
     end = offset + len(trailer)
 
     def pread_overlaid(off: int, n: int) -> bytes:

@@ -46,7 +46,7 @@ from ..ops.send import SendStats, send
 from ..progress import Reporter
 from . import qmp as qmpmod
 from .mapped import MAPPED_BLOCK, mapped_argv, supports_mmap
-from .modes import INCOMPATIBLE_CAPS
+from .modes import INCOMPATIBLE_CAPS, USERFAULTFD
 from .qmp import Client, Monitor
 from .relaunch import GuardedQemu, RelaunchLock, own_qmp
 from .rendezvous import pass_socket
@@ -279,9 +279,7 @@ async def _postcopy(job: _Job, peer: qmpmod.Peer) -> LazyRestoreResult:
             client, {**dict.fromkeys(INCOMPATIBLE_CAPS, False), "postcopy-ram": True})
     except qmpmod.QmpCommandError as err:  # QEMU checks userfaultfd here
         raise VmsnapError(f"QEMU {peer.version_text} cannot use postcopy here ({err.desc}): "
-                          "it needs userfaultfd, which a QEMU not running as root gets only "
-                          "with sysctl vm.unprivileged_userfaultfd=1 or access to "
-                          "/dev/userfaultfd; restore without --lazy") from err
+                          f"it needs {USERFAULTFD}; restore without --lazy") from err
     sock = await _incoming(client)
     if job.run:  # while inmigrate: QEMU starts the guest itself at POSTCOPY_RUN
         await client.execute("cont")

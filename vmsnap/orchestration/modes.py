@@ -17,6 +17,7 @@ from typing import Any
 from ..errors import VmsnapError
 from . import qmp as qmpmod
 from .qmp import Monitor
+from .rendezvous import process_ids
 
 
 class SaveMode(enum.Enum):
@@ -36,6 +37,9 @@ BACKGROUND_CLASHES = ("postcopy-ram", "dirty-bitmaps", "postcopy-blocktime",
                       "compress", "xbzrle", "x-colo", "validate-uuid", "zero-copy-send")
 BACKGROUND = "background-snapshot"
 BACKGROUND_SINCE = (6, 0)
+#: What QEMU needs for background snapshots and postcopy, and how a non-root QEMU gets it.
+USERFAULTFD = ("userfaultfd, which a QEMU not running as root gets only with sysctl "
+               "vm.unprivileged_userfaultfd=1 or access to /dev/userfaultfd")
 #: Local saves should not be throttled by QEMU's default 128 MiB/s.
 UNLIMITED_BANDWIDTH = 1 << 40
 
@@ -90,23 +94,9 @@ async def apply_capabilities(client: Monitor, peer: qmpmod.Peer, mode: SaveMode,
     except qmpmod.QmpCommandError as err:
         why = err.desc
         if mode is SaveMode.BACKGROUND:
-            if "kernel" in why and _not_root(peer.pid) is not False:
-                why += (" (write-protecting guest RAM needs userfaultfd, which a QEMU not "
-                        "running as root gets only with sysctl vm.unprivileged_userfaultfd=1 "
-                        "or access to /dev/userfaultfd)")
+            ids = process_ids(peer.pid) if peer.pid else None
+            if "kernel" in why and (ids is None or ids[0] != 0):  # not root, or unknown
+                why += f" (write-protecting guest RAM needs {USERFAULTFD})"
             raise VmsnapError(f"cannot save in the background: {why}") from err
         raise VmsnapError(f"QEMU refused the migration capabilities: {why}") from err
 
-
-def _not_root(pid: int | None) -> bool | None:
-    """Whether process `pid` runs as a user other than root (None: cannot tell)."""
-    if pid is None:
-        return None
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("Uid:"):
-                    return int(line.split()[2]) != 0  # effective uid
-    except (OSError, ValueError, IndexError):
-        return None
-    return None

@@ -48,7 +48,7 @@ class Meeting:
         shutil.rmtree(self.host_dir, ignore_errors=True)
 
 
-def _ids(pid: int) -> tuple[int, int] | None:
+def process_ids(pid: int) -> tuple[int, int] | None:
     """Effective (uid, gid) of process `pid` (QEMU's -runas drops to them after start)."""
     ids = {}
     try:
@@ -65,7 +65,7 @@ def _ids(pid: int) -> tuple[int, int] | None:
 def meeting_place(pid: int | None) -> Meeting:
     """A private directory that both vmsnap and QEMU `pid` can reach (None: a local QEMU of
     ours, e.g. one vmsnap launched or behind TCP QMP: vmsnap's own temporary directory)."""
-    ids = _ids(pid) if pid else None
+    ids = process_ids(pid) if pid else None
     root = f"/proc/{pid}/root"
     try:
         same_root = ids is None or os.path.samestat(os.stat(root), os.stat("/"))

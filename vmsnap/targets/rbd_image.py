@@ -86,6 +86,10 @@ class Sink:
         self._cookie = f"vmsnap-save-{uuid.uuid4().hex}"
         self._cond = threading.Condition()
         self._inflight = 0
+        #: byte ranges of writes not yet completed, by ticket: librbd does not order
+        #: overlapping asynchronous writes, and a live save writes a page again
+        self._ranges: dict[int, tuple[int, int]] = {}
+        self._tickets = 0
         self._error: BaseException | None = None
         self._done = False
         self._size = 0
@@ -118,22 +122,42 @@ class Sink:
             data = bytes(view)  # librbd takes bytes; the caller may reuse its buffer
             if off + len(data) > self._size:  # a file grows when written past its end
                 self.truncate(off + len(data))  # (only the metadata at the end does)
+            end = off + len(data)
             with self._cond:
                 self._raise()
-                while self._inflight and self._inflight + len(data) > MAX_INFLIGHT:
+                while self._inflight and (self._inflight + len(data) > MAX_INFLIGHT
+                                          or self._overlaps(off, end)):
                     self._cond.wait()
                     self._raise()
                 self._inflight += len(data)
-            self._call(f"write at {off:#x}", self._image.aio_write, data, off,
-                       self._completion(len(data), off))
+                self._tickets += 1
+                ticket = self._tickets
+                self._ranges[ticket] = (off, end)
+            try:
+                self._call(f"write at {off:#x}", self._image.aio_write, data, off,
+                           self._completion(ticket, off))
+            except BaseException:  # never queued: nothing will complete it
+                self._forget(ticket)
+                raise
             total += len(data)
         return total
 
-    def _completion(self, n: int, off: int) -> Callable[[Any], None]:
+    def _overlaps(self, start: int, end: int) -> bool:
+        """Whether a write in flight touches [start, end): the new one must wait for it
+        (the last write of a page must be the one that stays)."""
+        return any(s < end and start < e for s, e in self._ranges.values())
+
+    def _forget(self, ticket: int) -> None:
+        with self._cond:
+            s, e = self._ranges.pop(ticket)
+            self._inflight -= e - s
+            self._cond.notify_all()
+
+    def _completion(self, ticket: int, off: int) -> Callable[[Any], None]:
         def done(comp: Any) -> None:  # rbd.Completion
             rc = comp.get_return_value()
             with self._cond:
-                self._inflight -= n
+                self._forget(ticket)
                 if rc < 0 and self._error is None:
                     self._error = TargetError(
                         f"{self.name}: write at {off:#x} failed: {os.strerror(-rc)}", -rc)

@@ -121,15 +121,13 @@ def restore(path: str | os.PathLike[str], *, qmp_address: str | None = None,
     `resume` (with `lazy` and `qmp_address`): finish a lazy restore of this file whose
     vmsnap died, on the target it left in postcopy-paused.
     A file saved from a libvirt domain, with neither `qmp_address` nor `command`, is
-    restored through libvirt (restore_domain, default connection; not lazily yet)."""
+    restored through libvirt (restore_domain, default connection; lazily by postcopy)."""
     if qmp_address is None and not command:
         from .libvirt.restore import is_domain_file
 
         if is_domain_file(path, direct=direct):
-            if lazy is not None:
-                raise VmsnapError("lazy restore of a libvirt domain file is not supported yet")
             return restore_domain(path, paused=paused, trust_xml=trust_command_line,
-                                  reporter=reporter, direct=direct)
+                                  reporter=reporter, direct=direct, lazy=lazy)
     if resume and lazy is None:
         raise VmsnapError("resume finishes a lazy restore: give lazy= too")
     if lazy is not None:
@@ -148,14 +146,17 @@ def restore(path: str | os.PathLike[str], *, qmp_address: str | None = None,
 def restore_domain(path: str | os.PathLike[str], *, uri: str | None = None,
                    domain: str | None = None, xml: str | None = None, paused: bool = False,
                    trust_xml: bool = False, reporter: Reporter | None = None,
-                   direct: bool = True) -> RestoreResult:
+                   direct: bool = True, lazy: str | None = None) -> RestoreResult:
     """Bring a libvirt domain back from `path` through libvirt (virDomainRestore fed by vmsnap
     through a private FIFO): under the domain XML stored in the file (if this host signed it,
-    or `trust_xml`), or the XML of defined domain `domain`, or `xml`."""
+    or `trust_xml`), or the XML of defined domain `domain`, or `xml`. `lazy` ("auto" or
+    "postcopy"): libvirt starts the domain waiting for an incoming stream (`-incoming
+    defer` in its qemu namespace) and vmsnap is its postcopy source over libvirt's monitor."""
     from .libvirt.restore import restore_domain as _restore_domain
 
     return _run(_restore_domain(path, uri=uri, domain=domain, xml=xml, paused=paused,
-                                trust_xml=trust_xml, reporter=reporter, direct=direct))
+                                trust_xml=trust_xml, reporter=reporter, direct=direct,
+                                lazy=lazy))
 
 
 def open(path: str | os.PathLike[str], *, direct: bool = True) -> Snapshot:  # noqa: A001

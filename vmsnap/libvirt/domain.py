@@ -76,11 +76,13 @@ class DomainMonitor:
     def __init__(self, dom: Any):
         self.dom = dom
 
-    async def execute(self, cmd: str, arguments: Mapping[str, object] | None = None) -> Any:
-        return await self.execute_with_fds(cmd, arguments)
+    async def execute(self, cmd: str, arguments: Mapping[str, object] | None = None, *,
+                      timeout: float | None = None) -> Any:
+        """`cmd` over libvirt's monitor (libvirt times a stuck QEMU out itself)."""
+        return await self.execute_with_fds(cmd, arguments, [])
 
-    async def execute_with_fds(self, cmd: str, arguments: Mapping[str, object] | None = None,
-                               fds: list[int] | None = None) -> Any:
+    async def execute_with_fds(self, cmd: str, arguments: Mapping[str, object] | None,
+                               fds: list[int]) -> Any:
         """Run `cmd`, handing QEMU `fds` with it (SCM_RIGHTS through libvirt)."""
         msg = json.dumps({"execute": cmd, **({"arguments": dict(arguments)} if arguments else {})})
         loop = asyncio.get_running_loop()

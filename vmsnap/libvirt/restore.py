@@ -1,6 +1,8 @@
 """restore of a domain file: libvirt brings the domain back (its name, UUID, devices, security
 labels and namespaces) with virDomainRestore, reading a private FIFO that vmsnap writes as
 it reads the snapshot: libvirt's header, the domain XML, then the synthesized stream.
+A lazy restore has libvirt start the domain waiting for an incoming stream instead
+(libvirt.incoming) and runs vmsnap's postcopy engine over libvirt's monitor.
 
 The FIFO is not libvirt's managed-save path, so a writer that fails or is killed mid-stream
 makes the restore fail (QEMU's load fails, libvirt reports it) and never lets libvirt
@@ -22,10 +24,12 @@ from ..errors import VmsnapError
 from ..fileformat.reader import open_snapshot
 from ..hostkey import trust_of
 from ..ops.send import SendStats
+from ..orchestration.lazy import restore_lazy
 from ..orchestration.restore import RestoreResult
 from ..progress import Reporter
 from . import domain as dommod
 from .image import domain_of, image_head, write_image
+from .incoming import start_incoming
 
 
 def is_domain_file(path: str | os.PathLike[str], direct: bool = True) -> bool:
@@ -37,9 +41,11 @@ def is_domain_file(path: str | os.PathLike[str], direct: bool = True) -> bool:
 async def restore_domain(path: str | os.PathLike[str], *, uri: str | None = None,
                          domain: str | None = None, xml: str | None = None,
                          paused: bool = False, trust_xml: bool = False,
-                         reporter: Reporter | None = None, direct: bool = True) -> RestoreResult:
+                         reporter: Reporter | None = None, direct: bool = True,
+                         lazy: str | None = None) -> RestoreResult:
     """Restore `path` through libvirt: under the XML stored in the file (if this host signed
-    it, or `trust_xml`), or under defined domain `domain`'s XML, or under `xml`."""
+    it, or `trust_xml`), or under defined domain `domain`'s XML, or under `xml`. `lazy`
+    ("auto" or "postcopy"): the guest runs at once and its RAM follows (restore_lazy)."""
     path = os.path.abspath(os.fspath(path))
     rep = reporter or Reporter()
     with open_snapshot(path, direct=direct) as snap:
@@ -47,7 +53,6 @@ async def restore_domain(path: str | os.PathLike[str], *, uri: str | None = None
         trust = trust_of(snap.trailer)
         total = sum(b.present_count * b.page_size for b in snap.blocks)
     conn = dommod.connect(uri)
-    workdir = tempfile.mkdtemp(prefix="vmsnap-")  # 0700: libvirtd opens the FIFO as root
     try:
         if domain is not None:
             xml = dommod.migratable_xml(dommod.lookup(conn, domain))
@@ -59,6 +64,38 @@ async def restore_domain(path: str | os.PathLike[str], *, uri: str | None = None
                 raise VmsnapError(f"will not define a domain from the XML stored in {path}: "
                                   f"{trust.reason}; read it with `vmsnap info`, then restore "
                                   "with --trust-command-line, or give --domain NAME or --xml FILE")
+            xml = image.xml
+        if lazy is not None:
+            return await _restore_lazy(conn, path, xml, lazy, paused, rep, direct)
+        was_running = image.was_running if image else True
+        return await _restore_eager(conn, path, xml, paused or not was_running, total, rep,
+                                    direct)
+    finally:
+        conn.close()
+
+
+async def _restore_lazy(conn: Any, path: str, xml: str, engine: str, paused: bool,
+                        rep: Reporter, direct: bool) -> RestoreResult:
+    """libvirt starts the domain waiting for an incoming stream (incoming.start_incoming),
+    vmsnap is its postcopy source over libvirt's monitor."""
+    if engine == "mmap":
+        raise VmsnapError("a libvirt domain restores lazily by postcopy (--lazy or "
+                          "--lazy=postcopy): libvirt starts its QEMU, vmsnap cannot map "
+                          "the file into its RAM")
+    target = await start_incoming(conn, xml)
+    try:
+        return await restore_lazy(path, engine="postcopy", target=target, paused=paused,
+                                  reporter=rep, direct=direct)
+    except BaseException:
+        target.kill()  # never a half-restored domain left behind
+        raise
+
+
+async def _restore_eager(conn: Any, path: str, xml: str, paused: bool, total: int,
+                         rep: Reporter, direct: bool) -> RestoreResult:
+    """virDomainRestore of a private FIFO that vmsnap writes the image into."""
+    workdir = tempfile.mkdtemp(prefix="vmsnap-")  # 0700: libvirtd opens the FIFO as root
+    try:
         head = image_head(path, xml=xml, direct=direct)
         fifo = os.path.join(workdir, "restore.img")
         os.mkfifo(fifo, 0o600)
@@ -69,11 +106,9 @@ async def restore_domain(path: str | os.PathLike[str], *, uri: str | None = None
         seconds = time.monotonic() - t0
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-        conn.close()
-    name = dommod.name_in(xml or (image.xml if image else ""))
-    state = "paused" if paused or not (image.was_running if image else True) else "running"
-    result = RestoreResult(path, seconds, stats.stream_bytes, stats.pages, state, None,
-                           f"libvirt domain {name}")
+    result = RestoreResult(path, seconds, stats.stream_bytes, stats.pages,
+                           "paused" if paused else "running", None,
+                           f"libvirt domain {dommod.name_in(xml)}")
     rep.done(**result.__dict__)
     return result
 

@@ -2,10 +2,11 @@
 migratable XML, with libvirt's view of the domain true afterwards.
 
 The stream reaches vmsnap without any path in QEMU's reach: one end of a socketpair goes to
-QEMU with `getfd` through libvirt's monitor (qemu-monitor-command with files) and QEMU
-migrates to `fd:`; pausing and resuming go through libvirt (suspend/resume), quitting is
-libvirt's destroy once the stream is complete. The QMP steps (capabilities, parameters,
-watching the migration, recovery) are the QMP orchestration's own, run over that monitor.
+QEMU with `getfd` through libvirt's monitor (qemu-monitor-command with files, by
+rendezvous.pass_socket) and QEMU migrates to `fd:`; pausing and resuming go through libvirt
+(suspend/resume), quitting is libvirt's destroy once the stream is complete. The QMP steps
+(capabilities, parameters, watching the migration, recovery) are the QMP orchestration's
+own, run over that monitor.
 """
 
 from __future__ import annotations
@@ -21,11 +22,12 @@ from ..fileformat.trailer import TrailerMetadata
 from ..fileformat.writer import SnapshotWriter
 from ..hostkey import load_or_create_key
 from ..io.atomic import FileLockedError
-from ..io.sockets import shutdown_all, widen
+from ..io.sockets import shutdown_all
 from ..ops.receive import ReceiveStats
 from ..orchestration import background, modes
 from ..orchestration import qmp as qmpmod
 from ..orchestration.modes import UNLIMITED_BANDWIDTH, SaveMode
+from ..orchestration.rendezvous import pass_socket
 from ..orchestration.save import (
     SaveResult,
     _receive,
@@ -37,8 +39,7 @@ from ..orchestration.save import (
 )
 from ..progress import Reporter
 from . import domain as dommod
-
-FDNAME = "vmsnap-migrate"
+from .incoming import without_incoming
 
 
 async def save_domain(name: str, path: str | os.PathLike[str], *, uri: str | None = None,
@@ -93,10 +94,9 @@ async def _save(dom: Any, writer: SnapshotWriter, mode: SaveMode, after: str | N
     writer.metadata = TrailerMetadata(
         qemu_version=version,
         extra={"run_state": "running" if running else "paused", "live": live, "channels": 0,
-               "libvirt": {"xml": dommod.migratable_xml(dom), "cookie": None,
+               "libvirt": {"xml": without_incoming(dommod.migratable_xml(dom)), "cookie": None,
                            "name": dom.name(), "uuid": dom.UUIDString()}})
-    ours, theirs = socket.socketpair()
-    widen(ours, theirs)  # 208 KiB by default: QEMU would hand over 128 KiB at a time
+    conns: list[socket.socket] = []
     saved_caps: dict[str, bool] = {}
     saved_params: dict[str, Any] = {}
     stopped_by_us = started = False
@@ -112,19 +112,19 @@ async def _save(dom: Any, writer: SnapshotWriter, mode: SaveMode, after: str | N
             await mon.call(dom.suspend)
             stopped_by_us = True
         rep.start("save", None, live=live, mode=mode.value, channels=0)
-        await mon.execute_with_fds("getfd", {"fdname": FDNAME}, [theirs.fileno()])
-        theirs.close()
-        await mon.execute("migrate", {"uri": f"fd:{FDNAME}"})
+        main, uri = await pass_socket(mon)
+        conns.append(main)
+        await mon.execute("migrate", {"uri": uri})
         started = True
         receiver = asyncio.get_running_loop().run_in_executor(
-            None, _receive, [ours], writer, None, background.must_complete(peer, mode))
+            None, _receive, conns, writer, None, background.must_complete(peer, mode))
         info = await _watch(mon, receiver, rep)
         stats = await receiver
         final = await _finish(mon, dom, after)
     except BaseException as err:
         if background.must_complete(peer, mode):  # QEMU 7.2 freezes on a cancel
-            await background.complete_into_nowhere(writer, [ours], receiver)
-        shutdown_all([ours])
+            await background.complete_into_nowhere(writer, conns, receiver)
+        shutdown_all(conns)
         if receiver is not None:
             await asyncio.gather(receiver, return_exceptions=True)
         writer.abort()
@@ -132,8 +132,8 @@ async def _save(dom: Any, writer: SnapshotWriter, mode: SaveMode, after: str | N
         rep.error(one_line(err))
         raise
     finally:
-        ours.close()
-        theirs.close()
+        for conn in conns:
+            conn.close()
         await _restore_settings(mon, saved_caps, saved_params)
     seconds = time.monotonic() - t0
     ram = info.get("ram", {})

@@ -33,6 +33,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -79,6 +80,28 @@ class LazyRestoreResult(RestoreResult):
     already_received: int = 0  # --resume: pages the target had before this vmsnap came
     interrupted: bool = False
     verified: bool = False  # mmap: every mapped page checked (before or after the start)
+
+
+class Target(Protocol):
+    """A QEMU waiting for an incoming stream that another program started (a libvirt
+    domain): its monitor and facts; `kill` ends it if the restore fails before the guest
+    could run on its own, `release` once it can."""
+
+    @property
+    def monitor(self) -> Monitor: ...
+
+    @property
+    def peer(self) -> qmpmod.Peer: ...
+
+    @property
+    def label(self) -> str: ...  # what the result's `qmp` names
+
+    @property
+    def pid(self) -> int | None: ...
+
+    def kill(self) -> None: ...
+
+    def release(self) -> None: ...
 
 
 def pick_engine(engine: str, snap: Snapshot, argv: Sequence[str] | None) -> str:
@@ -136,14 +159,14 @@ async def restore_lazy(path: str | os.PathLike[str], *, engine: str = "auto",
                        qmp_address: str | None = None, command: Sequence[str] | None = None,
                        paused: bool = False, reporter: Reporter | None = None,
                        direct: bool = True, hot: bool = True, verify: bool = False,
-                       trust_command_line: bool = False,
-                       resume: bool = False) -> LazyRestoreResult:
+                       trust_command_line: bool = False, resume: bool = False,
+                       target: Target | None = None) -> LazyRestoreResult:
     """Restore `path` lazily: the guest runs as soon as its device state is in, RAM follows.
     Targets (and trust of a stored command line) as for `restore`. `hot` (postcopy): send
     the pages the last lazy restore saw requested first, and record this one's. `verify`
     (mmap): check every page before the guest starts. `resume` (postcopy, --qmp): finish a
     lazy restore of this same file whose vmsnap died, on the target it left in
-    postcopy-paused."""
+    postcopy-paused. `target`: a QEMU another program started (postcopy only)."""
     t0 = time.monotonic()
     path = targets.normalize(path)
     rep = reporter or Reporter()
@@ -159,20 +182,25 @@ async def restore_lazy(path: str | os.PathLike[str], *, engine: str = "auto",
         if resume and (qmp_address is None or engine == "mmap"):
             raise VmsnapError("--resume finishes a postcopy lazy restore into a waiting QEMU: "
                               "give --qmp SOCKET (and --lazy or --lazy=postcopy)")
-        argv = launch_argv(path, command, meta) if qmp_address is None else None
+        own = qmp_address is None and target is None  # vmsnap launches QEMU
+        argv = launch_argv(path, command, meta) if own else None
         job.engine = pick_engine(engine, snap, argv)
         if verify and job.engine == "mmap":
             rep.start("verify", None)
             snap.verify()
             job.verified = True
-        if argv is None:
-            assert qmp_address is not None  # no command line to launch: a target was given
-            address = qmp_address
+        if target is not None:
+            job.proc, job.client, peer, address = target, target.monitor, target.peer, \
+                target.label
         else:
-            job.proc, job.lock, address = await launch_target(
-                path, argv, bool(command), trust_of(snap.trailer), trust_command_line,
-                workdir, mapped_argv(argv, snap) if job.engine == "mmap" else None)
-        job.client, peer = await qmpmod.connect(address)
+            if argv is None:
+                assert qmp_address is not None  # nothing to launch: a target was given
+                address = qmp_address
+            else:
+                job.proc, job.lock, address = await launch_target(
+                    path, argv, bool(command), trust_of(snap.trailer), trust_command_line,
+                    workdir, mapped_argv(argv, snap) if job.engine == "mmap" else None)
+            job.client, peer = await qmpmod.connect(address)
         if not resume:
             await _check_target(job.client, peer, snap.machine_type,
                                 {b.name: b.used_length for b in snap.blocks})
@@ -194,7 +222,7 @@ async def restore_lazy(path: str | os.PathLike[str], *, engine: str = "auto",
     finally:
         sys.setswitchinterval(switch_interval)
         snap.close()
-        if job.client is not None:
+        if isinstance(job.client, Client):
             await qmpmod.disconnect(job.client)
         if job.lock is not None:
             job.lock.release()
@@ -214,9 +242,9 @@ class _Job:
     run: bool
     hot: bool
     engine: str = "postcopy"
-    proc: GuardedQemu | None = None  # ends with vmsnap until released (guest independent)
+    proc: GuardedQemu | Target | None = None  # ended on failure until released
     lock: RelaunchLock | None = None
-    client: Client | None = None
+    client: Monitor | None = None
     pid: int | None = None
     qmp: str = ""
     source: PostcopySource | None = None
@@ -254,7 +282,7 @@ class _Job:
             running_seconds=running, verified=self.verified)
 
 
-async def _incoming(client: Client, command: str = "migrate-incoming") -> socket.socket:
+async def _incoming(client: Monitor, command: str = "migrate-incoming") -> socket.socket:
     """The stream's socket, handed to QEMU by fd and given to `command` (or
     migrate-recover): no path, so a QEMU in another mount namespace or running as another
     user takes it too."""

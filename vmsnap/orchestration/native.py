@@ -80,8 +80,8 @@ async def pass_file(client: Client, path: str, direct_io: bool,
     fdset: int | None = None
     try:
         for fd in fds:
-            client.send_fd_scm(fd)
-            reply = await client.execute("add-fd", {} if fdset is None else {"fdset-id": fdset})
+            reply = await client.execute_with_fds(
+                "add-fd", {} if fdset is None else {"fdset-id": fdset}, [fd])
             fdset = int(reply["fdset-id"])
     except BaseException:
         await release(client, FdSet(fdset, fds) if fdset is not None else None, fds)

@@ -42,10 +42,15 @@ class QmpCommandError(VmsnapError):
 
 
 class Monitor(Protocol):
-    """What most steps need of a QMP connection: `execute`. A Client, or libvirt's
-    DomainMonitor (vmsnap.libvirt.domain), which passes commands through libvirt."""
+    """What most steps need of a QMP connection: `execute` (with fds: to hand QEMU a socket
+    or file). A Client, or libvirt's DomainMonitor (vmsnap.libvirt.domain), which passes
+    commands through libvirt."""
 
-    async def execute(self, cmd: str, arguments: Mapping[str, object] | None = None) -> Any: ...
+    async def execute(self, cmd: str, arguments: Mapping[str, object] | None = None, *,
+                      timeout: float = ...) -> Any: ...
+
+    async def execute_with_fds(self, cmd: str, arguments: Mapping[str, object] | None,
+                               fds: list[int]) -> Any: ...
 
 
 class Client(QMPClient):
@@ -66,6 +71,13 @@ class Client(QMPClient):
             raise QemuGoneError(f"QEMU went away (its monitor closed during {cmd})") from err
         log.debug("%s: <- %s %.500s", self.name, cmd, reply)
         return reply
+
+    async def execute_with_fds(self, cmd: str, arguments: Mapping[str, object] | None,
+                               fds: list[int]) -> Any:
+        """`cmd` with `fds` passed along (SCM_RIGHTS; QEMU keeps the last: one per command)."""
+        for fd in fds:
+            self.send_fd_scm(fd)
+        return await self.execute(cmd, arguments)
 
 
 @dataclass(frozen=True)

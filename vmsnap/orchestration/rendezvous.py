@@ -17,10 +17,9 @@ import socket
 import tempfile
 from dataclasses import dataclass
 
-from qemu.qmp import QMPClient
-
 from ..errors import VmsnapError
 from ..io.sockets import widen
+from .qmp import Monitor
 
 MAIN_FD_NAME = "vmsnap-migration"
 
@@ -84,15 +83,14 @@ def meeting_place(pid: int | None) -> Meeting:
     return Meeting(d, "/tmp/" + os.path.basename(d), None if ids[0] == os.geteuid() else ids)
 
 
-async def pass_socket(client: QMPClient) -> tuple[socket.socket, str]:
-    """A connected socket pair whose far end is handed to QEMU over QMP (SCM_RIGHTS +
-    `getfd`): returns our end and the `fd:` URI QEMU's migrate/migrate-incoming take.
-    Both ends get the same wide buffers (io.sockets.widen)."""
+async def pass_socket(client: Monitor) -> tuple[socket.socket, str]:
+    """A connected socket pair whose far end is handed to QEMU over its monitor (SCM_RIGHTS +
+    `getfd`, over QMP or libvirt's monitor): returns our end and the `fd:` URI QEMU's
+    migrate/migrate-incoming take. Both ends get the same wide buffers (io.sockets.widen)."""
     ours, theirs = socket.socketpair()
     widen(ours, theirs)
     try:
-        client.send_fd_scm(theirs.fileno())
-        await client.execute("getfd", {"fdname": MAIN_FD_NAME})
+        await client.execute_with_fds("getfd", {"fdname": MAIN_FD_NAME}, [theirs.fileno()])
     except BaseException:
         ours.close()
         raise

@@ -415,7 +415,7 @@ def _log_reason(log_path: str | None) -> str | None:
     return None
 
 
-async def _target_failure(client: Client, log_path: str | None) -> VmsnapError:
+async def _target_failure(client: Monitor, log_path: str | None) -> VmsnapError:
     """Why the target stopped loading, in QEMU's own words where it gives them."""
     try:
         info = await client.execute("query-migrate", timeout=5)
@@ -427,7 +427,7 @@ async def _target_failure(client: Client, log_path: str | None) -> VmsnapError:
     return VmsnapError("target QEMU rejected the snapshot" + (f": {desc}" if desc else ""))
 
 
-async def _wait_loaded(client: Client, log_path: str | None = None,
+async def _wait_loaded(client: Monitor, log_path: str | None = None,
                        timeout: float = 600.0) -> None:
     deadline = time.monotonic() + timeout
     while True:

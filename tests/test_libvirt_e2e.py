@@ -133,17 +133,25 @@ def vmsnap_domain(daemon, *args) -> subprocess.CompletedProcess:
     return vmsnap(*args[:1], "--connect", daemon.uri, *args[1:])
 
 
+def events(proc: subprocess.CompletedProcess) -> dict[str, dict]:
+    """A --json run's events by name."""
+    return {e["event"]: e for e in map(json.loads, proc.stdout.splitlines())}
+
+
 def test_save_domain_every_mode_then_restore(daemon):
-    """save --domain paused / --resume / --background / --live --quit: libvirt's state is
-    true after each; `vmsnap restore FILE` brings the domain back through libvirt, RAM
-    checked each time. A background save needs userfaultfd, which QEMU as libvirt-qemu
+    """save --domain paused on 2 multifd channels / --resume / --background / --live --quit:
+    libvirt's state is true after each; `vmsnap restore FILE` brings the domain back through
+    libvirt, RAM checked each time. Multifd channels meet QEMU in a directory of its user in
+    its root, also as libvirt-qemu in libvirt's mount namespace. The live save runs under
+    the converger. A background save needs userfaultfd, which QEMU as libvirt-qemu
     (Debian's default) lacks here: one line naming it, the domain runs on."""
     name = f"lvsave-{os.getpid()}"
     guest, vm = booted_vm(daemon, name)
     work = vm.workdir
     try:
         paused = work / "paused.vms"
-        vmsnap_domain(daemon, "save", "--domain", name, paused)
+        run = vmsnap_domain(daemon, "save", "--domain", name, paused, "--channels", "2", "--json")
+        assert events(run)["start"]["channels"] == 2
         assert vm.state()[0] == libvirt.VIR_DOMAIN_PAUSED
         vm.cont()  # libvirt can resume it: the guest goes on
         guest.wait_alive(vm)
@@ -167,7 +175,9 @@ def test_save_domain_every_mode_then_restore(daemon):
         guest.wait_alive(vm)
 
         live = work / "live.vms"
-        vmsnap_domain(daemon, "save", "--domain", name, live, "--live", "--quit")
+        run = vmsnap_domain(daemon, "save", "--domain", name, live, "--live", "--quit", "--json")
+        done = events(run)["done"]
+        assert done["mode"] == "live" and done["throttle_pct"] is not None, done  # converger
         assert vm.state()[0] == libvirt.VIR_DOMAIN_NOSTATE  # transient: ended means gone
         for snap in (paused, checkpoint, live, *([point] if point.exists() else [])):
             vmsnap_domain(daemon, "restore", snap)
@@ -270,7 +280,7 @@ def test_domain_errors_are_one_line(daemon, tmp_path):
     snap = tmp_path / "x.vms"
     for args, message in [
         (("save", "--domain", "no-such-domain", snap), "libvirt domain 'no-such-domain'"),
-        (("save", "--domain", "d", snap, "--channels", "2"), "--channels is for --qmp"),
+        (("save", "--domain", "d", snap, "--downtime-limit", "9"), "is for --live saves"),
         (("restore", snap, "--domain", "a", "--xml", "b"), "either --domain or --xml"),
     ]:
         proc = subprocess.run([VMSNAP, *map(str, args[:1]), "--connect", daemon.uri,

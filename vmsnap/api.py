@@ -92,14 +92,19 @@ def save(qmp_address: str, path: str | os.PathLike[str], *, live: bool = False,
 def save_domain(name: str, path: str | os.PathLike[str], *, uri: str | None = None,
                 live: bool = False, background: bool = False, after: str | None = None,
                 force: bool = False, reporter: Reporter | None = None,
-                direct: bool = True) -> SaveResult:
+                direct: bool = True, channels: int | None = 0,
+                downtime_limit_ms: int | None = None, seal: str = "now") -> SaveResult:
     """Save the libvirt domain `name` (connection `uri`, default qemu:///system) into `path`,
     its migratable XML in the file's metadata; pausing, resuming and quitting go through
-    libvirt, so its view of the domain stays true. Modes and `after` as for `save`."""
+    libvirt, so its view of the domain stays true. Modes, `after`, `downtime_limit_ms` and
+    `seal` as for `save`; `channels`: default 0, one stream (multifd channels need a
+    directory in QEMU's root)."""
     from .libvirt.save import save_domain as _save_domain
 
     return _run(_save_domain(name, path, uri=uri, live=live, background=background,
-                             after=after, force=force, reporter=reporter, direct=direct))
+                             after=after, force=force, reporter=reporter, direct=direct,
+                             channels=channels, downtime_limit_ms=downtime_limit_ms,
+                             seal=seal))
 
 
 def restore(path: str | os.PathLike[str], *, qmp_address: str | None = None,

@@ -174,14 +174,12 @@ def _is_fifo(path: str) -> bool:
 
 def cmd_save(args: argparse.Namespace, rep: Reporter) -> int:
     after = "resume" if args.resume else "quit" if args.quit else None
-    if args.domain:
-        if args.channels:
-            raise VmsnapError("--domain saves over one stream: --channels is for --qmp")
-        if args.downtime_limit is not None or args.seal != "now":
-            raise VmsnapError("--downtime-limit and --seal go with --qmp")
+    if args.domain:  # one stream by default: multifd needs a path in QEMU's reach
         r = api.save_domain(args.domain, args.file, uri=args.connect, live=args.live,
                             background=args.background, after=after, force=args.force,
-                            reporter=rep, direct=args.direct)
+                            reporter=rep, direct=args.direct,
+                            channels=0 if args.channels is None else args.channels,
+                            downtime_limit_ms=args.downtime_limit, seal=args.seal)
     else:
         if args.connect:
             raise VmsnapError("--connect goes with --domain")

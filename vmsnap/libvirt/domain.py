@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from collections.abc import Mapping
 from typing import Any
 from xml.etree import ElementTree
 
 from ..errors import VmsnapError, squash
-from ..orchestration.qmp import QmpCommandError
+from ..orchestration.qmp import Peer, QmpCommandError
 
 try:
     import libvirt
@@ -108,3 +109,36 @@ class DomainMonitor:
             return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
         except libvirt.libvirtError as err:
             raise VmsnapError(f"libvirt: {message(err)}") from err
+
+
+def qemu_pid(vcpus: list[dict[str, Any]], name: str) -> int | None:
+    """QEMU's pid behind libvirt, from its vCPU threads (query-cpus-fast thread-id) and
+    checked to be the emulator of domain `name`; None if it is not visible from here
+    (another pid namespace or host)."""
+    for vcpu in vcpus:
+        tid = vcpu.get("thread-id")
+        if not isinstance(tid, int) or tid <= 0:
+            continue
+        try:
+            with open(f"/proc/{tid}/status") as f:
+                tgid = int(next(line for line in f if line.startswith("Tgid:")).split()[1])
+            with open(f"/proc/{tgid}/cmdline", "rb") as f:
+                argv = f.read(1 << 20).split(b"\0")
+        except (OSError, StopIteration, ValueError, IndexError):
+            return None
+        if os.path.basename(argv[0]).startswith(b"qemu-system-") and any(
+                a.startswith(b"guest=" + name.encode() + b",") or a == b"guest=" + name.encode()
+                for a in argv):
+            return tgid
+        return None
+    return None
+
+
+async def describe(mon: DomainMonitor, name: str) -> Peer:
+    """The QEMU behind domain `name`, as the QMP orchestration sees a peer (no command line:
+    libvirt, not vmsnap, starts this QEMU)."""
+    q = (await mon.execute("query-version"))["qemu"]
+    status = await mon.execute("query-status")
+    pid = qemu_pid(await mon.execute("query-cpus-fast"), name)
+    return Peer((q["major"], q["minor"], q["micro"]), bool(status["running"]),
+                str(status["status"]), pid, None)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 from dataclasses import dataclass
 from typing import Any
 from xml.etree import ElementTree
@@ -65,29 +64,6 @@ def without_incoming(xml: str) -> str:
     return ElementTree.tostring(root, encoding="unicode")
 
 
-def qemu_pid(vcpus: list[dict[str, Any]], name: str) -> int | None:
-    """QEMU's pid behind libvirt, from its vCPU threads (query-cpus-fast thread-id) and
-    checked to be the emulator of domain `name`; None if it is not visible from here
-    (another pid namespace or host)."""
-    for vcpu in vcpus:
-        tid = vcpu.get("thread-id")
-        if not isinstance(tid, int) or tid <= 0:
-            continue
-        try:
-            with open(f"/proc/{tid}/status") as f:
-                tgid = int(next(line for line in f if line.startswith("Tgid:")).split()[1])
-            with open(f"/proc/{tgid}/cmdline", "rb") as f:
-                argv = f.read(1 << 20).split(b"\0")
-        except (OSError, StopIteration, ValueError, IndexError):
-            return None
-        if os.path.basename(argv[0]).startswith(b"qemu-system-") and any(
-                a.startswith(b"guest=" + name.encode() + b",") or a == b"guest=" + name.encode()
-                for a in argv):
-            return tgid
-        return None
-    return None
-
-
 @dataclass
 class IncomingDomain:
     """A domain libvirt started paused, its QEMU waiting for an incoming stream; `kill`
@@ -124,13 +100,9 @@ async def start_incoming(conn: Any, xml: str) -> IncomingDomain:
                           f"{dommod.message(err)}") from err
     mon = dommod.DomainMonitor(dom)
     try:
-        q = (await mon.execute("query-version"))["qemu"]
-        status = await mon.execute("query-status")
-        pid = qemu_pid(await mon.execute("query-cpus-fast"), name)
+        peer = await dommod.describe(mon, name)
     except BaseException:
         with contextlib.suppress(Exception):
             dom.destroy()
         raise
-    peer = qmpmod.Peer((q["major"], q["minor"], q["micro"]), bool(status["running"]),
-                       str(status["status"]), pid, None)
     return IncomingDomain(dom, mon, peer, f"libvirt domain {name}")

@@ -70,7 +70,7 @@ def direct_io_ok(path: str, access: int = os.O_WRONLY) -> bool:
     return True
 
 
-async def pass_file(client: Client, path: str, direct_io: bool,
+async def pass_file(client: Monitor, path: str, direct_io: bool,
                     access: int = os.O_WRONLY) -> FdSet:
     """Open `path` for QEMU (plain, and O_DIRECT for direct-io; `access` O_WRONLY to save,
     O_RDONLY to load) and hand the descriptors to it in a new fdset."""

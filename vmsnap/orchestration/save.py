@@ -15,7 +15,7 @@ import os
 import socket
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from .. import targets
 from ..errors import VmsnapError, one_line
@@ -117,17 +117,11 @@ def check_channels(channels: int | None) -> int:
     return channels
 
 
-async def save(qmp_address: str, path: str | os.PathLike[str], *, live: bool = False,
-               background: bool = False, after: str | None = None, force: bool = False,
-               reporter: Reporter | None = None, direct: bool = True,
-               downtime_limit_ms: int | None = None,
-               channels: int | None = None, seal: str = "now") -> SaveResult:
-    """Save the VM behind `qmp_address` to `path`, paused, `live` or in the `background`.
-    `after`: "pause" | "resume" | "quit"; None: "pause", except a background save keeps the
-    VM's run state. `channels`: multifd channels (0: one plain stream; None:
-    check_channels(None); a background save is always one stream). `seal`: when QEMU wrote
-    the pages itself (QEMU >= 9.1, paused, channels), when their checksums are added to the
-    committed file: "now" (before returning), "background" or "later" (native.seal_after)."""
+def prepare(path: str | os.PathLike[str], live: bool, background: bool, after: str | None,
+            force: bool, direct: bool, downtime_limit_ms: int | None, channels: int | None,
+            seal: str) -> tuple[SaveMode, int, SnapshotWriter]:
+    """Check a save's arguments and lock FILE.partial, before the VM is touched: the mode,
+    the channel count and the reserved writer (abort it if the save does not happen)."""
     if after not in (None, "pause", "resume", "quit"):
         raise ValueError(f"after must be pause, resume or quit, not {after!r}")
     if seal not in SEAL_WHEN:
@@ -140,14 +134,30 @@ async def save(qmp_address: str, path: str | os.PathLike[str], *, live: bool = F
     path = targets.normalize(path)
     if targets.exists(path) and not force:
         raise VmsnapError(f"{path} exists (use --force to overwrite)")
-    log.debug("save %s to %s: live=%s after=%s channels=%d", qmp_address, path, live, after,
-              channels)
-    rep = reporter or Reporter()
     writer = SnapshotWriter(path, direct=direct, signing_key=load_or_create_key())
     try:
-        writer.reserve()  # lock FILE.partial before QMP or the VM is touched
+        writer.reserve()
     except FileLockedError as err:
         raise VmsnapError(f"{path} is being saved by another process") from err
+    return mode, channels, writer
+
+
+async def save(qmp_address: str, path: str | os.PathLike[str], *, live: bool = False,
+               background: bool = False, after: str | None = None, force: bool = False,
+               reporter: Reporter | None = None, direct: bool = True,
+               downtime_limit_ms: int | None = None,
+               channels: int | None = None, seal: str = "now") -> SaveResult:
+    """Save the VM behind `qmp_address` to `path`, paused, `live` or in the `background`.
+    `after`: "pause" | "resume" | "quit"; None: "pause", except a background save keeps the
+    VM's run state. `channels`: multifd channels (0: one plain stream; None:
+    check_channels(None); a background save is always one stream). `seal`: when QEMU wrote
+    the pages itself (QEMU >= 9.1, paused, channels), when their checksums are added to the
+    committed file: "now" (before returning), "background" or "later" (native.seal_after)."""
+    mode, channels, writer = prepare(path, live, background, after, force, direct,
+                                     downtime_limit_ms, channels, seal)
+    log.debug("save %s to %s: live=%s after=%s channels=%d", qmp_address, writer.path, live,
+              after, channels)
+    rep = reporter or Reporter()
     client: Client | None = None
     try:
         client, peer = await qmpmod.connect(qmp_address)
@@ -161,9 +171,35 @@ async def save(qmp_address: str, path: str | os.PathLike[str], *, live: bool = F
             await qmpmod.disconnect(client)
 
 
-async def _save(client: Client, peer: qmpmod.Peer, writer: SnapshotWriter,
+class Control(Protocol):
+    """How the VM is paused and left after the save: over QMP (QmpControl), or through
+    libvirt so that its view of the domain stays true (vmsnap.libvirt.save)."""
+
+    async def stop(self) -> None: ...
+
+    async def finish(self, after: str) -> str:
+        """Leave the VM as `after` asks ("pause" | "resume" | "quit"); its final state."""
+        ...
+
+
+@dataclass
+class QmpControl:
+    client: Monitor
+
+    async def stop(self) -> None:
+        await self.client.execute("stop")
+
+    async def finish(self, after: str) -> str:
+        return await _finish(self.client, after)
+
+
+async def _save(client: Monitor, peer: qmpmod.Peer, writer: SnapshotWriter,
                 mode: SaveMode, after: str | None, rep: Reporter, downtime_limit_ms: int | None,
-                channels: int, seal: str) -> SaveResult:
+                channels: int, seal: str, control: Control | None = None,
+                extra: dict[str, Any] | None = None) -> SaveResult:
+    """The save itself. `control`: how to pause and finish (default: over `client`);
+    `extra`: more metadata for the file (a libvirt domain's XML)."""
+    control = control or QmpControl(client)
     path = writer.path
     status = await qmpmod.migration_status(client)
     if status.get("status") in MIGRATING:
@@ -180,7 +216,7 @@ async def _save(client: Client, peer: qmpmod.Peer, writer: SnapshotWriter,
     writer.metadata = TrailerMetadata(
         qemu_version=peer.version_text, command_line=peer.cmdline,
         extra={"run_state": "running" if peer.running else "paused", "live": live,
-               "mode": mode.value, "channels": channels})
+               "mode": mode.value, "channels": channels, **(extra or {})})
     saved_caps: dict[str, bool] = {}
     saved_params: dict[str, Any] = {}
     stopped_by_us = started = False
@@ -210,7 +246,7 @@ async def _save(client: Client, peer: qmpmod.Peer, writer: SnapshotWriter,
             params.update(converge.parameters(downtime_limit_ms))
         saved_params = await _set_parameters(client, params)
         if peer.running and mode is SaveMode.PAUSED:
-            await client.execute("stop")
+            await control.stop()
             stopped_by_us = True
         rep.start("save", None, live=live, mode=mode.value, channels=channels)
         converger = converge.Converger(time.monotonic(), downtime_limit_ms) if live else None
@@ -237,7 +273,7 @@ async def _save(client: Client, peer: qmpmod.Peer, writer: SnapshotWriter,
                                             background.must_complete(peer, mode))
             info = await _watch(client, receiver, rep, converger)
             stats = await receiver
-        final = await _finish(client, after)
+        final = await control.finish(after)
     except BaseException as err:
         if background.must_complete(peer, mode):
             await background.complete_into_nowhere(writer, conns, receiver)
@@ -306,7 +342,7 @@ def _receive(conns: list[socket.socket], writer: SnapshotWriter,
         raise
 
 
-async def _accept(client: Client, listener: socket.socket, path: str) -> socket.socket:
+async def _accept(client: Monitor, listener: socket.socket, path: str) -> socket.socket:
     """Wait for QEMU's connection, failing early if its migration fails to start."""
     listener.setblocking(False)
     loop = asyncio.get_running_loop()

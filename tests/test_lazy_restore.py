@@ -124,6 +124,47 @@ def test_lazy_restore_refuses_corrupt_page(workdir):
         assert "pc.ram" in lines[0] and f"{offset:#x}" in lines[0], lines[0]
 
 
+#: Notes which modules are loaded when a lazy restore sends its first byte, then runs the
+#: `vmsnap` command (argv after the script's name) as the console script does.
+FIRST_BYTE_PROBE = """
+import json, sys
+from vmsnap.ops import postcopy_send
+start = postcopy_send.PostcopySource.start
+def noted(self, *args):
+    print(json.dumps({"event": "loaded", "modules": sorted(sys.modules)}), flush=True)
+    return start(self, *args)
+postcopy_send.PostcopySource.start = noted
+from vmsnap.__main__ import main
+sys.argv[0] = "vmsnap"
+sys.exit(main())
+"""
+#: What a lazy restore must not load before its first byte: the terminal's tables and
+#: the save side (it would only delay the guest's start)
+NOT_BEFORE_FIRST_BYTE = ("rich", "vmsnap.orchestration.save", "vmsnap.orchestration.native",
+                         "vmsnap.ops.multifd_receive", "vmsnap.ops.receive",
+                         "vmsnap.ops.shared_ram", "vmsnap.libvirt")
+
+
+@pytest.mark.qemu
+def test_lazy_restore_loads_only_what_it_needs(workdir):
+    """Before the first byte of a lazy restore (--qmp) neither rich nor any module of the
+    save side or of eager restores is loaded; the guest's RAM then checks."""
+    guest = BootGuest(memory_mb=256)
+    snap, _ = saved(guest, "7.2", workdir)
+    with Vm(guest.config("7.2", workdir), workdir, "dst", incoming="defer") as dst:
+        result = subprocess.run(
+            [sys.executable, "-c", FIRST_BYTE_PROBE, "restore", "--json", "--lazy", str(snap),
+             "--qmp", str(dst.tool_qmp_path)], env={**os.environ, "TMPDIR": str(workdir)},
+            capture_output=True, text=True, timeout=300)
+        check_done(result)
+        guest.check_restored(dst)
+    loaded = next(e["modules"] for e in events(result) if e["event"] == "loaded")
+    assert "numpy" in loaded and "vmsnap.ops.postcopy_send" in loaded  # the probe works
+    early = [m for m in loaded if m.split(".")[0] == "rich"
+             or any(m == n or m.startswith(n + ".") for n in NOT_BEFORE_FIRST_BYTE)]
+    assert early == [], early
+
+
 def start_lazy(workdir: Path, snap: Path, qmp: Path) -> subprocess.Popen:
     env = {**os.environ, "TMPDIR": str(workdir)}
     return subprocess.Popen([sys.executable, "-m", "vmsnap.cli", "restore", "--json", "--lazy",

@@ -17,7 +17,7 @@ from testbed.craft import flip_page_bit
 from testbed.guests import BootGuest, shared_ram_args
 from testbed.qemu import Vm
 from vmsnap.errors import VmsnapError
-from vmsnap.orchestration import shared
+from vmsnap.orchestration import relaunch, shared
 
 MB = 256
 DEVICE_STATE_MAX = 1 << 20
@@ -152,7 +152,7 @@ def test_unreachable_backing_is_refused():
 
 
 def test_object_options():
-    assert shared._object_options("memory-backend-file,id=m,mem-path=/a,,b,share=on") == {
+    assert relaunch._object_options("memory-backend-file,id=m,mem-path=/a,,b,share=on") == {
         "qom-type": "memory-backend-file", "id": "m", "mem-path": "/a,b", "share": "on"}
-    assert shared._object_options('{"qom-type":"memory-backend-file","share":true}') == {
+    assert relaunch._object_options('{"qom-type":"memory-backend-file","share":true}') == {
         "qom-type": "memory-backend-file", "share": "true"}

@@ -27,7 +27,7 @@ _EXPORTS = {
     "SnapshotError": ".fileformat.errors", "UnsupportedVersion": ".fileformat.errors",
     "Snapshot": ".fileformat.reader", "VerifyResult": ".fileformat.reader",
     "FileLockedError": ".io.atomic", "IOEngineError": ".io.direct",
-    "RestoreResult": ".orchestration.restore", "SaveResult": ".orchestration.save",
+    "RestoreResult": ".orchestration.target", "SaveResult": ".orchestration.save",
     "LazyRestoreResult": ".orchestration.lazy", "SnapshotInfo": ".ops.info",
     "ReceiveStats": ".ops.receive", "SendStats": ".ops.send",
     "StreamError": ".stream.errors",
@@ -62,8 +62,8 @@ if TYPE_CHECKING:
     from .ops.receive import ReceiveStats
     from .ops.send import SendStats
     from .orchestration.lazy import LazyRestoreResult
-    from .orchestration.restore import RestoreResult
     from .orchestration.save import SaveResult
+    from .orchestration.target import RestoreResult
     from .stream.errors import StreamError
 
 

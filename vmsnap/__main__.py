@@ -18,6 +18,9 @@ def _interrupted(signum: int, frame: object) -> None:
 
 
 def main() -> int:
+    # vmsnap does no linear algebra: numpy's OpenBLAS need not start a thread per core at
+    # import (~25 ms of CPU on every command, before a lazy restore's guest can run)
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     honour = signal.getsignal(signal.SIGINT) is signal.default_int_handler
     if honour:
         signal.signal(signal.SIGINT, _interrupted)

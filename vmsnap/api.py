@@ -8,7 +8,8 @@
     vmsnap.info("vm.snap"); vmsnap.verify("vm.snap")
     vmsnap.receive(sys.stdin.buffer, "vm.snap"); vmsnap.send("vm.snap", sys.stdout.buffer)
 
-Every `vmsnap` command is a thin layer over these functions.
+Every `vmsnap` command is a thin layer over these functions. Each one loads the modules it
+uses when called: `vmsnap restore` never loads what only a save needs, and the other way round.
 """
 
 from __future__ import annotations
@@ -21,20 +22,16 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .errors import VmsnapError
-from .fileformat.reader import Snapshot, open_snapshot
-from .orchestration import lazy as _lazy
-from .orchestration import restore as _restore
-from .orchestration import save as _save
-from .orchestration.restore import RestoreResult
-from .orchestration.save import SaveResult
 
 if TYPE_CHECKING:
-    from .fileformat.reader import VerifyResult
+    from .fileformat.reader import Snapshot, VerifyResult
     from .libvirt.image import DomainImage
     from .ops.info import SnapshotInfo
     from .ops.receive import Readable, ReceiveStats
     from .ops.send import SendStats, Sink
-from .progress import Reporter
+    from .orchestration.save import SaveResult
+    from .orchestration.target import RestoreResult
+    from .progress import Reporter
 
 T = TypeVar("T")
 
@@ -84,9 +81,11 @@ def save(qmp_address: str, path: str | os.PathLike[str], *, live: bool = False,
     `seal`: where QEMU >= 9.1 wrote the pages itself, the file is committed first and its
     page checksums come "now" (before returning), in the "background" (a detached
     `vmsnap seal`) or "later" (run `vmsnap seal`); result.committed_seconds, pages_checked."""
-    return _run(_save.save(qmp_address, path, live=live, background=background, after=after,
-                           force=force, reporter=reporter, direct=direct, channels=channels,
-                           downtime_limit_ms=downtime_limit_ms, seal=seal))
+    from .orchestration.save import save as _save
+
+    return _run(_save(qmp_address, path, live=live, background=background, after=after,
+                      force=force, reporter=reporter, direct=direct, channels=channels,
+                      downtime_limit_ms=downtime_limit_ms, seal=seal))
 
 
 def save_domain(name: str, path: str | os.PathLike[str], *, uri: str | None = None,
@@ -138,14 +137,18 @@ def restore(path: str | os.PathLike[str], *, qmp_address: str | None = None,
     if lazy is not None:
         if verify is False:
             raise VmsnapError("a lazy restore checks every page it sends: no verify=False")
-        return _run(_lazy.restore_lazy(path, engine=lazy, qmp_address=qmp_address,
-                                       command=command, paused=paused, reporter=reporter,
-                                       direct=direct, verify=bool(verify), resume=resume,
-                                       trust_command_line=trust_command_line))
-    return _run(_restore.restore(path, qmp_address=qmp_address, command=command,
-                                 paused=paused, reporter=reporter, direct=direct,
-                                 channels=channels, trust_command_line=trust_command_line,
-                                 verify=verify is not False))
+        from .orchestration.lazy import restore_lazy
+
+        return _run(restore_lazy(path, engine=lazy, qmp_address=qmp_address,
+                                 command=command, paused=paused, reporter=reporter,
+                                 direct=direct, verify=bool(verify), resume=resume,
+                                 trust_command_line=trust_command_line))
+    from .orchestration.restore import restore as _restore
+
+    return _run(_restore(path, qmp_address=qmp_address, command=command,
+                         paused=paused, reporter=reporter, direct=direct,
+                         channels=channels, trust_command_line=trust_command_line,
+                         verify=verify is not False))
 
 
 def restore_domain(path: str | os.PathLike[str], *, uri: str | None = None,
@@ -166,7 +169,17 @@ def restore_domain(path: str | os.PathLike[str], *, uri: str | None = None,
 
 def open(path: str | os.PathLike[str], *, direct: bool = True) -> Snapshot:  # noqa: A001
     """Open a snapshot for inspection (blocks, metadata, present pages, verify())."""
+    from .fileformat.reader import open_snapshot
+
     return open_snapshot(path, direct=direct)
+
+
+def exists(path: str | os.PathLike[str]) -> bool:
+    """True if a committed snapshot (or, locally, any file) is at `path`: a file,
+    `rbd:POOL/IMAGE` or `s3://BUCKET/KEY`."""
+    from . import targets
+
+    return targets.exists(path)
 
 
 # -- the other verbs: files and streams, no QEMU -------------------------------------------
@@ -182,7 +195,7 @@ def verify(path: str | os.PathLike[str], *, direct: bool = True,
            progress: Callable[[int, int], None] | None = None) -> VerifyResult:
     """Check every page and every other stream byte of `path` against its checksums
     (`vmsnap verify`); ChecksumMismatch names the first bad page."""
-    with open_snapshot(path, direct=direct) as snap:
+    with open(path, direct=direct) as snap:
         return snap.verify(progress=progress)
 
 

@@ -10,25 +10,20 @@ import asyncio
 import io
 import logging
 import os
-import shlex
 import stat
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
-
-from . import __version__, api, targets
+from . import __version__, api
 from .errors import USER_ERRORS, VmsnapError, one_line
-from .orchestration.save import SEAL_WHEN
+from .orchestration.modes import SEAL_WHEN
 from .progress import Reporter
 
 
 def _refuse_overwrite(path: str, force: bool) -> None:
-    if targets.exists(path) and not force:
+    if api.exists(path) and not force:
         raise VmsnapError(f"{path} exists (use --force to overwrite)")
 
 
@@ -82,34 +77,10 @@ def cmd_info(args: argparse.Namespace, rep: Reporter) -> int:
     if args.json:  # one JSON line, the same "done" event as every other verb's last line
         rep.result("info", **info)
         return 0
-    console = Console()
-    summary = Table.grid(padding=(0, 2))
-    for key in ("path", "format", "integrity", "qemu_version", "machine_type", "created"):
-        summary.add_row(key.replace("_", " "), _text(info[key]))
-    summary.add_row("RAM", f"{info['ram_bytes']:,} bytes ({info['present_bytes']:,} present)")
-    allocated = info["allocated_size"]
-    summary.add_row("file size", f"{info['apparent_size']:,} apparent"
-                    + (f", {allocated:,} allocated" if allocated is not None else ""))
-    if info["command_line"]:
-        summary.add_row("command line", _text(shlex.join(info["command_line"])))
-        trust = ("trusted: " if info["command_line_trusted"] else "NOT trusted: ") \
-            + (info["command_line_trust"] or "")
-        if info["command_line_runs_programs"]:
-            trust += "; makes QEMU run: " + ", ".join(info["command_line_runs_programs"])
-        summary.add_row("relaunch", _text(trust))
-    console.print(summary)
-    table = Table("block", "used length", "present pages", "zero pages")
-    for b in info["blocks"]:
-        table.add_row(_text(b["name"]), f"{b['used_length']:#x}", str(b["present_pages"]),
-                      str(b["zero_pages"]))
-    console.print(table)
+    from .infotable import print_info  # rich loads only to draw these tables
+
+    print_info(info)
     return 0
-
-
-def _text(value: object) -> Text:
-    """`value` shown as it is: no rich markup, control characters and undecodable bytes
-    escaped (a file's block names and command line must not drive the terminal)."""
-    return Text("".join(c if c.isprintable() else ascii(c)[1:-1] for c in str(value)))
 
 
 def cmd_verify(args: argparse.Namespace, rep: Reporter) -> int:

@@ -25,7 +25,7 @@ from ..fileformat.reader import open_snapshot
 from ..hostkey import trust_of
 from ..ops.send import SendStats
 from ..orchestration.lazy import restore_lazy
-from ..orchestration.restore import RestoreResult
+from ..orchestration.target import RestoreResult
 from ..progress import Reporter
 from . import domain as dommod
 from .image import domain_of, image_head, write_image

@@ -110,12 +110,16 @@ def _skip_empty_rounds(tail: bytes, sid: int) -> bytes:
 class PostcopySource:
     """Drive one postcopy restore over a connected socket: start(), then wait()."""
 
-    def __init__(self, snap: Snapshot, sock: socket.socket, *,
+    def __init__(self, snap: Snapshot, *,
                  hot: Mapping[str, np.ndarray] | None = None, readers: int = READERS,
                  chunk_pages: int = CHUNK_PAGES,
                  progress: Callable[[int, int], None] | None = None) -> None:
+        """Everything that needs no destination yet (page index, stream prologue), so it
+        can be made while the destination QEMU starts."""
+        snap.check_stream_ranges()
+        self.prologue, self.closing_bytes, self.sid = postcopy_prologue(snap)
         self.snap = snap
-        self.sock = sock
+        self.sock: socket.socket | None = None  # the destination's, from start() or resume()
         self.readers = max(1, readers)
         self.chunk_pages = chunk_pages
         self.progress = progress
@@ -125,7 +129,8 @@ class PostcopySource:
         self.index = {b.name: np.cumsum(b.present, dtype=np.int64) - b.present
                       for b in snap.blocks}
         self.hot = hot or {}
-        self.jobs: list[tuple[BlockInfo, int, int]] = []  # planned once the guest can start
+        self.jobs: list[tuple[BlockInfo, int, int]] | None = None  # planned by the first pusher
+        self.plan_lock = threading.Lock()
         self.next_job = itertools.count()
         self.total = sum(b.present_count * b.page_size for b in snap.blocks)
         self.stats = PostcopyStats()
@@ -177,6 +182,7 @@ class PostcopySource:
         self.failed.set()
 
     def _send(self, parts: list[Buffer]) -> None:
+        assert self.sock is not None
         with self.send_lock:
             self.stats.stream_bytes += sendmsg_all(self.sock, parts)
 
@@ -199,22 +205,21 @@ class PostcopySource:
         return [encoder.section_part(sid), *body, encoder.eos() + encoder.footer(sid)]
 
     # ---------------------------------------------------------------- lifecycle
-    def start(self) -> None:
-        """Send what the destination needs to run the guest, then serve and push pages."""
-        self.snap.check_stream_ranges()
-        prologue, self.closing_bytes, self.sid = postcopy_prologue(self.snap)
-        self._send([prologue])
+    def start(self, sock: socket.socket) -> None:
+        """Send what the destination on `sock` needs to run the guest, then serve and push
+        pages."""
+        self.sock = sock
+        self._send([self.prologue])
         self._start_threads()
 
-    def resume(self) -> None:
-        """Take over a recovering destination (postcopy-recover): learn the pages it has,
-        resume it, then serve and push the others."""
-        self.snap.check_stream_ranges()
-        _, self.closing_bytes, self.sid = postcopy_prologue(self.snap)
+    def resume(self, sock: socket.socket) -> None:
+        """Take over a recovering destination (postcopy-recover) on `sock`: learn the pages
+        it has, resume it, then serve and push the others."""
+        self.sock = sock
         self.decoder = pc.ReturnPathDecoder({b.name: b.npages for b in self.snap.blocks})
         self._send([b"".join(pc.recv_bitmap(b.name) for b in self.snap.blocks)])
         received: dict[str, np.ndarray] = {}
-        self.sock.settimeout(HANDSHAKE_TIMEOUT)
+        sock.settimeout(HANDSHAKE_TIMEOUT)
         try:
             while len(received) < len(self.blocks):
                 for msg in self._read_handshake():
@@ -235,7 +240,7 @@ class PostcopySource:
             raise VmsnapError(f"the destination did not answer the postcopy recovery within "
                               f"{HANDSHAKE_TIMEOUT:.0f}s") from None
         finally:
-            self.sock.settimeout(None)
+            sock.settimeout(None)
         for b in self.snap.blocks:
             self.claimed[b.name] |= received[b.name]
         self.stats.already_received = int(sum(v.sum() for v in received.values()))
@@ -244,22 +249,26 @@ class PostcopySource:
         self._start_threads()
 
     def _read_handshake(self) -> list[pc.RpMessage]:
+        assert self.sock is not None
         data = self.sock.recv(65536)
         if not data:
             raise VmsnapError("destination closed the migration socket during the recovery")
         return list(self.decoder.feed(data))
 
     def _start_threads(self) -> None:
-        """Serve requests at once; plan the pushes only then (after what lets the
-        destination start was sent: planning takes ~60 ms per GiB) and start pushing."""
+        """Serve requests and push pages; the pushers plan their work themselves (it takes
+        ~60 ms per GiB), so start() returns as soon as the destination can run the guest."""
         self.threads = [threading.Thread(target=self._serve, name="vmsnap-rp", daemon=True)]
-        self.threads[0].start()
-        self.jobs = self._plan(self.hot)
-        pushers = [threading.Thread(target=self._push, name=f"vmsnap-push{i}", daemon=True)
-                   for i in range(self.readers)]
-        self.threads += pushers
-        for t in pushers:
+        self.threads += [threading.Thread(target=self._push, name=f"vmsnap-push{i}",
+                                          daemon=True) for i in range(self.readers)]
+        for t in self.threads:
             t.start()
+
+    def _planned(self) -> list[tuple[BlockInfo, int, int]]:
+        with self.plan_lock:
+            if self.jobs is None:
+                self.jobs = self._plan(self.hot)
+            return self.jobs
 
     def wait(self, timeout: float = SHUT_TIMEOUT) -> PostcopyStats:
         """Wait until every present page is out, end the stream, wait for the destination's
@@ -285,12 +294,15 @@ class PostcopySource:
     def abort(self) -> None:
         """Cut the stream: a destination in postcopy pauses (postcopy-paused)."""
         self.fail(VmsnapError("aborted"))
-        shutdown_all([self.sock])
+        if self.sock is not None:
+            shutdown_all([self.sock])
         for t in self.threads:
             t.join(10)
 
     # ---------------------------------------------------------------- threads
     def _serve(self) -> None:
+        sock = self.sock
+        assert sock is not None
         try:
             backlog, self.backlog = self.backlog, []
             t0 = time.perf_counter()
@@ -310,7 +322,7 @@ class PostcopySource:
                         self.shut.set()
                 if self.shut.is_set():
                     return
-                data = self.sock.recv(65536)
+                data = sock.recv(65536)
                 t0 = time.perf_counter()
                 if not data:
                     if not self.closing:
@@ -357,12 +369,13 @@ class PostcopySource:
 
     def _push(self) -> None:
         try:
+            jobs = self._planned()
             with AlignedBuffer(self.chunk_pages * PAGE) as buf:
                 while not self.failed.is_set():
                     k = next(self.next_job)
-                    if k >= len(self.jobs):
+                    if k >= len(jobs):
                         return
-                    b, first, count = self.jobs[k]
+                    b, first, count = jobs[k]
                     new = self._claim(b.name, first, count)
                     if not new.any():
                         continue

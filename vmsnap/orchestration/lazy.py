@@ -51,13 +51,7 @@ from .modes import INCOMPATIBLE_CAPS, USERFAULTFD
 from .qmp import Client, Monitor
 from .relaunch import GuardedQemu, RelaunchLock, own_qmp
 from .rendezvous import pass_socket
-from .restore import (
-    RestoreResult,
-    _check_target,
-    _wait_loaded,
-    launch_argv,
-    launch_target,
-)
+from .target import POLL, RestoreResult, check_target, launch_argv, launch_target, wait_loaded
 
 ENGINES = ("auto", "postcopy", "mmap")
 RUNNING_TIMEOUT = 60.0
@@ -134,16 +128,16 @@ def pick_engine(engine: str, snap: Snapshot, argv: Sequence[str] | None) -> str:
 async def _wait_running(client: Monitor, t0: float) -> float:
     deadline = time.monotonic() + RUNNING_TIMEOUT
     while True:
-        status = (await client.execute("query-status"))["status"]
-        if status == "running":
+        state, info = await asyncio.gather(client.execute("query-status"),
+                                           qmpmod.migration_status(client))
+        if state["status"] == "running":
             return time.monotonic() - t0
-        info = await qmpmod.migration_status(client)
         if info.get("status") == "failed":
             raise VmsnapError("target QEMU rejected the snapshot"
                               + (f": {info['error-desc']}" if info.get("error-desc") else ""))
         if time.monotonic() > deadline:
             raise VmsnapError(f"the guest did not start within {RUNNING_TIMEOUT:.0f}s")
-        await asyncio.sleep(0.005)
+        await asyncio.sleep(POLL)
 
 
 async def _stop_guest(client: Monitor, command: str = "stop") -> None:
@@ -189,6 +183,8 @@ async def restore_lazy(path: str | os.PathLike[str], *, engine: str = "auto",
             rep.start("verify", None)
             snap.verify()
             job.verified = True
+        if job.engine == "postcopy":
+            job.prepare()  # while QEMU starts (or we connect to it)
         if target is not None:
             job.proc, job.client, peer, address = target, target.monitor, target.peer, \
                 target.label
@@ -202,8 +198,8 @@ async def restore_lazy(path: str | os.PathLike[str], *, engine: str = "auto",
                     workdir, mapped_argv(argv, snap) if job.engine == "mmap" else None)
             job.client, peer = await qmpmod.connect(address)
         if not resume:
-            await _check_target(job.client, peer, snap.machine_type,
-                                {b.name: b.used_length for b in snap.blocks})
+            await check_target(job.client, peer, snap.machine_type,
+                               {b.name: b.used_length for b in snap.blocks})
         job.pid = job.proc.pid if job.proc else peer.pid
         job.qmp = address
         sys.setswitchinterval(SWITCH_INTERVAL)
@@ -221,6 +217,7 @@ async def restore_lazy(path: str | os.PathLike[str], *, engine: str = "auto",
         raise
     finally:
         sys.setswitchinterval(switch_interval)
+        await job.settle()  # the preparing thread reads the file: done before it closes
         snap.close()
         if isinstance(job.client, Client):
             await qmpmod.disconnect(job.client)
@@ -248,8 +245,25 @@ class _Job:
     pid: int | None = None
     qmp: str = ""
     source: PostcopySource | None = None
+    preparing: asyncio.Future[PostcopySource] | None = None
     guest_started: bool = False  # mmap: from here on, the guest lives without vmsnap
     verified: bool = False
+
+    def prepare(self) -> None:
+        """Make the postcopy source (hot-page hint, page index, stream prologue: work that
+        grows with RAM size) in a thread, while the target starts."""
+        def source() -> PostcopySource:
+            hint = load_hot(self.snap) if self.hot else {}
+            return PostcopySource(self.snap, hot=hint, progress=self.rep.update)
+
+        self.preparing = asyncio.get_running_loop().run_in_executor(None, source)
+
+    async def settle(self) -> None:
+        """Wait for a preparation nobody took (a restore that failed first)."""
+        if self.preparing is not None and self.source is None:
+            await asyncio.wait([self.preparing])
+            if not self.preparing.cancelled():
+                self.preparing.exception()  # retrieved: the restore's own error is reported
 
     async def fail(self, err: BaseException) -> None:
         self.rep.error(one_line(err))
@@ -298,13 +312,13 @@ async def _incoming(client: Monitor, command: str = "migrate-incoming") -> socke
 async def _postcopy(job: _Job, peer: qmpmod.Peer) -> LazyRestoreResult:
     client = job.client
     assert client is not None
-    caps = {c["capability"] for c in await client.execute("query-migrate-capabilities")}
+    caps = await qmpmod.capabilities(client)
     if "postcopy-ram" not in caps:
         raise VmsnapError(f"QEMU {peer.version_text} has no postcopy-ram: restore "
                           "without --lazy")
     try:
         await qmpmod.set_capabilities(
-            client, {**dict.fromkeys(INCOMPATIBLE_CAPS, False), "postcopy-ram": True})
+            client, {**dict.fromkeys(INCOMPATIBLE_CAPS, False), "postcopy-ram": True}, caps)
     except qmpmod.QmpCommandError as err:  # QEMU checks userfaultfd here
         raise VmsnapError(f"QEMU {peer.version_text} cannot use postcopy here ({err.desc}): "
                           f"it needs {USERFAULTFD}; restore without --lazy") from err
@@ -331,12 +345,16 @@ async def _serve(job: _Job, sock: socket.socket, resume: bool) -> LazyRestoreRes
     """Be the postcopy source on `sock` until every page is in and the target says so."""
     client, rep = job.client, job.rep
     assert client is not None
-    hint = load_hot(job.snap) if job.hot else {}
-    source = job.source = PostcopySource(job.snap, sock, hot=hint, progress=rep.update)
+    assert job.preparing is not None
+    try:
+        source = job.source = await job.preparing
+    except BaseException:
+        sock.close()
+        raise
     rep.start("restore", None if resume else source.total, engine=job.engine, lazy=True,
               resume=resume)
     loop = asyncio.get_running_loop()
-    await loop.run_in_executor(None, source.resume if resume else source.start)
+    await loop.run_in_executor(None, source.resume if resume else source.start, sock)
     running = await _wait_running(client, job.t0) if job.run and not resume else None
     rep.event("running", seconds=running)
     waiter = loop.run_in_executor(None, source.wait)
@@ -352,7 +370,7 @@ async def _serve(job: _Job, sock: socket.socket, resume: bool) -> LazyRestoreRes
             left = (source.total - source.done) >> 20
             rep.note(f"interrupt: not stopping, the guest needs every page: finishing the "
                      f"lazy restore first ({left} MiB left)")
-    await _wait_loaded(client)
+    await wait_loaded(client)
     if resume and job.run and not (await client.execute("query-status"))["running"]:
         await client.execute("cont")  # the attempt that failed stopped the guest
     job.release()
@@ -367,7 +385,7 @@ async def _serve(job: _Job, sock: socket.socket, resume: bool) -> LazyRestoreRes
         requested_pages=stats.requested_pages, zero_pages=stats.zero_pages,
         latency_p50_us=float(np.percentile(lat, 50)) if lat.size else None,
         latency_p99_us=float(np.percentile(lat, 99)) if lat.size else None,
-        hot_pages=int(sum(len(v) for v in hint.values())), interrupted=interrupted,
+        hot_pages=int(sum(len(v) for v in source.hot.values())), interrupted=interrupted,
         already_received=stats.already_received)
 
 
@@ -384,7 +402,7 @@ async def _mmap(job: _Job) -> LazyRestoreResult:
             return send(job.snap.path, sink, skip={MAPPED_BLOCK})
 
     stats = await loop.run_in_executor(None, stream)
-    await _wait_loaded(client)
+    await wait_loaded(client)
     job.release()
     if job.run:  # the stream's own run state is the paused source's
         await client.execute("cont")

@@ -23,6 +23,10 @@ CONNECT_TIMEOUT = 5.0
 #: Any one command. QEMU answers in milliseconds unless it is stuck (stop drains disk I/O).
 COMMAND_TIMEOUT = 60.0
 
+#: Migration states in which QEMU is busy with a migration (ours or someone else's).
+MIGRATING = ("setup", "active", "pre-switchover", "device", "cancelling", "wait-unplug",
+             "postcopy-active")
+
 # qemu.qmp logs connection failures itself; vmsnap reports them as one line of its own.
 logging.getLogger("qemu.qmp").addHandler(logging.NullHandler())
 
@@ -140,8 +144,8 @@ async def connect(address: str, name: str = "vmsnap",
     try:
         async with asyncio.timeout(timeout):
             await client.connect(sock)
-            version = await client.execute("query-version")
-            status = await client.execute("query-status")
+            version, status = await asyncio.gather(client.execute("query-version"),
+                                                   client.execute("query-status"))
     except TimeoutError:
         await disconnect(client)
         sock.close()
@@ -166,10 +170,18 @@ async def migration_status(client: Monitor) -> dict[str, Any]:
     return status
 
 
-async def set_capabilities(client: Monitor, wanted: dict[str, bool]) -> dict[str, bool]:
-    """Apply `wanted` (only for capabilities this QEMU knows); return the previous values."""
-    current = {c["capability"]: c["state"]
-               for c in await client.execute("query-migrate-capabilities")}
+async def capabilities(client: Monitor) -> dict[str, bool]:
+    """The migration capabilities this QEMU knows, and their states."""
+    return {c["capability"]: c["state"]
+            for c in await client.execute("query-migrate-capabilities")}
+
+
+async def set_capabilities(client: Monitor, wanted: dict[str, bool],
+                           current: Mapping[str, bool] | None = None) -> dict[str, bool]:
+    """Apply `wanted` (only for capabilities this QEMU knows: `current`, queried unless
+    given); return the previous values."""
+    if current is None:
+        current = await capabilities(client)
     change = {k: v for k, v in wanted.items() if k in current and current[k] != v}
     if change:
         log.debug("migration capabilities: %s (were %s)", change,

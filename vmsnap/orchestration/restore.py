@@ -12,7 +12,6 @@ import contextlib
 import functools
 import logging
 import os
-import re
 import shutil
 import socket
 import tempfile
@@ -27,7 +26,7 @@ from ..fileformat.reader import open_snapshot
 from ..fileformat.trailer import TrailerMetadata
 from ..hostkey import Trust, trust_of
 from ..io.sockets import shutdown_all
-from ..ops.multifd_send import Destination, destination, send_multifd
+from ..ops.multifd_send import Destination, send_multifd
 from ..ops.send import SendStats, send
 from ..ops.shared_ram import fill_from_file
 from ..progress import Reporter
@@ -35,97 +34,22 @@ from ..stream.constants import CAP_IGNORE_SHARED as IGNORE_SHARED
 from . import native, shared
 from . import qmp as qmpmod
 from .modes import INCOMPATIBLE_CAPS
-from .qmp import Client, Monitor, QemuGoneError
-from .relaunch import (
-    GuardedQemu,
-    RelaunchLock,
-    approve,
-    check_not_running,
-    own_qmp,
-    relaunch_argv,
-)
+from .qmp import Client, Monitor
+from .relaunch import GuardedQemu, RelaunchLock, own_qmp
 from .rendezvous import meeting_place, pass_socket
-from .save import MIGRATING, check_channels
+from .save import check_channels
+from .target import (
+    START_TIMEOUT,
+    RestoreResult,
+    check_target,
+    launch_argv,
+    launch_target,
+    target_failure,
+    wait_loaded,
+)
 from .vmlock import vm_lock
 
-START_TIMEOUT = 60.0
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class RestoreResult:
-    path: str
-    seconds: float
-    stream_bytes: int
-    pages: int
-    final_state: str
-    pid: int | None
-    qmp: str
-    ram_path: str = "stream"  # "shared": vmsnap filled the target's shared RAM itself
-
-
-def _listening(path: str) -> bool:
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(path)
-        return True
-    except (FileNotFoundError, ConnectionRefusedError):
-        return False
-    finally:
-        probe.close()
-
-
-async def _launch(argv: list[str], program: str | None, qmp_path: str,
-                  log_path: str) -> GuardedQemu:
-    """Start `argv` (running `program` if given, else argv[0] through PATH) under the guard
-    and wait for its QMP socket."""
-    log.debug("relaunch: %s (program %s)", argv, program)
-    proc = GuardedQemu(argv, program, log_path)
-    deadline = time.monotonic() + START_TIMEOUT
-    while not _listening(qmp_path):  # the file appears at bind(), before listen()
-        if proc.poll() is not None:
-            with open(log_path, errors="replace") as f:
-                lines = f.read().strip().splitlines()
-            raise VmsnapError(f"QEMU exited at start: {lines[-1] if lines else 'no message'}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise VmsnapError(f"QEMU did not open its QMP socket in {START_TIMEOUT:.0f}s")
-        await asyncio.sleep(0.02)
-    return proc
-
-
-def launch_argv(path: str, command: Sequence[str] | None,
-                meta: TrailerMetadata | None) -> list[str]:
-    """The QEMU command line to launch for a restore of `path`: `command` if given, else
-    the one stored in the snapshot."""
-    argv = list(command) if command else (meta.command_line if meta else None)
-    if not argv:
-        raise VmsnapError(f"{path} stores no QEMU command line: give --qmp SOCKET "
-                          "or -- QEMU_COMMAND...")
-    return argv
-
-
-async def launch_target(path: str, argv: list[str], given: bool, trust: Trust,
-                        trust_command_line: bool, workdir: str,
-                        launch_argv: list[str] | None = None,
-                        ) -> tuple[GuardedQemu, RelaunchLock | None, str]:
-    """Start a QEMU waiting for an incoming stream on a QMP socket in `workdir`: the
-    command line stored in the snapshot at `path` (`given` False: approved, one relaunch at
-    a time) or one the user gave, never beside a running original. `launch_argv`: what to
-    actually start, if `argv` is rewritten. Returns (QEMU, lock or None, QMP path)."""
-    program = None if given else approve(argv, trust, trust_command_line, path)
-    lock = None if given else RelaunchLock(targets.lock_path(path))
-    try:
-        check_not_running(argv, path)
-        qmp_address = os.path.join(workdir, "qmp.sock")
-        shared.fresh_backing_files(argv)
-        proc = await _launch(relaunch_argv(launch_argv or argv, qmp_address), program,
-                             qmp_address, os.path.join(workdir, "qemu.log"))
-    except BaseException:
-        if lock is not None:
-            lock.release()
-        raise
-    return proc, lock, qmp_address
 
 
 #: Memory backends whose memory is zero when an -incoming QEMU starts (anonymous or a new
@@ -140,31 +64,6 @@ async def memory_backends(client: Monitor) -> dict[str, str]:
     types = {o["name"]: o.get("type", "").removeprefix("child<").removesuffix(">")
              for o in objects}
     return {name: t for name, t in types.items() if t.startswith("memory-backend-")}
-
-
-async def _check_target(client: Monitor, peer: qmpmod.Peer, machine: str,
-                        sizes: dict[str, int]) -> Destination:
-    """Refuse, before anything is sent, a target that cannot take this snapshot (QEMU would
-    only say so in its log, and exit). `sizes`: the snapshot's RAM block sizes by name."""
-    if peer.status != "inmigrate":
-        raise VmsnapError(f"target QEMU is {peer.status!r}, not waiting for an incoming "
-                          "migration (start it with -incoming defer)")
-    status = (await qmpmod.migration_status(client)).get("status")
-    if status in MIGRATING:
-        raise VmsnapError(f"target QEMU is already loading a migration ({status})")
-    target = destination(await client.execute("query-uuid"),
-                         await client.execute("qom-get", {"path": "/machine", "property": "type"}))
-    if target.machine != machine:
-        raise VmsnapError(f"machine type mismatch: snapshot is {machine}, target is "
-                          f"{target.machine}")
-    for memdev in await client.execute("query-memdev"):  # a backend's block bears its id
-        want = sizes.get(memdev.get("id", ""))
-        if want is not None and memdev["size"] != want:
-            raise VmsnapError(
-                f"RAM size mismatch: the snapshot's {memdev['id']} is {want >> 20} MiB, the "
-                f"target's is {memdev['size'] >> 20} MiB (start it with the saved -m or "
-                "backend size)")
-    return target
 
 
 async def _connect_incoming(path: str, timeout: float = START_TIMEOUT) -> socket.socket:
@@ -209,11 +108,11 @@ async def restore(path: str | os.PathLike[str], *, qmp_address: str | None = Non
         client, peer = await qmpmod.connect(qmp_address)
         held.client = client
         held.stack.enter_context(vm_lock(peer.pid))
-        target = await _check_target(client, peer, facts.machine, facts.sizes)
+        target = await check_target(client, peer, facts.machine, facts.sizes)
         held.plan = plan = await shared.restore_plan(client, peer, set(facts.sizes))
         stats, ram_path = await _load(client, peer, path, facts, held, target, channels,
                                       direct, verify, rep)
-        await _wait_loaded(client, held.log_path)
+        await wait_loaded(client, held.log_path)
         run = facts.saved_running and not paused
         if run:
             await client.execute("cont")
@@ -302,7 +201,7 @@ async def _load(client: Client, peer: qmpmod.Peer, path: str, facts: _Facts, hel
     stale = set(facts.sizes) & (set(backends) - fresh)  # e.g. a file that holds old data
     if not verify and not held.plan and await native.can_load(client, peer, path, stale):
         stats = await native.load(client, path, channels or 1, direct, rep, facts.total,
-                                  lambda: _wait_loaded(client, held.log_path))
+                                  lambda: wait_loaded(client, held.log_path))
         return stats, "qemu"
     stats = await _load_stream(client, peer, path, channels, held.plan, fresh, target,
                                direct, rep, facts.total, held.stack, held.log_path)
@@ -350,7 +249,7 @@ async def _load_stream(client: Client, peer: qmpmod.Peer, path: str, channels: i
     try:
         return await _stream(send_all, socks, stop)
     except ConnectionError as err:  # the target closed the stream: say why it did
-        raise await _target_failure(client, log_path) from err
+        raise await target_failure(client, log_path) from err
 
 
 def _send(path: str, socks: list[socket.socket], channels: int,
@@ -399,47 +298,3 @@ async def _stream(stream: Callable[[], SendStats], socks: list[socket.socket],
     finally:
         for sock in socks:
             sock.close()
-
-
-def _log_reason(log_path: str | None) -> str | None:
-    """QEMU's first error line in its log (e.g. "Size mismatch: ..."), without the prefix."""
-    try:
-        with open(log_path or "", errors="replace") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        m = re.match(r"\S*qemu-system-\S+: (.+)", line)
-        if m and not m.group(1).startswith("warning:"):
-            return m.group(1).strip()
-    return None
-
-
-async def _target_failure(client: Monitor, log_path: str | None) -> VmsnapError:
-    """Why the target stopped loading, in QEMU's own words where it gives them."""
-    try:
-        info = await client.execute("query-migrate", timeout=5)
-    except (QemuGoneError, VmsnapError):
-        reason = _log_reason(log_path)
-        return VmsnapError("target QEMU exited while loading the snapshot"
-                           + (f": {reason}" if reason else " (its log tells why)"))
-    desc = info.get("error-desc") or _log_reason(log_path)
-    return VmsnapError("target QEMU rejected the snapshot" + (f": {desc}" if desc else ""))
-
-
-async def _wait_loaded(client: Monitor, log_path: str | None = None,
-                       timeout: float = 600.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            info = await qmpmod.migration_status(client)
-        except QemuGoneError:
-            raise await _target_failure(client, log_path) from None
-        status = info.get("status")
-        if status == "completed":
-            return
-        if status == "failed":
-            raise await _target_failure(client, log_path)
-        if time.monotonic() > deadline:
-            raise VmsnapError("target QEMU did not finish loading the snapshot")
-        await asyncio.sleep(0.05)

@@ -32,8 +32,8 @@ from ..progress import Reporter
 from ..stream.constants import CAP_IGNORE_SHARED, CAP_MAPPED_RAM
 from . import background, converge, modes, native, shared
 from . import qmp as qmpmod
-from .modes import SaveMode
-from .qmp import Client, Monitor, QemuGoneError
+from .modes import SEAL_WHEN, SaveMode
+from .qmp import MIGRATING, Client, Monitor, QemuGoneError
 from .rendezvous import Meeting, meeting_place, pass_socket
 from .vmlock import vm_lock
 
@@ -41,12 +41,7 @@ ACCEPT_TIMEOUT = 30.0
 #: how long a failed migration waits for our receiver's own cause once QEMU found its pipe
 #: broken (our side cut the stream: a target stuck in a Ceph op timeout, 60 s by default)
 CAUSE_WAIT = 90.0
-#: Migration states in which QEMU is busy with a migration (ours or someone else's).
-MIGRATING = ("setup", "active", "pre-switchover", "device", "cancelling", "wait-unplug",
-             "postcopy-active")
 
-
-SEAL_WHEN = ("now", "background", "later")
 
 
 @dataclass

@@ -10,7 +10,6 @@ by the QEMU's shared mapping of exactly the backend's size and offset, on the sa
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import stat
@@ -199,56 +198,3 @@ async def restore_plan(client: Monitor, peer: Peer, blocks: set[str]) -> Restore
         return None
     backings = open_backings(peer.pid, devs, writable=True)
     return RestorePlan(backings, {d.id: await block_addr(client, d) for d in devs})
-
-
-def _object_options(value: str) -> dict[str, str]:
-    """The properties of an `-object` value, in QEMU's key=value form (",," escapes a
-    comma) or its JSON form; the bare first word is the type."""
-    if value.lstrip().startswith("{"):
-        try:
-            obj = json.loads(value)
-        except ValueError:
-            return {}
-        return {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in obj.items()
-                } if isinstance(obj, dict) else {}
-    out = {}
-    for i, item in enumerate(value.replace(",,", "\0").split(",")):
-        key, sep, val = item.replace("\0", ",").partition("=")
-        if not sep and i == 0:
-            key, val = "qom-type", key
-        out[key] = val
-    return out
-
-
-def fresh_backing_files(argv: list[str]) -> None:
-    """Before relaunching QEMU from `argv`: give every shared `memory-backend-file` whose
-    mem-path is an existing file a new, empty file at that path (a new inode, same owner
-    and mode), so the new QEMU never shares RAM with one still running on the old file.
-    Only for a QEMU run directly: a wrapper may give it another view of the paths."""
-    if not argv or not os.path.basename(argv[0]).startswith("qemu-system"):
-        return
-    for opt, value in zip(argv, argv[1:], strict=False):
-        if opt.lstrip("-") != "object":
-            continue
-        props = _object_options(value)
-        if (props.get("qom-type") != "memory-backend-file"
-                or props.get("share") not in ("on", "true", "yes")):
-            continue
-        path = props.get("mem-path", "")
-        try:
-            st = os.stat(path)
-        except OSError:
-            continue  # QEMU creates it (or reports the problem itself)
-        if not stat.S_ISREG(st.st_mode):
-            continue  # a directory: QEMU makes its own unlinked file there
-        tmp = f"{path}.vmsnap-{os.getpid()}"
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
-            os.fchown(fd, st.st_uid, st.st_gid)
-            os.fchmod(fd, stat.S_IMODE(st.st_mode))
-            os.rename(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
-        finally:
-            os.close(fd)

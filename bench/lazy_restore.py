@@ -12,7 +12,9 @@ heartbeat after every full pass over its pages) is booted and saved once with
 launched QEMU (`vmsnap restore FILE ... -- ARGV`; the native one is started by the bench),
 the snapshot file evicted from the page cache first (the programs stay warm: a full
 drop_caches makes Python's and QEMU's own start-up dominate), and checks the guest's RAM
-afterwards (one-moving-edge rule):
+afterwards (one-moving-edge rule, read 64 MiB at a time: the bench stays small whatever the
+guest's size). vmsnap runs as `python -m vmsnap` with its modules compiled beforehand, as
+an installed vmsnap runs (bench.common.vmsnap_env):
 
   eager         vmsnap restore (multifd, default channels)
   postcopy      vmsnap restore --lazy=postcopy, FILE.hot removed first
@@ -46,7 +48,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import evict_file, timed_restore  # noqa: E402
+from bench.common import evict_file, timed_restore, vmsnap_env  # noqa: E402
 from testbed.guests import BootGuest  # noqa: E402
 from testbed.qemu import Vm  # noqa: E402
 from testbed.serial import SerialConsole  # noqa: E402
@@ -75,12 +77,11 @@ class Beat:
             self.console.close()
 
 
-def vmsnap_restore(snap: Path, argv: list[str], extra: list[str], workdir: Path,
+def vmsnap_restore(snap: Path, argv: list[str], extra: list[str], env: dict[str, str],
                    t0: float) -> dict:
     """Run `vmsnap restore`, timing its "running" event as it arrives."""
-    env = {**os.environ, "TMPDIR": str(workdir), "PYTHONPATH": str(REPO)}
     running, end, done = timed_restore(
-        [sys.executable, "-m", "vmsnap.cli", "restore", "--json", *extra, str(snap), "--",
+        [sys.executable, "-m", "vmsnap", "restore", "--json", *extra, str(snap), "--",
          *argv], env, t0)
     return {"running": running, "done": end,
             "pid": done["pid"], "p50": done.get("latency_p50_us"),
@@ -99,7 +100,7 @@ def native_restore(snap: Path, vm: Vm, t0: float) -> dict:
 
 
 def run_method(method: str, guest: BootGuest, config, snap: Path, workdir: Path,
-               rep: int) -> dict:
+               env: dict[str, str], rep: int) -> dict:
     name = f"{method}{rep}"
     vm = Vm(config, workdir, name, incoming="defer")
     if method == "postcopy":
@@ -113,7 +114,7 @@ def run_method(method: str, guest: BootGuest, config, snap: Path, workdir: Path,
         if method == "qemu10":
             fig = native_restore(snap, vm, t0)
         else:
-            fig = vmsnap_restore(snap, vm.argv(), extra, workdir, t0)
+            fig = vmsnap_restore(snap, vm.argv(), extra, env, t0)
             vm.adopt(fig.pop("pid"))
         beat.close()
         fig["beat"] = beat.at - t0 if beat.at else None
@@ -139,6 +140,7 @@ def main() -> None:
     workdir.mkdir(mode=0o700, parents=True)
     results: dict = {"host": os.uname().nodename, "qemu": args.qemu, "reps": args.reps,
                      "fill": args.fill, "loadavg_start": os.getloadavg(), "sizes": {}}
+    env = vmsnap_env(workdir)
     t_start = time.monotonic()
     for size in map(int, args.sizes.split(",")):
         guest = BootGuest(memory_mb=size, mode="random", limit_mb=int(size * args.fill))
@@ -148,15 +150,14 @@ def main() -> None:
         with Vm(config, workdir, "src") as src:
             guest.boot(src)
             guest.wait_alive(src)
-            subprocess.run([sys.executable, "-m", "vmsnap.cli", "save", "--quit", "--force",
-                            "--qmp", str(src.tool_qmp_path), str(snap)], check=True,
-                           env={**os.environ, "TMPDIR": str(workdir), "PYTHONPATH": str(REPO)})
+            subprocess.run([sys.executable, "-m", "vmsnap", "save", "--quit", "--force",
+                            "--qmp", str(src.tool_qmp_path), str(snap)], check=True, env=env)
             src.proc.wait(60)
         runs: dict[str, list[dict]] = {m: [] for m in methods}
         for rep in range(args.reps):
             for m in methods:
                 try:
-                    fig = run_method(m, guest, config, snap, workdir, rep)
+                    fig = run_method(m, guest, config, snap, workdir, env, rep)
                 except Exception as err:  # noqa: BLE001 - recorded, left out of the medians
                     fig = {"ok": False, "error": str(err)}
                 fig["loadavg"] = os.getloadavg()[0]
@@ -194,7 +195,7 @@ def table(results: dict) -> str:
     for size, by in results["sizes"].items():
         for m, d in by.items():
             md = d["median"]
-            rows.append(f"| {int(size) // 1024} GiB | {m} | {md['ok']} | {f(md['running'], '.2f')}"
+            rows.append(f"| {int(size)} MiB | {m} | {md['ok']} | {f(md['running'], '.2f')}"
                         f" | {f(md['beat'], '.2f')} | {f(md['done'], '.2f')}"
                         f" | {f(md['p50'], '.0f')} | {f(md['p99'], '.0f')}"
                         f" | {f(md['loadavg'], '.1f')} |")

@@ -16,7 +16,7 @@ Guest contract (``guests/bootguest/bootguest.S``):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -132,10 +132,32 @@ def check_counter_pages(
     ``check_rest``: also verify bytes 8..4095 of every page (zero in counter mode, the
     splitmix64 pattern in random mode).
     """
-    if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}")
     if len(ranges) != len(chunks):
         raise ValueError(f"{len(ranges)} ranges but {len(chunks)} chunks")
+    data = {}
+    for (s, e), chunk in zip(ranges, chunks, strict=True):
+        data[s] = _as_u8(chunk)
+        if data[s].size != e - s:
+            raise ValueError(f"range {s:#x}..{e:#x}: got {data[s].size} bytes, want {e - s}")
+    return check_counter_ranges(
+        ranges, lambda start, length, s: data[s][start - s:start - s + length], mode,
+        check_rest=check_rest)
+
+
+def check_counter_ranges(
+    ranges: Sequence[tuple[int, int]],
+    read: Callable[[int, int, int], np.ndarray],
+    mode: str = "counter",
+    *,
+    check_rest: bool = True,
+    piece_bytes: int = 64 << 20,
+) -> RamCheckResult:
+    """check_counter_pages, reading RAM a piece at a time: ``read(start, length, range_start)``
+    returns ``length`` bytes of guest-physical memory from ``start`` (inside the range that
+    begins at ``range_start``). Holds at most one piece plus 8 bytes per page, so a guest of
+    any size can be checked by a process much smaller than it."""
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}")
     order = sorted(range(len(ranges)), key=lambda i: ranges[i][0])
     prev_end = None
     for i in order:
@@ -145,6 +167,7 @@ def check_counter_pages(
         if prev_end is not None and s < prev_end:
             raise ValueError(f"overlapping range {s:#x}..{e:#x}")
         prev_end = e
+    piece_bytes -= piece_bytes % PAGE_SIZE
 
     addrs_l: list[np.ndarray] = []
     counters_l: list[np.ndarray] = []
@@ -152,28 +175,31 @@ def check_counter_pages(
     pattern_bad_count = 0
     for i in order:
         s, e = ranges[i]
-        data = _as_u8(chunks[i])
-        if data.size != e - s:
-            raise ValueError(f"range {s:#x}..{e:#x}: got {data.size} bytes, want {e - s}")
-        words = data.view("<u8").reshape(-1, WORDS_PER_PAGE)
-        npages = words.shape[0]
-        counters_l.append(words[:, 0].astype(np.uint64))
-        addrs_l.append(np.arange(npages, dtype=np.uint64) * np.uint64(PAGE_SIZE) + np.uint64(s))
-        if not check_rest:
-            continue
-        for p0 in range(0, npages, _CHUNK_PAGES):
-            blk = words[p0 : p0 + _CHUNK_PAGES, 1:]
-            n = blk.shape[0]
-            if mode == "random":
-                bad = (blk != page_pattern(s // PAGE_SIZE + p0, n)[:, 1:]).any(axis=1)
-            else:
-                bad = blk.any(axis=1)
-            nbad = int(np.count_nonzero(bad))
-            if nbad:
-                pattern_bad_count += nbad
-                addr = s + (p0 + int(np.argmax(bad))) * PAGE_SIZE
-                if pattern_bad is None or addr < pattern_bad:
-                    pattern_bad = addr
+        for ps in range(s, e, piece_bytes):
+            n_bytes = min(piece_bytes, e - ps)
+            data = _as_u8(read(ps, n_bytes, s))
+            if data.size != n_bytes:
+                raise ValueError(f"read {ps:#x}+{n_bytes:#x}: got {data.size} bytes")
+            words = data.view("<u8").reshape(-1, WORDS_PER_PAGE)
+            npages = words.shape[0]
+            counters_l.append(words[:, 0].astype(np.uint64))
+            addrs_l.append(np.arange(npages, dtype=np.uint64) * np.uint64(PAGE_SIZE)
+                           + np.uint64(ps))
+            if not check_rest:
+                continue
+            for p0 in range(0, npages, _CHUNK_PAGES):
+                blk = words[p0 : p0 + _CHUNK_PAGES, 1:]
+                n = blk.shape[0]
+                if mode == "random":
+                    bad = (blk != page_pattern(ps // PAGE_SIZE + p0, n)[:, 1:]).any(axis=1)
+                else:
+                    bad = blk.any(axis=1)
+                nbad = int(np.count_nonzero(bad))
+                if nbad:
+                    pattern_bad_count += nbad
+                    addr = ps + (p0 + int(np.argmax(bad))) * PAGE_SIZE
+                    if pattern_bad is None or addr < pattern_bad:
+                        pattern_bad = addr
 
     counters = np.concatenate(counters_l) if counters_l else np.zeros(0, np.uint64)
     addrs = np.concatenate(addrs_l) if addrs_l else np.zeros(0, np.uint64)

@@ -276,3 +276,30 @@ def test_duplicate_pages_last_wins(tmp_path):
     with open_snapshot(path) as s:
         s.verify()
         assert bytes(s.read_pages("pc.bios", 0, 2)) == b + b"\x09" * PS
+
+
+def test_aligned_set_joins_runs_and_keeps_last_copy(tmp_path, monkeypatch):
+    """Two buffers as multifd channels fill them on QEMU 7.2: packets of pages 0-15 and
+    15-30 (page 15 twice), then 30-45 in the other buffer (page 30 twice). The last copy of
+    a page lands and is checksummed; the pages leave in one pwritev of three pieces."""
+    from vmsnap.fileformat.writer import AlignedPages
+    from vmsnap.io import direct as direct_mod
+    path = tmp_path / "s.vms"
+    w = SnapshotWriter(path, meta())
+    w.begin(streambytes.prefix("m", BLOCKS), BLOCKS)
+    a, b = AlignedBuffer(32 * PS), AlignedBuffer(16 * PS)
+    a.array.reshape(-1, PS)[:] = np.arange(32, dtype=np.uint8)[:, None]
+    b.array.reshape(-1, PS)[:] = np.arange(100, 116, dtype=np.uint8)[:, None]
+    calls = []
+    real = direct_mod.pwritev_all
+    monkeypatch.setattr(direct_mod, "pwritev_all",
+                        lambda fd, bufs, off: calls.append(len(bufs)) or real(fd, bufs, off))
+    w.write_aligned_set([
+        AlignedPages("pc.ram", np.r_[0:16, 15:31].astype(np.uint64) * PS, a.view),
+        AlignedPages("pc.ram", np.r_[30:46].astype(np.uint64) * PS, b.view)])
+    assert calls == [3]  # pages 0-14 | 15-29 | 30-45 from two buffers, one call
+    w.finish(streambytes.tail())
+    with open_snapshot(path) as s:
+        s.verify()
+        got = np.frombuffer(s.read_pages("pc.ram", 0, 47), np.uint8)[::PS]
+        assert got.tolist() == [*range(15), *range(16, 31), *range(100, 116), 0]

@@ -52,6 +52,63 @@ _WriteJob = tuple[list[tuple[int, memoryview]], AlignedBuffer]
 
 
 @dataclass
+class AlignedPages:
+    """Pages in page-aligned memory for `SnapshotWriter.write_aligned_set`: `data` holds
+    len(offsets) pages in offsets order; `sums` their xxh3 if already known."""
+
+    block: str
+    offsets: npt.ArrayLike
+    data: Buffer
+    sums: np.ndarray | None = None
+
+
+def _last_copies(got: Sequence[tuple[_BlockState, np.ndarray, memoryview, np.ndarray]]
+                 ) -> list[np.ndarray]:
+    """For each part's pages: True where this is the page's last copy in `got`."""
+    keep = [np.ones(len(pages), dtype=bool) for _, pages, _, _ in got]
+    by_block: dict[int, list[int]] = {}
+    for i, (st, _, _, _) in enumerate(got):
+        by_block.setdefault(id(st), []).append(i)
+    for idx in by_block.values():
+        pages = np.concatenate([got[i][1] for i in idx])
+        _, first_from_end = np.unique(pages[::-1], return_index=True)
+        if len(first_from_end) == len(pages):
+            continue  # no page twice
+        last = np.zeros(len(pages), dtype=bool)
+        last[len(pages) - 1 - first_from_end] = True
+        for i, part in zip(idx, np.split(last, np.cumsum([len(got[i][1]) for i in idx])[:-1]),
+                           strict=True):
+            keep[i] = part
+    return keep
+
+
+def _kept_runs(pages: np.ndarray, keep: np.ndarray) -> list[tuple[int, int]]:
+    """(first index, count) of the runs of kept `pages` that are consecutive both in
+    `pages` (memory) and in page number (file)."""
+    idx = np.flatnonzero(keep)
+    if not len(idx):
+        return []
+    cut = np.flatnonzero((np.diff(pages[idx]) != 1) | (np.diff(idx) != 1)) + 1
+    starts = np.concatenate(([0], cut))
+    ends = np.concatenate((cut, [len(idx)]))
+    return [(int(idx[a]), int(b - a)) for a, b in zip(starts, ends, strict=True)]
+
+
+def _joined(runs: list[tuple[int, memoryview]]) -> list[tuple[int, list[memoryview]]]:
+    """(file offset, views) runs in file order, a run that starts where the previous one
+    ends joined to it."""
+    out: list[tuple[int, list[memoryview]]] = []
+    end = -1
+    for offset, view in sorted(runs, key=lambda r: r[0]):
+        if offset == end:
+            out[-1][1].append(view)
+        else:
+            out.append((offset, [view]))
+        end = offset + view.nbytes
+    return out
+
+
+@dataclass
 class _BlockState:
     layout: BlockLayout
     present: np.ndarray  # bool[npages]
@@ -227,7 +284,7 @@ class SnapshotWriter:
             ]
             if buf is None:  # caller's aligned memory: write now, it may be reused after
                 for foff, view in ios:
-                    self._write_run(foff, view)
+                    self._write_run(foff, [view])
             else:  # copied: hand to the I/O thread, overlap with the next copy/hash
                 self._check_error()
                 self._jobs.put((ios, buf))
@@ -244,42 +301,60 @@ class SnapshotWriter:
         `data`, no copy; only the bitmap/checksum update is serialized. Several threads may
         call it at once (multifd channels); the caller orders writes of the same page.
         `sums`: the pages' xxh3 if the caller has already computed them from `data`."""
-        st = self._state(block)
-        pages = self._pages(st, offsets)
-        self._note(st, pages)
-        ps = self.page_size
-        mv = memoryview(data).cast("B")
-        n = len(pages)
-        if mv.nbytes != n * ps:
-            raise ValueError(f"data has {mv.nbytes} bytes for {n} pages")
-        if not n:
-            return
-        if buffer_address(mv) % ps:
-            raise ValueError("write_aligned_pages needs page-aligned memory")
-        assert self._file is not None
-        self._check_error()
-        if sums is None:
-            sums = page_checksums(mv, ps)
-        elif len(sums) != n:
-            raise ValueError(f"{len(sums)} checksums for {n} pages")
-        for first, count in contiguous_runs(pages):
-            self._write_run(st.layout.pages_offset + int(pages[first]) * ps,
-                            mv[first * ps:(first + count) * ps])
-        with self._lock:
-            st.present[pages] = True
-            st.sums[pages] = sums
-            self.bytes_written += n * ps
+        self.write_aligned_set([AlignedPages(block, offsets, data, sums)])
 
-    def _write_run(self, offset: int, view: memoryview) -> None:
-        """Write one run of pages. Short runs (pages a live save sends again, scattered over
-        RAM) go through the page cache: the commit's fsync writes them back sorted and many
-        at a time, where O_DIRECT would wait for each 4 KiB write in turn (15k against 180k
-        writes/s on this host's disk: a live save's final round took seconds)."""
+    def write_aligned_set(self, parts: Sequence[AlignedPages]) -> None:
+        """`write_aligned_pages` of several buffers at once. A page found more than once
+        (QEMU 7.2 sends the last page of a multifd packet again as the first of the next)
+        is written and checksummed from its last copy only, so runs that continue each
+        other across buffers go out as one `pwritev`: a multifd channel's buffer holds 8
+        packets, each starting with the page the previous one ended with, and channels
+        hold every other packet of a range (8 MiB writes instead of 512 KiB ones)."""
+        ps = self.page_size
+        got: list[tuple[_BlockState, np.ndarray, memoryview, np.ndarray]] = []
+        for part in parts:
+            st = self._state(part.block)
+            pages = self._pages(st, part.offsets)
+            self._note(st, pages)
+            mv = memoryview(part.data).cast("B")
+            n = len(pages)
+            if mv.nbytes != n * ps:
+                raise ValueError(f"data has {mv.nbytes} bytes for {n} pages")
+            if not n:
+                continue
+            if buffer_address(mv) % ps:
+                raise ValueError("write_aligned_pages needs page-aligned memory")
+            sums = page_checksums(mv, ps) if part.sums is None else part.sums
+            if len(sums) != n:
+                raise ValueError(f"{len(sums)} checksums for {n} pages")
+            got.append((st, pages, mv, sums))
+        runs: list[tuple[int, memoryview]] = []
+        for (st, pages, mv, _), keep in zip(got, _last_copies(got), strict=True):
+            base = st.layout.pages_offset
+            runs += [(base + int(pages[first]) * ps, mv[first * ps:(first + count) * ps])
+                     for first, count in _kept_runs(pages, keep)]
+        self._check_error()
+        for offset, views in _joined(runs):
+            self._write_run(offset, views)
+        with self._lock:
+            for st, pages, _, sums in got:
+                st.present[pages] = True
+                st.sums[pages] = sums  # a page twice: numpy keeps the last, as the file does
+                self.bytes_written += len(pages) * ps
+
+    def _write_run(self, offset: int, views: list[memoryview]) -> None:
+        """Write one run of pages (`views` back to back). Short runs (pages a live save sends
+        again, scattered over RAM) go through the page cache: the commit's fsync writes them
+        back sorted and many at a time, where O_DIRECT would wait for each 4 KiB write in
+        turn (15k against 180k writes/s on this host's disk: a live save's final round took
+        seconds)."""
         assert self._file is not None
-        if view.nbytes < SCATTERED_RUN:
+        if sum(v.nbytes for v in views) >= SCATTERED_RUN:
+            self._file.write_at(offset, views)
+            return
+        for view in views:
             self._file.pwrite_meta(offset, view)
-        else:
-            self._file.write_at(offset, [view])
+            offset += view.nbytes
 
     def flush(self) -> None:
         """Wait until every queued page write has reached the file (raises its error)."""
@@ -297,7 +372,7 @@ class SnapshotWriter:
                 try:
                     if self._error is None:
                         for foff, view in ios:
-                            self._write_run(foff, view)
+                            self._write_run(foff, [view])
                 except BaseException as e:  # noqa: BLE001 - re-raised in the caller
                     self._error = e
                 finally:

@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, help="repetitions per method (default 3, --quick 1)")
     p.add_argument("--guests", default="paused,zero,live", help="comma list of: paused,zero,live")
     p.add_argument("--methods", help="comma list (default all): vmsnap-chN, exec-cat, virsh, "
-                                     "vmsnap-domain, qemu10, fio")
+                                     "vmsnap-domain[-chN], qemu10, fio")
     p.add_argument("--channels", help="vmsnap channel counts, e.g. 0,2,4 (default: 0, plus 2,4 "
                                       "when `vmsnap save --channels` exists)")
     p.add_argument("--scale", type=float, default=1.0,

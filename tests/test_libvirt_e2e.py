@@ -141,7 +141,7 @@ def events(proc: subprocess.CompletedProcess) -> dict[str, dict]:
 def test_save_domain_every_mode_then_restore(daemon):
     """save --domain paused on 2 multifd channels / --resume / --background / --live --quit:
     libvirt's state is true after each; `vmsnap restore FILE` brings the domain back through
-    libvirt, RAM checked each time. Multifd channels meet QEMU in a directory of its user in
+    libvirt (the first on 2 multifd channels), RAM checked each time. Multifd channels meet QEMU in a directory of its user in
     its root, also as libvirt-qemu in libvirt's mount namespace. The live save runs under
     the converger. A background save needs userfaultfd, which QEMU as libvirt-qemu
     (Debian's default) lacks here: one line naming it, the domain runs on."""
@@ -180,7 +180,10 @@ def test_save_domain_every_mode_then_restore(daemon):
         assert done["mode"] == "live" and done["throttle_pct"] is not None, done  # converger
         assert vm.state()[0] == libvirt.VIR_DOMAIN_NOSTATE  # transient: ended means gone
         for snap in (paused, checkpoint, live, *([point] if point.exists() else [])):
-            vmsnap_domain(daemon, "restore", snap)
+            multifd = ("--channels", "2", "--json") if snap == paused else ()
+            run = vmsnap_domain(daemon, "restore", snap, *multifd)
+            if multifd:  # libvirt starts it waiting, vmsnap loads it on 2 channels
+                assert events(run)["start"]["channels"] == 2
             assert vm.state()[0] == libvirt.VIR_DOMAIN_RUNNING
             guest.check_restored(vm)
             vm.destroy()

@@ -131,7 +131,8 @@ def restore(path: str | os.PathLike[str], *, qmp_address: str | None = None,
 
         if is_domain_file(path, direct=direct):
             return restore_domain(path, paused=paused, trust_xml=trust_command_line,
-                                  reporter=reporter, direct=direct, lazy=lazy)
+                                  reporter=reporter, direct=direct, lazy=lazy,
+                                  channels=channels)
     if resume and lazy is None:
         raise VmsnapError("resume finishes a lazy restore: give lazy= too")
     if lazy is not None:
@@ -154,17 +155,20 @@ def restore(path: str | os.PathLike[str], *, qmp_address: str | None = None,
 def restore_domain(path: str | os.PathLike[str], *, uri: str | None = None,
                    domain: str | None = None, xml: str | None = None, paused: bool = False,
                    trust_xml: bool = False, reporter: Reporter | None = None,
-                   direct: bool = True, lazy: str | None = None) -> RestoreResult:
+                   direct: bool = True, lazy: str | None = None,
+                   channels: int | None = None) -> RestoreResult:
     """Bring a libvirt domain back from `path` through libvirt (virDomainRestore fed by vmsnap
     through a private FIFO): under the domain XML stored in the file (if this host signed it,
     or `trust_xml`), or the XML of defined domain `domain`, or `xml`. `lazy` ("auto" or
     "postcopy"): libvirt starts the domain waiting for an incoming stream (`-incoming
-    defer` in its qemu namespace) and vmsnap is its postcopy source over libvirt's monitor."""
+    defer` in its qemu namespace) and vmsnap is its postcopy source over libvirt's monitor;
+    `channels` > 0: the same domain start, loaded by multifd (a directory of QEMU's user in
+    its root, as for `save_domain`)."""
     from .libvirt.restore import restore_domain as _restore_domain
 
     return _run(_restore_domain(path, uri=uri, domain=domain, xml=xml, paused=paused,
                                 trust_xml=trust_xml, reporter=reporter, direct=direct,
-                                lazy=lazy))
+                                lazy=lazy, channels=channels))
 
 
 def open(path: str | os.PathLike[str], *, direct: bool = True) -> Snapshot:  # noqa: A001

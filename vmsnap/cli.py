@@ -187,15 +187,16 @@ def cmd_restore(args: argparse.Namespace, rep: Reporter) -> int:
         raise VmsnapError("--no-verify is for eager restores (--lazy checks every page it "
                           "sends)")
     if args.domain or args.xml or args.connect:
-        if command or args.qmp or args.channels:
+        if command or args.qmp:
             raise VmsnapError("--domain/--xml/--connect restore through libvirt: "
-                              "not with --qmp, --channels or a QEMU command line")
+                              "not with --qmp or a QEMU command line")
         if args.domain and args.xml:
             raise VmsnapError("give either --domain or --xml, not both")
         r = api.restore_domain(args.file, uri=args.connect, domain=args.domain,
                                xml=Path(args.xml).read_text() if args.xml else None,
                                paused=args.paused, trust_xml=args.trust_command_line,
-                               reporter=rep, direct=args.direct, lazy=args.lazy)
+                               reporter=rep, direct=args.direct, lazy=args.lazy,
+                               channels=args.channels)
     else:
         r = api.restore(args.file, qmp_address=args.qmp, command=command or None,
                         paused=args.paused, reporter=rep, direct=args.direct,

@@ -17,7 +17,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ..errors import VmsnapError
@@ -25,11 +25,12 @@ from ..fileformat.reader import open_snapshot
 from ..hostkey import trust_of
 from ..ops.send import SendStats
 from ..orchestration.lazy import restore_lazy
+from ..orchestration.restore import restore
 from ..orchestration.target import RestoreResult
 from ..progress import Reporter
 from . import domain as dommod
 from .image import domain_of, image_head, write_image
-from .incoming import start_incoming
+from .incoming import IncomingDomain, start_incoming
 
 
 def is_domain_file(path: str | os.PathLike[str], direct: bool = True) -> bool:
@@ -42,10 +43,13 @@ async def restore_domain(path: str | os.PathLike[str], *, uri: str | None = None
                          domain: str | None = None, xml: str | None = None,
                          paused: bool = False, trust_xml: bool = False,
                          reporter: Reporter | None = None, direct: bool = True,
-                         lazy: str | None = None) -> RestoreResult:
+                         lazy: str | None = None, channels: int | None = None
+                         ) -> RestoreResult:
     """Restore `path` through libvirt: under the XML stored in the file (if this host signed
-    it, or `trust_xml`), or under defined domain `domain`'s XML, or under `xml`. `lazy`
-    ("auto" or "postcopy"): the guest runs at once and its RAM follows (restore_lazy)."""
+    it, or `trust_xml`), or under defined domain `domain`'s XML, or under `xml`. By default
+    libvirt's own restore reads the image vmsnap writes; `lazy` ("auto" or "postcopy"): the
+    guest runs at once and its RAM follows (restore_lazy); `channels` > 0: multifd. Both
+    feed a domain libvirt starts waiting for an incoming stream (incoming.start_incoming)."""
     path = os.path.abspath(os.fspath(path))
     rep = reporter or Reporter()
     with open_snapshot(path, direct=direct) as snap:
@@ -65,8 +69,16 @@ async def restore_domain(path: str | os.PathLike[str], *, uri: str | None = None
                                   f"{trust.reason}; read it with `vmsnap info`, then restore "
                                   "with --trust-command-line, or give --domain NAME or --xml FILE")
             xml = image.xml
-        if lazy is not None:
-            return await _restore_lazy(conn, path, xml, lazy, paused, rep, direct)
+        if lazy == "mmap":
+            raise VmsnapError("a libvirt domain restores lazily by postcopy (--lazy or "
+                              "--lazy=postcopy): libvirt starts its QEMU, vmsnap cannot map "
+                              "the file into its RAM")
+        if lazy is not None or channels:
+            return await _into_incoming(conn, xml, lambda target: (
+                restore_lazy(path, engine="postcopy", target=target, paused=paused,
+                             reporter=rep, direct=direct) if lazy is not None else
+                restore(path, target=target, channels=channels, paused=paused,
+                        reporter=rep, direct=direct)))
         was_running = image.was_running if image else True
         return await _restore_eager(conn, path, xml, paused or not was_running, total, rep,
                                     direct)
@@ -74,20 +86,16 @@ async def restore_domain(path: str | os.PathLike[str], *, uri: str | None = None
         conn.close()
 
 
-async def _restore_lazy(conn: Any, path: str, xml: str, engine: str, paused: bool,
-                        rep: Reporter, direct: bool) -> RestoreResult:
-    """libvirt starts the domain waiting for an incoming stream (incoming.start_incoming),
-    vmsnap is its postcopy source over libvirt's monitor."""
-    if engine == "mmap":
-        raise VmsnapError("a libvirt domain restores lazily by postcopy (--lazy or "
-                          "--lazy=postcopy): libvirt starts its QEMU, vmsnap cannot map "
-                          "the file into its RAM")
+async def _into_incoming(conn: Any, xml: str,
+                         load: Callable[[IncomingDomain], Awaitable[RestoreResult]]
+                         ) -> RestoreResult:
+    """libvirt starts the domain waiting for an incoming stream, `load` brings the snapshot
+    in over libvirt's monitor; a failed load never leaves the domain half restored."""
     target = await start_incoming(conn, xml)
     try:
-        return await restore_lazy(path, engine="postcopy", target=target, paused=paused,
-                                  reporter=rep, direct=direct)
+        return await load(target)
     except BaseException:
-        target.kill()  # never a half-restored domain left behind
+        target.kill()
         raise
 
 

@@ -33,7 +33,6 @@ import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
 import numpy as np
 
@@ -51,7 +50,15 @@ from .modes import INCOMPATIBLE_CAPS, USERFAULTFD
 from .qmp import Client, Monitor
 from .relaunch import GuardedQemu, RelaunchLock, own_qmp
 from .rendezvous import pass_socket
-from .target import POLL, RestoreResult, check_target, launch_argv, launch_target, wait_loaded
+from .target import (
+    POLL,
+    RestoreResult,
+    Target,
+    check_target,
+    launch_argv,
+    launch_target,
+    wait_loaded,
+)
 
 ENGINES = ("auto", "postcopy", "mmap")
 RUNNING_TIMEOUT = 60.0
@@ -74,28 +81,6 @@ class LazyRestoreResult(RestoreResult):
     already_received: int = 0  # --resume: pages the target had before this vmsnap came
     interrupted: bool = False
     verified: bool = False  # mmap: every mapped page checked (before or after the start)
-
-
-class Target(Protocol):
-    """A QEMU waiting for an incoming stream that another program started (a libvirt
-    domain): its monitor and facts; `kill` ends it if the restore fails before the guest
-    could run on its own, `release` once it can."""
-
-    @property
-    def monitor(self) -> Monitor: ...
-
-    @property
-    def peer(self) -> qmpmod.Peer: ...
-
-    @property
-    def label(self) -> str: ...  # what the result's `qmp` names
-
-    @property
-    def pid(self) -> int | None: ...
-
-    def kill(self) -> None: ...
-
-    def release(self) -> None: ...
 
 
 def pick_engine(engine: str, snap: Snapshot, argv: Sequence[str] | None) -> str:

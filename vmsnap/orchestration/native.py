@@ -34,7 +34,7 @@ from ..progress import Reporter
 from ..stream.constants import CAP_MAPPED_RAM
 from . import qmp as qmpmod
 from .modes import INCOMPATIBLE_CAPS
-from .qmp import Client, Monitor, Peer
+from .qmp import Monitor, Peer
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ async def can_load(client: Monitor, peer: Peer, path: str, stale: set[str]) -> b
     return targets.remote(path) is None and await supported(client, peer, 1)
 
 
-async def load(client: Client, path: str, channels: int, direct: bool, rep: Reporter,
+async def load(client: Monitor, path: str, channels: int, direct: bool, rep: Reporter,
                total: int, wait: Callable[[], Awaitable[None]]) -> SendStats:
     """Check the device state and other non-page bytes, then let QEMU read the pages from
     the file itself (`migrate-incoming file:` with mapped-ram, multifd, direct-io) and

@@ -41,6 +41,7 @@ from .save import check_channels
 from .target import (
     START_TIMEOUT,
     RestoreResult,
+    Target,
     check_target,
     launch_argv,
     launch_target,
@@ -84,13 +85,14 @@ async def restore(path: str | os.PathLike[str], *, qmp_address: str | None = Non
                   command: Sequence[str] | None = None, paused: bool = False,
                   reporter: Reporter | None = None, direct: bool = True,
                   channels: int | None = None, trust_command_line: bool = False,
-                  verify: bool = True) -> RestoreResult:
+                  verify: bool = True, target: Target | None = None) -> RestoreResult:
     """Restore the snapshot at `path` into the QEMU at `qmp_address`, or into a QEMU
     launched from `command` (default: the command line stored in the snapshot, if this
     host signed the file or `trust_command_line`; see relaunch.approve).
     `channels`: multifd channels (0: one plain stream; None: check_channels(None)).
     `verify=False` lets a QEMU >= 9.1 target read the file itself (see native.can_load):
-    its pages are then not checked, only the device state."""
+    its pages are then not checked, only the device state. `target`: a QEMU another
+    program started (a libvirt domain), killed if the restore fails."""
     channels = check_channels(channels)
     path = targets.normalize(path)
     rep = reporter or Reporter()
@@ -101,16 +103,21 @@ async def restore(path: str | os.PathLike[str], *, qmp_address: str | None = Non
     held = _Held(tempfile.mkdtemp(prefix="vmsnap-"))  # 0700
     t0 = time.monotonic()
     try:
-        if qmp_address is None:
-            held.argv = launch_argv(path, command, facts.meta)
-            held.proc, held.lock, qmp_address = await launch_target(
-                path, held.argv, bool(command), facts.trust, trust_command_line, held.workdir)
-        client, peer = await qmpmod.connect(qmp_address)
-        held.client = client
+        if target is not None:
+            held.proc, client, peer, qmp_address = target, target.monitor, target.peer, \
+                target.label
+        else:
+            if qmp_address is None:
+                held.argv = launch_argv(path, command, facts.meta)
+                held.proc, held.lock, qmp_address = await launch_target(
+                    path, held.argv, bool(command), facts.trust, trust_command_line,
+                    held.workdir)
+            client, peer = await qmpmod.connect(qmp_address)
+            held.client = client
         held.stack.enter_context(vm_lock(peer.pid))
-        target = await check_target(client, peer, facts.machine, facts.sizes)
+        dest = await check_target(client, peer, facts.machine, facts.sizes)
         held.plan = plan = await shared.restore_plan(client, peer, set(facts.sizes))
-        stats, ram_path = await _load(client, peer, path, facts, held, target, channels,
+        stats, ram_path = await _load(client, peer, path, facts, held, dest, channels,
                                       direct, verify, rep)
         await wait_loaded(client, held.log_path)
         run = facts.saved_running and not paused
@@ -118,7 +125,8 @@ async def restore(path: str | os.PathLike[str], *, qmp_address: str | None = Non
             await client.execute("cont")
         if held.proc is not None:  # loaded: the VM runs on without us, on its own monitor
             held.proc.release()
-            held.keep_workdir = own_qmp(held.argv) is None  # else our socket is its only one
+        if held.argv:  # launched by vmsnap: its QMP socket is ours unless it has its own
+            held.keep_workdir = own_qmp(held.argv) is None
             qmp_address = own_qmp(held.argv) or qmp_address
         result = RestoreResult(path, time.monotonic() - t0, stats.stream_bytes,
                                stats.pages + (plan.pages if plan else 0),
@@ -165,7 +173,7 @@ class _Held:
     on failure by the caller, released on success)."""
 
     workdir: str
-    proc: GuardedQemu | None = None
+    proc: GuardedQemu | Target | None = None
     lock: RelaunchLock | None = None
     argv: list[str] = field(default_factory=list)  # the launched QEMU's command line
     client: Client | None = None
@@ -175,8 +183,8 @@ class _Held:
 
     @property
     def log_path(self) -> str | None:
-        """The launched QEMU's log (None for a --qmp target)."""
-        return os.path.join(self.workdir, "qemu.log") if self.proc else None
+        """The launched QEMU's log (None for a QEMU vmsnap did not launch)."""
+        return os.path.join(self.workdir, "qemu.log") if self.argv else None
 
     async def release(self) -> None:
         if self.plan is not None:
@@ -190,7 +198,7 @@ class _Held:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
 
-async def _load(client: Client, peer: qmpmod.Peer, path: str, facts: _Facts, held: _Held,
+async def _load(client: Monitor, peer: qmpmod.Peer, path: str, facts: _Facts, held: _Held,
                 target: Destination, channels: int, direct: bool, verify: bool,
                 rep: Reporter) -> tuple[SendStats, str]:
     """Bring the RAM and device state in: QEMU reads the file itself (unverified, where it
@@ -208,7 +216,7 @@ async def _load(client: Client, peer: qmpmod.Peer, path: str, facts: _Facts, hel
     return stats, "shared" if held.plan else "stream"
 
 
-async def _load_stream(client: Client, peer: qmpmod.Peer, path: str, channels: int,
+async def _load_stream(client: Monitor, peer: qmpmod.Peer, path: str, channels: int,
                        plan: shared.RestorePlan | None, fresh: set[str], target: Destination,
                        direct: bool, rep: Reporter, total: int, stack: contextlib.ExitStack,
                        log_path: str | None) -> SendStats:

@@ -12,6 +12,7 @@ import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from .. import targets
 from ..errors import VmsnapError
@@ -46,6 +47,28 @@ class RestoreResult:
     pid: int | None
     qmp: str
     ram_path: str = "stream"  # "shared": vmsnap filled the target's shared RAM itself
+
+
+class Target(Protocol):
+    """A QEMU waiting for an incoming stream that another program started (a libvirt
+    domain): its monitor and facts; `kill` ends it if the restore fails before the guest
+    could run on its own, `release` once it can."""
+
+    @property
+    def monitor(self) -> Monitor: ...
+
+    @property
+    def peer(self) -> qmpmod.Peer: ...
+
+    @property
+    def label(self) -> str: ...  # what the result's `qmp` names
+
+    @property
+    def pid(self) -> int | None: ...
+
+    def kill(self) -> None: ...
+
+    def release(self) -> None: ...
 
 
 def _listening(path: str) -> bool:

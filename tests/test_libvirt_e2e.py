@@ -141,10 +141,11 @@ def events(proc: subprocess.CompletedProcess) -> dict[str, dict]:
 def test_save_domain_every_mode_then_restore(daemon):
     """save --domain paused on 2 multifd channels / --resume / --background / --live --quit:
     libvirt's state is true after each; `vmsnap restore FILE` brings the domain back through
-    libvirt (the first on 2 multifd channels), RAM checked each time. Multifd channels meet QEMU in a directory of its user in
-    its root, also as libvirt-qemu in libvirt's mount namespace. The live save runs under
-    the converger. A background save needs userfaultfd, which QEMU as libvirt-qemu
-    (Debian's default) lacks here: one line naming it, the domain runs on."""
+    libvirt (the first on 2 multifd channels), RAM checked each time. Multifd channels meet
+    QEMU in a directory of its user in its root, also as libvirt-qemu in libvirt's mount
+    namespace. The live save runs under the converger. A background save needs
+    userfaultfd, which QEMU as libvirt-qemu (Debian's default) lacks here: one line naming
+    it, the domain runs on."""
     name = f"lvsave-{os.getpid()}"
     guest, vm = booted_vm(daemon, name)
     work = vm.workdir

@@ -25,7 +25,6 @@ from ..fileformat.reader import open_snapshot
 from ..hostkey import trust_of
 from ..ops.send import SendStats
 from ..orchestration.lazy import restore_lazy
-from ..orchestration.restore import restore
 from ..orchestration.target import RestoreResult
 from ..progress import Reporter
 from . import domain as dommod
@@ -74,6 +73,8 @@ async def restore_domain(path: str | os.PathLike[str], *, uri: str | None = None
                               "--lazy=postcopy): libvirt starts its QEMU, vmsnap cannot map "
                               "the file into its RAM")
         if lazy is not None or channels:
+            from ..orchestration.restore import restore  # eager machinery: only if used
+
             return await _into_incoming(conn, xml, lambda target: (
                 restore_lazy(path, engine="postcopy", target=target, paused=paused,
                              reporter=rep, direct=direct) if lazy is not None else

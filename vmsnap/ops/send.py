@@ -10,6 +10,7 @@ startup, always get them, so every block ends up exactly as saved.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Collection, Container, Mapping
 from dataclasses import dataclass
@@ -125,18 +126,20 @@ class Sink(Protocol):
     def flush(self) -> None: ...
 
 
-def send(path: str | os.PathLike[str], sink: Sink, *, direct: bool = True,
+def send(path: str | os.PathLike[str] | Snapshot, sink: Sink, *, direct: bool = True,
          progress: Callable[[int, int], None] | None = None,
          shared: Mapping[str, int] | None = None, skip: Collection[str] = (),
          fresh: Collection[str] = ()) -> SendStats:
-    """Write the snapshot at `path` to `sink` (anything with a file descriptor: pipe,
-    socket, file) as a plain migration stream; page data goes out by writev, uncopied.
+    """Write the snapshot at `path` (or this open one, left open) to `sink` (anything with a
+    file descriptor: pipe, socket, file) as a plain migration stream; page data goes out by
+    writev, uncopied.
     `shared`: an x-ignore-shared stream without the pages of these blocks (name -> addr),
     which the caller has put into the destination's shared RAM itself. Blocks in `skip`
     are listed but get no pages (the destination maps them from the file). Zero pages are
     sent as ZERO records except in the `fresh` blocks (see `explicit_zero_records`)."""
     skip = {*(shared or {}), *skip}
-    with open_snapshot(path, direct=direct) as snap:
+    with (contextlib.nullcontext(path) if isinstance(path, Snapshot)
+          else open_snapshot(path, direct=direct)) as snap:
         head = read_head(snap)
         snap.check_stream_ranges()
         sid = head.section.section_id

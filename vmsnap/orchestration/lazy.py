@@ -384,15 +384,17 @@ async def _mmap(job: _Job) -> LazyRestoreResult:
 
     def stream() -> SendStats:
         with sock, sock.makefile("wb", buffering=0) as sink:
-            return send(job.snap.path, sink, skip={MAPPED_BLOCK})
+            return send(job.snap, sink, skip={MAPPED_BLOCK})
 
     stats = await loop.run_in_executor(None, stream)
     await wait_loaded(client)
-    job.release()
+    job.guest_started = True  # from here on the guest lives without vmsnap
+    released = loop.run_in_executor(None, job.release)  # waits for the guard to end
     if job.run:  # the stream's own run state is the paused source's
         await client.execute("cont")
     running = await _wait_running(client, job.t0) if job.run else None
     rep.event("running", seconds=running)
+    await released
     if not job.verified:  # the guest runs meanwhile; a bad page stops it
         others = [b.name for b in job.snap.blocks if b.name != MAPPED_BLOCK]  # sent checked
         await loop.run_in_executor(None, lambda: job.snap.verify(skip=others))

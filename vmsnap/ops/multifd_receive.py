@@ -3,8 +3,8 @@
 The main channel is decoded by the single-channel `StreamReceiver`; each multifd channel is
 drained by its own thread: 64-byte init, then 1344-byte packet headers, each followed by its
 payload, read with `recv_into` straight into page-aligned buffers and written from there
-(O_DIRECT `pwritev` at the pages' fixed file offsets, xxh3 from the same memory) by one
-I/O thread for all channels, which joins the channels' neighbouring packets into large
+(O_DIRECT `pwritev` at the pages' fixed file offsets, xxh3 from the same memory) by an
+I/O thread per pair of channels, which joins the pair's neighbouring packets into large
 writes. No Python-level copy of page data.
 
 Ordering under live dirtying (reference §3.5) reproduces QEMU's own destination: the main
@@ -45,8 +45,11 @@ DEFAULT_DEPTH = 4
 BATCH_PACKETS = 8
 #: hard bound on page buffers, whatever N and depth
 MAX_BUFFER_BYTES = 256 << 20
-#: most jobs the I/O thread takes at once (checksummed and written as one set)
+#: most jobs an I/O thread takes at once (checksummed and written as one set)
 MAX_SET = 8
+#: channels per I/O thread: a pair of neighbours joins its packets into large writes, and
+#: more channels keep more writes in flight
+PER_APPLIER = 2
 #: how long to wait for channels to close after the main stream ended
 CHANNEL_CLOSE_TIMEOUT = 120.0
 
@@ -225,7 +228,7 @@ class _Batch:
 
 
 class _Applier:
-    """The one I/O thread of all channels: applies each channel's jobs in that channel's
+    """The I/O thread of a pair of channels: applies each channel's jobs in that channel's
     order (so a SYNC still means "all applied"). Page jobs waiting together, from any
     channels, are checksummed and written as one set: QEMU deals a range out packet by
     packet over the channels, and the set's pages leave in few large contiguous writes
@@ -496,44 +499,49 @@ def receive_multifd(main: socket.socket, channels: Sequence[socket.socket],
     with writer:
         rx = _MainReceiver(writer, gate)
         pool = BufferPool(pkt, depth * nch) if nch else None
-        applier = _Applier(writer, pool, nch) if pool is not None else None
-        chans = _channels(channels, rx, gate, writer, pool, applier, legacy)
+        appliers = ([_Applier(writer, pool, nch) for _ in range(0, nch, PER_APPLIER)]
+                    if pool is not None else [])
+        chans = _channels(channels, rx, gate, writer, pool, appliers, legacy)
         try:
-            if applier is not None:
-                applier.thread.start()
+            for a in appliers:
+                a.thread.start()
             for c in chans:
                 c.thread.start()
             total = _read_main(rx, main, gate, progress)
             if rx.return_path and reply:
                 log.debug("return path: SHUT(0) to the source")
                 main.sendall(rp_shut(0))
-            _join_channels(chans, applier, gate)
+            _join_channels(chans, appliers, gate)
             if writer.metadata.machine_type is None:
                 writer.metadata.machine_type = rx.machine_type
             writer.flush()
             writer.finish(rx.tail())
         except BaseException as e:
-            _stop_channels(chans, applier, gate, e)
+            _stop_channels(chans, appliers, gate, e)
             raise
         finally:
-            if pool is not None and not any(t.is_alive() for t in _threads(chans, applier)):
+            if pool is not None and not any(t.is_alive() for t in _threads(chans, appliers)):
                 pool.close()  # never unmap buffers a live thread may still touch
     return _stats(writer, rx, total, chans, gate)
 
 
 def _channels(socks: Sequence[socket.socket], rx: _MainReceiver, gate: EpochGate,
-              writer: SnapshotWriter, pool: BufferPool | None, applier: _Applier | None,
+              writer: SnapshotWriter, pool: BufferPool | None, appliers: Sequence[_Applier],
               legacy: bool) -> list[_Channel]:
-    if pool is None or applier is None:
+    """The channels, each pair of neighbours (QEMU deals packets out in channel order)
+    sharing one I/O thread."""
+    if pool is None:
         return []
     ids: set[int] = set()
     lock = threading.Lock()
-    return [_Channel(i, s, rx, gate, writer, pool, applier, len(socks), ids, lock, legacy)
+    return [_Channel(i, s, rx, gate, writer, pool, appliers[i // PER_APPLIER], len(socks), ids,
+                     lock, legacy)
             for i, s in enumerate(socks)]
 
 
-def _threads(chans: Sequence[_Channel], applier: _Applier | None) -> list[threading.Thread]:
-    return [c.thread for c in chans] + ([applier.thread] if applier is not None else [])
+def _threads(chans: Sequence[_Channel], appliers: Sequence[_Applier]
+             ) -> list[threading.Thread]:
+    return [c.thread for c in chans] + [a.thread for a in appliers]
 
 
 def _read_main(rx: _MainReceiver, main: socket.socket, gate: EpochGate,
@@ -557,7 +565,7 @@ def _read_main(rx: _MainReceiver, main: socket.socket, gate: EpochGate,
     return total
 
 
-def _join_channels(chans: Sequence[_Channel], applier: _Applier | None,
+def _join_channels(chans: Sequence[_Channel], appliers: Sequence[_Applier],
                    gate: EpochGate) -> None:
     """Let every channel run to its end (the source closes them), then the I/O thread
     apply what they left, and raise what failed."""
@@ -566,23 +574,25 @@ def _join_channels(chans: Sequence[_Channel], applier: _Applier | None,
         c.thread.join(CHANNEL_CLOSE_TIMEOUT)
         if c.thread.is_alive():
             raise VmsnapError(f"multifd channel {c.i} did not close after the stream end")
-    if applier is not None:
-        applier.stop()
-        applier.thread.join()
-        applier.raise_error()
+    for a in appliers:
+        a.stop()
+    for a in appliers:
+        a.thread.join()
+        a.raise_error()
     gate.raise_error()
 
 
-def _stop_channels(chans: Sequence[_Channel], applier: _Applier | None, gate: EpochGate,
+def _stop_channels(chans: Sequence[_Channel], appliers: Sequence[_Applier], gate: EpochGate,
                    err: BaseException) -> None:
     """After `err`: stop every thread; if a channel failed first (e.g. disk full), raise
     that, the cause, instead."""
     gate.fail(err)
     for c in chans:
         c.thread.join(10)
-    if applier is not None and applier.thread.is_alive():
-        applier.stop()
-        applier.thread.join(10)
+    for a in appliers:
+        if a.thread.is_alive():
+            a.stop()
+            a.thread.join(10)
     cause = gate.cause()
     if cause is not err:
         raise cause from err

@@ -181,10 +181,11 @@ def test_save_domain_every_mode_then_restore(daemon):
         assert done["mode"] == "live" and done["throttle_pct"] is not None, done  # converger
         assert vm.state()[0] == libvirt.VIR_DOMAIN_NOSTATE  # transient: ended means gone
         for snap in (paused, checkpoint, live, *([point] if point.exists() else [])):
-            multifd = ("--channels", "2", "--json") if snap == paused else ()
+            multifd = ("--channels", "2", "--json", "-v") if snap == paused else ()
             run = vmsnap_domain(daemon, "restore", snap, *multifd)
-            if multifd:  # libvirt starts it waiting, vmsnap loads it on 2 channels
-                assert events(run)["start"]["channels"] == 2
+            if multifd:  # libvirt starts it waiting, vmsnap loads it on 2 channels that
+                assert events(run)["start"]["channels"] == 2  # QEMU 7.2 accepts on our
+                assert "migrate-incoming tcp:fd:" in run.stderr  # socket, passed by fd
             assert vm.state()[0] == libvirt.VIR_DOMAIN_RUNNING
             guest.check_restored(vm)
             vm.destroy()

@@ -5,8 +5,8 @@ QEMU in a container or chroot cannot see it, one running as another user (Debian
 runs QEMU as libvirt-qemu) cannot enter it. The main channel therefore goes by fd (QMP
 `getfd` + `fd:`), which needs no path at all. Multifd channels need a unix path QEMU can
 reach, so for such a QEMU their directory is made inside QEMU's own root (/proc/PID/root)
-and given to QEMU's uid, mode 0700: that QEMU can reach it, other users cannot. Never a
-TCP port.
+and given to QEMU's uid, mode 0700: that QEMU can reach it, other users cannot; a restore
+into QEMU 7.x needs no path at all (pass_listener). Never a TCP port.
 """
 
 from __future__ import annotations
@@ -22,6 +22,12 @@ from ..io.sockets import widen
 from .qmp import Monitor
 
 MAIN_FD_NAME = "vmsnap-migration"
+LISTENER_FD_NAME = "vmsnap-incoming"
+#: QEMU 7.x takes `tcp:fd:NAME` for an incoming migration and listens on the socket passed
+#: as NAME (its socket_parse reads "fd:NAME"), multifd channels included; QEMU 10 parses it
+#: as a host name and refuses a plain `fd:` with multifd (both tested). Its outgoing side
+#: reads NAME as an fd number ("Unable to parse FD number"): no use for saves.
+LISTEN_BY_FD_BEFORE = (8, 0, 0)
 
 
 @dataclass
@@ -97,3 +103,22 @@ async def pass_socket(client: Monitor) -> tuple[socket.socket, str]:
     finally:
         theirs.close()
     return ours, f"fd:{MAIN_FD_NAME}"
+
+
+async def pass_listener(client: Monitor) -> tuple[Meeting, str, str]:
+    """A unix socket bound in vmsnap's own private directory and handed to QEMU (< 8) by fd,
+    for it to listen on: multifd channels of a restore with no path in QEMU's reach.
+    Returns the meeting (to close), the URI for migrate-incoming and the path vmsnap
+    connects to."""
+    d = tempfile.mkdtemp(prefix="vmsnap-")  # 0700
+    meeting = Meeting(d, d)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(meeting.host("incoming.sock"))
+        await client.execute_with_fds("getfd", {"fdname": LISTENER_FD_NAME}, [sock.fileno()])
+    except BaseException:
+        meeting.close()
+        raise
+    finally:
+        sock.close()
+    return meeting, f"tcp:fd:{LISTENER_FD_NAME}", meeting.host("incoming.sock")

@@ -36,7 +36,7 @@ from . import qmp as qmpmod
 from .modes import INCOMPATIBLE_CAPS
 from .qmp import Client, Monitor
 from .relaunch import GuardedQemu, RelaunchLock, own_qmp
-from .rendezvous import meeting_place, pass_socket
+from .rendezvous import LISTEN_BY_FD_BEFORE, meeting_place, pass_listener, pass_socket
 from .save import check_channels
 from .target import (
     START_TIMEOUT,
@@ -234,12 +234,14 @@ async def _load_stream(client: Monitor, peer: qmpmod.Peer, path: str, channels: 
         rep.start("restore", total, channels=0, ram_path="shared")
         await asyncio.get_running_loop().run_in_executor(
             None, _fill, path, plan, direct, rep, total)
-    if channels:  # multifd needs a unix path this QEMU can reach
-        meeting = meeting_place(peer.pid)
+    if channels:  # multifd: QEMU listens where vmsnap connects
+        if peer.version < LISTEN_BY_FD_BEFORE:  # on our socket, passed by fd
+            meeting, uri, incoming = await pass_listener(client)
+        else:  # on a unix path this QEMU can reach
+            meeting = meeting_place(peer.pid)
+            uri, incoming = f"unix:{meeting.qemu('incoming.sock')}", meeting.host("incoming.sock")
         stack.callback(meeting.close)
-        incoming = meeting.host("incoming.sock")
-        await client.execute("migrate-incoming",
-                             {"uri": f"unix:{meeting.qemu('incoming.sock')}"})
+        await client.execute("migrate-incoming", {"uri": uri})
         socks = [await _connect_incoming(incoming) for _ in range(channels + 1)]
     else:  # one stream: our socket, passed by fd
         main, uri = await pass_socket(client)
@@ -247,8 +249,8 @@ async def _load_stream(client: Monitor, peer: qmpmod.Peer, path: str, channels: 
         incoming = uri
         await client.execute("migrate-incoming", {"uri": uri})
         socks = [main]
-    log.debug("restore: %d connections to %s (%d multifd channels)", len(socks), incoming,
-              channels)
+    log.debug("restore: %d connections to %s, QEMU's migrate-incoming %s (%d multifd "
+              "channels)", len(socks), incoming, uri, channels)
     if not plan:
         rep.start("restore", total, channels=channels)
     stop = threading.Event()

@@ -15,6 +15,7 @@ import os
 import shutil
 import socket
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..errors import VmsnapError
@@ -89,19 +90,26 @@ def meeting_place(pid: int | None) -> Meeting:
     return Meeting(d, "/tmp/" + os.path.basename(d), None if ids[0] == os.geteuid() else ids)
 
 
-async def pass_socket(client: Monitor) -> tuple[socket.socket, str]:
-    """A connected socket pair whose far end is handed to QEMU over its monitor (SCM_RIGHTS +
-    `getfd`, over QMP or libvirt's monitor): returns our end and the `fd:` URI QEMU's
-    migrate/migrate-incoming take. Both ends get the same wide buffers (io.sockets.widen)."""
-    ours, theirs = socket.socketpair()
-    widen(ours, theirs)
+async def _hand_over(client: Monitor, name: str, sock: socket.socket,
+                     undo: Callable[[], None]) -> None:
+    """Give QEMU `sock` as `name` (SCM_RIGHTS + `getfd`, over QMP or libvirt's monitor); our
+    copy is closed either way, `undo` runs if QEMU did not take it."""
     try:
-        await client.execute_with_fds("getfd", {"fdname": MAIN_FD_NAME}, [theirs.fileno()])
+        await client.execute_with_fds("getfd", {"fdname": name}, [sock.fileno()])
     except BaseException:
-        ours.close()
+        undo()
         raise
     finally:
-        theirs.close()
+        sock.close()
+
+
+async def pass_socket(client: Monitor) -> tuple[socket.socket, str]:
+    """A connected socket pair whose far end is handed to QEMU over its monitor: returns our
+    end and the `fd:` URI QEMU's migrate/migrate-incoming take. Both ends get the same wide
+    buffers (io.sockets.widen)."""
+    ours, theirs = socket.socketpair()
+    widen(ours, theirs)
+    await _hand_over(client, MAIN_FD_NAME, theirs, ours.close)
     return ours, f"fd:{MAIN_FD_NAME}"
 
 
@@ -115,10 +123,9 @@ async def pass_listener(client: Monitor) -> tuple[Meeting, str, str]:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.bind(meeting.host("incoming.sock"))
-        await client.execute_with_fds("getfd", {"fdname": LISTENER_FD_NAME}, [sock.fileno()])
-    except BaseException:
+    except OSError:
+        sock.close()
         meeting.close()
         raise
-    finally:
-        sock.close()
+    await _hand_over(client, LISTENER_FD_NAME, sock, meeting.close)
     return meeting, f"tcp:fd:{LISTENER_FD_NAME}", meeting.host("incoming.sock")

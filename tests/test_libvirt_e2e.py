@@ -18,6 +18,7 @@ from pathlib import Path
 import libvirt
 import pytest
 
+from testbed.craft import flip_page_bit
 from testbed.guests import BootGuest
 from testbed.libvirt import CONFIGS, Libvirtd, LibvirtVm, private_root
 from testbed.transfer import VMSNAP
@@ -226,6 +227,28 @@ def test_lazy_restore_of_domain_file(daemon):
             assert "-incoming" not in saved.metadata.extra["libvirt"]["xml"]
         vmsnap_domain(daemon, "restore", again)
         guest.check_restored(vm)
+    finally:
+        vm.destroy()
+
+
+@pytest.mark.parametrize("daemon", ["root"], indirect=True)
+def test_domain_restore_of_bad_page_leaves_it_shut_off(daemon):
+    """A page failing its checksum in a multifd or lazy restore into a domain libvirt
+    started waiting: one line naming the page, and libvirt ends the domain (shut off, not
+    running on bad RAM), as vmsnap ends a QEMU it launched."""
+    name = f"lvbad-{os.getpid()}"
+    guest, vm = booted_vm(daemon, name, persistent=True)
+    try:
+        snap = vm.workdir / "vm.vms"
+        vmsnap_domain(daemon, "save", "--domain", name, snap, "--quit")
+        page = flip_page_bit(snap)
+        for how in (("--channels", "2"), ("--lazy",)):
+            proc = subprocess.run([VMSNAP, "restore", "--connect", daemon.uri, str(snap), *how],
+                                  capture_output=True, text=True, timeout=600)
+            lines = proc.stderr.strip().splitlines()
+            assert proc.returncode == 1 and len(lines) == 1, (how, proc.stderr)
+            assert "pc.ram" in lines[0] and f"{page * 4096:#x}" in lines[0], lines[0]
+            assert vm.state()[0] == libvirt.VIR_DOMAIN_SHUTOFF, (how, vm.state())
     finally:
         vm.destroy()
 

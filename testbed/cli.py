@@ -34,6 +34,15 @@ def one_line(result: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
+def save_quit(guest, config, workdir: Path, snap: Path) -> None:
+    """Boot `guest` in a QEMU from `config` and `vmsnap save --quit` it to `snap`."""
+    from .qemu import Vm
+
+    with Vm(config, workdir, "src") as src:
+        guest.boot(src)
+        ok(run_vmsnap(workdir, "save", "--quit", "--qmp", src.tool_qmp_path, snap))
+
+
 def events(result: subprocess.CompletedProcess) -> list[dict]:
     return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
 

@@ -216,7 +216,8 @@ def multifd_restore(vm: Vm, workdir: Path, path: Path, channels: int = CHANNELS)
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             s.connect(str(sock_path))
             conns.append(s)
-        stats = send_multifd(path, conns[0], conns[1:], target.uuid, target.sync_mode)
+        with open_snapshot(path) as snap:
+            stats = send_multifd(snap, conns[0], conns[1:], target.uuid, target.sync_mode)
         vm.wait_incoming(300)
     finally:
         for c in conns:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from testbed.cli import events, ok, one_line, run_vmsnap
+from testbed.cli import events, ok, one_line, run_vmsnap, save_quit
 from testbed.craft import flip_bit
 from testbed.guests import BootGuest
 from testbed.qemu import Vm
@@ -40,9 +40,7 @@ def test_no_verify_restore(workdir, outside, qemu, ram_path):
     guest = BootGuest(memory_mb=256)
     config = guest.config(qemu, workdir)
     snap = outside / "vm.snap"
-    with Vm(config, workdir, "src") as src:
-        guest.boot(src)
-        ok(run_vmsnap(workdir, "save", "--quit", "--qmp", src.tool_qmp_path, snap))
+    save_quit(guest, config, workdir, snap)
     with Vm(config, workdir, "dst", incoming="defer") as dst:
         d = done(run_vmsnap(workdir, "restore", "--json", "--no-verify", snap, "--qmp",
                             dst.tool_qmp_path))

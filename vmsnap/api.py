@@ -126,30 +126,36 @@ def restore(path: str | os.PathLike[str], *, qmp_address: str | None = None,
     vmsnap died, on the target it left in postcopy-paused.
     A file saved from a libvirt domain, with neither `qmp_address` nor `command`, is
     restored through libvirt (restore_domain, default connection; lazily by postcopy)."""
-    if qmp_address is None and not command:
-        from .libvirt.restore import is_domain_file
+    from .fileformat.reader import open_snapshot
+    from .targets import normalize
 
-        if is_domain_file(path, direct=direct):
-            return restore_domain(path, paused=paused, trust_xml=trust_command_line,
-                                  reporter=reporter, direct=direct, lazy=lazy,
-                                  channels=channels)
     if resume and lazy is None:
         raise VmsnapError("resume finishes a lazy restore: give lazy= too")
-    if lazy is not None:
-        if verify is False:
-            raise VmsnapError("a lazy restore checks every page it sends: no verify=False")
-        from .orchestration.lazy import restore_lazy
+    if lazy is not None and verify is False:
+        raise VmsnapError("a lazy restore checks every page it sends: no verify=False")
+    # opened once: what is checked is what is loaded, whatever the path names meanwhile
+    with open_snapshot(normalize(path), direct=direct) as snap:
+        if qmp_address is None and not command:
+            from .libvirt.image import domain_of
 
-        return _run(restore_lazy(path, engine=lazy, qmp_address=qmp_address,
-                                 command=command, paused=paused, reporter=reporter,
-                                 direct=direct, verify=bool(verify), resume=resume,
-                                 trust_command_line=trust_command_line))
-    from .orchestration.restore import restore as _restore
+            if domain_of(snap.metadata) is not None:
+                from .libvirt.restore import restore_domain as _restore_domain
 
-    return _run(_restore(path, qmp_address=qmp_address, command=command,
-                         paused=paused, reporter=reporter, direct=direct,
-                         channels=channels, trust_command_line=trust_command_line,
-                         verify=verify is not False))
+                return _run(_restore_domain(snap, paused=paused, trust_xml=trust_command_line,
+                                            reporter=reporter, lazy=lazy, channels=channels))
+        if lazy is not None:
+            from .orchestration.lazy import restore_lazy
+
+            return _run(restore_lazy(snap, engine=lazy, qmp_address=qmp_address,
+                                     command=command, paused=paused, reporter=reporter,
+                                     verify=bool(verify), resume=resume,
+                                     trust_command_line=trust_command_line))
+        from .orchestration.restore import restore as _restore
+
+        return _run(_restore(snap, qmp_address=qmp_address, command=command, paused=paused,
+                             reporter=reporter, channels=channels,
+                             trust_command_line=trust_command_line,
+                             verify=verify is not False))
 
 
 def restore_domain(path: str | os.PathLike[str], *, uri: str | None = None,
@@ -164,11 +170,13 @@ def restore_domain(path: str | os.PathLike[str], *, uri: str | None = None,
     defer` in its qemu namespace) and vmsnap is its postcopy source over libvirt's monitor;
     `channels` > 0: the same domain start, loaded by multifd (a directory of QEMU's user in
     its root, as for `save_domain`)."""
+    from .fileformat.reader import open_snapshot
     from .libvirt.restore import restore_domain as _restore_domain
 
-    return _run(_restore_domain(path, uri=uri, domain=domain, xml=xml, paused=paused,
-                                trust_xml=trust_xml, reporter=reporter, direct=direct,
-                                lazy=lazy, channels=channels))
+    with open_snapshot(os.path.abspath(os.fspath(path)), direct=direct) as snap:
+        return _run(_restore_domain(snap, uri=uri, domain=domain, xml=xml, paused=paused,
+                                    trust_xml=trust_xml, reporter=reporter, lazy=lazy,
+                                    channels=channels))
 
 
 def open(path: str | os.PathLike[str], *, direct: bool = True) -> Snapshot:  # noqa: A001
@@ -220,9 +228,11 @@ def send(path: str | os.PathLike[str], sink: Sink, *, direct: bool = True,
          progress: Callable[[int, int], None] | None = None) -> SendStats:
     """Write the snapshot `path` to `sink` (a binary file object over a descriptor) as a
     plain QEMU migration stream, every page checked first (`vmsnap send`)."""
+    from .fileformat.reader import open_snapshot
     from .ops.send import send as _send
 
-    return _send(path, sink, direct=direct, progress=progress)
+    with open_snapshot(path, direct=direct) as snap:
+        return _send(snap, sink, progress=progress)
 
 
 def seal(path: str | os.PathLike[str], *, direct: bool = True) -> int:

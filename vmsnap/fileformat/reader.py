@@ -12,7 +12,7 @@ import numpy as np
 import xxhash
 
 from ..io.aligned import PAGE_SIZE, AlignedBuffer
-from ..io.direct import IOEngineError
+from ..io.direct import DirectFile, IOEngineError
 from ..io.vectored import Buffer
 from ..stream.events import MappedRamHeader, RamBlock, bitmap_size
 from ..targets import PageSource, open_source, remote
@@ -265,6 +265,13 @@ class Snapshot:
             if progress:
                 progress(done, total)
         return VerifyResult(pages, done, len(self.trailer.ranges))
+
+    def reopen(self, flags: int) -> int:
+        """A new descriptor on this very file (the one checked, whatever its path names by
+        now), for a reader outside vmsnap such as QEMU. A local file only."""
+        if not isinstance(self._file, DirectFile):
+            raise SnapshotError(f"{self.path} is not a local file")
+        return self._file.reopen(flags)
 
     def close(self) -> None:
         self._file.close()

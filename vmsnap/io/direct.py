@@ -135,7 +135,7 @@ class DirectFile:
         try:
             if direct and hasattr(os, "O_DIRECT"):
                 try:
-                    self.fd = os.open(self.path, self._base_flags | os.O_DIRECT)
+                    self.fd = self.reopen(self._base_flags | os.O_DIRECT)
                     self.direct = True
                 except OSError as e:
                     if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
@@ -148,11 +148,16 @@ class DirectFile:
             os.close(self.meta_fd)
             raise
 
+    def reopen(self, flags: int) -> int:
+        """A new descriptor (open flags `flags`) on this very file, never on whatever its
+        path names by now: through /proc/self/fd, which reopens the inode."""
+        return os.open(f"/proc/self/fd/{self.meta_fd}", flags | os.O_CLOEXEC)
+
     # -- mode handling -------------------------------------------------------------
     def _fall_back(self, reason: str, quiet: bool = False) -> None:
         if self.fd >= 0:
             os.close(self.fd)
-        self.fd = os.open(self.path, self._base_flags)
+        self.fd = self.reopen(self._base_flags)
         self.direct = False
         self.fallback_reason = reason
         if not quiet and not self._warned:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..errors import VmsnapError
-from ..fileformat.reader import open_snapshot
+from ..fileformat.reader import Snapshot, open_snapshot
 from ..fileformat.trailer import TrailerMetadata
 from ..fileformat.writer import SnapshotWriter
 from ..io.atomic import AtomicFile
@@ -159,14 +159,14 @@ def import_stream(source: str, writer_path: str, *, progress: Callable[[int], No
     return stats, domain
 
 
-def image_head(snapshot: str, *, xml: str | None = None, was_running: bool | None = None,
-               direct: bool = True) -> bytes:
-    """libvirt's header + XML for `snapshot`: its stored domain XML unless `xml` is given."""
-    with open_snapshot(snapshot, direct=direct) as snap:
-        domain = domain_of(snap.metadata)
+def image_head(snap: Snapshot, *, xml: str | None = None,
+               was_running: bool | None = None) -> bytes:
+    """libvirt's header + XML for the open snapshot `snap`: its stored domain XML unless
+    `xml` is given."""
+    domain = domain_of(snap.metadata)
     if xml is None:
         if domain is None:
-            raise VmsnapError(f"{snapshot} was not saved from a libvirt domain: give the "
+            raise VmsnapError(f"{snap.path} was not saved from a libvirt domain: give the "
                               "domain's XML (virsh dumpxml --migratable DOMAIN)")
         xml = domain.xml
     if was_running is None:
@@ -181,24 +181,25 @@ def export_image(snapshot: str, dest: str, *, xml: str | None = None,
     """Write `snapshot` as a libvirt save image to `dest`: a FIFO (written as read, for
     `virsh restore FIFO`) or a file (replaced atomically). The domain XML comes from the
     snapshot's metadata unless `xml` is given."""
-    head = image_head(snapshot, xml=xml, was_running=was_running, direct=direct)
-    if os.path.exists(dest) and stat.S_ISFIFO(os.stat(dest).st_mode):
-        fd = os.open(dest, os.O_WRONLY | os.O_CLOEXEC)
-        try:
-            return write_image(fd, head, snapshot, direct, progress)
-        finally:
-            os.close(fd)
-    with AtomicFile(dest) as af:
-        stats = write_image(af.fd, head, snapshot, direct, progress)
-        af.commit()
+    with open_snapshot(snapshot, direct=direct) as snap:
+        head = image_head(snap, xml=xml, was_running=was_running)
+        if os.path.exists(dest) and stat.S_ISFIFO(os.stat(dest).st_mode):
+            fd = os.open(dest, os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                return write_image(fd, head, snap, progress)
+            finally:
+                os.close(fd)
+        with AtomicFile(dest) as af:
+            stats = write_image(af.fd, head, snap, progress)
+            af.commit()
     return stats
 
 
-def write_image(fd: int, head: bytes, snapshot: str, direct: bool = True,
+def write_image(fd: int, head: bytes, snap: Snapshot,
                 progress: Callable[[int, int], None] | None = None) -> SendStats:
-    """`head` then `snapshot` as a plain migration stream, to `fd`."""
+    """`head` then the open snapshot `snap` as a plain migration stream, to `fd`."""
     with open(fd, "wb", closefd=False) as sink:
         sink.write(head)
-        stats = send(snapshot, sink, direct=direct, progress=progress)
+        stats = send(snap, sink, progress=progress)
     stats.stream_bytes += len(head)
     return stats

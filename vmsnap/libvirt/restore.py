@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ..errors import VmsnapError
-from ..fileformat.reader import open_snapshot
+from ..fileformat.reader import Snapshot
 from ..hostkey import trust_of
 from ..ops.send import SendStats
 from ..orchestration.lazy import restore_lazy
@@ -32,29 +32,22 @@ from .image import domain_of, image_head, write_image
 from .incoming import IncomingDomain, start_incoming
 
 
-def is_domain_file(path: str | os.PathLike[str], direct: bool = True) -> bool:
-    """Whether the snapshot at `path` was made from a libvirt domain."""
-    with open_snapshot(os.fspath(path), direct=direct) as snap:
-        return domain_of(snap.metadata) is not None
-
-
-async def restore_domain(path: str | os.PathLike[str], *, uri: str | None = None,
+async def restore_domain(snap: Snapshot, *, uri: str | None = None,
                          domain: str | None = None, xml: str | None = None,
                          paused: bool = False, trust_xml: bool = False,
-                         reporter: Reporter | None = None, direct: bool = True,
-                         lazy: str | None = None, channels: int | None = None
-                         ) -> RestoreResult:
-    """Restore `path` through libvirt: under the XML stored in the file (if this host signed
-    it, or `trust_xml`), or under defined domain `domain`'s XML, or under `xml`. By default
+                         reporter: Reporter | None = None, lazy: str | None = None,
+                         channels: int | None = None) -> RestoreResult:
+    """Restore the open snapshot `snap` through libvirt (what libvirt gets is this one open
+    file, the one checked): under the XML stored in the file (if this host signed it, or
+    `trust_xml`), or under defined domain `domain`'s XML, or under `xml`. By default
     libvirt's own restore reads the image vmsnap writes; `lazy` ("auto" or "postcopy"): the
     guest runs at once and its RAM follows (restore_lazy); `channels` > 0: multifd. Both
     feed a domain libvirt starts waiting for an incoming stream (incoming.start_incoming)."""
-    path = os.path.abspath(os.fspath(path))
+    path = snap.path
     rep = reporter or Reporter()
-    with open_snapshot(path, direct=direct) as snap:
-        image = domain_of(snap.metadata)
-        trust = trust_of(snap.trailer)
-        total = sum(b.present_count * b.page_size for b in snap.blocks)
+    image = domain_of(snap.metadata)
+    trust = trust_of(snap.trailer)
+    total = sum(b.present_count * b.page_size for b in snap.blocks)
     conn = dommod.connect(uri)
     try:
         if domain is not None:
@@ -76,13 +69,12 @@ async def restore_domain(path: str | os.PathLike[str], *, uri: str | None = None
             from ..orchestration.restore import restore  # eager machinery: only if used
 
             return await _into_incoming(conn, xml, lambda target: (
-                restore_lazy(path, engine="postcopy", target=target, paused=paused,
-                             reporter=rep, direct=direct) if lazy is not None else
-                restore(path, target=target, channels=channels, paused=paused,
-                        reporter=rep, direct=direct)))
+                restore_lazy(snap, engine="postcopy", target=target, paused=paused,
+                             reporter=rep) if lazy is not None else
+                restore(snap, target=target, channels=channels, paused=paused,
+                        reporter=rep)))
         was_running = image.was_running if image else True
-        return await _restore_eager(conn, path, xml, paused or not was_running, total, rep,
-                                    direct)
+        return await _restore_eager(conn, snap, xml, paused or not was_running, total, rep)
     finally:
         conn.close()
 
@@ -100,29 +92,28 @@ async def _into_incoming(conn: Any, xml: str,
         raise
 
 
-async def _restore_eager(conn: Any, path: str, xml: str, paused: bool, total: int,
-                         rep: Reporter, direct: bool) -> RestoreResult:
+async def _restore_eager(conn: Any, snap: Snapshot, xml: str, paused: bool, total: int,
+                         rep: Reporter) -> RestoreResult:
     """virDomainRestore of a private FIFO that vmsnap writes the image into."""
     workdir = tempfile.mkdtemp(prefix="vmsnap-")  # 0700: libvirtd opens the FIFO as root
     try:
-        head = image_head(path, xml=xml, direct=direct)
+        head = image_head(snap, xml=xml)
         fifo = os.path.join(workdir, "restore.img")
         os.mkfifo(fifo, 0o600)
         rep.start("restore", total)
         t0 = time.monotonic()
-        stats = await _feed(conn, fifo, head, path, paused, direct,
-                            lambda d, t: rep.update(d, t))
+        stats = await _feed(conn, fifo, head, snap, paused, lambda d, t: rep.update(d, t))
         seconds = time.monotonic() - t0
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    result = RestoreResult(path, seconds, stats.stream_bytes, stats.pages,
+    result = RestoreResult(snap.path, seconds, stats.stream_bytes, stats.pages,
                            "paused" if paused else "running", None,
                            f"libvirt domain {dommod.name_in(xml)}")
     rep.done(**result.__dict__)
     return result
 
 
-async def _feed(conn: Any, fifo: str, head: bytes, path: str, paused: bool, direct: bool,
+async def _feed(conn: Any, fifo: str, head: bytes, snap: Snapshot, paused: bool,
                 progress: Callable[[int, int], None]) -> SendStats:
     """Run libvirt's restore of `fifo` and write the image into it, side by side."""
     import libvirt
@@ -133,7 +124,7 @@ async def _feed(conn: Any, fifo: str, head: bytes, path: str, paused: bool, dire
     fd = -1
     try:
         fd = await _open_writer(fifo, restoring)
-        writing = loop.run_in_executor(None, write_image, fd, head, path, direct, progress)
+        writing = loop.run_in_executor(None, write_image, fd, head, snap, progress)
         try:
             stats = await writing
         finally:

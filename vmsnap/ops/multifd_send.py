@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 import queue
 import re
 import socket
@@ -30,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import VmsnapError
-from ..fileformat.reader import BlockInfo, Snapshot, open_snapshot
+from ..fileformat.reader import BlockInfo, Snapshot
 from ..io.aligned import AlignedBuffer
 from ..io.sockets import shutdown_all
 from ..io.vectored import Buffer, transfer_all
@@ -249,14 +248,13 @@ def _release(sock: socket.socket, sync: bytes) -> None:
         pass
 
 
-def send_multifd(path: str | os.PathLike[str], main: socket.socket,
+def send_multifd(snap: Snapshot, main: socket.socket,
                  channels: Sequence[socket.socket], uuid: bytes, sync_mode: str, *,
-                 direct: bool = True, verify: bool = True, depth: int = DEPTH,
-                 chunk_pages: int = CHUNK_PAGES,
+                 verify: bool = True, depth: int = DEPTH, chunk_pages: int = CHUNK_PAGES,
                  progress: Callable[[int, int], None] | None = None,
                  stop: threading.Event | None = None,
                  fresh: Collection[str] = ()) -> MultifdSendStats:
-    """Send the snapshot at `path` to a multifd destination over connected sockets.
+    """Send the open snapshot `snap` to a multifd destination over connected sockets.
 
     `main` must have been connected first (QEMU 7.2 takes the first connection as the main
     channel), then `channels` (as many as the destination's `multifd-channels`).
@@ -273,45 +271,44 @@ def send_multifd(path: str | os.PathLike[str], main: socket.socket,
         raise ValueError("uuid must be 16 bytes")
     if not channels:
         raise ValueError("need at least one multifd channel")
+    if any(b.page_size != PAGE for b in snap.blocks):
+        raise VmsnapError("multifd send supports 4 KiB pages only")
     per_round = sync_mode == PER_ROUND
-    with open_snapshot(path, direct=direct) as snap:
-        if any(b.page_size != PAGE for b in snap.blocks):
-            raise VmsnapError("multifd send supports 4 KiB pages only")
-        head = read_head(snap)
-        snap.check_stream_ranges()
-        sid = head.section.section_id
-        flush = encoder.multifd_flush() if per_round else b""
-        setup = plain_stream_head(snap, head, before_eos=flush)
-        zero_records, zeros, _ = explicit_zero_records(snap, None, fresh=fresh)
-        part = (encoder.section_part(sid) + zero_records + flush + encoder.eos()
-                + encoder.footer(sid))
-        tail = device_state(snap)  # END section (+ its EOS), device state, EOF, vmdesc
-        jobs = plan_jobs(snap, chunk_pages)
-        sender = _Sender(snap, jobs, sync_mode, uuid, verify, max(1, depth), chunk_pages,
-                         progress, stop or threading.Event())
-        counts = [0] * len(channels)
-        main.sendall(setup)  # the main magic first, on the first connection
-        threads = [threading.Thread(target=sender.channel, args=(i, s, counts),
-                                    name=f"vmsnap-mfd{i}-send", daemon=True)
-                   for i, s in enumerate(channels)]
+    head = read_head(snap)
+    snap.check_stream_ranges()
+    sid = head.section.section_id
+    flush = encoder.multifd_flush() if per_round else b""
+    setup = plain_stream_head(snap, head, before_eos=flush)
+    zero_records, zeros, _ = explicit_zero_records(snap, None, fresh=fresh)
+    part = (encoder.section_part(sid) + zero_records + flush + encoder.eos()
+            + encoder.footer(sid))
+    tail = device_state(snap)  # END section (+ its EOS), device state, EOF, vmdesc
+    jobs = plan_jobs(snap, chunk_pages)
+    sender = _Sender(snap, jobs, sync_mode, uuid, verify, max(1, depth), chunk_pages,
+                     progress, stop or threading.Event())
+    counts = [0] * len(channels)
+    main.sendall(setup)  # the main magic first, on the first connection
+    threads = [threading.Thread(target=sender.channel, args=(i, s, counts),
+                                name=f"vmsnap-mfd{i}-send", daemon=True)
+               for i, s in enumerate(channels)]
+    for t in threads:
+        t.start()
+    try:
+        main.sendall(part)
         for t in threads:
-            t.start()
-        try:
-            main.sendall(part)
-            for t in threads:
-                t.join()
-            if sender.error is not None:
-                raise sender.error
-            if sender.stop.is_set():
-                raise VmsnapError("restore stopped")
-            main.sendall(tail)  # only once every page went out
-        except BaseException as e:
-            sender.fail(e)
-            shutdown_all((main, *channels))
-            for t in threads:
-                t.join(30)
-            raise
-        packets = next(sender.packet_num) - 1
+            t.join()
+        if sender.error is not None:
+            raise sender.error
+        if sender.stop.is_set():
+            raise VmsnapError("restore stopped")
+        main.sendall(tail)  # only once every page went out
+    except BaseException as e:
+        sender.fail(e)
+        shutdown_all((main, *channels))
+        for t in threads:
+            t.join(30)
+        raise
+    packets = next(sender.packet_num) - 1
     sent = (len(setup) + len(part) + len(tail) + MultifdInit.SIZE * len(channels)
             + packets * header_size(PAGE) + sum(counts) * PAGE)
     return MultifdSendStats(sent, sum(counts), zeros, len(channels), packets, sync_mode, counts)

@@ -10,8 +10,6 @@ startup, always get them, so every block ends up exactly as saved.
 
 from __future__ import annotations
 
-import contextlib
-import os
 from collections.abc import Callable, Collection, Container, Mapping
 from dataclasses import dataclass
 from typing import Protocol
@@ -19,7 +17,7 @@ from typing import Protocol
 import numpy as np
 
 from ..errors import VmsnapError
-from ..fileformat.reader import Snapshot, open_snapshot
+from ..fileformat.reader import Snapshot
 from ..io.vectored import widen_pipe, writev_all
 from ..stream import StreamDecoder, encoder
 from ..stream import events as ev
@@ -126,43 +124,40 @@ class Sink(Protocol):
     def flush(self) -> None: ...
 
 
-def send(path: str | os.PathLike[str] | Snapshot, sink: Sink, *, direct: bool = True,
+def send(snap: Snapshot, sink: Sink, *,
          progress: Callable[[int, int], None] | None = None,
          shared: Mapping[str, int] | None = None, skip: Collection[str] = (),
          fresh: Collection[str] = ()) -> SendStats:
-    """Write the snapshot at `path` (or this open one, left open) to `sink` (anything with a
-    file descriptor: pipe, socket, file) as a plain migration stream; page data goes out by
-    writev, uncopied.
+    """Write the open snapshot `snap` to `sink` (anything with a file descriptor: pipe,
+    socket, file) as a plain migration stream; page data goes out by writev, uncopied.
     `shared`: an x-ignore-shared stream without the pages of these blocks (name -> addr),
     which the caller has put into the destination's shared RAM itself. Blocks in `skip`
     are listed but get no pages (the destination maps them from the file). Zero pages are
     sent as ZERO records except in the `fresh` blocks (see `explicit_zero_records`)."""
     skip = {*(shared or {}), *skip}
-    with (contextlib.nullcontext(path) if isinstance(path, Snapshot)
-          else open_snapshot(path, direct=direct)) as snap:
-        head = read_head(snap)
-        snap.check_stream_ranges()
-        sid = head.section.section_id
-        sink.flush()
-        fd = sink.fileno()
-        widen_pipe(fd)
-        sent = writev_all(fd, [plain_stream_head(snap, head, shared=shared),
-                               encoder.section_part(sid)])
-        total = sum(b.present_count * b.page_size for b in snap.blocks if b.name not in skip)
-        done = pages = 0
-        last_block = None
-        for block, first, count, data in snap.iter_pages(skip=skip):
-            offsets = (np.arange(first, first + count, dtype=np.uint64)
-                       * np.uint64(block.page_size))
-            parts = encoder.page_record_parts(block.name, offsets, data,
-                                              continue_=block.name == last_block)
-            last_block = block.name
-            sent += writev_all(fd, parts)
-            pages += count
-            done += count * block.page_size
-            if progress:
-                progress(done, total)
-        records, zeros, _ = explicit_zero_records(snap, last_block, skip, fresh)
-        sent += writev_all(fd, [records + encoder.eos() + encoder.footer(sid)
-                                + device_state(snap)])
+    head = read_head(snap)
+    snap.check_stream_ranges()
+    sid = head.section.section_id
+    sink.flush()
+    fd = sink.fileno()
+    widen_pipe(fd)
+    sent = writev_all(fd, [plain_stream_head(snap, head, shared=shared),
+                           encoder.section_part(sid)])
+    total = sum(b.present_count * b.page_size for b in snap.blocks if b.name not in skip)
+    done = pages = 0
+    last_block = None
+    for block, first, count, data in snap.iter_pages(skip=skip):
+        offsets = (np.arange(first, first + count, dtype=np.uint64)
+                   * np.uint64(block.page_size))
+        parts = encoder.page_record_parts(block.name, offsets, data,
+                                          continue_=block.name == last_block)
+        last_block = block.name
+        sent += writev_all(fd, parts)
+        pages += count
+        done += count * block.page_size
+        if progress:
+            progress(done, total)
+    records, zeros, _ = explicit_zero_records(snap, last_block, skip, fresh)
+    sent += writev_all(fd, [records + encoder.eos() + encoder.footer(sid)
+                            + device_state(snap)])
     return SendStats(sent, pages, zeros)

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import os
 import shutil
 import socket
 import sys
@@ -39,7 +38,7 @@ import numpy as np
 from .. import targets
 from ..errors import VmsnapError, one_line
 from ..fileformat.hot import load_hot, save_hot
-from ..fileformat.reader import Snapshot, open_snapshot
+from ..fileformat.reader import Snapshot
 from ..hostkey import trust_of
 from ..ops.postcopy_send import PostcopySource, PostcopyStats
 from ..ops.send import SendStats, send
@@ -134,22 +133,22 @@ async def _stop_guest(client: Monitor, command: str = "stop") -> None:
         pass
 
 
-async def restore_lazy(path: str | os.PathLike[str], *, engine: str = "auto",
+async def restore_lazy(snap: Snapshot, *, engine: str = "auto",
                        qmp_address: str | None = None, command: Sequence[str] | None = None,
                        paused: bool = False, reporter: Reporter | None = None,
-                       direct: bool = True, hot: bool = True, verify: bool = False,
+                       hot: bool = True, verify: bool = False,
                        trust_command_line: bool = False, resume: bool = False,
                        target: Target | None = None) -> LazyRestoreResult:
-    """Restore `path` lazily: the guest runs as soon as its device state is in, RAM follows.
-    Targets (and trust of a stored command line) as for `restore`. `hot` (postcopy): send
+    """Restore the open snapshot `snap` lazily: the guest runs as soon as its device state
+    is in, RAM follows. Targets (and trust of a stored command line) as for `restore`
+    (which also says why the file is opened once, by the caller). `hot` (postcopy): send
     the pages the last lazy restore saw requested first, and record this one's. `verify`
     (mmap): check every page before the guest starts. `resume` (postcopy, --qmp): finish a
     lazy restore of this same file whose vmsnap died, on the target it left in
     postcopy-paused. `target`: a QEMU another program started (postcopy only)."""
     t0 = time.monotonic()
-    path = targets.normalize(path)
+    path = snap.path
     rep = reporter or Reporter()
-    snap = open_snapshot(path, direct=direct)  # validates the file before launching
     meta = snap.metadata
     saved_running = meta.was_running if meta else True
     run = saved_running and not paused
@@ -203,7 +202,6 @@ async def restore_lazy(path: str | os.PathLike[str], *, engine: str = "auto",
     finally:
         sys.setswitchinterval(switch_interval)
         await job.settle()  # the preparing thread reads the file: done before it closes
-        snap.close()
         if isinstance(job.client, Client):
             await qmpmod.disconnect(job.client)
         if job.lock is not None:

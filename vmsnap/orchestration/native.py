@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import targets
-from ..fileformat.reader import open_snapshot
+from ..fileformat.reader import Snapshot, open_snapshot
 from ..fileformat.writer import SnapshotWriter
 from ..ops.receive import ReceiveStats
 from ..ops.seal import commit_pending, seal
@@ -61,27 +61,28 @@ class FdSet:
         return f"file:/dev/fdset/{self.id}"
 
 
-def direct_io_ok(path: str, access: int = os.O_WRONLY) -> bool:
+def direct_io_ok(path: str) -> bool:
     """Whether the file system takes O_DIRECT (QEMU's direct-io fails where it does not)."""
     try:
-        os.close(os.open(path, access | os.O_CLOEXEC | os.O_DIRECT))
+        os.close(os.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_DIRECT))
     except OSError:
         return False
     return True
 
 
-async def pass_file(client: Monitor, path: str, direct_io: bool,
+async def pass_file(client: Monitor, opener: Callable[[int], int], direct_io: bool,
                     access: int = os.O_WRONLY) -> FdSet:
-    """Open `path` for QEMU (plain, and O_DIRECT for direct-io; `access` O_WRONLY to save,
-    O_RDONLY to load) and hand the descriptors to it in a new fdset."""
-    fds: tuple[int, ...] = (os.open(path, access | os.O_CLOEXEC),)
-    if direct_io:
-        fds += (os.open(path, access | os.O_CLOEXEC | os.O_DIRECT),)
+    """Hand QEMU a file as descriptors in a new fdset: `opener(flags)` opens it, plain and
+    (for direct-io) O_DIRECT; `access` O_WRONLY to save, O_RDONLY to load."""
+    flags = [access | os.O_CLOEXEC] + ([access | os.O_CLOEXEC | os.O_DIRECT] if direct_io
+                                       else [])
+    fds: tuple[int, ...] = ()
     fdset: int | None = None
     try:
-        for fd in fds:
+        for f in flags:
+            fds += (opener(f),)
             reply = await client.execute_with_fds(
-                "add-fd", {} if fdset is None else {"fdset-id": fdset}, [fd])
+                "add-fd", {} if fdset is None else {"fdset-id": fdset}, [fds[-1]])
             fdset = int(reply["fdset-id"])
     except BaseException:
         await release(client, FdSet(fdset, fds) if fdset is not None else None, fds)
@@ -146,22 +147,20 @@ async def can_load(client: Monitor, peer: Peer, path: str, stale: set[str]) -> b
     return targets.remote(path) is None and await supported(client, peer, 1)
 
 
-async def load(client: Monitor, path: str, channels: int, direct: bool, rep: Reporter,
-               total: int, wait: Callable[[], Awaitable[None]]) -> SendStats:
-    """Check the device state and other non-page bytes, then let QEMU read the pages from
-    the file itself (`migrate-incoming file:` with mapped-ram, multifd, direct-io) and
-    `wait` until it has."""
-    loop = asyncio.get_running_loop()
-    with open_snapshot(path, direct=direct) as snap:
-        await loop.run_in_executor(None, snap.check_stream_ranges)
-        stats = SendStats(snap.stream_end, sum(b.present_count for b in snap.blocks), 0)
-    direct_io = direct and direct_io_ok(path, os.O_RDONLY)
+async def load(client: Monitor, snap: Snapshot, channels: int, rep: Reporter, total: int,
+               wait: Callable[[], Awaitable[None]]) -> SendStats:
+    """Check the device state and other non-page bytes of the open snapshot `snap`, then let
+    QEMU read the pages from that very file itself (`migrate-incoming file:` with
+    mapped-ram, multifd, and direct-io where `snap` reads with O_DIRECT) and `wait` until
+    it has."""
+    await asyncio.get_running_loop().run_in_executor(None, snap.check_stream_ranges)
+    stats = SendStats(snap.stream_end, sum(b.present_count for b in snap.blocks), 0)
     await qmpmod.set_capabilities(client, {**dict.fromkeys(INCOMPATIBLE_CAPS, False),
                                            CAP_MAPPED_RAM: True, "multifd": True})
     await client.execute("migrate-set-parameters",
-                         {"multifd-channels": channels, "direct-io": direct_io})
+                         {"multifd-channels": channels, "direct-io": snap.direct})
     rep.start("restore", total, channels=channels, ram_path="qemu")
-    fdset = await pass_file(client, path, direct_io, os.O_RDONLY)
+    fdset = await pass_file(client, snap.reopen, snap.direct, os.O_RDONLY)
     try:
         await client.execute("migrate-incoming", {"uri": fdset.uri})
         await wait()

@@ -20,9 +20,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from .. import targets
 from ..errors import VmsnapError, one_line
-from ..fileformat.reader import open_snapshot
+from ..fileformat.reader import Snapshot
 from ..fileformat.trailer import TrailerMetadata
 from ..hostkey import Trust, trust_of
 from ..io.sockets import shutdown_all
@@ -81,22 +80,23 @@ async def _connect_incoming(path: str, timeout: float = START_TIMEOUT) -> socket
             await asyncio.sleep(0.02)
 
 
-async def restore(path: str | os.PathLike[str], *, qmp_address: str | None = None,
+async def restore(snap: Snapshot, *, qmp_address: str | None = None,
                   command: Sequence[str] | None = None, paused: bool = False,
-                  reporter: Reporter | None = None, direct: bool = True,
-                  channels: int | None = None, trust_command_line: bool = False,
-                  verify: bool = True, target: Target | None = None) -> RestoreResult:
-    """Restore the snapshot at `path` into the QEMU at `qmp_address`, or into a QEMU
+                  reporter: Reporter | None = None, channels: int | None = None,
+                  trust_command_line: bool = False, verify: bool = True,
+                  target: Target | None = None) -> RestoreResult:
+    """Restore the open snapshot `snap` into the QEMU at `qmp_address`, or into a QEMU
     launched from `command` (default: the command line stored in the snapshot, if this
-    host signed the file or `trust_command_line`; see relaunch.approve).
+    host signed the file or `trust_command_line`; see relaunch.approve). What is checked
+    and what is loaded are this one open file, whatever its path names meanwhile.
     `channels`: multifd channels (0: one plain stream; None: check_channels(None)).
     `verify=False` lets a QEMU >= 9.1 target read the file itself (see native.can_load):
     its pages are then not checked, only the device state. `target`: a QEMU another
     program started (a libvirt domain), killed if the restore fails."""
     channels = check_channels(channels)
-    path = targets.normalize(path)
+    path = snap.path
     rep = reporter or Reporter()
-    facts = _facts(path, direct)  # validates the file before launching
+    facts = _facts(snap)
     if facts.pages_pending:
         rep.note(f"page checksums of {path} are pending (vmsnap seal): pages go in "
                  "unchecked, the device state checked")
@@ -117,8 +117,8 @@ async def restore(path: str | os.PathLike[str], *, qmp_address: str | None = Non
         held.stack.enter_context(vm_lock(peer.pid))
         dest = await check_target(client, peer, facts.machine, facts.sizes)
         held.plan = plan = await shared.restore_plan(client, peer, set(facts.sizes))
-        stats, ram_path = await _load(client, peer, path, facts, held, dest, channels,
-                                      direct, verify, rep)
+        stats, ram_path = await _load(client, peer, snap, facts, held, dest, channels,
+                                      verify, rep)
         await wait_loaded(client, held.log_path)
         run = facts.saved_running and not paused
         if run:
@@ -157,14 +157,12 @@ class _Facts:
     pages_pending: bool  # a vmsnap file whose page checksums `vmsnap seal` has yet to add
 
 
-def _facts(path: str, direct: bool) -> _Facts:
-    with open_snapshot(path, direct=direct) as snap:
-        meta = snap.metadata
-        return _Facts(meta, snap.machine_type,
-                      meta.was_running if meta else True,
-                      sum(b.present_count * b.page_size for b in snap.blocks),
-                      trust_of(snap.trailer), {b.name: b.used_length for b in snap.blocks},
-                      snap.trailer is not None and not snap.pages_checked)
+def _facts(snap: Snapshot) -> _Facts:
+    meta = snap.metadata
+    return _Facts(meta, snap.machine_type, meta.was_running if meta else True,
+                  sum(b.present_count * b.page_size for b in snap.blocks),
+                  trust_of(snap.trailer), {b.name: b.used_length for b in snap.blocks},
+                  snap.trailer is not None and not snap.pages_checked)
 
 
 @dataclass
@@ -198,8 +196,8 @@ class _Held:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
 
-async def _load(client: Monitor, peer: qmpmod.Peer, path: str, facts: _Facts, held: _Held,
-                target: Destination, channels: int, direct: bool, verify: bool,
+async def _load(client: Monitor, peer: qmpmod.Peer, snap: Snapshot, facts: _Facts,
+                held: _Held, target: Destination, channels: int, verify: bool,
                 rep: Reporter) -> tuple[SendStats, str]:
     """Bring the RAM and device state in: QEMU reads the file itself (unverified, where it
     can) or vmsnap streams it. Returns the stats and the RAM path taken."""
@@ -207,18 +205,18 @@ async def _load(client: Monitor, peer: qmpmod.Peer, path: str, facts: _Facts, he
     # fresh anonymous memory starts zeroed: only other blocks need their zero pages
     fresh = {name for name, t in backends.items() if t in FRESH_BACKENDS}
     stale = set(facts.sizes) & (set(backends) - fresh)  # e.g. a file that holds old data
-    if not verify and not held.plan and await native.can_load(client, peer, path, stale):
-        stats = await native.load(client, path, channels or 1, direct, rep, facts.total,
+    if not verify and not held.plan and await native.can_load(client, peer, snap.path, stale):
+        stats = await native.load(client, snap, channels or 1, rep, facts.total,
                                   lambda: wait_loaded(client, held.log_path))
         return stats, "qemu"
-    stats = await _load_stream(client, peer, path, channels, held.plan, fresh, target,
-                               direct, rep, facts.total, held.stack, held.log_path)
+    stats = await _load_stream(client, peer, snap, channels, held.plan, fresh, target,
+                               rep, facts.total, held.stack, held.log_path)
     return stats, "shared" if held.plan else "stream"
 
 
-async def _load_stream(client: Monitor, peer: qmpmod.Peer, path: str, channels: int,
+async def _load_stream(client: Monitor, peer: qmpmod.Peer, snap: Snapshot, channels: int,
                        plan: shared.RestorePlan | None, fresh: set[str], target: Destination,
-                       direct: bool, rep: Reporter, total: int, stack: contextlib.ExitStack,
+                       rep: Reporter, total: int, stack: contextlib.ExitStack,
                        log_path: str | None) -> SendStats:
     """Send the snapshot as a migration stream (one socket or multifd channels), each page
     checked against its checksum as it is read; `plan`: shared RAM vmsnap fills itself;
@@ -233,7 +231,7 @@ async def _load_stream(client: Monitor, peer: qmpmod.Peer, path: str, channels: 
     if plan:
         rep.start("restore", total, channels=0, ram_path="shared")
         await asyncio.get_running_loop().run_in_executor(
-            None, _fill, path, plan, direct, rep, total)
+            None, _fill, snap, plan, rep, total)
     if channels:  # multifd: QEMU listens where vmsnap connects
         if peer.version < LISTEN_BY_FD_BEFORE:  # on our socket, passed by fd
             meeting, uri, incoming = await pass_listener(client)
@@ -254,28 +252,26 @@ async def _load_stream(client: Monitor, peer: qmpmod.Peer, path: str, channels: 
     if not plan:
         rep.start("restore", total, channels=channels)
     stop = threading.Event()
-    send_all = functools.partial(_send, path, socks, channels, plan, fresh, target, direct,
-                                 rep, stop)
+    send_all = functools.partial(_send, snap, socks, channels, plan, fresh, target, rep, stop)
     try:
         return await _stream(send_all, socks, stop)
     except ConnectionError as err:  # the target closed the stream: say why it did
         raise await target_failure(client, log_path) from err
 
 
-def _send(path: str, socks: list[socket.socket], channels: int,
-          plan: shared.RestorePlan | None, fresh: set[str], target: Destination, direct: bool,
+def _send(snap: Snapshot, socks: list[socket.socket], channels: int,
+          plan: shared.RestorePlan | None, fresh: set[str], target: Destination,
           rep: Reporter, stop: threading.Event) -> SendStats:
     """Send the snapshot (in a thread): one plain stream, or main + multifd channels."""
     if not channels:
-        return send(path, socks[0].makefile("wb", buffering=0), direct=direct,
+        return send(snap, socks[0].makefile("wb", buffering=0),
                     progress=None if plan else rep.update,
                     shared=plan.addrs if plan else None, fresh=fresh)
-    return send_multifd(path, socks[0], socks[1:], target.uuid, target.sync_mode,
-                        direct=direct, progress=rep.update, stop=stop, fresh=fresh)
+    return send_multifd(snap, socks[0], socks[1:], target.uuid, target.sync_mode,
+                        progress=rep.update, stop=stop, fresh=fresh)
 
 
-def _fill(path: str, plan: shared.RestorePlan, direct: bool, rep: Reporter,
-          total: int) -> None:
+def _fill(snap: Snapshot, plan: shared.RestorePlan, rep: Reporter, total: int) -> None:
     """Fill the target's shared RAM from the file (checksums checked)."""
     done = 0
 
@@ -284,8 +280,7 @@ def _fill(path: str, plan: shared.RestorePlan, direct: bool, rep: Reporter,
         done += n
         rep.update(done, total)
 
-    with open_snapshot(path, direct=direct) as snap:
-        plan.pages = fill_from_file(snap, plan.backings, progress=progress)
+    plan.pages = fill_from_file(snap, plan.backings, progress=progress)
 
 
 async def _stream(stream: Callable[[], SendStats], socks: list[socket.socket],

@@ -10,6 +10,7 @@ existing FILE stays as it was, and the VM is put back in the run state it had.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import socket
@@ -247,7 +248,8 @@ async def _save(client: Monitor, peer: qmpmod.Peer, writer: SnapshotWriter,
         converger = converge.Converger(time.monotonic(), downtime_limit_ms) if live else None
         loop = asyncio.get_running_loop()
         if by_qemu:  # QEMU writes FILE.partial; vmsnap seals it once QEMU is done
-            fdset = await native.pass_file(client, writer.partial_path, direct_io)
+            fdset = await native.pass_file(
+                client, functools.partial(os.open, writer.partial_path), direct_io)
             await client.execute("migrate", {"uri": fdset.uri})
             started = True  # from here on the migration is ours to cancel
             info = await _watch(client, loop.create_future(), rep, converger)

@@ -1,8 +1,9 @@
 """Ctrl-C at any moment of the `vmsnap` command's start-up (issue 11 item 7): while Python
-loads rich, numpy and qemu.qmp, and after. It ends with one line and exit code 130, never a
-KeyboardInterrupt traceback. The command waits on a stream that never comes (`receive` from a
-silent pipe), so each interrupt meets it either importing (~0.2-0.6 s here) or waiting. The
-first delay leaves the interpreter's own start-up (tens of ms, Python's) behind."""
+loads numpy, qemu.qmp and the verb's modules, and after. It ends with one line and exit code
+130, never a KeyboardInterrupt traceback. The command waits on a stream that never comes
+(`receive` from a silent pipe), so each interrupt meets it either importing (~0.2-0.6 s
+here) or waiting. The first delay leaves the interpreter's own start-up (tens of ms,
+Python's) behind."""
 
 from __future__ import annotations
 

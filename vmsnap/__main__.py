@@ -1,8 +1,9 @@
 """The `vmsnap` command (and `python -m vmsnap`): Ctrl-C is honoured from the first instruction.
 
-Importing the CLI (rich, numpy, qemu.qmp, asyncio) takes a noticeable fraction of a second; an
-interrupt meanwhile would end in a KeyboardInterrupt traceback. Until the CLI has loaded and
-takes SIGINT over, an interrupt ends the process at once with one line and the shell's code.
+Importing the CLI (numpy, qemu.qmp, asyncio; each verb loads the rest when it runs, under
+the CLI's own handling) takes a noticeable fraction of a second; an interrupt meanwhile would
+end in a KeyboardInterrupt traceback. Until the CLI has loaded and takes SIGINT over, an
+interrupt ends the process at once with one line and the shell's code.
 (Before this module runs, the interpreter's own start-up, some tens of milliseconds, is
 Python's.) An interrupt that the parent ignores (a background job) stays ignored.
 """

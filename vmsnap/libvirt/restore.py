@@ -65,12 +65,13 @@ async def restore_domain(snap: Snapshot, *, uri: str | None = None,
             raise VmsnapError("a libvirt domain restores lazily by postcopy (--lazy or "
                               "--lazy=postcopy): libvirt starts its QEMU, vmsnap cannot map "
                               "the file into its RAM")
-        if lazy is not None or channels:
+        if lazy is not None or channels:  # timed from libvirt's start of the domain
+            started = time.monotonic()
             from ..orchestration.restore import restore  # eager machinery: only if used
 
             return await _into_incoming(conn, xml, lambda target: (
                 restore_lazy(snap, engine="postcopy", target=target, paused=paused,
-                             reporter=rep) if lazy is not None else
+                             reporter=rep, started=started) if lazy is not None else
                 restore(snap, target=target, channels=channels, paused=paused,
                         reporter=rep)))
         was_running = image.was_running if image else True

@@ -138,15 +138,17 @@ async def restore_lazy(snap: Snapshot, *, engine: str = "auto",
                        paused: bool = False, reporter: Reporter | None = None,
                        hot: bool = True, verify: bool = False,
                        trust_command_line: bool = False, resume: bool = False,
-                       target: Target | None = None) -> LazyRestoreResult:
+                       target: Target | None = None,
+                       started: float | None = None) -> LazyRestoreResult:
     """Restore the open snapshot `snap` lazily: the guest runs as soon as its device state
     is in, RAM follows. Targets (and trust of a stored command line) as for `restore`
     (which also says why the file is opened once, by the caller). `hot` (postcopy): send
     the pages the last lazy restore saw requested first, and record this one's. `verify`
     (mmap): check every page before the guest starts. `resume` (postcopy, --qmp): finish a
     lazy restore of this same file whose vmsnap died, on the target it left in
-    postcopy-paused. `target`: a QEMU another program started (postcopy only)."""
-    t0 = time.monotonic()
+    postcopy-paused. `target`: a QEMU another program started (postcopy only); `started`:
+    when the restore began (time.monotonic()), if before this call (the target's start)."""
+    t0 = time.monotonic() if started is None else started
     path = snap.path
     rep = reporter or Reporter()
     meta = snap.metadata

@@ -53,8 +53,8 @@ def digest(path: Path) -> str:
 
 def start_save(workdir: Path, vm: Vm, path: Path, *extra) -> subprocess.Popen:
     """Start a save and return once its progress shows bytes moving."""
-    proc = subprocess.Popen(vmsnap_argv("save", "--json", "--force", "--qmp", vm.tool_qmp_path,
-                                        path, *extra),
+    proc = subprocess.Popen(vmsnap_argv("save", "--json", "--force", "--channels", 2,
+                                        "--qmp", vm.tool_qmp_path, path, *extra),
                             env=env(workdir), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     for line in proc.stdout:
@@ -196,8 +196,8 @@ def test_disk_full(workdir, small_fs):
     guest = BootGuest(memory_mb=256)
     with Vm(guest.config("7.2", workdir), workdir, "src") as vm:
         guest.boot(vm)
-        message = failed(run_vmsnap(workdir, "save", "--force", "--qmp", vm.tool_qmp_path,
-                                    snap))
+        message = failed(run_vmsnap(workdir, "save", "--force", "--channels", 2,
+                                    "--qmp", vm.tool_qmp_path, snap))
         assert "No space left" in message, message
         assert_file_side(snap, before)
         assert_running(guest, vm)

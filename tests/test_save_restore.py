@@ -184,3 +184,17 @@ def test_restore_refuses_corrupt_page(channels, workdir):
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
     assert "pc.ram" in lines[0] and f"{page * 4096:#x}" in lines[0], lines[0]
     assert qemu_pids_using(workdir) == [], "the QEMU vmsnap launched is still running"
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize(("qemu", "expected"), [("7.2", 0), ("10", None)])
+def test_default_channels_follow_qemu(qemu, expected, workdir):
+    """Without --channels a save from QEMU 7.2 (whose multifd sender busy-waits) is one
+    stream; from QEMU 10 it uses one channel per CPU (2..8)."""
+    guest = BootGuest(memory_mb=128)
+    with Vm(guest.config(qemu, workdir), workdir, "src") as src:
+        guest.boot(src)
+        run = ok(run_vmsnap(workdir, "save", "--json", "--resume", "--qmp",
+                            src.tool_qmp_path, workdir / "vm.snap"))
+        channels = events(run)[0]["channels"]
+        assert channels == expected if expected is not None else 2 <= channels <= 8, channels

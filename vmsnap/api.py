@@ -76,7 +76,8 @@ def save(qmp_address: str, path: str | os.PathLike[str], *, live: bool = False,
     was when the save began (QEMU's background-snapshot, one stream).
     `after`: "pause" (leave it paused), "resume" (a checkpoint) or "quit" (end QEMU);
     default "pause", or the VM's own run state for a background save.
-    `channels`: parallel multifd channels (0: one plain stream; default: from the CPUs).
+    `channels`: parallel multifd channels (0: one plain stream; default: from the CPUs, one
+    stream from QEMU < 8.1 whose multifd sender busy-waits).
     `downtime_limit_ms`: a live save's longest final stop (default: chosen by vmsnap).
     `seal`: where QEMU >= 9.1 wrote the pages itself, the file is committed first and its
     page checksums come "now" (before returning), in the "background" (a detached

@@ -212,8 +212,9 @@ def cmd_restore(args: argparse.Namespace, rep: Reporter) -> int:
 
 def _channels_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--channels", type=int, metavar="N",
-                        help="parallel multifd channels (0: one plain stream; "
-                             "default: one per CPU, 2 to 8)")
+                        help="parallel multifd channels (0: one plain stream; default: one "
+                             "per CPU, 2 to 8; saves from QEMU < 8.1, whose multifd sender "
+                             "busy-waits: one stream)")
 
 
 def build_parser() -> argparse.ArgumentParser:

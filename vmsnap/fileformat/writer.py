@@ -161,6 +161,11 @@ class SnapshotWriter:
         return self._direct
 
     @property
+    def buffer_pages(self) -> int:
+        """Pages that one buffer of `page_buffer` holds."""
+        return self._buffer_size // self.page_size
+
+    @property
     def fallback_reason(self) -> str | None:
         return self._file.fallback_reason if self._file else None
 
@@ -276,23 +281,61 @@ class SnapshotWriter:
                 buf = self._pool.acquire()
                 buf.array[: n * ps] = np.frombuffer(src, dtype=np.uint8)
                 src = buf.view[: n * ps]
-            sums = page_checksums(src, ps)
-            ios = [
-                (st.layout.pages_offset + int(chunk[first]) * ps,
-                 src[first * ps:(first + count) * ps])
-                for first, count in contiguous_runs(chunk)
-            ]
-            if buf is None:  # caller's aligned memory: write now, it may be reused after
-                for foff, view in ios:
-                    self._write_run(foff, [view])
-            else:  # copied: hand to the I/O thread, overlap with the next copy/hash
+            self._put(st, chunk, src, buf)
+
+    def page_buffer(self) -> AlignedBuffer:
+        """A free buffer of the writer's pool (waits while every one is being written), to
+        fill with pages and hand to `write_buffer`."""
+        if self._pool is None:
+            raise ValueError("writer is not active (call begin() first)")
+        self._check_error()
+        return self._pool.acquire()
+
+    def write_buffer(self, block: str, offsets: npt.ArrayLike, buf: AlignedBuffer) -> None:
+        """`write_pages` of the first len(offsets) pages of `buf` (from `page_buffer`),
+        without a copy: the I/O thread writes them and returns `buf` to the pool."""
+        assert self._pool is not None
+        try:
+            st = self._state(block)
+            pages = self._pages(st, offsets)
+            self._note(st, pages)
+            if len(pages) * self.page_size > buf.size:
+                raise ValueError(f"{len(pages)} pages do not fit the buffer")
+        except BaseException:
+            self._pool.release(buf)
+            raise
+        if not len(pages):
+            self._pool.release(buf)
+            return
+        self._put(st, pages, buf.view[:len(pages) * self.page_size], buf)
+
+    def _put(self, st: _BlockState, chunk: np.ndarray, src: memoryview,
+             buf: AlignedBuffer | None) -> None:
+        """Checksum pages `chunk` of `src` and write them: now if `buf` is None (the
+        caller's memory, which it may reuse), else by the I/O thread (`buf` goes back to the
+        pool after), overlapping the caller's next pages."""
+        assert self._jobs is not None and self._pool is not None
+        ps = self.page_size
+        sums = page_checksums(src, ps)
+        ios = [
+            (st.layout.pages_offset + int(chunk[first]) * ps,
+             src[first * ps:(first + count) * ps])
+            for first, count in contiguous_runs(chunk)
+        ]
+        if buf is None:
+            for foff, view in ios:
+                self._write_run(foff, [view])
+        else:
+            try:
                 self._check_error()
-                self._jobs.put((ios, buf))
-            with self._lock:
-                st.present[chunk] = True
-                st.sums[chunk] = sums  # duplicates: numpy keeps the last, as the file does
+            except BaseException:
+                self._pool.release(buf)
+                raise
+            self._jobs.put((ios, buf))
         with self._lock:
-            self.bytes_written += len(pages) * ps
+            st.present[chunk] = True
+            st.sums[chunk] = sums  # duplicates: numpy keeps the last, as the file does
+            self.bytes_written += len(chunk) * ps
 
     def write_aligned_pages(self, block: str, offsets: npt.ArrayLike, data: Buffer,
                             sums: np.ndarray | None = None) -> None:

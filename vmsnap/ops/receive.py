@@ -9,18 +9,22 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
+from contextlib import ExitStack
 from dataclasses import dataclass
+from functools import partial
 from typing import Protocol
 
 import numpy as np
 
 from ..errors import VmsnapError
 from ..fileformat.writer import SnapshotWriter
+from ..io.records import PageRecordReader
 from ..io.vectored import widen_pipe
 from ..stream import StreamDecoder, encoder
 from ..stream import events as ev
 from ..stream.constants import CAP_IGNORE_SHARED as IGNORE_SHARED
 from ..stream.constants import CAP_MAPPED_RAM, MIG_CMD_OPEN_RETURN_PATH, MIG_CMD_POSTCOPY_ADVISE
+from ..stream.decoder import leading_pages
 from ..stream.postcopy import rp_shut
 from .shared_ram import Backing, CopyStats, copy_left_out
 
@@ -67,6 +71,32 @@ class StreamReceiver:
         self.zero_pages = 0
         self.blocks = 0
         self.ended: ev.StreamEnd | None = None
+
+    def read_pages(self, reader: PageRecordReader) -> int:
+        """While the stream is in a run of plain page records, read them with `reader`
+        straight into the writer's aligned buffers (no copy before the O_DIRECT write), up
+        to the first other record, which goes to the decoder. Returns the stream bytes read:
+        0 if the stream is not in such a run (use `feed_from`) or at end of input."""
+        run = self.decoder.page_run()
+        if run is None:
+            return 0
+        blk, prefix = run
+        ps = self.writer.page_size
+        buf = self.writer.page_buffer()
+        try:
+            count, rest = reader.read(buf, prefix, partial(
+                leading_pages, used_length=blk.used_length, page_size=ps))
+        except BaseException:
+            self.writer.write_buffer(blk.name, (), buf)
+            raise
+        offsets = reader.headers[:count] & np.uint64(~(ps - 1) & 0xFFFFFFFFFFFFFFFF)
+        self.writer.write_buffer(blk.name, offsets, buf)
+        self.pages += count
+        self.streamed.add(blk.name)
+        self.decoder.resume(count * (ps + 8), rest)
+        for event in self.decoder.events():
+            self._apply(event)
+        return count * (ps + 8) + len(rest) - len(prefix)
 
     def feed_from(self, source: Readable, size: int = CHUNK) -> int:
         """Read up to `size` bytes from `source` into the decoder and apply what they hold."""
@@ -173,11 +203,14 @@ def receive(source: Readable, writer: SnapshotWriter, *,
     from these backings before the commit (the source must stay paused until then).
     """
     widen_pipe(source)
-    with writer:
+    reader = PageRecordReader.of(source, writer.page_size, writer.buffer_pages)
+    with writer, ExitStack() as cleanup:
+        if reader is not None:
+            cleanup.callback(reader.close)
         rx = StreamReceiver(writer, ignore_shared=shared is not None)
         total = 0
         while rx.ended is None:
-            n = rx.feed_from(source)
+            n = (reader is not None and rx.read_pages(reader)) or rx.feed_from(source)
             if not n:
                 break
             total += n

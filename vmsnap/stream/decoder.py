@@ -118,6 +118,18 @@ def find_vmdesc(buf: bytes | bytearray, max_len: int = C.MAX_VMDESC_LEN) -> int 
     return None
 
 
+def leading_pages(headers: np.ndarray, used_length: int, page_size: int) -> int:
+    """How many of `headers` (the be64 words of RAM records), from the first, are plain
+    PAGE|CONTINUE records with a page inside a block of `used_length` bytes."""
+    if used_length < page_size:
+        return 0
+    mask = np.uint64(page_size - 1)
+    bad = np.flatnonzero(
+        ((headers & mask) != np.uint64(C.RAM_SAVE_FLAG_PAGE | C.RAM_SAVE_FLAG_CONTINUE))
+        | ((headers & ~mask) > np.uint64(used_length - page_size)))
+    return int(bad[0]) if bad.size else len(headers)
+
+
 class _NeedMore(Exception):
     pass
 
@@ -261,6 +273,32 @@ class StreamDecoder:
         self._buf = view[:rem + n]
         self._pos = 0
         return n
+
+    def page_run(self) -> tuple[RamBlock, bytes] | None:
+        """If the stream is inside RAM records after a page or zero record of a block and
+        the unparsed rest (shorter than one page record) may begin a PAGE|CONTINUE record of
+        that block: hand the rest over with the block, so that the caller reads the next
+        page records itself (`leading_pages` tells which are), then calls `resume`."""
+        blk = self._last_block
+        rest = self._buf[self._pos:]
+        if (self._state != State.RAM or blk is None or self._eos_sent or self._closed
+                or self.mapped_ram or len(rest) >= 8 + self.page_size):
+            return None
+        if len(rest) >= 8 and not leading_pages(
+                np.frombuffer(rest[:8], dtype=">u8"), blk.used_length, self.page_size):
+            return None
+        out = bytes(rest)
+        self._base += self._pos
+        self._buf = memoryview(b"")
+        self._pos = 0
+        return blk, out
+
+    def resume(self, consumed: int, rest: bytes) -> None:
+        """Continue after `page_run`: the caller took `consumed` stream bytes (whole
+        PAGE|CONTINUE records, counted from the start of the rest it was handed) and read
+        `rest` after them, which the decoder parses."""
+        self._base += consumed
+        self.feed(rest)
 
     def events(self) -> Iterator[Event]:
         """Yield every event that can be parsed from the bytes fed so far."""
@@ -678,8 +716,8 @@ class StreamDecoder:
                 self._fail("PAGE record in a mapped-ram stream", "ram.flags", self._base + p,
                            "EOS only")
             blk, q, cont = self._record_block(p, flags)
-            self._need(q, self.page_size)
             self._check_offset(blk, a & ~self._mask, self._base + p)
+            self._need(q, self.page_size)
             self._page_run(p, blk, a & ~self._mask, q, cont)
             return True
         if kind == C.RAM_SAVE_FLAG_ZERO:
@@ -735,9 +773,8 @@ class StreamDecoder:
         k = 0
         if n:
             hdr = np.ndarray((n,), dtype=">u8", buffer=buf, offset=r, strides=(stride,))
-            bad = np.flatnonzero((hdr & np.uint64(self._mask)) != np.uint64(
-                C.RAM_SAVE_FLAG_PAGE | C.RAM_SAVE_FLAG_CONTINUE))
-            k = int(bad[0]) if bad.size else n
+            # a record past the block's end is the next one _ram_record parses: it fails
+            k = leading_pages(hdr, blk.used_length, ps)
         offsets = np.empty(k + 1, dtype=np.uint64)
         offsets[0] = off0
         data = np.empty((k + 1) * ps, dtype=np.uint8)
@@ -745,11 +782,6 @@ class StreamDecoder:
         if k:
             np.bitwise_and(hdr[:k], np.uint64(~self._mask & 0xFFFFFFFFFFFFFFFF),
                            out=offsets[1:])
-            limit = blk.used_length - ps
-            over = np.flatnonzero(offsets[1:] > np.uint64(limit))
-            if over.size:
-                i = int(over[0])
-                self._check_offset(blk, int(offsets[1 + i]), self._base + r + i * stride)
             pages = np.ndarray((k, ps), dtype=np.uint8, buffer=buf, offset=r + 8,
                                strides=(stride, 1))
             data[ps:].reshape(k, ps)[...] = pages

@@ -45,7 +45,7 @@ from ..ops.send import SendStats, send
 from ..progress import Reporter
 from . import qmp as qmpmod
 from .mapped import MAPPED_BLOCK, mapped_argv, supports_mmap
-from .modes import INCOMPATIBLE_CAPS, USERFAULTFD
+from .modes import USERFAULTFD, clean_capabilities
 from .qmp import Client, Monitor
 from .relaunch import GuardedQemu, RelaunchLock, own_qmp
 from .rendezvous import pass_socket
@@ -110,18 +110,21 @@ def pick_engine(engine: str, snap: Snapshot, argv: Sequence[str] | None) -> str:
 
 
 async def _wait_running(client: Monitor, t0: float) -> float:
+    """Seconds from `t0` until the guest runs: asked at QEMU's RESUME and MIGRATION events
+    (qmp.watch; a monitor without events, every POLL)."""
     deadline = time.monotonic() + RUNNING_TIMEOUT
-    while True:
-        state, info = await asyncio.gather(client.execute("query-status"),
-                                           qmpmod.migration_status(client))
-        if state["status"] == "running":
-            return time.monotonic() - t0
-        if info.get("status") == "failed":
-            raise VmsnapError("target QEMU rejected the snapshot"
-                              + (f": {info['error-desc']}" if info.get("error-desc") else ""))
-        if time.monotonic() > deadline:
-            raise VmsnapError(f"the guest did not start within {RUNNING_TIMEOUT:.0f}s")
-        await asyncio.sleep(POLL)
+    async with qmpmod.watch(client, ("RESUME", "MIGRATION"), POLL) as changes:
+        while True:
+            state, info = await asyncio.gather(client.execute("query-status"),
+                                               qmpmod.migration_status(client))
+            if state["status"] == "running":
+                return time.monotonic() - t0
+            if info.get("status") == "failed":
+                raise VmsnapError("target QEMU rejected the snapshot" + (
+                    f": {info['error-desc']}" if info.get("error-desc") else ""))
+            if time.monotonic() > deadline:
+                raise VmsnapError(f"the guest did not start within {RUNNING_TIMEOUT:.0f}s")
+            await changes.wait(deadline - time.monotonic())
 
 
 async def _stop_guest(client: Monitor, command: str = "stop") -> None:
@@ -303,7 +306,7 @@ async def _postcopy(job: _Job, peer: qmpmod.Peer) -> LazyRestoreResult:
                           "without --lazy")
     try:
         await qmpmod.set_capabilities(
-            client, {**dict.fromkeys(INCOMPATIBLE_CAPS, False), "postcopy-ram": True}, caps)
+            client, {**clean_capabilities(), "postcopy-ram": True}, caps)
     except qmpmod.QmpCommandError as err:  # QEMU checks userfaultfd here
         raise VmsnapError(f"QEMU {peer.version_text} cannot use postcopy here ({err.desc}): "
                           f"it needs {USERFAULTFD}; restore without --lazy") from err
@@ -377,7 +380,7 @@ async def _serve(job: _Job, sock: socket.socket, resume: bool) -> LazyRestoreRes
 async def _mmap(job: _Job) -> LazyRestoreResult:
     client, rep = job.client, job.rep
     assert client is not None
-    await qmpmod.set_capabilities(client, dict.fromkeys(INCOMPATIBLE_CAPS, False))
+    await qmpmod.set_capabilities(client, clean_capabilities())
     sock = await _incoming(client)
     rep.start("restore", None, engine=job.engine, lazy=True)
     loop = asyncio.get_running_loop()

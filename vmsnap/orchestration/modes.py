@@ -63,8 +63,14 @@ def channels_for(mode: SaveMode, channels: int | None) -> int | None:
     return 0
 
 
+def clean_capabilities() -> dict[str, bool]:
+    """What every migration vmsnap runs starts from: the capabilities that would change the
+    stream off, QEMU's migration events on (qmp.watch waits on them)."""
+    return {**dict.fromkeys(INCOMPATIBLE_CAPS, False), qmpmod.CAP_EVENTS: True}
+
+
 def capabilities(mode: SaveMode, channels: int) -> dict[str, bool]:
-    caps = dict.fromkeys(INCOMPATIBLE_CAPS, False)
+    caps = clean_capabilities()
     if mode is SaveMode.BACKGROUND:
         return {**caps, **dict.fromkeys(BACKGROUND_CLASHES, False), BACKGROUND: True}
     return {**caps, BACKGROUND: False, "auto-converge": mode is SaveMode.LIVE,

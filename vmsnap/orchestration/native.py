@@ -33,7 +33,7 @@ from ..ops.send import SendStats
 from ..progress import Reporter
 from ..stream.constants import CAP_MAPPED_RAM
 from . import qmp as qmpmod
-from .modes import INCOMPATIBLE_CAPS
+from .modes import clean_capabilities
 from .qmp import Monitor, Peer
 
 log = logging.getLogger(__name__)
@@ -155,8 +155,8 @@ async def load(client: Monitor, snap: Snapshot, channels: int, rep: Reporter, to
     it has."""
     await asyncio.get_running_loop().run_in_executor(None, snap.check_stream_ranges)
     stats = SendStats(snap.stream_end, sum(b.present_count for b in snap.blocks), 0)
-    await qmpmod.set_capabilities(client, {**dict.fromkeys(INCOMPATIBLE_CAPS, False),
-                                           CAP_MAPPED_RAM: True, "multifd": True})
+    await qmpmod.set_capabilities(client, {**clean_capabilities(), CAP_MAPPED_RAM: True,
+                                           "multifd": True})
     await client.execute("migrate-set-parameters",
                          {"multifd-channels": channels, "direct-io": snap.direct})
     rep.start("restore", total, channels=channels, ram_path="qemu")

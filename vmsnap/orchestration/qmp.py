@@ -3,15 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
 import struct
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from qemu.qmp import ConnectError, ExecInterruptedError, ExecuteError, QMPClient, StateError
+from qemu.qmp import (
+    ConnectError,
+    EventListener,
+    ExecInterruptedError,
+    ExecuteError,
+    QMPClient,
+    Runstate,
+    StateError,
+)
 
 from ..errors import QMPConnectError, VmsnapError, one_line
 
@@ -26,6 +35,16 @@ COMMAND_TIMEOUT = 60.0
 #: Migration states in which QEMU is busy with a migration (ours or someone else's).
 MIGRATING = ("setup", "active", "pre-switchover", "device", "cancelling", "wait-unplug",
              "postcopy-active")
+
+#: The migration capability under which QEMU sends MIGRATION (each status change) and
+#: MIGRATION_PASS (each pass over RAM) events, as a source and as an -incoming target.
+CAP_EVENTS = "events"
+MIGRATION_EVENTS = ("MIGRATION", "MIGRATION_PASS")
+#: The longest a Watch waits for an event before its loop asks QEMU anyway: a safety net
+#: (an event that never comes costs a second, not the loop's whole timeout), not a poll.
+EVENT_WAIT_MAX = 1.0
+#: Without events: the first poll interval, doubling up to the Watch's `poll`.
+FIRST_POLL = 0.002
 
 # qemu.qmp logs connection failures itself; vmsnap reports them as one line of its own.
 logging.getLogger("qemu.qmp").addHandler(logging.NullHandler())
@@ -196,3 +215,63 @@ async def disconnect(client: QMPClient) -> None:
         await client.disconnect()
     except Exception:  # noqa: BLE001 - QEMU went away first, or the session never began
         pass
+
+
+class Watch:
+    """Wakes a waiting loop when QEMU's state may have changed, so that it asks QEMU
+    (`query-migrate`, `query-status`) then instead of on a timer: at each event it listens
+    to, on a Client (the loop's caller has turned the `events` capability on with the
+    others: modes.clean_capabilities); on a monitor that passes no events (libvirt's), after
+    FIRST_POLL, then twice as long each time up to `poll`. So each waiting loop is written
+    once, for both."""
+
+    def __init__(self, client: Client | None, listener: EventListener | None,
+                 poll: float) -> None:
+        self._client = client
+        self._listener = listener
+        self._poll = poll
+        self._delay = min(FIRST_POLL, poll)
+
+    async def wait(self, timeout: float) -> str | None:
+        """Return at the next event (one that came since the last call counts) with its
+        name; None when the monitor closes, or after `timeout` seconds (EVENT_WAIT_MAX at
+        most; without events, the current poll interval at most)."""
+        timeout = max(0.0, timeout)
+        if self._client is None or self._listener is None:
+            await asyncio.sleep(min(timeout, self._delay))
+            self._delay = min(2 * self._delay, self._poll)
+            return None
+        got = asyncio.ensure_future(self._listener.get())
+        gone = asyncio.ensure_future(_closed(self._client))
+        try:
+            await asyncio.wait((got, gone), timeout=min(timeout, EVENT_WAIT_MAX),
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            got.cancel()
+            gone.cancel()
+        name = None
+        if got.done() and not got.cancelled():
+            event = got.result()
+            name = str(event["event"])
+            log.debug("%s: event %s %s", self._client.name, name, event.get("data", ""))
+        self._listener.clear()  # a burst of events wakes the loop once: it asks anyway
+        return name
+
+
+async def _closed(client: Client) -> None:
+    """Return once the monitor is no longer connected (QEMU quit or died)."""
+    while client.runstate is Runstate.RUNNING:
+        await client.runstate_changed()
+
+
+@contextlib.asynccontextmanager
+async def watch(client: Monitor, events: Sequence[str] = MIGRATION_EVENTS,
+                poll: float = 0.05) -> AsyncIterator[Watch]:
+    """A Watch for `events`, listening from here on: an event that comes before the loop's
+    first question is not lost."""
+    if not isinstance(client, Client):
+        yield Watch(None, None, poll)
+        return
+    listener = EventListener(events)
+    with client.listen(listener):
+        yield Watch(client, listener, poll)

@@ -32,7 +32,7 @@ from ..progress import Reporter
 from ..stream.constants import CAP_IGNORE_SHARED as IGNORE_SHARED
 from . import native, shared
 from . import qmp as qmpmod
-from .modes import INCOMPATIBLE_CAPS
+from .modes import clean_capabilities
 from .qmp import Client, Monitor
 from .relaunch import GuardedQemu, RelaunchLock, own_qmp
 from .rendezvous import LISTEN_BY_FD_BEFORE, meeting_place, pass_listener, pass_socket
@@ -224,7 +224,7 @@ async def _load_stream(client: Monitor, peer: qmpmod.Peer, snap: Snapshot, chann
     if plan:
         channels = 0  # the stream holds device state and small blocks only
     await qmpmod.set_capabilities(
-        client, {**dict.fromkeys(INCOMPATIBLE_CAPS, False), "multifd": channels > 0,
+        client, {**clean_capabilities(), "multifd": channels > 0,
                  IGNORE_SHARED: bool(plan)})
     if channels:
         await client.execute("migrate-set-parameters", {"multifd-channels": channels})

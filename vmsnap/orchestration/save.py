@@ -42,6 +42,10 @@ ACCEPT_TIMEOUT = 30.0
 #: how long a failed migration waits for our receiver's own cause once QEMU found its pipe
 #: broken (our side cut the stream: a target stuck in a Ceph op timeout, 60 s by default)
 CAUSE_WAIT = 90.0
+#: How often a save reports progress (and a live save's converger looks) between events.
+PROGRESS_INTERVAL = 0.2
+#: How long a failed save waits for QEMU to finish cancelling the migration it started.
+CANCEL_WAIT = 5.0
 
 
 
@@ -360,28 +364,42 @@ def _receive(conns: list[socket.socket], writer: SnapshotWriter,
 async def _accept(client: Monitor, listener: socket.socket, path: str) -> socket.socket:
     """Wait for QEMU's connection, failing early if its migration fails to start."""
     listener.setblocking(False)
-    loop = asyncio.get_running_loop()
     deadline = time.monotonic() + ACCEPT_TIMEOUT
-    while True:
-        try:
-            conn, _ = await asyncio.wait_for(loop.sock_accept(listener), 0.2)
-            conn.setblocking(True)
-            return conn
-        except TimeoutError:
-            pass
-        info = await qmpmod.migration_status(client)
-        if info.get("status") in ("failed", "cancelled"):
-            raise VmsnapError("QEMU could not start the migration"
-                              + (f": {info['error-desc']}" if info.get("error-desc") else ""))
-        if time.monotonic() > deadline:
-            raise VmsnapError(f"QEMU did not connect to {path} within {ACCEPT_TIMEOUT:.0f}s")
+    accept = asyncio.ensure_future(asyncio.get_running_loop().sock_accept(listener))
+    try:
+        async with qmpmod.watch(client, poll=0.2) as changes:
+            while True:
+                waiting = asyncio.ensure_future(changes.wait(deadline - time.monotonic()))
+                await asyncio.wait((accept, waiting), return_when=asyncio.FIRST_COMPLETED)
+                waiting.cancel()
+                if accept.done():
+                    conn, _ = accept.result()
+                    conn.setblocking(True)
+                    return conn
+                info = await qmpmod.migration_status(client)
+                if info.get("status") in ("failed", "cancelled"):
+                    raise VmsnapError("QEMU could not start the migration" + (
+                        f": {info['error-desc']}" if info.get("error-desc") else ""))
+                if time.monotonic() > deadline:
+                    raise VmsnapError(
+                        f"QEMU did not connect to {path} within {ACCEPT_TIMEOUT:.0f}s")
+    finally:
+        accept.cancel()
 
 
 async def _watch(client: Monitor, receiver: asyncio.Future[ReceiveStats], rep: Reporter,
                  converger: converge.Converger | None = None) -> dict[str, Any]:
-    """Poll QEMU's migration status until it completes; report live figures; let a live
-    save's converger tune QEMU. The receiver's failure is checked first and ends a pending
-    query: QEMU may not answer until it does."""
+    """Follow QEMU's migration until it completes: ask its status at each MIGRATION or
+    MIGRATION_PASS event (qmp.watch) and at least every PROGRESS_INTERVAL, to report live
+    figures and let a live save's converger tune QEMU. The receiver's failure is checked
+    first and ends a pending query: QEMU may not answer until it does."""
+    async with qmpmod.watch(client, poll=PROGRESS_INTERVAL) as changes:
+        return await _follow(client, receiver, rep, converger, changes)
+
+
+async def _follow(client: Monitor, receiver: asyncio.Future[ReceiveStats], rep: Reporter,
+                  converger: converge.Converger | None, changes: qmpmod.Watch
+                  ) -> dict[str, Any]:
     last = None
     while True:
         if receiver.done() and (err := receiver.exception()) is not None:
@@ -414,7 +432,7 @@ async def _watch(client: Monitor, receiver: asyncio.Future[ReceiveStats], rep: R
         rep.update(ram.get("transferred", 0), ram.get("total"),
                    iteration=ram.get("dirty-sync-count"),
                    dirty_pages_rate=ram.get("dirty-pages-rate"))
-        await asyncio.sleep(0.2)
+        await changes.wait(PROGRESS_INTERVAL)
 
 
 def _qemu_side(info: dict[str, Any]) -> VmsnapError:
@@ -457,11 +475,12 @@ async def _recover(client: Monitor, started: bool, resume: bool) -> None:
     client's), resume the VM if we stopped it or our migration did."""
     try:
         if started and (await qmpmod.migration_status(client)).get("status") in MIGRATING:
-            await client.execute("migrate_cancel")
-            for _ in range(100):
-                if (await qmpmod.migration_status(client)).get("status") not in MIGRATING:
-                    break
-                await asyncio.sleep(0.05)
+            async with qmpmod.watch(client) as changes:
+                await client.execute("migrate_cancel")
+                deadline = time.monotonic() + CANCEL_WAIT
+                while ((await qmpmod.migration_status(client)).get("status") in MIGRATING
+                       and time.monotonic() < deadline):
+                    await changes.wait(deadline - time.monotonic())
         status = await client.execute("query-status")
         if resume and not status["running"]:
             await client.execute("cont")

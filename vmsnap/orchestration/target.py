@@ -191,21 +191,21 @@ async def target_failure(client: Monitor, log_path: str | None) -> VmsnapError:
 
 async def wait_loaded(client: Monitor, log_path: str | None = None,
                        timeout: float = 600.0) -> None:
-    """Until the target has loaded the stream: asked every POLL at first (a short load ends
-    in milliseconds, and a lazy restore's guest waits on it), then less often, up to 50 ms."""
+    """Until the target has loaded the stream: asked at each of its MIGRATION events
+    (qmp.watch: a short load ends in milliseconds, and a lazy restore's guest waits on it;
+    a monitor without events is asked every 2 ms at first, then less often, up to 50 ms)."""
     deadline = time.monotonic() + timeout
-    delay = POLL
-    while True:
-        try:
-            info = await qmpmod.migration_status(client)
-        except QemuGoneError:
-            raise await target_failure(client, log_path) from None
-        status = info.get("status")
-        if status == "completed":
-            return
-        if status == "failed":
-            raise await target_failure(client, log_path)
-        if time.monotonic() > deadline:
-            raise VmsnapError("target QEMU did not finish loading the snapshot")
-        await asyncio.sleep(delay)
-        delay = min(2 * delay, 0.05)
+    async with qmpmod.watch(client) as changes:
+        while True:
+            try:
+                info = await qmpmod.migration_status(client)
+            except QemuGoneError:
+                raise await target_failure(client, log_path) from None
+            status = info.get("status")
+            if status == "completed":
+                return
+            if status == "failed":
+                raise await target_failure(client, log_path)
+            if time.monotonic() > deadline:
+                raise VmsnapError("target QEMU did not finish loading the snapshot")
+            await changes.wait(deadline - time.monotonic())

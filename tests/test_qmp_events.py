@@ -1,0 +1,64 @@
+"""QMP waits block on QEMU's events, not on a timer (issue 12): a Watch on a Client wakes at
+the MIGRATION event of a state change, and at once when QEMU dies, long before its timeout;
+on a monitor that passes no events (libvirt's) it falls back to polling."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from testbed.guests import BootGuest
+from testbed.qemu import Vm
+from vmsnap.orchestration import qmp as qmpmod
+from vmsnap.orchestration.modes import clean_capabilities
+
+
+@pytest.mark.qemu
+def test_watch_wakes_on_events_and_on_qemu_death(workdir):
+    guest = BootGuest(memory_mb=64)
+    with Vm(guest.config("7.2", workdir), workdir, "src") as vm:
+
+        async def scenario() -> tuple[list[str | None], float]:
+            client, _ = await qmpmod.connect(str(vm.tool_qmp_path))
+            try:
+                await qmpmod.set_capabilities(client, clean_capabilities())
+                woke: list[str | None] = []
+                async with qmpmod.watch(client) as changes:
+                    await client.execute("migrate", {"uri": "exec:cat > /dev/null"})
+                    while True:  # the first events may come before the first question
+                        woke.append(await changes.wait(60))
+                        if (await qmpmod.migration_status(client))["status"] == "completed":
+                            break
+                    vm.kill()
+                    t0 = time.monotonic()
+                    while await changes.wait(60) is not None:  # events left from the end
+                        pass
+                    return woke, time.monotonic() - t0
+            finally:
+                await qmpmod.disconnect(client)
+
+        woke, gone = asyncio.run(scenario())
+    assert woke and all(w in qmpmod.MIGRATION_EVENTS for w in woke), woke  # never a timeout
+    assert gone < 0.5, gone  # QEMU's death woke it, not the 60 s timeout (nor the 1 s net)
+
+
+def test_watch_polls_a_monitor_without_events():
+    """Without events a Watch polls: every FIRST_POLL at first, then twice as long each
+    time up to its `poll`."""
+    class NoEvents:  # libvirt's DomainMonitor passes commands, not events
+        async def execute(self, cmd, arguments=None, *, timeout=None):
+            return {}
+
+    async def scenario() -> list[float]:
+        took = []
+        async with qmpmod.watch(NoEvents(), poll=0.05) as changes:
+            for _ in range(8):
+                t0 = time.monotonic()
+                assert await changes.wait(60) is None
+                took.append(time.monotonic() - t0)
+        return took
+
+    took = asyncio.run(scenario())
+    assert took[0] < 0.03 and 0.045 < took[-1] < 1.0, took

@@ -91,3 +91,12 @@ def test_api_covers_the_file_verbs(small_snapshot, tmp_path):
     assert vmsnap.verify(tmp_path / "copy.vms").pages == checked.pages
     imported, domain = vmsnap.import_stream(str(stream), tmp_path / "imported.vms")
     assert imported.pages == checked.pages and domain is None
+
+
+def test_after_is_a_typed_choice(tmp_path):
+    """`after` is vmsnap.After (a StrEnum: its values still work), refused in the same words."""
+    assert "After" in vmsnap.__all__ and vmsnap.After("resume") is vmsnap.After.RESUME
+    assert [a.value for a in vmsnap.After] == ["pause", "resume", "quit"]
+    with pytest.raises(ValueError, match=r"^after must be pause, resume or quit, not 'later'$"):
+        vmsnap.save(str(tmp_path / "no.qmp"), tmp_path / "x.vms", after="later")
+    assert not (tmp_path / "x.vms.partial").exists()

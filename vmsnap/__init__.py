@@ -21,7 +21,7 @@ _EXPORTS = {
     "open": ".api", "restore": ".api", "save": ".api", "info": ".api", "verify": ".api",
     "receive": ".api", "send": ".api", "seal": ".api", "import_stream": ".api",
     "export_image": ".api",
-    "QMPConnectError": ".errors", "VmsnapError": ".errors",
+    "QMPConnectError": ".errors", "VmsnapError": ".errors", "After": ".orchestration.modes",
     "ChecksumMismatch": ".fileformat.errors", "CorruptTrailer": ".fileformat.errors",
     "IncompleteSnapshot": ".fileformat.errors", "NoCommitRecord": ".fileformat.errors",
     "SnapshotError": ".fileformat.errors", "UnsupportedVersion": ".fileformat.errors",
@@ -62,6 +62,7 @@ if TYPE_CHECKING:
     from .ops.receive import ReceiveStats
     from .ops.send import SendStats
     from .orchestration.lazy import LazyRestoreResult
+    from .orchestration.modes import After
     from .orchestration.save import SaveResult
     from .orchestration.target import RestoreResult
     from .stream.errors import StreamError
@@ -80,7 +81,7 @@ logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 # `open` is vmsnap.open, never in __all__: `from vmsnap import *` must not shadow the builtin.
 __all__ = [
-    "ChecksumMismatch", "CorruptTrailer", "FileLockedError", "IOEngineError",
+    "After", "ChecksumMismatch", "CorruptTrailer", "FileLockedError", "IOEngineError",
     "IncompleteSnapshot", "LazyRestoreResult", "NoCommitRecord", "QMPConnectError",
     "ReceiveStats", "RestoreResult", "SaveResult", "SendStats", "Snapshot", "SnapshotError",
     "SnapshotInfo", "StreamError", "UnsupportedVersion", "VerifyResult", "VmsnapError",

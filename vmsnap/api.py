@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from .ops.info import SnapshotInfo
     from .ops.receive import Readable, ReceiveStats
     from .ops.send import SendStats, Sink
+    from .orchestration.modes import After
     from .orchestration.save import SaveResult
     from .orchestration.target import RestoreResult
     from .progress import Reporter
@@ -66,7 +67,7 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
 
 
 def save(qmp_address: str, path: str | os.PathLike[str], *, live: bool = False,
-         background: bool = False, after: str | None = None, force: bool = False,
+         background: bool = False, after: After | str | None = None, force: bool = False,
          reporter: Reporter | None = None, direct: bool = True, channels: int | None = None,
          downtime_limit_ms: int | None = None, seal: str = "now") -> SaveResult:
     """Save the VM whose QMP socket is `qmp_address` into the snapshot file `path`.
@@ -74,8 +75,9 @@ def save(qmp_address: str, path: str | os.PathLike[str], *, live: bool = False,
     Paused by default (the guest is stopped first); `live=True` copies RAM while it runs
     (the file holds RAM at the end); `background=True` keeps it running and saves RAM as it
     was when the save began (QEMU's background-snapshot, one stream).
-    `after`: "pause" (leave it paused), "resume" (a checkpoint) or "quit" (end QEMU);
-    default "pause", or the VM's own run state for a background save.
+    `after`: a `vmsnap.After` (or its value): PAUSE (leave it paused), RESUME (a
+    checkpoint) or QUIT (end QEMU); default PAUSE, or the VM's own run state for a
+    background save.
     `channels`: parallel multifd channels (0: one plain stream; default: from the CPUs, one
     stream from QEMU < 8.1 whose multifd sender busy-waits).
     `downtime_limit_ms`: a live save's longest final stop (default: chosen by vmsnap).
@@ -90,7 +92,8 @@ def save(qmp_address: str, path: str | os.PathLike[str], *, live: bool = False,
 
 
 def save_domain(name: str, path: str | os.PathLike[str], *, uri: str | None = None,
-                live: bool = False, background: bool = False, after: str | None = None,
+                live: bool = False, background: bool = False,
+                after: After | str | None = None,
                 force: bool = False, reporter: Reporter | None = None,
                 direct: bool = True, channels: int | None = 0,
                 downtime_limit_ms: int | None = None, seal: str = "now") -> SaveResult:

@@ -144,7 +144,9 @@ def _is_fifo(path: str) -> bool:
 
 
 def cmd_save(args: argparse.Namespace, rep: Reporter) -> int:
-    after = "resume" if args.resume else "quit" if args.quit else None
+    from .orchestration.modes import After
+
+    after = After.RESUME if args.resume else After.QUIT if args.quit else None
     if args.domain:  # one stream by default: multifd needs a path in QEMU's reach
         r = api.save_domain(args.domain, args.file, uri=args.connect, live=args.live,
                             background=args.background, after=after, force=args.force,

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import VmsnapError
+from ..orchestration.modes import After
 from ..orchestration.save import SaveResult, _save, prepare
 from ..orchestration.vmlock import vm_lock
 from ..progress import Reporter
@@ -25,13 +26,14 @@ from .incoming import without_incoming
 
 
 async def save_domain(name: str, path: str | os.PathLike[str], *, uri: str | None = None,
-                      live: bool = False, background: bool = False, after: str | None = None,
+                      live: bool = False, background: bool = False,
+                      after: After | str | None = None,
                       force: bool = False, reporter: Reporter | None = None,
                       direct: bool = True, downtime_limit_ms: int | None = None,
                       channels: int | None = 0, seal: str = "now") -> SaveResult:
     """Save libvirt domain `name` to `path`, paused, `live` or in the `background` (a
-    point-in-time checkpoint; the guest runs on). `after`: "pause" | "resume" | "quit";
-    None: "pause", except a background save keeps the domain's run state. `channels`:
+    point-in-time checkpoint; the guest runs on). `after`: an After (or its value); None:
+    PAUSE, except a background save keeps the domain's run state. `channels`:
     multifd channels (default 0: one stream, passed by fd); the rest as for `save`."""
     mode, channels, writer = prepare(path, live, background, after, force, direct,
                                      downtime_limit_ms, channels, seal)
@@ -71,13 +73,13 @@ class _Libvirt:
     async def stop(self) -> None:
         await self.mon.call(self.dom.suspend)
 
-    async def finish(self, after: str) -> str:
+    async def finish(self, after: After) -> str:
         running = dommod.is_running(self.dom)
-        if after == "resume":
+        if after is After.RESUME:
             if not running:
                 await self.mon.call(self.dom.resume)
             return "running"
-        if after == "quit":
+        if after is After.QUIT:
             await self.mon.call(self.dom.destroy)
             return "quit"
         if running:

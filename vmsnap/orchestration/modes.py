@@ -29,6 +29,28 @@ class SaveMode(enum.Enum):
     BACKGROUND = "background"
 
 
+class After(enum.StrEnum):
+    """What a save does with the VM once its file is committed."""
+
+    PAUSE = "pause"  # leave it paused
+    RESUME = "resume"  # a checkpoint: the VM goes on
+    QUIT = "quit"  # end QEMU
+
+    @classmethod
+    def parse(cls, value: After | str | None) -> After | None:
+        """`value` as an After (None stays None: `then` picks); ValueError for others."""
+        try:
+            return None if value is None else cls(value)
+        except ValueError:
+            raise ValueError(f"after must be pause, resume or quit, not {value!r}") from None
+
+    @classmethod
+    def then(cls, value: After | str | None, mode: SaveMode) -> After:
+        """`value`, or by default PAUSE, except that a background save keeps the VM's run
+        state (RESUME)."""
+        return cls.parse(value) or (cls.RESUME if mode is SaveMode.BACKGROUND else cls.PAUSE)
+
+
 #: Capabilities whose streams vmsnap cannot store; switched off for the save, then restored.
 INCOMPATIBLE_CAPS = ("xbzrle", "compress", "postcopy-ram", "multifd", "mapped-ram",
                      "x-ignore-shared", "zero-blocks", "release-ram")

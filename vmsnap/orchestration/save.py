@@ -33,7 +33,7 @@ from ..progress import Reporter
 from ..stream.constants import CAP_IGNORE_SHARED, CAP_MAPPED_RAM
 from . import background, converge, modes, native, shared
 from . import qmp as qmpmod
-from .modes import SEAL_WHEN, SaveMode
+from .modes import SEAL_WHEN, After, SaveMode
 from .qmp import MIGRATING, Client, Monitor, QemuGoneError
 from .rendezvous import Meeting, meeting_place, pass_socket
 from .vmlock import vm_lock
@@ -132,14 +132,14 @@ def check_channels(channels: int | None) -> int:
     return channels
 
 
-def prepare(path: str | os.PathLike[str], live: bool, background: bool, after: str | None,
+def prepare(path: str | os.PathLike[str], live: bool, background: bool,
+            after: After | str | None,
             force: bool, direct: bool, downtime_limit_ms: int | None, channels: int | None,
             seal: str) -> tuple[SaveMode, int | None, SnapshotWriter]:
     """Check a save's arguments and lock FILE.partial, before the VM is touched: the mode,
     the channel count (None: chosen by save_channels once the QEMU is known) and the reserved
     writer (abort it if the save does not happen)."""
-    if after not in (None, "pause", "resume", "quit"):
-        raise ValueError(f"after must be pause, resume or quit, not {after!r}")
+    After.parse(after)
     if seal not in SEAL_WHEN:
         raise ValueError(f"seal must be one of {', '.join(SEAL_WHEN)}, not {seal!r}")
     mode = modes.select(live, background)
@@ -160,13 +160,14 @@ def prepare(path: str | os.PathLike[str], live: bool, background: bool, after: s
 
 
 async def save(qmp_address: str, path: str | os.PathLike[str], *, live: bool = False,
-               background: bool = False, after: str | None = None, force: bool = False,
+               background: bool = False, after: After | str | None = None,
+               force: bool = False,
                reporter: Reporter | None = None, direct: bool = True,
                downtime_limit_ms: int | None = None,
                channels: int | None = None, seal: str = "now") -> SaveResult:
     """Save the VM behind `qmp_address` to `path`, paused, `live` or in the `background`.
-    `after`: "pause" | "resume" | "quit"; None: "pause", except a background save keeps the
-    VM's run state. `channels`: multifd channels (0: one plain stream; None:
+    `after`: an After (or its value); None: PAUSE, except a background save keeps the VM's
+    run state. `channels`: multifd channels (0: one plain stream; None:
     save_channels); a background save is always one stream). `seal`: when QEMU wrote
     the pages itself (QEMU >= 9.1, paused, channels), when their checksums are added to the
     committed file: "now" (before returning), "background" or "later" (native.seal_after)."""
@@ -194,8 +195,8 @@ class Control(Protocol):
 
     async def stop(self) -> None: ...
 
-    async def finish(self, after: str) -> str:
-        """Leave the VM as `after` asks ("pause" | "resume" | "quit"); its final state."""
+    async def finish(self, after: After) -> str:
+        """Leave the VM as `after` asks; its final state."""
         ...
 
 
@@ -206,12 +207,13 @@ class QmpControl:
     async def stop(self) -> None:
         await self.client.execute("stop")
 
-    async def finish(self, after: str) -> str:
+    async def finish(self, after: After) -> str:
         return await _finish(self.client, after)
 
 
 async def _save(client: Monitor, peer: qmpmod.Peer, writer: SnapshotWriter,
-                mode: SaveMode, after: str | None, rep: Reporter, downtime_limit_ms: int | None,
+                mode: SaveMode, after: After | str | None, rep: Reporter,
+                downtime_limit_ms: int | None,
                 channels: int | None, seal: str, control: Control | None = None,
                 extra: dict[str, Any] | None = None) -> SaveResult:
     """The save itself. `control`: how to pause and finish (default: over `client`);
@@ -225,8 +227,7 @@ async def _save(client: Monitor, peer: qmpmod.Peer, writer: SnapshotWriter,
         raise VmsnapError(f"VM is in state {peer.status!r}; cannot save it")
     if mode is SaveMode.BACKGROUND and not peer.running:
         mode = SaveMode.PAUSED  # a paused guest's RAM stands still: a plain save is the same
-    if after is None:
-        after = "resume" if mode is SaveMode.BACKGROUND else "pause"
+    then = After.then(after, mode)
     channels = save_channels(channels, peer)
     live = mode is SaveMode.LIVE
     if live:
@@ -292,7 +293,7 @@ async def _save(client: Monitor, peer: qmpmod.Peer, writer: SnapshotWriter,
                                             background.must_complete(peer, mode))
             info = await _watch(client, receiver, rep, converger)
             stats = await receiver
-        final = await control.finish(after)
+        final = await control.finish(then)
     except BaseException as err:
         if background.must_complete(peer, mode):
             await background.complete_into_nowhere(writer, conns, receiver)
@@ -455,11 +456,11 @@ async def _cause(client: Monitor, err: BaseException) -> BaseException:
     return err
 
 
-async def _finish(client: Monitor, after: str) -> str:
-    if after == "resume":
+async def _finish(client: Monitor, after: After) -> str:
+    if after is After.RESUME:
         await client.execute("cont")
         return "running"
-    if after == "quit":
+    if after is After.QUIT:
         try:
             await client.execute("quit")
         except QemuGoneError:

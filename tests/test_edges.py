@@ -100,3 +100,22 @@ def test_after_is_a_typed_choice(tmp_path):
     with pytest.raises(ValueError, match=r"^after must be pause, resume or quit, not 'later'$"):
         vmsnap.save(str(tmp_path / "no.qmp"), tmp_path / "x.vms", after="later")
     assert not (tmp_path / "x.vms.partial").exists()
+
+
+@pytest.mark.parametrize("optimize", [[], ["-O"]], ids=["asserts-on", "asserts-stripped"])
+def test_stream_without_configuration_is_one_line(tmp_path, optimize):
+    """Untrusted input is checked explicitly, never by `assert` (gone under -O): a stream that
+    lists RAM blocks before any configuration section is refused in one line."""
+    from vmsnap.stream import RamBlock
+    from vmsnap.stream import encoder as E
+
+    stream = tmp_path / "stream.bin"
+    stream.write_bytes(E.header() + E.ram_start(2, [RamBlock("pc.ram", 1 << 20)]) + E.eos()
+                       + E.footer(2))
+    out = tmp_path / "x.vms"
+    proc = subprocess.run([sys.executable, *optimize, "-m", "vmsnap.cli", "import", str(stream),
+                           str(out)], capture_output=True, text=True, timeout=60)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1 and "Traceback" not in proc.stderr, lines
+    assert "configuration" in lines[0], lines
+    assert not out.exists() and not (tmp_path / "x.vms.partial").exists()

@@ -88,7 +88,8 @@ class StreamScan:
                 raise SnapshotError(
                     f"RAMBlock {b.name!r} is an ignored shared block (unsupported)")
         tail_offset = blocks[-1].resume_offset
-        assert tail_offset is not None and sid is not None
+        if tail_offset is None or sid is None:
+            raise SnapshotError("stream has no RAM section with mapped-ram page areas")
         if tail_offset > size:
             raise SnapshotError(
                 f"stream truncated: page area of RAMBlock {blocks[-1].name!r} ends at "

@@ -162,7 +162,8 @@ class StreamReceiver:
         self.zero_pages += len(e.offsets)
 
     def _begin(self, blocks: tuple[ev.RamBlock, ...]) -> None:
-        assert self.config is not None and self.section is not None
+        if self.config is None or self.section is None:
+            raise VmsnapError("stream lists RAM blocks before its configuration section")
         if any((b.addr is not None and not self.ignore_shared) or b.page_size is not None
                for b in blocks):
             raise VmsnapError("x-ignore-shared and hugepage RAM blocks are not supported")

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import VmsnapError
+from ..stream.constants import TARGET_PAGE_SIZE
 from .qmp import Monitor
 
 DEFAULT_DOWNTIME_MS = 300
@@ -93,7 +94,7 @@ class Converger:
             return
         ram = info.get("ram", {})
         if ram.get("dirty-pages-rate"):
-            self.dirty_bytes_s = ram["dirty-pages-rate"] * ram.get("page-size", 4096)
+            self.dirty_bytes_s = ram["dirty-pages-rate"] * ram.get("page-size", TARGET_PAGE_SIZE)
         self.throttle_pct = max(self.throttle_pct, info.get("cpu-throttle-percentage", 0))
         limit = self.wanted_limit(info, now)
         if limit is not None:

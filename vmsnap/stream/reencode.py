@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 
 from . import encoder as E
-from .constants import TARGET_PAGE_SIZE
+from .constants import CAP_MAPPED_RAM, TARGET_PAGE_SIZE
 from .events import (
     Command,
     Configuration,
@@ -46,7 +46,7 @@ class EventEncoder:
         if isinstance(ev, Header):
             return E.header(ev.version)
         if isinstance(ev, Configuration):
-            self.mapped_ram = "mapped-ram" in ev.capabilities
+            self.mapped_ram = CAP_MAPPED_RAM in ev.capabilities
             return E.configuration(ev.machine_type, ev.capabilities, page_bits=ev.page_bits,
                                    uuid=ev.uuid)
         if isinstance(ev, Command):

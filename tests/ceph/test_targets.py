@@ -101,7 +101,7 @@ def test_hostile_manifest_is_one_line(monkeypatch, manifest):
     good = body.split(b'"runs"')[0] + b'"runs": [[1, 1]]}'
     if b'"size": 8388608, "chunk_size": 4194304' in good and b"../" not in good:
         monkeypatch.setattr(s3_objects, "_get_small", lambda *a: good)
-        assert s3_objects._read_manifest(r)["present"].tolist() == [False, True]
+        assert s3_objects._read_manifest(r).present.tolist() == [False, True]
 
 
 @pytest.fixture(params=["rbd", "s3"])
@@ -203,8 +203,8 @@ def _chunk_of_page(url: str, page: int) -> tuple[str, int, int]:
         foff = s.block("pc.ram").pages_offset + page * PS
     r = targets.remote(url)
     m = s3_objects._read_manifest(r)  # noqa: SLF001
-    index, at = divmod(foff, m["chunk_size"])
-    return f"{m['prefix']}{index * m['chunk_size']:012x}", at, foff
+    index, at = divmod(foff, m.chunk_size)
+    return f"{m.prefix}{index * m.chunk_size:012x}", at, foff
 
 
 def test_deleted_chunk_names_the_page(s3_url):

@@ -25,6 +25,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
 from typing import Any
 
 import boto3
@@ -52,8 +53,16 @@ ORPHAN_AGE = 15 * 60
 MANIFEST_FORMAT = "vmsnap-s3-chunks/1"
 MAX_MANIFEST = 64 << 20
 
-#: A manifest as parsed from JSON (validated in _read_manifest), plus its "present" array.
-Manifest = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A committed snapshot's manifest object, its JSON fields checked (_read_manifest)."""
+
+    size: int
+    chunk_size: int
+    prefix: str  # of its chunk objects, under KEY.chunks/
+    present: np.ndarray  # bool per chunk: stored (else a hole)
 
 _client_lock = threading.Lock()
 _client = None
@@ -144,7 +153,7 @@ def _read_manifest(r: Remote) -> Manifest | None:
         return None
     bad = TargetError(f"{r}: not a vmsnap snapshot manifest", errno.EINVAL)
     try:
-        m: Manifest = json.loads(body)
+        m = json.loads(body)
     except ValueError:
         raise bad from None
     if not isinstance(m, dict) or m.get("format") != MANIFEST_FORMAT:
@@ -166,8 +175,7 @@ def _read_manifest(r: Remote) -> Manifest | None:
         if count == 0 or first + count > nchunks:
             raise bad
         present[first:first + count] = True
-    m["present"] = present
-    return m
+    return Manifest(size, chunk, prefix, present)
 
 
 def exists(r: Remote) -> bool:
@@ -351,7 +359,7 @@ class Sink:
 
     def _collect_garbage(self) -> None:
         """Delete the replaced snapshot's chunks and chunks of crashed saves (best effort)."""
-        old = self._old["prefix"] if self._old else None
+        old = self._old.prefix if self._old else None
         try:
             _delete_sets(self._r, keep=self._prefix, force=old)
         except (ClientError, BotoCoreError) as e:
@@ -418,10 +426,10 @@ class Source(RangeReader):
         if m is None:
             raise TargetError(f"{r}: no such snapshot", errno.ENOENT)
         self._r = r
-        self._chunk: int = m["chunk_size"]
-        self._prefix: str = m["prefix"]
-        self._present: np.ndarray = m["present"]
-        super().__init__(str(r), m["size"], self._get, threads=THREADS)
+        self._chunk = m.chunk_size
+        self._prefix = m.prefix
+        self._present = m.present
+        super().__init__(str(r), m.size, self._get, threads=THREADS)
 
     def allocated(self) -> int:
         return int(self._present.sum()) * self._chunk

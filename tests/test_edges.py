@@ -12,7 +12,8 @@ from testbed.transfer import VMSNAP
 
 FAMILY = ["StreamError", "SnapshotError", "NoCommitRecord", "CorruptTrailer",
           "UnsupportedVersion", "IncompleteSnapshot", "ChecksumMismatch", "IOEngineError",
-          "FileLockedError", "QMPConnectError"]
+          "FileLockedError", "QMPConnectError", "QmpCommandError", "QemuGoneError",
+          "TargetError"]
 
 
 @pytest.mark.parametrize("name", FAMILY)
@@ -27,6 +28,7 @@ def test_second_bases_kept():
     assert issubclass(vmsnap.IOEngineError, OSError)
     assert issubclass(vmsnap.FileLockedError, OSError)
     assert issubclass(vmsnap.QMPConnectError, ConnectionError)
+    assert issubclass(vmsnap.TargetError, OSError)
 
 
 def test_one_line():

@@ -27,6 +27,8 @@ _EXPORTS = {
     "SnapshotError": ".fileformat.errors", "UnsupportedVersion": ".fileformat.errors",
     "Snapshot": ".fileformat.reader", "VerifyResult": ".fileformat.reader",
     "FileLockedError": ".io.atomic", "IOEngineError": ".io.direct",
+    "QemuGoneError": ".orchestration.qmp", "QmpCommandError": ".orchestration.qmp",
+    "TargetError": ".targets.base",
     "RestoreResult": ".orchestration.target", "SaveResult": ".orchestration.save",
     "LazyRestoreResult": ".orchestration.lazy", "SnapshotInfo": ".ops.info",
     "ReceiveStats": ".ops.receive", "SendStats": ".ops.send",
@@ -63,9 +65,11 @@ if TYPE_CHECKING:
     from .ops.send import SendStats
     from .orchestration.lazy import LazyRestoreResult
     from .orchestration.modes import After
+    from .orchestration.qmp import QemuGoneError, QmpCommandError
     from .orchestration.save import SaveResult
     from .orchestration.target import RestoreResult
     from .stream.errors import StreamError
+    from .targets.base import TargetError
 
 
 def __getattr__(name: str) -> object:
@@ -83,8 +87,9 @@ logging.getLogger(__name__).addHandler(logging.NullHandler())
 __all__ = [
     "After", "ChecksumMismatch", "CorruptTrailer", "FileLockedError", "IOEngineError",
     "IncompleteSnapshot", "LazyRestoreResult", "NoCommitRecord", "QMPConnectError",
-    "ReceiveStats", "RestoreResult", "SaveResult", "SendStats", "Snapshot", "SnapshotError",
-    "SnapshotInfo", "StreamError", "UnsupportedVersion", "VerifyResult", "VmsnapError",
+    "QemuGoneError", "QmpCommandError", "ReceiveStats", "RestoreResult", "SaveResult",
+    "SendStats", "Snapshot", "SnapshotError", "SnapshotInfo", "StreamError", "TargetError",
+    "UnsupportedVersion", "VerifyResult", "VmsnapError",
     "export_image", "import_stream", "info", "receive", "restore", "save", "seal", "send",
     "verify",
 ]

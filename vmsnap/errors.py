@@ -11,7 +11,10 @@ the code that raises them and are all exported from `vmsnap`:
     │   └── ChecksumMismatch                 a page or stream range fails its xxh3
     ├── IOEngineError (also OSError)         I/O the engine cannot repair
     ├── FileLockedError (also OSError)       another process writes the same file
-    └── QMPConnectError (also ConnectionError)  no QMP at the given address
+    ├── TargetError (also OSError)           an rbd:/s3:// target cannot be reached or used
+    ├── QMPConnectError (also ConnectionError)  no QMP at the given address
+    ├── QmpCommandError                      QEMU refused a command (its own reason)
+    └── QemuGoneError                        QEMU's monitor closed (it quit or died)
 
 `except vmsnap.VmsnapError` catches all of them; the second bases keep older
 `except ValueError` / `except OSError` handlers working.

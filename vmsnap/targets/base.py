@@ -15,11 +15,12 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Protocol
 
+from ..errors import VmsnapError
 from ..io.direct import IOEngineError
 from ..io.vectored import Buffer
 
 
-class TargetError(OSError):
+class TargetError(VmsnapError, OSError):
     """A target cannot be reached or used (bad URL, credentials, missing pool or bucket)."""
 
     def __init__(self, message: str, code: int = errno.EIO) -> None:

@@ -21,6 +21,7 @@ others, ending the stream as start() does.
 from __future__ import annotations
 
 import itertools
+import logging
 import socket
 import threading
 import time
@@ -42,6 +43,7 @@ from ..stream.constants import TARGET_PAGE_SIZE as PAGE
 from .multifd_send import sendmsg_all
 from .send import device_state, plain_stream_head, read_head
 
+log = logging.getLogger(__name__)
 #: pages per background read (and per PART section): short enough that a requested page
 #: waits little behind one, long enough for efficient O_DIRECT reads
 CHUNK_PAGES = 128
@@ -210,6 +212,8 @@ class PostcopySource:
         pages."""
         self.sock = sock
         self._send([self.prologue])
+        log.debug("postcopy: prologue sent (%d bytes), %d bytes of pages to push",
+                  len(self.prologue), self.total)
         self._start_threads()
 
     def resume(self, sock: socket.socket) -> None:
@@ -246,6 +250,8 @@ class PostcopySource:
         self.stats.already_received = int(sum(v.sum() for v in received.values()))
         self.total = sum(int((b.present & ~received[b.name]).sum()) * b.page_size
                          for b in self.snap.blocks)
+        log.debug("postcopy recovery: destination has %d pages, %d bytes left to push, %d "
+                  "requests waiting", self.stats.already_received, self.total, len(self.backlog))
         self._start_threads()
 
     def _read_handshake(self) -> list[pc.RpMessage]:

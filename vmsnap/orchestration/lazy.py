@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import shutil
 import socket
 import sys
@@ -60,6 +61,7 @@ from .target import (
 )
 
 ENGINES = ("auto", "postcopy", "mmap")
+log = logging.getLogger(__name__)
 RUNNING_TIMEOUT = 60.0
 STOP_TIMEOUT = 5.0
 #: GIL switch interval while serving pages: a page request must not wait 5 ms (Python's
@@ -168,6 +170,8 @@ async def restore_lazy(snap: Snapshot, *, engine: str = "auto",
         own = qmp_address is None and target is None  # vmsnap launches QEMU
         argv = launch_argv(path, command, meta) if own else None
         job.engine = pick_engine(engine, snap, argv)
+        log.debug("lazy restore of %s: engine %s (asked %s), %s", path, job.engine, engine,
+                  "resume" if resume else "relaunch" if argv else "into a waiting QEMU")
         if verify and job.engine == "mmap":
             rep.start("verify", None)
             snap.verify()

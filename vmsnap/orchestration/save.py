@@ -15,7 +15,7 @@ import logging
 import os
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from .. import targets
@@ -219,12 +219,7 @@ async def _save(client: Monitor, peer: qmpmod.Peer, writer: SnapshotWriter,
     """The save itself. `control`: how to pause and finish (default: over `client`);
     `extra`: more metadata for the file (a libvirt domain's XML)."""
     control = control or QmpControl(client)
-    path = writer.path
-    status = await qmpmod.migration_status(client)
-    if status.get("status") in MIGRATING:
-        raise VmsnapError(f"a migration is already running on this VM ({status['status']})")
-    if peer.status in ("inmigrate", "postmigrate", "shutdown", "internal-error"):
-        raise VmsnapError(f"VM is in state {peer.status!r}; cannot save it")
+    await _check_state(client, peer)
     if mode is SaveMode.BACKGROUND and not peer.running:
         mode = SaveMode.PAUSED  # a paused guest's RAM stands still: a plain save is the same
     then = After.then(after, mode)
@@ -236,97 +231,167 @@ async def _save(client: Monitor, peer: qmpmod.Peer, writer: SnapshotWriter,
         qemu_version=peer.version_text, command_line=peer.cmdline,
         extra={"run_state": "running" if peer.running else "paused", "live": live,
                "mode": mode.value, "channels": channels, **(extra or {})})
-    saved_caps: dict[str, bool] = {}
-    saved_params: dict[str, Any] = {}
-    stopped_by_us = started = False
-    conns: list[socket.socket] = []
-    receiver: asyncio.Future[ReceiveStats] | None = None
     t0 = time.monotonic()
+    run = await _plan(client, peer, writer, mode, channels)
+    try:
+        await _configure(run, downtime_limit_ms)
+        if peer.running and mode is SaveMode.PAUSED:
+            await control.stop()
+            run.stopped_by_us = True
+        rep.start("save", None, live=live, mode=mode.value, channels=run.channels)
+        converger = converge.Converger(time.monotonic(), downtime_limit_ms) if live else None
+        info, stats = await _transfer(run, rep, converger)
+        final = await control.finish(then)
+    except BaseException as err:
+        await _fail(run, err, rep)
+        if isinstance(err, QemuGoneError):
+            raise QemuGoneError("QEMU went away during the save") from err
+        raise
+    finally:
+        await _close(run)
+    return await _result(run, info, stats, final, converger, t0, seal, rep)
+
+
+@dataclass
+class _Run:
+    """One save's plan and what it holds until it ends (released by `_close`)."""
+
+    client: Monitor
+    peer: qmpmod.Peer
+    writer: SnapshotWriter
+    mode: SaveMode
+    channels: int
+    #: shared RAM that vmsnap copies itself (x-ignore-shared), by block
+    backings: dict[str, Backing] | None
+    #: QEMU >= 9.1 writes FILE.partial itself (mapped-ram); vmsnap seals it
+    by_qemu: bool
+    #: QEMU's own writer uses O_DIRECT on FILE.partial
+    direct_io: bool = False
+    meeting: Meeting | None = None
+    listener: socket.socket | None = None
+    sock_path: str = ""
+    fdset: native.FdSet | None = None
+    conns: list[socket.socket] = field(default_factory=list)
+    receiver: asyncio.Future[ReceiveStats] | None = None
+    saved_caps: dict[str, bool] = field(default_factory=dict)
+    saved_params: dict[str, Any] = field(default_factory=dict)
+    stopped_by_us: bool = False
+    #: the migration began: from here on it is ours to cancel
+    started: bool = False
+
+
+async def _check_state(client: Monitor, peer: qmpmod.Peer) -> None:
+    status = await qmpmod.migration_status(client)
+    if status.get("status") in MIGRATING:
+        raise VmsnapError(f"a migration is already running on this VM ({status['status']})")
+    if peer.status in ("inmigrate", "postmigrate", "shutdown", "internal-error"):
+        raise VmsnapError(f"VM is in state {peer.status!r}; cannot save it")
+
+
+async def _plan(client: Monitor, peer: qmpmod.Peer, writer: SnapshotWriter, mode: SaveMode,
+                channels: int) -> _Run:
+    """Which path the pages take: a shared backing copied by vmsnap, QEMU's own writer, or
+    the stream (one socket passed by fd; multifd: a unix path this QEMU can reach)."""
     # RAM copied from a shared backing by vmsnap is neither point-in-time nor live
     backings = await shared.save_backings(client, peer) if mode is SaveMode.PAUSED else None
     if backings:
         channels = 0  # the stream holds device state and small blocks only
     by_qemu = (mode is SaveMode.PAUSED and not backings and targets.remote(writer.path) is None
                and await native.supported(client, peer, channels))
-    fdset: native.FdSet | None = None
-    # one stream: our socket passed by fd; multifd: a unix path this QEMU can reach
-    meeting = meeting_place(peer.pid) if channels and not by_qemu else None
-    listener, sock_path = _listen(meeting) if meeting else (None, "")
-    try:
-        saved_caps = await modes.apply_capabilities(
-            client, peer, mode, channels,
-            {CAP_IGNORE_SHARED: bool(backings), CAP_MAPPED_RAM: by_qemu})
-        params = modes.base_parameters(channels)
-        direct_io = by_qemu and writer.direct_requested and native.direct_io_ok(
-            writer.partial_path)
-        if by_qemu:
-            params["direct-io"] = direct_io
-        if live:
-            params.update(converge.parameters(downtime_limit_ms))
-        saved_params = await _set_parameters(client, params)
-        if peer.running and mode is SaveMode.PAUSED:
-            await control.stop()
-            stopped_by_us = True
-        rep.start("save", None, live=live, mode=mode.value, channels=channels)
-        converger = converge.Converger(time.monotonic(), downtime_limit_ms) if live else None
-        loop = asyncio.get_running_loop()
-        if by_qemu:  # QEMU writes FILE.partial; vmsnap seals it once QEMU is done
-            fdset = await native.pass_file(
-                client, functools.partial(os.open, writer.partial_path), direct_io)
-            await client.execute("migrate", {"uri": fdset.uri})
-            started = True  # from here on the migration is ours to cancel
-            info = await _watch(client, loop.create_future(), rep, converger)
-            stats: ReceiveStats = await loop.run_in_executor(
-                None, native.commit_first, writer, writer.direct_requested)
-        else:
-            if meeting:
-                uri = f"unix:{meeting.qemu('migrate.sock')}"
-            else:
-                main, uri = await pass_socket(client)
-                conns.append(main)
-            await client.execute("migrate", {"uri": uri})
-            started = True  # from here on the migration is ours to cancel
-            for _ in range(channels + 1 if listener is not None else 0):
-                assert listener is not None
-                conns.append(await _accept(client, listener, sock_path))
-            receiver = loop.run_in_executor(None, _receive, conns, writer, backings,
-                                            background.must_complete(peer, mode))
-            info = await _watch(client, receiver, rep, converger)
-            stats = await receiver
-        final = await control.finish(then)
-    except BaseException as err:
-        if background.must_complete(peer, mode):
-            await background.complete_into_nowhere(writer, conns, receiver)
-        shutdown_all(conns)  # unblock the receiver so it aborts and removes the partial
-        if receiver is not None:
-            await asyncio.gather(receiver, return_exceptions=True)
-        writer.abort()
-        await _recover(client, started, stopped_by_us or (started and peer.running))
-        rep.error(one_line(err))
-        if isinstance(err, QemuGoneError):
-            raise QemuGoneError("QEMU went away during the save") from err
-        raise
-    finally:
-        for s in (*conns, *([listener] if listener else [])):
-            s.close()
-        for b in (backings or {}).values():
-            b.close()
-        await native.release(client, fdset)
-        if meeting:
-            meeting.close()
-        await _restore_settings(client, saved_caps, saved_params)
+    run = _Run(client, peer, writer, mode, channels, backings, by_qemu)
+    if channels and not by_qemu:
+        run.meeting = meeting_place(peer.pid)
+        run.listener, run.sock_path = _listen(run.meeting)
+    return run
+
+
+async def _configure(run: _Run, downtime_limit_ms: int | None) -> None:
+    """Capabilities and parameters for this path (the old values are kept to put back)."""
+    run.saved_caps = await modes.apply_capabilities(
+        run.client, run.peer, run.mode, run.channels,
+        {CAP_IGNORE_SHARED: bool(run.backings), CAP_MAPPED_RAM: run.by_qemu})
+    params = modes.base_parameters(run.channels)
+    if run.by_qemu:
+        w = run.writer
+        run.direct_io = w.direct_requested and native.direct_io_ok(w.partial_path)
+        params["direct-io"] = run.direct_io
+    if run.mode is SaveMode.LIVE:
+        params.update(converge.parameters(downtime_limit_ms))
+    run.saved_params = await _set_parameters(run.client, params)
+
+
+async def _transfer(run: _Run, rep: Reporter, converger: converge.Converger | None,
+                    ) -> tuple[dict[str, Any], ReceiveStats]:
+    """Start the migration and see it through: QEMU's query-migrate at the end and what
+    reached the file."""
+    client, writer = run.client, run.writer
+    loop = asyncio.get_running_loop()
+    if run.by_qemu:  # QEMU writes FILE.partial; vmsnap seals it once QEMU is done
+        run.fdset = await native.pass_file(
+            client, functools.partial(os.open, writer.partial_path), run.direct_io)
+        await client.execute("migrate", {"uri": run.fdset.uri})
+        run.started = True
+        info = await _watch(client, loop.create_future(), rep, converger)
+        stats: ReceiveStats = await loop.run_in_executor(
+            None, native.commit_first, writer, writer.direct_requested)
+        return info, stats
+    if run.meeting:
+        uri = f"unix:{run.meeting.qemu('migrate.sock')}"
+    else:
+        main, uri = await pass_socket(client)
+        run.conns.append(main)
+    await client.execute("migrate", {"uri": uri})
+    run.started = True
+    if run.listener is not None:
+        for _ in range(run.channels + 1):
+            run.conns.append(await _accept(client, run.listener, run.sock_path))
+    run.receiver = loop.run_in_executor(None, _receive, run.conns, writer, run.backings,
+                                        background.must_complete(run.peer, run.mode))
+    info = await _watch(client, run.receiver, rep, converger)
+    return info, await run.receiver
+
+
+async def _fail(run: _Run, err: BaseException, rep: Reporter) -> None:
+    """A failed or interrupted save: no partial file, the VM as it was."""
+    if background.must_complete(run.peer, run.mode):
+        await background.complete_into_nowhere(run.writer, run.conns, run.receiver)
+    shutdown_all(run.conns)  # unblock the receiver so it aborts and removes the partial
+    if run.receiver is not None:
+        await asyncio.gather(run.receiver, return_exceptions=True)
+    run.writer.abort()
+    await _recover(run.client, run.started,
+                   run.stopped_by_us or (run.started and run.peer.running))
+    rep.error(one_line(err))
+
+
+async def _close(run: _Run) -> None:
+    for s in (*run.conns, *([run.listener] if run.listener else [])):
+        s.close()
+    for b in (run.backings or {}).values():
+        b.close()
+    await native.release(run.client, run.fdset)
+    if run.meeting:
+        run.meeting.close()
+    await _restore_settings(run.client, run.saved_caps, run.saved_params)
+
+
+async def _result(run: _Run, info: dict[str, Any], stats: ReceiveStats, final: str,
+                  converger: converge.Converger | None, t0: float, seal: str,
+                  rep: Reporter) -> SaveResult:
+    """The committed save's figures (and its seal, when QEMU wrote the pages)."""
+    path, writer = run.writer.path, run.writer
     hot_pages = save_rewrites(path, writer.rewrites) if writer.rewrites else 0
     committed = time.monotonic() - t0
     sealing = (await native.seal_after(path, seal, writer.signing_key,
-                                       writer.direct_requested, rep) if by_qemu else {})
-    seconds = time.monotonic() - t0
+                                       writer.direct_requested, rep) if run.by_qemu else {})
     ram = info.get("ram", {})
-    result = SaveResult(path, seconds, stats.stream_bytes, stats.pages, stats.zero_pages, live,
-                        peer.version_text, stats.machine_type, final, stats.direct,
+    result = SaveResult(path, time.monotonic() - t0, stats.stream_bytes, stats.pages,
+                        stats.zero_pages, run.mode is SaveMode.LIVE, run.peer.version_text,
+                        stats.machine_type, final, stats.direct,
                         ram.get("dirty-sync-count"), info.get("downtime"),
-                        "shared" if backings else "qemu" if by_qemu else "stream", mode.value,
-                        **(converger.figures() if converger else {}), hot_pages=hot_pages,
-                        rounds=_rounds(mode, ram.get("dirty-sync-count")),
+                        "shared" if run.backings else "qemu" if run.by_qemu else "stream",
+                        run.mode.value, **(converger.figures() if converger else {}),
+                        hot_pages=hot_pages, rounds=_rounds(run.mode, ram.get("dirty-sync-count")),
                         committed_seconds=round(committed, 3), **sealing)
     rep.done(**result.__dict__)
     return result

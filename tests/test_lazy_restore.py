@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -283,6 +284,34 @@ def test_lazy_mmap_two_vms_then_save_over(workdir, request):
         guest.check_restored(b)  # b still maps the old one, whole
         a.cmd("quit")
         b.cmd("quit")
+
+
+@pytest.mark.qemu
+def test_lazy_mmap_maps_the_file_it_checked(workdir, monkeypatch, request):
+    """mmap: the file at the path is replaced by zeros right before QEMU starts; QEMU still
+    maps the file vmsnap opened and checked (an inherited descriptor, not the path), so the
+    guest's RAM is the snapshot's. A QEMU given the path would map the zeros."""
+    from vmsnap.orchestration import lazy
+
+    guest = BootGuest(memory_mb=256)
+    snap, argv = saved(guest, "10", workdir)
+    real = lazy.launch_target
+
+    async def swap_then_launch(*args, **kwargs):
+        decoy = snap.with_suffix(".decoy")
+        with open(decoy, "wb") as f:
+            f.truncate(snap.stat().st_size)
+        os.replace(decoy, snap)
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(lazy, "launch_target", swap_then_launch)
+    monkeypatch.setattr(tempfile, "tempdir", str(workdir))  # a chroot QEMU 10 sees it
+    r = vmsnap.restore(snap, command=argv, lazy="mmap", paused=True)
+    request.addfinalizer(lambda: _kill(r.pid))
+    assert r.engine == "mmap" and not any(snap.read_bytes()[:1 << 20])
+    with Vm(guest.config("10", workdir), workdir, "src").adopt(r.pid) as dst:
+        guest.check(dst)  # paused: the RAM as restored (a running guest re-stamps it)
+        dst.cmd("quit")
 
 
 @pytest.mark.qemu

@@ -1,8 +1,9 @@
 """The relaunch guard: starts QEMU for vmsnap and ends it if vmsnap goes away first.
 
-Run by vmsnap as `python -I -S guard.py SOCKET_FD PROGRAM ARGV...` (standard library only,
-so it starts in milliseconds). It starts PROGRAM with ARGV on its own stdio, writes QEMU's
-PID to the socket, then waits for the first of:
+Run by vmsnap as `python -I -S guard.py SOCKET_FD PASS_FDS PROGRAM ARGV...` (standard
+library only, so it starts in milliseconds; PASS_FDS: comma-separated descriptors QEMU
+inherits, or empty). It starts PROGRAM with ARGV on its own stdio, writes QEMU's PID to the
+socket, then waits for the first of:
 
 - "release" on the socket (the restore is done): exit 0; QEMU runs on by itself;
 - end of file on the socket: vmsnap exited or was killed (even by SIGKILL, which no handler
@@ -26,9 +27,10 @@ import sys
 def main(argv: list[str]) -> int:
     sock = socket.socket(fileno=int(argv[0]))
     try:
-        proc = subprocess.Popen(argv[2:], executable=argv[1], stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(argv[3:], executable=argv[2], stdin=subprocess.DEVNULL,
+                                pass_fds=[int(fd) for fd in argv[1].split(",") if fd])
     except OSError as err:
-        print(f"cannot start {argv[1]}: {err.strerror}", file=sys.stderr, flush=True)
+        print(f"cannot start {argv[2]}: {err.strerror}", file=sys.stderr, flush=True)
         return 127
     signal.signal(signal.SIGTERM, lambda *_: sock.shutdown(socket.SHUT_RDWR))
     sock.sendall(f"{proc.pid}\n".encode())

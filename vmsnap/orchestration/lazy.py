@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import shutil
 import socket
 import sys
@@ -45,7 +46,7 @@ from ..ops.postcopy_send import PostcopySource, PostcopyStats
 from ..ops.send import SendStats, send
 from ..progress import Reporter
 from . import qmp as qmpmod
-from .mapped import MAPPED_BLOCK, mapped_argv, supports_mmap
+from .mapped import MAPPED_BLOCK, check_mappable, mapped_argv, supports_mmap
 from .modes import USERFAULTFD, clean_capabilities
 from .qmp import Client, Monitor
 from .relaunch import GuardedQemu, RelaunchLock, own_qmp
@@ -104,7 +105,7 @@ def pick_engine(engine: str, snap: Snapshot, argv: Sequence[str] | None) -> str:
         return "mmap"
     if engine == "auto" and argv is not None and where is None and supports_mmap(version):
         try:
-            mapped_argv(argv, snap)
+            check_mappable(argv, snap)
             return "mmap"
         except VmsnapError:
             pass
@@ -186,9 +187,8 @@ async def restore_lazy(snap: Snapshot, *, engine: str = "auto",
                 assert qmp_address is not None  # nothing to launch: a target was given
                 address = qmp_address
             else:
-                job.proc, job.lock, address = await launch_target(
-                    path, argv, bool(command), trust_of(snap.trailer), trust_command_line,
-                    workdir, mapped_argv(argv, snap) if job.engine == "mmap" else None)
+                job.proc, job.lock, address = await _launch(
+                    job, path, argv, bool(command), trust_command_line, workdir)
             job.client, peer = await qmpmod.connect(address)
         if not resume:
             await check_target(job.client, peer, snap.machine_type,
@@ -299,6 +299,22 @@ async def _incoming(client: Monitor, command: str = "migrate-incoming") -> socke
         sock.close()
         raise
     return sock
+
+
+async def _launch(job: _Job, path: str, argv: list[str], given: bool,
+                  trust_command_line: bool, workdir: str,
+                  ) -> tuple[GuardedQemu, RelaunchLock | None, str]:
+    """Launch the target QEMU; the mmap engine's maps the very file vmsnap opened and
+    checked (a descriptor it inherits), never what the path names when QEMU starts."""
+    trust = trust_of(job.snap.trailer)
+    if job.engine != "mmap":
+        return await launch_target(path, argv, given, trust, trust_command_line, workdir)
+    fd = job.snap.reopen(os.O_RDONLY)
+    try:
+        return await launch_target(path, argv, given, trust, trust_command_line, workdir,
+                                   mapped_argv(argv, job.snap, fd), pass_fds=(fd,))
+    finally:
+        os.close(fd)  # QEMU holds its own
 
 
 async def _postcopy(job: _Job, peer: qmpmod.Peer) -> LazyRestoreResult:

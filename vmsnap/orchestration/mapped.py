@@ -28,14 +28,9 @@ def supports_mmap(qemu_version: str | None) -> bool:
     return m is not None and (int(m.group(1)), int(m.group(2))) >= MIN_VERSION
 
 
-def _qemu_escape(value: str) -> str:
-    """A value inside a QEMU option list: commas are doubled."""
-    return value.replace(",", ",,")
-
-
-def mapped_argv(argv: Sequence[str], snap: Snapshot) -> list[str]:
-    """`argv` with `-m` memory backed by the snapshot's `pc.ram` page area (MAP_PRIVATE).
-    Command lines that already choose a memory backend or NUMA layout are refused."""
+def check_mappable(argv: Sequence[str], snap: Snapshot) -> None:
+    """Refuse command lines that already choose a memory backend or NUMA layout, and
+    snapshots without the block to map."""
     for i, a in enumerate(argv):
         if a in ("-numa", "-mem-path", "-mem-prealloc") or (
                 a in ("-machine", "-M") and i + 1 < len(argv)
@@ -44,10 +39,18 @@ def mapped_argv(argv: Sequence[str], snap: Snapshot) -> list[str]:
             raise VmsnapError("--lazy=mmap maps plain -m memory only; this command line sets "
                               f"its own memory backend ({a}): use --lazy=postcopy")
     try:
-        block = snap.block(MAPPED_BLOCK)
+        snap.block(MAPPED_BLOCK)
     except KeyError:
         raise VmsnapError(f"{snap.path} has no {MAPPED_BLOCK} block to map: "
                           "use --lazy=postcopy") from None
+
+
+def mapped_argv(argv: Sequence[str], snap: Snapshot, fd: int) -> list[str]:
+    """`argv` with `-m` memory backed by the snapshot's `pc.ram` page area (MAP_PRIVATE),
+    mapped from `fd`, a descriptor on the very file vmsnap opened and checked that QEMU
+    inherits: through /proc/self/fd QEMU opens that inode, whatever the path names by now."""
+    check_mappable(argv, snap)
+    block = snap.block(MAPPED_BLOCK)
     backend = (f"memory-backend-file,id={MAPPED_BLOCK},size={block.used_length},"
-               f"mem-path={_qemu_escape(snap.path)},offset={block.pages_offset},share=off")
+               f"mem-path=/proc/self/fd/{fd},offset={block.pages_offset},share=off")
     return [*argv, "-object", backend, "-machine", f"memory-backend={MAPPED_BLOCK}"]

@@ -296,14 +296,16 @@ GUARD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "guard.py")
 class GuardedQemu:
     """QEMU started through guard.py: it dies with vmsnap, even on SIGKILL, until released."""
 
-    def __init__(self, argv: Sequence[str], program: str | None, log_path: str) -> None:
+    def __init__(self, argv: Sequence[str], program: str | None, log_path: str,
+                 pass_fds: Sequence[int] = ()) -> None:
+        """`pass_fds`: descriptors QEMU inherits (the file a mapped restore maps)."""
         ours, theirs = socket.socketpair()
         try:
             with open(log_path, "wb") as log:
                 self._guard = subprocess.Popen(
                     [sys.executable, "-I", "-S", GUARD, str(theirs.fileno()),
-                     program or argv[0], *argv],
-                    pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, stdout=log,
+                     ",".join(map(str, pass_fds)), program or argv[0], *argv],
+                    pass_fds=[theirs.fileno(), *pass_fds], stdin=subprocess.DEVNULL, stdout=log,
                     stderr=log, start_new_session=True)
         except BaseException:
             ours.close()

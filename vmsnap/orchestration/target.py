@@ -83,11 +83,11 @@ def _listening(path: str) -> bool:
 
 
 async def _launch(argv: list[str], program: str | None, qmp_path: str,
-                  log_path: str) -> GuardedQemu:
+                  log_path: str, pass_fds: Sequence[int]) -> GuardedQemu:
     """Start `argv` (running `program` if given, else argv[0] through PATH) under the guard
     and wait for its QMP socket."""
     log.debug("relaunch: %s (program %s)", argv, program)
-    proc = GuardedQemu(argv, program, log_path)
+    proc = GuardedQemu(argv, program, log_path, pass_fds)
     deadline = time.monotonic() + START_TIMEOUT
     while not _listening(qmp_path):  # the file appears at bind(), before listen()
         if proc.poll() is not None:
@@ -114,12 +114,13 @@ def launch_argv(path: str, command: Sequence[str] | None,
 
 async def launch_target(path: str, argv: list[str], given: bool, trust: Trust,
                         trust_command_line: bool, workdir: str,
-                        launch_argv: list[str] | None = None,
+                        launch_argv: list[str] | None = None, pass_fds: Sequence[int] = (),
                         ) -> tuple[GuardedQemu, RelaunchLock | None, str]:
     """Start a QEMU waiting for an incoming stream on a QMP socket in `workdir`: the
     command line stored in the snapshot at `path` (`given` False: approved, one relaunch at
     a time) or one the user gave, never beside a running original. `launch_argv`: what to
-    actually start, if `argv` is rewritten. Returns (QEMU, lock or None, QMP path)."""
+    actually start, if `argv` is rewritten; `pass_fds`: descriptors it inherits. Returns
+    (QEMU, lock or None, QMP path)."""
     program = None if given else approve(argv, trust, trust_command_line, path)
     lock = None if given else RelaunchLock(targets.lock_path(path))
     try:
@@ -127,7 +128,7 @@ async def launch_target(path: str, argv: list[str], given: bool, trust: Trust,
         qmp_address = os.path.join(workdir, "qmp.sock")
         fresh_backing_files(argv)
         proc = await _launch(relaunch_argv(launch_argv or argv, qmp_address), program,
-                             qmp_address, os.path.join(workdir, "qemu.log"))
+                             qmp_address, os.path.join(workdir, "qemu.log"), pass_fds)
     except BaseException:
         if lock is not None:
             lock.release()

@@ -51,10 +51,14 @@ def digest(path: Path) -> str:
     return h.hexdigest()
 
 
+#: the saves below use multifd, whose faults differ from one stream's (the default from 7.2)
+MULTIFD = ("--channels", "2")
+
+
 def start_save(workdir: Path, vm: Vm, path: Path, *extra) -> subprocess.Popen:
     """Start a save and return once its progress shows bytes moving."""
-    proc = subprocess.Popen(vmsnap_argv("save", "--json", "--force", "--channels", 2,
-                                        "--qmp", vm.tool_qmp_path, path, *extra),
+    proc = subprocess.Popen(vmsnap_argv("save", "--json", "--force", "--qmp", vm.tool_qmp_path,
+                                        path, *extra),
                             env=env(workdir), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     for line in proc.stdout:
@@ -104,7 +108,7 @@ def test_qemu_killed_mid_save(big, workdir):
     guest, vm = big
     snap = workdir / "vm.snap"
     before = good_save(workdir, vm, snap)
-    proc = start_save(workdir, vm, snap)
+    proc = start_save(workdir, vm, snap, *MULTIFD)
     vm.kill()
     message = failed(proc)
     assert "QEMU" in message, message
@@ -118,7 +122,7 @@ def test_vmsnap_interrupted(big, workdir, sig, live):
     guest, vm = big
     snap = workdir / "vm.snap"
     before = good_save(workdir, vm, snap)
-    proc = start_save(workdir, vm, snap, *(["--live"] if live else []))
+    proc = start_save(workdir, vm, snap, *MULTIFD, *(["--live"] if live else []))
     signal_twice(proc, sig)  # a second signal must not cut the cleanup short
     assert "interrupted" in failed(proc)
     assert_file_side(snap, before)
@@ -134,7 +138,7 @@ def test_migration_cancelled_by_qemu(big, workdir, was_running):
     before = good_save(workdir, vm, snap)
     if not was_running:
         vm.stop()
-    proc = start_save(workdir, vm, snap)
+    proc = start_save(workdir, vm, snap, *MULTIFD)
     vm.cmd("migrate_cancel")
     assert "cancelled" in failed(proc)
     assert_file_side(snap, before)
@@ -150,7 +154,7 @@ def test_migration_cancelled_by_qemu(big, workdir, was_running):
 def test_two_saves_to_one_file(big, workdir):
     guest, vm = big
     snap = workdir / "vm.snap"
-    first = start_save(workdir, vm, snap, "--resume")
+    first = start_save(workdir, vm, snap, *MULTIFD, "--resume")
     second = run_vmsnap(workdir, "save", "--force", "--qmp", vm.tool_qmp_path, snap,
                         timeout=30)
     assert "being saved by another process" in failed(second)
@@ -196,7 +200,7 @@ def test_disk_full(workdir, small_fs):
     guest = BootGuest(memory_mb=256)
     with Vm(guest.config("7.2", workdir), workdir, "src") as vm:
         guest.boot(vm)
-        message = failed(run_vmsnap(workdir, "save", "--force", "--channels", 2,
+        message = failed(run_vmsnap(workdir, "save", "--force", *MULTIFD,
                                     "--qmp", vm.tool_qmp_path, snap))
         assert "No space left" in message, message
         assert_file_side(snap, before)

@@ -107,7 +107,7 @@ def test_live_save_of_a_guest_rewriting_all_ram_converges(workdir):
     bound = 4 * paused["seconds"] + 10  # measured 3.1-3.4x on a host with load 10-16
     assert live["seconds"] <= bound, f"live {live} paused {paused}"
     assert live["downtime_limit_ms"] > converge.DEFAULT_DOWNTIME_MS, live  # vmsnap finished it
-    assert live["dirty_sync_count"] >= 2 and live["downtime_ms"] > 0
+    assert live["dirty_sync_count"] >= 2 and live["downtime_ms"] >= 0, live
     assert live["rounds"] == live["dirty_sync_count"] - 2 and paused["rounds"] == 1
     assert live["dirty_mb_s"] > 100, live  # measured: 640 MB/s
     with Vm(config, workdir, "dst", incoming="defer") as dst:

@@ -330,6 +330,20 @@ def test_lazy_mmap_corrupt_page(workdir):
         assert qemu_pids_using(workdir) == []
 
 
+def test_lazy_mmap_refuses_a_command_line_with_its_own_memory_backend(workdir):
+    """--lazy=mmap maps plain -m memory only: a command line choosing its own backend is
+    refused in one line before any QEMU starts (pick_engine's check_mappable)."""
+    guest = BootGuest(memory_mb=256)
+    snap, argv = saved(guest, "10", workdir)
+    own = [*argv, "-object", "memory-backend-ram,id=mine,size=256M",
+           "-machine", "memory-backend=mine"]
+    result = run_vmsnap(workdir, "restore", "--lazy=mmap", snap, "--", *own)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().count("\n") == 0
+    assert "its own memory backend" in result.stderr and "--lazy=postcopy" in result.stderr
+    assert qemu_pids_using(workdir) == []
+
+
 @pytest.mark.qemu
 @pytest.mark.parametrize("channels", ["0", "2"], ids=["one-stream", "multifd"])
 def test_live_save_records_hot_pages(channels, workdir):

@@ -102,6 +102,7 @@ def pick_engine(engine: str, snap: Snapshot, argv: Sequence[str] | None) -> str:
             raise VmsnapError(f"--lazy=mmap needs QEMU >= 8.2 (memory-backend-file offset=); "
                               f"this snapshot is from QEMU {version or 'unknown'}: "
                               "use --lazy=postcopy")
+        check_mappable(argv, snap)
         return "mmap"
     if engine == "auto" and argv is not None and where is None and supports_mmap(version):
         try:

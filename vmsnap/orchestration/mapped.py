@@ -48,8 +48,8 @@ def check_mappable(argv: Sequence[str], snap: Snapshot) -> None:
 def mapped_argv(argv: Sequence[str], snap: Snapshot, fd: int) -> list[str]:
     """`argv` with `-m` memory backed by the snapshot's `pc.ram` page area (MAP_PRIVATE),
     mapped from `fd`, a descriptor on the very file vmsnap opened and checked that QEMU
-    inherits: through /proc/self/fd QEMU opens that inode, whatever the path names by now."""
-    check_mappable(argv, snap)
+    inherits: through /proc/self/fd QEMU opens that inode, whatever the path names by now.
+    `argv` and `snap` passed check_mappable (pick_engine)."""
     block = snap.block(MAPPED_BLOCK)
     backend = (f"memory-backend-file,id={MAPPED_BLOCK},size={block.used_length},"
                f"mem-path=/proc/self/fd/{fd},offset={block.pages_offset},share=off")

@@ -167,8 +167,8 @@ async def save(qmp_address: str, path: str | os.PathLike[str], *, live: bool = F
                channels: int | None = None, seal: str = "now") -> SaveResult:
     """Save the VM behind `qmp_address` to `path`, paused, `live` or in the `background`.
     `after`: an After (or its value); None: PAUSE, except a background save keeps the VM's
-    run state. `channels`: multifd channels (0: one plain stream; None:
-    save_channels); a background save is always one stream). `seal`: when QEMU wrote
+    run state. `channels`: multifd channels (0: one plain stream; None: save_channels);
+    a background save is always one stream. `seal`: when QEMU wrote
     the pages itself (QEMU >= 9.1, paused, channels), when their checksums are added to the
     committed file: "now" (before returning), "background" or "later" (native.seal_after)."""
     mode, channels, writer = prepare(path, live, background, after, force, direct,

@@ -156,12 +156,11 @@ class Sink:
     def _completion(self, ticket: int, off: int) -> Callable[[Any], None]:
         def done(comp: Any) -> None:  # rbd.Completion
             rc = comp.get_return_value()
-            with self._cond:
-                self._forget(ticket)
+            with self._cond:  # the error is set before _forget wakes the waiters
                 if rc < 0 and self._error is None:
                     self._error = TargetError(
                         f"{self.name}: write at {off:#x} failed: {os.strerror(-rc)}", -rc)
-                self._cond.notify_all()
+                self._forget(ticket)
         return done
 
     def _call(self, what: str, fn: Callable[..., Any], *args: object) -> Any:  # librbd

@@ -291,9 +291,11 @@ class SnapshotWriter:
         self._check_error()
         return self._pool.acquire()
 
-    def write_buffer(self, block: str, offsets: npt.ArrayLike, buf: AlignedBuffer) -> None:
+    def write_buffer(self, block: str, offsets: npt.ArrayLike, buf: AlignedBuffer,
+                     sums: np.ndarray | None = None) -> None:
         """`write_pages` of the first len(offsets) pages of `buf` (from `page_buffer`),
-        without a copy: the I/O thread writes them and returns `buf` to the pool."""
+        without a copy: the I/O thread writes them and returns `buf` to the pool. `sums`:
+        the pages' xxh3 if the caller has already computed them from `buf`."""
         assert self._pool is not None
         try:
             st = self._state(block)
@@ -301,22 +303,25 @@ class SnapshotWriter:
             self._note(st, pages)
             if len(pages) * self.page_size > buf.size:
                 raise ValueError(f"{len(pages)} pages do not fit the buffer")
+            if sums is not None and len(sums) != len(pages):
+                raise ValueError(f"{len(sums)} checksums for {len(pages)} pages")
         except BaseException:
             self._pool.release(buf)
             raise
         if not len(pages):
             self._pool.release(buf)
             return
-        self._put(st, pages, buf.view[:len(pages) * self.page_size], buf)
+        self._put(st, pages, buf.view[:len(pages) * self.page_size], buf, sums)
 
     def _put(self, st: _BlockState, chunk: np.ndarray, src: memoryview,
-             buf: AlignedBuffer | None) -> None:
-        """Checksum pages `chunk` of `src` and write them: now if `buf` is None (the
-        caller's memory, which it may reuse), else by the I/O thread (`buf` goes back to the
-        pool after), overlapping the caller's next pages."""
+             buf: AlignedBuffer | None, sums: np.ndarray | None = None) -> None:
+        """Checksum pages `chunk` of `src` (unless `sums` has them) and write them: now if
+        `buf` is None (the caller's memory, which it may reuse), else by the I/O thread
+        (`buf` goes back to the pool after), overlapping the caller's next pages."""
         assert self._jobs is not None and self._pool is not None
         ps = self.page_size
-        sums = page_checksums(src, ps)
+        if sums is None:
+            sums = page_checksums(src, ps)
         ios = [
             (st.layout.pages_offset + int(chunk[first]) * ps,
              src[first * ps:(first + count) * ps])

@@ -1,9 +1,10 @@
 """Read runs of fixed-size records (an 8-byte header, then a page) straight into place.
 
 Headers land in one small array, pages in the page slots of an aligned buffer, with one
-`readv` per batch: the pages are never copied again before their O_DIRECT write. What the
-headers mean is the caller's business (`check`); reading stops at the first one it
-rejects, and the bytes read past the accepted records are handed back.
+`readv` per batch: the pages are never copied again before their O_DIRECT write. Each
+batch's pages are checksummed right after the `readv`, while they are still in the CPU's
+cache. What the headers mean is the caller's business (`check`); reading stops at the
+first one it rejects, and the bytes read past the accepted records are handed back.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import time
 from collections.abc import Callable
 
 import numpy as np
+import xxhash
 
 from .aligned import AlignedBuffer
 from .sockets import BATCH, BatchedReader
@@ -34,11 +36,13 @@ class PageRecordReader:
         self.page_size = page_size
         self.slots = slots
         self.headers = np.zeros(slots, dtype=">u8")
+        #: xxh3_64 of the pages of the records `read` accepted, in the same order
+        self.sums = np.zeros(slots, dtype=np.uint64)
         hv = memoryview(self.headers).cast("B")
         self._hviews = [hv[i * HEADER:(i + 1) * HEADER] for i in range(slots)]
-        #: per pool buffer: [header 0, page 0, header 1, page 1, ...] (the buffer is a key
-        #: so that its id is never reused while its views are cached)
-        self._iovs: dict[AlignedBuffer, list[memoryview]] = {}
+        #: per pool buffer: [header 0, page 0, header 1, page 1, ...] and [page 0, page 1,
+        #: ...] (the buffer is a key so that its id is never reused while its views are cached)
+        self._iovs: dict[AlignedBuffer, tuple[list[memoryview], list[memoryview]]] = {}
 
     @classmethod
     def of(cls, source: object, page_size: int, slots: int) -> PageRecordReader | None:
@@ -54,20 +58,22 @@ class PageRecordReader:
             return cls(source.fileno(), page_size, slots)
         return None
 
-    def _views(self, buf: AlignedBuffer) -> list[memoryview]:
-        views = self._iovs.get(buf)
-        if views is None:
+    def _views(self, buf: AlignedBuffer) -> tuple[list[memoryview], list[memoryview]]:
+        """The iovecs of `buf`'s records and its page views."""
+        got = self._iovs.get(buf)
+        if got is None:
             ps = self.page_size
-            views = []
-            for i in range(self.slots):
-                views += (self._hviews[i], buf.view[i * ps:(i + 1) * ps])
-            self._iovs[buf] = views
-        return views
+            pages = [buf.view[i * ps:(i + 1) * ps] for i in range(self.slots)]
+            views: list[memoryview] = []
+            for hv, page in zip(self._hviews, pages, strict=True):
+                views += (hv, page)
+            got = self._iovs[buf] = (views, pages)
+        return got
 
     def close(self) -> None:
         """Drop the cached views (the pool may unmap its buffers)."""
-        for views in self._iovs.values():
-            for v in views[1::2]:
+        for _, pages in self._iovs.values():
+            for v in pages:
                 v.release()
         self._iovs.clear()
 
@@ -76,15 +82,17 @@ class PageRecordReader:
         """Fill `buf` with up to `slots` records whose first `prefix` bytes were read
         elsewhere. `check(headers)` says how many of the new complete headers, from the
         first, to accept. Returns (records accepted and complete, bytes read after them);
-        fewer than `slots` at a rejected header or at end of input."""
+        fewer than `slots` at a rejected header or at end of input. `sums` holds the
+        accepted records' page checksums."""
         stride = HEADER + self.page_size
-        views = self._views(buf)
+        views, pages = self._views(buf)
         end = self.slots * stride
         pos = len(prefix)
         if pos >= stride:
             raise ValueError("prefix longer than one record")
         self._place(buf, prefix)
         good = 0  # headers accepted
+        summed = 0  # pages checksummed
         while pos < end:
             i, r = divmod(pos, stride)
             j = 2 * i + (r >= HEADER)
@@ -98,10 +106,19 @@ class PageRecordReader:
                 good += check(self.headers[good:done])
                 if good < done:
                     break
+            summed = self._sum(pages, summed, min(good, pos // stride))
             if n < BATCH and pos < end and self.wait >= 1e-4:
                 time.sleep(self.wait)  # let more come: fewer, longer reads
         full = min(good, pos // stride)
+        self._sum(pages, summed, full)
         return full, self._gather(buf, full * stride, pos)
+
+    def _sum(self, pages: list[memoryview], start: int, stop: int) -> int:
+        """Checksum pages [start, stop) into `sums`; returns `stop`."""
+        if stop > start:
+            self.sums[start:stop] = np.fromiter(map(xxhash.xxh3_64_intdigest, pages[start:stop]),
+                                                dtype=np.uint64, count=stop - start)
+        return max(start, stop)
 
     def _place(self, buf: AlignedBuffer, data: bytes) -> None:
         """Copy `data` (a record's first bytes) to where record 0 would have put it."""

@@ -90,7 +90,7 @@ class StreamReceiver:
             self.writer.write_buffer(blk.name, (), buf)
             raise
         offsets = reader.headers[:count] & np.uint64(~(ps - 1) & 0xFFFFFFFFFFFFFFFF)
-        self.writer.write_buffer(blk.name, offsets, buf)
+        self.writer.write_buffer(blk.name, offsets, buf, reader.sums[:count])
         self.pages += count
         self.streamed.add(blk.name)
         self.decoder.resume(count * (ps + 8), rest)

@@ -19,7 +19,7 @@ import pytest
 from test_save_restore import events, ok, qemu_pids_using, run_vmsnap
 
 import vmsnap
-from testbed.craft import flip_page_bit
+from testbed.craft import flip_bit, flip_page_bit
 from testbed.guests import BootGuest, LinuxGuest
 from testbed.qemu import Vm
 from vmsnap.fileformat.hot import hot_path, load_hot
@@ -123,6 +123,25 @@ def test_lazy_restore_refuses_corrupt_page(workdir):
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
         assert "pc.ram" in lines[0] and f"{offset:#x}" in lines[0], lines[0]
+
+
+@pytest.mark.qemu
+def test_lazy_restore_refuses_a_damaged_checksum_table(workdir):
+    """The checksum tables load in the background (an open costs the same whatever the RAM
+    size), yet a file whose table is damaged is refused before the guest can run: a stored
+    command line before any QEMU starts (its signature covers the tables), a given one
+    before anything is sent (the body's checksum vouches for the device state's)."""
+    guest = BootGuest(memory_mb=256)
+    snap, argv = saved(guest, "7.2", workdir)
+    with vmsnap.open(snap) as s:
+        commit = s.trailer.commit
+    flip_bit(snap, commit.body_offset + commit.body_length - 8)  # the last page's entry
+    for how in (["--lazy"], ["--lazy=postcopy", "--", *argv]):
+        result = run_vmsnap(workdir, "restore", snap, *how)
+        assert result.returncode == 1 and "Traceback" not in result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and "body checksum mismatch" in lines[0], lines
+        assert qemu_pids_using(workdir) == [], "a QEMU vmsnap launched still runs"
 
 
 #: Notes which modules are loaded when a lazy restore sends its first byte, then runs the

@@ -303,3 +303,29 @@ def test_aligned_set_joins_runs_and_keeps_last_copy(tmp_path, monkeypatch):
         s.verify()
         got = np.frombuffer(s.read_pages("pc.ram", 0, 47), np.uint8)[::PS]
         assert got.tolist() == [*range(15), *range(16, 31), *range(100, 116), 0]
+
+
+def test_damaged_checksum_table_refused_where_it_is_needed(tmp_path):
+    """The checksum tables (8 bytes a page) load in a thread, so an open costs the same
+    whatever the RAM size: a file whose table is damaged still opens, but every use that
+    needs the tables refuses it in one line: a page's check, the stream ranges (the body
+    checksum vouches for them), verify, the signature (a stored command line never runs)."""
+    key = os.urandom(32)
+    path = str(tmp_path / "t.vms")
+    w = SnapshotWriter(path, meta(), signing_key=key)
+    w.begin(streambytes.prefix("pc-q35-10.0", BLOCKS), BLOCKS)
+    data = np.random.default_rng(3).integers(0, 256, 8 * PS, dtype=np.uint8).tobytes()
+    w.write_pages("pc.ram", np.arange(8, dtype=np.uint64) * PS, data)
+    w.finish(streambytes.tail())
+    with open_snapshot(path) as s:
+        assert s.trailer.signature.valid(key)
+        commit = s.trailer.commit
+    flip(path, commit.body_offset + commit.body_length - 8 * 8)  # pc.ram's first entry
+    with open_snapshot(path) as s:
+        b = s.block("pc.ram")
+        uses = [s.verify, s.check_stream_ranges, lambda: s.trailer.signature.valid(key),
+                lambda: s.check_pages(b, 0, 8, memoryview(data), 0)]
+        for use in uses:
+            with pytest.raises(CorruptTrailer, match="body checksum mismatch") as ei:
+                use()
+            assert "\n" not in str(ei.value)

@@ -7,6 +7,7 @@ import os
 from collections.abc import Callable, Container, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 import xxhash
@@ -70,7 +71,7 @@ class BlockInfo:
     def npages(self) -> int:
         return self.used_length // self.header.page_size
 
-    @property
+    @cached_property
     def present_count(self) -> int:
         return int(self.present.sum())
 
@@ -201,7 +202,10 @@ class Snapshot:
         return self._file.pread_meta(offset, length)
 
     def check_stream_ranges(self) -> None:
-        """Check every non-page byte range (header, bitmaps, device state) against the trailer."""
+        """Check every non-page byte range (header, bitmaps, device state) against the trailer
+        (once the trailer itself checked out: see Tables)."""
+        if self.trailer is not None:
+            self.trailer.check()
         for r in self.trailer.ranges if self.trailer else ():
             digest = xxhash.xxh3_64()
             for pos in range(r.start, r.start + r.length, RANGE_CHUNK):
@@ -274,6 +278,8 @@ class Snapshot:
         return self._file.reopen(flags)
 
     def close(self) -> None:
+        if self.trailer is not None:
+            self.trailer.tables.wait()  # it reads the file
         self._file.close()
 
     def __enter__(self) -> Snapshot:
@@ -348,18 +354,30 @@ def _open(path: str, f: PageSource, allow_incomplete: bool) -> Snapshot:
                                 hdr, unpack_bitmap(bm, npages)))
     trailer = None
     if commit is not None:
-        trailer = read_body(pread, commit, sum(b.present_count for b in blocks))
-        names = [b.name for b in blocks]
-        if [b.name for b in trailer.blocks] != names:
-            raise SnapshotError("trailer block list does not match the stream's RAM blocks")
-        for b in blocks if trailer.sealed else ():
-            if trailer.block(b.name).pages != b.present_count:
-                raise SnapshotError(
-                    f"trailer checksum table of {b.name!r} has {trailer.block(b.name).pages} "
-                    f"entries for {b.present_count} present pages")
-    header_bytes = pread(0, prefix.first_block_offset)
+        trailer = read_body(pread, commit, sum(b.present_count for b in blocks),
+                            tables_later=True)  # in a thread: see Tables
+    try:
+        if trailer is not None:
+            _check_tables(trailer, blocks)
+        header_bytes = pread(0, prefix.first_block_offset)
+    except BaseException:
+        if trailer is not None:
+            trailer.tables.wait()  # it reads the file, which the caller closes
+        raise
     return Snapshot(path, f, size, prefix, header_bytes, blocks, prefix.tail_offset, tail,
                     trailer)
+
+
+def _check_tables(trailer: Trailer, blocks: list[BlockInfo]) -> None:
+    """The trailer's checksum tables must be those of the stream's blocks, one entry per
+    present page."""
+    if list(trailer.pages) != [b.name for b in blocks]:
+        raise SnapshotError("trailer block list does not match the stream's RAM blocks")
+    for b in blocks if trailer.sealed else ():
+        if trailer.pages[b.name] != b.present_count:
+            raise SnapshotError(
+                f"trailer checksum table of {b.name!r} has {trailer.pages[b.name]} "
+                f"entries for {b.present_count} present pages")
 
 
 def _as_sealed(path: str, pread: journal.Pread, size: int) -> tuple[journal.Pread, int]:

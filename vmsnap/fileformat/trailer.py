@@ -45,9 +45,11 @@ import hashlib
 import hmac
 import json
 import struct
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import cached_property
 from typing import Any, TypeVar
 
 import numpy as np
@@ -151,10 +153,11 @@ class Signature:
     key_id: str
     mac: str
     metadata_json: bytes = field(repr=False)
-    tables: memoryview = field(repr=False)
+    tables: Tables = field(repr=False)
 
     def valid(self, key: bytes) -> bool:
-        return hmac.compare_digest(_mac(key, self.metadata_json, self.tables), self.mac)
+        """Whether `key` made this signature (waits for the checksum tables it covers)."""
+        return hmac.compare_digest(_mac(key, self.metadata_json, self.tables.data()), self.mac)
 
 
 @dataclass(frozen=True)
@@ -174,15 +177,71 @@ class BlockChecksums:
         return len(self.table)
 
 
+class Tables:
+    """The checksum tables of a trailer body: 8 bytes per present page, the part of the body
+    that grows with RAM, which `load` reads and checks (the body's xxh3 covers them).
+
+    Opened from a file, they load in a thread started at once, so that opening a file
+    costs the same whatever its RAM size; whoever needs them (a page's check, the
+    signature, the stream ranges, which the body's check vouches for) waits in `data()`,
+    which raises what loading raised."""
+
+    def __init__(self, load: Callable[[], bytes], background: bool = True) -> None:
+        self._data = b""
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        if background:
+            self._thread = threading.Thread(target=self._load, args=(load,),
+                                            name="vmsnap-tables", daemon=True)
+            self._thread.start()
+        else:
+            self._load(load)
+
+    def _load(self, load: Callable[[], bytes]) -> None:
+        try:
+            self._data = load()
+        except BaseException as err:  # noqa: BLE001 - handed to whoever asks, in data()
+            self._error = err
+
+    def wait(self) -> None:
+        """Until the tables are loaded (or failed to be)."""
+        if self._thread is not None:
+            self._thread.join()
+
+    def data(self) -> bytes:
+        """The tables' bytes, once loaded and checked."""
+        self.wait()
+        if self._error is not None:
+            raise self._error
+        return self._data
+
+
 @dataclass
 class Trailer:
     metadata: TrailerMetadata
-    blocks: list[BlockChecksums]
+    #: present pages (checksum table entries) of each block, in the body's order
+    pages: dict[str, int]
     ranges: list[RangeChecksum]
     commit: CommitRecord
+    tables: Tables = field(repr=False)
     signature: Signature | None = None
     #: False: committed before its page checksums exist (tables empty; `vmsnap seal`)
     sealed: bool = True
+
+    def check(self) -> None:
+        """Raise CorruptTrailer if the body (its checksum tables included) is corrupt."""
+        self.tables.data()
+
+    @cached_property
+    def blocks(self) -> list[BlockChecksums]:
+        """Each block's checksum table (waits for the tables to be read and checked)."""
+        data = self.tables.data()
+        out, pos = [], 0
+        for name, pages in self.pages.items():
+            out.append(BlockChecksums(name, np.frombuffer(data, dtype="<u8", count=pages,
+                                                          offset=pos)))
+            pos += pages * 8
+        return out
 
     def block(self, name: str) -> BlockChecksums:
         for b in self.blocks:
@@ -286,43 +345,65 @@ def _req(d: JsonObject, key: str, kind: type[T], what: str = "") -> T:
 
 
 def decode_body(body: bytes, commit: CommitRecord) -> Trailer:
-    """Validate and decode the trailer body located by `commit`."""
-    md, tables_at = _body_json(body, commit)
-    signature = _signature(md, memoryview(body)[tables_at:])
+    """Validate and decode the trailer body located by `commit` (all of it, at once)."""
+    _check_body(body, b"", commit)
+    tables_at = _tables_offset(body, commit)
+    return _decode(body[:tables_at], commit, Tables(lambda: body[tables_at:], False))
+
+
+def _check_body(head: bytes, rest: bytes, commit: CommitRecord) -> None:
+    """Check the length and xxh3 of a body read as `head` + `rest`."""
+    if len(head) + len(rest) != commit.body_length:
+        raise CorruptTrailer("corrupt trailer: body truncated")
+    digest = xxhash.xxh3_64(head)
+    digest.update(rest)
+    if digest.intdigest() != commit.body_xxh3:
+        raise CorruptTrailer("corrupt trailer: body checksum mismatch")
+
+
+def _decode(head: bytes, commit: CommitRecord, tables: Tables) -> Trailer:
+    """The trailer whose body starts with `head` (magic, version, metadata JSON, padding);
+    its checksum tables follow in `tables`."""
+    md = _json(head)
+    signature = _signature(md, tables)
     meta, sealed = _metadata(md, commit)
-    blocks = _tables(md, body, tables_at)
+    pages = _table_sizes(md, commit.body_length - len(head))
     ranges = _ranges(md, commit.stream_end)
-    if not sealed and any(b.pages for b in blocks):
+    if not sealed and any(pages.values()):
         raise CorruptTrailer("corrupt trailer: checksum tables in a file whose page "
                              "checksums are pending")
-    return Trailer(meta, blocks, ranges, commit, signature, sealed=sealed)
+    return Trailer(meta, pages, ranges, commit, tables, signature, sealed=sealed)
 
 
-def _body_json(body: bytes, commit: CommitRecord) -> tuple[JsonObject, int]:
-    """Check the body (length, checksum, magic, version) and parse its metadata JSON
-    object; returns it and the offset of the checksum tables."""
-    if len(body) != commit.body_length:
-        raise CorruptTrailer("corrupt trailer: body truncated")
-    if xxh3(body) != commit.body_xxh3:
-        raise CorruptTrailer("corrupt trailer: body checksum mismatch")
-    magic, version, jlen = _BODY_HEAD.unpack_from(body)
+def _tables_offset(start: bytes, commit: CommitRecord) -> int:
+    """Check the fixed start of a body (magic, version, metadata length) and return where
+    its checksum tables begin (after the metadata JSON and its padding)."""
+    magic, version, jlen = _BODY_HEAD.unpack_from(start)
     if magic != BODY_MAGIC:
         raise CorruptTrailer("corrupt trailer: bad body magic")
     if version != FORMAT_VERSION:
         raise UnsupportedVersion(f"unsupported vmsnap trailer body version {version}")
-    jend = _BODY_HEAD.size + jlen
     if jlen > MAX_METADATA:
         raise CorruptTrailer(f"corrupt trailer: metadata of {jlen} bytes exceeds "
                              f"{MAX_METADATA}")
-    if jend > len(body):
+    jend: int = _BODY_HEAD.size + jlen
+    if jend > commit.body_length:
         raise CorruptTrailer("corrupt trailer: metadata length beyond body")
+    if jend + (-jend % 8) > commit.body_length:
+        raise CorruptTrailer("corrupt trailer: body length does not match its tables")
+    return jend + (-jend % 8)
+
+
+def _json(head: bytes) -> JsonObject:
+    """The metadata JSON object of a body head (checked by _tables_offset)."""
+    (jlen,) = struct.unpack_from("<I", head, 12)
     try:
-        md = json.loads(body[_BODY_HEAD.size:jend].decode())
+        md = json.loads(head[_BODY_HEAD.size:_BODY_HEAD.size + jlen].decode())
     except (ValueError, RecursionError):
         raise CorruptTrailer("corrupt trailer: metadata is not valid JSON") from None
     if not isinstance(md, dict):
         raise CorruptTrailer("corrupt trailer: metadata is not a JSON object")
-    return md, jend + (-jend % 8)
+    return md
 
 
 def _metadata(md: JsonObject, commit: CommitRecord) -> tuple[TrailerMetadata, bool]:
@@ -356,27 +437,23 @@ def _metadata(md: JsonObject, commit: CommitRecord) -> tuple[TrailerMetadata, bo
     return meta, pending is None
 
 
-def _tables(md: JsonObject, body: bytes, pos: int) -> list[BlockChecksums]:
-    """The "blocks" entries with their checksum tables, which fill the body from `pos`."""
-    blocks = []
-    names = set()
+def _table_sizes(md: JsonObject, length: int) -> dict[str, int]:
+    """The "blocks" entries: each block's checksum table size in pages; the tables fill the
+    `length` bytes after the metadata."""
+    pages: dict[str, int] = {}
     for i, bd in enumerate(_req(md, "blocks", list)):
         if not isinstance(bd, dict):
             raise CorruptTrailer("corrupt trailer: block entry is not an object")
         name = _req(bd, "name", str, f"blocks[{i}].")
-        pages = _req(bd, "pages", int, f"blocks[{i}].")
-        if name in names or pages < 0:
+        count = _req(bd, "pages", int, f"blocks[{i}].")
+        if name in pages or count < 0:
             raise CorruptTrailer(f"corrupt trailer: bad block entry {name!r}")
-        names.add(name)
-        end = pos + pages * 8
-        if end > len(body):
+        pages[name] = count
+        if 8 * sum(pages.values()) > length:
             raise CorruptTrailer(f"corrupt trailer: checksum table of {name!r} beyond body")
-        table = np.frombuffer(body, dtype="<u8", count=pages, offset=pos).astype(np.uint64)
-        blocks.append(BlockChecksums(name, table))
-        pos = end
-    if pos != len(body):
+    if 8 * sum(pages.values()) != length:
         raise CorruptTrailer("corrupt trailer: body length does not match its tables")
-    return blocks
+    return pages
 
 
 def _ranges(md: JsonObject, stream_end: int) -> list[RangeChecksum]:
@@ -400,7 +477,7 @@ def _ranges(md: JsonObject, stream_end: int) -> list[RangeChecksum]:
     return ranges
 
 
-def _signature(md: JsonObject, tables: memoryview) -> Signature | None:
+def _signature(md: JsonObject, tables: Tables) -> Signature | None:
     """Take the signature out of the parsed metadata `md`; None if it has none."""
     sig = md.pop("signature", None)
     if sig is None:
@@ -427,16 +504,28 @@ def read_commit(pread: Callable[[int, int], bytes], file_size: int) -> CommitRec
 
 
 def read_body(pread: Callable[[int, int], bytes], commit: CommitRecord,
-              present_pages: int | None = None) -> Trailer:
+              present_pages: int | None = None, *, tables_later: bool = False) -> Trailer:
     """Read and decode the body `commit` locates; with `present_pages` (known from the
     bitmaps), a body longer than their checksum tables and the metadata can need is refused
-    before it is read."""
+    before it is read. `tables_later`: read only the metadata now, and the checksum tables
+    (with the check of the body they complete) in a thread, see Tables."""
     if present_pages is not None and commit.body_length > _BODY_HEAD.size + MAX_METADATA + 8 \
             + 8 * present_pages:
         raise CorruptTrailer(f"corrupt trailer: body of {commit.body_length} bytes is larger "
                              f"than the metadata and checksums of {present_pages} present "
                              "pages can need")
-    return decode_body(pread(commit.body_offset, commit.body_length), commit)
+    if not tables_later:
+        return decode_body(pread(commit.body_offset, commit.body_length), commit)
+    start = pread(commit.body_offset, _BODY_HEAD.size)
+    tables_at = _tables_offset(start, commit)
+    head = start + pread(commit.body_offset + len(start), tables_at - len(start))
+
+    def load() -> bytes:
+        rest = pread(commit.body_offset + tables_at, commit.body_length - tables_at)
+        _check_body(head, rest, commit)
+        return rest
+
+    return _decode(head, commit, Tables(load))
 
 
 def read_trailer(pread: Callable[[int, int], bytes], file_size: int) -> Trailer:

@@ -41,7 +41,6 @@ from .. import targets
 from ..errors import VmsnapError, one_line
 from ..fileformat.hot import load_hot, save_hot
 from ..fileformat.reader import Snapshot
-from ..hostkey import trust_of
 from ..ops.postcopy_send import PostcopySource, PostcopyStats
 from ..ops.send import SendStats, send
 from ..progress import Reporter
@@ -307,12 +306,12 @@ async def _launch(job: _Job, path: str, argv: list[str], given: bool,
                   ) -> tuple[GuardedQemu, RelaunchLock | None, str]:
     """Launch the target QEMU; the mmap engine's maps the very file vmsnap opened and
     checked (a descriptor it inherits), never what the path names when QEMU starts."""
-    trust = trust_of(job.snap.trailer)
+    trailer = job.snap.trailer
     if job.engine != "mmap":
-        return await launch_target(path, argv, given, trust, trust_command_line, workdir)
+        return await launch_target(path, argv, given, trailer, trust_command_line, workdir)
     fd = job.snap.reopen(os.O_RDONLY)
     try:
-        return await launch_target(path, argv, given, trust, trust_command_line, workdir,
+        return await launch_target(path, argv, given, trailer, trust_command_line, workdir,
                                    mapped_argv(argv, job.snap, fd), pass_fds=(fd,))
     finally:
         os.close(fd)  # QEMU holds its own

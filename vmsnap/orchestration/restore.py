@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from ..errors import VmsnapError, one_line
 from ..fileformat.reader import Snapshot
 from ..fileformat.trailer import TrailerMetadata
-from ..hostkey import Trust, trust_of
 from ..io.sockets import shutdown_all
 from ..ops.multifd_send import Destination, send_multifd
 from ..ops.send import SendStats, send
@@ -110,7 +109,7 @@ async def restore(snap: Snapshot, *, qmp_address: str | None = None,
             if qmp_address is None:
                 held.argv = launch_argv(path, command, facts.meta)
                 held.proc, held.lock, qmp_address = await launch_target(
-                    path, held.argv, bool(command), facts.trust, trust_command_line,
+                    path, held.argv, bool(command), snap.trailer, trust_command_line,
                     held.workdir)
             client, peer = await qmpmod.connect(qmp_address)
             held.client = client
@@ -152,7 +151,6 @@ class _Facts:
     machine: str
     saved_running: bool
     total: int  # bytes of present pages
-    trust: Trust
     sizes: dict[str, int]  # RAM block sizes by name
     pages_pending: bool  # a vmsnap file whose page checksums `vmsnap seal` has yet to add
 
@@ -161,7 +159,7 @@ def _facts(snap: Snapshot) -> _Facts:
     meta = snap.metadata
     return _Facts(meta, snap.machine_type, meta.was_running if meta else True,
                   sum(b.present_count * b.page_size for b in snap.blocks),
-                  trust_of(snap.trailer), {b.name: b.used_length for b in snap.blocks},
+                  {b.name: b.used_length for b in snap.blocks},
                   snap.trailer is not None and not snap.pages_checked)
 
 

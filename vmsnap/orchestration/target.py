@@ -16,8 +16,8 @@ from typing import Protocol
 
 from .. import targets
 from ..errors import VmsnapError
-from ..fileformat.trailer import TrailerMetadata
-from ..hostkey import Trust
+from ..fileformat.trailer import Trailer, TrailerMetadata
+from ..hostkey import trust_of
 from ..ops.multifd_send import Destination, destination
 from . import qmp as qmpmod
 from .qmp import MIGRATING, Monitor, QemuGoneError
@@ -112,16 +112,17 @@ def launch_argv(path: str, command: Sequence[str] | None,
     return argv
 
 
-async def launch_target(path: str, argv: list[str], given: bool, trust: Trust,
+async def launch_target(path: str, argv: list[str], given: bool, trailer: Trailer | None,
                         trust_command_line: bool, workdir: str,
                         launch_argv: list[str] | None = None, pass_fds: Sequence[int] = (),
                         ) -> tuple[GuardedQemu, RelaunchLock | None, str]:
     """Start a QEMU waiting for an incoming stream on a QMP socket in `workdir`: the
-    command line stored in the snapshot at `path` (`given` False: approved, one relaunch at
-    a time) or one the user gave, never beside a running original. `launch_argv`: what to
+    command line stored in the snapshot at `path` (`given` False: approved, after the check
+    of the signature of its `trailer`, one relaunch at a time) or one the user gave, never
+    beside a running original. `launch_argv`: what to
     actually start, if `argv` is rewritten; `pass_fds`: descriptors it inherits. Returns
     (QEMU, lock or None, QMP path)."""
-    program = None if given else approve(argv, trust, trust_command_line, path)
+    program = None if given else approve(argv, trust_of(trailer), trust_command_line, path)
     lock = None if given else RelaunchLock(targets.lock_path(path))
     try:
         check_not_running(argv, path)

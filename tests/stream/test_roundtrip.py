@@ -25,6 +25,7 @@ from vmsnap.stream import (
     SectionStart,
     StreamEnd,
     ZeroPages,
+    decoder,
     encode_events,
 )
 from vmsnap.stream import encoder as E
@@ -141,6 +142,26 @@ def test_zero_fill_exposed():
     evs = decode_all(data)
     z = [e for e in evs if isinstance(e, ZeroPages)]
     assert len(z) == 1 and z[0].fill == 0xAB and list(z[0].offsets) == [0, PS]
+
+
+def test_long_zero_run_in_one_buffer():
+    """A zero run longer than the decoder looks ahead at once (_ZERO_SCAN) comes out as
+    several ZeroPages events that hold every page once, in order; a page record after it
+    still decodes."""
+    n = 2 * decoder._ZERO_SCAN + 5
+    offs = np.arange(n, dtype=np.uint64) * np.uint64(PS)
+    page = np.full(PS, 7, np.uint8)
+    data = (E.header() + E.configuration("pc-q35-7.2")
+            + E.ram_start(1, [RamBlock("pc.ram", (n + 1) * PS)]) + E.eos() + E.footer(1)
+            + E.section_end(1) + E.zero_records("pc.ram", offs, fill=0)
+            + E.page_records("pc.ram", np.array([n * PS], np.uint64), page, continue_=True)
+            + E.eos() + E.footer(1) + b"\x00")
+    evs = decode_all(data)
+    z = [e for e in evs if isinstance(e, ZeroPages)]
+    assert len(z) == 3
+    assert np.array_equal(np.concatenate([e.offsets for e in z]), offs)
+    p = [e for e in evs if isinstance(e, Pages)]
+    assert len(p) == 1 and list(p[0].offsets) == [n * PS] and bytes(p[0].data) == page.tobytes()
 
 
 def test_page_records_layout():

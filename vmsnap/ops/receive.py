@@ -29,6 +29,9 @@ from ..stream.postcopy import rp_shut
 from .shared_ram import Backing, CopyStats, copy_left_out
 
 CHUNK = 8 << 20
+#: Decoder reads while page records may also be read straight into place: short, so that
+#: the page records after a few other ones go the direct way (PageRecordReader) soon.
+CHUNK_BESIDE_DIRECT = 256 << 10
 #: Device state is small (KiB to a few MiB); refuse to buffer absurd amounts.
 MAX_DEVICE_STATE = 1 << 30
 
@@ -211,7 +214,8 @@ def receive(source: Readable, writer: SnapshotWriter, *,
         rx = StreamReceiver(writer, ignore_shared=shared is not None)
         total = 0
         while rx.ended is None:
-            n = (reader is not None and rx.read_pages(reader)) or rx.feed_from(source)
+            n = ((reader is not None and rx.read_pages(reader))
+                 or rx.feed_from(source, CHUNK if reader is None else CHUNK_BESIDE_DIRECT))
             if not n:
                 break
             total += n

@@ -93,6 +93,9 @@ TRANSITIONS: dict[State, frozenset[State]] = {
 }
 
 _PRELUDE_KEEP = 16
+#: ZERO|CONTINUE records one `_zero_run` looks at, at most: a run checks the records ahead
+#: of it, and the buffer may hold megabytes of other records after a short run.
+_ZERO_SCAN = 1 << 14
 
 
 def find_vmdesc(buf: bytes | bytearray, max_len: int = C.MAX_VMDESC_LEN) -> int | None:
@@ -794,7 +797,7 @@ class StreamDecoder:
         buf = self._buf
         stride = 9
         r = q + 1
-        n = (len(buf) - r) // stride
+        n = min((len(buf) - r) // stride, _ZERO_SCAN)
         k = 0
         if n:
             hdr = np.ndarray((n,), dtype=">u8", buffer=buf, offset=r, strides=(stride,))

@@ -19,7 +19,8 @@ import pytest
 from test_save_restore import events, ok, qemu_pids_using, run_vmsnap
 
 import vmsnap
-from testbed.craft import flip_bit, flip_page_bit
+from testbed.cli import one_line
+from testbed.craft import flip_bit, flip_page_bit, reseal
 from testbed.guests import BootGuest, LinuxGuest
 from testbed.qemu import Vm
 from vmsnap.fileformat.hot import hot_path, load_hot
@@ -183,6 +184,64 @@ def test_lazy_restore_loads_only_what_it_needs(workdir):
     early = [m for m in loaded if m.split(".")[0] == "rich"
              or any(m == n or m.startswith(n + ".") for n in NOT_BEFORE_FIRST_BYTE)]
     assert early == [], early
+
+
+#: Notes which modules are loaded when vmsnap starts a QEMU, then runs the `vmsnap` command
+LAUNCH_PROBE = """
+import json, sys
+from vmsnap.orchestration import relaunch
+init = relaunch.GuardedQemu.__init__
+def noted(self, *args, **kwargs):
+    print(json.dumps({"event": "launch", "modules": sorted(sys.modules)}), flush=True)
+    return init(self, *args, **kwargs)
+relaunch.GuardedQemu.__init__ = noted
+from vmsnap.__main__ import main
+sys.argv[0] = "vmsnap"
+sys.exit(main())
+"""
+
+
+def probed(workdir: Path, *args: object) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", LAUNCH_PROBE, *map(str, args)],
+                          env={**os.environ, "TMPDIR": str(workdir)}, capture_output=True,
+                          text=True, timeout=300)
+
+
+def launches(result: subprocess.CompletedProcess) -> list[list[str]]:
+    return [json.loads(line)["modules"] for line in result.stdout.splitlines()
+            if json.loads(line)["event"] == "launch"]
+
+
+@pytest.mark.qemu
+def test_lazy_restore_starts_a_given_qemu_before_loading_the_rest(workdir, request):
+    """`restore --lazy=postcopy FILE -- QEMU_COMMAND` starts QEMU before numpy, QEMU's QMP
+    library or the file reader load (QEMU's start-up overlaps vmsnap's), and the guest's RAM
+    then checks; if the file turns out unusable, that QEMU is ended, its directory removed.
+    A stored command line never starts before its signature is checked: an altered file
+    is refused before any QEMU starts."""
+    guest = BootGuest(memory_mb=256)
+    snap, argv = saved(guest, "7.2", workdir)
+    result = probed(workdir, "restore", "--json", "--lazy=postcopy", snap, "--", *argv)
+    pids = [e["pid"] for e in events(result) if e["event"] == "done"]
+    for pid in pids:
+        request.addfinalizer(lambda pid=pid: _kill(pid))
+    check_done(result)
+    with Vm(guest.config("7.2", workdir), workdir, "src").adopt(pids[0]) as vm:
+        guest.check_restored(vm)
+        vm.cmd("quit")
+    [loaded] = launches(result)
+    assert "vmsnap.orchestration.relaunch" in loaded  # the probe works
+    early = [m for m in loaded if m.split(".")[0] in ("numpy", "qemu")
+             or m == "vmsnap.fileformat.reader"]
+    assert early == [], early
+    missing = probed(workdir, "restore", "--lazy=postcopy", workdir / "none.snap", "--", *argv)
+    assert missing.returncode == 1 and "Traceback" not in missing.stderr
+    assert len(launches(missing)) == 1 and "none.snap" in one_line(missing)
+    assert qemu_pids_using(workdir) == []
+    assert [d for d in os.listdir(workdir) if d.startswith("vmsnap-")] == []
+    reseal(snap, lambda md: md.update(created="2000-01-01T00:00:00Z"))
+    altered = probed(workdir, "restore", "--lazy=postcopy", snap)
+    assert "altered" in one_line(altered) and launches(altered) == []
 
 
 def start_lazy(workdir: Path, snap: Path, qmp: Path) -> subprocess.Popen:

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from .ops.receive import Readable, ReceiveStats
     from .ops.send import SendStats, Sink
     from .orchestration.modes import After
+    from .orchestration.relaunch import Started
     from .orchestration.save import SaveResult
     from .orchestration.target import RestoreResult
     from .progress import Reporter
@@ -130,13 +131,37 @@ def restore(path: str | os.PathLike[str], *, qmp_address: str | None = None,
     vmsnap died, on the target it left in postcopy-paused.
     A file saved from a libvirt domain, with neither `qmp_address` nor `command`, is
     restored through libvirt (restore_domain, default connection; lazily by postcopy)."""
-    from .fileformat.reader import open_snapshot
-    from .targets import normalize
-
     if resume and lazy is None:
         raise VmsnapError("resume finishes a lazy restore: give lazy= too")
     if lazy is not None and verify is False:
         raise VmsnapError("a lazy restore checks every page it sends: no verify=False")
+    launched = None
+    if lazy == "postcopy" and command and qmp_address is None and not resume:
+        # a command line given for the postcopy engine depends on nothing in the file: its
+        # QEMU starts first, and vmsnap loads the rest of itself (numpy, QMP) and reads the
+        # file while QEMU starts up (relaunch.py loads only the standard library)
+        from .orchestration.relaunch import start_qemu
+
+        launched = start_qemu(list(command), os.fspath(path))
+    try:
+        return _restore(path, qmp_address=qmp_address, command=command, paused=paused,
+                        reporter=reporter, direct=direct, channels=channels,
+                        trust_command_line=trust_command_line, lazy=lazy, verify=verify,
+                        resume=resume, launched=launched)
+    except BaseException:
+        if launched is not None:
+            launched.discard()
+        raise
+
+
+def _restore(path: str | os.PathLike[str], *, qmp_address: str | None,
+             command: Sequence[str] | None, paused: bool, reporter: Reporter | None,
+             direct: bool, channels: int | None, trust_command_line: bool, lazy: str | None,
+             verify: bool | None, resume: bool, launched: Started | None) -> RestoreResult:
+    """restore() once its QEMU, if `launched` early, is starting."""
+    from .fileformat.reader import open_snapshot
+    from .targets import normalize
+
     # opened once: what is checked is what is loaded, whatever the path names meanwhile
     with open_snapshot(normalize(path), direct=direct) as snap:
         if qmp_address is None and not command:
@@ -153,7 +178,8 @@ def restore(path: str | os.PathLike[str], *, qmp_address: str | None = None,
             return _run(restore_lazy(snap, engine=lazy, qmp_address=qmp_address,
                                      command=command, paused=paused, reporter=reporter,
                                      verify=bool(verify), resume=resume,
-                                     trust_command_line=trust_command_line))
+                                     trust_command_line=trust_command_line,
+                                     launched=launched))
         from .orchestration.restore import restore as _restore
 
         return _run(_restore(snap, qmp_address=qmp_address, command=command, paused=paused,

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from . import __version__, api
 from .errors import USER_ERRORS, VmsnapError, one_line
-from .orchestration.modes import SEAL_WHEN
+from .orchestration.options import SEAL_WHEN
 from .progress import Reporter
 
 

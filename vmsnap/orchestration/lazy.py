@@ -48,7 +48,7 @@ from . import qmp as qmpmod
 from .mapped import MAPPED_BLOCK, check_mappable, mapped_argv, supports_mmap
 from .modes import USERFAULTFD, clean_capabilities
 from .qmp import Client, Monitor
-from .relaunch import GuardedQemu, RelaunchLock, own_qmp
+from .relaunch import GuardedQemu, RelaunchLock, Started, own_qmp
 from .rendezvous import pass_socket
 from .target import (
     POLL,
@@ -58,6 +58,7 @@ from .target import (
     launch_argv,
     launch_target,
     wait_loaded,
+    wait_started,
 )
 
 ENGINES = ("auto", "postcopy", "mmap")
@@ -144,8 +145,8 @@ async def restore_lazy(snap: Snapshot, *, engine: str = "auto",
                        paused: bool = False, reporter: Reporter | None = None,
                        hot: bool = True, verify: bool = False,
                        trust_command_line: bool = False, resume: bool = False,
-                       target: Target | None = None,
-                       started: float | None = None) -> LazyRestoreResult:
+                       target: Target | None = None, started: float | None = None,
+                       launched: Started | None = None) -> LazyRestoreResult:
     """Restore the open snapshot `snap` lazily: the guest runs as soon as its device state
     is in, RAM follows. Targets (and trust of a stored command line) as for `restore`
     (which also says why the file is opened once, by the caller). `hot` (postcopy): send
@@ -153,14 +154,16 @@ async def restore_lazy(snap: Snapshot, *, engine: str = "auto",
     (mmap): check every page before the guest starts. `resume` (postcopy, --qmp): finish a
     lazy restore of this same file whose vmsnap died, on the target it left in
     postcopy-paused. `target`: a QEMU another program started (postcopy only); `started`:
-    when the restore began (time.monotonic()), if before this call (the target's start)."""
-    t0 = time.monotonic() if started is None else started
+    when the restore began (time.monotonic()), if before this call (the target's start).
+    `launched`: the QEMU of `command`, already starting (postcopy only), this call's to end
+    or release from now on."""
+    t0 = launched.at if launched else time.monotonic() if started is None else started
     path = snap.path
     rep = reporter or Reporter()
     meta = snap.metadata
     saved_running = meta.was_running if meta else True
     run = saved_running and not paused
-    workdir = tempfile.mkdtemp(prefix="vmsnap-")  # 0700
+    workdir = launched.workdir if launched else tempfile.mkdtemp(prefix="vmsnap-")  # 0700
     job = _Job(snap, rep, t0, run, hot)
     switch_interval = sys.getswitchinterval()
     keep_workdir = False
@@ -171,6 +174,8 @@ async def restore_lazy(snap: Snapshot, *, engine: str = "auto",
         own = qmp_address is None and target is None  # vmsnap launches QEMU
         argv = launch_argv(path, command, meta) if own else None
         job.engine = pick_engine(engine, snap, argv)
+        if launched is not None:  # postcopy (see api.restore)
+            job.proc = launched.proc
         log.debug("lazy restore of %s: engine %s (asked %s), %s", path, job.engine, engine,
                   "resume" if resume else "relaunch" if argv else "into a waiting QEMU")
         if verify and job.engine == "mmap":
@@ -186,6 +191,9 @@ async def restore_lazy(snap: Snapshot, *, engine: str = "auto",
             if argv is None:
                 assert qmp_address is not None  # nothing to launch: a target was given
                 address = qmp_address
+            elif launched is not None:
+                await wait_started(launched)
+                address = launched.qmp
             else:
                 job.proc, job.lock, address = await _launch(
                     job, path, argv, bool(command), trust_command_line, workdir)

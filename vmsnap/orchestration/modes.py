@@ -20,9 +20,6 @@ from . import qmp as qmpmod
 from .qmp import Monitor
 from .rendezvous import process_ids
 
-#: when a save's page checksums are added where QEMU wrote the pages itself (`--seal`)
-SEAL_WHEN = ("now", "background", "later")
-
 
 class SaveMode(enum.Enum):
     PAUSED = "paused"

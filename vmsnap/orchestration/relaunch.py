@@ -4,6 +4,9 @@ A snapshot file is input: the command line stored in it runs only if this host's
 the file (or the user says --trust-command-line after reading it in `vmsnap info`), only if
 its program is a QEMU system emulator (never a shell or a script), and, unless trusted
 explicitly, only without the options that make QEMU itself run a program.
+
+This module loads nothing but the standard library, so that a restore can start QEMU
+(start_qemu) before the rest of vmsnap, numpy and QEMU's QMP library have loaded.
 """
 
 from __future__ import annotations
@@ -18,10 +21,17 @@ import stat
 import struct
 import subprocess
 import sys
+import tempfile
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import TYPE_CHECKING
 
 from ..errors import VmsnapError
-from ..hostkey import Trust
+
+if TYPE_CHECKING:  # the standard library only at run time: see start_qemu
+    from ..hostkey import Trust
 
 #: Options of the saved command line that clash with an incoming restore (name → has value).
 DROPPED_OPTIONS = {"incoming": True, "loadvm": True, "daemonize": False, "S": False}
@@ -294,7 +304,9 @@ GUARD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "guard.py")
 
 
 class GuardedQemu:
-    """QEMU started through guard.py: it dies with vmsnap, even on SIGKILL, until released."""
+    """QEMU started through guard.py: it dies with vmsnap, even on SIGKILL, until released.
+    Starting it does not wait for the guard (a Python of its own) to start QEMU: its `pid`
+    does."""
 
     def __init__(self, argv: Sequence[str], program: str | None, log_path: str,
                  pass_fds: Sequence[int] = ()) -> None:
@@ -313,13 +325,21 @@ class GuardedQemu:
         finally:
             theirs.close()
         self._sock = ours
+
+    @cached_property
+    def pid(self) -> int | None:
+        """QEMU's pid, as the guard reports it once it started QEMU (None if it could not,
+        or QEMU was killed before)."""
         line = b""
         while not line.endswith(b"\n"):
-            chunk = ours.recv(32)
+            try:
+                chunk = self._sock.recv(32)
+            except OSError:  # closed by kill()
+                break
             if not chunk:
                 break
             line += chunk
-        self.pid = int(line) if line.endswith(b"\n") else None
+        return int(line) if line.endswith(b"\n") else None
 
     def poll(self) -> int | None:
         """The exit status of QEMU (through the guard), or None while it runs."""
@@ -332,9 +352,51 @@ class GuardedQemu:
 
     def release(self) -> None:
         """The restore is done: QEMU runs on without vmsnap."""
+        self.pid  # noqa: B018 - read before the socket closes
         try:
             self._sock.sendall(b"release")
         except OSError:
             pass  # QEMU and its guard are already gone: poll() says so
         self._guard.wait()
         self._sock.close()
+
+
+@dataclass
+class Started:
+    """A QEMU vmsnap started to restore into, waiting for an incoming stream: its QMP
+    socket and log are in `workdir` (0700, vmsnap's); `at`: time.monotonic() at its start."""
+
+    proc: GuardedQemu
+    workdir: str
+    at: float = field(default_factory=time.monotonic)
+
+    @property
+    def qmp(self) -> str:
+        return os.path.join(self.workdir, "qmp.sock")
+
+    def discard(self) -> None:
+        """End the QEMU and remove its directory (the restore failed before using it)."""
+        self.proc.kill()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def start_qemu(argv: list[str], path: str, program: str | None = None,
+               workdir: str | None = None, launch_argv: list[str] | None = None,
+               pass_fds: Sequence[int] = ()) -> Started:
+    """Start `argv` for a restore of the snapshot at `path` (running `program`, an approved
+    emulator, if given, else argv[0] through PATH), waiting for an incoming stream on a QMP
+    socket in `workdir` (default: a new one), never beside a running original. Returns at
+    once: QEMU starts meanwhile (the caller waits for its QMP socket). `launch_argv`: what to
+    actually start, if `argv` is rewritten; `pass_fds`: descriptors it inherits."""
+    check_not_running(argv, path)
+    fresh_backing_files(argv)
+    own = workdir is None
+    workdir = workdir or tempfile.mkdtemp(prefix="vmsnap-")  # 0700
+    qmp, log = os.path.join(workdir, "qmp.sock"), os.path.join(workdir, "qemu.log")
+    try:
+        return Started(GuardedQemu(relaunch_argv(launch_argv or argv, qmp), program, log,
+                                   pass_fds), workdir)
+    except BaseException:
+        if own:
+            shutil.rmtree(workdir, ignore_errors=True)
+        raise

@@ -33,7 +33,8 @@ from ..progress import Reporter
 from ..stream.constants import CAP_IGNORE_SHARED, CAP_MAPPED_RAM
 from . import background, converge, modes, native, shared
 from . import qmp as qmpmod
-from .modes import SEAL_WHEN, After, SaveMode
+from .modes import After, SaveMode
+from .options import SEAL_WHEN
 from .qmp import MIGRATING, Client, Monitor, QemuGoneError
 from .rendezvous import Meeting, meeting_place, pass_socket
 from .vmlock import vm_lock

@@ -21,14 +21,7 @@ from ..hostkey import trust_of
 from ..ops.multifd_send import Destination, destination
 from . import qmp as qmpmod
 from .qmp import MIGRATING, Monitor, QemuGoneError
-from .relaunch import (
-    GuardedQemu,
-    RelaunchLock,
-    approve,
-    check_not_running,
-    fresh_backing_files,
-    relaunch_argv,
-)
+from .relaunch import GuardedQemu, RelaunchLock, Started, approve, start_qemu
 
 START_TIMEOUT = 60.0
 #: how often a starting QEMU's QMP socket is tried: every ms counts before a lazy restore's
@@ -82,23 +75,18 @@ def _listening(path: str) -> bool:
         probe.close()
 
 
-async def _launch(argv: list[str], program: str | None, qmp_path: str,
-                  log_path: str, pass_fds: Sequence[int]) -> GuardedQemu:
-    """Start `argv` (running `program` if given, else argv[0] through PATH) under the guard
-    and wait for its QMP socket."""
-    log.debug("relaunch: %s (program %s)", argv, program)
-    proc = GuardedQemu(argv, program, log_path, pass_fds)
+async def wait_started(started: Started) -> None:
+    """Until the QEMU `started` listens on its QMP socket (ended if it never does)."""
     deadline = time.monotonic() + START_TIMEOUT
-    while not _listening(qmp_path):  # the file appears at bind(), before listen()
-        if proc.poll() is not None:
-            with open(log_path, errors="replace") as f:
+    while not _listening(started.qmp):  # the file appears at bind(), before listen()
+        if started.proc.poll() is not None:
+            with open(os.path.join(started.workdir, "qemu.log"), errors="replace") as f:
                 lines = f.read().strip().splitlines()
             raise VmsnapError(f"QEMU exited at start: {lines[-1] if lines else 'no message'}")
         if time.monotonic() > deadline:
-            proc.kill()
+            started.proc.kill()
             raise VmsnapError(f"QEMU did not open its QMP socket in {START_TIMEOUT:.0f}s")
         await asyncio.sleep(POLL)
-    return proc
 
 
 def launch_argv(path: str, command: Sequence[str] | None,
@@ -119,22 +107,19 @@ async def launch_target(path: str, argv: list[str], given: bool, trailer: Traile
     """Start a QEMU waiting for an incoming stream on a QMP socket in `workdir`: the
     command line stored in the snapshot at `path` (`given` False: approved, after the check
     of the signature of its `trailer`, one relaunch at a time) or one the user gave, never
-    beside a running original. `launch_argv`: what to
-    actually start, if `argv` is rewritten; `pass_fds`: descriptors it inherits. Returns
-    (QEMU, lock or None, QMP path)."""
+    beside a running original. `launch_argv`, `pass_fds`: see start_qemu. Returns (QEMU,
+    lock or None, QMP path) once QEMU listens."""
     program = None if given else approve(argv, trust_of(trailer), trust_command_line, path)
     lock = None if given else RelaunchLock(targets.lock_path(path))
     try:
-        check_not_running(argv, path)
-        qmp_address = os.path.join(workdir, "qmp.sock")
-        fresh_backing_files(argv)
-        proc = await _launch(relaunch_argv(launch_argv or argv, qmp_address), program,
-                             qmp_address, os.path.join(workdir, "qemu.log"), pass_fds)
+        log.debug("relaunch: %s (program %s)", argv, program)
+        started = start_qemu(argv, path, program, workdir, launch_argv, pass_fds)
+        await wait_started(started)
     except BaseException:
         if lock is not None:
             lock.release()
         raise
-    return proc, lock, qmp_address
+    return started.proc, lock, started.qmp
 
 
 async def check_target(client: Monitor, peer: qmpmod.Peer, machine: str,

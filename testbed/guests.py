@@ -43,14 +43,17 @@ class BootGuest:
     memory_mb: int = 256
     limit_mb: int | None = None
     accel: str | None = None
+    ws_mb: int | None = None  # after READY, sweep only this many MiB of scattered pages
     ranges: list[tuple[int, int]] = field(default_factory=list)
+    workset: tuple[int, int] | None = None  # (stride, count) the guest printed
 
     kind = "bootguest"
 
     def config(self, qemu: str, workdir: Path, machine: str = "q35") -> VmConfig:
         accel = self.accel or default_accel(linux=False)
         cpu = "host,-arch-capabilities" if accel == "kvm" else "qemu64"
-        append = f"mode={self.mode}" + (f" limit_mb={self.limit_mb}" if self.limit_mb else "")
+        append = (f"mode={self.mode}" + (f" limit_mb={self.limit_mb}" if self.limit_mb else "")
+                  + (f" ws_mb={self.ws_mb}" if self.ws_mb else ""))
         return VmConfig(qemu=qemu, accel=accel, cpu=cpu, machine=machine,
                         memory_mb=self.memory_mb, binds=[BOOTGUEST_DIR],
                         args=["-bios", QBOOT, "-kernel", str(BOOTGUEST_DIR / "bootguest.elf"),
@@ -64,6 +67,10 @@ class BootGuest:
                        for a, b in re.findall(r"RANGE ([0-9a-f]{16}) ([0-9a-f]{16})", text)]
         if not self.ranges:
             raise GuestCheckFailed(f"bootguest printed no RANGE lines: {text[-200:]!r}")
+        ws = re.search(r"WORKSET ([0-9a-f]{16}) ([0-9a-f]{16})", text)
+        self.workset = (int(ws.group(1), 16), int(ws.group(2), 16)) if ws else None
+        if bool(ws) != bool(self.ws_mb):
+            raise GuestCheckFailed(f"bootguest ws_mb={self.ws_mb} but WORKSET line {ws}")
 
     def wait_alive(self, vm: Vm, timeout: float = 120.0) -> None:
         """Wait for a fresh heartbeat: the guest is running and stamping."""
@@ -91,7 +98,7 @@ class BootGuest:
             finally:
                 path.unlink()
 
-        result = check_counter_ranges(self.ranges, read, self.mode)
+        result = check_counter_ranges(self.ranges, read, self.mode, workset=self.workset)
         if not result.ok:
             raise GuestCheckFailed(f"bootguest RAM check failed: {result.describe()}")
         return result

@@ -12,6 +12,10 @@ Guest contract (``guests/bootguest/bootguest.S``):
 * ``counter`` mode: bytes 8..4095 of each page are zero.
 * ``random`` mode: the u64 word at guest-physical address ``a`` (8-aligned, not at offset 0 of
   a page) holds ``splitmix64(a >> 3)``, i.e. ``splitmix64(pfn * 512 + word_index)``.
+* a working set (``ws_mb=N``, printed as ``WORKSET <stride> <count>``): after the first pass
+  the guest increments only the pages of index ``0, stride, ..., (count - 1) * stride`` in the
+  ranges taken as one ascending list of pages. Those pages follow the one-moving-edge rule
+  among themselves, in address order; every other page holds exactly 1 (its first stamp).
 """
 
 from __future__ import annotations
@@ -123,6 +127,7 @@ def check_counter_pages(
     mode: str = "counter",
     *,
     check_rest: bool = True,
+    workset: tuple[int, int] | None = None,
 ) -> RamCheckResult:
     """Verify bootguest RAM.
 
@@ -130,7 +135,8 @@ def check_counter_pages(
     by the guest's ``RANGE`` lines. ``chunks[i]``: the ``end - start`` bytes of range ``i``
     (bytes, memoryview or numpy array). ``mode``: "counter" or "random".
     ``check_rest``: also verify bytes 8..4095 of every page (zero in counter mode, the
-    splitmix64 pattern in random mode).
+    splitmix64 pattern in random mode). ``workset``: ``(stride, count)`` from the guest's
+    ``WORKSET`` line, or None when every page is in the sweep.
     """
     if len(ranges) != len(chunks):
         raise ValueError(f"{len(ranges)} ranges but {len(chunks)} chunks")
@@ -141,7 +147,7 @@ def check_counter_pages(
             raise ValueError(f"range {s:#x}..{e:#x}: got {data[s].size} bytes, want {e - s}")
     return check_counter_ranges(
         ranges, lambda start, length, s: data[s][start - s:start - s + length], mode,
-        check_rest=check_rest)
+        check_rest=check_rest, workset=workset)
 
 
 def check_counter_ranges(
@@ -151,6 +157,7 @@ def check_counter_ranges(
     *,
     check_rest: bool = True,
     piece_bytes: int = 64 << 20,
+    workset: tuple[int, int] | None = None,
 ) -> RamCheckResult:
     """check_counter_pages, reading RAM a piece at a time: ``read(start, length, range_start)``
     returns ``length`` bytes of guest-physical memory from ``start`` (inside the range that
@@ -203,7 +210,7 @@ def check_counter_ranges(
 
     counters = np.concatenate(counters_l) if counters_l else np.zeros(0, np.uint64)
     addrs = np.concatenate(addrs_l) if addrs_l else np.zeros(0, np.uint64)
-    n = int(counters.size)
+    n_all = int(counters.size)
 
     problems: list[tuple[int, str]] = []  # (addr, description)
     zero = counters == 0
@@ -211,6 +218,18 @@ def check_counter_ranges(
     if nzero:
         k = int(np.argmax(zero))
         problems.append((int(addrs[k]), f"page {int(addrs[k]):#x} counter is 0 (never stamped)"))
+    idle_bad = 0
+    if workset is not None:
+        in_set = _workset_mask(n_all, *workset)
+        idle = ~in_set & ~zero & (counters != np.uint64(1))
+        idle_bad = int(np.count_nonzero(idle))
+        if idle_bad:
+            k = int(np.argmax(idle))
+            problems.append((int(addrs[k]), f"page {int(addrs[k]):#x} counter "
+                                            f"{int(counters[k])} outside the working set "
+                                            "(must stay 1)"))
+        counters, addrs, zero = counters[in_set], addrs[in_set], zero[in_set]
+    n = int(counters.size)
 
     edges = 0
     edge_addr = None
@@ -263,7 +282,7 @@ def check_counter_ranges(
         )
         problems.append((pattern_bad, f"page {pattern_bad:#x}: {what}"))
 
-    if n == 0:
+    if n_all == 0:
         problems.append((0, "no pages to check"))
 
     first_bad = min(problems)[0] if problems else None
@@ -271,12 +290,22 @@ def check_counter_ranges(
     return RamCheckResult(
         ok=not problems,
         mode=mode,
-        pages_checked=n,
+        pages_checked=n_all,
         edges=edges,
         first_counter=int(counters[0]) if n else None,
         last_counter=int(counters[-1]) if n else None,
         edge_addr=edge_addr,
         first_bad_addr=first_bad,
         problem=problem,
-        bad_pages=nzero + anomalies + max(edges - 1, 0) + pattern_bad_count,
+        bad_pages=nzero + idle_bad + anomalies + max(edges - 1, 0) + pattern_bad_count,
     )
+
+
+def _workset_mask(npages: int, stride: int, count: int) -> np.ndarray:
+    """Which of `npages` pages (in address order) the guest keeps incrementing."""
+    if stride < 1 or count < 1 or (count - 1) * stride >= npages:
+        raise ValueError(f"working set stride {stride} count {count} does not fit "
+                         f"{npages} pages")
+    mask = np.zeros(npages, dtype=bool)
+    mask[0:count * stride:stride] = True
+    return mask

@@ -189,3 +189,66 @@ def test_bad_arguments():
         check_counter_pages([], [mem])
     r = check_counter_pages([], [])
     assert not r.ok
+
+
+def _ws_memory(ranges, stride, count, ws_counters, mode="counter"):
+    """Pages as a ws_mb guest leaves them: 1 outside the working set, `ws_counters` (one
+    per working-set page, in address order) inside it."""
+    npages = [(e - s) // PAGE_SIZE for s, e in ranges]
+    c = np.ones(sum(npages), dtype=np.uint64)
+    c[0:count * stride:stride] = ws_counters
+    cuts = np.cumsum(npages)[:-1]
+    return [fill_pages(s, len(part), part, mode)
+            for (s, _), part in zip(ranges, np.split(c, cuts), strict=True)]
+
+
+@pytest.mark.parametrize("mode", ["counter", "random"])
+def test_workset_edge_passes_and_idle_pages_stay_one(mode):
+    """The working set (every 7th page across both ranges, 200 pages) has one moving edge,
+    even where it crosses from one range to the next; the other pages hold 1."""
+    ranges = [(4 * MiB, 8 * MiB), (4 * GiB, 4 * GiB + 2 * MiB)]
+    ws = np.full(200, 5, dtype=np.uint64)
+    ws[160:] = 4  # page 160 * 7 = 1120: in the second range
+    r = check_counter_pages(ranges, _ws_memory(ranges, 7, 200, ws, mode), mode,
+                            workset=(7, 200))
+    assert r.ok and r.edges == 1 and r.pages_checked == 1536, r
+    assert r.edge_addr == 4 * GiB + (1120 - 1024) * PAGE_SIZE
+    # first working-set pass under way: the pages not yet reached still hold 1
+    ws[:] = 2
+    ws[10:] = 1
+    assert check_counter_pages(ranges, _ws_memory(ranges, 7, 200, ws, mode), mode,
+                               workset=(7, 200)).ok
+    # the whole-RAM rule reads the same memory as many edges: the working set is needed
+    assert not check_counter_pages(ranges, _ws_memory(ranges, 7, 200, ws, mode), mode).ok
+
+
+def test_workset_faults_are_named():
+    ranges = [(4 * MiB, 8 * MiB)]
+    ws = np.full(100, 9, dtype=np.uint64)
+    ws[40:] = 8
+    good = _ws_memory(ranges, 10, 100, ws)
+    assert check_counter_pages(ranges, good, workset=(10, 100)).ok
+    # a page outside the set that moved (a page restored into the wrong slot)
+    mem = _ws_memory(ranges, 10, 100, ws)
+    _counter(mem[0], 1001)[0] = 9
+    r = check_counter_pages(ranges, mem, workset=(10, 100))
+    assert not r.ok and r.first_bad_addr == 4 * MiB + 1001 * PAGE_SIZE, r
+    assert "outside the working set" in r.problem and r.bad_pages == 1
+    # a stale working-set page: its counter is behind its neighbours in the set
+    mem = _ws_memory(ranges, 10, 100, ws)
+    _counter(mem[0], 200)[0] = 8
+    r = check_counter_pages(ranges, mem, workset=(10, 100))
+    assert not r.ok and r.first_bad_addr == 4 * MiB + 200 * PAGE_SIZE and "between" in r.problem
+    # a lost page outside the set reads 0
+    mem = _ws_memory(ranges, 10, 100, ws)
+    _counter(mem[0], 5)[0] = 0
+    r = check_counter_pages(ranges, mem, workset=(10, 100))
+    assert not r.ok and "never stamped" in r.problem
+    # the page just past the set's last page is not in it
+    mem = _ws_memory(ranges, 10, 100, ws)
+    _counter(mem[0], 1000)[0] = 8
+    assert not check_counter_pages(ranges, mem, workset=(10, 100)).ok
+    with pytest.raises(ValueError):
+        check_counter_pages(ranges, good, workset=(10, 104))  # page 1030 of 1024
+    with pytest.raises(ValueError):
+        check_counter_pages(ranges, good, workset=(0, 100))

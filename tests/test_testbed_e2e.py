@@ -28,8 +28,33 @@ def test_exec_cat_round_trip(kind, live, qemu, workdir):
 
 
 @pytest.mark.qemu
-def test_ram_check_catches_one_corrupted_page(qemu_version, workdir):
-    guest = BootGuest(memory_mb=256)
+def test_bootguest_working_set(qemu_version, workdir):
+    """ws_mb=N: after READY the guest sweeps only N MiB of pages scattered over all its RAM
+    (every stride-th page), the others keep their first stamp; the RAM check knows which
+    (the guest's WORKSET line) before and after an exec:cat round trip."""
+    guest = BootGuest(memory_mb=256, mode="random", ws_mb=4)
+    config = guest.config(qemu_version, workdir)
+    stream = workdir / "stream"
+    with Vm(config, workdir, "src") as vm:
+        guest.boot(vm)
+        guest.wait_alive(vm)
+        assert guest.workset is not None
+        stride, count = guest.workset
+        assert count == 4 << 8 and stride == sum(e - s for s, e in guest.ranges) // 4096 // count
+        checked = guest.check(vm)
+        assert checked.first_counter > 2 and checked.pages_checked > 60 * count, checked
+        save_with_cat(vm, stream, live=False)
+    with Vm(config, workdir, "dst", incoming=exec_uri("cat", stream)) as vm:
+        vm.wait_incoming()
+        assert guest.check_restored(vm).first_counter > checked.first_counter
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize("ws_mb", [None, 4], ids=["all-ram", "working-set"])
+def test_ram_check_catches_one_corrupted_page(ws_mb, qemu_version, workdir):
+    """The victim, in the middle of RAM, is outside the working set of a ws_mb guest: a page
+    that never moves after READY is still checked."""
+    guest = BootGuest(memory_mb=256, ws_mb=ws_mb)
     config = guest.config(qemu_version, workdir)
     stream = workdir / "stream"
     with Vm(config, workdir, "src") as vm:
@@ -37,6 +62,8 @@ def test_ram_check_catches_one_corrupted_page(qemu_version, workdir):
         save_with_cat(vm, stream, live=False)
     start, end = guest.ranges[0]
     victim = start + ((end - start) // 2 & ~0xFFF)
+    if guest.workset:
+        assert (victim - start) // 4096 % guest.workset[0], "the victim is in the working set"
     position = page_data_positions(stream)[victim]
     with open(stream, "r+b") as f:
         f.seek(position)

@@ -25,18 +25,26 @@
  *   beat=N         print the heartbeat every N full passes (default: auto, after
  *                  the first pass that completes >= 2^22 page increments since the
  *                  last heartbeat)
+ *   ws_mb=N        a small working set: after the first pass (READY) only N MiB of
+ *                  pages scattered over all stamped RAM are incremented: every
+ *                  `stride`-th page in address order (page index 0, stride, 2*stride,
+ *                  ... over the ranges taken as one list), `count` = N*256 pages (at most
+ *                  all of them), stride = total pages / count. A pass (and beat=N) is
+ *                  then one pass over these pages; the other pages keep counter 1
  *
  * Serial (COM1, 0x3f8) output:
  *   "BOOTGUEST mode=counter\n" or "BOOTGUEST mode=random\n"
  *   "RANGE <start> <end>\n"   per stamped range; 16 lowercase hex digits each,
  *                            no 0x prefix, guest-physical, page aligned, end exclusive
+ *   "WORKSET <stride> <count>\n"  with ws_mb=N, before READY (16 hex digits each)
  *   "READY\n"                 after the first pass (every page holds counter 1)
  *   "B"                       heartbeat (no newline), after every heartbeat period
  *
  * Counter semantics: first pass writes 1 to offset 0 of every page; afterwards
  * it loops forever over all pages of all ranges in ascending address order doing
  * `incq` on the counter.  So at any instant the counter sequence is constant
- * except for one edge where it drops by exactly 1.
+ * except for one edge where it drops by exactly 1.  With ws_mb=N that holds for the
+ * working set's pages (in address order); every other page holds 1.
  *
  * splitmix64(x): z = x + 0x9e3779b97f4a7c15;
  *                z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9;
@@ -256,9 +264,16 @@ parse_cmdline:
         jmp     8f
 5:      movq    $s_beat, %rdi
         call    prefix
-        jne     8f
+        jne     6f
         call    atou
         movq    %rax, beat_passes
+        jmp     8f
+6:      movq    $s_ws, %rdi
+        call    prefix
+        jne     8f
+        call    atou
+        shlq    $8, %rax                      /* MiB -> 4 KiB pages */
+        movq    %rax, ws_count
 8:      movb    (%rsi), %al                   /* skip to next space */
         testb   %al, %al
         jz      9f
@@ -429,6 +444,28 @@ main:
         incq    %rcx
         jmp     2b
 3:      movq    %r12, total_pages
+        /* working set: count = min(ws pages, total), stride = total / count */
+        movq    ws_count, %rcx
+        testq   %rcx, %rcx
+        jz      4f
+        cmpq    %r12, %rcx
+        jbe     5f
+        movq    %r12, %rcx
+        movq    %rcx, ws_count
+5:      movq    %r12, %rax
+        xorl    %edx, %edx
+        divq    %rcx
+        movq    %rax, ws_stride
+        movq    $s_workset, %rsi
+        call    puts
+        call    puthex                        /* %rax = stride */
+        movb    $' ', %al
+        call    putc
+        movq    ws_count, %rax
+        call    puthex
+        movb    $'\n', %al
+        call    putc
+4:
 
         /* constants for splitmix64 */
         movabsq $0x9e3779b97f4a7c15, %r13
@@ -493,6 +530,9 @@ main:
         xorl    %r11d, %r11d                  /* pages since beat */
         movq    beat_passes, %r12
         movq    total_pages, %r13
+        movq    ws_count, %rax
+        testq   %rax, %rax
+        jnz     ws_setup
 20:     xorl    %ecx, %ecx
 21:     cmpq    nranges, %rcx
         jae     25f
@@ -512,15 +552,50 @@ main:
         testq   %r12, %r12
         jz      26f
         cmpq    %r12, %r10
-        jb      20b
+        jb      28f
         jmp     27f
+28:     cmpq    $0, ws_count                  /* next pass, no heartbeat */
+        je      20b
+        jmp     ws_pass
 26:     cmpq    $AUTO_BEAT_PAGES, %r11
-        jb      20b
+        jb      28b
 27:     movb    $'B', %al
         call    putc
         xorl    %r10d, %r10d
         xorl    %r11d, %r11d
-        jmp     20b
+        cmpq    $0, ws_count
+        je      20b
+        jmp     ws_pass
+
+        /* working-set passes: %r9 = stride in bytes, %r8 = bytes to skip before the
+         * next working-set page (carried across ranges), %rdx = pages left this pass */
+ws_setup:
+        movq    %rax, %r13                    /* pages per pass */
+        movq    ws_stride, %r9
+        shlq    $12, %r9
+ws_pass:
+        xorl    %ecx, %ecx
+        xorl    %r8d, %r8d
+        movq    %r13, %rdx
+32:     cmpq    nranges, %rcx
+        jae     25b
+        movq    %rcx, %rbx
+        shlq    $4, %rbx
+        movq    ranges(%rbx), %rdi
+        movq    ranges+8(%rbx), %rsi
+33:     leaq    (%rdi,%r8), %rax
+        cmpq    %rsi, %rax
+        jae     34f
+        movq    %rax, %rdi
+        incq    (%rdi)
+        movq    %r9, %r8
+        decq    %rdx
+        jnz     33b
+        jmp     25b
+34:     subq    %rsi, %rax                    /* what is left to skip past this range */
+        movq    %rax, %r8
+        incq    %rcx
+        jmp     32b
 
 /* ------------------------------------------------------------------------- data */
         .section .rodata
@@ -529,6 +604,8 @@ s_mode_random:  .asciz "mode=random"
 s_mode_counter: .asciz "mode=counter"
 s_limit:        .asciz "limit_mb="
 s_beat:         .asciz "beat="
+s_ws:           .asciz "ws_mb="
+s_workset:      .asciz "WORKSET "
 s_banner:       .asciz "BOOTGUEST mode="
 s_counter:      .asciz "counter\n"
 s_random:       .asciz "random\n"
@@ -560,5 +637,7 @@ limit_bytes:    .skip 8
 have_limit:     .skip 8
 beat_passes:    .skip 8
 total_pages:    .skip 8
+ws_count:       .skip 8                       /* working-set pages (0: all pages) */
+ws_stride:      .skip 8
 nranges:        .skip 8
 ranges:         .skip 16 * MAX_RANGES

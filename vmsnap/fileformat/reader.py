@@ -18,7 +18,7 @@ from ..io.vectored import Buffer
 from ..stream.events import MappedRamHeader, RamBlock, bitmap_size
 from ..targets import PageSource, open_source, remote
 from . import journal
-from .bitmap import runs, unpack_bitmap
+from .bitmap import contiguous_runs, runs, unpack_bitmap
 from .errors import (
     ChecksumMismatch,
     IncompleteSnapshot,
@@ -154,11 +154,20 @@ class Snapshot:
                     for first, count in self.present_runs(b, max_bytes // b.page_size)]
         return out
 
+    def prefetch_pages(self, block: BlockInfo, pages: np.ndarray) -> None:
+        """Start reading `pages` (ascending) of a local file into the page cache, all at
+        once, for read_pages(cached=True); a remote store reads nothing ahead here."""
+        if isinstance(self._file, DirectFile):
+            ps = block.page_size
+            for i, count in contiguous_runs(pages):
+                self._file.prefetch(block.pages_offset + int(pages[i]) * ps, int(count) * ps)
+
     def read_pages(self, block: str | BlockInfo, first_page: int, count: int,
-                   into: AlignedBuffer | Buffer | None = None, *, urgent: bool = False
-                   ) -> memoryview:
+                   into: AlignedBuffer | Buffer | None = None, *, urgent: bool = False,
+                   cached: bool = False) -> memoryview:
         """Read `count` pages starting at page `first_page` (O_DIRECT when `into` is an
-        aligned buffer; `urgent`: someone waits on them, see PageSource.read_urgent).
+        aligned buffer; `urgent`: someone waits on them, see PageSource.read_urgent;
+        `cached`: a local file's pages through the page cache, after prefetch_pages).
         Returns a memoryview of exactly count*page_size bytes."""
         b = self._b(block)
         if first_page < 0 or count < 0 or first_page + count > b.npages:
@@ -172,7 +181,8 @@ class Snapshot:
         mv = mv[:n]
         if n:
             try:
-                read = self._file.read_urgent if urgent else self._file.read_into
+                read = (self._file.read_cached if cached and isinstance(self._file, DirectFile)
+                        else self._file.read_urgent if urgent else self._file.read_into)
                 read(b.pages_offset + first_page * b.page_size, [mv])
             except IOEngineError as e:
                 raise SnapshotError(f"block {b.name!r} pages from offset "

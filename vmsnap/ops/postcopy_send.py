@@ -57,6 +57,11 @@ SHUT_TIMEOUT = 120.0
 HANDSHAKE_TIMEOUT = 30.0
 
 
+#: a pusher's job: (block, first page, count, None) for a run of pages, or (block, 0, 0,
+#: pages) for the hot pages listed (ascending)
+Job = tuple[BlockInfo, int, int, "np.ndarray | None"]
+
+
 @dataclass
 class PostcopyStats:
     stream_bytes: int = 0
@@ -131,7 +136,8 @@ class PostcopySource:
         self.index = {b.name: np.cumsum(b.present, dtype=np.int64) - b.present
                       for b in snap.blocks}
         self.hot = hot or {}
-        self.jobs: list[tuple[BlockInfo, int, int]] | None = None  # planned by the first pusher
+        self.hot_pages = self._present_hot(self.hot)
+        self.jobs: list[Job] | None = None  # planned by the first pusher
         self.plan_lock = threading.Lock()
         self.next_job = itertools.count()
         self.total = sum(b.present_count * b.page_size for b in snap.blocks)
@@ -151,23 +157,30 @@ class PostcopySource:
         self.backlog: list[pc.RpMessage] = []  # read during resume(), served first
 
     # ---------------------------------------------------------------- plan and bookkeeping
-    def _plan(self, hot: Mapping[str, np.ndarray]) -> list[tuple[BlockInfo, int, int]]:
-        """Runs of present pages, at most chunk_pages long: hot pages first, then all in
-        file order (pages already sent are skipped when their job comes)."""
-        jobs = []
+    def _present_hot(self, hot: Mapping[str, np.ndarray]) -> list[tuple[BlockInfo, np.ndarray]]:
+        """The hint's present pages per block, ascending."""
+        out = []
         for name, pages in hot.items():
             b = self.blocks.get(name)
             if b is None:
                 continue
             pages = np.unique(np.asarray(pages, dtype=np.int64))
             pages = pages[(pages >= 0) & (pages < b.npages)]
-            pages = pages[b.present[pages]]
-            for i, count in contiguous_runs(pages):
-                first, end = int(pages[i]), int(pages[i]) + int(count)
-                jobs += [(b, f, min(self.chunk_pages, end - f))
-                         for f in range(first, end, self.chunk_pages)]
+            out.append((b, pages[b.present[pages]]))
+        return out
+
+    def _plan(self) -> list[Job]:
+        """Hot pages first, chunk_pages at a time in address order (scattered pages go out
+        together, each run read on its own, through the page cache: see _prefetch), then
+        runs of present pages at most chunk_pages long, in file order (pages already sent
+        are skipped when their job comes)."""
+        jobs: list[Job] = []
+        for b, pages in self.hot_pages:
+            jobs += [(b, 0, 0, pages[i:i + self.chunk_pages])
+                     for i in range(0, len(pages), self.chunk_pages)]
         for b in self.snap.blocks:
-            jobs += [(b, int(f), int(c)) for f, c in self.snap.present_runs(b, self.chunk_pages)]
+            jobs += [(b, int(f), int(c), None)
+                     for f, c in self.snap.present_runs(b, self.chunk_pages)]
         return jobs
 
     def _claim(self, name: str, first: int, count: int) -> np.ndarray:
@@ -177,6 +190,28 @@ class PostcopySource:
             new = ~view
             view[:] = True
         return new
+
+    def _claim_pages(self, name: str, pages: np.ndarray) -> np.ndarray:
+        """_claim for the pages listed (ascending, distinct): the ones that are new."""
+        with self.claim_lock:
+            claimed = self.claimed[name]
+            new: np.ndarray = pages[~claimed[pages]]
+            claimed[new] = True
+        return new
+
+    def _read_checked(self, b: BlockInfo, pages: np.ndarray, buf: AlignedBuffer,
+                      urgent: bool = False, cached: bool = False) -> memoryview:
+        """Read `pages` (present, ascending) into `buf`, run by run, each checked against
+        its checksum; the bytes read."""
+        ps = b.page_size
+        pos = 0
+        for i, c in contiguous_runs(pages):
+            f, c = int(pages[i]), int(c)
+            mv = self.snap.read_pages(b, f, c, into=buf.view[pos * ps:(pos + c) * ps],
+                                      urgent=urgent, cached=cached)
+            self.snap.check_pages(b, f, c, mv, int(self.index[b.name][f]))
+            pos += c
+        return buf.view[:pos * ps]
 
     def fail(self, err: BaseException) -> None:
         if self.error is None:
@@ -267,13 +302,16 @@ class PostcopySource:
         self.threads = [threading.Thread(target=self._serve, name="vmsnap-rp", daemon=True)]
         self.threads += [threading.Thread(target=self._push, name=f"vmsnap-push{i}",
                                           daemon=True) for i in range(self.readers)]
+        if self.hot_pages:
+            self.threads.append(threading.Thread(target=self._prefetch, name="vmsnap-prefetch",
+                                                 daemon=True))
         for t in self.threads:
             t.start()
 
-    def _planned(self) -> list[tuple[BlockInfo, int, int]]:
+    def _planned(self) -> list[Job]:
         with self.plan_lock:
             if self.jobs is None:
-                self.jobs = self._plan(self.hot)
+                self.jobs = self._plan()
             return self.jobs
 
     def wait(self, timeout: float = SHUT_TIMEOUT) -> PostcopyStats:
@@ -359,19 +397,27 @@ class PostcopySource:
         if not present.all():
             self._send(self._records(b, new[~present], None))
             st.zero_pages += int((~present).sum())
-        with AlignedBuffer(max(1, int(present.sum())) * ps) as buf:
-            pos = 0
-            wanted = new[present]
-            for i, c in contiguous_runs(wanted):
-                f, c = int(wanted[i]), int(c)
-                mv = self.snap.read_pages(b, f, c, into=buf.view[pos * ps:(pos + c) * ps],
-                                          urgent=True)
-                self.snap.check_pages(b, f, c, mv, int(self.index[b.name][f]))
-                pos += c
-            if pos:
-                self._send(self._records(b, new[present], buf.view[:pos * ps]))
-                self._count(pos * ps, pos, pushed=False)
+        wanted = new[present]
+        if len(wanted):
+            with AlignedBuffer(len(wanted) * ps) as buf:
+                data = self._read_checked(b, wanted, buf, urgent=True)
+                self._send(self._records(b, wanted, data))
+            self._count(len(wanted) * ps, len(wanted), pushed=False)
         st.latencies_us.append((time.perf_counter() - t0) * 1e6)
+
+    def _prefetch(self) -> None:
+        """Have the kernel read every hot page of a local file at once, ahead of the pushers
+        (which read them through the page cache): one O_DIRECT read per scattered page, two
+        at a time, took 1.2-2.3 s for a 32 MiB working set of pages 124 KiB apart on this
+        host's disk, where readahead of all of them and cached reads took 0.14 s."""
+        try:
+            for b, pages in self.hot_pages:
+                for i in range(0, len(pages), self.chunk_pages):
+                    if self.failed.is_set():
+                        return
+                    self.snap.prefetch_pages(b, pages[i:i + self.chunk_pages])
+        except OSError as err:  # only a hint: the pushers read what did not come
+            log.debug("postcopy: prefetch of hot pages stopped: %s", err)
 
     def _push(self) -> None:
         try:
@@ -381,17 +427,24 @@ class PostcopySource:
                     k = next(self.next_job)
                     if k >= len(jobs):
                         return
-                    b, first, count = jobs[k]
-                    new = self._claim(b.name, first, count)
-                    if not new.any():
-                        continue
+                    b, first, count, listed = jobs[k]
                     ps = b.page_size
-                    mv = self.snap.read_pages(b, first, count, into=buf)
-                    self.snap.check_pages(b, first, count, mv, int(self.index[b.name][first]))
-                    pages = np.flatnonzero(new) + first
-                    if len(pages) != count:  # some went out on request meanwhile
-                        mv = memoryview(np.frombuffer(mv, np.uint8).reshape(count, ps)[new]
-                                        .tobytes())
+                    if listed is not None:  # hot pages
+                        pages = self._claim_pages(b.name, listed)
+                        if not len(pages):
+                            continue
+                        mv = self._read_checked(b, pages, buf, cached=True)
+                    else:
+                        new = self._claim(b.name, first, count)
+                        if not new.any():
+                            continue
+                        mv = self.snap.read_pages(b, first, count, into=buf)
+                        self.snap.check_pages(b, first, count, mv,
+                                              int(self.index[b.name][first]))
+                        pages = np.flatnonzero(new) + first
+                        if len(pages) != count:  # some went out on request meanwhile
+                            mv = memoryview(np.frombuffer(mv, np.uint8).reshape(count, ps)[new]
+                                            .tobytes())
                     for i in range(0, len(pages), SECTION_PAGES):
                         part = pages[i:i + SECTION_PAGES]
                         self._push_send(self._records(b, part, mv[i * ps:(i + len(part)) * ps]))

@@ -62,3 +62,14 @@ def test_save_rewrites_writes_a_hint_tied_to_the_commit(tmp_path):
     with open_snapshot(path) as snap:
         assert sorted(load_hot(snap)["pc.ram"].tolist()) == [3, 7]
     assert save_rewrites(str(tmp_path / "missing.vms"), t) == 0  # never raises
+
+
+def test_new_hint_keeps_the_pages_the_old_one_sent_first(tmp_path):
+    """A restore given a hint asks only for the pages the hint missed: its new hint is
+    those, in request order, then the old hint's (so a hint that worked is not lost)."""
+    path = str(tmp_path / "a.vms")
+    write_random(path, np.random.default_rng(1))
+    with open_snapshot(path) as snap:
+        save_hot(snap, {"pc.ram": [9, 3]}, {"pc.ram": np.array([1, 3, 5]), "other": [2]})
+        got = load_hot(snap)
+    assert got["pc.ram"].tolist() == [9, 3, 1, 5]

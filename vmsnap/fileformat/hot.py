@@ -11,6 +11,7 @@ in, so it can never spoil a restore or the snapshot.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import threading
@@ -26,6 +27,8 @@ SUFFIX = ".hot"
 VERSION = 1
 #: a hint larger than this is not read (it would be most of RAM anyway)
 MAX_BYTES = 32 << 20
+#: pages of an earlier hint kept in a new one, per block (~8 MB of JSON at most)
+MAX_KEPT = 1 << 20
 
 
 def hot_path(snapshot_path: str | os.PathLike[str]) -> str:
@@ -61,11 +64,20 @@ def load_hot(snap: Snapshot) -> dict[str, np.ndarray]:
         return {}
 
 
-def save_hot(snap: Snapshot, requested: Mapping[str, Sequence[int]]) -> None:
-    """Record the pages requested first (first-request order) for the next restore."""
-    doc = {"version": VERSION, "snapshot": _identity(snap),
-           "blocks": {name: list(dict.fromkeys(int(p) for p in pages))
-                      for name, pages in requested.items()}}
+def save_hot(snap: Snapshot, requested: Mapping[str, Sequence[int]],
+             kept: Mapping[str, Sequence[int] | np.ndarray] | None = None) -> None:
+    """Record the pages requested first (first-request order) for the next restore, then
+    those of the hint this restore was given (`kept`, at most MAX_KEPT per block): it sent
+    them first, so the guest did not ask for them; a hint that worked would otherwise give
+    way to the few pages still asked for, and the restore after it would go without."""
+    kept = kept or {}
+    blocks = {}
+    for name in dict.fromkeys([*requested, *kept]):
+        pages = dict.fromkeys(int(p) for p in requested.get(name, ()))
+        more = (int(p) for p in kept.get(name, ()) if int(p) not in pages)
+        pages.update(dict.fromkeys(itertools.islice(more, MAX_KEPT)))
+        blocks[name] = list(pages)
+    doc = {"version": VERSION, "snapshot": _identity(snap), "blocks": blocks}
     targets.write_beside(snap.path, SUFFIX, json.dumps(doc, separators=(",", ":")))
 
 

@@ -392,7 +392,7 @@ async def _serve(job: _Job, sock: socket.socket, resume: bool) -> LazyRestoreRes
     job.release()
     if job.hot and stats.requested:
         try:
-            save_hot(job.snap, stats.requested)
+            save_hot(job.snap, stats.requested, source.hot)
         except OSError:
             pass  # only a hint for next time
     lat = np.asarray(stats.latencies_us)

@@ -340,14 +340,18 @@ def sha256(path: Path) -> str:
 @pytest.mark.qemu
 def test_lazy_mmap_two_vms_then_save_over(workdir, request):
     """QEMU 10, RAM mapped from the file: two VMs restored from one file at once, each
-    checked; the file is byte-identical after both guests wrote all their RAM; saving over
-    the file (rename) leaves a VM still mapping it intact."""
+    checked (the second with a hint: its 200 pages read ahead into the page cache); the file
+    is byte-identical after both guests wrote all their RAM; saving over the file (rename)
+    leaves a VM still mapping it intact."""
     guest = BootGuest(memory_mb=256)
     snap, _ = saved(guest, "10", workdir)
     digest = sha256(snap)
     config = guest.config("10", workdir)
     pids = {}
     for name in ("a", "b"):
+        if name == "b":
+            with vmsnap.open(snap) as s:
+                save_hot(s, {"pc.ram": list(range(1024, 1624, 3))})
         result = run_vmsnap(workdir, "restore", "--json", "--lazy", snap, "--",
                             *Vm(config, workdir, name).argv())
         for e in events(result):
@@ -355,6 +359,7 @@ def test_lazy_mmap_two_vms_then_save_over(workdir, request):
                 request.addfinalizer(lambda pid=e["pid"]: _kill(pid))
         done = check_done(result, engine="mmap")
         assert done["verified"] is True and done["pages"] < 1000  # pc.ram is not streamed
+        assert done["hot_pages"] == (200 if name == "b" else 0)
         pids[name] = done["pid"]
     with Vm(config, workdir, "a").adopt(pids["a"]) as a, \
             Vm(config, workdir, "b").adopt(pids["b"]) as b:
@@ -433,8 +438,8 @@ def test_live_save_records_hot_pages(channels, workdir):
     """A live save of a guest re-stamping an 8 MiB working set scattered over its 256 MiB
     (every 31st page; the other pages were written once, before the save) records the pages
     it saw re-dirtied in its last rounds as FILE.hot: most of the working set and no other
-    page above the kernel's own (its stack is hot too). A lazy restore of the file then sends them first, the guest's RAM checks, and
-    the hint it leaves keeps them."""
+    page above the kernel's own (its stack is hot too). A lazy restore of the file then
+    sends them first, the guest's RAM checks, and the hint it leaves keeps them."""
     guest = BootGuest(memory_mb=256, ws_mb=8)
     config = guest.config("10", workdir)
     snap = workdir / "vm.snap"

@@ -15,13 +15,13 @@ import itertools
 import json
 import os
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Container, Mapping, Sequence
 
 import numpy as np
 
 from .. import targets
 from ..errors import VmsnapError
-from .reader import Snapshot, open_snapshot
+from .reader import BlockInfo, Snapshot, open_snapshot
 
 SUFFIX = ".hot"
 VERSION = 1
@@ -62,6 +62,32 @@ def load_hot(snap: Snapshot) -> dict[str, np.ndarray]:
         return out
     except (OSError, ValueError, TypeError, KeyError, AttributeError):
         return {}
+
+
+def present_hot(snap: Snapshot, hot: Mapping[str, np.ndarray]
+                ) -> list[tuple[BlockInfo, np.ndarray]]:
+    """The hint's pages present in `snap`, per block, ascending."""
+    out = []
+    for b in snap.blocks:
+        if b.name in hot:
+            pages = np.unique(np.asarray(hot[b.name], dtype=np.int64))
+            pages = pages[(pages >= 0) & (pages < b.npages)]
+            out.append((b, pages[b.present[pages]]))
+    return out
+
+
+def prefetch_hot(snap: Snapshot, blocks: Container[str]) -> int:
+    """Have the kernel read the hinted pages of `blocks` of a local snapshot into the page
+    cache (for a guest whose RAM maps the file); how many pages were asked for."""
+    pages = 0
+    try:
+        for b, hot in present_hot(snap, load_hot(snap)):
+            if b.name in blocks:
+                snap.prefetch_pages(b, hot)
+                pages += len(hot)
+    except OSError:  # only a hint
+        pass
+    return pages
 
 
 def save_hot(snap: Snapshot, requested: Mapping[str, Sequence[int]],

@@ -32,6 +32,7 @@ import numpy as np
 
 from ..errors import VmsnapError
 from ..fileformat.bitmap import contiguous_runs
+from ..fileformat.hot import present_hot
 from ..fileformat.reader import BlockInfo, Snapshot
 from ..io.aligned import AlignedBuffer
 from ..io.sockets import shutdown_all
@@ -136,7 +137,7 @@ class PostcopySource:
         self.index = {b.name: np.cumsum(b.present, dtype=np.int64) - b.present
                       for b in snap.blocks}
         self.hot = hot or {}
-        self.hot_pages = self._present_hot(self.hot)
+        self.hot_pages = present_hot(snap, self.hot)
         self.jobs: list[Job] | None = None  # planned by the first pusher
         self.plan_lock = threading.Lock()
         self.next_job = itertools.count()
@@ -157,18 +158,6 @@ class PostcopySource:
         self.backlog: list[pc.RpMessage] = []  # read during resume(), served first
 
     # ---------------------------------------------------------------- plan and bookkeeping
-    def _present_hot(self, hot: Mapping[str, np.ndarray]) -> list[tuple[BlockInfo, np.ndarray]]:
-        """The hint's present pages per block, ascending."""
-        out = []
-        for name, pages in hot.items():
-            b = self.blocks.get(name)
-            if b is None:
-                continue
-            pages = np.unique(np.asarray(pages, dtype=np.int64))
-            pages = pages[(pages >= 0) & (pages < b.npages)]
-            out.append((b, pages[b.present[pages]]))
-        return out
-
     def _plan(self) -> list[Job]:
         """Hot pages first, chunk_pages at a time in address order (scattered pages go out
         together, each run read on its own, through the page cache: see _prefetch), then

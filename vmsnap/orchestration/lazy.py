@@ -39,7 +39,7 @@ import numpy as np
 
 from .. import targets
 from ..errors import VmsnapError, one_line
-from ..fileformat.hot import load_hot, save_hot
+from ..fileformat.hot import load_hot, prefetch_hot, save_hot
 from ..fileformat.reader import Snapshot
 from ..ops.postcopy_send import PostcopySource, PostcopyStats
 from ..ops.send import SendStats, send
@@ -79,7 +79,7 @@ class LazyRestoreResult(RestoreResult):
     zero_pages: int = 0
     latency_p50_us: float | None = None
     latency_p99_us: float | None = None
-    hot_pages: int = 0  # pages of the hint sent first
+    hot_pages: int = 0  # pages of the hint sent first (mmap: read ahead)
     already_received: int = 0  # --resume: pages the target had before this vmsnap came
     interrupted: bool = False
     verified: bool = False  # mmap: every mapped page checked (before or after the start)
@@ -184,6 +184,8 @@ async def restore_lazy(snap: Snapshot, *, engine: str = "auto",
             job.verified = True
         if job.engine == "postcopy":
             job.prepare()  # while QEMU starts (or we connect to it)
+        elif hot:
+            job.prefetch()
         if target is not None:
             job.proc, job.client, peer, address = target, target.monitor, target.peer, \
                 target.label
@@ -246,6 +248,7 @@ class _Job:
     qmp: str = ""
     source: PostcopySource | None = None
     preparing: asyncio.Future[PostcopySource] | None = None
+    prefetching: asyncio.Future[int] | None = None
     guest_started: bool = False  # mmap: from here on, the guest lives without vmsnap
     verified: bool = False
 
@@ -258,8 +261,18 @@ class _Job:
 
         self.preparing = asyncio.get_running_loop().run_in_executor(None, source)
 
+    def prefetch(self) -> None:
+        """mmap: have the kernel read the hinted pages of the mapped block into the page
+        cache while QEMU starts, so the guest's first touches of them do not each wait for
+        the disk (the file is mapped, not read by vmsnap)."""
+        self.prefetching = asyncio.get_running_loop().run_in_executor(
+            None, prefetch_hot, self.snap, (MAPPED_BLOCK,))
+
     async def settle(self) -> None:
-        """Wait for a preparation nobody took (a restore that failed first)."""
+        """Wait for a preparation nobody took (a restore that failed first), and for the
+        prefetch (it reads the file, which closes after)."""
+        if self.prefetching is not None:
+            await asyncio.wait([self.prefetching])
         if self.preparing is not None and self.source is None:
             await asyncio.wait([self.preparing])
             if not self.preparing.cancelled():
@@ -430,4 +443,6 @@ async def _mmap(job: _Job) -> LazyRestoreResult:
         others = [b.name for b in job.snap.blocks if b.name != MAPPED_BLOCK]  # sent checked
         await loop.run_in_executor(None, lambda: job.snap.verify(skip=others))
         job.verified = True
-    return job.result(stats.stream_bytes, stats.pages, running)
+    hot = await job.prefetching if job.prefetching is not None else 0
+    return dataclasses.replace(job.result(stats.stream_bytes, stats.pages, running),
+                               hot_pages=hot)

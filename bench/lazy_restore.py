@@ -3,7 +3,7 @@ mapped-ram load, in one run, interleaved, cold cache.
 
     sudo .venv/bin/python bench/lazy_restore.py [--sizes 1024,4096,8192] [--reps 3]
                                                 [--fill 0.9] [--dir /var/tmp/vmsnap-lazy]
-                                                [--qemu 10|7.2]
+                                                [--qemu 10|7.2] [--ws-mb N]
 
 Per size: a bootguest (QEMU 10 or 7.2; 7.2 runs eager and postcopy only, having neither
 memory-backend-file offset= nor mapped-ram; KVM, mode=random, `limit_mb` = fill x RAM, `beat=1`: a
@@ -19,7 +19,12 @@ an installed vmsnap runs (bench.common.vmsnap_env):
   eager         vmsnap restore (multifd, default channels)
   postcopy      vmsnap restore --lazy=postcopy, FILE.hot removed first
   postcopy-hot  the same with the FILE.hot the previous postcopy run recorded
-  mmap          vmsnap restore --lazy=mmap (background checksum pass included in "done")
+  postcopy-live (--ws-mb) the same with the FILE.hot the live save recorded: the pages it
+                saw re-dirtied in its last rounds (with --ws-mb the save is `--live`)
+  mmap          vmsnap restore --lazy=mmap (background checksum pass included in "done"),
+                FILE.hot removed first
+  mmap-live     (--ws-mb) the same with the live save's FILE.hot: its pages are read ahead
+                into the page cache while QEMU starts
   qemu10        QEMU 10 `migrate-incoming file:FILE` with mapped-ram, multifd 4, direct-io
 
 Figures, all from the command's start (spawn of vmsnap, or of QEMU for qemu10):
@@ -28,7 +33,12 @@ Figures, all from the command's start (spawn of vmsnap, or of QEMU for qemu10):
   beat      first heartbeat: the guest completed a full pass over all its pages
   done      the command ended: postcopy = every page resident; eager/qemu10 = loaded and
             running; mmap = background check of every mapped page finished
+  ws pass   --ws-mb N (a guest whose working set is N MiB of pages scattered over its RAM,
+            bootguest ws_mb=N; beat=1 makes a heartbeat after every pass over them): the
+            second heartbeat, i.e. the first pass over the whole working set made wholly
+            after the restore (the first heartbeat ends a pass the save interrupted)
   p50/p99   postcopy page-request latency (receipt of the request -> page sent), us
+  requests  postcopy page requests (pages the guest touched before they were pushed)
 Medians of the repetitions; JSON with every repetition in bench/results/.
 """
 
@@ -55,21 +65,27 @@ from testbed.serial import SerialConsole  # noqa: E402
 
 METHODS = ("eager", "postcopy", "postcopy-hot", "mmap", "qemu10")
 METHODS_72 = ("eager", "postcopy", "postcopy-hot")
+#: --ws-mb: also the hint a live save records (the pages re-dirtied in its last rounds)
+METHODS_WS = ("postcopy-live", "mmap-live")
 
 
 class Beat:
-    """Watch a VM's serial socket from its spawn; note when the first heartbeat comes."""
+    """Watch a VM's serial socket from its spawn; note when the first `count` heartbeats
+    come."""
 
-    def __init__(self, path: Path) -> None:
-        self.at: float | None = None
+    def __init__(self, path: Path, count: int) -> None:
+        self.at: list[float] = []
+        self.count = count
         self.console: SerialConsole | None = None
         self.thread = threading.Thread(target=self._watch, args=(path,), daemon=True)
         self.thread.start()
 
     def _watch(self, path: Path) -> None:
         self.console = SerialConsole(path, connect_timeout=120)
-        self.console.wait_for("B", 600)
-        self.at = time.monotonic()
+        start = 0
+        while len(self.at) < self.count:
+            start = self.console.wait_for("B", 600, start).end()
+            self.at.append(time.monotonic())
 
     def close(self) -> None:
         self.thread.join(600)
@@ -105,11 +121,16 @@ def run_method(method: str, guest: BootGuest, config, snap: Path, workdir: Path,
     vm = Vm(config, workdir, name, incoming="defer")
     if method == "postcopy":
         Path(f"{snap}.hot").unlink(missing_ok=True)
+    elif method in ("postcopy-live", "mmap-live"):
+        shutil.copyfile(f"{snap}.hot.live", f"{snap}.hot")
+    elif method == "mmap":
+        Path(f"{snap}.hot").unlink(missing_ok=True)
     extra = {"eager": [], "postcopy": ["--lazy=postcopy"], "postcopy-hot": ["--lazy=postcopy"],
-             "mmap": ["--lazy=mmap"]}.get(method)
+             "postcopy-live": ["--lazy=postcopy"], "mmap": ["--lazy=mmap"],
+             "mmap-live": ["--lazy=mmap"]}.get(method)
     evict_file(snap)
     t0 = time.monotonic()
-    beat = Beat(vm.serial_path)
+    beat = Beat(vm.serial_path, 2 if guest.ws_mb else 1)
     try:
         if method == "qemu10":
             fig = native_restore(snap, vm, t0)
@@ -117,7 +138,9 @@ def run_method(method: str, guest: BootGuest, config, snap: Path, workdir: Path,
             fig = vmsnap_restore(snap, vm.argv(), extra, env, t0)
             vm.adopt(fig.pop("pid"))
         beat.close()
-        fig["beat"] = beat.at - t0 if beat.at else None
+        fig["beat"] = beat.at[0] - t0 if beat.at else None
+        if guest.ws_mb:
+            fig["ws_pass"] = beat.at[1] - t0 if len(beat.at) > 1 else None
         guest.check_restored(vm)
         fig["ok"] = True
     finally:
@@ -133,26 +156,35 @@ def main() -> None:
     ap.add_argument("--methods", default=None, help="default: every method the QEMU has")
     ap.add_argument("--qemu", default="10", choices=("10", "7.2"))
     ap.add_argument("--dir", default="/var/tmp/vmsnap-lazy")
+    ap.add_argument("--ws-mb", type=int, default=None,
+                    help="the guest's working set after its first pass, MiB, scattered")
     args = ap.parse_args()
-    methods = (args.methods or ",".join(METHODS if args.qemu == "10" else METHODS_72)).split(",")
+    default = [*(METHODS if args.qemu == "10" else METHODS_72),
+               *(m for m in METHODS_WS if args.ws_mb and (args.qemu == "10" or "mmap" not in m))]
+    methods = args.methods.split(",") if args.methods else list(default)
     workdir = Path(args.dir)
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(mode=0o700, parents=True)
     results: dict = {"host": os.uname().nodename, "qemu": args.qemu, "reps": args.reps,
-                     "fill": args.fill, "loadavg_start": os.getloadavg(), "sizes": {}}
+                     "fill": args.fill, "ws_mb": args.ws_mb, "loadavg_start": os.getloadavg(),
+                     "sizes": {}}
     env = vmsnap_env(workdir)
     t_start = time.monotonic()
     for size in map(int, args.sizes.split(",")):
-        guest = BootGuest(memory_mb=size, mode="random", limit_mb=int(size * args.fill))
+        guest = BootGuest(memory_mb=size, mode="random", limit_mb=int(size * args.fill),
+                          ws_mb=args.ws_mb)
         config = guest.config(args.qemu, workdir)
         config.args[-1] += " beat=1"
         snap = workdir / "vm.snap"
         with Vm(config, workdir, "src") as src:
             guest.boot(src)
             guest.wait_alive(src)
-            subprocess.run([sys.executable, "-m", "vmsnap", "save", "--quit", "--force",
+            live = ["--live"] if args.ws_mb else []  # its hint: the working set
+            subprocess.run([sys.executable, "-m", "vmsnap", "save", "--quit", "--force", *live,
                             "--qmp", str(src.tool_qmp_path), str(snap)], check=True, env=env)
             src.proc.wait(60)
+        if live:
+            shutil.move(f"{snap}.hot", f"{snap}.hot.live")
         runs: dict[str, list[dict]] = {m: [] for m in methods}
         for rep in range(args.reps):
             for m in methods:
@@ -166,10 +198,12 @@ def main() -> None:
         results["sizes"][size] = {m: {"runs": r, "median": medians(r)} for m, r in runs.items()}
         snap.unlink()
         Path(f"{snap}.hot").unlink(missing_ok=True)
+        Path(f"{snap}.hot.live").unlink(missing_ok=True)
     results["elapsed_s"] = time.monotonic() - t_start
     results["loadavg_end"] = os.getloadavg()
+    ws = f"-ws{args.ws_mb}" if args.ws_mb else ""
     out = (REPO / "bench" / "results"
-           / f"lazy-qemu{args.qemu}-{time.strftime('%Y%m%d-%H%M%S')}.json")
+           / f"lazy-qemu{args.qemu}{ws}-{time.strftime('%Y%m%d-%H%M%S')}.json")
     out.write_text(json.dumps(results, indent=1))
     print(table(results))
     print(f"results: {out}")
@@ -178,16 +212,17 @@ def main() -> None:
 def medians(runs: list[dict]) -> dict:
     good = [r for r in runs if r.get("ok")]
     out = {"ok": f"{len(good)}/{len(runs)}"}
-    for key in ("running", "beat", "done", "p50", "p99", "loadavg"):
+    for key in ("running", "beat", "ws_pass", "done", "p50", "p99", "requests", "loadavg"):
         values = [r[key] for r in good if r.get(key) is not None]
         out[key] = statistics.median(values) if values else None
     return out
 
 
 def table(results: dict) -> str:
-    rows = [f"QEMU {results['qemu']}",
-            "| RAM | method | ok | running s | first full pass s | done s | p50 us | p99 us "
-            "| load |", "|---|---|---|---|---|---|---|---|---|"]
+    ws = results.get("ws_mb")
+    rows = [f"QEMU {results['qemu']}" + (f", working set {ws} MiB" if ws else ""),
+            "| RAM | method | ok | running s | first heartbeat s | ws pass s | done s | p50 us "
+            "| p99 us | requests | load |", "|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def f(v, fmt):
         return "" if v is None else format(v, fmt)
@@ -196,8 +231,10 @@ def table(results: dict) -> str:
         for m, d in by.items():
             md = d["median"]
             rows.append(f"| {int(size)} MiB | {m} | {md['ok']} | {f(md['running'], '.2f')}"
-                        f" | {f(md['beat'], '.2f')} | {f(md['done'], '.2f')}"
+                        f" | {f(md['beat'], '.2f')} | {f(md.get('ws_pass'), '.2f')}"
+                        f" | {f(md['done'], '.2f')}"
                         f" | {f(md['p50'], '.0f')} | {f(md['p99'], '.0f')}"
+                        f" | {f(md.get('requests'), '.0f')}"
                         f" | {f(md['loadavg'], '.1f')} |")
     return "\n".join(rows)
 

@@ -50,7 +50,7 @@ def test_bootguest_working_set(qemu_version, workdir):
 
 
 @pytest.mark.qemu
-@pytest.mark.parametrize("ws_mb", [None, 4], ids=["all-ram", "working-set"])
+@pytest.mark.parametrize("ws_mb", [None, 8], ids=["all-ram", "working-set"])
 def test_ram_check_catches_one_corrupted_page(ws_mb, qemu_version, workdir):
     """The victim, in the middle of RAM, is outside the working set of a ws_mb guest: a page
     that never moves after READY is still checked."""

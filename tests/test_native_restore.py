@@ -45,6 +45,7 @@ def test_no_verify_restore(workdir, outside, qemu, ram_path):
         d = done(run_vmsnap(workdir, "restore", "--json", "--no-verify", snap, "--qmp",
                             dst.tool_qmp_path))
         assert d["ram_path"] == ram_path and d["final_state"] == "running", d
+        assert 0 < d["load_seconds"] <= d["seconds"], d  # the loading part of the restore
         guest.check_restored(dst)
     if qemu != "10":
         return

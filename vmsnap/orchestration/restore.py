@@ -116,9 +116,11 @@ async def restore(snap: Snapshot, *, qmp_address: str | None = None,
         held.stack.enter_context(vm_lock(peer.pid))
         dest = await check_target(client, peer, facts.machine, facts.sizes)
         held.plan = plan = await shared.restore_plan(client, peer, set(facts.sizes))
+        t_load = time.monotonic()
         stats, ram_path = await _load(client, peer, snap, facts, held, dest, channels,
                                       verify, rep)
         await wait_loaded(client, held.log_path)
+        load_seconds = time.monotonic() - t_load
         run = facts.saved_running and not paused
         if run:
             await client.execute("cont")
@@ -130,7 +132,8 @@ async def restore(snap: Snapshot, *, qmp_address: str | None = None,
         result = RestoreResult(path, time.monotonic() - t0, stats.stream_bytes,
                                stats.pages + (plan.pages if plan else 0),
                                "running" if run else "paused",
-                               held.proc.pid if held.proc else peer.pid, qmp_address, ram_path)
+                               held.proc.pid if held.proc else peer.pid, qmp_address, ram_path,
+                               round(load_seconds, 3))
     except BaseException as err:
         rep.error(one_line(err))
         if held.proc is not None:  # never leave a half-loaded VM we started behind

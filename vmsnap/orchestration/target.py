@@ -40,6 +40,9 @@ class RestoreResult:
     pid: int | None
     qmp: str
     ram_path: str = "stream"  # "shared": vmsnap filled the target's shared RAM itself
+    #: of `seconds`, those from the end of the checks of file and target until QEMU had
+    #: loaded RAM and device state (the rest is vmsnap's own: open, QMP, checks)
+    load_seconds: float | None = None
 
 
 class Target(Protocol):

@@ -11,7 +11,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ class Context:
     present_bytes: dict[str, int]  # scenario key -> bytes of present pages (vmsnap info)
     libvirt: Any = None  # testbed.libvirt.Libvirtd once started, or the reason it cannot run
     libvirt_version: str | None = None
+    vmsnap_env: dict[str, str] = field(default_factory=dict)  # bench.common.compiled_vmsnap
 
 
 def _wait_running(vm, timeout: float = 600.0) -> None:
@@ -116,7 +117,7 @@ class Vmsnap(Method):
             c0 = cached_bytes()
             argv = [VMSNAP, "save", "--json", "--qmp", str(src.tool_qmp_path), str(snap),
                     *(["--live"] if scen.live else []), *self._channel_args("save")]
-            save = run_child(argv, env=_tmpdir(wd))
+            save = run_child(argv, env=_env(ctx, wd))
             c1 = cached_bytes()
             if save.returncode:
                 raise RuntimeError(f"vmsnap save: {save.stderr.strip()[-400:]}")
@@ -130,13 +131,16 @@ class Vmsnap(Method):
             restore = run_child([VMSNAP, "restore", "--json", str(snap), "--qmp",
                                  str(dst.tool_qmp_path), *self._channel_args("restore"),
                                  *self.restore_args],
-                                env=_tmpdir(wd))
+                                env=_env(ctx, wd))
             if restore.returncode:
                 raise RuntimeError(f"vmsnap restore: {restore.stderr.strip()[-400:]}")
             _wait_running(dst)
             restore_s = time.monotonic() - t0
             check = guest.check_restored(dst)
-        return {"save_s": save.seconds, "restore_s": restore_s, **file_sizes(snap),
+        restored = _last_event(restore.stdout) or {}
+        return {"save_s": save.seconds, "restore_s": restore_s,
+                # the part of restore_s from vmsnap's checks done until QEMU had loaded it all
+                "restore_load_s": restored.get("load_seconds"), **file_sizes(snap),
                 "cache_growth_bytes": c1 - c0, "save_cpu_s": save.cpu_seconds,
                 "save_max_rss_bytes": save.max_rss_bytes, "restore_cpu_s": restore.cpu_seconds,
                 "restore_max_rss_bytes": restore.max_rss_bytes,
@@ -188,9 +192,10 @@ class VmsnapShared(Vmsnap):
             shutil.rmtree(self._shm, ignore_errors=True)
 
 
-def _tmpdir(wd: Path) -> dict[str, str]:
-    """vmsnap makes its migration socket under TMPDIR: inside wd, a chroot QEMU 10 sees it."""
-    return {"TMPDIR": str(wd)}
+def _env(ctx: Context, wd: Path) -> dict[str, str]:
+    """vmsnap as installed (ctx.vmsnap_env), with its migration socket under TMPDIR: inside
+    wd, a chroot QEMU 10 sees it."""
+    return {**ctx.vmsnap_env, "TMPDIR": str(wd)}
 
 
 def _last_event(stdout: str) -> dict | None:
@@ -345,23 +350,24 @@ class VmsnapDomain(Virsh):
         self.name = "vmsnap-domain" + (f"-ch{channels}" if channels else "")
         self.label = "vmsnap --domain" + (f" {channels} ch" if channels else "")
 
-    def _vmsnap(self, path: Path, *args: str) -> dict[str, Any]:
+    def _vmsnap(self, ctx, path: Path, *args: str) -> dict[str, Any]:
         chans = ["--channels", str(self.channels)] if self.channels else []
-        proc = run_child([VMSNAP, *args[:1], "--json", *args[1:], *chans], env=_tmpdir(path.parent))
+        proc = run_child([VMSNAP, *args[:1], "--json", *args[1:], *chans],
+                         env=_env(ctx, path.parent))
         if proc.returncode:
             raise RuntimeError(f"vmsnap {args[0]}: {proc.stderr.strip()[-400:]}")
         return {f"{args[0]}_cpu_s": proc.cpu_seconds,
                 f"{args[0]}_max_rss_bytes": proc.max_rss_bytes}
 
     def save(self, vm, path, ctx):
-        return self._vmsnap(path, "save", "--domain", vm.name, "--connect", ctx.libvirt.uri,
+        return self._vmsnap(ctx, path, "save", "--domain", vm.name, "--connect", ctx.libvirt.uri,
                             str(path))
 
     def before_restore(self, vm) -> None:
         vm.destroy()  # the domain stays paused after `vmsnap save`: the restore replaces it
 
     def restore(self, vm, path, ctx):
-        return self._vmsnap(path, "restore", str(path), "--connect", ctx.libvirt.uri)
+        return self._vmsnap(ctx, path, "restore", str(path), "--connect", ctx.libvirt.uri)
 
 
 class Fio(Method):

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from bench.common import summarize
+from bench.common import compiled_vmsnap, summarize
 from bench.methods import Context, Scenario, Virsh, all_methods
 from bench.report import chart, print_tables, print_targets, ratios, targets
 from testbed.guests import BootGuest, LinuxGuest
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         args.dir.mkdir(mode=0o711, parents=True)
     root = args.dir / stamp
     root.mkdir(mode=0o711)  # libvirt's QEMU (user libvirt-qemu) writes RAM dumps below it
-    ctx = Context(root=root, present_bytes={})
+    ctx = Context(root=root, present_bytes={}, vmsnap_env=compiled_vmsnap())
     if any(isinstance(m, Virsh) for m in methods):
         ctx.libvirt = _start_libvirt(ctx)
     t_start = time.monotonic()
@@ -175,7 +175,7 @@ def _one(scen: Scenario, m, ctx: Context, rep: int) -> dict:
 
 NUMERIC = ("dirty_rate_mb_s", "save_s", "restore_s", "apparent_bytes", "allocated_bytes",
            "cache_growth_bytes", "save_cpu_s", "save_max_rss_bytes", "restore_cpu_s",
-           "restore_max_rss_bytes")
+           "restore_max_rss_bytes", "restore_load_s")
 
 
 def _summary(runs: list[dict]) -> dict:

@@ -329,3 +329,13 @@ def test_damaged_checksum_table_refused_where_it_is_needed(tmp_path):
             with pytest.raises(CorruptTrailer, match="body checksum mismatch") as ei:
                 use()
             assert "\n" not in str(ei.value)
+
+
+def test_table_index_counts_present_pages_before(small_snapshot, monkeypatch):
+    """BlockInfo.table_index (one count per stride, made on first use, then a count inside
+    the stride) is the number of present pages before a page, across stride edges."""
+    monkeypatch.setattr("vmsnap.fileformat.reader.INDEX_STRIDE", 64)
+    with open_snapshot(small_snapshot) as s:
+        for b in s.blocks:
+            want = np.cumsum(b.present) - b.present
+            assert [b.table_index(p) for p in range(b.npages)] == want.tolist()

@@ -44,6 +44,8 @@ MAX_TAIL = 1 << 30
 INDEX_FLOOR = 1 << 28
 #: Stream ranges are checked in pieces of this size (a range is as long as the file says).
 RANGE_CHUNK = 8 << 20
+#: Pages per count of BlockInfo.table_index (16 MiB of 4 KiB pages)
+INDEX_STRIDE = 4096
 
 
 @dataclass
@@ -74,6 +76,21 @@ class BlockInfo:
     @cached_property
     def present_count(self) -> int:
         return int(self.present.sum())
+
+    @cached_property
+    def _marks(self) -> np.ndarray:
+        """Present pages before every INDEX_STRIDE-th page."""
+        whole = len(self.present) // INDEX_STRIDE * INDEX_STRIDE
+        counts = np.count_nonzero(self.present[:whole].reshape(-1, INDEX_STRIDE), axis=1)
+        return np.concatenate(([0], np.cumsum(counts), [self.present_count]))
+
+    def table_index(self, page: int) -> int:
+        """The entry of present page `page` in the block's checksum table: the number of
+        present pages before it (an index of one count per INDEX_STRIDE pages, made on first
+        use, and a count inside the stride: no per-page index to build before a restore)."""
+        mark = page // INDEX_STRIDE
+        return int(self._marks[mark]) + int(np.count_nonzero(
+            self.present[mark * INDEX_STRIDE:page]))
 
 
 @dataclass(frozen=True)

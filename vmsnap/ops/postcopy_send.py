@@ -133,9 +133,6 @@ class PostcopySource:
         self.progress = progress
         self.blocks = {b.name: b for b in snap.blocks}
         self.claimed = {b.name: np.zeros(b.npages, dtype=bool) for b in snap.blocks}
-        # trailer table index of each page (number of present pages before it)
-        self.index = {b.name: np.cumsum(b.present, dtype=np.int64) - b.present
-                      for b in snap.blocks}
         self.hot = hot or {}
         self.hot_pages = present_hot(snap, self.hot)
         self.jobs: list[Job] | None = None  # planned by the first pusher
@@ -198,7 +195,7 @@ class PostcopySource:
             f, c = int(pages[i]), int(c)
             mv = self.snap.read_pages(b, f, c, into=buf.view[pos * ps:(pos + c) * ps],
                                       urgent=urgent, cached=cached)
-            self.snap.check_pages(b, f, c, mv, int(self.index[b.name][f]))
+            self.snap.check_pages(b, f, c, mv, b.table_index(f))
             pos += c
         return buf.view[:pos * ps]
 
@@ -428,8 +425,7 @@ class PostcopySource:
                         if not new.any():
                             continue
                         mv = self.snap.read_pages(b, first, count, into=buf)
-                        self.snap.check_pages(b, first, count, mv,
-                                              int(self.index[b.name][first]))
+                        self.snap.check_pages(b, first, count, mv, b.table_index(first))
                         pages = np.flatnonzero(new) + first
                         if len(pages) != count:  # some went out on request meanwhile
                             mv = memoryview(np.frombuffer(mv, np.uint8).reshape(count, ps)[new]

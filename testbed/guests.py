@@ -12,14 +12,16 @@ from __future__ import annotations
 import os
 import re
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from testbed.paths import BOOTGUEST_DIR, LINUXGUEST_DIR
-from testbed.qemu import Vm, VmConfig, kvm_available
-from testbed.ramcheck import RamCheckResult, check_counter_ranges
+from testbed.qemu import QemuError, Vm, VmConfig, kvm_available
+from testbed.ramcheck import RamCheckResult, check_counter_ranges, compare_with_saved
 
 #: qboot boots in ~0.1 s where SeaBIOS takes ~3 s under this host's nested KVM.
 QBOOT = "/usr/share/qemu/qboot.rom"
@@ -29,12 +31,38 @@ class GuestCheckFailed(AssertionError):
     pass
 
 
+@dataclass
+class Saved:
+    """What a guest held when it was saved: the reference `check_restored` compares a
+    restore with. Made only by `guest.saving(vm)` around the save.
+
+    `at_least`: bootguest, no page's counter was below it when the save began (the first
+    page's counter read just before, minus one: the pages behind the moving edge); Linux
+    guest, memfill's rewrite count then. `exact`: bootguest, the RAM the file must hold,
+    read from the source still paused after a paused or live save (or paused before it)."""
+
+    at_least: int
+    exact: RamCheckResult | None = None
+    complete: bool = False  # the save's `with` block ended
+
+
 def default_accel(linux: bool) -> str:
     """KVM where it can run the guest; the Linux guest uses TCG unless told otherwise
     (this host's nested KVM cannot run a stock kernel: set VMSNAP_LINUX_ACCEL=kvm elsewhere)."""
     if linux:
         return os.environ.get("VMSNAP_LINUX_ACCEL", "tcg")
     return os.environ.get("VMSNAP_BOOT_ACCEL", "kvm" if kvm_available() else "tcg")
+
+
+def _expect_restored(vm: Vm, saved: Saved, resumed: bool) -> None:
+    """check_restored's preconditions: a finished `saving` block, and the restored VM
+    paused (running only where the caller says its restore path resumes it)."""
+    if not saved.complete:
+        raise GuestCheckFailed("check_restored: the save's `saving` block has not ended")
+    status = vm.status()
+    if (status == "running") != resumed:
+        raise GuestCheckFailed(f"check_restored(resumed={resumed}) but the restored VM is "
+                               f"{status!r}")
 
 
 @dataclass
@@ -85,10 +113,9 @@ class BootGuest:
         path.unlink()
         return value
 
-    def check(self, vm: Vm) -> RamCheckResult:
-        """Stop the guest, read all stamped RAM (a piece at a time: the checking process
-        stays small whatever the guest's size), apply the one-moving-edge rule."""
-        vm.stop()
+    def read(self, vm: Vm) -> RamCheckResult:
+        """Read all stamped RAM of the stopped guest (a piece at a time: the checking process
+        stays small whatever the guest's size) and apply the one-moving-edge rule."""
         path = vm.workdir / f"{vm.name}.pmemsave"  # not .ram: tests back RAM by such files
 
         def read(start: int, length: int, _range_start: int) -> np.ndarray:
@@ -96,17 +123,54 @@ class BootGuest:
             try:
                 return np.fromfile(path, dtype=np.uint8)
             finally:
-                path.unlink()
+                path.unlink(missing_ok=True)  # none if QEMU failed (e.g. ended by a save)
 
-        result = check_counter_ranges(self.ranges, read, self.mode, workset=self.workset)
+        return check_counter_ranges(self.ranges, read, self.mode, workset=self.workset)
+
+    def check(self, vm: Vm) -> RamCheckResult:
+        """Stop the guest and check its RAM with the one-moving-edge rule."""
+        vm.stop()
+        result = self.read(vm)
         if not result.ok:
             raise GuestCheckFailed(f"bootguest RAM check failed: {result.describe()}")
         return result
 
-    def check_restored(self, vm: Vm) -> RamCheckResult:
-        """After a restore: let the guest run until it proves alive, then check its RAM."""
-        if vm.status() != "running":
-            vm.cont()
+    @contextmanager
+    def saving(self, vm: Vm, *, background: bool = False) -> Iterator[Saved]:
+        """Around a save of `vm`: records what the file must hold. A paused guest's RAM is
+        read whole (it stands still); a running one's first counter gives the lower bound,
+        and if the save leaves it paused (a paused or live save), its RAM is read then.
+        `background`: the file holds RAM as the save began, not as it ended."""
+        if vm.status() == "running":
+            saved = Saved(at_least=self.counter(vm) - 1)
+        else:
+            exact = self.read(vm)
+            saved = Saved(at_least=exact.last_counter or 0, exact=exact)
+        yield saved
+        if saved.exact is None and not background:
+            try:
+                if vm.status() != "running":
+                    saved.exact = self.read(vm)
+            except QemuError:  # ended by the save (--quit): the lower bound stands
+                pass
+        saved.complete = True
+
+    def check_restored(self, vm: Vm, saved: Saved, *, resumed: bool = False) -> RamCheckResult:
+        """After a restore left the guest paused: its RAM must be what was saved (`exact`,
+        else no counter below `at_least`) and pass the one-moving-edge rule, before the
+        guest runs again (running, it would re-stamp RAM restored wrong into a valid-looking
+        sequence); then let it run until it proves alive and check again.
+        `resumed`: the restore path can only resume the guest (a lazy restore runs it
+        while its RAM comes in): it is stopped at once and its counters must be at least
+        the saved ones (stale or zeroed RAM re-stamped briefly stays below them)."""
+        _expect_restored(vm, saved, resumed)
+        if resumed:
+            vm.stop()
+        problem = compare_with_saved(self.read(vm), saved.exact, saved.at_least,
+                                     ran=resumed)
+        if problem:
+            raise GuestCheckFailed(f"bootguest RAM differs from the save: {problem}")
+        vm.cont()
         self.wait_alive(vm)
         return self.check(vm)
 
@@ -161,11 +225,35 @@ class LinuxGuest:
             raise GuestCheckFailed(f"linuxguest: {m.group(0)}")
         return m.group(0)
 
-    def check_restored(self, vm: Vm) -> str:
-        if vm.status() != "running":
+    def stats(self, vm: Vm) -> dict[str, str]:
+        mark = vm.serial.mark()
+        vm.serial.send_line("STATS")
+        line = vm.serial.wait_for(r"STATS [^\r\n]*(?=[\r\n])", 60, start=mark).group(0)
+        return dict(kv.split("=", 1) for kv in line.split()[1:])
+
+    @contextmanager
+    def saving(self, vm: Vm, *, background: bool = False) -> Iterator[Saved]:
+        """Around a save of `vm`: memfill's rewrite count before it (a running guest's; a
+        paused one cannot answer: 0). RAM restored from an older state has fewer."""
+        del background  # the count only grows: the save's start bounds every mode
+        saved = Saved(at_least=int(self.stats(vm)["rewrites"])
+                      if vm.status() == "running" else 0)
+        yield saved
+        saved.complete = True
+
+    def check_restored(self, vm: Vm, saved: Saved, *, resumed: bool = False) -> str:
+        """After a restore: let the guest run, memfill checks every page it filled, and its
+        rewrite count must be at least the saved one (the guest cannot be read paused)."""
+        _expect_restored(vm, saved, resumed)
+        if not resumed:
             vm.cont()
         self.wait_alive(vm)
-        return self.check(vm)
+        line = self.check(vm)
+        rewrites = int(self.stats(vm)["rewrites"])
+        if rewrites < saved.at_least:
+            raise GuestCheckFailed(f"linuxguest: {rewrites} rewrites after the restore, "
+                                   f"{saved.at_least} when the save began")
+        return line
 
 
 def shared_ram_args(kind: str, memory_mb: int, mem_path: Path | None = None) -> list[str]:

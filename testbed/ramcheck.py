@@ -309,3 +309,28 @@ def _workset_mask(npages: int, stride: int, count: int) -> np.ndarray:
     mask = np.zeros(npages, dtype=bool)
     mask[0:count * stride:stride] = True
     return mask
+
+
+def compare_with_saved(restored: RamCheckResult, exact: RamCheckResult | None,
+                       at_least: int, *, ran: bool = False) -> str | None:
+    """What is wrong with restored RAM against what was saved, or None. A sequence that
+    passes the one-moving-edge rule is fixed by its first and last counters and its edge,
+    so a paused restore must match `exact` in those; without `exact`, or once the restored
+    guest `ran` (its counters only grow), no counter may be below the saved ones
+    (`at_least`, or `exact`'s lowest): RAM restored zeroed or stale as a whole is
+    self-consistent, and the guest re-stamping it keeps it so, but not as high."""
+    if not restored.ok:
+        return restored.describe()
+    assert restored.last_counter is not None  # ok: pages were checked
+    if exact is not None and not ran:
+        want = (exact.pages_checked, exact.first_counter, exact.last_counter, exact.edge_addr)
+        got = (restored.pages_checked, restored.first_counter, restored.last_counter,
+               restored.edge_addr)
+        if got != want:
+            return (f"restored {restored.describe()}; saved {exact.describe()}")
+        return None
+    floor = exact.last_counter if exact is not None and exact.last_counter else at_least
+    if restored.last_counter < floor:  # the lowest counter of a valid sequence
+        return (f"counters {restored.first_counter}..{restored.last_counter} are below "
+                f"{floor}, the lowest when the save {'ended' if exact else 'began'}")
+    return None

@@ -6,6 +6,7 @@ import pytest
 from testbed.ramcheck import (
     PAGE_SIZE,
     check_counter_pages,
+    compare_with_saved,
     fill_pages,
     page_pattern,
     splitmix64,
@@ -252,3 +253,47 @@ def test_workset_faults_are_named():
         check_counter_pages(ranges, good, workset=(10, 104))  # page 1030 of 1024
     with pytest.raises(ValueError):
         check_counter_pages(ranges, good, workset=(0, 100))
+
+
+def _saved_and_restored(mode, restored_counters):
+    """(saved, restored) check results: saved = counters 9 up to an edge, 8 after it."""
+    ranges = [(4 * MiB, 8 * MiB)]
+    npages = 4 * MiB // PAGE_SIZE
+    saved = np.full(npages, 8, dtype=np.uint64)
+    saved[:100] = 9
+    results = [check_counter_pages(ranges, _mem(ranges, [c], mode), mode)
+               for c in (saved, restored_counters(saved))]
+    assert all(r.ok for r in results), results  # each one is self-consistent
+    return results
+
+
+@pytest.mark.parametrize("mode", ["counter", "random"])
+@pytest.mark.parametrize("how", ["zeroed, then one sweep", "stale block", "edge moved"])
+def test_restored_ram_must_be_what_was_saved(mode, how):
+    """RAM restored wrong as a whole passes the one-moving-edge rule (once the guest re-stamps
+    zeroed counters they are valid again); against the save it fails, paused or after a run."""
+    wrong = {"zeroed, then one sweep": lambda c: np.ones_like(c),
+             "stale block": lambda c: c - np.uint64(5),
+             "edge moved": lambda c: np.where(np.arange(c.size) < 200, 9, 8).astype(np.uint64)}
+    saved, restored = _saved_and_restored(mode, wrong[how])
+    assert "saved" in compare_with_saved(restored, saved, 0)
+    if how != "edge moved":  # a guest that ran may have moved its edge
+        assert "below 8" in compare_with_saved(restored, saved, 0, ran=True)
+        assert "below 7" in compare_with_saved(restored, None, 7)
+
+
+@pytest.mark.parametrize("mode", ["counter", "random"])
+def test_restored_ram_as_saved_passes(mode):
+    saved, restored = _saved_and_restored(mode, lambda c: c)
+    assert compare_with_saved(restored, saved, 0) is None
+    assert compare_with_saved(restored, None, 8) is None
+    _, ran = _saved_and_restored(mode, lambda c: c + np.uint64(3))  # re-stamped 3 times
+    assert compare_with_saved(ran, saved, 0, ran=True) is None
+    assert compare_with_saved(ran, saved, 0) is not None  # not what the file holds
+
+
+def test_restored_ram_failing_its_own_check_fails():
+    saved, _ = _saved_and_restored("counter", lambda c: c)
+    ranges = [(4 * MiB, 8 * MiB)]
+    bad = check_counter_pages(ranges, _mem(ranges, [0], "counter"), "counter")
+    assert "never stamped" in compare_with_saved(bad, saved, 0)

@@ -3,10 +3,11 @@ for both guests and both QEMU versions, and a single corrupted page is caught.""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from testbed.cases import make_guest, round_trip_params
-from testbed.guests import BootGuest, GuestCheckFailed
+from testbed.guests import BootGuest, GuestCheckFailed, shared_ram_args
 from testbed.qemu import Vm, exec_uri
 from testbed.streams import page_data_positions
 from testbed.transfer import save_with_cat
@@ -74,3 +75,40 @@ def test_ram_check_catches_one_corrupted_page(ws_mb, qemu_version, workdir):
         vm.wait_incoming()
         with pytest.raises(GuestCheckFailed, match=f"{victim:#x}"):
             guest.check_restored(vm)
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize("mode", ["counter", "random"])
+@pytest.mark.parametrize("how", ["zeroed", "stale"])
+def test_ram_check_catches_ram_restored_wrong_as_a_whole(mode, how, workdir):
+    """The restored RAM's counters are set back to zero, or by 5 sweeps, all at once (in the
+    shared file backing the destination's RAM, before it runs; the moving edge kept where
+    the guest will go on stamping): self-consistent RAM. Once
+    the guest has run, its own re-stamping hides that from the one-moving-edge rule (the
+    check made before `saved` existed passes); check_restored, comparing with the save
+    while the VM is still paused, fails."""
+    guest = BootGuest(memory_mb=128, mode=mode)
+    config = guest.config("7.2", workdir)
+    stream = workdir / "stream"
+    with Vm(config, workdir, "src") as vm:
+        guest.boot(vm)
+        guest.wait_alive(vm)
+        with guest.saving(vm) as saved:
+            save_with_cat(vm, stream, live=False)
+    assert saved.exact is not None and saved.exact.ok
+    config.args += shared_ram_args("file", 128, workdir / "ram")
+    with Vm(config, workdir, "dst", incoming=exec_uri("cat", stream)) as vm:
+        vm.wait_incoming()
+        ram = np.memmap(workdir / "ram", dtype="<u8", mode="r+")
+        back = saved.exact.last_counter if how == "zeroed" else 5  # the edge's side: 0
+        for start, end in guest.ranges:
+            counters = ram[start // 8:end // 8:512]
+            counters -= back
+        ram.flush()
+        del ram
+        with pytest.raises(GuestCheckFailed, match="never stamped" if how == "zeroed"
+                           else "differs from the save"):
+            guest.check_restored(vm, saved)
+        vm.cont()  # what check_restored did before: run, then the one-moving-edge rule
+        guest.wait_alive(vm)
+        assert guest.check(vm).ok

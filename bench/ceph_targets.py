@@ -75,24 +75,25 @@ def one(target: str, url: str, memory_mb: int, wd: Path) -> dict:
     config = guest.config("7.2", wd)
     env = {"TMPDIR": str(wd)}
     with Vm(config, wd, "src") as src:
-        guest.boot(src)  # saved running (vmsnap pauses it): restores run the guest
-        save = run_child([VMSNAP, "save", "--json", "--force", "--qmp", str(src.tool_qmp_path),
-                          url], env=env)
+        guest.boot(src)  # saved running (vmsnap pauses it): a lazy restore runs the guest
+        with guest.saving(src) as saved:
+            save = run_child([VMSNAP, "save", "--json", "--force", "--qmp",
+                              str(src.tool_qmp_path), url], env=env)
         if save.returncode:
             raise RuntimeError(f"{target} save: {save.stderr.strip()[-400:]}")
     fig = {"save_s": save.seconds, "save_cpu_s": save.cpu_seconds, "load": os.getloadavg()}
     with Vm(config, wd, "eager", incoming="defer") as dst:
         evict(target, url)
-        eager = run_child([VMSNAP, "restore", "--json", url, "--qmp", str(dst.tool_qmp_path)],
-                          env=env)
+        eager = run_child([VMSNAP, "restore", "--json", "--paused", url, "--qmp",
+                           str(dst.tool_qmp_path)], env=env)
         if eager.returncode:
             raise RuntimeError(f"{target} restore: {eager.stderr.strip()[-400:]}")
-        fig["eager_check"] = guest.check_restored(dst).describe()
+        fig["eager_check"] = guest.check_restored(dst, saved).describe()
     fig.update(eager_s=eager.seconds, eager_cpu_s=eager.cpu_seconds)
     with Vm(config, wd, "lazy", incoming="defer") as dst:
         evict(target, url)
         fig.update(lazy_restore(url, dst.tool_qmp_path, env))
-        fig["lazy_check"] = guest.check_restored(dst).describe()
+        fig["lazy_check"] = guest.check_restored(dst, saved, resumed=True).describe()
     return fig
 
 

@@ -59,7 +59,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.common import evict_file, timed_restore, vmsnap_env  # noqa: E402
-from testbed.guests import BootGuest  # noqa: E402
+from testbed.guests import BootGuest, Saved  # noqa: E402
 from testbed.qemu import Vm  # noqa: E402
 from testbed.serial import SerialConsole  # noqa: E402
 
@@ -115,8 +115,10 @@ def native_restore(snap: Path, vm: Vm, t0: float) -> dict:
     return {"running": time.monotonic() - t0, "done": time.monotonic() - t0}
 
 
-def run_method(method: str, guest: BootGuest, config, snap: Path, workdir: Path,
-               env: dict[str, str], rep: int) -> dict:
+def run_method(method: str, guest: BootGuest, config, snap: Path, saved: Saved,
+               workdir: Path, env: dict[str, str], rep: int) -> dict:
+    """One restore by `method`, timed to the guest running (every method runs it: its RAM
+    is checked against `saved` once it has, stopped at once)."""
     name = f"{method}{rep}"
     vm = Vm(config, workdir, name, incoming="defer")
     if method == "postcopy":
@@ -141,7 +143,7 @@ def run_method(method: str, guest: BootGuest, config, snap: Path, workdir: Path,
         fig["beat"] = beat.at[0] - t0 if beat.at else None
         if guest.ws_mb:
             fig["ws_pass"] = beat.at[1] - t0 if len(beat.at) > 1 else None
-        guest.check_restored(vm)
+        guest.check_restored(vm, saved, resumed=True)
         fig["ok"] = True
     finally:
         vm.close()
@@ -180,8 +182,10 @@ def main() -> None:
             guest.boot(src)
             guest.wait_alive(src)
             live = ["--live"] if args.ws_mb else []  # its hint: the working set
-            subprocess.run([sys.executable, "-m", "vmsnap", "save", "--quit", "--force", *live,
-                            "--qmp", str(src.tool_qmp_path), str(snap)], check=True, env=env)
+            with guest.saving(src) as saved:
+                subprocess.run([sys.executable, "-m", "vmsnap", "save", "--quit", "--force",
+                                *live, "--qmp", str(src.tool_qmp_path), str(snap)],
+                               check=True, env=env)
             src.proc.wait(60)
         if live:
             shutil.move(f"{snap}.hot", f"{snap}.hot.live")
@@ -189,7 +193,7 @@ def main() -> None:
         for rep in range(args.reps):
             for m in methods:
                 try:
-                    fig = run_method(m, guest, config, snap, workdir, env, rep)
+                    fig = run_method(m, guest, config, snap, saved, workdir, env, rep)
                 except Exception as err:  # noqa: BLE001 - recorded, left out of the medians
                     fig = {"ok": False, "error": str(err)}
                 fig["loadavg"] = os.getloadavg()[0]

@@ -41,15 +41,11 @@ class Context:
     vmsnap_env: dict[str, str] = field(default_factory=dict)  # bench.common.compiled_vmsnap
 
 
-def _wait_running(vm, timeout: float = 600.0) -> None:
-    deadline = time.monotonic() + timeout
-    while (status := vm.status()) != "running":
-        if status in ("paused", "postmigrate", "prelaunch"):
-            vm.cont()
-            continue
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"restored VM not running after {timeout}s ({status})")
-        time.sleep(0.01)
+def _restored_paused(vm) -> None:
+    """Every method restores the VM paused (its RAM is checked against the save before the
+    guest runs); restore_s ends there, the `cont` after it (~1 ms) is not timed."""
+    if (status := vm.status()) != "paused":
+        raise RuntimeError(f"restored VM is {status!r}, not paused")
 
 
 def dirty_rate_mb_s(vm, seconds: int = 1) -> float | None:
@@ -113,12 +109,13 @@ class Vmsnap(Method):
             rate = dirty_rate_mb_s(src) if scen.live else None
             if not scen.live:
                 src.stop()
-            sync_all()
-            c0 = cached_bytes()
             argv = [VMSNAP, "save", "--json", "--qmp", str(src.tool_qmp_path), str(snap),
                     *(["--live"] if scen.live else []), *self._channel_args("save")]
-            save = run_child(argv, env=_env(ctx, wd))
-            c1 = cached_bytes()
+            with guest.saving(src) as saved:  # reads RAM before and after, not measured
+                sync_all()
+                c0 = cached_bytes()
+                save = run_child(argv, env=_env(ctx, wd))
+                c1 = cached_bytes()
             if save.returncode:
                 raise RuntimeError(f"vmsnap save: {save.stderr.strip()[-400:]}")
         done = _last_event(save.stdout)
@@ -128,15 +125,15 @@ class Vmsnap(Method):
         with Vm(config, wd, "dst", incoming="defer") as dst:
             drop_caches()
             t0 = time.monotonic()
-            restore = run_child([VMSNAP, "restore", "--json", str(snap), "--qmp",
+            restore = run_child([VMSNAP, "restore", "--json", "--paused", str(snap), "--qmp",
                                  str(dst.tool_qmp_path), *self._channel_args("restore"),
                                  *self.restore_args],
                                 env=_env(ctx, wd))
             if restore.returncode:
                 raise RuntimeError(f"vmsnap restore: {restore.stderr.strip()[-400:]}")
-            _wait_running(dst)
+            _restored_paused(dst)
             restore_s = time.monotonic() - t0
-            check = guest.check_restored(dst)
+            check = guest.check_restored(dst, saved)
         restored = _last_event(restore.stdout) or {}
         return {"save_s": save.seconds, "restore_s": restore_s,
                 # the part of restore_s from vmsnap's checks done until QEMU had loaded it all
@@ -229,23 +226,24 @@ class QemuMigration(Method):
             rate = dirty_rate_mb_s(src) if scen.live else None
             if not scen.live:
                 src.stop()
-            sync_all()
-            c0 = cached_bytes()
-            t0 = time.monotonic()
-            info = src.migrate(out_uri, capabilities=caps,
-                               parameters={**migrate_parameters(scen.live), **self.params})
-            sync_file(path)
-            save_s = time.monotonic() - t0
-            c1 = cached_bytes()
+            with guest.saving(src) as saved:  # reads RAM before and after, not measured
+                sync_all()
+                c0 = cached_bytes()
+                t0 = time.monotonic()
+                info = src.migrate(out_uri, capabilities=caps,
+                                   parameters={**migrate_parameters(scen.live), **self.params})
+                sync_file(path)
+                save_s = time.monotonic() - t0
+                c1 = cached_bytes()
         with Vm(config, wd, "dst", incoming="defer") as dst:
             dst.set_migration(self.caps or None, self.params or None)
             drop_caches()
             t0 = time.monotonic()
             dst.cmd("migrate-incoming", uri=in_uri)
             dst.wait_incoming()
-            _wait_running(dst)
+            _restored_paused(dst)
             restore_s = time.monotonic() - t0
-            check = guest.check_restored(dst)
+            check = guest.check_restored(dst, saved)
         ram = info.get("ram", {})
         return {"save_s": save_s, "restore_s": restore_s, **file_sizes(path),
                 "cache_growth_bytes": c1 - c0, "check": _describe(check), "qemu": qemu,
@@ -300,20 +298,21 @@ class Virsh(Method):
             vm.create()
             guest.boot(vm)
             vm.stop()
-            sync_all()
-            c0 = cached_bytes()
-            t0 = time.monotonic()
-            figures = self.save(vm, path, ctx)
-            save_s = time.monotonic() - t0
-            c1 = cached_bytes()
+            with guest.saving(vm) as saved:  # reads RAM before and after, not measured
+                sync_all()
+                c0 = cached_bytes()
+                t0 = time.monotonic()
+                figures = self.save(vm, path, ctx)
+                save_s = time.monotonic() - t0
+                c1 = cached_bytes()
             sizes = file_sizes(path)
             self.before_restore(vm)
             drop_caches()
             t0 = time.monotonic()
             figures |= self.restore(vm, path, ctx)
-            _wait_running(vm)
+            _restored_paused(vm)
             restore_s = time.monotonic() - t0
-            check = guest.check_restored(vm)
+            check = guest.check_restored(vm, saved)
         finally:
             vm.destroy()
         return {"save_s": save_s, "restore_s": restore_s, **sizes, "cache_growth_bytes": c1 - c0,
@@ -331,11 +330,11 @@ class Virsh(Method):
         """virsh save ends the domain itself."""
 
     def restore(self, vm, path: Path, ctx) -> dict[str, Any]:
-        """`virsh restore --bypass-cache --running` (its API call)."""
+        """`virsh restore --bypass-cache --paused` (its API call)."""
         import libvirt
 
         ctx.libvirt.conn.restoreFlags(str(path), None, libvirt.VIR_DOMAIN_SAVE_BYPASS_CACHE
-                                      | libvirt.VIR_DOMAIN_SAVE_RUNNING)
+                                      | libvirt.VIR_DOMAIN_SAVE_PAUSED)
         return {}
 
 
@@ -367,7 +366,8 @@ class VmsnapDomain(Virsh):
         vm.destroy()  # the domain stays paused after `vmsnap save`: the restore replaces it
 
     def restore(self, vm, path, ctx):
-        return self._vmsnap(ctx, path, "restore", str(path), "--connect", ctx.libvirt.uri)
+        return self._vmsnap(ctx, path, "restore", "--paused", str(path), "--connect",
+                            ctx.libvirt.uri)
 
 
 class Fio(Method):

@@ -8,6 +8,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .guests import Saved
 
 
 def run_vmsnap(workdir: Path, *args, timeout: float = 900,
@@ -34,13 +38,16 @@ def one_line(result: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
-def save_quit(guest, config, workdir: Path, snap: Path) -> None:
-    """Boot `guest` in a QEMU from `config` and `vmsnap save --quit` it to `snap`."""
+def save_quit(guest, config, workdir: Path, snap: Path) -> Saved:
+    """Boot `guest` in a QEMU from `config` and `vmsnap save --quit` it to `snap`; returns
+    what was saved (for check_restored)."""
     from .qemu import Vm
 
     with Vm(config, workdir, "src") as src:
         guest.boot(src)
-        ok(run_vmsnap(workdir, "save", "--quit", "--qmp", src.tool_qmp_path, snap))
+        with guest.saving(src) as saved:
+            ok(run_vmsnap(workdir, "save", "--quit", "--qmp", src.tool_qmp_path, snap))
+    return saved
 
 
 def events(result: subprocess.CompletedProcess) -> list[dict]:

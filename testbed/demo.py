@@ -51,14 +51,16 @@ def run(guest, workdir: Path) -> dict:
     console.print("exec:cat (QEMU's own migration to a file), for comparison")
     with Vm(config, workdir, "cat-src") as vm:
         _timed("boot", lambda: guest.boot(vm), timings)
-        vm.stop()
-        _timed("exec:cat save + sync", lambda: (
-            vm.migrate(exec_uri("cat", stdout=stream), parameters={"max-bandwidth": 1 << 40}),
-            subprocess.run(["sync"], check=True)), timings)
+        with guest.saving(vm) as held:
+            vm.stop()
+            _timed("exec:cat save + sync", lambda: (
+                vm.migrate(exec_uri("cat", stdout=stream),
+                           parameters={"max-bandwidth": 1 << 40}),
+                subprocess.run(["sync"], check=True)), timings)
     drop_caches()
     with Vm(config, workdir, "cat-dst", incoming=exec_uri("cat", stream)) as vm:
         _timed("exec:cat restore (cold cache)", vm.wait_incoming, timings)
-        console.print(f"  RAM check: {_describe(guest.check_restored(vm))}")
+        console.print(f"  RAM check: {_describe(guest.check_restored(vm, held))}")
     stream_size = stream.stat().st_size
     stream.unlink()
 
@@ -66,17 +68,18 @@ def run(guest, workdir: Path) -> dict:
     src = Vm(config, workdir, "vm")
     with src:
         guest.boot(src)
-        saved = _timed("vmsnap save (paused, fsynced)", lambda: vmsnap.save(
-            str(src.tool_qmp_path), snap, after="quit"), timings)
+        with guest.saving(src) as held:
+            saved = _timed("vmsnap save (paused, fsynced)", lambda: vmsnap.save(
+                str(src.tool_qmp_path), snap, after="quit"), timings)
     info = json.loads(subprocess.run(["vmsnap", "info", "--json", str(snap)], check=True,
                                      capture_output=True, text=True).stdout)
     _timed("vmsnap verify", lambda: subprocess.run(["vmsnap", "verify", str(snap)],
                                                    check=True, capture_output=True), timings)
     drop_caches()
     restored = _timed("vmsnap restore (relaunch from file, cold cache)",
-                      lambda: vmsnap.restore(snap), timings)
+                      lambda: vmsnap.restore(snap, paused=True), timings)
     with Vm(config, workdir, "vm").adopt(restored.pid) as dst:
-        console.print(f"  RAM check: {_describe(guest.check_restored(dst))}")
+        console.print(f"  RAM check: {_describe(guest.check_restored(dst, held))}")
     figures = {"guest": guest.kind, "memory_mb": config.memory_mb, "timings_s": timings,
                "exec_cat_stream_bytes": stream_size, "vmsnap_stream_bytes": saved.stream_bytes,
                "snapshot_apparent": info["apparent_size"],

@@ -54,6 +54,14 @@ def default_accel(linux: bool) -> str:
     return os.environ.get("VMSNAP_BOOT_ACCEL", "kvm" if kvm_available() else "tcg")
 
 
+def _answers(vm: Vm) -> bool:
+    try:
+        vm.status()
+    except QemuError:
+        return False
+    return True
+
+
 def _expect_restored(vm: Vm, saved: Saved, resumed: bool) -> None:
     """check_restored's preconditions: a finished `saving` block, and the restored VM
     paused (running only where the caller says its restore path resumes it)."""
@@ -151,8 +159,10 @@ class BootGuest:
             try:
                 if vm.status() != "running":
                     saved.exact = self.read(vm)
-            except QemuError:  # ended by the save (--quit): the lower bound stands
-                pass
+            except QemuError:
+                if _answers(vm):
+                    raise
+                # ended by the save (--quit): the lower bound stands
         saved.complete = True
 
     def check_restored(self, vm: Vm, saved: Saved, *, resumed: bool = False) -> RamCheckResult:

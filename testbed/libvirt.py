@@ -32,6 +32,7 @@ import libvirt_qemu
 
 from testbed.guests import QBOOT
 from testbed.paths import BOOTGUEST_DIR
+from testbed.qemu import QemuError
 
 #: qemu.conf of each configuration the tests run; "debian" is the packaged default
 #: (QEMU as libvirt-qemu, dynamic_ownership=1, namespaces=["mount"]).
@@ -266,10 +267,14 @@ class LibvirtVm:
             return (libvirt.VIR_DOMAIN_NOSTATE, 0)  # transient and gone
 
     def cmd(self, name: str, **args: Any) -> Any:
+        """A QMP command through libvirt; QemuError (as Vm.cmd) also if the domain is gone."""
         msg = {"execute": name, **({"arguments": args} if args else {})}
-        reply = json.loads(libvirt_qemu.qemuMonitorCommand(self.dom, json.dumps(msg), 0))
+        try:
+            reply = json.loads(libvirt_qemu.qemuMonitorCommand(self.dom, json.dumps(msg), 0))
+        except libvirt.libvirtError as err:
+            raise QemuError(f"QMP {name}: {err}") from err
         if "error" in reply:
-            raise RuntimeError(f"QMP {name}: {reply['error']}")
+            raise QemuError(f"QMP {name}: {reply['error']}")
         return reply["return"]
 
     def status(self) -> str:

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from testbed.guests import Saved
 from testbed.qemu import Vm, exec_uri
 
 UNLIMITED = {"max-bandwidth": 1 << 40}
@@ -121,19 +122,19 @@ def save_with_vmsnap(vm: Vm, snap: Path, live: bool) -> None:
         host.kill()
 
 
-def restore_with_vmsnap(guest, config, workdir: Path, snap: Path) -> None:
+def restore_with_vmsnap(guest, config, workdir: Path, snap: Path, saved: Saved) -> None:
     """Start a destination on `-incoming exec:vmsnap send FILE` (or cat of a FIFO that a host
-    vmsnap send fills) and run the guest's RAM check on it."""
+    vmsnap send fills) and check its RAM against `saved` (it stays paused: -S)."""
     if config.qemu == "7.2":
         with Vm(config, workdir, "dst", incoming=exec_uri(VMSNAP, "send", snap)) as vm:
             vm.wait_incoming()
-            guest.check_restored(vm)
+            guest.check_restored(vm, saved)
         return
     host = vmsnap_send_via_fifo(snap, workdir / "restore.fifo")
     try:
         with Vm(config, workdir, "dst", incoming=exec_uri("cat", host.fifo)) as vm:
             vm.wait_incoming()
             host.wait()
-            guest.check_restored(vm)
+            guest.check_restored(vm, saved)
     finally:
         host.kill()

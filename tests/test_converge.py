@@ -102,8 +102,10 @@ def test_live_save_of_a_guest_rewriting_all_ram_converges(workdir):
         paused = events(ok(run_vmsnap(workdir, "save", "--json", "--resume", "--channels", 0,
                                       "--qmp", src.tool_qmp_path, snap)))[-1]
         guest.wait_alive(src)
-        live = events(ok(run_vmsnap(workdir, "save", "--json", "--force", "--live",
-                                    "--channels", 0, "--qmp", src.tool_qmp_path, snap)))[-1]
+        with guest.saving(src) as saved:
+            live = events(ok(run_vmsnap(workdir, "save", "--json", "--force", "--live",
+                                        "--channels", 0, "--qmp", src.tool_qmp_path,
+                                        snap)))[-1]
     bound = 4 * paused["seconds"] + 10  # measured 3.1-3.4x on a host with load 10-16
     assert live["seconds"] <= bound, f"live {live} paused {paused}"
     assert live["downtime_limit_ms"] > converge.DEFAULT_DOWNTIME_MS, live  # vmsnap finished it
@@ -111,8 +113,8 @@ def test_live_save_of_a_guest_rewriting_all_ram_converges(workdir):
     assert live["rounds"] == live["dirty_sync_count"] - 2 and paused["rounds"] == 1
     assert live["dirty_mb_s"] > 100, live  # measured: 640 MB/s
     with Vm(config, workdir, "dst", incoming="defer") as dst:
-        ok(run_vmsnap(workdir, "restore", snap, "--qmp", dst.tool_qmp_path))
-        guest.check_restored(dst)
+        ok(run_vmsnap(workdir, "restore", snap, "--paused", "--qmp", dst.tool_qmp_path))
+        guest.check_restored(dst, saved)
 
 
 @pytest.mark.qemu
@@ -124,9 +126,10 @@ def test_users_downtime_limit_is_kept(workdir):
     with Vm(guest.config("7.2", workdir), workdir, "src") as src:
         guest.boot(src)
         before = src.cmd("query-migrate-parameters")["downtime-limit"]
-        done = events(ok(run_vmsnap(workdir, "save", "--json", "--live", "--resume",
-                                    "--downtime-limit", 1234, "--channels", 0,
-                                    "--qmp", src.tool_qmp_path, snap)))[-1]
+        with guest.saving(src) as saved:
+            done = events(ok(run_vmsnap(workdir, "save", "--json", "--live", "--resume",
+                                        "--downtime-limit", 1234, "--channels", 0,
+                                        "--qmp", src.tool_qmp_path, snap)))[-1]
         assert (done["mode"], done["downtime_limit_ms"]) == ("live", 1234), done
         assert done["rounds"] >= 1 and done["downtime_ms"] is not None
         assert src.cmd("query-migrate-parameters")["downtime-limit"] == before
@@ -135,5 +138,5 @@ def test_users_downtime_limit_is_kept(workdir):
         assert "--downtime-limit is for --live" in message, message
         guest.wait_alive(src)
     with Vm(guest.config("7.2", workdir), workdir, "dst", incoming="defer") as dst:
-        ok(run_vmsnap(workdir, "restore", snap, "--qmp", dst.tool_qmp_path))
-        guest.check_restored(dst)
+        ok(run_vmsnap(workdir, "restore", snap, "--paused", "--qmp", dst.tool_qmp_path))
+        guest.check_restored(dst, saved)

@@ -21,7 +21,7 @@ from test_save_restore import events, ok, qemu_pids_using, run_vmsnap
 import vmsnap
 from testbed.cli import one_line
 from testbed.craft import flip_bit, flip_page_bit, reseal
-from testbed.guests import BootGuest, LinuxGuest
+from testbed.guests import BootGuest, LinuxGuest, Saved
 from testbed.qemu import Vm
 from vmsnap.fileformat.hot import hot_path, load_hot, save_hot
 
@@ -30,16 +30,18 @@ CASES = [("boot", "7.2", "relaunch"), ("boot", "7.2", "qmp"), ("boot", "10", "co
          ("linux", "10", "qmp")]
 
 
-def saved(guest, qemu: str, workdir: Path) -> tuple[Path, list[str]]:
-    """Boot `guest`, save it with `--quit`; (snapshot, the source's argv)."""
+def saved(guest, qemu: str, workdir: Path) -> tuple[Path, list[str], Saved]:
+    """Boot `guest`, save it with `--quit`; (snapshot, the source's argv, what it holds).
+    A lazy restore runs the guest as its RAM comes in: check_restored(resumed=True)."""
     snap = workdir / "vm.snap"
     with Vm(guest.config(qemu, workdir), workdir, "src") as src:
         guest.boot(src)
         guest.wait_alive(src)
         argv = src.argv()
-        ok(run_vmsnap(workdir, "save", "--quit", "--qmp", src.tool_qmp_path, snap))
+        with guest.saving(src) as held:
+            ok(run_vmsnap(workdir, "save", "--quit", "--qmp", src.tool_qmp_path, snap))
         src.proc.wait(timeout=60)
-    return snap, argv
+    return snap, argv, held
 
 
 def check_done(result: subprocess.CompletedProcess, engine: str = "postcopy") -> dict:
@@ -59,14 +61,14 @@ def check_done(result: subprocess.CompletedProcess, engine: str = "postcopy") ->
 def test_lazy_restore(kind, qemu, target, workdir, request):
     guest = (BootGuest(memory_mb=256) if kind == "boot"
              else LinuxGuest(memory_mb=384, fill_mb=128))
-    snap, argv = saved(guest, qemu, workdir)
+    snap, argv, held = saved(guest, qemu, workdir)
     config = guest.config(qemu, workdir)
     if target == "qmp":
         with Vm(config, workdir, "dst", incoming="defer") as dst:
             done = check_done(run_vmsnap(workdir, "restore", "--json", "--lazy", snap,
                                          "--qmp", dst.tool_qmp_path))
             assert dst.cmd("query-migrate")["status"] == "completed"
-            guest.check_restored(dst)
+            guest.check_restored(dst, held, resumed=True)
     else:
         # --lazy alone picks postcopy on 7.2; on 10 it would pick mmap
         how = ["--lazy=postcopy", "--", *argv] if target == "command" else ["--lazy"]
@@ -81,8 +83,7 @@ def test_lazy_restore(kind, qemu, target, workdir, request):
             else:
                 assert done["hot_pages"] > 0
             with Vm(config, workdir, "src").adopt(pids[0]) as vm:
-                assert vm.status() == "running"
-                guest.check_restored(vm)
+                guest.check_restored(vm, held, resumed=True)
                 vm.cmd("quit")
     assert done["requests"] > 0 and done["latency_p50_us"] > 0
     with vmsnap.open(snap) as s:
@@ -108,7 +109,7 @@ def test_lazy_restore_refuses_corrupt_page(workdir):
     go on: a launched QEMU is ended, a --qmp target is stopped with its stream cut. Also
     when the page is in the hint (hot pages are read through the page cache, in batches)."""
     guest = BootGuest(memory_mb=256)
-    snap, _ = saved(guest, "7.2", workdir)
+    snap, _, _ = saved(guest, "7.2", workdir)
     page = flip_page_bit(snap)
     offset = page * 4096
     for target in ("relaunch", "qmp", "hinted"):
@@ -138,7 +139,7 @@ def test_lazy_restore_refuses_a_damaged_checksum_table(workdir):
     command line before any QEMU starts (its signature covers the tables), a given one
     before anything is sent (the body's checksum vouches for the device state's)."""
     guest = BootGuest(memory_mb=256)
-    snap, argv = saved(guest, "7.2", workdir)
+    snap, argv, _ = saved(guest, "7.2", workdir)
     with vmsnap.open(snap) as s:
         commit = s.trailer.commit
     flip_bit(snap, commit.body_offset + commit.body_length - 8)  # the last page's entry
@@ -176,14 +177,14 @@ def test_lazy_restore_loads_only_what_it_needs(workdir):
     """Before the first byte of a lazy restore (--qmp) neither rich nor any module of the
     save side or of eager restores is loaded; the guest's RAM then checks."""
     guest = BootGuest(memory_mb=256)
-    snap, _ = saved(guest, "7.2", workdir)
+    snap, _, held = saved(guest, "7.2", workdir)
     with Vm(guest.config("7.2", workdir), workdir, "dst", incoming="defer") as dst:
         result = subprocess.run(
             [sys.executable, "-c", FIRST_BYTE_PROBE, "restore", "--json", "--lazy", str(snap),
              "--qmp", str(dst.tool_qmp_path)], env={**os.environ, "TMPDIR": str(workdir)},
             capture_output=True, text=True, timeout=300)
         check_done(result)
-        guest.check_restored(dst)
+        guest.check_restored(dst, held, resumed=True)
     loaded = next(e["modules"] for e in events(result) if e["event"] == "loaded")
     assert "numpy" in loaded and "vmsnap.ops.postcopy_send" in loaded  # the probe works
     early = [m for m in loaded if m.split(".")[0] == "rich"
@@ -225,14 +226,14 @@ def test_lazy_restore_starts_a_given_qemu_before_loading_the_rest(workdir, reque
     A stored command line never starts before its signature is checked: an altered file
     is refused before any QEMU starts."""
     guest = BootGuest(memory_mb=256)
-    snap, argv = saved(guest, "7.2", workdir)
+    snap, argv, held = saved(guest, "7.2", workdir)
     result = probed(workdir, "restore", "--json", "--lazy=postcopy", snap, "--", *argv)
     pids = [e["pid"] for e in events(result) if e["event"] == "done"]
     for pid in pids:
         request.addfinalizer(lambda pid=pid: _kill(pid))
     check_done(result)
     with Vm(guest.config("7.2", workdir), workdir, "src").adopt(pids[0]) as vm:
-        guest.check_restored(vm)
+        guest.check_restored(vm, held, resumed=True)
         vm.cmd("quit")
     [loaded] = launches(result)
     assert "vmsnap.orchestration.relaunch" in loaded  # the probe works
@@ -279,7 +280,7 @@ def test_lazy_restore_vmsnap_killed_then_resumed(qemu, workdir):
     QEMU's postcopy recovery (only the pages the target lacks) and the guest's RAM checks;
     a target with nothing to resume gets one line."""
     guest = BootGuest(memory_mb=1024, mode="random")
-    snap, _ = saved(guest, qemu, workdir)
+    snap, _, held = saved(guest, qemu, workdir)
     with vmsnap.open(snap) as s:
         present = sum(b.present_count for b in s.blocks)
     with Vm(guest.config(qemu, workdir), workdir, "dst", incoming="defer") as dst:
@@ -306,8 +307,7 @@ def test_lazy_restore_vmsnap_killed_then_resumed(qemu, workdir):
         assert done["already_received"] + done["pages"] <= present + done["zero_pages"]
         assert done["pages"] > present // 2, done
         assert dst.cmd("query-migrate")["status"] == "completed"
-        assert dst.status() == "running"
-        guest.check_restored(dst)
+        guest.check_restored(dst, held, resumed=True)
         again = run_vmsnap(workdir, "restore", "--lazy", "--resume", snap, "--qmp",
                            dst.tool_qmp_path)
         assert again.returncode == 1 and "Traceback" not in again.stderr
@@ -320,7 +320,7 @@ def test_lazy_restore_sigint_finishes(workdir):
     """SIGINT once the guest runs: vmsnap says it finishes first, then does, and the guest's
     RAM is whole."""
     guest = BootGuest(memory_mb=512, mode="random")
-    snap, _ = saved(guest, "7.2", workdir)
+    snap, _, held = saved(guest, "7.2", workdir)
     with Vm(guest.config("7.2", workdir), workdir, "dst", incoming="defer") as dst:
         proc = start_lazy(workdir, snap, dst.tool_qmp_path)
         wait_running_event(proc)
@@ -330,7 +330,7 @@ def test_lazy_restore_sigint_finishes(workdir):
         assert "not stopping" in err and "Traceback" not in err, err
         assert json.loads(out.splitlines()[-1])["interrupted"] is True
         assert dst.cmd("query-migrate")["status"] == "completed"
-        guest.check_restored(dst)
+        guest.check_restored(dst, held, resumed=True)
 
 
 def sha256(path: Path) -> str:
@@ -344,7 +344,7 @@ def test_lazy_mmap_two_vms_then_save_over(workdir, request):
     is byte-identical after both guests wrote all their RAM; saving over the file (rename)
     leaves a VM still mapping it intact."""
     guest = BootGuest(memory_mb=256)
-    snap, _ = saved(guest, "10", workdir)
+    snap, _, held = saved(guest, "10", workdir)
     digest = sha256(snap)
     config = guest.config("10", workdir)
     pids = {}
@@ -363,13 +363,13 @@ def test_lazy_mmap_two_vms_then_save_over(workdir, request):
         pids[name] = done["pid"]
     with Vm(config, workdir, "a").adopt(pids["a"]) as a, \
             Vm(config, workdir, "b").adopt(pids["b"]) as b:
-        guest.check_restored(a)
-        guest.check_restored(b)
+        guest.check_restored(a, held, resumed=True)
+        guest.check_restored(b, held, resumed=True)
         assert sha256(snap) == digest, "a guest wrote through to the snapshot file"
         b.cont()
         ok(run_vmsnap(workdir, "save", "--force", "--qmp", a.tool_qmp_path, snap))
         assert sha256(snap) != digest  # a new file took the name
-        guest.check_restored(b)  # b still maps the old one, whole
+        guest.check_restored(b, held, resumed=True)  # b still maps the old one, whole
         a.cmd("quit")
         b.cmd("quit")
 
@@ -382,7 +382,7 @@ def test_lazy_mmap_maps_the_file_it_checked(workdir, monkeypatch, request):
     from vmsnap.orchestration import lazy
 
     guest = BootGuest(memory_mb=256)
-    snap, argv = saved(guest, "10", workdir)
+    snap, argv, held = saved(guest, "10", workdir)
     real = lazy.launch_target
 
     async def swap_then_launch(*args, **kwargs):
@@ -398,7 +398,7 @@ def test_lazy_mmap_maps_the_file_it_checked(workdir, monkeypatch, request):
     request.addfinalizer(lambda: _kill(r.pid))
     assert r.engine == "mmap" and not any(snap.read_bytes()[:1 << 20])
     with Vm(guest.config("10", workdir), workdir, "src").adopt(r.pid) as dst:
-        guest.check(dst)  # paused: the RAM as restored (a running guest re-stamps it)
+        guest.check_restored(dst, held)
         dst.cmd("quit")
 
 
@@ -407,7 +407,7 @@ def test_lazy_mmap_corrupt_page(workdir):
     """mmap: --verify refuses a bad page before any QEMU starts; without it the background
     check finds it after the start, names it and ends the QEMU vmsnap launched."""
     guest = BootGuest(memory_mb=256)
-    snap, argv = saved(guest, "10", workdir)
+    snap, argv, _ = saved(guest, "10", workdir)
     offset = flip_page_bit(snap) * 4096
     for extra in (["--verify"], []):
         result = run_vmsnap(workdir, "restore", "--lazy=mmap", *extra, snap, "--", *argv)
@@ -422,7 +422,7 @@ def test_lazy_mmap_refuses_a_command_line_with_its_own_memory_backend(workdir):
     """--lazy=mmap maps plain -m memory only: a command line choosing its own backend is
     refused in one line before any QEMU starts (pick_engine's check_mappable)."""
     guest = BootGuest(memory_mb=256)
-    snap, argv = saved(guest, "10", workdir)
+    snap, argv, _ = saved(guest, "10", workdir)
     own = [*argv, "-object", "memory-backend-ram,id=mine,size=256M",
            "-machine", "memory-backend=mine"]
     result = run_vmsnap(workdir, "restore", "--lazy=mmap", snap, "--", *own)
@@ -446,9 +446,10 @@ def test_live_save_records_hot_pages(channels, workdir):
     with Vm(config, workdir, "src") as src:
         guest.boot(src)
         guest.wait_alive(src)
-        save = events(ok(run_vmsnap(workdir, "save", "--json", "--live", "--quit",
-                                    "--channels", channels, "--qmp", src.tool_qmp_path,
-                                    snap)))[-1]
+        with guest.saving(src) as held:
+            save = events(ok(run_vmsnap(workdir, "save", "--json", "--live", "--quit",
+                                        "--channels", channels, "--qmp", src.tool_qmp_path,
+                                        snap)))[-1]
         src.proc.wait(timeout=60)
     assert save["mode"] == "live" and save["hot_pages"] > 0, save
     with vmsnap.open(snap) as s:
@@ -467,7 +468,7 @@ def test_live_save_records_hot_pages(channels, workdir):
         done = check_done(run_vmsnap(workdir, "restore", "--json", "--lazy", snap, "--qmp",
                                      dst.tool_qmp_path))
         assert done["hot_pages"] == save["hot_pages"]
-        guest.check_restored(dst)
+        guest.check_restored(dst, held, resumed=True)
     with vmsnap.open(snap) as s:
         kept = load_hot(s)["pc.ram"]
     assert set(hot["pc.ram"].tolist()) <= set(kept.tolist())

@@ -81,25 +81,27 @@ def test_virsh_save_fifo_import_then_virsh_restore(daemon):
         fifo = work / "save.fifo"
         os.mkfifo(fifo, 0o600)
         snap = work / "vm.vms"
-        save = Call(vm.dom.save, str(fifo))  # virsh save DOM FIFO
-        vmsnap("import", fifo, snap)
-        save.join()
+        with guest.saving(vm) as saved:
+            save = Call(vm.dom.save, str(fifo))  # virsh save DOM FIFO
+            vmsnap("import", fifo, snap)
+            save.join()
         assert vm.state()[0] == libvirt.VIR_DOMAIN_NOSTATE  # transient: saved means gone
         vmsnap("verify", snap)
 
         image = work / "vm.img"  # virsh restore of an exported image file
         vmsnap("export", "--libvirt", snap, image)
-        daemon.conn.restore(str(image))
-        assert vm.state()[0] == libvirt.VIR_DOMAIN_RUNNING
-        guest.check_restored(vm)
+        daemon.conn.restoreFlags(str(image), None, libvirt.VIR_DOMAIN_SAVE_PAUSED)
+        assert vm.state()[0] == libvirt.VIR_DOMAIN_PAUSED
+        guest.check_restored(vm, saved)
         vm.destroy()
 
         fifo2 = work / "restore.fifo"  # virsh restore FIFO, vmsnap writing it
         os.mkfifo(fifo2, 0o600)
-        restore = Call(daemon.conn.restore, str(fifo2))
+        restore = Call(daemon.conn.restoreFlags, str(fifo2), None,
+                       libvirt.VIR_DOMAIN_SAVE_PAUSED)
         vmsnap("export", "--libvirt", snap, fifo2)
         restore.join()
-        guest.check_restored(vm)
+        guest.check_restored(vm, saved)
     finally:
         vm.destroy()
 
@@ -114,17 +116,19 @@ def test_managedsave_fifo_import_then_start_from_export(daemon):
         managed = daemon.path(f"/var/lib/libvirt/qemu/save/{name}.save")
         os.mkfifo(managed, 0o600)
         snap = vm.workdir / "managed.vms"
-        save = Call(vm.dom.managedSave)
-        vmsnap("import", managed, snap)
-        save.join()
+        with guest.saving(vm) as saved:
+            save = Call(vm.dom.managedSave)
+            vmsnap("import", managed, snap)
+            save.join()
         assert vm.state() == (libvirt.VIR_DOMAIN_SHUTOFF, libvirt.VIR_DOMAIN_SHUTOFF_SAVED)
         assert vm.dom.hasManagedSaveImage()
         vmsnap("verify", snap)
-        start = Call(vm.dom.create)  # virsh start: restores from the managed-save FIFO
+        # virsh start --paused: restores from the managed-save FIFO
+        start = Call(vm.dom.createWithFlags, libvirt.VIR_DOMAIN_START_PAUSED)
         vmsnap("export", "--libvirt", snap, managed)
         start.join()
-        assert vm.state() == (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_RUNNING_RESTORED)
-        guest.check_restored(vm)
+        assert vm.state()[0] == libvirt.VIR_DOMAIN_PAUSED
+        guest.check_restored(vm, saved)
     finally:
         vm.destroy()
         Path(managed).unlink(missing_ok=True)
@@ -152,14 +156,18 @@ def test_save_domain_every_mode_then_restore(daemon):
     work = vm.workdir
     try:
         paused = work / "paused.vms"
-        run = vmsnap_domain(daemon, "save", "--domain", name, paused, "--channels", "2", "--json")
+        saved = {}  # snapshot: what it holds
+        with guest.saving(vm) as saved[paused]:
+            run = vmsnap_domain(daemon, "save", "--domain", name, paused, "--channels", "2",
+                                "--json")
         assert events(run)["start"]["channels"] == 2
         assert vm.state()[0] == libvirt.VIR_DOMAIN_PAUSED
         vm.cont()  # libvirt can resume it: the guest goes on
         guest.wait_alive(vm)
 
         checkpoint = work / "checkpoint.vms"
-        vmsnap_domain(daemon, "save", "--domain", name, checkpoint, "--resume")
+        with guest.saving(vm) as saved[checkpoint]:
+            vmsnap_domain(daemon, "save", "--domain", name, checkpoint, "--resume")
         assert vm.state()[0] == libvirt.VIR_DOMAIN_RUNNING
         guest.wait_alive(vm)
 
@@ -172,23 +180,26 @@ def test_save_domain_every_mode_then_restore(daemon):
             assert r.returncode == 1 and len(lines) == 1 and "userfaultfd" in lines[0], r.stderr
             assert not point.exists()
         else:
-            vmsnap(*args)
+            with guest.saving(vm, background=True) as saved[point]:
+                vmsnap(*args)
         assert vm.state()[0] == libvirt.VIR_DOMAIN_RUNNING
         guest.wait_alive(vm)
 
         live = work / "live.vms"
-        run = vmsnap_domain(daemon, "save", "--domain", name, live, "--live", "--quit", "--json")
+        with guest.saving(vm) as saved[live]:
+            run = vmsnap_domain(daemon, "save", "--domain", name, live, "--live", "--quit",
+                                "--json")
         done = events(run)["done"]
         assert done["mode"] == "live" and done["throttle_pct"] is not None, done  # converger
         assert vm.state()[0] == libvirt.VIR_DOMAIN_NOSTATE  # transient: ended means gone
         for snap in (paused, checkpoint, live, *([point] if point.exists() else [])):
             multifd = ("--channels", "2", "--json", "-v") if snap == paused else ()
-            run = vmsnap_domain(daemon, "restore", snap, *multifd)
+            run = vmsnap_domain(daemon, "restore", snap, "--paused", *multifd)
             if multifd:  # libvirt starts it waiting, vmsnap loads it on 2 channels that
                 assert events(run)["start"]["channels"] == 2  # QEMU 7.2 accepts on our
                 assert "migrate-incoming tcp:fd:" in run.stderr  # socket, passed by fd
-            assert vm.state()[0] == libvirt.VIR_DOMAIN_RUNNING
-            guest.check_restored(vm)
+            assert vm.state()[0] == libvirt.VIR_DOMAIN_PAUSED
+            guest.check_restored(vm, saved[snap])
             vm.destroy()
     finally:
         vm.destroy()
@@ -204,7 +215,8 @@ def test_lazy_restore_of_domain_file(daemon):
     guest, vm = booted_vm(daemon, name, persistent=True)
     try:
         snap = vm.workdir / "vm.vms"
-        vmsnap_domain(daemon, "save", "--domain", name, snap, "--quit")
+        with guest.saving(vm) as saved:
+            vmsnap_domain(daemon, "save", "--domain", name, snap, "--quit")
         args = [VMSNAP, "restore", "--connect", daemon.uri, str(snap), "--lazy", "--json"]
         proc = subprocess.run(args, capture_output=True, text=True, timeout=600)
         if daemon.config == "debian":
@@ -218,15 +230,16 @@ def test_lazy_restore_of_domain_file(daemon):
         assert done["event"] == "done" and done["engine"] == "postcopy", done
         assert done["running_seconds"] < done["seconds"], done
         assert vm.state()[0] == libvirt.VIR_DOMAIN_RUNNING
-        guest.check_restored(vm)
+        guest.check_restored(vm, saved, resumed=True)  # the point of --lazy: it runs
         assert "-incoming" not in vm.dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
 
         again = vm.workdir / "again.vms"  # saved again: restores eagerly through libvirt
-        vmsnap_domain(daemon, "save", "--domain", name, again, "--quit")
-        with vmsnap_open(again) as saved:
-            assert "-incoming" not in saved.metadata.extra["libvirt"]["xml"]
-        vmsnap_domain(daemon, "restore", again)
-        guest.check_restored(vm)
+        with guest.saving(vm) as saved:
+            vmsnap_domain(daemon, "save", "--domain", name, again, "--quit")
+        with vmsnap_open(again) as s:
+            assert "-incoming" not in s.metadata.extra["libvirt"]["xml"]
+        vmsnap_domain(daemon, "restore", "--paused", again)
+        guest.check_restored(vm, saved)
     finally:
         vm.destroy()
 
@@ -277,7 +290,8 @@ def test_writer_killed_mid_stream_never_cold_boots(daemon):
     guest, vm = booted_vm(daemon, name, persistent=True)
     try:
         snap = vm.workdir / "vm.vms"
-        vmsnap_domain(daemon, "save", "--domain", name, snap, "--quit")
+        with guest.saving(vm) as saved:
+            vmsnap_domain(daemon, "save", "--domain", name, snap, "--quit")
         assert vm.state() == (libvirt.VIR_DOMAIN_SHUTOFF, libvirt.VIR_DOMAIN_SHUTOFF_DESTROYED)
         kill_mid_stream([VMSNAP, "restore", "--connect", daemon.uri, str(snap)])
         wait_shut_off(vm)
@@ -290,8 +304,8 @@ def test_writer_killed_mid_stream_never_cold_boots(daemon):
             start.join()
         wait_shut_off(vm)
 
-        vmsnap_domain(daemon, "restore", snap)
-        guest.check_restored(vm)
+        vmsnap_domain(daemon, "restore", "--paused", snap)
+        guest.check_restored(vm, saved)
     finally:
         vm.destroy()
         Path(managed).unlink(missing_ok=True)

@@ -237,7 +237,8 @@ def test_multifd_save_restore_bootguest(qemu, machine, live, workdir):
         guest.wait_alive(vm)
         if not live:
             vm.stop()
-        stats = multifd_save(vm, workdir, path, live)
+        with guest.saving(vm) as saved:
+            stats = multifd_save(vm, workdir, path, live)
     assert stats.channels and all(c.pages for c in stats.channels)
     expect_mode = "per-round" if (qemu, machine) == ("10", "q35") else "per-section"
     assert stats.sync_mode == expect_mode
@@ -248,7 +249,7 @@ def test_multifd_save_restore_bootguest(qemu, machine, live, workdir):
         sstats, mode, resolved = multifd_restore(vm, workdir, path)
         assert mode == expect_mode, resolved
         assert all(sstats.per_channel_pages)
-        guest.check_restored(vm)
+        guest.check_restored(vm, saved)
 
 
 @pytest.mark.qemu
@@ -262,11 +263,12 @@ def test_multifd_odd_channel_count(workdir):
         guest.boot(vm)
         guest.wait_alive(vm)
         vm.stop()
-        stats = multifd_save(vm, workdir, path, False, channels=3)
+        with guest.saving(vm) as saved:
+            stats = multifd_save(vm, workdir, path, False, channels=3)
     assert stats.channels and len(stats.channels) == 3
     assert all(c.pages for c in stats.channels)
     with open_snapshot(path) as snap:
         snap.verify()
     with Vm(config, workdir, "dst", incoming="defer") as vm:
         multifd_restore(vm, workdir, path, channels=3)
-        guest.check_restored(vm)
+        guest.check_restored(vm, saved)

@@ -32,8 +32,9 @@ def test_vmsnap_file_from_qemu72_loads_natively_into_qemu10(workdir):
     with Vm(guest.config("7.2", workdir), workdir, "src") as vm:
         guest.boot(vm)
         vm.stop()
-        vm.migrate(exec_uri(VMSNAP, "receive", snap), parameters=migrate_parameters(False))
-        wait_committed(snap, vm)
+        with guest.saving(vm) as saved:
+            vm.migrate(exec_uri(VMSNAP, "receive", snap), parameters=migrate_parameters(False))
+            wait_committed(snap, vm)
     info = json.loads(vmsnap("info", "--json", snap).stdout)
     assert info["machine_type"] == "pc-q35-7.2" and info["format"] == "vmsnap"
     config = guest.config("10", workdir, machine="pc-q35-7.2")
@@ -41,7 +42,7 @@ def test_vmsnap_file_from_qemu72_loads_natively_into_qemu10(workdir):
         vm.set_migration(capabilities={"mapped-ram": True})
         vm.cmd("migrate-incoming", uri=f"file:{snap}")
         vm.wait_incoming()
-        guest.check_restored(vm)
+        guest.check_restored(vm, saved)
 
 
 NATIVE = {
@@ -60,8 +61,9 @@ def test_vmsnap_reads_and_sends_qemu10_native_file(workdir, how):
     with Vm(config, workdir, "src") as vm:
         guest.boot(vm)
         vm.stop()
-        vm.migrate(f"file:{native}", capabilities=caps,
-                   parameters={**migrate_parameters(False), **params})
+        with guest.saving(vm) as saved:
+            vm.migrate(f"file:{native}", capabilities=caps,
+                       parameters={**migrate_parameters(False), **params})
     info = json.loads(vmsnap("info", "--json", native).stdout)
     assert info["format"] == "qemu-native mapped-ram", info
     assert "no checksums" in info["integrity"]
@@ -69,4 +71,4 @@ def test_vmsnap_reads_and_sends_qemu10_native_file(workdir, how):
     assert next(b for b in info["blocks"] if b["name"] == "pc.ram")["present_pages"] > 0
     verify = subprocess.run([VMSNAP, "verify", str(native)], capture_output=True, timeout=600)
     assert verify.returncode != 0 and b"no checksums" in verify.stderr
-    restore_with_vmsnap(guest, config, workdir, native)
+    restore_with_vmsnap(guest, config, workdir, native, saved)

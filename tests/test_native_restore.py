@@ -40,13 +40,13 @@ def test_no_verify_restore(workdir, outside, qemu, ram_path):
     guest = BootGuest(memory_mb=256)
     config = guest.config(qemu, workdir)
     snap = outside / "vm.snap"
-    save_quit(guest, config, workdir, snap)
+    saved = save_quit(guest, config, workdir, snap)
     with Vm(config, workdir, "dst", incoming="defer") as dst:
-        d = done(run_vmsnap(workdir, "restore", "--json", "--no-verify", snap, "--qmp",
-                            dst.tool_qmp_path))
-        assert d["ram_path"] == ram_path and d["final_state"] == "running", d
+        d = done(run_vmsnap(workdir, "restore", "--json", "--no-verify", "--paused", snap,
+                            "--qmp", dst.tool_qmp_path))
+        assert d["ram_path"] == ram_path and d["final_state"] == "paused", d
         assert 0 < d["load_seconds"] <= d["seconds"], d  # the loading part of the restore
-        guest.check_restored(dst)
+        guest.check_restored(dst, saved)
     if qemu != "10":
         return
     with open_snapshot(str(snap)) as s:

@@ -39,23 +39,24 @@ def test_qemu_writes_vmsnap_seals(workdir, outside):
     snap = outside / "vm.snap"
     with Vm(cfg, workdir, "src") as src:
         guest.boot(src)
-        done = events(ok(run_vmsnap(workdir, "save", "--json", "--qmp", src.tool_qmp_path,
-                                    snap, "--channels", 2)))[-1]
+        with guest.saving(src) as saved:
+            done = events(ok(run_vmsnap(workdir, "save", "--json", "--qmp",
+                                        src.tool_qmp_path, snap, "--channels", 2)))[-1]
     assert done["ram_path"] == "qemu" and done["pages"] > MB * 256 * 0.9
     assert not Path(f"{snap}.partial").exists()
     with vmsnap.open(snap) as s:
         assert not s.native and s.metadata.extra["pages_by"] == "qemu"
         assert s.verify().pages == done["pages"]
     with Vm(cfg, workdir, "dst", incoming="defer") as dst:  # vmsnap's own restore
-        ok(run_vmsnap(workdir, "restore", snap, "--qmp", dst.tool_qmp_path))
-        guest.check_restored(dst)
+        ok(run_vmsnap(workdir, "restore", snap, "--paused", "--qmp", dst.tool_qmp_path))
+        guest.check_restored(dst, saved)
     copy = workdir / "copy.snap"  # QEMU's loader ignores vmsnap's trailer
     shutil.copyfile(snap, copy)
     with Vm(cfg, workdir, "dst2", incoming="defer") as dst:
         dst.set_migration({"mapped-ram": True})
         dst.cmd("migrate-incoming", uri=f"file:{copy}")
         dst.wait_incoming()
-        guest.check_restored(dst)
+        guest.check_restored(dst, saved)
     page = flip_page_bit(snap, byte=7, mask=0x80)
     line = one_line(run_vmsnap(workdir, "restore", snap, "--", *cfg_argv(cfg, workdir)))
     assert f"{page * 4096:#x}" in line
@@ -73,7 +74,8 @@ def test_seal_a_file_qemu_wrote_alone(workdir):
     with Vm(cfg, workdir, "src") as src:
         guest.boot(src)
         src.stop()
-        src.migrate(f"file:{native}", capabilities={"mapped-ram": True})
+        with guest.saving(src) as saved:
+            src.migrate(f"file:{native}", capabilities={"mapped-ram": True})
     with vmsnap.open(native) as s:
         assert s.native
     line = one_line(run_vmsnap(workdir, "verify", native))
@@ -82,8 +84,8 @@ def test_seal_a_file_qemu_wrote_alone(workdir):
     ok(run_vmsnap(workdir, "verify", native))
     assert "already sealed" in one_line(run_vmsnap(workdir, "seal", native))
     with Vm(cfg, workdir, "dst", incoming="defer") as dst:
-        ok(run_vmsnap(workdir, "restore", native, "--qmp", dst.tool_qmp_path))
-        guest.check_restored(dst)
+        ok(run_vmsnap(workdir, "restore", native, "--paused", "--qmp", dst.tool_qmp_path))
+        guest.check_restored(dst, saved)
 
 
 def _info(workdir: Path, snap: Path) -> dict:
@@ -100,8 +102,9 @@ def test_commit_first_seal_later_and_background(workdir, outside):
     later, bg = outside / "later.snap", outside / "bg.snap"
     with Vm(cfg, workdir, "src") as src:
         guest.boot(src)
-        done = events(ok(run_vmsnap(workdir, "save", "--json", "--resume", "--seal", "later",
-                                    "--qmp", src.tool_qmp_path, later)))[-1]
+        with guest.saving(src) as saved:
+            done = events(ok(run_vmsnap(workdir, "save", "--json", "--resume", "--seal",
+                                        "later", "--qmp", src.tool_qmp_path, later)))[-1]
         assert done["ram_path"] == "qemu" and not done["pages_checked"], done
         assert done["committed_seconds"] <= done["seconds"] + 0.001
         bg_done = events(ok(run_vmsnap(workdir, "save", "--json", "--seal", "background",
@@ -111,9 +114,9 @@ def test_commit_first_seal_later_and_background(workdir, outside):
     assert info["command_line_trusted"] is True
     assert "pending" in one_line(run_vmsnap(workdir, "verify", later))
     with Vm(cfg, workdir, "dst", incoming="defer") as dst:  # restorable at once, unchecked
-        r = ok(run_vmsnap(workdir, "restore", later, "--qmp", dst.tool_qmp_path))
+        r = ok(run_vmsnap(workdir, "restore", later, "--paused", "--qmp", dst.tool_qmp_path))
         assert "pending" in r.stderr
-        guest.check_restored(dst)
+        guest.check_restored(dst, saved)
     ok(run_vmsnap(workdir, "seal", later))
     info = _info(workdir, later)
     assert info["pages_checked"] is True and info["command_line_trusted"] is True, info

@@ -59,12 +59,13 @@ def test_receive_then_send_restores(kind, live, qemu, workdir):
     with Vm(config, workdir, "src") as vm:
         guest.boot(vm)
         guest.wait_alive(vm)
-        save_with_vmsnap(vm, snap, live)
+        with guest.saving(vm) as saved:
+            save_with_vmsnap(vm, snap, live)
     info = check_file(snap, mostly_zero=kind == "boot")
     print(f"{kind} {'live' if live else 'paused'} qemu{qemu}: apparent "
           f"{info['apparent_size']:,} allocated {info['allocated_size']:,} present "
           f"{info['present_bytes']:,}")
-    restore_with_vmsnap(guest, config, workdir, snap)
+    restore_with_vmsnap(guest, config, workdir, snap, saved)
 
 
 def test_import_export_round_trip(workdir):
@@ -76,11 +77,12 @@ def test_import_export_round_trip(workdir):
     with Vm(config, workdir, "src") as vm:
         guest.boot(vm)
         guest.wait_alive(vm)
-        save_with_cat(vm, stream, live=True)
+        with guest.saving(vm) as saved:
+            save_with_cat(vm, stream, live=True)
     vmsnap("import", stream, snap)
     check_file(snap, mostly_zero=True)
     vmsnap("export", snap, back)
     assert back.stat().st_size <= stream.stat().st_size  # each page once, zero pages skipped
     with Vm(config, workdir, "dst", incoming=exec_uri("cat", back)) as vm:
         vm.wait_incoming()
-        guest.check_restored(vm)
+        guest.check_restored(vm, saved)

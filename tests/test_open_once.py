@@ -48,11 +48,11 @@ def test_restore_loads_the_file_it_checked(workdir, monkeypatch, qemu, channels,
     guest = BootGuest(memory_mb=256)
     config = guest.config(qemu, workdir)
     snap = workdir / "vm.snap"
-    save_quit(guest, config, workdir, snap)
+    saved = save_quit(guest, config, workdir, snap)
     rep = SwapAtStart(str(snap))
     with Vm(config, workdir, "dst", incoming="defer") as dst:
         r = vmsnap.restore(snap, qmp_address=str(dst.tool_qmp_path), channels=channels,
-                           verify=verify, reporter=rep)
+                           verify=verify, reporter=rep, paused=True)
         assert rep.swapped and r.ram_path == ram_path, r
-        guest.check_restored(dst)
+        guest.check_restored(dst, saved)
     assert not any(snap.read_bytes()[:1 << 20]), "the file at the path was not replaced"

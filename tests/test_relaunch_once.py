@@ -64,14 +64,15 @@ def boot_and_save(workdir: Path, disk: Path, *save_args: str):
     snap = workdir / "vm.snap"
     src = Vm(config, workdir, "src").start()
     guest.boot(src)
-    ok(run_vmsnap(workdir, "save", "--qmp", src.tool_qmp_path, snap, *save_args))
-    return guest, config, snap, src
+    with guest.saving(src) as saved:
+        ok(run_vmsnap(workdir, "save", "--qmp", src.tool_qmp_path, snap, *save_args))
+    return guest, config, snap, src, saved
 
 
 def test_refused_while_original_runs(workdir, disk):
     """After `save --resume` the source runs on: a relaunch would take over its sockets and
     open its disk a second time. Refused; the source is untouched."""
-    guest, _config, snap, src = boot_and_save(workdir, disk, "--resume")
+    guest, _config, snap, src, _ = boot_and_save(workdir, disk, "--resume")
     with src:
         line = one_line(run_vmsnap(workdir, "restore", snap))
         assert "still runs" in line and str(src.qmp_path) in line, line
@@ -83,7 +84,7 @@ def test_refused_while_original_runs(workdir, disk):
 
 def test_refused_while_disk_in_use(workdir, disk):
     """Another QEMU (other sockets) holds the VM's disk: refused, naming the disk."""
-    _guest, config, snap, src = boot_and_save(workdir, disk, "--quit")
+    _guest, config, snap, src, _ = boot_and_save(workdir, disk, "--quit")
     src.proc.wait(timeout=60)
     src.close()
     holder = Vm(config, workdir, "holder")
@@ -97,12 +98,12 @@ def test_one_relaunch_at_a_time_and_no_temp_dir_left(workdir, disk, request):
     """Two relaunches of one file at once: exactly one VM comes back, the other vmsnap fails
     with one line; a later third one finds the relaunched VM running and is refused too.
     The successful relaunch leaves no temporary directory (the VM keeps its own monitor)."""
-    guest, config, snap, src = boot_and_save(workdir, disk, "--quit")
+    guest, config, snap, src, saved = boot_and_save(workdir, disk, "--quit")
     src.proc.wait(timeout=60)
     src.close()
     env = {**os.environ, "TMPDIR": str(workdir)}
     procs = [subprocess.Popen([sys.executable, "-m", "vmsnap.cli", "restore", "--json",
-                               str(snap)], env=env, stdout=subprocess.PIPE,
+                               "--paused", str(snap)], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(2)]
     results = [subprocess.CompletedProcess(p.args, p.wait(timeout=300), *p.communicate())
                for p in procs]
@@ -118,7 +119,7 @@ def test_one_relaunch_at_a_time_and_no_temp_dir_left(workdir, disk, request):
     assert temp_dirs(workdir) == []
     assert "still runs" in one_line(run_vmsnap(workdir, "restore", snap))
     with Vm(config, workdir, "src").adopt(pid) as vm:
-        guest.check_restored(vm)
+        guest.check_restored(vm, saved)
 
 
 def _kill(pid: int) -> None:
@@ -131,7 +132,7 @@ def _kill(pid: int) -> None:
 def test_sigkill_of_vmsnap_ends_the_qemu_it_started(workdir, disk):
     """vmsnap is stopped as soon as its QEMU exists (before any page is streamed) and then
     SIGKILLed: no handler of vmsnap's runs, yet that QEMU is gone within seconds."""
-    _guest, _config, snap, src = boot_and_save(workdir, disk, "--quit")
+    _guest, _config, snap, src, _ = boot_and_save(workdir, disk, "--quit")
     src.proc.wait(timeout=60)
     src.close()
     env = {**os.environ, "TMPDIR": str(workdir)}
@@ -153,7 +154,7 @@ def test_sigkill_of_vmsnap_ends_the_qemu_it_started(workdir, disk):
 def test_sigint_during_relaunch_says_interrupted(workdir, disk):
     """Ctrl-C while the relaunched QEMU starts: the JSON error event says "interrupted" (it
     said "CancelledError"), that QEMU is ended, no temporary directory is left."""
-    _guest, _config, snap, src = boot_and_save(workdir, disk, "--quit")
+    _guest, _config, snap, src, _ = boot_and_save(workdir, disk, "--quit")
     src.proc.wait(timeout=60)
     src.close()
     proc = subprocess.Popen([sys.executable, "-m", "vmsnap.cli", "restore", "--json",

@@ -30,9 +30,10 @@ def saved(tmp_path_factory):
     snap = workdir / "vm.snap"
     with Vm(config, workdir, "src") as src:
         guest.boot(src)
-        ok(run_vmsnap(workdir, "save", "--quit", "--qmp", src.tool_qmp_path, snap))
+        with guest.saving(src) as held:
+            ok(run_vmsnap(workdir, "save", "--quit", "--qmp", src.tool_qmp_path, snap))
         src.proc.wait(timeout=60)
-    return guest, config, workdir, snap
+    return guest, config, workdir, snap, held
 
 
 def info(workdir: Path, snap: Path, env: dict | None = None) -> dict:
@@ -56,7 +57,7 @@ def _kill(pid: int) -> None:
 
 
 def test_saved_file_is_signed_and_trusted(saved):
-    _guest, _config, workdir, snap = saved
+    _guest, _config, workdir, snap, _ = saved
     described = info(workdir, snap)
     assert described["command_line_trusted"] is True
     assert described["command_line_trust"] == "signed by this host's key"
@@ -66,7 +67,7 @@ def test_saved_file_is_signed_and_trusted(saved):
 def test_resealed_shell_command_never_runs(saved, tmp_path):
     """The issue's attack: argv = /bin/sh -c ..., re-sealed. verify passes; restore refuses
     (altered), and even --trust-command-line refuses a program that is not QEMU."""
-    _guest, _config, workdir, snap = saved
+    _guest, _config, workdir, snap, _ = saved
     evil = shutil.copy(snap, tmp_path / "evil.snap")
     mark = tmp_path / "pwned"
     reseal(Path(evil), lambda md: md.update(command_line=["/bin/sh", "-c", f"touch {mark}"]))
@@ -85,7 +86,7 @@ def test_resealed_shell_command_never_runs(saved, tmp_path):
 
 def test_resealed_tap_script_never_runs(saved, tmp_path):
     """The second attack: QEMU kept as the program, a tap netdev whose script= QEMU would run."""
-    _guest, _config, workdir, snap = saved
+    _guest, _config, workdir, snap, _ = saved
     evil = shutil.copy(snap, tmp_path / "evil.snap")
     mark = tmp_path / "pwned"
     script = tmp_path / "up.sh"
@@ -102,7 +103,7 @@ def test_resealed_tap_script_never_runs(saved, tmp_path):
 def test_foreign_file_needs_trust_then_relaunches(saved, tmp_path, request):
     """A file from another host (here: another key directory) is refused as it is, and runs
     with --trust-command-line; the relaunched guest's RAM is checked."""
-    guest, config, workdir, snap = saved
+    guest, config, workdir, snap, held = saved
     other = tmp_path / "other-host-key"
     env = {"VMSNAP_KEY_DIR": str(other)}
     described = info(workdir, snap, env=env)
@@ -111,8 +112,7 @@ def test_foreign_file_needs_trust_then_relaunches(saved, tmp_path, request):
     line = one_line(run_vmsnap(workdir, "restore", snap, env=env))
     assert "another host" in line and "vmsnap info" in line
     assert not other.exists(), "reading a file must not create a host key"
-    pid = relaunched(run_vmsnap(workdir, "restore", "--json", "--trust-command-line", snap,
-                                env=env), request)
+    pid = relaunched(run_vmsnap(workdir, "restore", "--json", "--paused",
+                                "--trust-command-line", snap, env=env), request)
     with Vm(config, workdir, "src").adopt(pid) as vm:
-        assert vm.status() == "running"
-        guest.check_restored(vm)
+        guest.check_restored(vm, held)

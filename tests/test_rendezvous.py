@@ -34,12 +34,14 @@ def test_qemu10_in_chroot_without_shared_tmpdir(workdir, channels):
     snap = workdir / "vm.snap"
     with Vm(config, workdir, "src") as src:
         guest.boot(src)
-        run_ok(env, "save", "--resume", "--channels", channels, "--qmp", src.tool_qmp_path,
-               snap)
+        with guest.saving(src) as saved:
+            run_ok(env, "save", "--resume", "--channels", channels, "--qmp",
+                   src.tool_qmp_path, snap)
         guest.wait_alive(src)
     with Vm(config, workdir, "dst", incoming="defer") as dst:
-        run_ok(env, "restore", snap, "--channels", channels, "--qmp", dst.tool_qmp_path)
-        guest.check_restored(dst)
+        run_ok(env, "restore", snap, "--paused", "--channels", channels, "--qmp",
+               dst.tool_qmp_path)
+        guest.check_restored(dst, saved)
     left = {p for p in set((QEMU10_ROOT / "tmp").glob("vmsnap-*")) - before
             if not p.name.startswith("vmsnap-capture-")}  # the test bed's, maybe another test's
     assert not left, f"meeting directory left behind: {left}"
@@ -82,10 +84,11 @@ def test_lazy_restore_into_qemu_that_cannot_see_tmpdir(workdir):
     snap = workdir / "vm.snap"
     with Vm(config, workdir, "src") as src:
         guest.boot(src)
-        run_ok(env, "save", "--quit", "--qmp", src.tool_qmp_path, snap)
+        with guest.saving(src) as saved:
+            run_ok(env, "save", "--quit", "--qmp", src.tool_qmp_path, snap)
     with Vm(config, workdir, "dst", incoming="defer") as dst:
         run_ok(env, "restore", snap, "--lazy", "--qmp", dst.tool_qmp_path)
-        guest.check_restored(dst)
+        guest.check_restored(dst, saved, resumed=True)  # the point of --lazy: it runs
 
 
 @pytest.mark.qemu

@@ -95,13 +95,14 @@ def test_background_guest_dirtying_all_ram(workdir):
     snap = workdir / "vm.snap"
     with Vm(config, workdir, "src") as src:
         guest.boot(src)
-        done = events(ok(run_vmsnap(workdir, "save", "--background", "--json", "--qmp",
-                                    src.tool_qmp_path, snap)))[-1]
+        with guest.saving(src, background=True) as saved:
+            done = events(ok(run_vmsnap(workdir, "save", "--background", "--json", "--qmp",
+                                        src.tool_qmp_path, snap)))[-1]
         assert done["mode"] == "background" and src.status() == "running"
         assert done["pages"] >= 256 * 256 - 1024
     with Vm(config, workdir, "dst", incoming="defer") as dst:
-        ok(run_vmsnap(workdir, "restore", snap, "--qmp", dst.tool_qmp_path))
-        guest.check_restored(dst)
+        ok(run_vmsnap(workdir, "restore", snap, "--paused", "--qmp", dst.tool_qmp_path))
+        guest.check_restored(dst, saved)
 
 
 #: QEMU 7.2 + TCG live migration of this guest is unsound (README: 2 of 3 vmsnap --live
@@ -115,13 +116,14 @@ def test_background_linux_guest_tcg(qemu_version, workdir):
     with Vm(config, workdir, "src") as src:
         guest.boot(src)
         guest.wait_alive(src)
-        done = events(ok(run_vmsnap(workdir, "save", "--background", "--json", "--qmp",
-                                    src.tool_qmp_path, snap)))[-1]
+        with guest.saving(src, background=True) as saved:
+            done = events(ok(run_vmsnap(workdir, "save", "--background", "--json", "--qmp",
+                                        src.tool_qmp_path, snap)))[-1]
         assert done["mode"] == "background" and done["final_state"] == "running"
         guest.wait_alive(src)
     with Vm(config, workdir, "dst", incoming="defer") as dst:
-        ok(run_vmsnap(workdir, "restore", snap, "--qmp", dst.tool_qmp_path))
-        guest.check_restored(dst)  # memfill checks every page it filled
+        ok(run_vmsnap(workdir, "restore", snap, "--paused", "--qmp", dst.tool_qmp_path))
+        guest.check_restored(dst, saved)  # memfill checks every page it filled
 
 
 @pytest.fixture

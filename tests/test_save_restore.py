@@ -45,8 +45,9 @@ def test_save_restore(kind, live, qemu, channels, workdir):
         guest.boot(src)
         guest.wait_alive(src)
         extra = ["--live", "--resume"] if live else []
-        result = ok(run_vmsnap(workdir, "save", "--json", "--qmp", src.tool_qmp_path, snap,
-                               "--channels", channels, *extra))
+        with guest.saving(src) as saved:
+            result = ok(run_vmsnap(workdir, "save", "--json", "--qmp", src.tool_qmp_path,
+                                   snap, "--channels", channels, *extra))
         evs = events(result)
         assert [e["event"] for e in evs][0] == "start" and evs[-1]["event"] == "done"
         done = evs[-1]
@@ -62,11 +63,10 @@ def test_save_restore(kind, live, qemu, channels, workdir):
     assert apparent <= bound, f"file {apparent} > RAM + slack {bound}"
     with Vm(config, workdir, "dst", incoming="defer") as dst:
         result = ok(run_vmsnap(workdir, "restore", "--json", snap, "--qmp",
-                               dst.tool_qmp_path, "--channels", channels))
+                               dst.tool_qmp_path, "--channels", channels, "--paused"))
         done = events(result)[-1]
-        assert done["event"] == "done" and done["final_state"] == "running"
-        assert dst.status() == "running"
-        guest.check_restored(dst)
+        assert done["event"] == "done" and done["final_state"] == "paused"
+        guest.check_restored(dst, saved)
         dst.cont()
         guest.wait_alive(dst)  # the restored guest keeps running after the check
     snap.unlink()
@@ -90,22 +90,22 @@ def test_restore_relaunches_from_stored_command_line(qemu_version, workdir, requ
         guest.boot(src)
         guest.wait_alive(src)
         argv = src.argv()
-        result = ok(run_vmsnap(workdir, "save", "--json", "--quit", "--qmp",
-                               src.tool_qmp_path, snap))
+        with guest.saving(src) as saved:
+            result = ok(run_vmsnap(workdir, "save", "--json", "--quit", "--qmp",
+                                   src.tool_qmp_path, snap))
         assert events(result)[-1]["final_state"] == "quit"
         src.proc.wait(timeout=60)  # gone before its sockets are reused
     with vmsnap.open(snap) as s:
         assert s.metadata.command_line[-len(config.args):] == config.args
     tail = ["--", *argv] if qemu_version == "10" else []
-    result = run_vmsnap(workdir, "restore", "--json", snap, *tail)
+    result = run_vmsnap(workdir, "restore", "--json", "--paused", snap, *tail)
     pids = [e["pid"] for e in events(result) if e["event"] == "done" and e.get("pid")]
     for pid in pids:
         request.addfinalizer(lambda pid=pid: kill_group(pid))
     ok(result)
     assert pids, result.stdout
     with Vm(config, workdir, "src").adopt(pids[0]) as vm:
-        assert vm.status() == "running"
-        guest.check_restored(vm)
+        guest.check_restored(vm, saved)
 
 
 @pytest.mark.qemu
@@ -115,7 +115,8 @@ def test_python_api(workdir):
     snap = workdir / "vm.snap"
     with Vm(config, workdir, "src") as src:
         guest.boot(src)
-        result = vmsnap.save(str(src.tool_qmp_path), snap, after="resume")
+        with guest.saving(src) as saved:
+            result = vmsnap.save(str(src.tool_qmp_path), snap, after="resume")
         assert result.final_state == "running" and src.status() == "running"
         assert result.pages > 0 and not result.live
     with vmsnap.open(snap) as s:
@@ -124,7 +125,7 @@ def test_python_api(workdir):
     with Vm(config, workdir, "dst", incoming="defer") as dst:
         r = vmsnap.restore(snap, qmp_address=str(dst.tool_qmp_path), paused=True)
         assert r.final_state == "paused" and dst.status() == "paused"
-        guest.check_restored(dst)
+        guest.check_restored(dst, saved)
 
 
 @pytest.mark.qemu
@@ -134,11 +135,12 @@ def test_json_progress_events(workdir):
     snap = workdir / "vm.snap"
     with Vm(config, workdir, "src") as src:
         guest.boot(src)
-        save = ok(run_vmsnap(workdir, "save", "--json", "--qmp", src.tool_qmp_path, snap))
+        with guest.saving(src) as saved:
+            save = ok(run_vmsnap(workdir, "save", "--json", "--qmp", src.tool_qmp_path, snap))
     with Vm(config, workdir, "dst", incoming="defer") as dst:
         restore = ok(run_vmsnap(workdir, "restore", "--json", snap, "--qmp",
-                                dst.tool_qmp_path))
-        guest.check_restored(dst)
+                                dst.tool_qmp_path, "--paused"))
+        guest.check_restored(dst, saved)
     for result, op in ((save, "save"), (restore, "restore")):
         evs = events(result)
         kinds = [e["event"] for e in evs]

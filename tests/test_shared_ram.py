@@ -14,7 +14,7 @@ import pytest
 import vmsnap
 from testbed.cli import events, ok, run_vmsnap
 from testbed.craft import flip_page_bit
-from testbed.guests import BootGuest, shared_ram_args
+from testbed.guests import BootGuest, Saved, shared_ram_args
 from testbed.qemu import Vm
 from vmsnap.errors import VmsnapError
 from vmsnap.orchestration import relaunch, shared
@@ -34,11 +34,11 @@ def save(workdir: Path, vm: Vm, snap: Path, *extra) -> dict:
                                 *extra)))[-1]
 
 
-def restore_into(guest, cfg, workdir: Path, snap: Path) -> dict:
+def restore_into(guest, cfg, workdir: Path, snap: Path, saved: Saved) -> dict:
     with Vm(cfg, workdir, "dst", incoming="defer") as dst:
-        done = events(ok(run_vmsnap(workdir, "restore", "--json", snap, "--qmp",
+        done = events(ok(run_vmsnap(workdir, "restore", "--json", "--paused", snap, "--qmp",
                                     dst.tool_qmp_path)))[-1]
-        guest.check_restored(dst)
+        guest.check_restored(dst, saved)
     return done
 
 
@@ -57,14 +57,15 @@ def test_shared_ram_round_trip(qemu, src, dst, path, workdir):
     snap = workdir / "vm.snap"
     with Vm(config(guest, qemu, workdir, src, "src"), workdir, "src") as vm:
         guest.boot(vm)
-        done = save(workdir, vm, snap)
+        with guest.saving(vm) as saved:
+            done = save(workdir, vm, snap)
     assert done["ram_path"] == path
     assert done["pages"] > MB * 256 * 0.9  # the RAM is in the file either way
     if path == "shared":
         assert done["stream_bytes"] < DEVICE_STATE_MAX
     with vmsnap.open(snap) as s:
         assert s.verify().pages == sum(b.present_count for b in s.blocks)
-    done = restore_into(guest, config(guest, qemu, workdir, dst, "dst"), workdir, snap)
+    done = restore_into(guest, config(guest, qemu, workdir, dst, "dst"), workdir, snap, saved)
     assert done["ram_path"] == ("stream" if dst == "anon" else "shared")
     if dst != "anon":
         assert done["stream_bytes"] < DEVICE_STATE_MAX
@@ -78,10 +79,11 @@ def test_live_save_of_shared_ram_uses_the_stream(workdir):
     cfg = config(guest, "7.2", workdir, "file", "src")
     with Vm(cfg, workdir, "src") as vm:
         guest.boot(vm)
-        done = save(workdir, vm, snap, "--live", "--resume")
+        with guest.saving(vm) as saved:
+            done = save(workdir, vm, snap, "--live", "--resume")
         assert done["ram_path"] == "stream" and done["live"]
         guest.wait_alive(vm)
-    restore_into(guest, config(guest, "7.2", workdir, "file", "dst"), workdir, snap)
+    restore_into(guest, config(guest, "7.2", workdir, "file", "dst"), workdir, snap, saved)
 
 
 def kill(pid: int) -> None:
@@ -101,12 +103,13 @@ def test_relaunch_fills_a_fresh_backing_and_refuses_a_corrupt_page(workdir, requ
     cfg = config(guest, "7.2", workdir, "file", "src")
     with Vm(cfg, workdir, "src") as vm:
         guest.boot(vm)
-        ok(run_vmsnap(workdir, "save", "--quit", "--qmp", vm.tool_qmp_path, snap))
+        with guest.saving(vm) as saved:
+            ok(run_vmsnap(workdir, "save", "--quit", "--qmp", vm.tool_qmp_path, snap))
         vm.proc.wait(timeout=60)
     old = os.open(workdir / "src.ram", os.O_RDONLY)
     request.addfinalizer(lambda: os.close(old))
     before = os.pread(old, 1 << 20, 0)
-    result = run_vmsnap(workdir, "restore", "--json", snap)
+    result = run_vmsnap(workdir, "restore", "--json", "--paused", snap)
     pids = [e["pid"] for e in events(result) if e["event"] == "done"]
     for pid in pids:
         request.addfinalizer(lambda pid=pid: kill(pid))
@@ -115,7 +118,7 @@ def test_relaunch_fills_a_fresh_backing_and_refuses_a_corrupt_page(workdir, requ
     assert os.stat(workdir / "src.ram").st_ino != os.fstat(old).st_ino
     assert os.pread(old, 1 << 20, 0) == before
     with Vm(cfg, workdir, "src").adopt(pids[0]) as restored:
-        guest.check_restored(restored)
+        guest.check_restored(restored, saved)
 
     page = flip_page_bit(snap)
     result = run_vmsnap(workdir, "restore", snap)

@@ -22,10 +22,11 @@ def test_exec_cat_round_trip(kind, live, qemu, workdir):
     with Vm(config, workdir, "src") as vm:
         guest.boot(vm)
         guest.wait_alive(vm)
-        save_with_cat(vm, stream, live)
+        with guest.saving(vm) as saved:
+            save_with_cat(vm, stream, live)
     with Vm(config, workdir, "dst", incoming=exec_uri("cat", stream)) as vm:
         vm.wait_incoming()
-        guest.check_restored(vm)
+        guest.check_restored(vm, saved)
 
 
 @pytest.mark.qemu
@@ -60,7 +61,8 @@ def test_ram_check_catches_one_corrupted_page(ws_mb, qemu_version, workdir):
     stream = workdir / "stream"
     with Vm(config, workdir, "src") as vm:
         guest.boot(vm)
-        save_with_cat(vm, stream, live=False)
+        with guest.saving(vm) as saved:
+            save_with_cat(vm, stream, live=False)
     start, end = guest.ranges[0]
     victim = start + ((end - start) // 2 & ~0xFFF)
     if guest.workset:
@@ -74,7 +76,7 @@ def test_ram_check_catches_one_corrupted_page(ws_mb, qemu_version, workdir):
     with Vm(config, workdir, "dst", incoming=exec_uri("cat", stream)) as vm:
         vm.wait_incoming()
         with pytest.raises(GuestCheckFailed, match=f"{victim:#x}"):
-            guest.check_restored(vm)
+            guest.check_restored(vm, saved)
 
 
 @pytest.mark.qemu

@@ -37,7 +37,8 @@ def test_restore_into_file_backed_ram_holding_old_data(workdir, channels, qemu_v
     snap = workdir / "vm.snap"
     with Vm(guest.config(qemu_version, workdir), workdir, "src") as src:
         guest.boot(src)
-        run_ok(workdir, "save", "--quit", "--qmp", src.tool_qmp_path, snap)
+        with guest.saving(src) as saved:
+            run_ok(workdir, "save", "--quit", "--qmp", src.tool_qmp_path, snap)
         src.proc.wait(timeout=60)
     backing = workdir / "ram.img"
     with open(backing, "wb") as f:  # stale bytes everywhere, as a VM that ran on leaves
@@ -55,6 +56,6 @@ def test_restore_into_file_backed_ram_holding_old_data(workdir, channels, qemu_v
         assert zero.sum() > 200 * MIB // 4096
         stale = np.flatnonzero(ram[zero].any(axis=1))
         assert len(stale) == 0, f"{len(stale)} zero pages kept stale data, first {stale[:4]}"
-        guest.check_restored(dst)
+        guest.check_restored(dst, saved)
     backing.unlink()
     snap.unlink()

@@ -65,7 +65,8 @@ def test_save_here_restore_there(kind, qemu, workdir, request):
     with Vm(guest.config(qemu, a), a, "src") as src:
         guest.boot(src)
         guest.wait_alive(src)
-        ok(vmsnap_cli(a, "save", "--qmp", src.tool_qmp_path, url))
+        with guest.saving(src) as saved:
+            ok(vmsnap_cli(a, "save", "--qmp", src.tool_qmp_path, url))
         assert src.status() in ("paused", "postmigrate")
         assert one_line_error(vmsnap_cli(a, "save", "--qmp", src.tool_qmp_path, url)) \
             .endswith("exists (use --force to overwrite)")
@@ -75,9 +76,8 @@ def test_save_here_restore_there(kind, qemu, workdir, request):
     assert info["allocated_size"] is None
     ok(vmsnap_cli(b, "verify", url))
     with Vm(guest.config(qemu, b), b, "dst", incoming="defer") as dst:
-        ok(vmsnap_cli(b, "restore", url, "--qmp", dst.tool_qmp_path))
-        assert dst.status() == "running"
-        guest.check_restored(dst)
+        ok(vmsnap_cli(b, "restore", url, "--paused", "--qmp", dst.tool_qmp_path))
+        guest.check_restored(dst, saved)
     assert one_line_error(vmsnap_cli(b, "restore", url, "--lazy=mmap")).endswith(
         f"--lazy=mmap maps a local file; {url} is remote: use --lazy=postcopy")
     for attempt in (1, 2):  # the second one sends the pages the first was asked for first
@@ -90,7 +90,7 @@ def test_save_here_restore_there(kind, qemu, workdir, request):
             assert done["requests"] > 0 and done["latency_p50_us"] > 0
             assert (done["hot_pages"] > 0) == (attempt == 2), done["hot_pages"]
             assert dst.cmd("query-migrate")["status"] == "completed"
-            guest.check_restored(dst)
+            guest.check_restored(dst, saved, resumed=True)
     assert not [p.name for p in b.iterdir() if p.name.startswith(("rbd:", "s3:"))]
 
 
@@ -103,11 +103,12 @@ def test_linux_guest_eager_and_lazy(kind, workdir, request):
     a, b = host(workdir, "a"), host(workdir, "b")
     with Vm(guest.config("10", a), a, "src") as src:
         guest.boot(src)
-        ok(vmsnap_cli(a, "save", "--qmp", src.tool_qmp_path, url))
-    for how in ([], ["--lazy"]):
+        with guest.saving(src) as saved:
+            ok(vmsnap_cli(a, "save", "--qmp", src.tool_qmp_path, url))
+    for how in ("--paused", "--lazy"):  # a lazy restore runs the guest
         with Vm(guest.config("10", b), b, "dst", incoming="defer") as dst:
-            ok(vmsnap_cli(b, "restore", url, *how, "--qmp", dst.tool_qmp_path))
-            guest.check_restored(dst)
+            ok(vmsnap_cli(b, "restore", url, how, "--qmp", dst.tool_qmp_path))
+            guest.check_restored(dst, saved, resumed=how == "--lazy")
 
 
 #: librados waits this long for a dead OSD (scripts/ceph.sh sets 60 s) in the OSD test

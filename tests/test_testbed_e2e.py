@@ -85,10 +85,10 @@ def test_ram_check_catches_one_corrupted_page(ws_mb, qemu_version, workdir):
 def test_ram_check_catches_ram_restored_wrong_as_a_whole(mode, how, workdir):
     """The restored RAM's counters are set back to zero, or by 5 sweeps, all at once (in the
     shared file backing the destination's RAM, before it runs; the moving edge kept where
-    the guest will go on stamping): self-consistent RAM. Once
-    the guest has run, its own re-stamping hides that from the one-moving-edge rule (the
-    check made before `saved` existed passes); check_restored, comparing with the save
-    while the VM is still paused, fails."""
+    the guest will go on stamping): self-consistent RAM. Once the guest has run, its own
+    re-stamping hides that from the one-moving-edge rule (the check made before `saved`
+    existed passes); check_restored, comparing with the save while the VM is still paused,
+    fails."""
     guest = BootGuest(memory_mb=128, mode=mode)
     config = guest.config("7.2", workdir)
     stream = workdir / "stream"

@@ -45,10 +45,11 @@ def test_bootguest_working_set(qemu_version, workdir):
         assert count == 4 << 8 and stride == sum(e - s for s, e in guest.ranges) // 4096 // count
         checked = guest.check(vm)
         assert checked.first_counter > 2 and checked.pages_checked > 60 * count, checked
-        save_with_cat(vm, stream, live=False)
+        with guest.saving(vm) as saved:
+            save_with_cat(vm, stream, live=False)
     with Vm(config, workdir, "dst", incoming=exec_uri("cat", stream)) as vm:
         vm.wait_incoming()
-        assert guest.check_restored(vm).first_counter > checked.first_counter
+        assert guest.check_restored(vm, saved).first_counter > checked.first_counter
 
 
 @pytest.mark.qemu

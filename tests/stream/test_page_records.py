@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from vmsnap.errors import VmsnapError
+from vmsnap.fileformat.trailer import TrailerMetadata
 from vmsnap.fileformat.writer import SnapshotWriter
 from vmsnap.io import records
 from vmsnap.ops.receive import receive
@@ -53,9 +54,12 @@ def _stream(bad_offset: bool = False) -> bytes:
     return out + E.eof() + E.vmdescription(VMDESC)
 
 
-def _save(tmp_path, name: str, data: bytes, over_socket: bool, send: int = 1 << 30) -> bytes:
+def _save(tmp_path, name: str, data: bytes, over_socket: bool, send: int = 1 << 30,
+          buffer_pages: int = 64) -> bytes:
     path = tmp_path / name
-    writer = SnapshotWriter(path, direct=False, buffer_size=64 * PS)
+    # one creation time: two saves a second apart would differ in their trailers
+    writer = SnapshotWriter(path, TrailerMetadata(created="2026-12-03T00:00:00Z"),
+                            direct=False, buffer_size=buffer_pages * PS)
     if not over_socket:
         receive(io.BytesIO(data), writer)
         return path.read_bytes()
@@ -79,8 +83,11 @@ def _save(tmp_path, name: str, data: bytes, over_socket: bool, send: int = 1 << 
     return path.read_bytes()
 
 
-@pytest.mark.parametrize("send", [1 << 30, 4104 * 3 + 5, 7])
-def test_direct_page_records_write_the_same_file(tmp_path, monkeypatch, send):
+@pytest.mark.parametrize(("send", "buffer_pages"),
+                         [(1 << 30, 64), (4104 * 3 + 5, 64), (7, 64), (1 << 30, 8)])
+def test_direct_page_records_write_the_same_file(tmp_path, monkeypatch, send, buffer_pages):
+    """Buffers of 8 pages: the bytes read past a zero record or a section's end (up to a
+    buffer's worth, and the decoder's reads) are more than one buffer holds."""
     reads: list[int] = []
     real = records.PageRecordReader.read
 
@@ -93,7 +100,8 @@ def test_direct_page_records_write_the_same_file(tmp_path, monkeypatch, send):
     data = _stream()
     plain = _save(tmp_path, "plain.snap", data, over_socket=False)
     assert not reads
-    direct = _save(tmp_path, "direct.snap", data, over_socket=True, send=send)
+    direct = _save(tmp_path, "direct.snap", data, over_socket=True, send=send,
+                   buffer_pages=buffer_pages)
     assert sum(reads) > 100  # pages came straight into the aligned buffers
     assert direct == plain
 

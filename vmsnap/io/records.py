@@ -43,6 +43,7 @@ class PageRecordReader:
         #: per pool buffer: [header 0, page 0, header 1, page 1, ...] and [page 0, page 1,
         #: ...] (the buffer is a key so that its id is never reused while its views are cached)
         self._iovs: dict[AlignedBuffer, tuple[list[memoryview], list[memoryview]]] = {}
+        self._rest: np.ndarray | None = None  # what `_gather` returns
 
     @classmethod
     def of(cls, source: object, page_size: int, slots: int) -> PageRecordReader | None:
@@ -77,23 +78,27 @@ class PageRecordReader:
                 v.release()
         self._iovs.clear()
 
-    def read(self, buf: AlignedBuffer, prefix: bytes,
-             check: Callable[[np.ndarray], int]) -> tuple[int, bytes]:
-        """Fill `buf` with up to `slots` records whose first `prefix` bytes were read
-        elsewhere. `check(headers)` says how many of the new complete headers, from the
-        first, to accept. Returns (records accepted and complete, bytes read after them);
-        fewer than `slots` at a rejected header or at end of input. `sums` holds the
-        accepted records' page checksums."""
+    @property
+    def capacity(self) -> int:
+        """Bytes of records one `read` holds."""
+        return self.slots * (HEADER + self.page_size)
+
+    def read(self, buf: AlignedBuffer, prefix: bytes | memoryview,
+             check: Callable[[np.ndarray], int]) -> tuple[int, memoryview]:
+        """Fill `buf` with up to `slots` records whose first `prefix` bytes (at most
+        `capacity`) were read elsewhere. `check(headers)` says how many of the new complete
+        headers, from the first, to accept. Returns (records accepted and complete, bytes
+        read after them, valid until the next `read`); fewer than `slots` at a rejected
+        header or at end of input. `sums` holds the accepted records' page checksums."""
         stride = HEADER + self.page_size
         views, pages = self._views(buf)
-        end = self.slots * stride
+        end = self.capacity
         pos = len(prefix)
-        if pos >= stride:
-            raise ValueError("prefix longer than one record")
+        if pos > end:
+            raise ValueError("prefix longer than the buffer")
         self._place(buf, prefix)
-        good = 0  # headers accepted
-        summed = 0  # pages checksummed
-        while pos < end:
+        good, summed, stop = self._take(pages, 0, 0, pos, check)
+        while not stop and pos < end:
             i, r = divmod(pos, stride)
             j = 2 * i + (r >= HEADER)
             first = views[j][r - HEADER if r >= HEADER else r:]
@@ -101,17 +106,25 @@ class PageRecordReader:
             if not n:
                 break
             pos += n
-            done = min(self.slots, (pos - HEADER) // stride + 1) if pos >= HEADER else 0
-            if done > good:
-                good += check(self.headers[good:done])
-                if good < done:
-                    break
-            summed = self._sum(pages, summed, min(good, pos // stride))
-            if n < BATCH and pos < end and self.wait >= 1e-4:
+            good, summed, stop = self._take(pages, good, summed, pos, check)
+            if not stop and n < BATCH and pos < end and self.wait >= 1e-4:
                 time.sleep(self.wait)  # let more come: fewer, longer reads
         full = min(good, pos // stride)
         self._sum(pages, summed, full)
         return full, self._gather(buf, full * stride, pos)
+
+    def _take(self, pages: list[memoryview], good: int, summed: int, pos: int,
+              check: Callable[[np.ndarray], int]) -> tuple[int, int, bool]:
+        """With `pos` bytes of records in place: check the new complete headers and
+        checksum the new complete pages of accepted records. Returns (headers accepted,
+        pages checksummed, whether a header was rejected)."""
+        stride = HEADER + self.page_size
+        done = min(self.slots, (pos - HEADER) // stride + 1) if pos >= HEADER else 0
+        if done > good:
+            good += check(self.headers[good:done])
+            if good < done:
+                return good, summed, True
+        return good, self._sum(pages, summed, min(good, pos // stride)), False
 
     def _sum(self, pages: list[memoryview], start: int, stop: int) -> int:
         """Checksum pages [start, stop) into `sums`; returns `stop`."""
@@ -120,25 +133,33 @@ class PageRecordReader:
                                                 dtype=np.uint64, count=stop - start)
         return max(start, stop)
 
-    def _place(self, buf: AlignedBuffer, data: bytes) -> None:
-        """Copy `data` (a record's first bytes) to where record 0 would have put it."""
-        h = min(HEADER, len(data))
-        self._hviews[0][:h] = data[:h]
-        buf.view[:len(data) - h] = data[h:]
+    def _place(self, buf: AlignedBuffer, data: bytes | memoryview) -> None:
+        """Copy `data` (records read elsewhere) to where `readv` would have put them."""
+        ps, stride = self.page_size, HEADER + self.page_size
+        k, tail = divmod(len(data), stride)
+        src = np.frombuffer(data, dtype=np.uint8)
+        if k:
+            recs = src[:k * stride].reshape(k, stride)
+            self.headers[:k].view(np.uint8).reshape(k, HEADER)[...] = recs[:, :HEADER]
+            buf.array[:k * ps].reshape(k, ps)[...] = recs[:, HEADER:]
+        if tail:
+            rest = src[k * stride:]
+            h = min(HEADER, tail)
+            self.headers[k:k + 1].view(np.uint8)[:h] = rest[:h]
+            buf.array[k * ps:k * ps + tail - h] = rest[h:]
 
-    def _gather(self, buf: AlignedBuffer, start: int, stop: int) -> bytes:
-        """The record bytes in [start, stop) in stream order."""
+    def _gather(self, buf: AlignedBuffer, start: int, stop: int) -> memoryview:
+        """The record bytes in [start, stop) in stream order (in memory the reader keeps:
+        a stream section ends every few MiB, with a MiB or two read past it)."""
         stride = HEADER + self.page_size
-        hb = memoryview(self.headers).cast("B")
-        out = bytearray()
-        while start < stop:
-            i, r = divmod(start, stride)
-            if r < HEADER:
-                take = min(HEADER - r, stop - start)
-                out += hb[i * HEADER + r:i * HEADER + r + take]
-            else:
-                take = min(stride - r, stop - start)
-                at = i * self.page_size + r - HEADER
-                out += buf.view[at:at + take]
-            start += take
-        return bytes(out)
+        first, last = start // stride, -(-stop // stride)
+        if first >= last:
+            return memoryview(b"")
+        if self._rest is None:
+            self._rest = np.empty(self.capacity, dtype=np.uint8)
+        recs = self._rest[:(last - first) * stride].reshape(-1, stride)
+        recs[:, :HEADER] = self.headers[first:last, None].view(np.uint8)
+        recs[:, HEADER:] = buf.array[first * self.page_size:last * self.page_size].reshape(
+            -1, self.page_size)
+        at = first * stride
+        return memoryview(self._rest)[start - at:stop - at]

@@ -75,14 +75,15 @@ class StreamReceiver:
         self.blocks = 0
         self.ended: ev.StreamEnd | None = None
 
-    def read_pages(self, reader: PageRecordReader) -> int:
+    def read_pages(self, reader: PageRecordReader) -> tuple[int, int]:
         """While the stream is in a run of plain page records, read them with `reader`
         straight into the writer's aligned buffers (no copy before the O_DIRECT write), up
-        to the first other record, which goes to the decoder. Returns the stream bytes read:
-        0 if the stream is not in such a run (use `feed_from`) or at end of input."""
-        run = self.decoder.page_run()
+        to the first other record, which goes to the decoder. Returns (records taken, stream
+        bytes read): (0, 0) if the stream is not in such a run (use `feed_from`) or at end
+        of input. Records the decoder had read already are taken without reading."""
+        run = self.decoder.page_run(reader.capacity)
         if run is None:
-            return 0
+            return 0, 0
         blk, prefix = run
         ps = self.writer.page_size
         buf = self.writer.page_buffer()
@@ -99,7 +100,7 @@ class StreamReceiver:
         self.decoder.resume(count * (ps + 8), rest)
         for event in self.decoder.events():
             self._apply(event)
-        return count * (ps + 8) + len(rest) - len(prefix)
+        return count, count * (ps + 8) + len(rest) - len(prefix)
 
     def feed_from(self, source: Readable, size: int = CHUNK) -> int:
         """Read up to `size` bytes from `source` into the decoder and apply what they hold."""
@@ -212,12 +213,14 @@ def receive(source: Readable, writer: SnapshotWriter, *,
         if reader is not None:
             cleanup.callback(reader.close)
         rx = StreamReceiver(writer, ignore_shared=shared is not None)
+        rx.decoder.direct_pages = reader is not None
         total = 0
         while rx.ended is None:
-            n = ((reader is not None and rx.read_pages(reader))
-                 or rx.feed_from(source, CHUNK if reader is None else CHUNK_BESIDE_DIRECT))
-            if not n:
-                break
+            taken, n = rx.read_pages(reader) if reader is not None else (0, 0)
+            if not (taken or n):
+                n = rx.feed_from(source, CHUNK if reader is None else CHUNK_BESIDE_DIRECT)
+                if not n:
+                    break
             total += n
             if progress:
                 progress(total)

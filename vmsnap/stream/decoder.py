@@ -171,6 +171,10 @@ class StreamDecoder:
         self._out: list[Event] = []
         #: RamEos already emitted for the EOS word at the current position (footer pending)
         self._eos_sent = False
+        #: the caller reads runs of page records itself (`page_run`): parsing stops at a
+        #: PAGE|CONTINUE record instead of copying its page out
+        self.direct_pages = False
+        self._handed = 0  # absolute offset of the bytes `page_run` handed over last
         # stream knowledge
         self.capabilities: tuple[str, ...] = ()
         self.machine_type: str | None = None
@@ -277,31 +281,49 @@ class StreamDecoder:
         self._pos = 0
         return n
 
-    def page_run(self) -> tuple[RamBlock, bytes] | None:
-        """If the stream is inside RAM records after a page or zero record of a block and
-        the unparsed rest (shorter than one page record) may begin a PAGE|CONTINUE record of
-        that block: hand the rest over with the block, so that the caller reads the next
-        page records itself (`leading_pages` tells which are), then calls `resume`."""
+    def _at_page_run(self) -> bool:
+        """Inside RAM records after a page or zero record of a block, where a PAGE|CONTINUE
+        record of that block may follow."""
+        return (self._state == State.RAM and self._last_block is not None
+                and not self._eos_sent and not self._closed and not self.mapped_ram)
+
+    def page_run(self, limit: int) -> tuple[RamBlock, memoryview] | None:
+        """If the unparsed rest may begin a PAGE|CONTINUE record of the block of the last
+        page or zero record, and is shorter than one such record (or `direct_pages` stopped
+        the parse there): hand up to `limit` bytes of it over with the block, so that the
+        caller reads the next page records itself (`leading_pages` tells which are), then
+        calls `resume` (the bytes stay valid until then)."""
         blk = self._last_block
         rest = self._buf[self._pos:]
-        if (self._state != State.RAM or blk is None or self._eos_sent or self._closed
-                or self.mapped_ram or len(rest) >= 8 + self.page_size):
+        if (not self._at_page_run() or blk is None
+                or (len(rest) >= 8 + self.page_size and not self.direct_pages)):
             return None
         if len(rest) >= 8 and not leading_pages(
                 np.frombuffer(rest[:8], dtype=">u8"), blk.used_length, self.page_size):
             return None
-        out = bytes(rest)
-        self._base += self._pos
-        self._buf = memoryview(b"")
-        self._pos = 0
+        if len(rest) > limit:  # what stays may be borrowed (`resume`): own it
+            self._buf = memoryview(bytes(self._buf))
+            rest = self._buf[self._pos:]
+        out = rest[:limit]
+        self._handed = self._base + self._pos
+        self._pos += len(out)
         return blk, out
 
-    def resume(self, consumed: int, rest: bytes) -> None:
+    def resume(self, consumed: int, rest: bytes | memoryview) -> None:
         """Continue after `page_run`: the caller took `consumed` stream bytes (whole
-        PAGE|CONTINUE records, counted from the start of the rest it was handed) and read
-        `rest` after them, which the decoder parses."""
-        self._base += consumed
-        self.feed(rest)
+        PAGE|CONTINUE records, counted from the start of the bytes it was handed) and
+        `rest` follows them, which the decoder parses (before what `page_run` held back).
+        `rest` is used in place, not copied: the caller keeps it unchanged until the
+        decoder hands its page records back (`page_run`) or reads on (`feed_from`)."""
+        held = bytes(self._buf[self._pos:])
+        self._base = self._handed + consumed
+        self._pos = 0
+        if held or (self._state == State.END and len(rest)):
+            self._buf = memoryview(b"")
+            self.feed(rest)
+            self.feed(held)
+        else:
+            self._buf = memoryview(rest).cast("B")
 
     def events(self) -> Iterator[Event]:
         """Yield every event that can be parsed from the bytes fed so far."""
@@ -323,6 +345,7 @@ class StreamDecoder:
         Raises StreamError if the stream is incomplete."""
         if self._error is not None:
             raise self._error
+        self.direct_pages = False  # no caller reads page runs any more: parse them here
         evs = list(self.events())
         self._closed = True
         if self._state == State.DEVICE:
@@ -720,6 +743,8 @@ class StreamDecoder:
                            "EOS only")
             blk, q, cont = self._record_block(p, flags)
             self._check_offset(blk, a & ~self._mask, self._base + p)
+            if cont and self.direct_pages and self._at_page_run():
+                raise _NeedMore  # the caller reads these (page_run)
             self._need(q, self.page_size)
             self._page_run(p, blk, a & ~self._mask, q, cont)
             return True
@@ -772,7 +797,7 @@ class StreamDecoder:
         ps = self.page_size
         stride = ps + 8
         r = q + ps  # start of the run of CONTINUE records
-        n = (len(buf) - r) // stride
+        n = 0 if self.direct_pages else (len(buf) - r) // stride
         k = 0
         if n:
             hdr = np.ndarray((n,), dtype=">u8", buffer=buf, offset=r, strides=(stride,))

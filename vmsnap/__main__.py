@@ -8,6 +8,7 @@ interrupt ends the process at once with one line and the shell's code.
 Python's.) An interrupt that the parent ignores (a background job) stays ignored.
 """
 
+import gc
 import os
 import signal
 import sys
@@ -29,7 +30,12 @@ def main() -> int:
 
     if honour:
         signal.signal(signal.SIGINT, signal.default_int_handler)
-    return cli_main()
+    try:
+        return cli_main()
+    finally:
+        # what is left goes with the process: the interpreter's collections at exit need
+        # not walk every object the imports made (~20-30 ms of CPU on every command)
+        gc.freeze()
 
 
 if __name__ == "__main__":

@@ -49,6 +49,22 @@ def file_sizes(path: Path) -> dict[str, int]:
     return {"apparent_bytes": st.st_size, "allocated_bytes": st.st_blocks * 512}
 
 
+def qemu_cpu_seconds(vm) -> float | None:
+    """User+system CPU seconds so far of the QEMU process of testbed Vm `vm` (found by its
+    QMP socket on its command line), None if it cannot be found."""
+    mark = str(vm.qmp_path).encode()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            if not argv[0].endswith(b"qemu-system-x86_64") or not any(mark in a for a in argv):
+                continue
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return None
+
+
 def sync_file(path: Path) -> None:
     """Make `path` durable (`sync -f` = syncfs of its filesystem, like the peers need)."""
     subprocess.run(["sync", "-f", str(path)], check=True)

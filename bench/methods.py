@@ -15,7 +15,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.common import cached_bytes, drop_caches, file_sizes, run_child, sync_all, sync_file
+from bench.common import (
+    cached_bytes,
+    drop_caches,
+    file_sizes,
+    qemu_cpu_seconds,
+    run_child,
+    sync_all,
+    sync_file,
+)
 from testbed.guests import BootGuest, shared_ram_args
 from testbed.qemu import Vm, exec_uri
 from testbed.transfer import VMSNAP, migrate_parameters
@@ -61,6 +69,11 @@ def dirty_rate_mb_s(vm, seconds: int = 1) -> float | None:
     except Exception:  # noqa: BLE001 - a figure for the record, not a requirement
         pass
     return None
+
+
+def _since(before: float | None, after: float | None) -> float | None:
+    """CPU seconds between two qemu_cpu_seconds readings (None if either failed)."""
+    return None if before is None or after is None else round(after - before, 2)
 
 
 def _describe(check: Any) -> str:
@@ -124,6 +137,7 @@ class Vmsnap(Method):
         ctx.present_bytes[scen.key] = int(info.get("present_bytes") or 0)
         with Vm(config, wd, "dst", incoming="defer") as dst:
             drop_caches()
+            q0 = qemu_cpu_seconds(dst)
             t0 = time.monotonic()
             restore = run_child([VMSNAP, "restore", "--json", "--paused", str(snap), "--qmp",
                                  str(dst.tool_qmp_path), *self._channel_args("restore"),
@@ -133,11 +147,13 @@ class Vmsnap(Method):
                 raise RuntimeError(f"vmsnap restore: {restore.stderr.strip()[-400:]}")
             _restored_paused(dst)
             restore_s = time.monotonic() - t0
+            qemu_cpu = _since(q0, qemu_cpu_seconds(dst))
             check = guest.check_restored(dst, saved)
         restored = _last_event(restore.stdout) or {}
         return {"save_s": save.seconds, "restore_s": restore_s,
                 # the part of restore_s from vmsnap's checks done until QEMU had loaded it all
-                "restore_load_s": restored.get("load_seconds"), **file_sizes(snap),
+                "restore_load_s": restored.get("load_seconds"), "restore_qemu_cpu_s": qemu_cpu,
+                **file_sizes(snap),
                 "cache_growth_bytes": c1 - c0, "save_cpu_s": save.cpu_seconds,
                 "save_max_rss_bytes": save.max_rss_bytes, "restore_cpu_s": restore.cpu_seconds,
                 "restore_max_rss_bytes": restore.max_rss_bytes,
@@ -238,15 +254,18 @@ class QemuMigration(Method):
         with Vm(config, wd, "dst", incoming="defer") as dst:
             dst.set_migration(self.caps or None, self.params or None)
             drop_caches()
+            q0 = qemu_cpu_seconds(dst)
             t0 = time.monotonic()
             dst.cmd("migrate-incoming", uri=in_uri)
             dst.wait_incoming()
             _restored_paused(dst)
             restore_s = time.monotonic() - t0
+            qemu_cpu = _since(q0, qemu_cpu_seconds(dst))
             check = guest.check_restored(dst, saved)
         ram = info.get("ram", {})
         return {"save_s": save_s, "restore_s": restore_s, **file_sizes(path),
                 "cache_growth_bytes": c1 - c0, "check": _describe(check), "qemu": qemu,
+                "restore_qemu_cpu_s": qemu_cpu,
                 "dirty_rate_mb_s": rate,
                 "migration": {k: ram.get(k) for k in ("total", "transferred", "duplicate",
                                                       "dirty-sync-count", "dirty-pages-rate")}}

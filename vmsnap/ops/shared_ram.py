@@ -9,7 +9,10 @@ recording the same hashes in its checksum table. Ranges the backing has never al
 
 Restore: the backing's old content is dropped (MADV_REMOVE punches a hole, so absent
 pages read as zero), then parallel workers read each run of present pages with O_DIRECT
-straight into the mapping and check it against the trailer's checksums.
+into a buffer of their own, check it against the trailer's checksums and write it to the
+backing (pwrite). The backing's pages are never mapped into vmsnap: reading into a
+mapping of a fresh tmpfs file faulted every page in one by one (and unmapped them all
+after), 0.48-0.58 CPU-s per GiB here against 0.40 for pwrite's allocate-and-copy.
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ from ..fileformat.bitmap import contiguous_runs, runs
 from ..fileformat.reader import PageRun, Snapshot
 from ..fileformat.trailer import page_checksums, xxh3
 from ..fileformat.writer import SnapshotWriter
-from ..io.aligned import PAGE_SIZE
+from ..io.aligned import PAGE_SIZE, AlignedBuffer
+from ..io.direct import pwritev_all
 
 #: Bytes per worker job.
 CHUNK = 8 << 20
@@ -189,25 +193,35 @@ def fill_from_file(snap: Snapshot, backings: Mapping[str, Backing], *, verify: b
         if block.used_length != b.size:
             raise VmsnapError(f"RAM block {name!r}: snapshot has {block.used_length} bytes, "
                               f"the target's shared RAM {b.size}")
-    lock = threading.Lock()
     with _mapped(backings, writable=True) as maps:
         for name, block in blocks.items():
             _clear(maps[name][0], block.present)
-        jobs = [run for run in snap.page_runs(CHUNK) if run.block.name in blocks]
+    jobs = [run for run in snap.page_runs(CHUNK) if run.block.name in blocks]
+    lock = threading.Lock()
+    mine = threading.local()
+    buffers: list[AlignedBuffer] = []
 
-        def work(job: PageRun) -> None:
-            block, first, count, index = job.block, job.first, job.count, job.index
-            view = maps[block.name][1]
-            ps = block.page_size
-            data = view[first * ps:(first + count) * ps]
-            snap.read_pages(block, first, count, into=data)
-            if verify:
-                snap.check_pages(block, first, count, data, index)
-            if progress:
-                with lock:
-                    progress(count * ps)
+    def work(job: PageRun) -> None:
+        buf = getattr(mine, "buf", None)
+        if buf is None:
+            buf = mine.buf = AlignedBuffer(CHUNK)
+            with lock:
+                buffers.append(buf)
+        block, first, count = job.block, job.first, job.count
+        data = snap.read_pages(block, first, count, into=buf)
+        if verify:
+            snap.check_pages(block, first, count, data, job.index)
+        backing = backings[block.name]
+        pwritev_all(backing.fd, [data], backing.offset + first * block.page_size)
+        if progress:
+            with lock:
+                progress(count * block.page_size)
 
+    try:
         _run(jobs, work, workers or default_workers())
+    finally:
+        for buf in buffers:
+            buf.close()
     return sum(job.count for job in jobs)
 
 

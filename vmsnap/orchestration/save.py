@@ -478,7 +478,10 @@ async def _follow(client: Monitor, receiver: asyncio.Future[ReceiveStats], rep: 
                 raise await _cause(client, err)
             info = await query
         finally:
+            # a query cut short by QEMU's death ends with QemuGoneError, not CancelledError:
+            # take it, or asyncio prints "Task exception was never retrieved" on stderr
             query.cancel()
+            query.add_done_callback(_retrieved)
         status = info.get("status")
         if status != last:
             log.debug("migration status: %s", status)
@@ -500,6 +503,11 @@ async def _follow(client: Monitor, receiver: asyncio.Future[ReceiveStats], rep: 
                    iteration=ram.get("dirty-sync-count"),
                    dirty_pages_rate=ram.get("dirty-pages-rate"))
         await changes.wait(PROGRESS_INTERVAL)
+
+
+def _retrieved(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 def _qemu_side(info: dict[str, Any]) -> VmsnapError:

@@ -5,9 +5,11 @@ on a monitor that passes no events (libvirt's) it falls back to polling."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 
 import pytest
+from qemu.qmp import Runstate
 
 from testbed.guests import BootGuest
 from testbed.qemu import Vm
@@ -62,3 +64,40 @@ def test_watch_polls_a_monitor_without_events():
 
     took = asyncio.run(scenario())
     assert took[0] < 0.03 and 0.045 < took[-1] < 1.0, took
+
+
+def test_watch_takes_the_outcome_of_what_it_cancels():
+    """A wait that times out cancels its two tasks and takes whatever they end with: a task
+    cut short may end with an error of its own instead of CancelledError (as a QMP query
+    cut short by QEMU's death ends with QemuGoneError), and asyncio must never print "Task
+    exception was never retrieved" after vmsnap's one-line error."""
+    class Listener:  # a get() that, cut short, fails
+        async def get(self):
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                raise qmpmod.QemuGoneError("monitor closed") from None
+
+        def clear(self):
+            pass
+
+    class Connected:  # a monitor that stays connected
+        name = "stub"
+        runstate = Runstate.RUNNING
+
+        async def runstate_changed(self):
+            await asyncio.Event().wait()
+
+    reported: list[str] = []
+
+    async def scenario() -> str | None:
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(lambda _, context: reported.append(context["message"]))
+        woke = await qmpmod.Watch(Connected(), Listener(), poll=0.05).wait(0.01)
+        for _ in range(5):  # the cancelled tasks end
+            await asyncio.sleep(0)
+        gc.collect()  # an unretrieved exception is reported when its task is collected
+        return woke
+
+    assert asyncio.run(scenario()) is None
+    assert not reported, reported

@@ -44,6 +44,7 @@ from ..fileformat.reader import Snapshot
 from ..ops.postcopy_send import PostcopySource, PostcopyStats
 from ..ops.send import SendStats, send
 from ..progress import Reporter
+from . import futures
 from . import qmp as qmpmod
 from .mapped import MAPPED_BLOCK, check_mappable, mapped_argv, supports_mmap
 from .modes import USERFAULTFD, clean_capabilities
@@ -275,8 +276,7 @@ class _Job:
             await asyncio.wait([self.prefetching])
         if self.preparing is not None and self.source is None:
             await asyncio.wait([self.preparing])
-            if not self.preparing.cancelled():
-                self.preparing.exception()  # retrieved: the restore's own error is reported
+            futures.retrieve(self.preparing)  # the restore's own error is reported
 
     async def fail(self, err: BaseException) -> None:
         self.rep.error(one_line(err))

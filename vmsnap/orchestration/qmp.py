@@ -23,6 +23,7 @@ from qemu.qmp import (
 )
 
 from ..errors import QMPConnectError, VmsnapError, one_line
+from . import futures
 
 log = logging.getLogger(__name__)
 
@@ -247,8 +248,7 @@ class Watch:
             await asyncio.wait((got, gone), timeout=min(timeout, EVENT_WAIT_MAX),
                                return_when=asyncio.FIRST_COMPLETED)
         finally:
-            got.cancel()
-            gone.cancel()
+            futures.cancel(got, gone)
         name = None
         if got.done() and not got.cancelled():
             event = got.result()

@@ -29,7 +29,7 @@ from ..ops.send import SendStats, send
 from ..ops.shared_ram import fill_from_file
 from ..progress import Reporter
 from ..stream.constants import CAP_IGNORE_SHARED as IGNORE_SHARED
-from . import native, shared
+from . import futures, native, shared
 from . import qmp as qmpmod
 from .modes import clean_capabilities
 from .qmp import Client, Monitor
@@ -298,8 +298,7 @@ async def _stream(stream: Callable[[], SendStats], socks: list[socket.socket],
             await asyncio.wait([future], timeout=1)
         shutdown_all(socks)
         await asyncio.wait([future], timeout=10)
-        if future.done() and not future.cancelled():
-            future.exception()  # the sender's broken pipe follows from this failure
+        futures.retrieve(future)  # the sender's broken pipe follows from this failure
         raise
     finally:
         for sock in socks:

@@ -31,7 +31,7 @@ from ..ops.receive import ReceiveStats, receive
 from ..ops.shared_ram import Backing
 from ..progress import Reporter
 from ..stream.constants import CAP_IGNORE_SHARED, CAP_MAPPED_RAM
-from . import background, converge, modes, native, shared
+from . import background, converge, futures, modes, native, shared
 from . import qmp as qmpmod
 from .modes import After, SaveMode
 from .options import SEAL_WHEN
@@ -438,7 +438,7 @@ async def _accept(client: Monitor, listener: socket.socket, path: str) -> socket
             while True:
                 waiting = asyncio.ensure_future(changes.wait(deadline - time.monotonic()))
                 await asyncio.wait((accept, waiting), return_when=asyncio.FIRST_COMPLETED)
-                waiting.cancel()
+                futures.cancel(waiting)
                 if accept.done():
                     conn, _ = accept.result()
                     conn.setblocking(True)
@@ -451,7 +451,7 @@ async def _accept(client: Monitor, listener: socket.socket, path: str) -> socket
                     raise VmsnapError(
                         f"QEMU did not connect to {path} within {ACCEPT_TIMEOUT:.0f}s")
     finally:
-        accept.cancel()
+        futures.cancel(accept)
 
 
 async def _watch(client: Monitor, receiver: asyncio.Future[ReceiveStats], rep: Reporter,
@@ -478,10 +478,7 @@ async def _follow(client: Monitor, receiver: asyncio.Future[ReceiveStats], rep: 
                 raise await _cause(client, err)
             info = await query
         finally:
-            # a query cut short by QEMU's death ends with QemuGoneError, not CancelledError:
-            # take it, or asyncio prints "Task exception was never retrieved" on stderr
-            query.cancel()
-            query.add_done_callback(_retrieved)
+            futures.cancel(query)  # cut short by QEMU's death, it ends with QemuGoneError
         status = info.get("status")
         if status != last:
             log.debug("migration status: %s", status)
@@ -503,11 +500,6 @@ async def _follow(client: Monitor, receiver: asyncio.Future[ReceiveStats], rep: 
                    iteration=ram.get("dirty-sync-count"),
                    dirty_pages_rate=ram.get("dirty-pages-rate"))
         await changes.wait(PROGRESS_INTERVAL)
-
-
-def _retrieved(task: asyncio.Future[Any]) -> None:
-    if not task.cancelled():
-        task.exception()
 
 
 def _qemu_side(info: dict[str, Any]) -> VmsnapError:

@@ -24,6 +24,12 @@ from testbed.paths import QEMU10_ROOT
 from testbed.serial import SerialConsole
 
 QEMU_VERSIONS = ("7.2", "10")
+#: Any QMP command of the test bed. QEMU answers in milliseconds unless its main loop is
+#: stuck: a vCPU that cannot be paused (left faulting on its own page tables by a lazy
+#: restore killed early, on this nested host) makes `stop` wait forever, and QMP with it.
+QMP_TIMEOUT = 60.0
+#: `quit` when a VM is closed: a QEMU that does not answer it by then is killed (SIGKILL).
+QUIT_TIMEOUT = 10.0
 _started: list[subprocess.Popen] = []
 _adopted: list[int] = []
 
@@ -147,9 +153,7 @@ class Vm:
                 self.kill()
                 raise QemuError(f"QEMU {self.config.qemu} did not open its sockets in {timeout}s")
             time.sleep(0.02)
-        self.qmp = QEMUMonitorProtocol(str(self.qmp_path))
-        self.qmp.connect()
-        self.serial = SerialConsole(self.serial_path)
+        self._connect()
         return self
 
     def adopt(self, pid: int) -> Vm:
@@ -157,10 +161,23 @@ class Vm:
         `vmsnap restore` from the stored command line); close() ends it."""
         _adopted.append(pid)
         self.adopted_pid = pid
+        self._connect()
+        return self
+
+    def _connect(self) -> None:
         self.qmp = QEMUMonitorProtocol(str(self.qmp_path))
         self.qmp.connect()
+        self.qmp.settimeout(QMP_TIMEOUT)
         self.serial = SerialConsole(self.serial_path)
-        return self
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else self.adopted_pid
+
+    def _alive(self) -> bool:
+        if self.proc is not None:
+            return self.proc.poll() is None
+        return self.adopted_pid is not None and _alive(self.adopted_pid)
 
     def log_tail(self, lines: int = 5) -> str:
         try:
@@ -173,14 +190,23 @@ class Vm:
         if self.proc is not None and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(timeout=10)
+        if self.adopted_pid is not None and _alive(self.adopted_pid):
+            os.kill(self.adopted_pid, signal.SIGKILL)
+            _wait_dead(self.adopted_pid)
 
-    def close(self) -> None:
-        """Quit QEMU (politely, then by force) and release sockets."""
+    def close(self) -> str | None:
+        """Quit QEMU (politely, then by force) and release sockets. A QEMU that does not
+        answer `quit` within QUIT_TIMEOUT is killed at once: returns why (else None)."""
+        hung = None
         if self.qmp is not None:
             try:
-                if self.proc is not None and self.proc.poll() is None or \
-                        self.adopted_pid is not None and _alive(self.adopted_pid):
+                if self._alive():
+                    self.qmp.settimeout(QUIT_TIMEOUT)
                     self.qmp.cmd("quit")
+            except TimeoutError:
+                hung = self._stuck("quit", QUIT_TIMEOUT) + ": killed with SIGKILL"
+                print(f"testbed: {hung}", file=sys.stderr)
+                self.kill()  # before closing QMP: QEMU's end of the socket closes with it
             except Exception:  # noqa: BLE001 - QEMU may already be gone; we kill below
                 pass
             try:
@@ -200,23 +226,30 @@ class Vm:
             deadline = time.monotonic() + 10
             while _alive(self.adopted_pid) and time.monotonic() < deadline:
                 time.sleep(0.05)
-            if _alive(self.adopted_pid):
-                os.kill(self.adopted_pid, signal.SIGKILL)
-                _wait_dead(self.adopted_pid)
+            self.kill()
+        return hung
 
     def __enter__(self) -> Vm:
         return self if self.qmp is not None else self.start()  # adopted VMs are running
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        hung = self.close()
+        if hung is not None and exc_type is None:  # else the block's own error goes on
+            raise QemuError(hung)
 
     # -- QMP helpers -----------------------------------------------------------------------
     def cmd(self, name: str, **args: Any) -> Any:
         assert self.qmp is not None, "VM not started"
         try:
             return self.qmp.cmd(name, **args)
+        except TimeoutError:
+            raise QemuError(self._stuck(name, QMP_TIMEOUT)) from None
         except Exception as err:
             raise QemuError(f"QMP {name} failed: {err}") from err
+
+    def _stuck(self, command: str, timeout: float) -> str:
+        return (f"QEMU {self.config.qemu} {self.name!r} (pid {self.pid}) did not answer QMP "
+                f"{command} within {timeout:.0f}s (its main loop is stuck)")
 
     def status(self) -> str:
         return self.cmd("query-status")["status"]

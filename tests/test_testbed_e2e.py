@@ -3,12 +3,17 @@ for both guests and both QEMU versions, and a single corrupted page is caught.""
 
 from __future__ import annotations
 
+import os
+import signal
+import time
+
 import numpy as np
 import pytest
 
+import testbed.qemu as qemu_mod
 from testbed.cases import make_guest, round_trip_params
 from testbed.guests import BootGuest, GuestCheckFailed, shared_ram_args
-from testbed.qemu import Vm, exec_uri
+from testbed.qemu import QemuError, Vm, exec_uri
 from testbed.streams import page_data_positions
 from testbed.transfer import save_with_cat
 
@@ -115,3 +120,22 @@ def test_ram_check_catches_ram_restored_wrong_as_a_whole(mode, how, workdir):
         vm.cont()  # what check_restored did before: run, then the one-moving-edge rule
         guest.wait_alive(vm)
         assert guest.check(vm).ok
+
+
+@pytest.mark.qemu
+def test_a_stuck_qemu_never_hangs_the_test_bed(workdir, monkeypatch):
+    """A QEMU whose monitor never answers (a vCPU that cannot be paused, left faulting on
+    its own page tables by a lazy restore killed early, makes `stop` wait forever; here
+    SIGSTOP stands in for it) costs a test its timeouts, never the run: a command fails
+    with one line naming that QEMU, and closing the VM kills it and says why."""
+    monkeypatch.setattr(qemu_mod, "QMP_TIMEOUT", 1.0)
+    monkeypatch.setattr(qemu_mod, "QUIT_TIMEOUT", 1.0)
+    vm = Vm(BootGuest(memory_mb=64).config("7.2", workdir), workdir, "stuck")
+    t0 = time.monotonic()
+    with pytest.raises(QemuError, match=r"'stuck' .*quit within 1s .*killed with SIGKILL"):
+        with vm:
+            os.kill(vm.pid, signal.SIGSTOP)
+            with pytest.raises(QemuError, match=r"'stuck' .*answer QMP stop within 1s"):
+                vm.stop()
+    assert time.monotonic() - t0 < 30
+    assert vm.proc.poll() == -signal.SIGKILL

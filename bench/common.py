@@ -9,6 +9,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -141,9 +142,11 @@ def summarize(values: list[float]) -> dict[str, float] | None:
             "n": len(values)}
 
 
-def timed_restore(argv: list[str], env: dict[str, str], t0: float) -> tuple[float, float, dict]:
+def timed_restore(argv: list[str], env: dict[str, str], t0: float,
+                  on_running: Callable[[], None] | None = None) -> tuple[float, float, dict]:
     """Run a `vmsnap restore --json ...` command line; return (seconds from `t0` to its
-    "running" event, as it arrives; seconds to its end; its "done" event)."""
+    "running" event, as it arrives; seconds to its end; its "done" event). `on_running` is
+    called as that event arrives (the command goes on: a lazy restore's pages)."""
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     assert proc.stdout is not None and proc.stderr is not None
@@ -153,6 +156,8 @@ def timed_restore(argv: list[str], env: dict[str, str], t0: float) -> tuple[floa
         e = json.loads(line)
         if e["event"] == "running" and running is None:
             running = time.monotonic() - t0
+            if on_running is not None:
+                on_running()
         elif e["event"] == "done":
             done = e
     err = proc.stderr.read()

@@ -4,6 +4,7 @@ mapped-ram load, in one run, interleaved, cold cache.
     sudo .venv/bin/python bench/lazy_restore.py [--sizes 1024,4096,8192] [--reps 3]
                                                 [--fill 0.9] [--dir /var/tmp/vmsnap-lazy]
                                                 [--qemu 10|7.2] [--ws-mb N]
+                                                [--guest boot|linux]
 
 Per size: a bootguest (QEMU 10 or 7.2; 7.2 runs eager and postcopy only, having neither
 memory-backend-file offset= nor mapped-ram; KVM, mode=random, `limit_mb` = fill x RAM, `beat=1`: a
@@ -39,6 +40,16 @@ Figures, all from the command's start (spawn of vmsnap, or of QEMU for qemu10):
             after the restore (the first heartbeat ends a pass the save interrupted)
   p50/p99   postcopy page-request latency (receipt of the request -> page sent), us
   requests  postcopy page requests (pages the guest touched before they were pushed)
+
+--guest linux: the Linux guest (TCG here) instead, memfill filling `fill` x RAM (default
+0.75: the kernel and initramfs need the rest), saved paused; methods eager, postcopy and
+mmap (QEMU 10). The bench holds the restored VM's serial console from its spawn; as the
+guest runs it sends PING, then on PONG a full VERIFY (memfill checks every page it filled,
+while a lazy restore still brings pages in), which must pass:
+  pong      command start -> the guest answered PING (sent on the "running" event; eager:
+            when the command ended; qemu10: after `cont`)
+  verified  command start -> VERIFY OK
+  verify s  VERIFY's own duration (sent -> OK); the table adds its ratio to eager's
 Medians of the repetitions; JSON with every repetition in bench/results/.
 """
 
@@ -53,13 +64,14 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.common import evict_file, timed_restore, vmsnap_env  # noqa: E402
-from testbed.guests import BootGuest, Saved  # noqa: E402
+from testbed.guests import BootGuest, LinuxGuest, Saved  # noqa: E402
 from testbed.qemu import Vm  # noqa: E402
 from testbed.serial import SerialConsole  # noqa: E402
 
@@ -67,6 +79,7 @@ METHODS = ("eager", "postcopy", "postcopy-hot", "mmap", "qemu10")
 METHODS_72 = ("eager", "postcopy", "postcopy-hot")
 #: --ws-mb: also the hint a live save records (the pages re-dirtied in its last rounds)
 METHODS_WS = ("postcopy-live", "mmap-live")
+METHODS_LINUX = {"10": ("eager", "postcopy", "mmap"), "7.2": ("eager", "postcopy")}
 
 
 class Beat:
@@ -87,18 +100,72 @@ class Beat:
             start = self.console.wait_for("B", 600, start).end()
             self.at.append(time.monotonic())
 
-    def close(self) -> None:
+    def running(self) -> None:
+        """The guest runs: nothing to do, it beats by itself."""
+
+    def figures(self, t0: float) -> dict:
+        """The heartbeats' times; closes the console (QEMU serves one at a time)."""
         self.thread.join(600)
+        self.close()
+        fig = {"beat": self.at[0] - t0 if self.at else None}
+        if self.count > 1:
+            fig["ws_pass"] = self.at[1] - t0 if len(self.at) > 1 else None
+        return fig
+
+    def close(self) -> None:
         if self.console is not None:
             self.console.close()
 
 
+class Verify:
+    """Linux guest: hold a VM's serial console from its spawn; once told the guest runs,
+    PING it, then on PONG have memfill VERIFY every page it filled, timing each answer."""
+
+    def __init__(self, path: Path) -> None:
+        self.at: dict[str, float] = {}
+        self.started = threading.Event()
+        self.error: BaseException | None = None
+        self.console: SerialConsole | None = None
+        self.thread = threading.Thread(target=self._run, args=(path,), daemon=True)
+        self.thread.start()
+
+    def _run(self, path: Path) -> None:
+        try:
+            self.console = SerialConsole(path, connect_timeout=120)
+            self.started.wait()
+            self.at["ping"] = time.monotonic()
+            LinuxGuest.ping(self.console)
+            self.at["pong"] = time.monotonic()
+            LinuxGuest.verify(self.console)
+            self.at["verified"] = time.monotonic()
+        except Exception as err:  # noqa: BLE001 - raised again by figures()
+            self.error = err
+
+    def running(self) -> None:
+        self.started.set()
+
+    def figures(self, t0: float) -> dict:
+        """The answers' times; closes the console (QEMU serves one at a time)."""
+        self.thread.join()
+        self.close()
+        if self.error is not None:
+            raise self.error
+        return {"pong": self.at["pong"] - t0, "verified": self.at["verified"] - t0,
+                "verify_s": self.at["verified"] - self.at["pong"]}
+
+    def close(self) -> None:
+        self.started.set()  # a restore that failed: the PING finds the console closed
+        if self.console is not None:
+            self.console.close()
+        self.thread.join(10)
+
+
 def vmsnap_restore(snap: Path, argv: list[str], extra: list[str], env: dict[str, str],
-                   t0: float) -> dict:
+                   t0: float, on_running: Callable[[], None]) -> dict:
     """Run `vmsnap restore`, timing its "running" event as it arrives."""
     running, end, done = timed_restore(
         [sys.executable, "-m", "vmsnap", "restore", "--json", *extra, str(snap), "--",
-         *argv], env, t0)
+         *argv], env, t0, on_running)
     return {"running": running, "done": end,
             "pid": done["pid"], "p50": done.get("latency_p50_us"),
             "p99": done.get("latency_p99_us"), "requests": done.get("requests"),
@@ -115,10 +182,11 @@ def native_restore(snap: Path, vm: Vm, t0: float) -> dict:
     return {"running": time.monotonic() - t0, "done": time.monotonic() - t0}
 
 
-def run_method(method: str, guest: BootGuest, config, snap: Path, saved: Saved,
+def run_method(method: str, guest: BootGuest | LinuxGuest, config, snap: Path, saved: Saved,
                workdir: Path, env: dict[str, str], rep: int) -> dict:
     """One restore by `method`, timed to the guest running (every method runs it: its RAM
-    is checked against `saved` once it has, stopped at once)."""
+    is checked: bootguest against `saved` once it has, stopped at once; Linux guest by the
+    timed VERIFY)."""
     name = f"{method}{rep}"
     vm = Vm(config, workdir, name, incoming="defer")
     if method == "postcopy":
@@ -132,51 +200,68 @@ def run_method(method: str, guest: BootGuest, config, snap: Path, saved: Saved,
              "mmap-live": ["--lazy=mmap"]}.get(method)
     evict_file(snap)
     t0 = time.monotonic()
-    beat = Beat(vm.serial_path, 2 if guest.ws_mb else 1)
+    probe = (Verify(vm.serial_path) if isinstance(guest, LinuxGuest)
+             else Beat(vm.serial_path, 2 if guest.ws_mb else 1))
     try:
         if method == "qemu10":
             fig = native_restore(snap, vm, t0)
         else:
-            fig = vmsnap_restore(snap, vm.argv(), extra, env, t0)
+            fig = vmsnap_restore(snap, vm.argv(), extra, env, t0, probe.running)
             vm.adopt(fig.pop("pid"))
-        beat.close()
-        fig["beat"] = beat.at[0] - t0 if beat.at else None
-        if guest.ws_mb:
-            fig["ws_pass"] = beat.at[1] - t0 if len(beat.at) > 1 else None
-        guest.check_restored(vm, saved, resumed=True)
+        probe.running()  # eager, qemu10: the guest runs once the restore returned
+        fig.update(probe.figures(t0))
+        if isinstance(guest, BootGuest):
+            guest.check_restored(vm, saved, resumed=True)
         fig["ok"] = True
     finally:
         vm.close()
+        probe.close()
     return fig
+
+
+def make_guest(kind: str, size: int, fill: float, ws_mb: int | None) -> BootGuest | LinuxGuest:
+    if kind == "linux":
+        return LinuxGuest(memory_mb=size, fill_mb=int(size * fill))
+    return BootGuest(memory_mb=size, mode="random", limit_mb=int(size * fill), ws_mb=ws_mb)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--sizes", default="1024,4096,8192", help="guest RAM sizes in MiB")
+    ap.add_argument("--guest", default="boot", choices=("boot", "linux"))
+    ap.add_argument("--sizes", default=None,
+                    help="guest RAM sizes in MiB (default 1024,4096,8192; linux 1024)")
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--fill", type=float, default=0.9, help="fraction of RAM the guest fills")
+    ap.add_argument("--fill", type=float, default=None,
+                    help="fraction of RAM the guest fills (default 0.9; linux 0.75)")
     ap.add_argument("--methods", default=None, help="default: every method the QEMU has")
     ap.add_argument("--qemu", default="10", choices=("10", "7.2"))
     ap.add_argument("--dir", default="/var/tmp/vmsnap-lazy")
     ap.add_argument("--ws-mb", type=int, default=None,
                     help="the guest's working set after its first pass, MiB, scattered")
     args = ap.parse_args()
+    linux = args.guest == "linux"
+    if linux and args.ws_mb:
+        ap.error("--ws-mb is a bootguest option")
+    sizes = args.sizes or ("1024" if linux else "1024,4096,8192")
+    fill = args.fill or (0.75 if linux else 0.9)
     default = [*(METHODS if args.qemu == "10" else METHODS_72),
                *(m for m in METHODS_WS if args.ws_mb and (args.qemu == "10" or "mmap" not in m))]
+    if linux:
+        default = list(METHODS_LINUX[args.qemu])
     methods = args.methods.split(",") if args.methods else list(default)
     workdir = Path(args.dir)
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(mode=0o700, parents=True)
-    results: dict = {"host": os.uname().nodename, "qemu": args.qemu, "reps": args.reps,
-                     "fill": args.fill, "ws_mb": args.ws_mb, "loadavg_start": os.getloadavg(),
-                     "sizes": {}}
+    results: dict = {"host": os.uname().nodename, "qemu": args.qemu, "guest": args.guest,
+                     "reps": args.reps, "fill": fill, "ws_mb": args.ws_mb,
+                     "loadavg_start": os.getloadavg(), "sizes": {}}
     env = vmsnap_env(workdir)
     t_start = time.monotonic()
-    for size in map(int, args.sizes.split(",")):
-        guest = BootGuest(memory_mb=size, mode="random", limit_mb=int(size * args.fill),
-                          ws_mb=args.ws_mb)
+    for size in map(int, sizes.split(",")):
+        guest = make_guest(args.guest, size, fill, args.ws_mb)
         config = guest.config(args.qemu, workdir)
-        config.args[-1] += " beat=1"
+        if not linux:
+            config.args[-1] += " beat=1"
         snap = workdir / "vm.snap"
         with Vm(config, workdir, "src") as src:
             guest.boot(src)
@@ -205,7 +290,7 @@ def main() -> None:
         Path(f"{snap}.hot.live").unlink(missing_ok=True)
     results["elapsed_s"] = time.monotonic() - t_start
     results["loadavg_end"] = os.getloadavg()
-    ws = f"-ws{args.ws_mb}" if args.ws_mb else ""
+    ws = f"-ws{args.ws_mb}" if args.ws_mb else "-linux" if linux else ""
     out = (REPO / "bench" / "results"
            / f"lazy-qemu{args.qemu}{ws}-{time.strftime('%Y%m%d-%H%M%S')}.json")
     out.write_text(json.dumps(results, indent=1))
@@ -216,7 +301,8 @@ def main() -> None:
 def medians(runs: list[dict]) -> dict:
     good = [r for r in runs if r.get("ok")]
     out = {"ok": f"{len(good)}/{len(runs)}"}
-    for key in ("running", "beat", "ws_pass", "done", "p50", "p99", "requests", "loadavg"):
+    for key in ("running", "beat", "ws_pass", "pong", "verified", "verify_s", "done", "p50",
+                "p99", "requests", "loadavg"):
         values = [r[key] for r in good if r.get(key) is not None]
         out[key] = statistics.median(values) if values else None
     return out
@@ -224,22 +310,25 @@ def medians(runs: list[dict]) -> dict:
 
 def table(results: dict) -> str:
     ws = results.get("ws_mb")
-    rows = [f"QEMU {results['qemu']}" + (f", working set {ws} MiB" if ws else ""),
-            "| RAM | method | ok | running s | first heartbeat s | ws pass s | done s | p50 us "
-            "| p99 us | requests | load |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-
-    def f(v, fmt):
-        return "" if v is None else format(v, fmt)
-
+    linux = results.get("guest") == "linux"
+    guest = ("Linux guest" if linux else "bootguest") + (f", working set {ws} MiB" if ws else "")
+    middle = ([("pong", "PONG s", ".2f"), ("verified", "VERIFY done s", ".2f"),
+               ("verify_s", "VERIFY s", ".2f"), ("verify_x", "VERIFY / eager's", ".2f")]
+              if linux else [("beat", "first heartbeat s", ".2f"), ("ws_pass", "ws pass s", ".2f")])
+    cols = [("ok", "ok", ""), ("running", "running s", ".2f"), *middle, ("done", "done s", ".2f"),
+            ("p50", "p50 us", ".0f"), ("p99", "p99 us", ".0f"), ("requests", "requests", ".0f"),
+            ("loadavg", "load", ".1f")]
+    rows = [f"QEMU {results['qemu']}, {guest}",
+            "| RAM | method | " + " | ".join(h for _, h, _ in cols) + " |",
+            "|---|---|" + "---|" * len(cols)]
     for size, by in results["sizes"].items():
+        eager = by.get("eager", {}).get("median", {}).get("verify_s")
         for m, d in by.items():
-            md = d["median"]
-            rows.append(f"| {int(size)} MiB | {m} | {md['ok']} | {f(md['running'], '.2f')}"
-                        f" | {f(md['beat'], '.2f')} | {f(md.get('ws_pass'), '.2f')}"
-                        f" | {f(md['done'], '.2f')}"
-                        f" | {f(md['p50'], '.0f')} | {f(md['p99'], '.0f')}"
-                        f" | {f(md.get('requests'), '.0f')}"
-                        f" | {f(md['loadavg'], '.1f')} |")
+            md = dict(d["median"])
+            if md.get("verify_s") is not None and eager:
+                md["verify_x"] = md["verify_s"] / eager
+            cells = ("" if md.get(k) is None else format(md[k], fmt) for k, _, fmt in cols)
+            rows.append(f"| {int(size)} MiB | {m} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 

@@ -22,6 +22,7 @@ import numpy as np
 from testbed.paths import BOOTGUEST_DIR, LINUXGUEST_DIR
 from testbed.qemu import QemuError, Vm, VmConfig, kvm_available
 from testbed.ramcheck import RamCheckResult, check_counter_ranges, compare_with_saved
+from testbed.serial import SerialConsole
 
 #: qboot boots in ~0.1 s where SeaBIOS takes ~3 s under this host's nested KVM.
 QBOOT = "/usr/share/qemu/qboot.rom"
@@ -223,17 +224,28 @@ class LinuxGuest:
         self.pages = int(m.group(1))
 
     def wait_alive(self, vm: Vm, timeout: float = 120.0) -> None:
-        mark = vm.serial.mark()
-        vm.serial.send_line("PING")
-        vm.serial.wait_for("PONG", timeout, start=mark)
+        self.ping(vm.serial, timeout)
 
     def check(self, vm: Vm, timeout: float = 600.0) -> str:
         """Ask the guest to check every page it filled; returns the guest's OK line."""
         if vm.status() != "running":
             vm.cont()
-        mark = vm.serial.mark()
-        vm.serial.send_line("VERIFY")
-        m = vm.serial.wait_for(r"VERIFY (OK|FAIL)[^\r\n]*(?=[\r\n])", timeout, start=mark)
+        return self.verify(vm.serial, timeout)
+
+    @staticmethod
+    def ping(console: SerialConsole, timeout: float = 120.0) -> None:
+        """The running guest answers PING (on its console, e.g. one opened before the VM
+        existed: bench/lazy_restore.py)."""
+        mark = console.mark()
+        console.send_line("PING")
+        console.wait_for("PONG", timeout, start=mark)
+
+    @staticmethod
+    def verify(console: SerialConsole, timeout: float = 600.0) -> str:
+        """memfill checks every page it filled; returns its OK line, raises on FAIL."""
+        mark = console.mark()
+        console.send_line("VERIFY")
+        m = console.wait_for(r"VERIFY (OK|FAIL)[^\r\n]*(?=[\r\n])", timeout, start=mark)
         if m.group(1) != "OK":
             raise GuestCheckFailed(f"linuxguest: {m.group(0)}")
         return m.group(0)

@@ -13,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from testbed.pagecache import evict as evict_file  # noqa: F401 - the bench scripts' name
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -20,17 +22,6 @@ def drop_caches() -> None:
     """Write back and drop the host page cache (root only), so the next read is cold."""
     subprocess.run(["sync"], check=True)
     Path("/proc/sys/vm/drop_caches").write_text("3\n")
-
-
-def evict_file(path: Path) -> None:
-    """Drop one file's pages from the page cache, so its next read is cold while the
-    programs reading it (Python, QEMU) stay warm."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fdatasync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 def sync_all() -> None:

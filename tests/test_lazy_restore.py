@@ -23,6 +23,7 @@ import vmsnap
 from testbed.cli import one_line
 from testbed.craft import flip_bit, flip_page_bit, reseal
 from testbed.guests import BootGuest, LinuxGuest, Saved
+from testbed.pagecache import cached, evict
 from testbed.qemu import Vm
 from vmsnap.fileformat.hot import hot_path, load_hot, save_hot
 from vmsnap.stream.constants import TARGET_PAGE_SIZE as PAGE
@@ -428,6 +429,28 @@ def test_lazy_mmap_maps_the_file_it_checked(workdir, monkeypatch, request):
     r = vmsnap.restore(snap, command=argv, lazy="mmap", paused=True)
     request.addfinalizer(lambda: _kill(r.pid))
     assert r.engine == "mmap" and not any(snap.read_bytes()[:1 << 20])
+    with Vm(guest.config("10", workdir), workdir, "src").adopt(r.pid) as dst:
+        guest.check_restored(dst, held)
+        dst.cmd("quit")
+
+
+@pytest.mark.qemu
+def test_lazy_mmap_check_leaves_the_pages_cached(workdir, monkeypatch, request):
+    """mmap: the background check reads the mapped pages through the page cache and leaves
+    them there, so the guest's first touches find them in memory and the disk is read once
+    (not by the check, then again by the guest's faults). The guest stays paused and
+    touches nothing: what is cached after the restore is the check's doing."""
+    guest = BootGuest(memory_mb=256)
+    snap, argv, held = saved(guest, "10", workdir)
+    evict(snap)
+    monkeypatch.setattr(tempfile, "tempdir", str(workdir))  # a chroot QEMU 10 sees it
+    r = vmsnap.restore(snap, command=argv, lazy="mmap", paused=True)
+    request.addfinalizer(lambda: _kill(r.pid))
+    assert r.engine == "mmap" and r.verified
+    with vmsnap.open(snap) as s:
+        ram = s.block("pc.ram")
+        resident = cached(snap, ram.pages_offset, ram.npages)[ram.present]
+    assert resident.all(), f"{resident.mean():.0%} of the mapped pages cached"
     with Vm(guest.config("10", workdir), workdir, "src").adopt(r.pid) as dst:
         guest.check_restored(dst, held)
         dst.cmd("quit")

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import streambytes
 
+from testbed.pagecache import cached, evict
 from vmsnap.fileformat import (
     ChecksumMismatch,
     CorruptTrailer,
@@ -172,7 +173,8 @@ def flip(path, offset, bit=0):
         f.write(bytes([b ^ (1 << bit)]))
 
 
-def test_bitflip_in_page_named(small_snapshot):
+@pytest.mark.parametrize("warm", [False, True], ids=["direct", "warm"])
+def test_bitflip_in_page_named(small_snapshot, warm):
     with open_snapshot(small_snapshot) as s:
         b = s.block("pc.ram")
         first, count = s.present_runs(b)[3]
@@ -180,9 +182,25 @@ def test_bitflip_in_page_named(small_snapshot):
         target = b.pages_offset + page * PS + 1234
     flip(small_snapshot, target, 5)
     with open_snapshot(small_snapshot) as s, pytest.raises(ChecksumMismatch) as ei:
-        s.verify()
+        s.verify(warm=warm)
     assert ei.value.block == "pc.ram" and ei.value.offset == page * PS
     assert f"offset {page * PS:#x}" in str(ei.value)
+
+
+def test_warm_verify_leaves_the_pages_cached(small_snapshot):
+    """verify(warm=True) (the mmap engine's background check) reads the pages through the
+    page cache and leaves them there, so a guest mapping the file finds them in memory and
+    the disk is read once; the default check reads with O_DIRECT and leaves them out."""
+    for warm in (False, True):
+        evict(small_snapshot)
+        with open_snapshot(small_snapshot) as s:
+            assert s.direct
+            ram = s.block("pc.ram")
+            assert not cached(small_snapshot, ram.pages_offset, ram.npages).any()
+            s.verify(warm=warm)
+            for b in s.blocks:
+                resident = cached(small_snapshot, b.pages_offset, b.npages)[b.present]
+                assert resident.all() == warm, (b.name, warm, resident.mean())
 
 
 def test_bitflip_in_device_state_and_header(small_snapshot):

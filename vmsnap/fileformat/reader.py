@@ -44,6 +44,8 @@ MAX_TAIL = 1 << 30
 INDEX_FLOOR = 1 << 28
 #: Stream ranges are checked in pieces of this size (a range is as long as the file says).
 RANGE_CHUNK = 8 << 20
+#: iter_pages(warm=True): bytes read ahead of the reader (posix_fadvise WILLNEED)
+WARM_AHEAD = 64 << 20
 #: Pages per count of BlockInfo.table_index (16 MiB of 4 KiB pages)
 INDEX_STRIDE = 4096
 
@@ -174,18 +176,21 @@ class Snapshot:
     def prefetch_pages(self, block: BlockInfo, pages: np.ndarray) -> None:
         """Start reading `pages` (ascending) of a local file into the page cache, all at
         once, for read_pages(cached=True); a remote store reads nothing ahead here."""
+        for i, count in contiguous_runs(pages):
+            self._prefetch_run(block, int(pages[i]), int(count))
+
+    def _prefetch_run(self, block: BlockInfo, first_page: int, count: int) -> None:
         if isinstance(self._file, DirectFile):
             ps = block.page_size
-            for i, count in contiguous_runs(pages):
-                self._file.prefetch(block.pages_offset + int(pages[i]) * ps, int(count) * ps)
+            self._file.prefetch(block.pages_offset + first_page * ps, count * ps)
 
     def read_pages(self, block: str | BlockInfo, first_page: int, count: int,
                    into: AlignedBuffer | Buffer | None = None, *, urgent: bool = False,
-                   cached: bool = False) -> memoryview:
+                   cached: bool = False, keep: bool = False) -> memoryview:
         """Read `count` pages starting at page `first_page` (O_DIRECT when `into` is an
         aligned buffer; `urgent`: someone waits on them, see PageSource.read_urgent;
-        `cached`: a local file's pages through the page cache, after prefetch_pages).
-        Returns a memoryview of exactly count*page_size bytes."""
+        `cached`: a local file's pages through the page cache, after prefetch_pages, and
+        left there with `keep`). Returns a memoryview of exactly count*page_size bytes."""
         b = self._b(block)
         if first_page < 0 or count < 0 or first_page + count > b.npages:
             raise SnapshotError(f"pages {first_page}+{count} outside block {b.name!r}")
@@ -198,9 +203,11 @@ class Snapshot:
         mv = mv[:n]
         if n:
             try:
-                read = (self._file.read_cached if cached and isinstance(self._file, DirectFile)
-                        else self._file.read_urgent if urgent else self._file.read_into)
-                read(b.pages_offset + first_page * b.page_size, [mv])
+                at = b.pages_offset + first_page * b.page_size
+                if cached and isinstance(self._file, DirectFile):
+                    self._file.read_cached(at, [mv], keep=keep)
+                else:
+                    (self._file.read_urgent if urgent else self._file.read_into)(at, [mv])
             except IOEngineError as e:
                 raise SnapshotError(f"block {b.name!r} pages from offset "
                                     f"{first_page * b.page_size:#x}: {e.strerror}") from None
@@ -244,25 +251,38 @@ class Snapshot:
                     "(header/bitmap/device state)", file_offset=r.start)
 
     def iter_pages(self, chunk_bytes: int = 8 << 20, verify: bool = True,
-                   skip: Container[str] = ()) -> Iterator[tuple[BlockInfo, int, int, memoryview]]:
+                   skip: Container[str] = (), warm: bool = False,
+                   ) -> Iterator[tuple[BlockInfo, int, int, memoryview]]:
         """Yield (block, first_page, count, data) for every run of present pages, in file
         order, read with O_DIRECT into two aligned buffers (the next run is read while the
         caller works on this one). `data` is valid until the next item. With `verify`, each
         run is checked against the trailer before it is yielded. Blocks named in `skip`
-        are left out."""
+        are left out. `warm`: read through the page cache instead, WARM_AHEAD bytes ahead
+        (readahead: many reads in flight), and leave the pages there (a file a guest maps:
+        its first touches of them then find them in memory)."""
         jobs = [(b, int(first), int(count))
                 for b in self.blocks if b.name not in skip
                 for first, count in self.present_runs(b, max(chunk_bytes // b.page_size, 1))]
         index = {b.name: 0 for b in self.blocks}
         bufs = [AlignedBuffer(chunk_bytes), AlignedBuffer(chunk_bytes)]
+        ahead = max(WARM_AHEAD // chunk_bytes, 1) if warm else 0
+        prefetched = 0
+
+        def read(k: int) -> memoryview:
+            nonlocal prefetched
+            for job in jobs[max(prefetched, k + 1):k + 1 + ahead]:
+                self._prefetch_run(*job)
+            prefetched = max(prefetched, k + 1 + ahead)
+            return self.read_pages(*jobs[k], bufs[k % 2], cached=warm, keep=warm)
+
         with ThreadPoolExecutor(1, thread_name_prefix="vmsnap-read") as ex:
-            fut = ex.submit(self.read_pages, *jobs[0], bufs[0]) if jobs else None
+            fut = ex.submit(read, 0) if jobs else None
             try:
                 for k, (b, first, count) in enumerate(jobs):
                     assert fut is not None  # submitted for job k before
                     mv = fut.result()
                     if k + 1 < len(jobs):
-                        fut = ex.submit(self.read_pages, *jobs[k + 1], bufs[(k + 1) % 2])
+                        fut = ex.submit(read, k + 1)
                     if verify:
                         self.check_pages(b, first, count, mv, index[b.name])
                     index[b.name] += count
@@ -278,10 +298,12 @@ class Snapshot:
                     buf.close()
 
     def verify(self, progress: Callable[[int, int], None] | None = None,
-               chunk_bytes: int = 8 << 20, skip: Container[str] = ()) -> VerifyResult:
+               chunk_bytes: int = 8 << 20, skip: Container[str] = (),
+               warm: bool = False) -> VerifyResult:
         """Check every present page (of the blocks not in `skip`) and every non-page stream
         range against the trailer. Raises ChecksumMismatch naming the first bad page (block
-        + offset). `progress(done_bytes, total_bytes)` is called after each chunk."""
+        + offset). `progress(done_bytes, total_bytes)` is called after each chunk. `warm`:
+        the pages are read into the page cache and left there (iter_pages)."""
         if self.trailer is None:
             raise SnapshotError("QEMU-native file has no checksums to verify")
         if not self.trailer.sealed:
@@ -290,7 +312,7 @@ class Snapshot:
         self.check_stream_ranges()
         total = sum(b.present_count * b.page_size for b in self.blocks if b.name not in skip)
         done = pages = 0
-        for b, _first, count, _data in self.iter_pages(chunk_bytes, skip=skip):
+        for b, _first, count, _data in self.iter_pages(chunk_bytes, skip=skip, warm=warm):
             done += count * b.page_size
             pages += count
             if progress:

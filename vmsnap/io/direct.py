@@ -220,10 +220,12 @@ class DirectFile:
         scattered pages go one at a time per thread), for read_cached."""
         os.posix_fadvise(self.meta_fd, offset, length, os.POSIX_FADV_WILLNEED)
 
-    def read_cached(self, offset: int, bufs: Sequence[Buffer]) -> int:
-        """Read through the page cache (what prefetch brought in), dropped from it after."""
+    def read_cached(self, offset: int, bufs: Sequence[Buffer], *, keep: bool = False) -> int:
+        """Read through the page cache (what prefetch brought in), dropped from it after
+        unless `keep` (a file a guest maps: its first touches find the pages there)."""
         n = preadv_all(self.meta_fd, [memoryview(b).cast("B") for b in bufs], offset)
-        os.posix_fadvise(self.meta_fd, offset, n, os.POSIX_FADV_DONTNEED)
+        if not keep:
+            os.posix_fadvise(self.meta_fd, offset, n, os.POSIX_FADV_DONTNEED)
         return n
 
     # -- metadata -----------------------------------------------------------------

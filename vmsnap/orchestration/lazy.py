@@ -12,8 +12,9 @@ nothing spins).
 
 Engine "mmap" (QEMU >= 8.2, vmsnap launches QEMU): pc.ram is mapped privately from the file
 (vmsnap.orchestration.mapped); the stream carries the rest. Pages are checked in the
-background once the guest runs (a mismatch stops the guest and ends the QEMU vmsnap
-launched); `verify=True` checks every page before the guest starts. An interrupt during
+background once the guest runs, read through the page cache and left there (the guest's
+faults find them; the disk is read once), and a mismatch stops the guest and ends the QEMU
+vmsnap launched; `verify=True` checks every page before the guest starts. An interrupt during
 the background check leaves the guest running, unchecked, and says so.
 
 "auto" picks mmap when vmsnap launches a QEMU >= 8.2 (by the version the snapshot was saved
@@ -441,7 +442,7 @@ async def _mmap(job: _Job) -> LazyRestoreResult:
     await released
     if not job.verified:  # the guest runs meanwhile; a bad page stops it
         others = [b.name for b in job.snap.blocks if b.name != MAPPED_BLOCK]  # sent checked
-        await loop.run_in_executor(None, lambda: job.snap.verify(skip=others))
+        await loop.run_in_executor(None, lambda: job.snap.verify(skip=others, warm=True))
         job.verified = True
     hot = await job.prefetching if job.prefetching is not None else 0
     return dataclasses.replace(job.result(stats.stream_bytes, stats.pages, running),

@@ -239,3 +239,49 @@ def test_wrong_credentials(s3_url, monkeypatch):
                 op(s3_url) if op is open_snapshot else op()
     finally:
         s3_objects._client = None  # noqa: SLF001 - next test: the right credentials
+
+
+def test_s3_missing_object_and_failures_without_a_cluster(monkeypatch):
+    """exists() and the small-object reads share one translation of S3's answers: a missing
+    object is False / None, any other failure one TargetError line naming the target, and
+    an object larger than its kind may be is refused before its body is read."""
+    from botocore.exceptions import ClientError, EndpointConnectionError
+
+    r = targets.remote("s3://bucket/vm.snap")
+    closed = []
+
+    class Body:
+        def read(self):
+            return b"hello"
+
+        def close(self):
+            closed.append(True)
+
+    def stub(answer):
+        def call(**kwargs):
+            if isinstance(answer, Exception):
+                raise answer
+            return answer
+
+        class Client:
+            head_object = get_object = staticmethod(call)
+        monkeypatch.setattr(s3_objects, "client", Client)
+
+    for code in ("NoSuchKey", "404", "NotFound"):
+        stub(ClientError({"Error": {"Code": code}}, "HeadObject"))
+        assert s3_objects.exists(r) is False
+        assert s3_objects.read_beside(r, ".hot", 100) is None
+    stub({"ContentLength": 5, "Body": Body()})
+    assert s3_objects.exists(r) and s3_objects.read_beside(r, ".hot", 100) == "hello"
+    stub({"ContentLength": 101, "Body": Body()})
+    with pytest.raises(targets.TargetError, match="too large for a .hot note"):
+        s3_objects.read_beside(r, ".hot", 100)
+    assert closed == [True]
+    for failure, words in [(ClientError({"Error": {"Code": "AccessDenied"}}, "GetObject"),
+                            "access denied"),
+                           (EndpointConnectionError(endpoint_url="http://127.0.0.1:1"),
+                            "Could not connect")]:
+        stub(failure)
+        for call in (lambda: s3_objects.exists(r), lambda: s3_objects.read_beside(r, ".x", 9)):
+            with pytest.raises(targets.TargetError, match=f"s3://bucket/vm.snap: .*{words}"):
+                call()

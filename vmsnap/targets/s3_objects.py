@@ -23,10 +23,10 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import boto3
 import numpy as np
@@ -39,6 +39,8 @@ from ..io.direct import IOEngineError
 from ..io.vectored import Buffer
 from . import Remote
 from .base import RangeReader, TargetError, pieces
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -110,22 +112,31 @@ def _chunks_root(key: str) -> str:
     return f"{key}.chunks/"
 
 
-def _get_small(r: Remote, key: str, limit: int, what: str) -> bytes | None:
-    """The object `key` (None if there is none); TargetError if it is larger than `limit`
-    bytes, which is too large for `what` it should be."""
+def _unless_missing(r: Remote, request: Callable[[], T]) -> T | None:
+    """`request()` (S3 calls about one object of `r`), or None if that object is missing;
+    any other S3 failure is a TargetError."""
     try:
-        obj = client().get_object(Bucket=r.container, Key=key)
-        if obj.get("ContentLength", 0) > limit:
-            obj["Body"].close()
-            raise TargetError(f"{r}: object {key} is too large for {what}")
-        data: bytes = obj["Body"].read()
-        return data
+        return request()
     except ClientError as e:
         if _missing(e):
             return None
         raise _error(r, e) from None
     except BotoCoreError as e:
         raise _error(r, e) from None
+
+
+def _get_small(r: Remote, key: str, limit: int, what: str) -> bytes | None:
+    """The object `key` (None if there is none); TargetError if it is larger than `limit`
+    bytes, which is too large for `what` it should be."""
+    def get() -> bytes:
+        obj = client().get_object(Bucket=r.container, Key=key)
+        if obj.get("ContentLength", 0) > limit:
+            obj["Body"].close()
+            raise TargetError(f"{r}: object {key} is too large for {what}")
+        data: bytes = obj["Body"].read()
+        return data
+
+    return _unless_missing(r, get)
 
 
 def read_beside(r: Remote, suffix: str, limit: int) -> str | None:
@@ -179,15 +190,8 @@ def _read_manifest(r: Remote) -> Manifest | None:
 
 
 def exists(r: Remote) -> bool:
-    try:
-        client().head_object(Bucket=r.container, Key=r.name)
-        return True
-    except ClientError as e:
-        if _missing(e):
-            return False
-        raise _error(r, e) from None
-    except BotoCoreError as e:
-        raise _error(r, e) from None
+    return _unless_missing(r, lambda: client().head_object(Bucket=r.container,
+                                                           Key=r.name)) is not None
 
 
 class _Upload:

@@ -101,26 +101,31 @@ def test_fallback_when_o_direct_refused(monkeypatch, tmp_path, caplog):
         os.unlink(p)
 
 
-def test_fallback_on_einval_at_first_io(monkeypatch, tmp_path):
-    real_pw = os.pwritev
-    state = {"fail": True}
-
-    def pw(fd, bufs, off):
-        if state["fail"] and os.get_blocking(fd) and fcntl_direct(fd):
-            state["fail"] = False
-            raise OSError(errno.EINVAL, "Invalid argument")
-        return real_pw(fd, bufs, off)
-
+@pytest.mark.parametrize("op", ["write", "read"])
+def test_fallback_on_einval_at_first_io(monkeypatch, tmp_path, op):
+    """A filesystem that takes O_DIRECT at open but refuses its first write or read: the
+    file turns buffered, says why, and the request is done all the same."""
     import fcntl
 
-    def fcntl_direct(fd):
-        return bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT)
+    name = "pwritev" if op == "write" else "preadv"
+    real = getattr(os, name)
+    state = {"fail": True}
 
-    monkeypatch.setattr(direct_mod.os, "pwritev", pw)
+    def refuse_once(fd, bufs, off):
+        if state["fail"] and fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            state["fail"] = False
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, bufs, off)
+
     with DirectFile(tmp_path / "g", writable=True, create=True) as f:
         assert f.direct
         buf = AlignedBuffer(8192)
         buf.array[:] = 3
-        f.write_at(0, [buf.view])
-        assert not f.direct and "write refused" in f.fallback_reason
-        assert f.pread_meta(0, 8192) == b"\x03" * 8192
+        if op == "read":
+            f.write_at(0, [buf.view])
+            buf.array[:] = 0
+        monkeypatch.setattr(direct_mod.os, name, refuse_once)
+        assert (f.write_at if op == "write" else f.read_into)(0, [buf.view]) == 8192
+        assert not state["fail"]  # the O_DIRECT request was refused
+        assert not f.direct and f"{op} refused" in f.fallback_reason
+        assert f.pread_meta(0, 8192) == b"\x03" * 8192 == bytes(buf.view)

@@ -19,7 +19,7 @@ import errno
 import logging
 import os
 import stat
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from ..errors import VmsnapError
 from .aligned import PAGE_SIZE, buffer_address
@@ -178,34 +178,28 @@ class DirectFile:
         With O_DIRECT, unaligned requests (offset, length or memory) go through the
         buffered descriptor instead.
         """
-        views = [memoryview(b).cast("B") for b in bufs]
-        fd = self.fd
-        if self.direct and not _aligned_io(offset, views, self.alignment):
-            fd = self.meta_fd
-        try:
-            n = pwritev_all(fd, views, offset)
-        except OSError as e:
-            if not (self.direct and fd == self.fd and e.errno == errno.EINVAL):
-                raise
-            self._fall_back(f"O_DIRECT write refused: {e.strerror}")
-            n = pwritev_all(self.fd, views, offset)
-        if dontneed and fd == self.fd:
-            self._dontneed(offset, n)
-        return n
+        return self._vectored(pwritev_all, "write", offset, bufs, dontneed)
 
     def read_into(self, offset: int, bufs: Sequence[Buffer], *, dontneed: bool = True) -> int:
         """Fill `bufs` from `offset` with coalesced preadv calls (EOF is an error)."""
+        return self._vectored(preadv_all, "read", offset, bufs, dontneed)
+
+    def _vectored(self, transfer: Callable[[int, Sequence[Buffer], int], int], what: str,
+                  offset: int, bufs: Sequence[Buffer], dontneed: bool) -> int:
+        """`transfer` (pwritev_all or preadv_all) of `bufs` at `offset`: on the O_DIRECT fd
+        when the request is aligned, else on the buffered one; a filesystem that refuses
+        O_DIRECT (EINVAL) turns this file buffered for good and the request is retried."""
         views = [memoryview(b).cast("B") for b in bufs]
         fd = self.fd
         if self.direct and not _aligned_io(offset, views, self.alignment):
             fd = self.meta_fd
         try:
-            n = preadv_all(fd, views, offset)
+            n = transfer(fd, views, offset)
         except OSError as e:
             if not (self.direct and fd == self.fd and e.errno == errno.EINVAL):
                 raise
-            self._fall_back(f"O_DIRECT read refused: {e.strerror}")
-            n = preadv_all(self.fd, views, offset)
+            self._fall_back(f"O_DIRECT {what} refused: {e.strerror}")
+            n = transfer(self.fd, views, offset)
         if dontneed and fd == self.fd:
             self._dontneed(offset, n)
         return n

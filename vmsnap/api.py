@@ -216,14 +216,6 @@ def open(path: str | os.PathLike[str], *, direct: bool = True) -> Snapshot:  # n
     return open_snapshot(path, direct=direct)
 
 
-def exists(path: str | os.PathLike[str]) -> bool:
-    """True if a committed snapshot (or, locally, any file) is at `path`: a file,
-    `rbd:POOL/IMAGE` or `s3://BUCKET/KEY`."""
-    from . import targets
-
-    return targets.exists(path)
-
-
 # -- the other verbs: files and streams, no QEMU -------------------------------------------
 def info(path: str | os.PathLike[str], *, direct: bool = True) -> SnapshotInfo:
     """What the snapshot at `path` holds: blocks, sizes, origin, integrity state and the

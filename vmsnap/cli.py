@@ -23,8 +23,9 @@ from .progress import Reporter
 
 
 def _refuse_overwrite(path: str, force: bool) -> None:
-    if api.exists(path) and not force:
-        raise VmsnapError(f"{path} exists (use --force to overwrite)")
+    from .targets import refuse_overwrite
+
+    refuse_overwrite(path, force)
 
 
 def _gib_s(nbytes: int, seconds: float) -> float:
@@ -126,7 +127,7 @@ def cmd_export(args: argparse.Namespace, rep: Reporter) -> int:
         return cmd_send(args, rep)
     if not _is_fifo(args.dest):
         _refuse_overwrite(args.dest, args.force)
-    xml = Path(args.xml).read_text() if args.xml else None
+    xml = _read_xml(args.xml)
     rep.start("export")
     t0 = time.monotonic()
     stats = api.export_image(args.source, args.dest, xml=xml, progress=rep.update)
@@ -134,6 +135,16 @@ def cmd_export(args: argparse.Namespace, rep: Reporter) -> int:
     rep.done(image=args.dest, stream_bytes=stats.stream_bytes, pages=stats.pages,
              seconds=round(dt, 3), gb_per_s=_gib_s(stats.stream_bytes, dt))
     return 0
+
+
+def _read_xml(path: str | None) -> str | None:
+    """The domain XML in the file `path` (--xml), if given."""
+    if path is None:
+        return None
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise VmsnapError(f"{path} is not a domain XML (not UTF-8 text)") from None
 
 
 def _is_fifo(path: str) -> bool:
@@ -195,7 +206,7 @@ def cmd_restore(args: argparse.Namespace, rep: Reporter) -> int:
         if args.domain and args.xml:
             raise VmsnapError("give either --domain or --xml, not both")
         r = api.restore_domain(args.file, uri=args.connect, domain=args.domain,
-                               xml=Path(args.xml).read_text() if args.xml else None,
+                               xml=_read_xml(args.xml),
                                paused=args.paused, trust_xml=args.trust_command_line,
                                reporter=rep, direct=args.direct, lazy=args.lazy,
                                channels=args.channels)

@@ -155,9 +155,10 @@ async def connect(address: str, name: str = "vmsnap",
     sock.settimeout(timeout)
     try:
         sock.connect(target)
-    except OSError as err:
+    except (OSError, OverflowError) as err:  # OverflowError: a port beyond 65535
         sock.close()
-        reason = err.strerror or "timed out"
+        # "timed out", "AF_UNIX path too long", "connect(): port must be 0-65535."
+        reason = getattr(err, "strerror", None) or str(err)
         raise QMPConnectError(f"cannot connect to QMP at {address}: {reason}") from err
     pid = _peer_pid(sock)
     client = Client(name)

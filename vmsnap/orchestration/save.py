@@ -150,8 +150,7 @@ def prepare(path: str | os.PathLike[str], live: bool, background: bool,
     asked = modes.channels_for(mode, channels)
     channels = None if asked is None else check_channels(asked)  # None: from the QEMU
     path = targets.normalize(path)
-    if targets.exists(path) and not force:
-        raise VmsnapError(f"{path} exists (use --force to overwrite)")
+    targets.refuse_overwrite(path, force)
     writer = SnapshotWriter(path, direct=direct, signing_key=load_or_create_key())
     try:
         writer.reserve()

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from ..errors import VmsnapError
 from ..io.aligned import PAGE_SIZE
 from ..io.direct import DirectFile
 from .base import PageSink, PageSource, TargetError
@@ -61,6 +62,15 @@ def exists(path: str | os.PathLike[str]) -> bool:
     if r is None:
         return os.path.lexists(os.fspath(path))
     return _module(r).exists(r)
+
+
+def refuse_overwrite(path: str | os.PathLike[str], force: bool) -> None:
+    """Refuse to write `path` where a directory is (whatever `force`), or a snapshot or file
+    already is, unless `force`."""
+    if remote(path) is None and os.path.isdir(path):
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), os.fspath(path))
+    if not force and exists(path):
+        raise VmsnapError(f"{os.fspath(path)} exists (use --force to overwrite)")
 
 
 def lock_path(path: str | os.PathLike[str]) -> str:

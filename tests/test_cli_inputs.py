@@ -78,3 +78,11 @@ def test_directory_where_the_file_goes(workdir, args):
     fails_with(run(*(names.get(a, a) for a in args)), "Is a directory",
                str(workdir / "dir"))
     assert list((workdir / "dir").iterdir()) == []
+
+
+def test_directory_as_the_stream_to_import(workdir):
+    """Named (was: "[Errno 21] Is a directory", which said not which)."""
+    (workdir / "dir").mkdir()
+    fails_with(run("import", workdir / "dir", workdir / "vm.snap"), "Is a directory",
+               str(workdir / "dir"))
+    assert sorted(p.name for p in workdir.iterdir()) == ["dir"]

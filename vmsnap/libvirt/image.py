@@ -7,6 +7,7 @@ The codec is vmsnap.stream.saveimage; this module only moves bytes.
 
 from __future__ import annotations
 
+import errno
 import os
 import select
 import stat
@@ -134,6 +135,8 @@ def import_stream(source: str, writer_path: str, *, progress: Callable[[int], No
     the snapshot `writer_path`. Returns the receive figures and the domain, if any."""
     src = _ImageSource(source, os.open(source, os.O_RDONLY | os.O_CLOEXEC))
     try:
+        if stat.S_ISDIR(os.fstat(src.fd).st_mode):  # its read would fail naming no path
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), source)
         head = src.read_exactly(HEADER_SIZE)
         domain = None
         if head[:16] not in (MAGIC, MAGIC_PARTIAL):

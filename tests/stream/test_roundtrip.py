@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -175,6 +176,18 @@ def test_page_records_layout():
     assert len(b) == 7 + 3 * (8 + PS)
     c = E.page_records("pc.ram", offs, pages, continue_=True)
     assert len(c) == 3 * (8 + PS) and c[:8] == (0x28).to_bytes(8, "big")
+
+
+@pytest.mark.parametrize("continue_", [False, True])
+@pytest.mark.parametrize("count", [1, 3])
+def test_packed_page_records_are_the_same_bytes(continue_, count):
+    offs = np.array([0, PS, 3 * PS][:count], np.uint64) + np.uint64(5 * PS)
+    pages = np.random.default_rng(count).integers(0, 256, count * PS, dtype=np.uint8)
+    packed = E.page_records_packed("pc.ram", offs, pages, continue_)
+    assert b"".join(bytes(p) for p in packed) == E.page_records("pc.ram", offs, pages, continue_)
+    assert len(packed) == (1 if continue_ else 2)
+    with pytest.raises(ValueError):
+        E.page_records_packed("pc.ram", offs, pages[:-1])
 
 
 def test_configuration_bytes_match_reference():

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import fcntl
 import socket
+import sys
+import termios
 import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
@@ -68,3 +71,10 @@ class BatchedReader(socket.SocketIO):
             return n + self.sock.recv_into(view[n:], 0, socket.MSG_DONTWAIT)
         except BlockingIOError:
             return n
+
+
+def unsent(sock: socket.socket) -> int:
+    """Bytes sent on `sock` that its peer has not read yet (SIOCOUTQ; for a unix socket,
+    the memory its queued buffers take)."""
+    got = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+    return int.from_bytes(got, sys.byteorder, signed=True)

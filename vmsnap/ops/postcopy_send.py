@@ -3,8 +3,13 @@
 The destination runs the guest as soon as it has the device state; every page it touches
 before it arrives is asked for on the return path (the same socket, other direction) and
 answered from its fixed offset in the file, checked against its checksum first. Meanwhile
-reader threads push every other present page (O_DIRECT, hot pages first). Each page goes
-out exactly once (QEMU places it atomically with UFFDIO_COPY and fails on a second copy).
+every other present page is pushed: reader threads read ahead (O_DIRECT, 1 MiB at a time,
+hot pages first, then in file order from just after the last page requested, as QEMU's own
+source does) and check the pages, a pusher sends them. Each page goes out exactly once
+(QEMU places it atomically with UFFDIO_COPY and fails on a second copy): a page is claimed
+when it is sent, not when read, so a request never waits for a read ahead. Requests go
+first: the pusher holds back while one is answered, and keeps what the destination has not
+read yet below QUEUE_LIMIT, which is all an answer can queue behind.
 
 Pages absent from the file (zero) are sent only when asked for, as ZERO records: the
 destination discards all RAM when advised of postcopy, and unregisters userfaultfd when
@@ -20,8 +25,8 @@ others, ending the stream as start() does.
 
 from __future__ import annotations
 
-import itertools
 import logging
+import queue
 import socket
 import threading
 import time
@@ -34,8 +39,8 @@ from ..errors import VmsnapError
 from ..fileformat.bitmap import contiguous_runs
 from ..fileformat.hot import present_hot
 from ..fileformat.reader import BlockInfo, Snapshot
-from ..io.aligned import AlignedBuffer
-from ..io.sockets import shutdown_all
+from ..io.aligned import AlignedBuffer, BufferPool
+from ..io.sockets import shutdown_all, unsent
 from ..io.vectored import Buffer
 from ..stream import constants as C
 from ..stream import encoder
@@ -45,12 +50,19 @@ from .multifd_send import sendmsg_all
 from .send import device_state, plain_stream_head, read_head
 
 log = logging.getLogger(__name__)
-#: pages per background read (and per PART section): short enough that a requested page
-#: waits little behind one, long enough for efficient O_DIRECT reads
-CHUNK_PAGES = 128
-#: pages per PART section a pusher sends at once: a request waits behind at most this much
+#: pages per background read (and per group of hot pages): 1 MiB O_DIRECT reads keep the
+#: disk streaming (a request does not wait for them: see the module's doc)
+CHUNK_PAGES = 256
+#: pages per PART section the pusher sends at once: a request waits behind at most this much
 SECTION_PAGES = 32
 READERS = 2
+#: read buffers per reader: it reads the next chunk while its last ones wait to be sent
+DEPTH = 2
+#: the pusher holds its next section while more than this many bytes it sent are still
+#: unread by the destination: an answer to a request queues behind at most this much
+QUEUE_LIMIT = 1 << 20
+#: how long the pusher sleeps while the destination reads (seconds)
+PACE = 0.0002
 #: largest single page request served (a huge page)
 MAX_REQUEST = 2 << 20
 SHUT_TIMEOUT = 120.0
@@ -120,7 +132,7 @@ class PostcopySource:
 
     def __init__(self, snap: Snapshot, *,
                  hot: Mapping[str, np.ndarray] | None = None, readers: int = READERS,
-                 chunk_pages: int = CHUNK_PAGES,
+                 chunk_pages: int = CHUNK_PAGES, queue_limit: int = QUEUE_LIMIT,
                  progress: Callable[[int, int], None] | None = None) -> None:
         """Everything that needs no destination yet (page index, stream prologue), so it
         can be made while the destination QEMU starts."""
@@ -130,14 +142,20 @@ class PostcopySource:
         self.sock: socket.socket | None = None  # the destination's, from start() or resume()
         self.readers = max(1, readers)
         self.chunk_pages = chunk_pages
+        self.queue_limit = queue_limit
         self.progress = progress
         self.blocks = {b.name: b for b in snap.blocks}
         self.claimed = {b.name: np.zeros(b.npages, dtype=bool) for b in snap.blocks}
         self.hot = hot or {}
         self.hot_pages = present_hot(snap, self.hot)
-        self.jobs: list[Job] | None = None  # planned by the first pusher
+        self.jobs: list[Job] | None = None  # planned by the first reader
         self.plan_lock = threading.Lock()
-        self.next_job = itertools.count()
+        self.take_lock = threading.Lock()  # which jobs are taken, the cursor
+        self.taken = bytearray()
+        self.hot_jobs = 0  # the plan's first jobs: hot pages
+        self.cursor = 0  # the next file-order job to look at
+        #: block -> (its first file-order job, the end page of each of its jobs)
+        self.job_ends: dict[str, tuple[int, np.ndarray]] = {}
         self.total = sum(b.present_count * b.page_size for b in snap.blocks)
         self.stats = PostcopyStats()
         self.done = 0
@@ -155,7 +173,7 @@ class PostcopySource:
         self.backlog: list[pc.RpMessage] = []  # read during resume(), served first
 
     # ---------------------------------------------------------------- plan and bookkeeping
-    def _plan(self) -> list[Job]:
+    def _plan(self) -> None:
         """Hot pages first, chunk_pages at a time in address order (scattered pages go out
         together, each run read on its own, through the page cache: see _prefetch), then
         runs of present pages at most chunk_pages long, in file order (pages already sent
@@ -164,25 +182,50 @@ class PostcopySource:
         for b, pages in self.hot_pages:
             jobs += [(b, 0, 0, pages[i:i + self.chunk_pages])
                      for i in range(0, len(pages), self.chunk_pages)]
+        self.hot_jobs = self.cursor = len(jobs)
         for b in self.snap.blocks:
-            jobs += [(b, int(f), int(c), None)
-                     for f, c in self.snap.present_runs(b, self.chunk_pages)]
-        return jobs
+            runs = self.snap.present_runs(b, self.chunk_pages)
+            self.job_ends[b.name] = (len(jobs), runs.sum(axis=1))
+            jobs += [(b, int(f), int(c), None) for f, c in runs]
+        self.taken = bytearray(len(jobs))
+        self.jobs = jobs
 
-    def _claim(self, name: str, first: int, count: int) -> np.ndarray:
-        """Mark pages [first, first+count) as ours to send; return the mask of new ones."""
-        with self.claim_lock:
-            view = self.claimed[name][first:first + count]
-            new = ~view
-            view[:] = True
-        return new
+    def _take(self) -> Job | None:
+        """The next job to read: hot pages first, then file order from the cursor, then
+        from the start (jobs skipped by _follow), None when every job was taken."""
+        with self.plan_lock:
+            if self.jobs is None:
+                self._plan()
+        assert self.jobs is not None
+        with self.take_lock:
+            k = self.taken.find(0, 0, self.hot_jobs)
+            for start in (self.cursor, self.hot_jobs):
+                if k < 0:
+                    k = self.taken.find(0, start)
+            if k < 0:
+                return None
+            self.taken[k] = 1
+            if k >= self.hot_jobs:
+                self.cursor = k + 1
+            return self.jobs[k]
 
-    def _claim_pages(self, name: str, pages: np.ndarray) -> np.ndarray:
-        """_claim for the pages listed (ascending, distinct): the ones that are new."""
+    def _follow(self, name: str, page: int) -> None:
+        """Push on from `page` of block `name` (the one after a requested page), as QEMU's
+        source does: a guest that touched a page is likely to touch the next ones soon."""
+        if self.jobs is None:  # being planned: never wait for that
+            return
+        start, ends = self.job_ends[name]
+        k = start + int(np.searchsorted(ends, page, side="right"))
+        with self.take_lock:
+            self.cursor = k
+
+    def _claim(self, name: str, pages: np.ndarray) -> np.ndarray:
+        """Mark `pages` (distinct) as ours to send; return the mask of those not claimed
+        before."""
         with self.claim_lock:
             claimed = self.claimed[name]
-            new: np.ndarray = pages[~claimed[pages]]
-            claimed[new] = True
+            new: np.ndarray = ~claimed[pages]
+            claimed[pages] = True
         return new
 
     def _read_checked(self, b: BlockInfo, pages: np.ndarray, buf: AlignedBuffer,
@@ -209,11 +252,23 @@ class PostcopySource:
         with self.send_lock:
             self.stats.stream_bytes += sendmsg_all(self.sock, parts)
 
-    def _push_send(self, parts: list[Buffer]) -> None:
-        """Send for a pusher, after any request being answered."""
+    def _push_section(self, b: BlockInfo, pages: np.ndarray, data: memoryview) -> int:
+        """Send the pages (bytes in `data`) nobody claimed yet, after any request being
+        answered and once the destination has read all but queue_limit of what was sent;
+        the number sent."""
         with self.turn:
             self.turn.wait_for(lambda: self.urgent == 0, 0.05)
-        self._send(parts)
+        assert self.sock is not None
+        while unsent(self.sock) > self.queue_limit and not self.failed.is_set():
+            time.sleep(PACE)
+        new = self._claim(b.name, pages)
+        if not new.all():  # some went out on request meanwhile
+            pages = pages[new]
+            data = memoryview(np.frombuffer(data, np.uint8).reshape(-1, b.page_size)[new]
+                              .tobytes())
+        if len(pages):
+            self._send(self._records(b, pages, data))
+        return len(pages)
 
     def _records(self, b: BlockInfo, pages: np.ndarray, data: memoryview | None) -> list[Buffer]:
         """A RAM PART section with PAGE records for `pages` (bytes in `data`) or, when
@@ -224,7 +279,7 @@ class PostcopySource:
         if data is None:
             body = [encoder.zero_records(b.name, offs)]
         else:
-            body = encoder.page_record_parts(b.name, offs, data)
+            body = encoder.page_records_packed(b.name, offs, data)
         return [encoder.section_part(sid), *body, encoder.eos() + encoder.footer(sid)]
 
     # ---------------------------------------------------------------- lifecycle
@@ -283,22 +338,16 @@ class PostcopySource:
         return list(self.decoder.feed(data))
 
     def _start_threads(self) -> None:
-        """Serve requests and push pages; the pushers plan their work themselves (it takes
+        """Serve requests and push pages; the readers plan their work themselves (it takes
         ~60 ms per GiB), so start() returns as soon as the destination can run the guest."""
         self.threads = [threading.Thread(target=self._serve, name="vmsnap-rp", daemon=True)]
-        self.threads += [threading.Thread(target=self._push, name=f"vmsnap-push{i}",
-                                          daemon=True) for i in range(self.readers)]
+        self.threads.append(threading.Thread(target=self._push, name="vmsnap-push",
+                                             daemon=True))
         if self.hot_pages:
             self.threads.append(threading.Thread(target=self._prefetch, name="vmsnap-prefetch",
                                                  daemon=True))
         for t in self.threads:
             t.start()
-
-    def _planned(self) -> list[Job]:
-        with self.plan_lock:
-            if self.jobs is None:
-                self.jobs = self._plan()
-            return self.jobs
 
     def wait(self, timeout: float = SHUT_TIMEOUT) -> PostcopyStats:
         """Wait until every present page is out, end the stream, wait for the destination's
@@ -376,7 +425,9 @@ class PostcopySource:
         st.requests += 1
         st.requested_pages += count
         st.requested.setdefault(b.name, []).extend(range(first, first + count))
-        new = np.flatnonzero(self._claim(b.name, first, count)) + first
+        self._follow(b.name, first + count)
+        new = np.arange(first, first + count)
+        new = new[self._claim(b.name, new)]
         if not len(new):
             return  # already sent, or being pushed right now
         present = b.present[new]
@@ -406,36 +457,78 @@ class PostcopySource:
             log.debug("postcopy: prefetch of hot pages stopped: %s", err)
 
     def _push(self) -> None:
+        """Send what the readers read and checked, as it comes."""
+        ready: queue.SimpleQueue[tuple[BlockInfo, np.ndarray, memoryview, AlignedBuffer]
+                                 | None] = queue.SimpleQueue()
+        with BufferPool(self.chunk_pages * PAGE, self.readers * DEPTH) as pool:
+            readers = [threading.Thread(target=self._read_ahead, args=(pool, ready),
+                                        name=f"vmsnap-read{i}", daemon=True)
+                       for i in range(self.readers)]
+            for t in readers:
+                t.start()
+            try:
+                left = len(readers)
+                while left:
+                    item = ready.get()
+                    if item is None:
+                        left -= 1
+                        continue
+                    b, pages, data, buf = item
+                    if not self.failed.is_set():
+                        ps = b.page_size
+                        sent = sum(self._push_section(b, pages[i:i + SECTION_PAGES],
+                                                      data[i * ps:(i + SECTION_PAGES) * ps])
+                                   for i in range(0, len(pages), SECTION_PAGES))
+                        self._count(sent * ps, sent, pushed=True)
+                    del data
+                    pool.release(buf)
+            except BaseException as err:  # noqa: BLE001 - reported by wait()
+                self.fail(err)
+            finally:
+                for t in readers:
+                    t.join()
+
+    def _read_ahead(self, pool: BufferPool, ready: queue.SimpleQueue[
+            tuple[BlockInfo, np.ndarray, memoryview, AlignedBuffer] | None]) -> None:
+        """Read and check the jobs' pages not sent yet, into the pool's buffers, for _push."""
         try:
-            jobs = self._planned()
-            with AlignedBuffer(self.chunk_pages * PAGE) as buf:
-                while not self.failed.is_set():
-                    k = next(self.next_job)
-                    if k >= len(jobs):
-                        return
-                    b, first, count, listed = jobs[k]
-                    ps = b.page_size
-                    if listed is not None:  # hot pages
-                        pages = self._claim_pages(b.name, listed)
-                        if not len(pages):
-                            continue
-                        mv = self._read_checked(b, pages, buf, cached=True)
+            while (job := self._take()) is not None and not self.failed.is_set():
+                b, first, count, listed = job
+                claimed = self.claimed[b.name]
+                if listed is None:
+                    if claimed[first:first + count].all():
+                        continue
+                    pages = np.arange(first, first + count)
+                else:  # hot pages
+                    pages = listed[~claimed[listed]]
+                    if not len(pages):
+                        continue
+                buf = self._acquire(pool)
+                if buf is None:
+                    return
+                try:
+                    if listed is None:
+                        data = self.snap.read_pages(b, first, count, into=buf)
+                        self.snap.check_pages(b, first, count, data, b.table_index(first))
                     else:
-                        new = self._claim(b.name, first, count)
-                        if not new.any():
-                            continue
-                        mv = self.snap.read_pages(b, first, count, into=buf)
-                        self.snap.check_pages(b, first, count, mv, b.table_index(first))
-                        pages = np.flatnonzero(new) + first
-                        if len(pages) != count:  # some went out on request meanwhile
-                            mv = memoryview(np.frombuffer(mv, np.uint8).reshape(count, ps)[new]
-                                            .tobytes())
-                    for i in range(0, len(pages), SECTION_PAGES):
-                        part = pages[i:i + SECTION_PAGES]
-                        self._push_send(self._records(b, part, mv[i * ps:(i + len(part)) * ps]))
-                    self._count(len(pages) * ps, len(pages), pushed=True)
+                        data = self._read_checked(b, pages, buf, cached=True)
+                except BaseException:
+                    pool.release(buf)
+                    raise
+                ready.put((b, pages, data, buf))
         except BaseException as err:  # noqa: BLE001 - reported by wait()
             self.fail(err)
+        finally:
+            ready.put(None)
+
+    def _acquire(self, pool: BufferPool) -> AlignedBuffer | None:
+        """A free buffer, or None once the restore failed."""
+        while not self.failed.is_set():
+            try:
+                return pool.acquire(0.05)
+            except TimeoutError:
+                pass
+        return None
 
     def _count(self, nbytes: int, pages: int, pushed: bool) -> None:
         with self.claim_lock:

@@ -3,21 +3,30 @@ signatures (valid, foreign, altered-and-resealed), which programs and options ma
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import os
 import shutil
+import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from vmsnap.errors import VmsnapError
+from vmsnap.fileformat.errors import CorruptTrailer
 from vmsnap.fileformat.trailer import (
+    COMMIT_SIZE,
     BlockChecksums,
     RangeChecksum,
+    Trailer,
     TrailerMetadata,
     decode_trailer_bytes,
     encode_trailer,
+    key_id,
+    read_body,
+    read_commit,
 )
 from vmsnap.hostkey import KEY_DIR_ENV, Trust, load_key, load_or_create_key, trust_of
 from vmsnap.orchestration.relaunch import approve, program_options, qemu_emulator
@@ -90,8 +99,10 @@ def test_resealed_command_line_is_not_trusted(keydir):
     assert not trust.trusted and "altered" in trust.reason
 
 
-def test_resealed_checksum_table_is_not_trusted(keydir):
-    """The signature covers the page checksum tables too (so the page contents)."""
+def test_resealed_checksum_table_is_refused(keydir):
+    """The signature covers the page checksum tables too (so the page contents), through
+    their SHA-256: the metadata's signature checks without them (all a stored command line
+    needs), and the altered tables are refused wherever they are used."""
     data = bytearray(image(load_or_create_key()))
     from testbed.craft import trailer_parts, write_trailer
 
@@ -101,7 +112,83 @@ def test_resealed_checksum_table_is_not_trusted(keydir):
     write_trailer(path, body_offset, stream_end,
                   json.dumps(md, separators=(",", ":"), sort_keys=True).encode(),
                   b"\1" + tables[1:])
+    trailer = decode_trailer_bytes(path.read_bytes())  # body checksum fine: resealed
+    assert trust_of(trailer, tables=False).trusted
+    for use in (trust_of, lambda t: t.blocks, lambda t: t.check()):
+        with pytest.raises(CorruptTrailer, match="altered after the file was signed"):
+            use(trailer)
+
+
+def _asked(data: bytes) -> tuple[Trailer, list[tuple[int, int]]]:
+    """The trailer of the file image `data`, its tables read when asked for; the reads."""
+    reads = []
+
+    def pread(off: int, n: int) -> bytes:
+        reads.append((off, n))
+        return data[off:off + n]
+
+    trailer = read_body(pread, read_commit(pread, len(data)), tables="asked")
+    return trailer, reads
+
+
+def test_signature_checks_without_the_tables(keydir):
+    """A signed file's metadata signature verifies without reading the checksum tables
+    (8 bytes a page: a relaunch would otherwise read and hash them first)."""
+    data = image(load_or_create_key())
+    trailer, reads = _asked(data)
+    tables_at = len(data) - COMMIT_SIZE - 8 * 10
+    assert trust_of(trailer, tables=False).trusted
+    assert not any(off < tables_at + 80 and off + n > tables_at for off, n in reads), reads
+    assert trust_of(trailer).trusted  # now read, and checked against the signed digest
+    assert any(off == tables_at for off, _ in reads)
+
+
+def _sign_v1(path: Path, key: bytes, md: dict) -> None:
+    """Sign `path`'s trailer as vmsnap did before the tables' digest: the HMAC covers the
+    tables themselves."""
+    from testbed.craft import trailer_parts, write_trailer
+
+    body_offset, stream_end, _, tables = trailer_parts(path)
+    md.pop("signature", None)
+    js = json.dumps(md, separators=(",", ":"), sort_keys=True).encode()
+    mac = hmac.new(key, b"vmsnap trailer hmac v1\0" + struct.pack("<Q", len(js)) + js,
+                   hashlib.sha256)
+    mac.update(tables)
+    md["signature"] = {"key_id": key_id(key), "hmac": mac.hexdigest()}
+    write_trailer(path, body_offset, stream_end,
+                  json.dumps(md, separators=(",", ":"), sort_keys=True).encode(), tables)
+
+
+def test_files_signed_before_the_digest(keydir):
+    """A file signed over its tables themselves (before "tables_sha256") still verifies, its
+    tables read first; altered, it does not; a new signature stripped of its digest is not
+    taken for an old one."""
+    from testbed.craft import reseal, trailer_parts
+
+    key = load_or_create_key()
+    path = keydir.parent / "f"
+    path.write_bytes(image(key))
+    md = trailer_parts(path)[2]
+    _sign_v1(path, key, dict(md))
+    trailer, reads = _asked(path.read_bytes())
+    assert trailer.signature.tables_sha256 is None
+    assert trust_of(trailer, tables=False).trusted and len(reads) > 3  # tables read
+    reseal(path, lambda m: m.update(created="2000-01-01T00:00:00Z"))
     assert "altered" in trust_of(decode_trailer_bytes(path.read_bytes())).reason
+    path.write_bytes(image(key))
+    reseal(path, lambda m: m["signature"].pop("tables_sha256"))
+    assert "altered" in trust_of(decode_trailer_bytes(path.read_bytes())).reason
+
+
+@pytest.mark.parametrize("digest", ["00" * 31, "G" * 64, 7, "AB" * 32])
+def test_malformed_table_digest_is_corrupt(keydir, digest):
+    from testbed.craft import reseal
+
+    path = keydir.parent / "f"
+    path.write_bytes(image(load_or_create_key()))
+    reseal(path, lambda m: m["signature"].update(tables_sha256=digest))
+    with pytest.raises(CorruptTrailer, match="'signature' invalid"):
+        decode_trailer_bytes(path.read_bytes())
 
 
 def test_untrusted_needs_explicit_trust():

@@ -93,8 +93,12 @@ class Trust:
     reason: str
 
 
-def trust_of(trailer: Trailer | None) -> Trust:
-    """Trusted only when `trailer` carries a valid signature under this host's key."""
+def trust_of(trailer: Trailer | None, *, tables: bool = True) -> Trust:
+    """Trusted only when `trailer` carries a valid signature under this host's key.
+    `tables`: and its checksum tables are the signed ones (waits for them; CorruptTrailer
+    if not); False: the signature of the metadata alone, all that running the stored
+    command line needs (the tables are refused wherever they are used unless they are the
+    signed ones, see fileformat.trailer)."""
     sig = trailer.signature if trailer else None
     if sig is None:
         return Trust(False, "not signed (made elsewhere, by `vmsnap receive` or by QEMU)")
@@ -103,4 +107,6 @@ def trust_of(trailer: Trailer | None) -> Trust:
         return Trust(False, f"signed by another host or user (key {sig.key_id})")
     if not sig.valid(key):
         return Trust(False, "signature does not match: the file was altered after it was saved")
+    if tables and trailer is not None:
+        trailer.check()
     return Trust(True, "signed by this host's key")

@@ -165,6 +165,16 @@ def small_snapshot(tmp_path):
     return path
 
 
+def test_page_areas_from_the_metadata_alone(small_snapshot):
+    """Where each block's pages are, told by the trailer's ranges before the stream is read
+    (a mapped restore's QEMU starts from it), is where the stream puts them."""
+    with open_snapshot(small_snapshot) as s:
+        assert s.trailer.page_areas() == {b.name: (b.pages_offset, b.used_length)
+                                          for b in s.blocks}
+        s.trailer.ranges.pop(1)
+        assert s.trailer.page_areas() == {}
+
+
 def flip(path, offset, bit=0):
     with open(path, "r+b") as f:
         f.seek(offset)
@@ -327,7 +337,8 @@ def test_damaged_checksum_table_refused_where_it_is_needed(tmp_path):
     """The checksum tables (8 bytes a page) load in a thread, so an open costs the same
     whatever the RAM size: a file whose table is damaged still opens, but every use that
     needs the tables refuses it in one line: a page's check, the stream ranges (the body
-    checksum vouches for them), verify, the signature (a stored command line never runs)."""
+    checksum vouches for them), verify, the trailer's check. The signature, over the
+    metadata and the tables' digest, still verifies: the stored command line is intact."""
     key = os.urandom(32)
     path = str(tmp_path / "t.vms")
     w = SnapshotWriter(path, meta(), signing_key=key)
@@ -341,7 +352,8 @@ def test_damaged_checksum_table_refused_where_it_is_needed(tmp_path):
     flip(path, commit.body_offset + commit.body_length - 8 * 8)  # pc.ram's first entry
     with open_snapshot(path) as s:
         b = s.block("pc.ram")
-        uses = [s.verify, s.check_stream_ranges, lambda: s.trailer.signature.valid(key),
+        assert s.trailer.signature.valid(key)
+        uses = [s.verify, s.check_stream_ranges, s.trailer.check,
                 lambda: s.check_pages(b, 0, 8, memoryview(data), 0)]
         for use in uses:
             with pytest.raises(CorruptTrailer, match="body checksum mismatch") as ei:

@@ -9,11 +9,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..stream import encoder
-from ..stream.constants import MAPPED_RAM_HDR_VERSION, TARGET_PAGE_SIZE
+from ..stream.constants import (
+    MAPPED_RAM_FILE_OFFSET_ALIGNMENT,
+    MAPPED_RAM_HDR_VERSION,
+    TARGET_PAGE_SIZE,
+)
 from ..stream.events import MappedRamHeader, RamBlock, bitmap_size
-
-#: vmsnap's (and QEMU's) policy: every page area starts on a 1 MiB boundary.
-MAPPED_RAM_FILE_OFFSET_ALIGNMENT = 1 << 20
 
 
 def align_up(value: int, alignment: int) -> int:

@@ -326,6 +326,13 @@ class Snapshot:
             raise SnapshotError(f"{self.path} is not a local file")
         return self._file.reopen(flags)
 
+    def is_file(self, dev_ino: tuple[int, int]) -> bool:
+        """Whether this is the local file whose (st_dev, st_ino) is `dev_ino`."""
+        if not isinstance(self._file, DirectFile):
+            return False
+        st = os.fstat(self._file.meta_fd)
+        return (st.st_dev, st.st_ino) == dev_ino
+
     def close(self) -> None:
         if self.trailer is not None:
             self.trailer.tables.wait()  # it reads the file
@@ -404,7 +411,7 @@ def _open(path: str, f: PageSource, allow_incomplete: bool) -> Snapshot:
     trailer = None
     if commit is not None:
         trailer = read_body(pread, commit, sum(b.present_count for b in blocks),
-                            tables_later=True)  # in a thread: see Tables
+                            tables="thread")  # see Tables
     try:
         if trailer is not None:
             _check_tables(trailer, blocks)

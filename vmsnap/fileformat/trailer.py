@@ -20,11 +20,19 @@ page_checksums ("pending" in a file committed before its page checksums exist: Q
 the pages, `vmsnap seal` adds the tables later; absent otherwise), blocks [{"name", "pages"}],
 ranges [{"start", "length", "xxh3" (16 hex digits)}] — one
 range per non-page byte range of the stream (prefix + block records + bitmaps, tail) —
-and, in files vmsnap saved, signature {"key_id", "hmac"}: HMAC-SHA256 under the saving
-host's key (see vmsnap.hostkey) of the domain string, the length and bytes of the canonical
-JSON (sorted keys, no spaces) without "signature", and the checksum tables. It covers every
-metadata field and, through the xxh3 tables, every byte of the stream; re-sealing an
-altered file needs the key.
+and, in files vmsnap saved, signature {"key_id", "hmac", "tables_sha256"}: HMAC-SHA256
+under the saving host's key (see vmsnap.hostkey) of the domain string "vmsnap trailer hmac
+v2", the length and bytes of the canonical JSON (sorted keys, no spaces) without
+"signature", and the 32-byte SHA-256 of the checksum tables, whose hex is
+"tables_sha256". It covers every metadata field and, through the digest and the xxh3
+tables, every byte of the stream; re-sealing an altered file needs the key. Checking it
+takes the metadata alone (a relaunch runs the stored command line without reading tables
+that grow with RAM); the tables are refused, wherever they are used, unless their SHA-256
+is the signed one. Files signed before (no "tables_sha256"): the domain string "... v1"
+and the tables themselves instead of their digest; still checked, tables read first.
+
+This module loads no numpy (a restore reads the metadata before numpy has loaded, see
+vmsnap.orchestration.early): the functions that handle the tables as arrays import it.
 
 Commit record (last 64 bytes of the file, little-endian)::
 
@@ -44,20 +52,24 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import re
 import struct
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cached_property
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
-import numpy as np
 import xxhash
 
-from ..io.vectored import Buffer
-from ..stream.constants import TARGET_PAGE_SIZE
+from ..stream.constants import MAPPED_RAM_FILE_OFFSET_ALIGNMENT, TARGET_PAGE_SIZE
 from .errors import CorruptTrailer, NoCommitRecord, SnapshotError, UnsupportedVersion
+
+if TYPE_CHECKING:  # no numpy at run time: see the module's docstring
+    import numpy as np
+
+    from ..io.vectored import Buffer
 
 FORMAT_VERSION = 1
 BODY_MAGIC = b"VMSNAPT1"
@@ -73,7 +85,9 @@ assert _COMMIT.size == 56
 MAX_METADATA = 16 << 20
 #: Smallest page size any QEMU target uses: bounds the checksum tables by the stream's size.
 MIN_PAGE_SIZE = 1024
-_HMAC_DOMAIN = b"vmsnap trailer hmac v1\0"
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_HMAC_DOMAIN_V1 = b"vmsnap trailer hmac v1\0"  # over the metadata and the tables
+_HMAC_DOMAIN = b"vmsnap trailer hmac v2\0"  # over the metadata and the tables' SHA-256
 
 #: A JSON object as json.loads returns it (validated field by field where it is read).
 JsonObject = dict[str, Any]
@@ -86,6 +100,8 @@ def xxh3(data: Buffer) -> int:
 
 def page_checksums(data: Buffer, page_size: int = TARGET_PAGE_SIZE) -> np.ndarray:
     """xxh3_64 of every page of `data` (n*page_size bytes) → uint64[n]."""
+    import numpy as np
+
     mv = memoryview(data).cast("B")
     n = mv.nbytes // page_size
     f = xxhash.xxh3_64_intdigest
@@ -109,6 +125,12 @@ class TrailerMetadata:
     stream_end: int = 0
     page_size: int = TARGET_PAGE_SIZE
     extra: JsonObject = field(default_factory=dict)
+
+    @property
+    def domain_xml(self) -> str | None:
+        """The libvirt domain XML of a file saved from a libvirt domain (extra "libvirt")."""
+        lv = self.extra.get("libvirt")
+        return lv["xml"] if isinstance(lv, dict) and isinstance(lv.get("xml"), str) else None
 
     @property
     def was_running(self) -> bool:
@@ -140,8 +162,9 @@ def _canonical(md: JsonObject) -> bytes:
     return json.dumps(md, separators=(",", ":"), sort_keys=True).encode()
 
 
-def _mac(key: bytes, js: bytes, tables: Buffer) -> str:
-    mac = hmac.new(key, _HMAC_DOMAIN + struct.pack("<Q", len(js)) + js, hashlib.sha256)
+def _mac(key: bytes, js: bytes, tables: Buffer, domain: bytes = _HMAC_DOMAIN) -> str:
+    """The HMAC of the metadata JSON `js` and `tables` (v2: their SHA-256; v1: the tables)."""
+    mac = hmac.new(key, domain + struct.pack("<Q", len(js)) + js, hashlib.sha256)
     mac.update(tables)
     return mac.hexdigest()
 
@@ -154,10 +177,18 @@ class Signature:
     mac: str
     metadata_json: bytes = field(repr=False)
     tables: Tables = field(repr=False)
+    #: the signed SHA-256 of the tables (hex); None in a file signed before it was there
+    tables_sha256: str | None = None
 
     def valid(self, key: bytes) -> bool:
-        """Whether `key` made this signature (waits for the checksum tables it covers)."""
-        return hmac.compare_digest(_mac(key, self.metadata_json, self.tables.data()), self.mac)
+        """Whether `key` made this signature: at once, from the metadata and the signed
+        digest of the tables (the tables are refused where they are used unless they
+        match it, see Tables); a file signed before the digest: after reading the tables."""
+        if self.tables_sha256 is None:
+            covered, domain = self.tables.data(), _HMAC_DOMAIN_V1
+        else:
+            covered, domain = bytes.fromhex(self.tables_sha256), _HMAC_DOMAIN
+        return hmac.compare_digest(_mac(key, self.metadata_json, covered, domain), self.mac)
 
 
 @dataclass(frozen=True)
@@ -177,40 +208,53 @@ class BlockChecksums:
         return len(self.table)
 
 
+#: When Tables load: in a thread started at once, right away, or at the first use.
+TablesWhen = Literal["thread", "now", "asked"]
+
+
 class Tables:
     """The checksum tables of a trailer body: 8 bytes per present page, the part of the body
-    that grows with RAM, which `load` reads and checks (the body's xxh3 covers them).
+    that grows with RAM, which `load` reads and checks (the body's xxh3 covers them, and a
+    signature's digest, if the file is signed).
 
-    Opened from a file, they load in a thread started at once, so that opening a file
-    costs the same whatever its RAM size; whoever needs them (a page's check, the
+    Opened from a file, they load in a thread started at once ("thread"), so that opening
+    a file costs the same whatever its RAM size; whoever needs them (a page's check, the
     signature, the stream ranges, which the body's check vouches for) waits in `data()`,
-    which raises what loading raised."""
+    which raises what loading raised. "asked": loaded by the first `data()`."""
 
-    def __init__(self, load: Callable[[], bytes], background: bool = True) -> None:
+    def __init__(self, load: Callable[[], bytes], when: TablesWhen = "thread") -> None:
+        self._load_tables = load
+        self._lock = threading.Lock()
+        self._loaded = False
         self._data = b""
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
-        if background:
-            self._thread = threading.Thread(target=self._load, args=(load,),
-                                            name="vmsnap-tables", daemon=True)
+        if when == "thread":
+            self._thread = threading.Thread(target=self._load, name="vmsnap-tables",
+                                            daemon=True)
             self._thread.start()
-        else:
-            self._load(load)
+        elif when == "now":
+            self._load()
 
-    def _load(self, load: Callable[[], bytes]) -> None:
-        try:
-            self._data = load()
-        except BaseException as err:  # noqa: BLE001 - handed to whoever asks, in data()
-            self._error = err
+    def _load(self) -> None:
+        with self._lock:
+            if self._loaded:
+                return
+            try:
+                self._data = self._load_tables()
+            except BaseException as err:  # noqa: BLE001 - handed to whoever asks, in data()
+                self._error = err
+            self._loaded = True
 
     def wait(self) -> None:
-        """Until the tables are loaded (or failed to be)."""
+        """Until a loading thread is done (loaded or failed)."""
         if self._thread is not None:
             self._thread.join()
 
     def data(self) -> bytes:
         """The tables' bytes, once loaded and checked."""
         self.wait()
+        self._load()
         if self._error is not None:
             raise self._error
         return self._data
@@ -235,6 +279,8 @@ class Trailer:
     @cached_property
     def blocks(self) -> list[BlockChecksums]:
         """Each block's checksum table (waits for the tables to be read and checked)."""
+        import numpy as np
+
         data = self.tables.data()
         out, pos = [], 0
         for name, pages in self.pages.items():
@@ -248,6 +294,24 @@ class Trailer:
             if b.name == name:
                 return b
         raise KeyError(name)
+
+    def page_areas(self) -> dict[str, tuple[int, int]]:
+        """(file offset, length) of each block's page area as the metadata alone tells, for
+        what must be known before the stream is read (a mapped restore's launch command):
+        the non-page ranges are, in block order, up to each block's bitmap end, then the
+        tail; a page area starts at the next MiB boundary after its bitmap and ends where
+        the next range starts. Empty if the ranges are not laid out so; the stream is the
+        authority (whoever uses this compares it with the opened file's blocks)."""
+        if len(self.ranges) != len(self.pages) + 1:
+            return {}
+        out = {}
+        for name, before, after in zip(self.pages, self.ranges, self.ranges[1:], strict=False):
+            start = -(-(before.start + before.length) // MAPPED_RAM_FILE_OFFSET_ALIGNMENT) \
+                * MAPPED_RAM_FILE_OFFSET_ALIGNMENT
+            if after.start <= start:
+                return {}
+            out[name] = (start, after.start - start)
+        return out
 
 
 @dataclass(frozen=True)
@@ -322,9 +386,13 @@ def encode_trailer(
     md["ranges"] = [
         {"start": r.start, "length": r.length, "xxh3": f"{r.xxh3:016x}"} for r in ranges
     ]
+    import numpy as np
+
     tables = b"".join(np.ascontiguousarray(b.table, dtype="<u8").tobytes() for b in blocks)
     if key is not None:
-        md["signature"] = {"key_id": key_id(key), "hmac": _mac(key, _canonical(md), tables)}
+        digest = hashlib.sha256(tables).digest()
+        md["signature"] = {"key_id": key_id(key), "hmac": _mac(key, _canonical(md), digest),
+                           "tables_sha256": digest.hex()}
     js = _canonical(md)
     if len(js) > MAX_METADATA:
         raise SnapshotError(f"metadata JSON of {len(js)} bytes exceeds {MAX_METADATA}")
@@ -348,7 +416,7 @@ def decode_body(body: bytes, commit: CommitRecord) -> Trailer:
     """Validate and decode the trailer body located by `commit` (all of it, at once)."""
     _check_body(body, b"", commit)
     tables_at = _tables_offset(body, commit)
-    return _decode(body[:tables_at], commit, Tables(lambda: body[tables_at:], False))
+    return _decode(body[:tables_at], commit, lambda: body[tables_at:], "now")
 
 
 def _check_body(head: bytes, rest: bytes, commit: CommitRecord) -> None:
@@ -361,17 +429,31 @@ def _check_body(head: bytes, rest: bytes, commit: CommitRecord) -> None:
         raise CorruptTrailer("corrupt trailer: body checksum mismatch")
 
 
-def _decode(head: bytes, commit: CommitRecord, tables: Tables) -> Trailer:
+def _decode(head: bytes, commit: CommitRecord, rest: Callable[[], bytes],
+            when: TablesWhen) -> Trailer:
     """The trailer whose body starts with `head` (magic, version, metadata JSON, padding);
-    its checksum tables follow in `tables`."""
+    `rest` reads its checksum tables, which load `when` told (see Tables)."""
     md = _json(head)
-    signature = _signature(md, tables)
+    sig = _signature_fields(md)
     meta, sealed = _metadata(md, commit)
     pages = _table_sizes(md, commit.body_length - len(head))
     ranges = _ranges(md, commit.stream_end)
     if not sealed and any(pages.values()):
         raise CorruptTrailer("corrupt trailer: checksum tables in a file whose page "
                              "checksums are pending")
+    digest = sig.get("tables_sha256") if sig else None
+
+    def load() -> bytes:
+        tables = rest()
+        _check_body(head, tables, commit)
+        if digest is not None and hashlib.sha256(tables).hexdigest() != digest:
+            raise CorruptTrailer("corrupt trailer: checksum tables differ from the signed "
+                                 "ones (altered after the file was signed)")
+        return tables
+
+    tables = Tables(load, when)
+    signature = Signature(sig["key_id"], sig["hmac"], _signed_json(md), tables,
+                          digest) if sig else None
     return Trailer(meta, pages, ranges, commit, tables, signature, sealed=sealed)
 
 
@@ -477,19 +559,25 @@ def _ranges(md: JsonObject, stream_end: int) -> list[RangeChecksum]:
     return ranges
 
 
-def _signature(md: JsonObject, tables: Tables) -> Signature | None:
-    """Take the signature out of the parsed metadata `md`; None if it has none."""
+def _signature_fields(md: JsonObject) -> dict[str, str] | None:
+    """Take the signature out of the parsed metadata `md` (checked); None if it has none."""
     sig = md.pop("signature", None)
     if sig is None:
         return None
+    digest = sig.get("tables_sha256") if isinstance(sig, dict) else None
     if not (isinstance(sig, dict) and isinstance(sig.get("key_id"), str)
-            and isinstance(sig.get("hmac"), str) and len(sig["hmac"]) == 64):
+            and isinstance(sig.get("hmac"), str) and len(sig["hmac"]) == 64
+            and (digest is None or isinstance(digest, str) and _HEX64.fullmatch(digest))):
         raise CorruptTrailer("corrupt trailer: metadata field 'signature' invalid")
+    return sig
+
+
+def _signed_json(md: JsonObject) -> bytes:
+    """The canonical JSON a signature covers (`md` without its signature)."""
     try:
-        signed = _canonical(md)
+        return _canonical(md)
     except (ValueError, RecursionError):
         raise CorruptTrailer("corrupt trailer: metadata cannot be signed") from None
-    return Signature(sig["key_id"], sig["hmac"], signed, tables)
 
 
 def read_commit(pread: Callable[[int, int], bytes], file_size: int) -> CommitRecord:
@@ -504,28 +592,25 @@ def read_commit(pread: Callable[[int, int], bytes], file_size: int) -> CommitRec
 
 
 def read_body(pread: Callable[[int, int], bytes], commit: CommitRecord,
-              present_pages: int | None = None, *, tables_later: bool = False) -> Trailer:
+              present_pages: int | None = None, *, tables: TablesWhen | None = None
+              ) -> Trailer:
     """Read and decode the body `commit` locates; with `present_pages` (known from the
     bitmaps), a body longer than their checksum tables and the metadata can need is refused
-    before it is read. `tables_later`: read only the metadata now, and the checksum tables
-    (with the check of the body they complete) in a thread, see Tables."""
+    before it is read. `tables`: read only the metadata now, and the checksum tables (with
+    the check of the body they complete) in a thread or when first asked for, see Tables;
+    None: the whole body, checked, at once."""
     if present_pages is not None and commit.body_length > _BODY_HEAD.size + MAX_METADATA + 8 \
             + 8 * present_pages:
         raise CorruptTrailer(f"corrupt trailer: body of {commit.body_length} bytes is larger "
                              f"than the metadata and checksums of {present_pages} present "
                              "pages can need")
-    if not tables_later:
+    if tables is None:
         return decode_body(pread(commit.body_offset, commit.body_length), commit)
     start = pread(commit.body_offset, _BODY_HEAD.size)
     tables_at = _tables_offset(start, commit)
     head = start + pread(commit.body_offset + len(start), tables_at - len(start))
-
-    def load() -> bytes:
-        rest = pread(commit.body_offset + tables_at, commit.body_length - tables_at)
-        _check_body(head, rest, commit)
-        return rest
-
-    return _decode(head, commit, Tables(load))
+    return _decode(head, commit, lambda: pread(commit.body_offset + tables_at,
+                                               commit.body_length - tables_at), tables)
 
 
 def read_trailer(pread: Callable[[int, int], bytes], file_size: int) -> Trailer:

@@ -76,6 +76,8 @@ RAM_VERSION_ID = 4
 
 #: Target page size of every architecture vmsnap saves (x86-64, aarch64 with 4 KiB pages).
 TARGET_PAGE_SIZE = 4096
+#: QEMU's (and vmsnap's) placement of a mapped-ram page area: on a 1 MiB boundary.
+MAPPED_RAM_FILE_OFFSET_ALIGNMENT = 1 << 20
 
 CAPS_SUBSECTION = "configuration/capabilities"
 #: Capability of a fixed-offset file: a bitmap and a page area per RAM block.

@@ -7,7 +7,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -138,9 +140,10 @@ def test_lazy_restore_refuses_corrupt_page(workdir):
 @pytest.mark.qemu
 def test_lazy_restore_refuses_a_damaged_checksum_table(workdir):
     """The checksum tables load in the background (an open costs the same whatever the RAM
-    size), yet a file whose table is damaged is refused before the guest can run: a stored
-    command line before any QEMU starts (its signature covers the tables), a given one
-    before anything is sent (the body's checksum vouches for the device state's)."""
+    size), yet a file whose table is damaged is refused before the guest can run, before
+    anything is sent (the body's checksum vouches for the device state's), and the QEMU
+    started meanwhile (from the stored command line, whose signature checks without the
+    tables, or a given one) is ended."""
     guest = BootGuest(memory_mb=256)
     snap, argv, _ = saved(guest, "7.2", workdir)
     with vmsnap.open(snap) as s:
@@ -221,21 +224,15 @@ def launches(result: subprocess.CompletedProcess) -> list[list[str]]:
             if json.loads(line)["event"] == "launch"]
 
 
-@pytest.mark.qemu
-def test_lazy_restore_starts_a_given_qemu_before_loading_the_rest(workdir, request):
-    """`restore --lazy=postcopy FILE -- QEMU_COMMAND` starts QEMU before numpy, QEMU's QMP
-    library or the file reader load (QEMU's start-up overlaps vmsnap's), and the guest's RAM
-    then checks; if the file turns out unusable, that QEMU is ended, its directory removed.
-    A stored command line never starts before its signature is checked: an altered file
-    is refused before any QEMU starts."""
-    guest = BootGuest(memory_mb=256)
-    snap, argv, held = saved(guest, "7.2", workdir)
-    result = probed(workdir, "restore", "--json", "--lazy=postcopy", snap, "--", *argv)
+def started_first(result: subprocess.CompletedProcess, guest, config, workdir: Path,
+                  held: Saved, request, engine: str = "postcopy") -> None:
+    """The probed lazy restore `result` (of the VM saved as "src") ran the guest on its saved
+    RAM, and started its QEMU before numpy, QEMU's QMP library or the file reader loaded."""
     pids = [e["pid"] for e in events(result) if e["event"] == "done"]
     for pid in pids:
         request.addfinalizer(lambda pid=pid: _kill(pid))
-    check_done(result)
-    with Vm(guest.config("7.2", workdir), workdir, "src").adopt(pids[0]) as vm:
+    check_done(result, engine)
+    with Vm(config, workdir, "src").adopt(pids[0]) as vm:
         guest.check_restored(vm, held, resumed=True)
         vm.cmd("quit")
     [loaded] = launches(result)
@@ -243,6 +240,21 @@ def test_lazy_restore_starts_a_given_qemu_before_loading_the_rest(workdir, reque
     early = [m for m in loaded if m.split(".")[0] in ("numpy", "qemu")
              or m == "vmsnap.fileformat.reader"]
     assert early == [], early
+
+
+@pytest.mark.qemu
+def test_lazy_restore_starts_a_given_qemu_before_loading_the_rest(workdir, request):
+    """`restore --lazy=postcopy FILE -- QEMU_COMMAND` and the stored command line
+    (`restore --lazy FILE`, its signature checked from the metadata alone) start QEMU before
+    numpy, QEMU's QMP library or the file reader load (QEMU's start-up overlaps vmsnap's),
+    and the guest's RAM then checks; if the file turns out unusable, that QEMU is ended,
+    its directory removed. A stored command line never starts before its signature is
+    checked: an altered file is refused before any QEMU starts."""
+    guest = BootGuest(memory_mb=256)
+    snap, argv, held = saved(guest, "7.2", workdir)
+    for how in (["--lazy=postcopy", snap, "--", *argv], ["--lazy", snap]):
+        started_first(probed(workdir, "restore", "--json", *how), guest,
+                      guest.config("7.2", workdir), workdir, held, request)
     missing = probed(workdir, "restore", "--lazy=postcopy", workdir / "none.snap", "--", *argv)
     assert missing.returncode == 1 and "Traceback" not in missing.stderr
     assert len(launches(missing)) == 1 and "none.snap" in one_line(missing)
@@ -251,6 +263,42 @@ def test_lazy_restore_starts_a_given_qemu_before_loading_the_rest(workdir, reque
     reseal(snap, lambda md: md.update(created="2000-01-01T00:00:00Z"))
     altered = probed(workdir, "restore", "--lazy=postcopy", snap)
     assert "altered" in one_line(altered) and launches(altered) == []
+
+
+@pytest.mark.qemu
+def test_lazy_restore_starts_a_mapped_qemu_first(workdir, monkeypatch, request):
+    """The mmap engine's QEMU (`--lazy=mmap`, and `--lazy` alone, which picks it on QEMU 10)
+    starts before numpy, QEMU's QMP library or the file reader load, from the trailer's
+    metadata alone, and the guest's RAM then checks. If the path names another file by the
+    time it is opened (here a copy: the same bytes, another inode), that QEMU is ended and
+    another one launched for the file opened."""
+    guest = BootGuest(memory_mb=256)
+    snap, argv, held = saved(guest, "10", workdir)
+    config = guest.config("10", workdir)
+    for how in (["--lazy=mmap", snap, "--", *argv], ["--lazy", snap, "--", *argv]):
+        started_first(probed(workdir, "restore", "--json", *how), guest, config, workdir, held,
+                      request, "mmap")
+    from vmsnap.orchestration import early as early_mod
+
+    first = []
+
+    def start_then_copy(*args, **kwargs):
+        first.append(real(*args, **kwargs))
+        copy = snap.with_suffix(".copy")
+        shutil.copyfile(snap, copy)
+        os.replace(copy, snap)
+        return first[0]
+
+    real = early_mod.start_early
+    monkeypatch.setattr(early_mod, "start_early", start_then_copy)
+    monkeypatch.setattr(tempfile, "tempdir", str(workdir))  # a chroot QEMU 10 sees it
+    r = vmsnap.restore(snap, command=argv, lazy="auto", paused=True)
+    request.addfinalizer(lambda: _kill(r.pid))
+    assert r.engine == "mmap" and first[0].started.proc.poll() is not None
+    assert r.pid != first[0].started.proc.pid
+    with Vm(config, workdir, "src").adopt(r.pid) as dst:
+        guest.check_restored(dst, held)
+        dst.cmd("quit")
 
 
 def start_lazy(workdir: Path, snap: Path, qmp: Path) -> subprocess.Popen:
@@ -286,6 +334,18 @@ def runnable_seconds(pid: int) -> dict[int, float]:
             continue
         times[int(tid)] = (int(on_cpu) + int(waiting)) / 1e9
     return times
+
+
+def greets(path: str) -> bool:
+    """Whether the QMP socket at `path` greets a client: QEMU is set up (its main loop runs;
+    the socket listens earlier, memory backends are made after it)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(5)
+        try:
+            sock.connect(path)
+            return sock.recv(1) == b"{"
+        except OSError:
+            return False
 
 
 def wait_for(probe: Callable[[], object], want: object, timeout: float = 30.0) -> None:
@@ -408,27 +468,31 @@ def test_lazy_mmap_two_vms_then_save_over(workdir, request):
 
 @pytest.mark.qemu
 def test_lazy_mmap_maps_the_file_it_checked(workdir, monkeypatch, request):
-    """mmap: the file at the path is replaced by zeros right before QEMU starts; QEMU still
-    maps the file vmsnap opened and checked (an inherited descriptor, not the path), so the
-    guest's RAM is the snapshot's. A QEMU given the path would map the zeros."""
-    from vmsnap.orchestration import lazy
+    """mmap: QEMU starts while the path names a file of zeros (the snapshot moved aside
+    after vmsnap read its trailer), which is moved back once QEMU is set up; QEMU maps the
+    file vmsnap read and then opened and checked (an inherited descriptor, not the path),
+    so the guest's RAM is the snapshot's. A QEMU given the path would map the zeros."""
+    from vmsnap.orchestration import early
 
     guest = BootGuest(memory_mb=256)
     snap, argv, held = saved(guest, "10", workdir)
-    real = lazy.launch_target
+    real = early.start_qemu
 
-    async def swap_then_launch(*args, **kwargs):
-        decoy = snap.with_suffix(".decoy")
-        with open(decoy, "wb") as f:
-            f.truncate(snap.stat().st_size)
-        os.replace(decoy, snap)
-        return await real(*args, **kwargs)
+    def start_on_a_decoy(*args, **kwargs):
+        aside = snap.with_suffix(".aside")
+        os.rename(snap, aside)
+        with open(snap, "wb") as f:
+            f.truncate(aside.stat().st_size)
+        started = real(*args, **kwargs)
+        wait_for(lambda: greets(started.qmp), True)  # QEMU has set up its memory
+        os.replace(aside, snap)
+        return started
 
-    monkeypatch.setattr(lazy, "launch_target", swap_then_launch)
+    monkeypatch.setattr(early, "start_qemu", start_on_a_decoy)
     monkeypatch.setattr(tempfile, "tempdir", str(workdir))  # a chroot QEMU 10 sees it
     r = vmsnap.restore(snap, command=argv, lazy="mmap", paused=True)
     request.addfinalizer(lambda: _kill(r.pid))
-    assert r.engine == "mmap" and not any(snap.read_bytes()[:1 << 20])
+    assert r.engine == "mmap"
     with Vm(guest.config("10", workdir), workdir, "src").adopt(r.pid) as dst:
         guest.check_restored(dst, held)
         dst.cmd("quit")
@@ -458,8 +522,9 @@ def test_lazy_mmap_check_leaves_the_pages_cached(workdir, monkeypatch, request):
 
 @pytest.mark.qemu
 def test_lazy_mmap_corrupt_page(workdir):
-    """mmap: --verify refuses a bad page before any QEMU starts; without it the background
-    check finds it after the start, names it and ends the QEMU vmsnap launched."""
+    """mmap: --verify refuses a bad page before the guest starts (and ends the QEMU started
+    meanwhile); without it the background check finds it after the start, names it and
+    ends the QEMU vmsnap launched."""
     guest = BootGuest(memory_mb=256)
     snap, argv, _ = saved(guest, "10", workdir)
     offset = flip_page_bit(snap) * 4096

@@ -10,9 +10,10 @@ takes SIGINT over before its heavy imports (vmsnap.__main__).
 
 from __future__ import annotations
 
-import importlib
 import logging
 from typing import TYPE_CHECKING
+
+from .exports import load_export
 
 __version__ = "0.1.0"
 
@@ -73,12 +74,7 @@ if TYPE_CHECKING:
 
 
 def __getattr__(name: str) -> object:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'vmsnap' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module, __name__), name)
-    globals()[name] = value
-    return value
+    return load_export(__name__, _EXPORTS, globals(), name)
 
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())

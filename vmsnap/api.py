@@ -14,7 +14,6 @@ uses when called: `vmsnap restore` never loads what only a save needs, and the o
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import threading
@@ -29,8 +28,8 @@ if TYPE_CHECKING:
     from .ops.info import SnapshotInfo
     from .ops.receive import Readable, ReceiveStats
     from .ops.send import SendStats, Sink
+    from .orchestration.early import EarlyQemu
     from .orchestration.modes import After
-    from .orchestration.relaunch import Started
     from .orchestration.save import SaveResult
     from .orchestration.target import RestoreResult
     from .progress import Reporter
@@ -42,6 +41,8 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
     """Run `coro`. SIGINT and SIGTERM cancel it once, so its cleanup (partial file removed,
     VM resumed) runs to the end: further signals are ignored meanwhile. Then raises
     KeyboardInterrupt, as an interrupted call would."""
+    import asyncio  # not before a lazy restore's QEMU starts (see orchestration.early)
+
     signalled = False
 
     async def main() -> T:
@@ -136,13 +137,13 @@ def restore(path: str | os.PathLike[str], *, qmp_address: str | None = None,
     if lazy is not None and verify is False:
         raise VmsnapError("a lazy restore checks every page it sends: no verify=False")
     launched = None
-    if lazy == "postcopy" and command and qmp_address is None and not resume:
-        # a command line given for the postcopy engine depends on nothing in the file: its
-        # QEMU starts first, and vmsnap loads the rest of itself (numpy, QMP) and reads the
-        # file while QEMU starts up (relaunch.py loads only the standard library)
-        from .orchestration.relaunch import start_qemu
+    if lazy is not None and qmp_address is None and not resume:
+        # QEMU starts first where its command line is known before the file is opened, and
+        # vmsnap loads the rest of itself (numpy, QMP) and opens the file while QEMU starts
+        # up (see orchestration.early: it loads only the standard library)
+        from .orchestration.early import start_early
 
-        launched = start_qemu(list(command), os.fspath(path))
+        launched = start_early(os.fspath(path), command, lazy, trust_command_line)
     try:
         return _restore(path, qmp_address=qmp_address, command=command, paused=paused,
                         reporter=reporter, direct=direct, channels=channels,
@@ -157,13 +158,16 @@ def restore(path: str | os.PathLike[str], *, qmp_address: str | None = None,
 def _restore(path: str | os.PathLike[str], *, qmp_address: str | None,
              command: Sequence[str] | None, paused: bool, reporter: Reporter | None,
              direct: bool, channels: int | None, trust_command_line: bool, lazy: str | None,
-             verify: bool | None, resume: bool, launched: Started | None) -> RestoreResult:
+             verify: bool | None, resume: bool, launched: EarlyQemu | None) -> RestoreResult:
     """restore() once its QEMU, if `launched` early, is starting."""
     from .fileformat.reader import open_snapshot
     from .targets import normalize
 
     # opened once: what is checked is what is loaded, whatever the path names meanwhile
     with open_snapshot(normalize(path), direct=direct) as snap:
+        if launched is not None and not launched.matches(snap):
+            launched.discard()  # the file changed meanwhile: launch for the one opened
+            launched = None
         if qmp_address is None and not command:
             from .libvirt.image import domain_of
 
@@ -179,7 +183,7 @@ def _restore(path: str | os.PathLike[str], *, qmp_address: str | None,
                                      command=command, paused=paused, reporter=reporter,
                                      verify=bool(verify), resume=resume,
                                      trust_command_line=trust_command_line,
-                                     launched=launched))
+                                     launched=launched.started if launched else None))
         from .orchestration.restore import restore as _restore
 
         return _run(_restore(snap, qmp_address=qmp_address, command=command, paused=paused,

@@ -6,7 +6,6 @@ Every failure a user can cause ends in one line on stderr and a non-zero exit.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import io
 import logging
 import os
@@ -17,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from . import __version__, api
-from .errors import USER_ERRORS, VmsnapError, one_line
+from .errors import USER_ERRORS, VmsnapError, interrupted, one_line
 from .orchestration.options import SEAL_WHEN
 from .progress import Reporter
 
@@ -387,7 +386,9 @@ def main(argv: list[str] | None = None) -> int:
         rep.error(message)
         print(f"vmsnap {args.command}: error: {message}", file=sys.stderr)
         return 1
-    except (KeyboardInterrupt, asyncio.CancelledError):
+    except BaseException as err:
+        if not interrupted(err):
+            raise
         rep.error("interrupted")
         print(f"vmsnap {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -22,7 +22,7 @@ the code that raises them and are all exported from `vmsnap`:
 
 from __future__ import annotations
 
-import asyncio
+import sys
 from pathlib import Path
 
 
@@ -40,10 +40,19 @@ class QMPConnectError(VmsnapError, ConnectionError):
 USER_ERRORS = (VmsnapError, OSError, MemoryError)
 
 
+def interrupted(err: BaseException) -> bool:
+    """Whether `err` is how SIGINT/SIGTERM reach an operation: KeyboardInterrupt, or an
+    asyncio cancellation (asyncio is not loaded for this: a command that has not loaded it,
+    e.g. a lazy restore before its QEMU starts, has no cancellation either)."""
+    aio = sys.modules.get("asyncio")
+    return isinstance(err, KeyboardInterrupt) or (
+        aio is not None and isinstance(err, aio.CancelledError))
+
+
 def one_line(err: BaseException) -> str:
     """`err` as one line: whitespace collapsed; an OSError names its file; a cancellation
     (how SIGINT/SIGTERM reach an operation) says so rather than "CancelledError"."""
-    if isinstance(err, asyncio.CancelledError | KeyboardInterrupt):
+    if interrupted(err):
         return "interrupted"
     if isinstance(err, MemoryError):
         return "out of memory" + (f": {err}" if str(err) else "")

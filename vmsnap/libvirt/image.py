@@ -51,14 +51,11 @@ class DomainImage:
 
 def domain_of(meta: TrailerMetadata | None) -> DomainImage | None:
     """The libvirt domain a snapshot was made from, if any."""
-    if meta is None:
+    xml = meta.domain_xml if meta else None
+    if meta is None or xml is None:
         return None
-    lv = meta.extra.get("libvirt")
-    if not isinstance(lv, dict) or not isinstance(lv.get("xml"), str):
-        return None
-    cookie = lv.get("cookie")
-    return DomainImage(lv["xml"], cookie if isinstance(cookie, str) else None,
-                       meta.was_running)
+    cookie = meta.extra["libvirt"].get("cookie")
+    return DomainImage(xml, cookie if isinstance(cookie, str) else None, meta.was_running)
 
 
 class _ImageSource:

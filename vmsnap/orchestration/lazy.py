@@ -47,7 +47,7 @@ from ..ops.send import SendStats, send
 from ..progress import Reporter
 from . import futures
 from . import qmp as qmpmod
-from .mapped import MAPPED_BLOCK, check_mappable, mapped_argv, supports_mmap
+from .mapped import MAPPED_BLOCK, mapped_argv, pick_engine
 from .modes import USERFAULTFD, clean_capabilities
 from .qmp import Client, Monitor
 from .relaunch import GuardedQemu, RelaunchLock, Started, own_qmp
@@ -63,7 +63,6 @@ from .target import (
     wait_started,
 )
 
-ENGINES = ("auto", "postcopy", "mmap")
 log = logging.getLogger(__name__)
 RUNNING_TIMEOUT = 60.0
 STOP_TIMEOUT = 5.0
@@ -85,34 +84,6 @@ class LazyRestoreResult(RestoreResult):
     already_received: int = 0  # --resume: pages the target had before this vmsnap came
     interrupted: bool = False
     verified: bool = False  # mmap: every mapped page checked (before or after the start)
-
-
-def pick_engine(engine: str, snap: Snapshot, argv: Sequence[str] | None) -> str:
-    """The engine to use (`argv`: the command vmsnap launches, None for a --qmp target)."""
-    if engine not in ENGINES:
-        raise VmsnapError(f"unknown lazy engine {engine!r} (choose {', '.join(ENGINES[1:])})")
-    version = snap.metadata.qemu_version if snap.metadata else None
-    where = targets.remote(snap.path)
-    if engine == "mmap":
-        if where is not None:
-            raise VmsnapError(f"--lazy=mmap maps a local file; {where} is remote: "
-                              "use --lazy=postcopy")
-        if argv is None:
-            raise VmsnapError("--lazy=mmap needs vmsnap to launch QEMU (no --qmp): "
-                              "use --lazy=postcopy for a waiting QEMU")
-        if not supports_mmap(version):
-            raise VmsnapError(f"--lazy=mmap needs QEMU >= 8.2 (memory-backend-file offset=); "
-                              f"this snapshot is from QEMU {version or 'unknown'}: "
-                              "use --lazy=postcopy")
-        check_mappable(argv, snap)
-        return "mmap"
-    if engine == "auto" and argv is not None and where is None and supports_mmap(version):
-        try:
-            check_mappable(argv, snap)
-            return "mmap"
-        except VmsnapError:
-            pass
-    return "postcopy"
 
 
 async def _wait_running(client: Monitor, t0: float) -> float:
@@ -157,8 +128,9 @@ async def restore_lazy(snap: Snapshot, *, engine: str = "auto",
     lazy restore of this same file whose vmsnap died, on the target it left in
     postcopy-paused. `target`: a QEMU another program started (postcopy only); `started`:
     when the restore began (time.monotonic()), if before this call (the target's start).
-    `launched`: the QEMU of `command`, already starting (postcopy only), this call's to end
-    or release from now on."""
+    `launched`: the QEMU of `command` or of the stored command line (for the engine `engine`
+    picks, its relaunch lock held), already starting, this call's to end or release from
+    now on."""
     t0 = launched.at if launched else time.monotonic() if started is None else started
     path = snap.path
     rep = reporter or Reporter()
@@ -175,9 +147,9 @@ async def restore_lazy(snap: Snapshot, *, engine: str = "auto",
                               "give --qmp SOCKET (and --lazy or --lazy=postcopy)")
         own = qmp_address is None and target is None  # vmsnap launches QEMU
         argv = launch_argv(path, command, meta) if own else None
-        job.engine = pick_engine(engine, snap, argv)
-        if launched is not None:  # postcopy (see api.restore)
-            job.proc = launched.proc
+        job.engine = pick_engine(engine, snap, argv, targets.remote(snap.path))
+        if launched is not None:  # see api.restore
+            job.proc, job.lock = launched.proc, launched.lock
         log.debug("lazy restore of %s: engine %s (asked %s), %s", path, job.engine, engine,
                   "resume" if resume else "relaunch" if argv else "into a waiting QEMU")
         if verify and job.engine == "mmap":

@@ -12,14 +12,40 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Protocol
 
 from ..errors import VmsnapError
-from ..fileformat.reader import Snapshot
+
+if TYPE_CHECKING:  # the standard library only at run time: see orchestration.early
+    from ..fileformat.trailer import TrailerMetadata
 
 #: the RAM block of `-m` memory on x86 PC machines; the only one mapped
 MAPPED_BLOCK = "pc.ram"
 MIN_VERSION = (8, 2)
+ENGINES = ("auto", "postcopy", "mmap")
 _VERSION = re.compile(r"^(\d+)\.(\d+)")
+
+
+class PageArea(Protocol):
+    @property
+    def used_length(self) -> int: ...
+
+    @property
+    def pages_offset(self) -> int: ...
+
+
+class Mappable(Protocol):
+    """What the engine's choice and the mapped launch command need of a snapshot: the open
+    file (fileformat.reader.Snapshot), or its trailer's word before it is opened
+    (orchestration.early)."""
+
+    @property
+    def path(self) -> str: ...
+
+    @property
+    def metadata(self) -> TrailerMetadata | None: ...
+
+    def block(self, name: str) -> PageArea: ...  # KeyError if there is none
 
 
 def supports_mmap(qemu_version: str | None) -> bool:
@@ -28,7 +54,36 @@ def supports_mmap(qemu_version: str | None) -> bool:
     return m is not None and (int(m.group(1)), int(m.group(2))) >= MIN_VERSION
 
 
-def check_mappable(argv: Sequence[str], snap: Snapshot) -> None:
+def pick_engine(engine: str, snap: Mappable, argv: Sequence[str] | None,
+                where: object | None) -> str:
+    """The lazy restore engine to use (`argv`: the command vmsnap launches, None for a --qmp
+    target; `where`: the remote store the snapshot is in, None for a local file)."""
+    if engine not in ENGINES:
+        raise VmsnapError(f"unknown lazy engine {engine!r} (choose {', '.join(ENGINES[1:])})")
+    version = snap.metadata.qemu_version if snap.metadata else None
+    if engine == "mmap":
+        if where is not None:
+            raise VmsnapError(f"--lazy=mmap maps a local file; {where} is remote: "
+                              "use --lazy=postcopy")
+        if argv is None:
+            raise VmsnapError("--lazy=mmap needs vmsnap to launch QEMU (no --qmp): "
+                              "use --lazy=postcopy for a waiting QEMU")
+        if not supports_mmap(version):
+            raise VmsnapError(f"--lazy=mmap needs QEMU >= 8.2 (memory-backend-file offset=); "
+                              f"this snapshot is from QEMU {version or 'unknown'}: "
+                              "use --lazy=postcopy")
+        check_mappable(argv, snap)
+        return "mmap"
+    if engine == "auto" and argv is not None and where is None and supports_mmap(version):
+        try:
+            check_mappable(argv, snap)
+            return "mmap"
+        except VmsnapError:
+            pass
+    return "postcopy"
+
+
+def check_mappable(argv: Sequence[str], snap: Mappable) -> None:
     """Refuse command lines that already choose a memory backend or NUMA layout, and
     snapshots without the block to map."""
     for i, a in enumerate(argv):
@@ -45,7 +100,7 @@ def check_mappable(argv: Sequence[str], snap: Snapshot) -> None:
                           "use --lazy=postcopy") from None
 
 
-def mapped_argv(argv: Sequence[str], snap: Snapshot, fd: int) -> list[str]:
+def mapped_argv(argv: Sequence[str], snap: Mappable, fd: int) -> list[str]:
     """`argv` with `-m` memory backed by the snapshot's `pc.ram` page area (MAP_PRIVATE),
     mapped from `fd`, a descriptor on the very file vmsnap opened and checked that QEMU
     inherits: through /proc/self/fd QEMU opens that inode, whatever the path names by now.

@@ -364,11 +364,13 @@ class GuardedQemu:
 @dataclass
 class Started:
     """A QEMU vmsnap started to restore into, waiting for an incoming stream: its QMP
-    socket and log are in `workdir` (0700, vmsnap's); `at`: time.monotonic() at its start."""
+    socket and log are in `workdir` (0700, vmsnap's); `at`: time.monotonic() at its start;
+    `lock`: held while it relaunches the command line stored in the file."""
 
     proc: GuardedQemu
     workdir: str
     at: float = field(default_factory=time.monotonic)
+    lock: RelaunchLock | None = None
 
     @property
     def qmp(self) -> str:
@@ -378,6 +380,8 @@ class Started:
         """End the QEMU and remove its directory (the restore failed before using it)."""
         self.proc.kill()
         shutil.rmtree(self.workdir, ignore_errors=True)
+        if self.lock is not None:
+            self.lock.release()
 
 
 def start_qemu(argv: list[str], path: str, program: str | None = None,

@@ -1,0 +1,63 @@
+"""orchestration.early without QEMU: a lazy restore's QEMU starts before the file is opened
+only from a trailer that reads, deciding it loads no numpy, and the refusals come first."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from vmsnap.errors import VmsnapError
+from vmsnap.fileformat.trailer import (
+    BlockChecksums,
+    RangeChecksum,
+    TrailerMetadata,
+    encode_trailer,
+)
+from vmsnap.orchestration.early import start_early
+
+STREAM_END = 3 << 20
+
+
+def snapshot(path, version="10.0.0", command=("qemu-system-x86_64", "-m", "1"), extra=None):
+    """A file with a trailer (the stream is not one: nothing here reads it) whose pc.ram
+    pages are at 1 MiB, 1 MiB long, as its ranges tell."""
+    md = TrailerMetadata(qemu_version=version, machine_type="pc-i440fx-7.2",
+                         command_line=list(command) if command else None, extra=extra or {})
+    blocks = [BlockChecksums("pc.ram", np.arange(4, dtype=np.uint64))]
+    ranges = [RangeChecksum(0, 100, 1), RangeChecksum(2 << 20, 4096, 1)]
+    off, tr = encode_trailer(STREAM_END, md, blocks, ranges)
+    path.write_bytes(bytes(off) + tr)
+    return str(path)
+
+
+def test_deciding_loads_no_numpy():
+    code = ("import sys, vmsnap.orchestration.early\n"
+            "print([m for m in sys.modules if m.split('.')[0] in ('numpy', 'qemu')"
+            " or m == 'vmsnap.fileformat.reader'])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_no_early_start_without_a_trailer_or_a_command_line(tmp_path):
+    """Left to the restore (which refuses in one line, or restores through libvirt): no
+    file, no trailer, no stored command line, a libvirt domain's file."""
+    assert start_early(str(tmp_path / "none"), None, "auto", False) is None
+    junk = tmp_path / "junk"
+    junk.write_bytes(bytes(1 << 16))
+    assert start_early(str(junk), ["qemu-system-x86_64"], "auto", False) is None
+    assert start_early(snapshot(tmp_path / "a", command=None), None, "auto", False) is None
+    domain = snapshot(tmp_path / "b", extra={"libvirt": {"xml": "<domain/>"}})
+    assert start_early(domain, None, "auto", False) is None
+
+
+def test_refusals_come_before_any_qemu(tmp_path):
+    """The engine's and the stored command line's refusals, as the restore words them."""
+    old = snapshot(tmp_path / "a", version="7.2.0")
+    with pytest.raises(VmsnapError, match="needs QEMU >= 8.2"):
+        start_early(old, ["qemu-system-x86_64", "-m", "1"], "mmap", False)
+    with pytest.raises(VmsnapError, match="will not run the command line stored"):
+        start_early(snapshot(tmp_path / "b"), None, "auto", False)

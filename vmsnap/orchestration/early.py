@@ -1,0 +1,145 @@
+"""A lazy restore's QEMU, started before the rest of vmsnap loads.
+
+vmsnap's start-up (numpy, QEMU's QMP library, the file reader) and QEMU's own (until its QMP
+socket answers) overlap when QEMU starts first. What its command line needs is known
+early: a command line given after `--` for the postcopy engine needs nothing from the
+file; the stored command line, the engine `auto` picks and the page area the mmap engine
+maps need the trailer's metadata (commit record and JSON: a few KiB whatever the RAM size;
+its signature checks without the checksum tables, see fileformat.trailer). This module
+reads those with the standard library (trailer.py, hostkey.py, relaunch.py and mapped.py
+load no numpy) and starts QEMU.
+
+Nothing decided here goes unchecked: once the restore has opened the file (what is
+checked is what is loaded), `EarlyQemu.matches` compares it with what the launch was
+decided from (the same inode, commit record and metadata, and the mapped page area); if
+anything differs the early QEMU is ended and the restore launches as if there had been
+none. The stored command line runs only once its signature verified (relaunch.approve,
+as always). A file this cannot read is left to the restore, which refuses it, in one
+line, before any QEMU starts.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from ..fileformat.errors import SnapshotError
+from ..fileformat.trailer import Trailer, TrailerMetadata, read_body, read_commit
+from ..hostkey import trust_of
+from .mapped import MAPPED_BLOCK, mapped_argv, pick_engine
+from .relaunch import RelaunchLock, Started, approve, start_qemu
+
+if TYPE_CHECKING:
+    from ..fileformat.reader import Snapshot
+
+
+@dataclass(frozen=True)
+class _Area:
+    pages_offset: int
+    used_length: int
+
+
+@dataclass
+class _Head:
+    """A snapshot as its trailer tells before the file is opened (mapped.Mappable)."""
+
+    path: str
+    trailer: Trailer
+
+    @property
+    def metadata(self) -> TrailerMetadata:
+        return self.trailer.metadata
+
+    def block(self, name: str) -> _Area:
+        return _Area(*self.trailer.page_areas()[name])
+
+
+@dataclass
+class EarlyQemu:
+    """A QEMU started before the file was opened, and what its launch was decided from:
+    the file's (st_dev, st_ino) and trailer (None: nothing, a given command line) and the
+    page area it maps."""
+
+    started: Started
+    file: tuple[int, int] | None = None
+    trailer: Trailer | None = None
+    mapped: _Area | None = None
+
+    def matches(self, snap: Snapshot) -> bool:
+        """Whether the opened `snap` is what this QEMU was launched for."""
+        if self.file is None or self.trailer is None:
+            return True
+        if not (snap.is_file(self.file) and snap.trailer is not None
+                and snap.trailer.commit == self.trailer.commit
+                and snap.metadata == self.trailer.metadata):
+            return False
+        if self.mapped is None:
+            return True
+        try:
+            block = snap.block(MAPPED_BLOCK)
+        except KeyError:
+            return False
+        return _Area(block.pages_offset, block.used_length) == self.mapped
+
+    def discard(self) -> None:
+        """End the QEMU (and release the relaunch lock): the restore will not use it."""
+        self.started.discard()
+
+
+def start_early(path: str, command: Sequence[str] | None, engine: str,
+                trust_command_line: bool) -> EarlyQemu | None:
+    """Start the QEMU of a lazy restore of the snapshot at `path` that vmsnap
+    launches (`command`, or the stored command line), if its command line is known before
+    the file is opened; None if it is not (a remote or unreadable file, no trailer, a
+    libvirt domain's file). Raises the refusals the restore would make (engine, trust)."""
+    if engine == "postcopy" and command:
+        return EarlyQemu(start_qemu(list(command), path))
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        trailer = _trailer(fd, st.st_size) if stat.S_ISREG(st.st_mode) else None
+        if trailer is None or not trailer.page_areas() or (
+                not command and trailer.metadata.domain_xml is not None):
+            return None
+        argv = list(command) if command else trailer.metadata.command_line
+        if not argv:
+            return None
+        head = _Head(path, trailer)
+        mmap = pick_engine(engine, head, argv, None) == "mmap"
+        program = None if command else approve(argv, trust_of(trailer, tables=False),
+                                                trust_command_line, path)
+        lock = None if command else RelaunchLock(path)
+        try:
+            started = start_qemu(argv, path, program,
+                                 launch_argv=mapped_argv(argv, head, fd) if mmap else None,
+                                 pass_fds=(fd,) if mmap else ())
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
+        started.lock = lock
+        return EarlyQemu(started, (st.st_dev, st.st_ino), trailer,
+                         head.block(MAPPED_BLOCK) if mmap else None)
+    finally:
+        os.close(fd)  # QEMU holds its own
+
+
+def _trailer(fd: int, size: int) -> Trailer | None:
+    """The trailer of the file `fd`, its checksum tables read only if asked for (the
+    signature of a file signed before their digest); None if it has none that reads."""
+    def pread(offset: int, length: int) -> bytes:
+        data = os.pread(fd, length, offset)
+        if len(data) != length:
+            raise SnapshotError("file truncated")
+        return data
+
+    try:
+        return read_body(pread, read_commit(pread, size), tables="asked")
+    except (SnapshotError, OSError):
+        return None

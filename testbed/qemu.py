@@ -23,6 +23,9 @@ from qemu.qmp.legacy import QEMUMonitorProtocol
 from testbed.paths import QEMU10_ROOT
 from testbed.serial import SerialConsole
 
+#: run by path (testbed.chroot_exec): standard library only, without site
+CHROOT_EXEC = Path(__file__).with_name("chroot_exec.py")
+
 QEMU_VERSIONS = ("7.2", "10")
 #: Any QMP command of the test bed. QEMU answers in milliseconds unless its main loop is
 #: stuck: a vCPU that cannot be paused (left faulting on its own page tables by a lazy
@@ -77,8 +80,8 @@ def qemu_argv_prefix(version: str, workdir: Path, binds: Sequence[Path] = ()) ->
     if version == "10":
         if not (QEMU10_ROOT / "usr/bin/qemu-system-x86_64").exists():
             raise QemuError(f"QEMU 10 chroot missing at {QEMU10_ROOT}: run scripts/install.sh")
-        argv = ["unshare", "--mount", "--propagation", "private", sys.executable, "-m",
-                "testbed.chroot_exec", str(QEMU10_ROOT)]
+        argv = ["unshare", "--mount", "--propagation", "private", sys.executable, "-I", "-S",
+                str(CHROOT_EXEC), str(QEMU10_ROOT)]
         for directory in (workdir, *binds):
             argv += ["--bind", str(directory)]
         return [*argv, "--", "qemu-system-x86_64"]

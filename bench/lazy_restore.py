@@ -19,6 +19,9 @@ an installed vmsnap runs (bench.common.vmsnap_env):
 
   eager         vmsnap restore (multifd, default channels)
   postcopy      vmsnap restore --lazy=postcopy, FILE.hot removed first
+  postcopy-paused  the same with --paused: the guest stays paused until every page is in
+                (no page requests, no vCPU taking a core: vmsnap's and QEMU's own push
+                rate; no "running" or heartbeat, RAM checked as left paused)
   postcopy-hot  the same with the FILE.hot the previous postcopy run recorded
   postcopy-live (--ws-mb) the same with the FILE.hot the live save recorded: the pages it
                 saw re-dirtied in its last rounds (with --ws-mb the save is `--live`)
@@ -75,8 +78,8 @@ from testbed.guests import BootGuest, LinuxGuest, Saved  # noqa: E402
 from testbed.qemu import Vm  # noqa: E402
 from testbed.serial import SerialConsole  # noqa: E402
 
-METHODS = ("eager", "postcopy", "postcopy-hot", "mmap", "qemu10")
-METHODS_72 = ("eager", "postcopy", "postcopy-hot")
+METHODS = ("eager", "postcopy", "postcopy-paused", "postcopy-hot", "mmap", "qemu10")
+METHODS_72 = ("eager", "postcopy", "postcopy-paused", "postcopy-hot")
 #: --ws-mb: also the hint a live save records (the pages re-dirtied in its last rounds)
 METHODS_WS = ("postcopy-live", "mmap-live")
 METHODS_LINUX = {"10": ("eager", "postcopy", "mmap"), "7.2": ("eager", "postcopy")}
@@ -184,12 +187,13 @@ def native_restore(snap: Path, vm: Vm, t0: float) -> dict:
 
 def run_method(method: str, guest: BootGuest | LinuxGuest, config, snap: Path, saved: Saved,
                workdir: Path, env: dict[str, str], rep: int) -> dict:
-    """One restore by `method`, timed to the guest running (every method runs it: its RAM
-    is checked: bootguest against `saved` once it has, stopped at once; Linux guest by the
-    timed VERIFY)."""
+    """One restore by `method`, timed to the guest running (every method but
+    postcopy-paused runs it: its RAM is checked: bootguest against `saved` once it has,
+    stopped at once; Linux guest by the timed VERIFY)."""
     name = f"{method}{rep}"
     vm = Vm(config, workdir, name, incoming="defer")
-    if method == "postcopy":
+    paused = method == "postcopy-paused"
+    if method in ("postcopy", "postcopy-paused"):
         Path(f"{snap}.hot").unlink(missing_ok=True)
     elif method in ("postcopy-live", "mmap-live"):
         shutil.copyfile(f"{snap}.hot.live", f"{snap}.hot")
@@ -197,21 +201,24 @@ def run_method(method: str, guest: BootGuest | LinuxGuest, config, snap: Path, s
         Path(f"{snap}.hot").unlink(missing_ok=True)
     extra = {"eager": [], "postcopy": ["--lazy=postcopy"], "postcopy-hot": ["--lazy=postcopy"],
              "postcopy-live": ["--lazy=postcopy"], "mmap": ["--lazy=mmap"],
+             "postcopy-paused": ["--lazy=postcopy", "--paused"],
              "mmap-live": ["--lazy=mmap"]}.get(method)
     evict_file(snap)
     t0 = time.monotonic()
     probe = (Verify(vm.serial_path) if isinstance(guest, LinuxGuest)
-             else Beat(vm.serial_path, 2 if guest.ws_mb else 1))
+             else Beat(vm.serial_path, 0 if paused else 2 if guest.ws_mb else 1))
     try:
         if method == "qemu10":
             fig = native_restore(snap, vm, t0)
         else:
             fig = vmsnap_restore(snap, vm.argv(), extra, env, t0, probe.running)
             vm.adopt(fig.pop("pid"))
+            if paused:  # its end, not the guest running: it stays paused
+                fig["running"] = None
         probe.running()  # eager, qemu10: the guest runs once the restore returned
         fig.update(probe.figures(t0))
         if isinstance(guest, BootGuest):
-            guest.check_restored(vm, saved, resumed=True)
+            guest.check_restored(vm, saved, resumed=not paused)
         fig["ok"] = True
     finally:
         vm.close()

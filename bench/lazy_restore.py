@@ -27,6 +27,9 @@ an installed vmsnap runs (bench.common.vmsnap_env):
                 saw re-dirtied in its last rounds (with --ws-mb the save is `--live`)
   mmap          vmsnap restore --lazy=mmap (background checksum pass included in "done"),
                 FILE.hot removed first
+  stored        (QEMU 7.2) vmsnap restore --lazy FILE: the command line stored in the file,
+                run once its signature checked, FILE.hot removed first (the testbed's QEMU 10
+                runs through a chroot wrapper, which a stored command line may not run)
   mmap-live     (--ws-mb) the same with the live save's FILE.hot: its pages are read ahead
                 into the page cache while QEMU starts
   qemu10        QEMU 10 `migrate-incoming file:FILE` with mapped-ram, multifd 4, direct-io
@@ -79,7 +82,7 @@ from testbed.qemu import Vm  # noqa: E402
 from testbed.serial import SerialConsole  # noqa: E402
 
 METHODS = ("eager", "postcopy", "postcopy-paused", "postcopy-hot", "mmap", "qemu10")
-METHODS_72 = ("eager", "postcopy", "postcopy-paused", "postcopy-hot")
+METHODS_72 = ("eager", "postcopy", "postcopy-paused", "postcopy-hot", "stored")
 #: --ws-mb: also the hint a live save records (the pages re-dirtied in its last rounds)
 METHODS_WS = ("postcopy-live", "mmap-live")
 METHODS_LINUX = {"10": ("eager", "postcopy", "mmap"), "7.2": ("eager", "postcopy")}
@@ -163,12 +166,13 @@ class Verify:
         self.thread.join(10)
 
 
-def vmsnap_restore(snap: Path, argv: list[str], extra: list[str], env: dict[str, str],
-                   t0: float, on_running: Callable[[], None]) -> dict:
-    """Run `vmsnap restore`, timing its "running" event as it arrives."""
+def vmsnap_restore(snap: Path, argv: list[str] | None, extra: list[str],
+                   env: dict[str, str], t0: float, on_running: Callable[[], None]) -> dict:
+    """Run `vmsnap restore` (into `argv`, or the command line stored in `snap`), timing its
+    "running" event as it arrives."""
     running, end, done = timed_restore(
-        [sys.executable, "-m", "vmsnap", "restore", "--json", *extra, str(snap), "--",
-         *argv], env, t0, on_running)
+        [sys.executable, "-m", "vmsnap", "restore", "--json", *extra, str(snap),
+         *(["--", *argv] if argv is not None else [])], env, t0, on_running)
     return {"running": running, "done": end,
             "pid": done["pid"], "p50": done.get("latency_p50_us"),
             "p99": done.get("latency_p99_us"), "requests": done.get("requests"),
@@ -190,10 +194,10 @@ def run_method(method: str, guest: BootGuest | LinuxGuest, config, snap: Path, s
     """One restore by `method`, timed to the guest running (every method but
     postcopy-paused runs it: its RAM is checked: bootguest against `saved` once it has,
     stopped at once; Linux guest by the timed VERIFY)."""
-    name = f"{method}{rep}"
+    name = "src" if method == "stored" else f"{method}{rep}"  # stored: the saved VM's sockets
     vm = Vm(config, workdir, name, incoming="defer")
     paused = method == "postcopy-paused"
-    if method in ("postcopy", "postcopy-paused"):
+    if method in ("postcopy", "postcopy-paused", "stored"):
         Path(f"{snap}.hot").unlink(missing_ok=True)
     elif method in ("postcopy-live", "mmap-live"):
         shutil.copyfile(f"{snap}.hot.live", f"{snap}.hot")
@@ -202,7 +206,7 @@ def run_method(method: str, guest: BootGuest | LinuxGuest, config, snap: Path, s
     extra = {"eager": [], "postcopy": ["--lazy=postcopy"], "postcopy-hot": ["--lazy=postcopy"],
              "postcopy-live": ["--lazy=postcopy"], "mmap": ["--lazy=mmap"],
              "postcopy-paused": ["--lazy=postcopy", "--paused"],
-             "mmap-live": ["--lazy=mmap"]}.get(method)
+             "mmap-live": ["--lazy=mmap"], "stored": ["--lazy"]}.get(method)
     evict_file(snap)
     t0 = time.monotonic()
     probe = (Verify(vm.serial_path) if isinstance(guest, LinuxGuest)
@@ -211,7 +215,8 @@ def run_method(method: str, guest: BootGuest | LinuxGuest, config, snap: Path, s
         if method == "qemu10":
             fig = native_restore(snap, vm, t0)
         else:
-            fig = vmsnap_restore(snap, vm.argv(), extra, env, t0, probe.running)
+            fig = vmsnap_restore(snap, None if method == "stored" else vm.argv(), extra, env,
+                                 t0, probe.running)
             vm.adopt(fig.pop("pid"))
             if paused:  # its end, not the guest running: it stays paused
                 fig["running"] = None

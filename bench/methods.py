@@ -113,6 +113,9 @@ class Vmsnap(Method):
     def config(self, guest, scen: Scenario, wd: Path):
         return guest.config(self.qemu or scen.qemu, wd)
 
+    def before_restore(self) -> None:
+        """Runs once the source QEMU is gone, before the restore's QEMU starts."""
+
     def run(self, scen, ctx, wd):
         guest = scen.make_guest()
         config = self.config(guest, scen, wd)
@@ -135,6 +138,7 @@ class Vmsnap(Method):
         info = json.loads(subprocess.run([VMSNAP, "info", "--json", str(snap)], check=True,
                                          capture_output=True, text=True).stdout)
         ctx.present_bytes[scen.key] = int(info.get("present_bytes") or 0)
+        self.before_restore()
         with Vm(config, wd, "dst", incoming="defer") as dst:
             drop_caches()
             q0 = qemu_cpu_seconds(dst)
@@ -196,6 +200,11 @@ class VmsnapShared(Vmsnap):
         config.args += shared_ram_args("file", guest.memory_mb, self._shm / "ram")
         config.binds.append(self._shm)  # the QEMU 10 chroot sees it at the same path
         return config
+
+    def before_restore(self) -> None:
+        # The restore's QEMU must create a fresh backing, as a relaunch would: reopening the
+        # source's file would find every page already there (and make the RAM check moot).
+        (self._shm / "ram").unlink()
 
     def run(self, scen, ctx, wd):
         self._shm = Path(tempfile.mkdtemp(prefix="vmsnap-bench-", dir="/dev/shm"))  # 0700

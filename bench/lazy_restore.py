@@ -176,7 +176,7 @@ def vmsnap_restore(snap: Path, argv: list[str] | None, extra: list[str],
     return {"running": running, "done": end,
             "pid": done["pid"], "p50": done.get("latency_p50_us"),
             "p99": done.get("latency_p99_us"), "requests": done.get("requests"),
-            "hot_pages": done.get("hot_pages")}
+            "hot_pages": done.get("hot_pages"), "preempt": done.get("preempt")}
 
 
 def native_restore(snap: Path, vm: Vm, t0: float) -> dict:

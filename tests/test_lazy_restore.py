@@ -57,6 +57,9 @@ def check_done(result: subprocess.CompletedProcess, engine: str = "postcopy") ->
     assert done["engine"] == engine and done["final_state"] == "running"
     assert 0 < done["running_seconds"] < done["seconds"]
     assert done["pages"] > 0
+    if engine == "postcopy":  # 7.2 and 10 both have it: requested pages on their own channel
+        assert done["preempt"] is True
+        assert next(e for e in evs if e["event"] == "start")["preempt"] is True
     return done
 
 
@@ -91,6 +94,7 @@ def test_lazy_restore(kind, qemu, target, workdir, request):
                 guest.check_restored(vm, held, resumed=True)
                 vm.cmd("quit")
     assert done["requests"] > 0 and done["latency_p50_us"] > 0
+    assert done["preempt_pages"] > 0  # the answers went on the preempt channel
     with vmsnap.open(snap) as s:
         assert sum(len(p) for p in load_hot(s).values()) > 0
     assert oct(os.stat(hot_path(snap)).st_mode & 0o777) == "0o600"
@@ -395,6 +399,7 @@ def test_lazy_restore_vmsnap_killed_then_resumed(qemu, workdir):
                             "--qmp", dst.tool_qmp_path)
         done = events(ok(result))[-1]
         assert done["event"] == "done" and done["engine"] == "postcopy", done
+        assert done["preempt"] is True  # recovered with a new preempt channel too
         assert sent <= done["already_received"] < present, (sent, done)  # what was sent is in
         assert done["already_received"] + done["pages"] <= present + done["zero_pages"]
         assert done["pages"] > present // 2, done
@@ -405,6 +410,23 @@ def test_lazy_restore_vmsnap_killed_then_resumed(qemu, workdir):
         assert again.returncode == 1 and "Traceback" not in again.stderr
         lines = again.stderr.strip().splitlines()
         assert len(lines) == 1 and "postcopy-paused" in lines[0] and "completed" in lines[0]
+
+
+@pytest.mark.qemu
+def test_lazy_restore_on_one_channel(workdir, monkeypatch):
+    """Without postcopy-preempt (a QEMU lacking it, or no path it can listen on) requested
+    pages go on the main stream, handed over by fd, as before: the guest's RAM checks."""
+    from vmsnap.orchestration import lazy
+
+    guest = BootGuest(memory_mb=256, mode="random")
+    snap, _, held = saved(guest, "10", workdir)
+    monkeypatch.setattr(lazy, "_preempt_refusal", lambda caps, peer: "tested")
+    with Vm(guest.config("10", workdir), workdir, "dst", incoming="defer") as dst:
+        r = vmsnap.restore(snap, qmp_address=str(dst.tool_qmp_path), lazy="postcopy")
+        assert r.preempt is False and r.requests > 0
+        caps = {c["capability"]: c["state"] for c in dst.cmd("query-migrate-capabilities")}
+        assert caps["postcopy-ram"] and not caps["postcopy-preempt"]
+        guest.check_restored(dst, held, resumed=True)
 
 
 @pytest.mark.qemu

@@ -1,7 +1,8 @@
 """The postcopy source's background push, against a destination the test plays on a socket
 pair (no QEMU): every present page arrives once and intact, an answered request queues
 behind at most QUEUE_LIMIT of pushed bytes however far the pushers could run ahead, and
-the push goes on from the page after the one requested (as QEMU's own source does)."""
+the push goes on from the page after the one requested (as QEMU's own source does); with a
+postcopy-preempt channel, answers go there and never wait for the main stream."""
 
 from __future__ import annotations
 
@@ -11,13 +12,14 @@ import threading
 import time
 
 import numpy as np
+import pytest
 from fileformat.streambytes import prefix, tail
 
 from vmsnap.fileformat import SnapshotWriter, TrailerMetadata, open_snapshot
 from vmsnap.io.sockets import unsent, widen
 from vmsnap.ops import postcopy_send
 from vmsnap.ops.send import plain_stream_head, read_head
-from vmsnap.stream import StreamDecoder
+from vmsnap.stream import StreamDecoder, encoder
 from vmsnap.stream import constants as C
 from vmsnap.stream import events as ev
 from vmsnap.stream import postcopy as pc
@@ -45,6 +47,40 @@ def req_pages(block: str, page: int) -> bytes:
                          struct.pack(">QIB", page * PS, PS, len(name)) + name)
 
 
+def stall(source: postcopy_send.PostcopySource, ours: socket.socket, theirs: socket.socket,
+          preempt: socket.socket | None = None, eos: bool = False) -> int:
+    """Start `source` on `ours` (+ `preempt`, `eos`); the destination on `theirs` reads the
+    prologue, then nothing more until the pushers stopped sending: as far as they could run
+    ahead of it before a request. Returns the bytes queued then."""
+    source.start(ours, preempt, eos)
+    theirs.settimeout(30)
+    prologue = bytearray()
+    while len(prologue) < len(source.prologue):
+        prologue += theirs.recv(len(source.prologue) - len(prologue))
+    deadline = time.monotonic() + 20
+    last = -1
+    while (queued := unsent(ours)) != last and time.monotonic() < deadline:
+        last = queued
+        time.sleep(0.3)
+    assert queued >= postcopy_send.QUEUE_LIMIT, queued
+    return queued
+
+
+def finish(source: postcopy_send.PostcopySource, theirs: socket.socket) -> bytearray:
+    """Read the rest of the main stream until its closing bytes, answer SHUT; the bytes."""
+    stream = bytearray()
+    done = threading.Thread(target=source.wait, daemon=True)
+    done.start()
+    while not stream.endswith(source.closing_bytes):
+        data = theirs.recv(1 << 20)
+        assert data, "the source closed the stream before its end"
+        stream += data
+    theirs.sendall(pc.rp_shut(0))
+    done.join(30)
+    assert not done.is_alive() and source.error is None
+    return stream
+
+
 def test_request_answered_ahead_of_the_push_which_then_follows_it(tmp_path):
     path = tmp_path / "vm.snap"
     ram = write_snapshot(path)
@@ -54,33 +90,13 @@ def test_request_answered_ahead_of_the_push_which_then_follows_it(tmp_path):
         ours, theirs = socket.socketpair()
         widen(ours, theirs)  # as rendezvous.pass_socket gives them: 8 MiB
         with ours, theirs:
-            source.start(ours)
-            theirs.settimeout(30)
-            prologue = bytearray()
-            while len(prologue) < len(source.prologue):
-                prologue += theirs.recv(len(source.prologue) - len(prologue))
-            # the destination reads nothing more until the pushers stopped sending: as far
-            # as they could run ahead of it before a request
-            deadline = time.monotonic() + 20
-            last = -1
-            while (queued := unsent(ours)) != last and time.monotonic() < deadline:
-                last = queued
-                time.sleep(0.3)
-            assert queued >= postcopy_send.QUEUE_LIMIT, queued
+            stall(source, ours, theirs)
             theirs.sendall(req_pages("pc.ram", wanted))
+            deadline = time.monotonic() + 20
             while not source.stats.latencies_us:  # answered: still not a byte more read
-                assert time.monotonic() < deadline + 20, "the request was not answered"
+                assert time.monotonic() < deadline, "the request was not answered"
                 time.sleep(0.01)
-            stream = bytearray()
-            done = threading.Thread(target=source.wait, daemon=True)
-            done.start()
-            while not stream.endswith(source.closing_bytes):
-                data = theirs.recv(1 << 20)
-                assert data, "the source closed the stream before its end"
-                stream += data
-            theirs.sendall(pc.rp_shut(0))
-            done.join(30)
-            assert not done.is_alive() and source.error is None
+            stream = finish(source, theirs)
         head = plain_stream_head(snap, read_head(snap))
     dec = StreamDecoder()
     dec.feed(head + stream)
@@ -101,3 +117,76 @@ def test_request_answered_ahead_of_the_push_which_then_follows_it(tmp_path):
         f"the requested page came {behind} bytes after the request"
     assert at[wanted + 1] < at[wanted - 1], "the push did not go on after the requested page"
     assert source.stats.requests == 1 and source.stats.pushed_pages == PAGES - 1
+
+
+def preempt_records(data: bytes) -> tuple[dict[int, bytes], bool]:
+    """The bare page records of a preempt channel: {page: bytes}, and whether an EOS ended
+    them. Every batch's first record must name its block (QEMU keeps the last block per
+    channel; vmsnap never relies on it)."""
+    pages: dict[int, bytes] = {}
+    pos, block = 0, None
+    while pos < len(data):
+        word = int.from_bytes(data[pos:pos + 8], "big")
+        pos += 8
+        flags, offset = word & (PS - 1), word & ~(PS - 1)
+        if flags == C.RAM_SAVE_FLAG_EOS:
+            assert pos == len(data), "bytes after the EOS"
+            return pages, True
+        if not flags & C.RAM_SAVE_FLAG_CONTINUE:
+            n = data[pos]
+            block = data[pos + 1:pos + 1 + n].decode()
+            pos += 1 + n
+        assert block == "pc.ram" and flags & ~C.RAM_SAVE_FLAG_CONTINUE == C.RAM_SAVE_FLAG_PAGE
+        pages[offset // PS] = data[pos:pos + PS]
+        pos += PS
+    return pages, False
+
+
+@pytest.mark.parametrize("eos", [False, True], ids=["qemu8.2+", "qemu7"])
+def test_answers_go_on_the_preempt_channel_past_a_full_main_stream(tmp_path, eos):
+    """postcopy-preempt: with the main stream full and not read at all, a requested page
+    comes at once on the preempt channel (bare records); each page still goes once over
+    the two channels; the preempt channel ends with an EOS only for a QEMU that waits for
+    one (< 8.0)."""
+    path = tmp_path / "vm.snap"
+    ram = write_snapshot(path)
+    wanted = [PAGES // 2, PAGES // 3]
+    with open_snapshot(path) as snap:
+        source = postcopy_send.PostcopySource(snap)
+        ours, theirs = socket.socketpair()
+        fast, fast_theirs = socket.socketpair()
+        widen(ours, theirs)
+        with ours, theirs, fast, fast_theirs:
+            queued = stall(source, ours, theirs, fast, eos)
+            answers = bytearray()
+            fast_theirs.settimeout(5)
+            for page in wanted:  # each answered with nothing read from the main stream
+                theirs.sendall(req_pages("pc.ram", page))
+                want = len(answers) + 8 + 1 + len("pc.ram") + PS
+                while len(answers) < want:
+                    answers += fast_theirs.recv(want - len(answers))
+            assert unsent(ours) >= queued
+            stream = bytearray()
+            closer = threading.Thread(target=lambda: stream.extend(finish(source, theirs)))
+            closer.start()
+            fast_theirs.settimeout(0.5 if not eos else 5)
+            try:
+                while not answers.endswith(encoder.eos()) and (data := fast_theirs.recv(4096)):
+                    answers += data
+            except TimeoutError:
+                pass
+            closer.join(60)
+            assert not closer.is_alive() and source.error is None
+        head = plain_stream_head(snap, read_head(snap))
+    answered, ended = preempt_records(bytes(answers))
+    assert ended == eos
+    assert sorted(answered) == sorted(wanted)
+    for page, data in answered.items():
+        assert data == ram[page * PS:(page + 1) * PS].tobytes()
+    dec = StreamDecoder()
+    dec.feed(head + stream)
+    pushed = [int(o) // PS for e in dec.events() if isinstance(e, ev.Pages) for o in e.offsets]
+    assert len(pushed) == len(set(pushed)) == PAGES - len(wanted)
+    assert not set(pushed) & set(wanted)
+    st = source.stats
+    assert st.requests == 2 and st.preempt_pages == 2 and st.pushed_pages == PAGES - 2

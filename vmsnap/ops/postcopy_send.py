@@ -2,14 +2,24 @@
 
 The destination runs the guest as soon as it has the device state; every page it touches
 before it arrives is asked for on the return path (the same socket, other direction) and
-answered from its fixed offset in the file, checked against its checksum first. Meanwhile
+answered from its fixed offset in the file, checked against its checksum first: on QEMU's
+postcopy-preempt channel when there is one (a second socket that carries nothing else, so
+an answer never waits behind pushed pages), else on the main stream. Meanwhile
 every other present page is pushed: reader threads read ahead (O_DIRECT, 1 MiB at a time,
 hot pages first, then in file order from just after the last page requested, as QEMU's own
 source does) and check the pages, a pusher sends them. Each page goes out exactly once
 (QEMU places it atomically with UFFDIO_COPY and fails on a second copy): a page is claimed
 when it is sent, not when read, so a request never waits for a read ahead. Requests go
 first: the pusher holds back while one is answered, and keeps what the destination has not
-read yet below QUEUE_LIMIT, which is all an answer can queue behind.
+read yet below QUEUE_LIMIT, which is all an answer on the main stream can queue behind (and,
+with preempt too, all a requested page that was already pushed waits for).
+
+The preempt channel carries bare page records (no section around them: the destination's
+preempt thread reads records until an EOS), each batch's first naming its block. How it
+ends depends on the destination (QEMU's postcopy_ram_incoming_cleanup): before 8.0 QEMU
+waits for its preempt thread to read an EOS, which is sent once every present page is out
+(answers after it go on the main stream); from 8.0 on QEMU shuts the channel itself, after
+every page it asked for arrived, so answers go there until the end.
 
 Pages absent from the file (zero) are sent only when asked for, as ZERO records: the
 destination discards all RAM when advised of postcopy, and unregisters userfaultfd when
@@ -90,6 +100,9 @@ class PostcopyStats:
     requested: dict[str, list[int]] = field(default_factory=dict)
     #: resume(): pages the destination already had (its RECV_BITMAP replies)
     already_received: int = 0
+    #: pages and bytes sent on the preempt channel (answers)
+    preempt_pages: int = 0
+    preempt_bytes: int = 0
 
 
 def postcopy_prologue(snap: Snapshot) -> tuple[bytes, bytes, int]:
@@ -140,6 +153,11 @@ class PostcopySource:
         self.prologue, self.closing_bytes, self.sid = postcopy_prologue(snap)
         self.snap = snap
         self.sock: socket.socket | None = None  # the destination's, from start() or resume()
+        #: the preempt channel answers go on, until it ends (None: the main stream)
+        self.preempt: socket.socket | None = None
+        self.preempt_eos = False  # end it with EOS once every present page is out
+        self.preempt_lock = threading.Lock()
+        self.channels: list[socket.socket] = []  # to cut on abort()
         self.readers = max(1, readers)
         self.chunk_pages = chunk_pages
         self.queue_limit = queue_limit
@@ -247,10 +265,34 @@ class PostcopySource:
             self.error = err
         self.failed.set()
 
-    def _send(self, parts: list[Buffer]) -> None:
+    def _send(self, parts: list[Buffer], closing: bool = False) -> None:
+        """Send on the main stream, unless it was closed (a late answer for a page absent
+        from the file: the destination leaves it zero)."""
         assert self.sock is not None
         with self.send_lock:
+            if self.closing:
+                return
+            self.closing = closing
             self.stats.stream_bytes += sendmsg_all(self.sock, parts)
+
+    def _send_answer(self, b: BlockInfo, pages: np.ndarray, data: memoryview | None) -> None:
+        """Send requested pages (ZERO records when `data` is None): on the preempt channel
+        while it is open, else on the main stream."""
+        with self.preempt_lock:
+            if self.preempt is not None:
+                self.stats.preempt_bytes += sendmsg_all(
+                    self.preempt, self._records(b, pages, data, section=False))
+                self.stats.preempt_pages += len(pages)
+                return
+        self._send(self._records(b, pages, data))
+
+    def _end_preempt(self) -> None:
+        """Before QEMU 8.0: EOS ends the destination's preempt thread, which QEMU waits for
+        before it ends the restore; later answers go on the main stream."""
+        with self.preempt_lock:
+            if self.preempt is not None and self.preempt_eos:
+                self.stats.preempt_bytes += sendmsg_all(self.preempt, [encoder.eos()])
+                self.preempt = None
 
     def _push_section(self, b: BlockInfo, pages: np.ndarray, data: memoryview) -> int:
         """Send the pages (bytes in `data`) nobody claimed yet, after any request being
@@ -270,9 +312,10 @@ class PostcopySource:
             self._send(self._records(b, pages, data))
         return len(pages)
 
-    def _records(self, b: BlockInfo, pages: np.ndarray, data: memoryview | None) -> list[Buffer]:
-        """A RAM PART section with PAGE records for `pages` (bytes in `data`) or, when
-        `data` is None, ZERO records."""
+    def _records(self, b: BlockInfo, pages: np.ndarray, data: memoryview | None,
+                 section: bool = True) -> list[Buffer]:
+        """A RAM PART section (or, for the preempt channel, just its records) with PAGE
+        records for `pages` (bytes in `data`) or, when `data` is None, ZERO records."""
         sid = self.sid
         offs = pages.astype(np.uint64) * np.uint64(b.page_size)
         body: Sequence[Buffer]
@@ -280,22 +323,33 @@ class PostcopySource:
             body = [encoder.zero_records(b.name, offs)]
         else:
             body = encoder.page_records_packed(b.name, offs, data)
+        if not section:
+            return list(body)
         return [encoder.section_part(sid), *body, encoder.eos() + encoder.footer(sid)]
 
     # ---------------------------------------------------------------- lifecycle
-    def start(self, sock: socket.socket) -> None:
+    def start(self, sock: socket.socket, preempt: socket.socket | None = None,
+              preempt_eos: bool = False) -> None:
         """Send what the destination on `sock` needs to run the guest, then serve and push
-        pages."""
-        self.sock = sock
+        pages. `preempt`: its postcopy-preempt channel, for answers; `preempt_eos`: end
+        that with EOS (QEMU < 8.0)."""
+        self._connect(sock, preempt, preempt_eos)
         self._send([self.prologue])
         log.debug("postcopy: prologue sent (%d bytes), %d bytes of pages to push",
                   len(self.prologue), self.total)
         self._start_threads()
 
-    def resume(self, sock: socket.socket) -> None:
-        """Take over a recovering destination (postcopy-recover) on `sock`: learn the pages
-        it has, resume it, then serve and push the others."""
-        self.sock = sock
+    def _connect(self, sock: socket.socket, preempt: socket.socket | None,
+                 preempt_eos: bool) -> None:
+        self.sock, self.preempt, self.preempt_eos = sock, preempt, preempt_eos
+        self.channels = [sock] if preempt is None else [sock, preempt]
+
+    def resume(self, sock: socket.socket, preempt: socket.socket | None = None,
+               preempt_eos: bool = False) -> None:
+        """Take over a recovering destination (postcopy-recover) on `sock` (and its new
+        preempt channel, as for start()): learn the pages it has, resume it, then serve
+        and push the others."""
+        self._connect(sock, preempt, preempt_eos)
         self.decoder = pc.ReturnPathDecoder({b.name: b.npages for b in self.snap.blocks})
         self._send([b"".join(pc.recv_bitmap(b.name) for b in self.snap.blocks)])
         received: dict[str, np.ndarray] = {}
@@ -356,10 +410,13 @@ class PostcopySource:
         while any(t.is_alive() for t in pushers):
             if self.failed.wait(0.05) and self.error is not None:
                 raise self.error
+        with self.turn:  # a page claimed by a request is out only once its answer is
+            while self.urgent and not self.failed.is_set():
+                self.turn.wait(0.05)
         if self.error is not None:
             raise self.error
-        self.closing = True
-        self._send([self.closing_bytes])
+        self._end_preempt()
+        self._send([self.closing_bytes], closing=True)
         deadline = time.monotonic() + timeout
         while not self.shut.wait(0.05):
             if self.error is not None:
@@ -373,8 +430,7 @@ class PostcopySource:
     def abort(self) -> None:
         """Cut the stream: a destination in postcopy pauses (postcopy-paused)."""
         self.fail(VmsnapError("aborted"))
-        if self.sock is not None:
-            shutdown_all([self.sock])
+        shutdown_all(self.channels)
         for t in self.threads:
             t.join(10)
 
@@ -432,13 +488,13 @@ class PostcopySource:
             return  # already sent, or being pushed right now
         present = b.present[new]
         if not present.all():
-            self._send(self._records(b, new[~present], None))
+            self._send_answer(b, new[~present], None)
             st.zero_pages += int((~present).sum())
         wanted = new[present]
         if len(wanted):
             with AlignedBuffer(len(wanted) * ps) as buf:
                 data = self._read_checked(b, wanted, buf, urgent=True)
-                self._send(self._records(b, wanted, data))
+                self._send_answer(b, wanted, data)
             self._count(len(wanted) * ps, len(wanted), pushed=False)
         st.latencies_us.append((time.perf_counter() - t0) * 1e6)
 

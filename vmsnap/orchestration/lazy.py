@@ -3,7 +3,10 @@
 Engine "postcopy" (any QEMU with postcopy-ram, 7.2 included, every kind of target): vmsnap
 is the destination's postcopy source (vmsnap.ops.postcopy_send). `cont` is issued while
 the target is still `inmigrate`, which makes QEMU start the guest the moment it has the
-device state (POSTCOPY_RUN); pages then arrive on demand and in the background.
+device state (POSTCOPY_RUN); pages then arrive on demand and in the background. Where QEMU
+has postcopy-preempt, requested pages go on its second channel, never behind pushed ones:
+QEMU then listens (rendezvous.incoming_listener) and vmsnap connects the main channel, then
+the preempt one; without a place QEMU can listen, one channel (the result says which).
 A page failing its checksum is never sent; the guest is stopped, the stream cut (a --qmp
 target is left in postcopy-paused, a QEMU vmsnap launched is ended). Once the guest runs,
 an interrupt does not stop vmsnap: the guest needs every page, so the restore finishes and
@@ -42,6 +45,7 @@ from .. import targets
 from ..errors import VmsnapError, one_line
 from ..fileformat.hot import load_hot, prefetch_hot, save_hot
 from ..fileformat.reader import Snapshot
+from ..io.sockets import widen
 from ..ops.postcopy_send import PostcopySource, PostcopyStats
 from ..ops.send import SendStats, send
 from ..progress import Reporter
@@ -51,7 +55,7 @@ from .mapped import MAPPED_BLOCK, mapped_argv, pick_engine
 from .modes import USERFAULTFD, clean_capabilities
 from .qmp import Client, Monitor
 from .relaunch import GuardedQemu, RelaunchLock, Started, own_qmp
-from .rendezvous import pass_socket
+from .rendezvous import Meeting, connect_incoming, incoming_listener, pass_socket
 from .target import (
     POLL,
     RestoreResult,
@@ -69,6 +73,11 @@ STOP_TIMEOUT = 5.0
 #: GIL switch interval while serving pages: a page request must not wait 5 ms (Python's
 #: default) for the pusher threads to let go of the interpreter
 SWITCH_INTERVAL = 0.0002
+#: QEMU 8.0 and 8.1 end a postcopy-preempt restore without waiting for the requested pages
+#: still on the preempt channel (fixed in 8.2 by "migration: Fix race that dest preempt
+#: thread close too early"); 7.x waits for an EOS on it (vmsnap sends one)
+PREEMPT_RACY = ((8, 0, 0), (8, 2, 0))
+PREEMPT_EOS_BEFORE = (8, 0, 0)
 
 
 @dataclass
@@ -82,6 +91,8 @@ class LazyRestoreResult(RestoreResult):
     latency_p99_us: float | None = None
     hot_pages: int = 0  # pages of the hint sent first (mmap: read ahead)
     already_received: int = 0  # --resume: pages the target had before this vmsnap came
+    preempt: bool = False  # postcopy: requested pages on QEMU's postcopy-preempt channel
+    preempt_pages: int = 0  # pages sent there
     interrupted: bool = False
     verified: bool = False  # mmap: every mapped page checked (before or after the start)
 
@@ -181,7 +192,7 @@ async def restore_lazy(snap: Snapshot, *, engine: str = "auto",
         job.qmp = address
         sys.setswitchinterval(SWITCH_INTERVAL)
         if resume:
-            result = await _postcopy_resume(job)
+            result = await _postcopy_resume(job, peer)
         elif job.engine == "postcopy":
             result = await _postcopy(job, peer)
         else:
@@ -282,6 +293,50 @@ class _Job:
             running_seconds=running, verified=self.verified)
 
 
+@dataclass
+class _Channels:
+    """The postcopy stream's connections to the target: main, and postcopy-preempt's."""
+
+    main: socket.socket
+    preempt: socket.socket | None = None
+    preempt_eos: bool = False  # see postcopy_send: QEMU < 8.0 waits for an EOS on it
+
+    def close(self) -> None:
+        for sock in (self.main, self.preempt):
+            if sock is not None:
+                sock.close()
+
+
+def _preempt_refusal(caps: dict[str, bool], peer: qmpmod.Peer) -> str | None:
+    """Why a postcopy restore into this QEMU goes on one channel (None: with preempt)."""
+    if "postcopy-preempt" not in caps:
+        return f"QEMU {peer.version_text} has no postcopy-preempt"
+    if PREEMPT_RACY[0] <= peer.version < PREEMPT_RACY[1]:
+        return f"QEMU {peer.version_text} may drop requested pages at the end of a preempt restore"
+    return None
+
+
+async def _connect_pair(client: Monitor, peer: qmpmod.Peer,
+                        listener: tuple[Meeting, str, str], command: str) -> _Channels:
+    """Have the target listen (`command`: migrate-incoming or migrate-recover), then connect
+    its main channel and its preempt channel, in that order (QEMU 7.2 to 10.0 tell them
+    apart by it; 7.x starts loading only once both are in)."""
+    meeting, uri, path = listener
+    try:
+        await client.execute(command, {"uri": uri})
+        main = await connect_incoming(path)
+        try:
+            widen(main)  # as the one-channel socket pair: 8 MiB
+            preempt = await connect_incoming(path)
+        except BaseException:
+            main.close()
+            raise
+    finally:
+        meeting.close()  # the connections outlive the path
+    log.debug("postcopy: main and preempt channels connected to %s (%s)", uri, command)
+    return _Channels(main, preempt, peer.version < PREEMPT_EOS_BEFORE)
+
+
 async def _incoming(client: Monitor, command: str = "migrate-incoming") -> socket.socket:
     """The stream's socket, handed to QEMU by fd and given to `command` (or
     migrate-recover): no path, so a QEMU in another mount namespace or running as another
@@ -318,45 +373,70 @@ async def _postcopy(job: _Job, peer: qmpmod.Peer) -> LazyRestoreResult:
     if "postcopy-ram" not in caps:
         raise VmsnapError(f"QEMU {peer.version_text} has no postcopy-ram: restore "
                           "without --lazy")
+    why = _preempt_refusal(caps, peer)
+    listener = None
+    if why is None:
+        try:
+            listener = await incoming_listener(client, peer.version, peer.pid)
+        except (VmsnapError, OSError) as err:
+            why = one_line(err)
+    if why is not None:
+        log.info("postcopy on one channel: %s", why)
     try:
-        await qmpmod.set_capabilities(
-            client, {**clean_capabilities(), "postcopy-ram": True}, caps)
-    except qmpmod.QmpCommandError as err:  # QEMU checks userfaultfd here
-        raise VmsnapError(f"QEMU {peer.version_text} cannot use postcopy here ({err.desc}): "
-                          f"it needs {USERFAULTFD}; restore without --lazy") from err
-    sock = await _incoming(client)
+        try:
+            await qmpmod.set_capabilities(client, {
+                **clean_capabilities(), "postcopy-ram": True,
+                "postcopy-preempt": listener is not None}, caps)
+        except qmpmod.QmpCommandError as err:  # QEMU checks userfaultfd here
+            raise VmsnapError(f"QEMU {peer.version_text} cannot use postcopy here "
+                              f"({err.desc}): it needs {USERFAULTFD}; restore without "
+                              "--lazy") from err
+        channels = (await _connect_pair(client, peer, listener, "migrate-incoming")
+                    if listener is not None else _Channels(await _incoming(client)))
+    except BaseException:
+        if listener is not None:
+            listener[0].close()
+        raise
     if job.run:  # while inmigrate: QEMU starts the guest itself at POSTCOPY_RUN
         await client.execute("cont")
-    return await _serve(job, sock, resume=False)
+    return await _serve(job, channels, resume=False)
 
 
-async def _postcopy_resume(job: _Job) -> LazyRestoreResult:
+async def _postcopy_resume(job: _Job, peer: qmpmod.Peer) -> LazyRestoreResult:
     """Finish a postcopy restore whose vmsnap died: QEMU's postcopy recovery gives the
     paused target a new channel (`migrate-recover`, by fd), on which this vmsnap asks which
-    pages it has and sends the others."""
+    pages it has and sends the others; a target restoring with postcopy-preempt (which
+    cannot be switched off now) listens for a new main and preempt channel instead."""
     client = job.client
     assert client is not None
     status = (await qmpmod.migration_status(client)).get("status")
     if status != "postcopy-paused":
         raise VmsnapError(f"--resume finishes a lazy restore whose vmsnap died, on a target "
                           f"left in postcopy-paused; this target's migration is {status!r}")
-    return await _serve(job, await _incoming(client, "migrate-recover"), resume=True)
+    if not (await qmpmod.capabilities(client)).get("postcopy-preempt"):
+        return await _serve(job, _Channels(await _incoming(client, "migrate-recover")),
+                            resume=True)
+    listener = await incoming_listener(client, peer.version, peer.pid)
+    return await _serve(job, await _connect_pair(client, peer, listener, "migrate-recover"),
+                        resume=True)
 
 
-async def _serve(job: _Job, sock: socket.socket, resume: bool) -> LazyRestoreResult:
-    """Be the postcopy source on `sock` until every page is in and the target says so."""
+async def _serve(job: _Job, channels: _Channels, resume: bool) -> LazyRestoreResult:
+    """Be the postcopy source on `channels` until every page is in and the target says so."""
     client, rep = job.client, job.rep
     assert client is not None
     assert job.preparing is not None
     try:
         source = job.source = await job.preparing
     except BaseException:
-        sock.close()
+        channels.close()
         raise
+    preempt = channels.preempt is not None
     rep.start("restore", None if resume else source.total, engine=job.engine, lazy=True,
-              resume=resume)
+              resume=resume, preempt=preempt)
     loop = asyncio.get_running_loop()
-    await loop.run_in_executor(None, source.resume if resume else source.start, sock)
+    await loop.run_in_executor(None, source.resume if resume else source.start,
+                               channels.main, channels.preempt, channels.preempt_eos)
     running = await _wait_running(client, job.t0) if job.run and not resume else None
     rep.event("running", seconds=running)
     waiter = loop.run_in_executor(None, source.wait)
@@ -383,7 +463,8 @@ async def _serve(job: _Job, sock: socket.socket, resume: bool) -> LazyRestoreRes
             pass  # only a hint for next time
     lat = np.asarray(stats.latencies_us)
     return dataclasses.replace(
-        job.result(stats.stream_bytes, stats.pages, running), requests=stats.requests,
+        job.result(stats.stream_bytes + stats.preempt_bytes, stats.pages, running),
+        requests=stats.requests, preempt=preempt, preempt_pages=stats.preempt_pages,
         requested_pages=stats.requested_pages, zero_pages=stats.zero_pages,
         latency_p50_us=float(np.percentile(lat, 50)) if lat.size else None,
         latency_p99_us=float(np.percentile(lat, 99)) if lat.size else None,

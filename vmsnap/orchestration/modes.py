@@ -50,8 +50,8 @@ class After(enum.StrEnum):
 
 
 #: Capabilities whose streams vmsnap cannot store; switched off for the save, then restored.
-INCOMPATIBLE_CAPS = ("xbzrle", "compress", "postcopy-ram", "multifd", CAP_MAPPED_RAM,
-                     CAP_IGNORE_SHARED, "zero-blocks", "release-ram")
+INCOMPATIBLE_CAPS = ("xbzrle", "compress", "postcopy-ram", "postcopy-preempt", "multifd",
+                     CAP_MAPPED_RAM, CAP_IGNORE_SHARED, "zero-blocks", "release-ram")
 #: What QEMU refuses together with background-snapshot (its check_caps_background_snapshot,
 #: 6.0 to 10.x): all off for a background save, then restored.
 BACKGROUND_CLASHES = ("postcopy-ram", "dirty-bitmaps", "postcopy-blocktime",

@@ -6,15 +6,18 @@ runs QEMU as libvirt-qemu) cannot enter it. The main channel therefore goes by f
 `getfd` + `fd:`), which needs no path at all. Multifd channels need a unix path QEMU can
 reach, so for such a QEMU their directory is made inside QEMU's own root (/proc/PID/root)
 and given to QEMU's uid, mode 0700: that QEMU can reach it, other users cannot; a restore
-into QEMU 7.x needs no path at all (pass_listener). Never a TCP port.
+into QEMU 7.x needs no path at all (pass_listener). The same goes for the second channel of
+a postcopy-preempt restore (incoming_listener). Never a TCP port.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import socket
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -29,6 +32,8 @@ LISTENER_FD_NAME = "vmsnap-incoming"
 #: as a host name and refuses a plain `fd:` with multifd (both tested). Its outgoing side
 #: reads NAME as an fd number ("Unable to parse FD number"): no use for saves.
 LISTEN_BY_FD_BEFORE = (8, 0, 0)
+#: how long QEMU may take to listen where vmsnap connects (seconds)
+CONNECT_TIMEOUT = 60.0
 
 
 @dataclass
@@ -129,3 +134,31 @@ async def pass_listener(client: Monitor) -> tuple[Meeting, str, str]:
         raise
     await _hand_over(client, LISTENER_FD_NAME, sock, meeting.close)
     return meeting, f"tcp:fd:{LISTENER_FD_NAME}", meeting.host("incoming.sock")
+
+
+async def incoming_listener(client: Monitor, version: tuple[int, int, int], pid: int | None,
+                            ) -> tuple[Meeting, str, str]:
+    """Where a QEMU of `version` (process `pid`) can listen for the several connections of
+    one incoming migration (multifd or postcopy-preempt channels): our socket passed by fd
+    before 8.0, else a unix path in its reach. Returns the meeting (to close), the URI for
+    migrate-incoming (or migrate-recover) and the path vmsnap connects to."""
+    if version < LISTEN_BY_FD_BEFORE:
+        return await pass_listener(client)
+    meeting = meeting_place(pid)
+    return meeting, f"unix:{meeting.qemu('incoming.sock')}", meeting.host("incoming.sock")
+
+
+async def connect_incoming(path: str, timeout: float = CONNECT_TIMEOUT) -> socket.socket:
+    """A connection to the incoming migration QEMU listens for at `path`; QEMU takes them in
+    the order they are made (the first is its main channel)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(path)
+            return sock
+        except (FileNotFoundError, ConnectionRefusedError):
+            sock.close()
+            if time.monotonic() > deadline:
+                raise VmsnapError("target QEMU did not open its incoming socket") from None
+            await asyncio.sleep(0.02)

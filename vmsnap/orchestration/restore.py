@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from ..errors import VmsnapError, one_line
+from ..errors import one_line
 from ..fileformat.reader import Snapshot
 from ..fileformat.trailer import TrailerMetadata
 from ..io.sockets import shutdown_all
@@ -34,7 +34,7 @@ from . import qmp as qmpmod
 from .modes import clean_capabilities
 from .qmp import Client, Monitor
 from .relaunch import GuardedQemu, RelaunchLock, own_qmp
-from .rendezvous import LISTEN_BY_FD_BEFORE, meeting_place, pass_listener, pass_socket
+from .rendezvous import connect_incoming, incoming_listener, pass_socket
 from .save import check_channels
 from .target import (
     START_TIMEOUT,
@@ -63,20 +63,6 @@ async def memory_backends(client: Monitor) -> dict[str, str]:
     types = {o["name"]: o.get("type", "").removeprefix("child<").removesuffix(">")
              for o in objects}
     return {name: t for name, t in types.items() if t.startswith("memory-backend-")}
-
-
-async def _connect_incoming(path: str, timeout: float = START_TIMEOUT) -> socket.socket:
-    deadline = time.monotonic() + timeout
-    while True:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.connect(path)
-            return sock
-        except (FileNotFoundError, ConnectionRefusedError):
-            sock.close()
-            if time.monotonic() > deadline:
-                raise VmsnapError("target QEMU did not open its incoming socket") from None
-            await asyncio.sleep(0.02)
 
 
 async def restore(snap: Snapshot, *, qmp_address: str | None = None,
@@ -234,14 +220,10 @@ async def _load_stream(client: Monitor, peer: qmpmod.Peer, snap: Snapshot, chann
         await asyncio.get_running_loop().run_in_executor(
             None, _fill, snap, plan, rep, total)
     if channels:  # multifd: QEMU listens where vmsnap connects
-        if peer.version < LISTEN_BY_FD_BEFORE:  # on our socket, passed by fd
-            meeting, uri, incoming = await pass_listener(client)
-        else:  # on a unix path this QEMU can reach
-            meeting = meeting_place(peer.pid)
-            uri, incoming = f"unix:{meeting.qemu('incoming.sock')}", meeting.host("incoming.sock")
+        meeting, uri, incoming = await incoming_listener(client, peer.version, peer.pid)
         stack.callback(meeting.close)
         await client.execute("migrate-incoming", {"uri": uri})
-        socks = [await _connect_incoming(incoming) for _ in range(channels + 1)]
+        socks = [await connect_incoming(incoming, START_TIMEOUT) for _ in range(channels + 1)]
     else:  # one stream: our socket, passed by fd
         main, uri = await pass_socket(client)
         stack.callback(main.close)

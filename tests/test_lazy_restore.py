@@ -78,7 +78,7 @@ def test_lazy_restore(kind, qemu, target, workdir, request):
             assert dst.cmd("query-migrate")["status"] == "completed"
             guest.check_restored(dst, held, resumed=True)
     else:
-        # --lazy alone picks postcopy on 7.2; on 10 it would pick mmap
+        # --lazy alone picks postcopy (on 10 too: test_lazy_restore_starts_a_mapped_qemu_first)
         how = ["--lazy=postcopy", "--", *argv] if target == "command" else ["--lazy"]
         for attempt in (1, 2):  # the second restore sends the first one's requests first
             result = run_vmsnap(workdir, "restore", "--json", snap, *how)
@@ -271,7 +271,7 @@ def test_lazy_restore_starts_a_given_qemu_before_loading_the_rest(workdir, reque
 
 @pytest.mark.qemu
 def test_lazy_restore_starts_a_mapped_qemu_first(workdir, monkeypatch, request):
-    """The mmap engine's QEMU (`--lazy=mmap`, and `--lazy` alone, which picks it on QEMU 10)
+    """The mmap engine's QEMU (`--lazy=mmap`; `--lazy` alone picks postcopy on QEMU 10 too)
     starts before numpy, QEMU's QMP library or the file reader load, from the trailer's
     metadata alone, and the guest's RAM then checks. If the path names another file by the
     time it is opened (here a copy: the same bytes, another inode), that QEMU is ended and
@@ -279,9 +279,9 @@ def test_lazy_restore_starts_a_mapped_qemu_first(workdir, monkeypatch, request):
     guest = BootGuest(memory_mb=256)
     snap, argv, held = saved(guest, "10", workdir)
     config = guest.config("10", workdir)
-    for how in (["--lazy=mmap", snap, "--", *argv], ["--lazy", snap, "--", *argv]):
-        started_first(probed(workdir, "restore", "--json", *how), guest, config, workdir, held,
-                      request, "mmap")
+    for how, engine in ((["--lazy=mmap"], "mmap"), (["--lazy"], "postcopy")):
+        started_first(probed(workdir, "restore", "--json", *how, snap, "--", *argv), guest,
+                      config, workdir, held, request, engine)
     from vmsnap.orchestration import early as early_mod
 
     first = []
@@ -296,7 +296,7 @@ def test_lazy_restore_starts_a_mapped_qemu_first(workdir, monkeypatch, request):
     real = early_mod.start_early
     monkeypatch.setattr(early_mod, "start_early", start_then_copy)
     monkeypatch.setattr(tempfile, "tempdir", str(workdir))  # a chroot QEMU 10 sees it
-    r = vmsnap.restore(snap, command=argv, lazy="auto", paused=True)
+    r = vmsnap.restore(snap, command=argv, lazy="mmap", paused=True)
     request.addfinalizer(lambda: _kill(r.pid))
     assert r.engine == "mmap" and first[0].started.proc.poll() is not None
     assert r.pid != first[0].started.proc.pid
@@ -466,7 +466,7 @@ def test_lazy_mmap_two_vms_then_save_over(workdir, request):
         if name == "b":
             with vmsnap.open(snap) as s:
                 save_hot(s, {"pc.ram": list(range(1024, 1624, 3))})
-        result = run_vmsnap(workdir, "restore", "--json", "--lazy", snap, "--",
+        result = run_vmsnap(workdir, "restore", "--json", "--lazy=mmap", snap, "--",
                             *Vm(config, workdir, name).argv())
         for e in events(result):
             if e["event"] == "done":

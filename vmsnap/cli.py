@@ -327,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "this host did not sign it")
     sp.add_argument("--lazy", choices=("auto", "postcopy", "mmap"), metavar="ENGINE",
                     help="--lazy[=ENGINE]: run the guest at once, RAM following on demand "
-                    "(ENGINE: postcopy or mmap; default auto)")
+                    "(ENGINE: postcopy or mmap; default auto: postcopy)")
     check = sp.add_mutually_exclusive_group()
     check.add_argument("--verify", action="store_true", default=None,
                        help="with --lazy=mmap: check every page before the guest starts")

@@ -20,9 +20,8 @@ faults find them; the disk is read once), and a mismatch stops the guest and end
 vmsnap launched; `verify=True` checks every page before the guest starts. An interrupt during
 the background check leaves the guest running, unchecked, and says so.
 
-"auto" picks mmap when vmsnap launches a QEMU >= 8.2 (by the version the snapshot was saved
-with) on a plain `-m` command line from a local file, postcopy otherwise. A remote snapshot
-(rbd:, s3://) cannot be mapped: postcopy serves its page requests by ranged reads.
+"auto" picks postcopy (see mapped.pick_engine). A remote snapshot (rbd:, s3://) cannot be
+mapped: postcopy serves its page requests by ranged reads.
 """
 
 from __future__ import annotations

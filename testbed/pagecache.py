@@ -1,4 +1,5 @@
-"""What of a file the page cache holds: drop it (a cold read next), ask which pages are in."""
+"""What of a file the page cache holds: drop it (a cold read next), ask which pages are in,
+and how a process maps it (shared page-cache pages or private copies)."""
 
 from __future__ import annotations
 
@@ -41,3 +42,21 @@ def cached(path: str | Path, offset: int, npages: int) -> np.ndarray:
     finally:
         m.close()
     return (vec & 1).astype(bool)
+
+
+def mapped(pid: int, path: str | Path) -> dict[str, int]:
+    """Bytes of `path` (matched by device and inode) that process `pid` maps, summed over
+    its mappings of it, by /proc/PID/smaps field: "Rss", "Anonymous" (private copies, e.g.
+    copy-on-write pages of a MAP_PRIVATE mapping), "Shared_Clean", "Private_Clean", ..."""
+    st = os.stat(path)
+    want = (f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}", str(st.st_ino))
+    total: dict[str, int] = {}
+    ours = False
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            head = line.split()
+            if "-" in head[0] and len(head) >= 5:  # a mapping's header line
+                ours = (head[3], head[4]) == want
+            elif ours and len(head) == 3 and head[2] == "kB":
+                total[head[0].rstrip(":")] = total.get(head[0].rstrip(":"), 0) + int(head[1]) * 1024
+    return total

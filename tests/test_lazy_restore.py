@@ -25,7 +25,7 @@ import vmsnap
 from testbed.cli import one_line
 from testbed.craft import flip_bit, flip_page_bit, reseal
 from testbed.guests import BootGuest, LinuxGuest, Saved
-from testbed.pagecache import cached, evict
+from testbed.pagecache import cached, evict, mapped
 from testbed.qemu import Vm
 from vmsnap.fileformat.hot import hot_path, load_hot, save_hot
 from vmsnap.stream.constants import TARGET_PAGE_SIZE as PAGE
@@ -99,10 +99,12 @@ def test_lazy_restore(kind, qemu, target, workdir, request):
         assert sum(len(p) for p in load_hot(s).values()) > 0
     assert oct(os.stat(hot_path(snap)).st_mode & 0o777) == "0o600"
     if qemu == "7.2" and target == "relaunch":  # no memory-backend-file offset= on 7.2
-        refused = run_vmsnap(workdir, "restore", "--lazy=mmap", snap)
+        refused = run_vmsnap(workdir, "restore", "--lazy=mmap", "--populate", snap)
         assert refused.returncode == 1 and "Traceback" not in refused.stderr
         lines = refused.stderr.strip().splitlines()
         assert len(lines) == 1 and "8.2" in lines[0] and "postcopy" in lines[0], lines
+        alone = run_vmsnap(workdir, "restore", "--lazy", "--populate", snap)
+        assert alone.returncode == 1 and "--populate goes with --lazy=mmap" in one_line(alone)
 
 
 def _kill(pid: int) -> None:
@@ -543,6 +545,39 @@ def test_lazy_mmap_check_leaves_the_pages_cached(workdir, monkeypatch, request):
 
 
 @pytest.mark.qemu
+def test_lazy_mmap_populate(workdir, request):
+    """mmap --populate: QEMU makes every mapped page private (anonymous memory of its own:
+    the guest's first touches are no copy-on-write faults). Left paused, so that only
+    --populate can have copied pages: without it the mapping holds next to no private page
+    (the page cache is shared), with it every page of pc.ram is one. Both guests' RAM then
+    checks, and so does a running guest's populated during its start; the file is never
+    written."""
+    guest = BootGuest(memory_mb=256)
+    snap, argv, held = saved(guest, "10", workdir)
+    digest = sha256(snap)
+    with vmsnap.open(snap) as s:
+        size = s.block("pc.ram").used_length
+    config = guest.config("10", workdir)
+    for how in (["--paused"], ["--paused", "--populate"], ["--populate"]):
+        result = run_vmsnap(workdir, "restore", "--json", "--lazy=mmap", *how, snap, "--",
+                            *Vm(config, workdir, "dst").argv())
+        done = events(ok(result))[-1]
+        request.addfinalizer(lambda pid=done["pid"]: _kill(pid))
+        assert done["engine"] == "mmap" and done["verified"] is True
+        private = mapped(done["pid"], snap)["Anonymous"]
+        with Vm(config, workdir, "dst").adopt(done["pid"]) as dst:
+            if "--paused" in how:
+                assert private == (size if "--populate" in how else 0), (how, private)
+                guest.check_restored(dst, held)
+            else:
+                assert private == size and done["populated_seconds"] > 0, done
+                guest.check_restored(dst, held, resumed=True)
+            dst.cmd("quit")
+        assert (done["populated_seconds"] is None) == ("--populate" not in how)
+    assert sha256(snap) == digest, "a guest wrote through to the snapshot file"
+
+
+@pytest.mark.qemu
 def test_lazy_mmap_corrupt_page(workdir):
     """mmap: --verify refuses a bad page before the guest starts (and ends the QEMU started
     meanwhile); without it the background check finds it after the start, names it and
@@ -550,7 +585,7 @@ def test_lazy_mmap_corrupt_page(workdir):
     guest = BootGuest(memory_mb=256)
     snap, argv, _ = saved(guest, "10", workdir)
     offset = flip_page_bit(snap) * 4096
-    for extra in (["--verify"], []):
+    for extra in (["--verify"], [], ["--populate"]):  # populate: the check stops the guest
         result = run_vmsnap(workdir, "restore", "--lazy=mmap", *extra, snap, "--", *argv)
         assert result.returncode == 1
         lines = result.stderr.strip().splitlines()

@@ -117,7 +117,7 @@ def restore(path: str | os.PathLike[str], *, qmp_address: str | None = None,
             reporter: Reporter | None = None, direct: bool = True,
             channels: int | None = None, trust_command_line: bool = False,
             lazy: str | None = None, verify: bool | None = None,
-            resume: bool = False) -> RestoreResult:
+            resume: bool = False, populate: bool = False) -> RestoreResult:
     """Restore `path` into the QEMU at `qmp_address` (started with -incoming defer), or into
     one launched from `command`, or from the command line stored in the file: that one runs
     only if this host's key signed the file, or with `trust_command_line` (after reading
@@ -129,13 +129,22 @@ def restore(path: str | os.PathLike[str], *, qmp_address: str | None = None,
     runs); True with lazy mmap: before the guest starts; False (eager only): a QEMU >= 9.1
     target reads the file itself, fastest, its pages unchecked (the device state is).
     `resume` (with `lazy` and `qmp_address`): finish a lazy restore of this file whose
-    vmsnap died, on the target it left in postcopy-paused.
+    vmsnap died, on the target it left in postcopy-paused. `populate` (with lazy="mmap"):
+    QEMU makes every mapped page private while the guest runs, so the guest's first touches
+    are not copy-on-write faults, at the cost of the shared page cache (README: Lazy restore).
     A file saved from a libvirt domain, with neither `qmp_address` nor `command`, is
     restored through libvirt (restore_domain, default connection; lazily by postcopy)."""
     if resume and lazy is None:
         raise VmsnapError("resume finishes a lazy restore: give lazy= too")
     if lazy is not None and verify is False:
         raise VmsnapError("a lazy restore checks every page it sends: no verify=False")
+    if populate:
+        if lazy != "mmap":
+            raise VmsnapError("--populate goes with --lazy=mmap (it makes the pages QEMU maps "
+                              "from the file private; postcopy's are the guest's own)")
+        from .orchestration.populate import check_populate
+
+        check_populate()
     launched = None
     if lazy is not None and qmp_address is None and not resume:
         # QEMU starts first where its command line is known before the file is opened, and
@@ -148,7 +157,7 @@ def restore(path: str | os.PathLike[str], *, qmp_address: str | None = None,
         return _restore(path, qmp_address=qmp_address, command=command, paused=paused,
                         reporter=reporter, direct=direct, channels=channels,
                         trust_command_line=trust_command_line, lazy=lazy, verify=verify,
-                        resume=resume, launched=launched)
+                        resume=resume, populate=populate, launched=launched)
     except BaseException:
         if launched is not None:
             launched.discard()
@@ -158,7 +167,8 @@ def restore(path: str | os.PathLike[str], *, qmp_address: str | None = None,
 def _restore(path: str | os.PathLike[str], *, qmp_address: str | None,
              command: Sequence[str] | None, paused: bool, reporter: Reporter | None,
              direct: bool, channels: int | None, trust_command_line: bool, lazy: str | None,
-             verify: bool | None, resume: bool, launched: EarlyQemu | None) -> RestoreResult:
+             verify: bool | None, resume: bool, populate: bool, launched: EarlyQemu | None
+             ) -> RestoreResult:
     """restore() once its QEMU, if `launched` early, is starting."""
     from .fileformat.reader import open_snapshot
     from .targets import normalize
@@ -181,7 +191,7 @@ def _restore(path: str | os.PathLike[str], *, qmp_address: str | None,
 
             return _run(restore_lazy(snap, engine=lazy, qmp_address=qmp_address,
                                      command=command, paused=paused, reporter=reporter,
-                                     verify=bool(verify), resume=resume,
+                                     verify=bool(verify), resume=resume, populate=populate,
                                      trust_command_line=trust_command_line,
                                      launched=launched.started if launched else None))
         from .orchestration.restore import restore as _restore

@@ -213,7 +213,8 @@ def cmd_restore(args: argparse.Namespace, rep: Reporter) -> int:
         r = api.restore(args.file, qmp_address=args.qmp, command=command or None,
                         paused=args.paused, reporter=rep, direct=args.direct,
                         channels=args.channels, trust_command_line=args.trust_command_line,
-                        lazy=args.lazy, verify=args.verify, resume=args.resume)
+                        lazy=args.lazy, verify=args.verify, resume=args.resume,
+                        populate=args.populate)
     if not args.json:
         running = getattr(r, "running_seconds", None)
         print(f"restored {r.path}: {r.pages:,} pages in {r.seconds:.2f}s, VM {r.final_state}"
@@ -335,6 +336,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="let a QEMU >= 9.1 target read the file itself (mapped-ram, "
                        "multifd, direct-io): fastest, pages unchecked, device state checked; "
                        "elsewhere pages are checked as they are sent")
+    sp.add_argument("--populate", action="store_true",
+                    help="with --lazy=mmap: QEMU copies every page privately while the guest "
+                    "runs (its first pass over RAM as fast as anonymous memory's; no page "
+                    "cache shared with other VMs; QEMU's main loop waits meanwhile)")
     sp.add_argument("--resume", action="store_true",
                     help="with --lazy --qmp: finish a lazy restore of FILE whose vmsnap died, "
                     "on the target it left in postcopy-paused (QEMU's postcopy recovery)")

@@ -18,7 +18,8 @@ Engine "mmap" (QEMU >= 8.2, vmsnap launches QEMU): pc.ram is mapped privately fr
 background once the guest runs, read through the page cache and left there (the guest's
 faults find them; the disk is read once), and a mismatch stops the guest and ends the QEMU
 vmsnap launched; `verify=True` checks every page before the guest starts. An interrupt during
-the background check leaves the guest running, unchecked, and says so.
+the background check leaves the guest running, unchecked, and says so. `populate=True`: QEMU
+also copies every mapped page privately while the guest runs (orchestration.populate).
 
 "auto" picks postcopy (see mapped.pick_engine). A remote snapshot (rbd:, s3://) cannot be
 mapped: postcopy serves its page requests by ranged reads.
@@ -52,6 +53,7 @@ from . import futures
 from . import qmp as qmpmod
 from .mapped import MAPPED_BLOCK, mapped_argv, pick_engine
 from .modes import USERFAULTFD, clean_capabilities
+from .populate import populate as populate_pages
 from .qmp import Client, Monitor
 from .relaunch import GuardedQemu, RelaunchLock, Started, own_qmp
 from .rendezvous import Meeting, connect_incoming, incoming_listener, pass_socket
@@ -94,6 +96,7 @@ class LazyRestoreResult(RestoreResult):
     preempt_pages: int = 0  # pages sent there
     interrupted: bool = False
     verified: bool = False  # mmap: every mapped page checked (before or after the start)
+    populated_seconds: float | None = None  # mmap --populate: QEMU's copying every page
 
 
 async def _wait_running(client: Monitor, t0: float) -> float:
@@ -129,18 +132,20 @@ async def restore_lazy(snap: Snapshot, *, engine: str = "auto",
                        hot: bool = True, verify: bool = False,
                        trust_command_line: bool = False, resume: bool = False,
                        target: Target | None = None, started: float | None = None,
-                       launched: Started | None = None) -> LazyRestoreResult:
+                       launched: Started | None = None, populate: bool = False
+                       ) -> LazyRestoreResult:
     """Restore the open snapshot `snap` lazily: the guest runs as soon as its device state
     is in, RAM follows. Targets (and trust of a stored command line) as for `restore`
     (which also says why the file is opened once, by the caller). `hot` (postcopy): send
     the pages the last lazy restore saw requested first, and record this one's. `verify`
-    (mmap): check every page before the guest starts. `resume` (postcopy, --qmp): finish a
-    lazy restore of this same file whose vmsnap died, on the target it left in
-    postcopy-paused. `target`: a QEMU another program started (postcopy only); `started`:
-    when the restore began (time.monotonic()), if before this call (the target's start).
-    `launched`: the QEMU of `command` or of the stored command line (for the engine `engine`
-    picks, its relaunch lock held), already starting, this call's to end or release from
-    now on."""
+    (mmap): check every page before the guest starts. `populate` (mmap): have QEMU make
+    every page private while the guest runs (api.restore checked the kernel). `resume`
+    (postcopy, --qmp): finish a lazy restore of this same file whose vmsnap died, on the
+    target it left in postcopy-paused. `target`: a QEMU another program started (postcopy
+    only); `started`: when the restore began (time.monotonic()), if before this call (the
+    target's start). `launched`: the QEMU of `command` or of the stored command line (for
+    the engine `engine` picks, its relaunch lock held), already starting, this call's to
+    end or release from now on."""
     t0 = launched.at if launched else time.monotonic() if started is None else started
     path = snap.path
     rep = reporter or Reporter()
@@ -148,7 +153,7 @@ async def restore_lazy(snap: Snapshot, *, engine: str = "auto",
     saved_running = meta.was_running if meta else True
     run = saved_running and not paused
     workdir = launched.workdir if launched else tempfile.mkdtemp(prefix="vmsnap-")  # 0700
-    job = _Job(snap, rep, t0, run, hot)
+    job = _Job(snap, rep, t0, run, hot, populate=populate)
     switch_interval = sys.getswitchinterval()
     keep_workdir = False
     try:
@@ -235,6 +240,7 @@ class _Job:
     prefetching: asyncio.Future[int] | None = None
     guest_started: bool = False  # mmap: from here on, the guest lives without vmsnap
     verified: bool = False
+    populate: bool = False
 
     def prepare(self) -> None:
         """Make the postcopy source (hot-page hint, page index, stream prologue: work that
@@ -492,10 +498,35 @@ async def _mmap(job: _Job) -> LazyRestoreResult:
     running = await _wait_running(client, job.t0) if job.run else None
     rep.event("running", seconds=running)
     await released
-    if not job.verified:  # the guest runs meanwhile; a bad page stops it
-        others = [b.name for b in job.snap.blocks if b.name != MAPPED_BLOCK]  # sent checked
-        await loop.run_in_executor(None, lambda: job.snap.verify(skip=others, warm=True))
-        job.verified = True
+    populating = asyncio.ensure_future(populate_pages(
+        client, job.snap.block(MAPPED_BLOCK).used_length)) if job.populate else None
+    try:
+        if not job.verified:  # the guest runs meanwhile; a bad page stops it
+            others = [b.name for b in job.snap.blocks if b.name != MAPPED_BLOCK]  # sent checked
+            try:
+                await loop.run_in_executor(None, lambda: job.snap.verify(skip=others, warm=True))
+            except Exception:
+                if populating is not None:  # QEMU answers the `stop` only once it is done
+                    await asyncio.wait([populating])
+                raise
+            job.verified = True
+        populated = await _populated(job, populating) if populating is not None else None
+    finally:
+        if populating is not None:
+            futures.retrieve(populating)
     hot = await job.prefetching if job.prefetching is not None else 0
     return dataclasses.replace(job.result(stats.stream_bytes, stats.pages, running),
-                               hot_pages=hot)
+                               hot_pages=hot, populated_seconds=populated)
+
+
+async def _populated(job: _Job, populating: asyncio.Future[float]) -> float | None:
+    """The seconds QEMU took to make every page private; None if it could not (the guest is
+    fine: a page not copied yet is copied at its first write, as without --populate)."""
+    try:
+        return await populating
+    except qmpmod.QemuGoneError:
+        raise
+    except VmsnapError as err:  # refused (out of memory?) or still at it after the timeout
+        job.rep.note(f"--populate: {one_line(err)}; the guest runs on, each page copied at "
+                     "its first write")
+        return None

@@ -27,6 +27,8 @@ an installed vmsnap runs (bench.common.vmsnap_env):
                 saw re-dirtied in its last rounds (with --ws-mb the save is `--live`)
   mmap          vmsnap restore --lazy=mmap (background checksum pass included in "done"),
                 FILE.hot removed first
+  mmap-populate the same with --populate: QEMU makes every mapped page private while the
+                guest runs ("populate": how long that took, QEMU's main loop held)
   stored        (QEMU 7.2) vmsnap restore --lazy FILE: the command line stored in the file,
                 run once its signature checked, FILE.hot removed first (the testbed's QEMU 10
                 runs through a chroot wrapper, which a stored command line may not run)
@@ -37,13 +39,15 @@ an installed vmsnap runs (bench.common.vmsnap_env):
 Figures, all from the command's start (spawn of vmsnap, or of QEMU for qemu10):
   running   the guest's vCPUs run (vmsnap's "running" event as it arrives; qemu10:
             query-status)
-  beat      first heartbeat: the guest completed a full pass over all its pages
+  beat      first heartbeat: the guest ended the pass over its pages that the save
+            interrupted (the pages from where it was to the end of RAM)
+  full pass the second heartbeat: the guest's first full pass over all its pages made
+            wholly after the restore (with --ws-mb: over its working set)
   done      the command ended: postcopy = every page resident; eager/qemu10 = loaded and
             running; mmap = background check of every mapped page finished
-  ws pass   --ws-mb N (a guest whose working set is N MiB of pages scattered over its RAM,
-            bootguest ws_mb=N; beat=1 makes a heartbeat after every pass over them): the
-            second heartbeat, i.e. the first pass over the whole working set made wholly
-            after the restore (the first heartbeat ends a pass the save interrupted)
+            (--ws-mb N: a guest whose working set is N MiB of pages scattered over its RAM,
+            bootguest ws_mb=N; beat=1 makes a heartbeat after every pass over them)
+  populate  mmap-populate: seconds QEMU took to make every mapped page private
   p50/p99   postcopy page-request latency (receipt of the request -> page sent), us
   requests  postcopy page requests (pages the guest touched before they were pushed)
 
@@ -81,7 +85,8 @@ from testbed.guests import BootGuest, LinuxGuest, Saved  # noqa: E402
 from testbed.qemu import Vm  # noqa: E402
 from testbed.serial import SerialConsole  # noqa: E402
 
-METHODS = ("eager", "postcopy", "postcopy-paused", "postcopy-hot", "mmap", "qemu10")
+METHODS = ("eager", "postcopy", "postcopy-paused", "postcopy-hot", "mmap", "mmap-populate",
+           "qemu10")
 METHODS_72 = ("eager", "postcopy", "postcopy-paused", "postcopy-hot", "stored")
 #: --ws-mb: also the hint a live save records (the pages re-dirtied in its last rounds)
 METHODS_WS = ("postcopy-live", "mmap-live")
@@ -115,7 +120,7 @@ class Beat:
         self.close()
         fig = {"beat": self.at[0] - t0 if self.at else None}
         if self.count > 1:
-            fig["ws_pass"] = self.at[1] - t0 if len(self.at) > 1 else None
+            fig["full_pass"] = self.at[1] - t0 if len(self.at) > 1 else None
         return fig
 
     def close(self) -> None:
@@ -176,7 +181,8 @@ def vmsnap_restore(snap: Path, argv: list[str] | None, extra: list[str],
     return {"running": running, "done": end,
             "pid": done["pid"], "p50": done.get("latency_p50_us"),
             "p99": done.get("latency_p99_us"), "requests": done.get("requests"),
-            "hot_pages": done.get("hot_pages"), "preempt": done.get("preempt")}
+            "hot_pages": done.get("hot_pages"), "preempt": done.get("preempt"),
+            "populate": done.get("populated_seconds")}
 
 
 def native_restore(snap: Path, vm: Vm, t0: float) -> dict:
@@ -201,16 +207,17 @@ def run_method(method: str, guest: BootGuest | LinuxGuest, config, snap: Path, s
         Path(f"{snap}.hot").unlink(missing_ok=True)
     elif method in ("postcopy-live", "mmap-live"):
         shutil.copyfile(f"{snap}.hot.live", f"{snap}.hot")
-    elif method == "mmap":
+    elif method in ("mmap", "mmap-populate"):
         Path(f"{snap}.hot").unlink(missing_ok=True)
     extra = {"eager": [], "postcopy": ["--lazy=postcopy"], "postcopy-hot": ["--lazy=postcopy"],
              "postcopy-live": ["--lazy=postcopy"], "mmap": ["--lazy=mmap"],
              "postcopy-paused": ["--lazy=postcopy", "--paused"],
-             "mmap-live": ["--lazy=mmap"], "stored": ["--lazy"]}.get(method)
+             "mmap-live": ["--lazy=mmap"], "mmap-populate": ["--lazy=mmap", "--populate"],
+             "stored": ["--lazy"]}.get(method)
     evict_file(snap)
     t0 = time.monotonic()
     probe = (Verify(vm.serial_path) if isinstance(guest, LinuxGuest)
-             else Beat(vm.serial_path, 0 if paused else 2 if guest.ws_mb else 1))
+             else Beat(vm.serial_path, 0 if paused else 2))
     try:
         if method == "qemu10":
             fig = native_restore(snap, vm, t0)
@@ -313,8 +320,8 @@ def main() -> None:
 def medians(runs: list[dict]) -> dict:
     good = [r for r in runs if r.get("ok")]
     out = {"ok": f"{len(good)}/{len(runs)}"}
-    for key in ("running", "beat", "ws_pass", "pong", "verified", "verify_s", "done", "p50",
-                "p99", "requests", "loadavg"):
+    for key in ("running", "beat", "full_pass", "populate", "pong", "verified", "verify_s",
+                "done", "p50", "p99", "requests", "loadavg"):
         values = [r[key] for r in good if r.get(key) is not None]
         out[key] = statistics.median(values) if values else None
     return out
@@ -326,7 +333,9 @@ def table(results: dict) -> str:
     guest = ("Linux guest" if linux else "bootguest") + (f", working set {ws} MiB" if ws else "")
     middle = ([("pong", "PONG s", ".2f"), ("verified", "VERIFY done s", ".2f"),
                ("verify_s", "VERIFY s", ".2f"), ("verify_x", "VERIFY / eager's", ".2f")]
-              if linux else [("beat", "first heartbeat s", ".2f"), ("ws_pass", "ws pass s", ".2f")])
+              if linux else [("beat", "first heartbeat s", ".2f"),
+                             ("full_pass", "full pass s", ".2f"),
+                             ("populate", "populate s", ".2f")])
     cols = [("ok", "ok", ""), ("running", "running s", ".2f"), *middle, ("done", "done s", ".2f"),
             ("p50", "p50 us", ".0f"), ("p99", "p99 us", ".0f"), ("requests", "requests", ".0f"),
             ("loadavg", "load", ".1f")]

@@ -1,0 +1,71 @@
+"""The relaunch guard (vmsnap.orchestration.guard) without QEMU: the program it starts gets
+its stdio and the descriptors passed, with the signals Python ignores back to their
+defaults; it is ended when vmsnap lets go of the guard unreleased, and outlives it once
+released; a program that cannot start is one line in the log."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+from vmsnap.orchestration.relaunch import GuardedQemu
+
+#: the shell's descriptors, one a line, then its ignored signals (a hex mask); then it waits
+REPORT = "ls /proc/$$/fd; grep SigIgn /proc/$$/status; exec sleep 30"
+
+
+def _ended(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def _wait(what, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not what():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+
+def test_guard_starts_the_program_with_only_what_it_passes(tmp_path: Path) -> None:
+    log = tmp_path / "log"
+    passed = os.open(tmp_path, os.O_RDONLY)
+    try:
+        guard = GuardedQemu(["sh", "-c", REPORT], "/bin/sh", str(log), pass_fds=(passed,))
+    finally:
+        os.close(passed)
+    pid = guard.pid
+    assert pid is not None
+    _wait(lambda: "SigIgn" in log.read_text())
+    *fds, ignored = log.read_text().splitlines()
+    assert sorted(map(int, fds)) == [0, 1, 2, passed]
+    mask = int(ignored.split()[1], 16)
+    assert not mask & (1 << (signal.SIGPIPE - 1) | 1 << (signal.SIGXFSZ - 1))
+    guard.kill()  # vmsnap lets go unreleased: the program is ended
+    assert guard.poll() == 1
+    _wait(lambda: _ended(pid))
+
+
+def test_guard_released_program_outlives_it(tmp_path: Path) -> None:
+    guard = GuardedQemu(["sleep", "30"], None, str(tmp_path / "log"))
+    pid = guard.pid
+    assert pid is not None
+    guard.release()
+    assert guard.poll() == 0
+    try:
+        assert not _ended(pid)
+    finally:
+        os.kill(pid, signal.SIGKILL)
+
+
+def test_guard_program_that_cannot_start(tmp_path: Path) -> None:
+    log = tmp_path / "log"
+    guard = GuardedQemu(["qemu-system-none"], str(tmp_path / "none"), str(log))
+    assert guard.pid is None
+    _wait(lambda: guard.poll() is not None)
+    assert guard.poll() == 127
+    assert log.read_text() == f"cannot start {tmp_path / 'none'}: No such file or directory\n"

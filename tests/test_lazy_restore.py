@@ -307,6 +307,43 @@ def test_lazy_restore_starts_a_mapped_qemu_first(workdir, monkeypatch, request):
         dst.cmd("quit")
 
 
+#: Notes which modules are loaded when vmsnap sends `cont`; then runs the `vmsnap` command
+CONT_PROBE = """
+import json, sys
+from vmsnap.orchestration import qmp
+execute = qmp.Client.execute
+def note(event, **fields):
+    print(json.dumps({"event": event, **fields}), flush=True)
+async def executing(self, cmd, *args, **kwargs):
+    if cmd == "cont":
+        note("cont", modules=sorted(sys.modules))
+    return await execute(self, cmd, *args, **kwargs)
+qmp.Client.execute = executing
+from vmsnap.__main__ import main
+sys.argv[0] = "vmsnap"
+sys.exit(main())
+"""
+
+
+@pytest.mark.qemu
+def test_lazy_mmap_loads_only_what_it_needs_before_cont(workdir, request):
+    """A mapped restore never loads the postcopy engine. The guest's RAM then checks."""
+    guest = BootGuest(memory_mb=256)
+    snap, argv, held = saved(guest, "10", workdir)
+    result = subprocess.run(
+        [sys.executable, "-c", CONT_PROBE, "restore", "--json", "--lazy=mmap", str(snap),
+         "--", *argv], env={**os.environ, "TMPDIR": str(workdir)}, capture_output=True,
+        text=True, timeout=300)
+    done = check_done(result, "mmap")
+    request.addfinalizer(lambda: _kill(done["pid"]))
+    with Vm(guest.config("10", workdir), workdir, "src").adopt(done["pid"]) as vm:
+        guest.check_restored(vm, held, resumed=True)
+        vm.cmd("quit")
+    cont = next(e for e in events(result) if e["event"] == "cont")
+    assert "vmsnap.ops.send" in cont["modules"]  # the probe works
+    assert "vmsnap.ops.postcopy_send" not in cont["modules"]
+
+
 def start_lazy(workdir: Path, snap: Path, qmp: Path) -> subprocess.Popen:
     env = {**os.environ, "TMPDIR": str(workdir)}
     return subprocess.Popen([sys.executable, "-m", "vmsnap.cli", "restore", "--json", "--lazy",

@@ -38,6 +38,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -46,7 +47,6 @@ from ..errors import VmsnapError, one_line
 from ..fileformat.hot import load_hot, prefetch_hot, save_hot
 from ..fileformat.reader import Snapshot
 from ..io.sockets import widen
-from ..ops.postcopy_send import PostcopySource, PostcopyStats
 from ..ops.send import SendStats, send
 from ..progress import Reporter
 from . import futures
@@ -68,11 +68,15 @@ from .target import (
     wait_started,
 )
 
+if TYPE_CHECKING:  # loaded by the postcopy engine only, in its preparing thread (_Job.prepare)
+    from ..ops.postcopy_send import PostcopySource, PostcopyStats
+
 log = logging.getLogger(__name__)
 RUNNING_TIMEOUT = 60.0
 STOP_TIMEOUT = 5.0
-#: GIL switch interval while serving pages: a page request must not wait 5 ms (Python's
-#: default) for the pusher threads to let go of the interpreter
+#: GIL switch interval while other threads work (preparing, then serving pages): QMP's answers
+#: and page requests must not wait 5 ms (Python's default) for them to let go of the
+#: interpreter
 SWITCH_INTERVAL = 0.0002
 #: QEMU 8.0 and 8.1 end a postcopy-preempt restore without waiting for the requested pages
 #: still on the preempt channel (fixed in 8.2 by "migration: Fix race that dest preempt
@@ -167,6 +171,9 @@ async def restore_lazy(snap: Snapshot, *, engine: str = "auto",
             job.proc, job.lock = launched.proc, launched.lock
         log.debug("lazy restore of %s: engine %s (asked %s), %s", path, job.engine, engine,
                   "resume" if resume else "relaunch" if argv else "into a waiting QEMU")
+        # from here on threads work beside the one talking to QEMU (the preparing one,
+        # then the pushers), which must not wait 5 ms for them at each answer
+        sys.setswitchinterval(SWITCH_INTERVAL)
         if verify and job.engine == "mmap":
             rep.start("verify", None)
             snap.verify()
@@ -194,7 +201,6 @@ async def restore_lazy(snap: Snapshot, *, engine: str = "auto",
                                {b.name: b.used_length for b in snap.blocks})
         job.pid = job.proc.pid if job.proc else peer.pid
         job.qmp = address
-        sys.setswitchinterval(SWITCH_INTERVAL)
         if resume:
             result = await _postcopy_resume(job, peer)
         elif job.engine == "postcopy":
@@ -243,9 +249,12 @@ class _Job:
     populate: bool = False
 
     def prepare(self) -> None:
-        """Make the postcopy source (hot-page hint, page index, stream prologue: work that
-        grows with RAM size) in a thread, while the target starts."""
+        """Make the postcopy source (its module, hot-page hint, page index, stream
+        prologue: work that grows with RAM size) in a thread, while vmsnap talks to the
+        target (mostly waiting for QEMU's answers)."""
         def source() -> PostcopySource:
+            from ..ops.postcopy_send import PostcopySource
+
             hint = load_hot(self.snap) if self.hot else {}
             return PostcopySource(self.snap, hot=hint, progress=self.rep.update)
 

@@ -26,6 +26,9 @@ def main() -> int:
     honour = signal.getsignal(signal.SIGINT) is signal.default_int_handler
     if honour:
         signal.signal(signal.SIGINT, _interrupted)
+    from .api import pause_gc
+
+    pause_gc()  # until the verb has loaded (vmsnap.cli, vmsnap.api._run)
     from .cli import main as cli_main
 
     if honour:

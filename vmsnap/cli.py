@@ -377,6 +377,8 @@ def main(argv: list[str] | None = None) -> int:
             build_parser().error("only restore takes a command line after --")
         args.qemu_command = tail
     _setup_logging(args.verbose)
+    if args.command != "restore":  # a restore collects from its first await (api._run)
+        api.resume_gc()
     # send writes the stream on stdout: its JSON events go to stderr
     out = sys.stderr if args.command == "send" or (args.command == "export" and not args.dest) \
         else sys.stdout

@@ -104,7 +104,8 @@ class LazyRestoreResult(RestoreResult):
 
 
 async def _wait_running(client: Monitor, t0: float) -> float:
-    """Seconds from `t0` until the guest runs: asked at QEMU's RESUME and MIGRATION events
+    """Seconds from `t0` until the guest runs: QEMU's RESUME event (the target waits for
+    an incoming stream, so it is this one's start), else asked at its MIGRATION events
     (qmp.watch; a monitor without events, every POLL)."""
     deadline = time.monotonic() + RUNNING_TIMEOUT
     async with qmpmod.watch(client, ("RESUME", "MIGRATION"), POLL) as changes:
@@ -118,7 +119,8 @@ async def _wait_running(client: Monitor, t0: float) -> float:
                     f": {info['error-desc']}" if info.get("error-desc") else ""))
             if time.monotonic() > deadline:
                 raise VmsnapError(f"the guest did not start within {RUNNING_TIMEOUT:.0f}s")
-            await changes.wait(deadline - time.monotonic())
+            if await changes.wait(deadline - time.monotonic()) == "RESUME":
+                return time.monotonic() - t0
 
 
 async def _stop_guest(client: Monitor, command: str = "stop") -> None:
@@ -196,9 +198,11 @@ async def restore_lazy(snap: Snapshot, *, engine: str = "auto",
                 job.proc, job.lock, address = await _launch(
                     job, path, argv, bool(command), trust_command_line, workdir)
             job.client, peer = await qmpmod.connect(address)
-        if not resume:
-            await check_target(job.client, peer, snap.machine_type,
-                               {b.name: b.used_length for b in snap.blocks})
+        if not resume:  # and the migration capabilities, in the same round trip
+            _, job.caps = await asyncio.gather(
+                check_target(job.client, peer, snap.machine_type,
+                             {b.name: b.used_length for b in snap.blocks}),
+                qmpmod.capabilities(job.client))
         job.pid = job.proc.pid if job.proc else peer.pid
         job.qmp = address
         if resume:
@@ -244,6 +248,7 @@ class _Job:
     source: PostcopySource | None = None
     preparing: asyncio.Future[PostcopySource] | None = None
     prefetching: asyncio.Future[int] | None = None
+    caps: dict[str, bool] | None = None  # the target's migration capabilities
     guest_started: bool = False  # mmap: from here on, the guest lives without vmsnap
     verified: bool = False
     populate: bool = False
@@ -383,7 +388,8 @@ async def _launch(job: _Job, path: str, argv: list[str], given: bool,
 async def _postcopy(job: _Job, peer: qmpmod.Peer) -> LazyRestoreResult:
     client = job.client
     assert client is not None
-    caps = await qmpmod.capabilities(client)
+    caps = job.caps
+    assert caps is not None  # asked with the target's checks
     if "postcopy-ram" not in caps:
         raise VmsnapError(f"QEMU {peer.version_text} has no postcopy-ram: restore "
                           "without --lazy")
@@ -489,7 +495,7 @@ async def _serve(job: _Job, channels: _Channels, resume: bool) -> LazyRestoreRes
 async def _mmap(job: _Job) -> LazyRestoreResult:
     client, rep = job.client, job.rep
     assert client is not None
-    await qmpmod.set_capabilities(client, clean_capabilities())
+    await qmpmod.set_capabilities(client, clean_capabilities(), job.caps)
     sock = await _incoming(client)
     rep.start("restore", None, engine=job.engine, lazy=True)
     loop = asyncio.get_running_loop()
@@ -502,9 +508,10 @@ async def _mmap(job: _Job) -> LazyRestoreResult:
     await wait_loaded(client)
     job.guest_started = True  # from here on the guest lives without vmsnap
     released = loop.run_in_executor(None, job.release)  # waits for the guard to end
+    running = None
     if job.run:  # the stream's own run state is the paused source's
-        await client.execute("cont")
-    running = await _wait_running(client, job.t0) if job.run else None
+        await client.execute("cont")  # answered once the vCPUs run (or refused)
+        running = time.monotonic() - job.t0
     rep.event("running", seconds=running)
     await released
     populating = asyncio.ensure_future(populate_pages(

@@ -1,14 +1,18 @@
 """orchestration.early without QEMU: a lazy restore's QEMU starts before the file is opened
-only from a trailer that reads, deciding it loads no numpy, and the refusals come first."""
+only from a trailer that reads, deciding it loads no numpy, and the refusals come first;
+once it is started, what the open reads is read ahead."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 
+from testbed.pagecache import cached, evict
 from vmsnap.errors import VmsnapError
 from vmsnap.fileformat.trailer import (
     BlockChecksums,
@@ -61,3 +65,23 @@ def test_refusals_come_before_any_qemu(tmp_path):
         start_early(old, ["qemu-system-x86_64", "-m", "1"], "mmap", False)
     with pytest.raises(VmsnapError, match="will not run the command line stored"):
         start_early(snapshot(tmp_path / "b"), None, "auto", False)
+
+
+def test_what_the_open_reads_is_read_ahead(tmp_path):
+    """Once QEMU is started (here a stand-in that exits at once), the kernel reads what the
+    open will (the trailer's ranges and body) into the page cache while vmsnap loads; not
+    the pages."""
+    path = snapshot(tmp_path / "a")
+    evict(path)
+    launched = start_early(path, ["true"], "postcopy", False)
+    assert launched is not None
+    try:
+        body = STREAM_END >> 12, (os.path.getsize(path) >> 12) - (STREAM_END >> 12)
+        deadline = time.monotonic() + 10
+        while not (cached(path, 0, 1).all() and cached(path, 2 << 20, 1).all()
+                   and cached(path, body[0] << 12, body[1]).all()):
+            assert time.monotonic() < deadline, "not read ahead"
+            time.sleep(0.01)
+        assert not cached(path, 1 << 20, 256).any()  # pc.ram's pages
+    finally:
+        launched.discard()

@@ -94,40 +94,69 @@ def start_early(path: str, command: Sequence[str] | None, engine: str,
     """Start the QEMU of a lazy restore of the snapshot at `path` that vmsnap
     launches (`command`, or the stored command line), if its command line is known before
     the file is opened; None if it is not (a remote or unreadable file, no trailer, a
-    libvirt domain's file). Raises the refusals the restore would make (engine, trust)."""
-    if engine == "postcopy" and command:
-        return EarlyQemu(start_qemu(list(command), path))
+    libvirt domain's file). Raises the refusals the restore would make (engine, trust).
+    Then has the kernel read what the open will read (_read_ahead)."""
+    launched = None
+    if engine == "postcopy" and command:  # needs nothing from the file
+        launched = EarlyQemu(start_qemu(list(command), path))
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError:
-        return None
+        return launched
     try:
         st = os.fstat(fd)
         trailer = _trailer(fd, st.st_size) if stat.S_ISREG(st.st_mode) else None
-        if trailer is None or not trailer.page_areas() or (
-                not command and trailer.metadata.domain_xml is not None):
-            return None
-        argv = list(command) if command else trailer.metadata.command_line
-        if not argv:
-            return None
-        head = _Head(path, trailer)
-        mmap = pick_engine(engine, head, argv, None) == "mmap"
-        program = None if command else approve(argv, trust_of(trailer, tables=False),
-                                                trust_command_line, path)
-        lock = None if command else RelaunchLock(path)
-        try:
-            started = start_qemu(argv, path, program,
-                                 launch_argv=mapped_argv(argv, head, fd) if mmap else None,
-                                 pass_fds=(fd,) if mmap else ())
-        except BaseException:
-            if lock is not None:
-                lock.release()
-            raise
-        started.lock = lock
-        return EarlyQemu(started, (st.st_dev, st.st_ino), trailer,
-                         head.block(MAPPED_BLOCK) if mmap else None)
+        if trailer is not None and launched is None:
+            launched = _launch(path, fd, st, trailer, command, engine, trust_command_line)
+        if trailer is not None and launched is not None:
+            _read_ahead(fd, trailer)
+        return launched
+    except BaseException:
+        if launched is not None:
+            launched.discard()
+        raise
     finally:
         os.close(fd)  # QEMU holds its own
+
+
+def _launch(path: str, fd: int, st: os.stat_result, trailer: Trailer,
+            command: Sequence[str] | None, engine: str,
+            trust_command_line: bool) -> EarlyQemu | None:
+    """start_early's QEMU, for the file `fd` (at `path`, `st`) whose trailer reads."""
+    if not trailer.page_areas() or (not command and trailer.metadata.domain_xml is not None):
+        return None
+    argv = list(command) if command else trailer.metadata.command_line
+    if not argv:
+        return None
+    head = _Head(path, trailer)
+    mmap = pick_engine(engine, head, argv, None) == "mmap"
+    program = None if command else approve(argv, trust_of(trailer, tables=False),
+                                            trust_command_line, path)
+    lock = None if command else RelaunchLock(path)
+    try:
+        started = start_qemu(argv, path, program,
+                             launch_argv=mapped_argv(argv, head, fd) if mmap else None,
+                             pass_fds=(fd,) if mmap else ())
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    started.lock = lock
+    return EarlyQemu(started, (st.st_dev, st.st_ino), trailer,
+                     head.block(MAPPED_BLOCK) if mmap else None)
+
+
+def _read_ahead(fd: int, trailer: Trailer) -> None:
+    """Have the kernel read into the page cache, in the background, what opening the file
+    `fd` reads (the stream's non-page ranges, which its trailer lists: header, block
+    records and bitmaps, device state; and the trailer's body with the checksum tables)
+    while the rest of vmsnap loads: some twenty reads spread over the file, and the tables
+    (2 MiB per GiB of RAM), no longer one after the other on the open's way. A range that
+    lies only costs a read: the open checks what it reads."""
+    for start, length in ((r.start, r.length) for r in trailer.ranges):
+        os.posix_fadvise(fd, start, length, os.POSIX_FADV_WILLNEED)
+    os.posix_fadvise(fd, trailer.commit.body_offset, trailer.commit.body_length,
+                     os.POSIX_FADV_WILLNEED)
 
 
 def _trailer(fd: int, size: int) -> Trailer | None:

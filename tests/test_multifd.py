@@ -18,14 +18,9 @@ from testbed.guests import BootGuest
 from testbed.qemu import Vm
 from vmsnap.fileformat.reader import open_snapshot
 from vmsnap.fileformat.writer import SnapshotWriter
+from vmsnap.ops.destination import PER_ROUND, PER_SECTION, destination, sync_mode_for_machine
 from vmsnap.ops.multifd_receive import identify_channels, receive_multifd
-from vmsnap.ops.multifd_send import (
-    PER_ROUND,
-    PER_SECTION,
-    destination,
-    send_multifd,
-    sync_mode_for_machine,
-)
+from vmsnap.ops.multifd_send import send_multifd
 from vmsnap.stream import RamBlock, StreamError
 from vmsnap.stream import encoder as E
 from vmsnap.stream.constants import MULTIFD_FLAG_SYNC

@@ -7,7 +7,7 @@ carry every present page exactly once in packets. Pages are read with O_DIRECT `
 into page-aligned buffers by one reader thread per channel, checked against the trailer
 and sent as `sendmsg([header, page run])` — no copy of page data in Python.
 
-The sync protocol must match the destination's machine type (`sync_mode_for_machine`):
+The sync protocol must match the destination's machine type (ops.destination):
 per-section (machine ≤ 8.0): one SYNC packet per channel before each EOS (setup, PART, END);
 per-round (≥ 8.1): SYNC on every channel + a MULTIFD_FLUSH record in setup and after the
 last pages. A mismatch is fatal on 7.2 and silently drops pages on 10.x.
@@ -18,13 +18,10 @@ from __future__ import annotations
 import itertools
 import logging
 import queue
-import re
 import socket
 import threading
-import uuid as uuidlib
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
@@ -37,6 +34,7 @@ from ..stream import encoder
 from ..stream.constants import MULTIFD_FLAG_SYNC
 from ..stream.constants import TARGET_PAGE_SIZE as PAGE
 from ..stream.multifd import MultifdInit, PacketHeader, header_size, page_count
+from .destination import PER_ROUND, PER_SECTION, SYNC_MODES
 from .send import (
     SendStats,
     device_state,
@@ -45,50 +43,12 @@ from .send import (
     read_head,
 )
 
-PER_SECTION = "per-section"
-PER_ROUND = "per-round"
-SYNC_MODES = (PER_SECTION, PER_ROUND)
 #: pages read per job (4 MiB): one preadv per run, split into 128-page packets
 CHUNK_PAGES = 1024
 #: read buffers per channel (reader runs ahead of the sender by depth-1 chunks)
 DEPTH = 3
 
 log = logging.getLogger(__name__)
-
-_MACHINE_VERSION = re.compile(r"-(\d+)\.(\d+)(?:-machine)?$")
-
-
-def sync_mode_for_machine(machine: str) -> str:
-    """The multifd sync protocol a destination with resolved machine type `machine`
-    (e.g. "pc-q35-7.2", "pc-i440fx-8.1-machine" as `qom-get /machine type` says) expects:
-    ≤ 8.0 → per-section (flush after each section, `hw_compat_8_0`), ≥ 8.1 → per-round.
-    Aliases ("q35", "pc") must be resolved first: their meaning depends on the QEMU."""
-    m = _MACHINE_VERSION.search(machine.strip())
-    if not m:
-        raise ValueError(f"machine type {machine!r} has no version: resolve the alias first "
-                         "(QMP qom-get path=/machine property=type)")
-    return PER_SECTION if (int(m.group(1)), int(m.group(2))) <= (8, 0) else PER_ROUND
-
-
-@dataclass(frozen=True)
-class Destination:
-    """What the sender must know of an `-incoming` QEMU: its UUID (multifd channels send
-    it) and its resolved machine type (which fixes the sync protocol)."""
-
-    uuid: bytes
-    machine: str
-
-    @property
-    def sync_mode(self) -> str:
-        return sync_mode_for_machine(self.machine)
-
-
-def destination(query_uuid: Mapping[str, Any], machine_type: object) -> Destination:
-    """The Destination from QMP `query-uuid`'s reply and `qom-get path=/machine
-    property=type`'s (e.g. "pc-q35-7.2-machine")."""
-    return Destination(uuidlib.UUID(str(query_uuid["UUID"])).bytes,
-                       str(machine_type).removesuffix("-machine"))
-
 
 def sendmsg_all(sock: socket.socket, bufs: Sequence[Buffer]) -> int:
     """Send all buffers with as few `sendmsg` calls as the kernel allows (no copies)."""
@@ -259,7 +219,7 @@ def send_multifd(snap: Snapshot, main: socket.socket,
     `main` must have been connected first (QEMU 7.2 takes the first connection as the main
     channel), then `channels` (as many as the destination's `multifd-channels`).
     `uuid`: the destination's 16-byte UUID (`destination`); `sync_mode`: PER_SECTION
-    or PER_ROUND from the destination machine type (`sync_mode_for_machine`).
+    or PER_ROUND from the destination machine type (`Destination.sync_mode`).
     A page failing its checksum, or `stop` set by the caller (Ctrl-C), stops all channels
     before the end of the stream, so the destination fails its load instead of running
     with bad RAM or waiting forever. Zero pages go as ZERO records on the main channel,

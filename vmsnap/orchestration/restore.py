@@ -24,7 +24,8 @@ from ..errors import one_line
 from ..fileformat.reader import Snapshot
 from ..fileformat.trailer import TrailerMetadata
 from ..io.sockets import shutdown_all
-from ..ops.multifd_send import Destination, send_multifd
+from ..ops.destination import Destination
+from ..ops.multifd_send import send_multifd
 from ..ops.send import SendStats, send
 from ..ops.shared_ram import fill_from_file
 from ..progress import Reporter

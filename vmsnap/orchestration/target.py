@@ -18,7 +18,7 @@ from .. import targets
 from ..errors import VmsnapError
 from ..fileformat.trailer import Trailer, TrailerMetadata
 from ..hostkey import trust_of
-from ..ops.multifd_send import Destination, destination
+from ..ops.destination import Destination, destination
 from . import qmp as qmpmod
 from .qmp import MIGRATING, Monitor, QemuGoneError
 from .relaunch import GuardedQemu, RelaunchLock, Started, approve, start_qemu

@@ -145,12 +145,12 @@ def preempt_records(data: bytes) -> tuple[dict[int, bytes], bool]:
 @pytest.mark.parametrize("eos", [False, True], ids=["qemu8.2+", "qemu7"])
 def test_answers_go_on_the_preempt_channel_past_a_full_main_stream(tmp_path, eos):
     """postcopy-preempt: with the main stream full and not read at all, a requested page
-    comes at once on the preempt channel (bare records); each page still goes once over
-    the two channels; the preempt channel ends with an EOS only for a QEMU that waits for
-    one (< 8.0)."""
+    comes at once on the preempt channel (bare records), one read ahead but not sent yet
+    from that buffer (no read of its own); each page still goes once over the two
+    channels; the preempt channel ends with an EOS only for a QEMU that waits for one
+    (< 8.0)."""
     path = tmp_path / "vm.snap"
     ram = write_snapshot(path)
-    wanted = [PAGES // 2, PAGES // 3]
     with open_snapshot(path) as snap:
         source = postcopy_send.PostcopySource(snap)
         ours, theirs = socket.socketpair()
@@ -158,6 +158,10 @@ def test_answers_go_on_the_preempt_channel_past_a_full_main_stream(tmp_path, eos
         widen(ours, theirs)
         with ours, theirs, fast, fast_theirs:
             queued = stall(source, ours, theirs, fast, eos)
+            with source.ahead_lock:  # read and checked, waiting for the pusher
+                fresh = [got for name, got, _ in source.ahead.values()
+                         if not source.claimed[name][got].any()]
+            wanted = [PAGES // 2, int(fresh[0][len(fresh[0]) // 2])]
             answers = bytearray()
             fast_theirs.settimeout(5)
             for page in wanted:  # each answered with nothing read from the main stream
@@ -190,3 +194,4 @@ def test_answers_go_on_the_preempt_channel_past_a_full_main_stream(tmp_path, eos
     assert not set(pushed) & set(wanted)
     st = source.stats
     assert st.requests == 2 and st.preempt_pages == 2 and st.pushed_pages == PAGES - 2
+    assert st.from_memory == 1

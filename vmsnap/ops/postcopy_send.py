@@ -9,7 +9,8 @@ every other present page is pushed: reader threads read ahead (O_DIRECT, 1 MiB a
 hot pages first, then in file order from just after the last page requested, as QEMU's own
 source does) and check the pages, a pusher sends them. Each page goes out exactly once
 (QEMU places it atomically with UFFDIO_COPY and fails on a second copy): a page is claimed
-when it is sent, not when read, so a request never waits for a read ahead. Requests go
+when it is sent, not when read, so a request never waits for a read ahead (a page read and
+checked ahead but not sent yet is answered from that buffer, not read again). Requests go
 first: the pusher holds back while one is answered, and keeps what the destination has not
 read yet below QUEUE_LIMIT, which is all an answer on the main stream can queue behind (and,
 with preempt too, all a requested page that was already pushed waits for).
@@ -103,6 +104,8 @@ class PostcopyStats:
     #: pages and bytes sent on the preempt channel (answers)
     preempt_pages: int = 0
     preempt_bytes: int = 0
+    #: requests answered from the pages read ahead, without a read of their own
+    from_memory: int = 0
 
 
 def postcopy_prologue(snap: Snapshot) -> tuple[bytes, bytes, int]:
@@ -181,6 +184,10 @@ class PostcopySource:
         self.send_lock = threading.Lock()
         self.urgent = 0  # requests being answered: pushers hold back their sends meanwhile
         self.turn = threading.Condition()
+        #: what the readers read and checked and the pusher has not sent yet: buffer id ->
+        #: (block name, its pages, their bytes)
+        self.ahead: dict[int, tuple[str, np.ndarray, memoryview]] = {}
+        self.ahead_lock = threading.Lock()
         self.error: BaseException | None = None
         self.failed = threading.Event()
         self.shut = threading.Event()
@@ -493,10 +500,31 @@ class PostcopySource:
         wanted = new[present]
         if len(wanted):
             with AlignedBuffer(len(wanted) * ps) as buf:
-                data = self._read_checked(b, wanted, buf, urgent=True)
+                data = (self._from_ahead(b, wanted, buf)
+                        or self._read_checked(b, wanted, buf, urgent=True))
                 self._send_answer(b, wanted, data)
             self._count(len(wanted) * ps, len(wanted), pushed=False)
         st.latencies_us.append((time.perf_counter() - t0) * 1e6)
+
+    def _from_ahead(self, b: BlockInfo, pages: np.ndarray, buf: AlignedBuffer
+                    ) -> memoryview | None:
+        """`pages` (unclaimed before this request) copied into `buf` from the buffers read
+        and checked ahead, if all are there: no read of their own, queued on the disk behind
+        the readers'. The guest running on the pushers' front asks for pages just ahead of
+        it, which _follow then has read next. None if some are not there."""
+        ps = b.page_size
+        out = buf.array[:len(pages) * ps].reshape(-1, ps)
+        with self.ahead_lock:
+            for i, p in enumerate(pages.tolist()):
+                for name, got, data in self.ahead.values():
+                    k = int(np.searchsorted(got, p))
+                    if name == b.name and k < len(got) and got[k] == p:
+                        out[i] = np.frombuffer(data, np.uint8, ps, k * ps)
+                        break
+                else:
+                    return None
+        self.stats.from_memory += 1
+        return buf.view[:len(pages) * ps]
 
     def _prefetch(self) -> None:
         """Have the kernel read every hot page of a local file at once, ahead of the pushers
@@ -537,6 +565,8 @@ class PostcopySource:
                                    for i in range(0, len(pages), SECTION_PAGES))
                         self._count(sent * ps, sent, pushed=True)
                     del data
+                    with self.ahead_lock:  # never copied from once given back
+                        del self.ahead[id(buf)]
                     pool.release(buf)
             except BaseException as err:  # noqa: BLE001 - reported by wait()
                 self.fail(err)
@@ -571,6 +601,8 @@ class PostcopySource:
                 except BaseException:
                     pool.release(buf)
                     raise
+                with self.ahead_lock:
+                    self.ahead[id(buf)] = (b.name, pages, data)
                 ready.put((b, pages, data, buf))
         except BaseException as err:  # noqa: BLE001 - reported by wait()
             self.fail(err)

@@ -41,19 +41,29 @@ def file_sizes(path: Path) -> dict[str, int]:
     return {"apparent_bytes": st.st_size, "allocated_bytes": st.st_blocks * 512}
 
 
-def qemu_cpu_seconds(vm) -> float | None:
-    """User+system CPU seconds so far of the QEMU process of testbed Vm `vm` (found by its
-    QMP socket on its command line), None if it cannot be found."""
+def qemu_usage(vm) -> dict[str, float] | None:
+    """What the QEMU process of testbed Vm `vm` (found by its QMP socket on its command line)
+    has used so far: CPU seconds (user+system) of all its threads ("cpu_s") and of its main
+    thread ("main_cpu_s": a mapped-ram load with multifd busy-polls there for a free
+    channel, QEMU 9-10's multifd_recv, so it grows with the load's length whoever wrote the
+    file), and its guest RAM in transparent huge pages ("thp_mb", AnonHugePages: 4 KiB pages
+    instead cost a fault each and split O_DIRECT reads). None if it cannot be found."""
     mark = str(vm.qmp_path).encode()
+    tick = os.sysconf("SC_CLK_TCK")
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
             if not argv[0].endswith(b"qemu-system-x86_64") or not any(mark in a for a in argv):
                 continue
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            cpu = [Path(f"/proc/{pid}{task}/stat").read_text().rsplit(")", 1)[1].split()
+                   for task in ("", f"/task/{pid}")]
+            smaps = Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()
         except OSError:
             continue
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        thp_kb = sum(int(line.split()[1]) for line in smaps
+                     if line.startswith("AnonHugePages:"))
+        total, main = ((int(f[11]) + int(f[12])) / tick for f in cpu)
+        return {"cpu_s": total, "main_cpu_s": main, "thp_mb": round(thp_kb / 1024, 1)}
     return None
 
 

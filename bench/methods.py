@@ -19,7 +19,7 @@ from bench.common import (
     cached_bytes,
     drop_caches,
     file_sizes,
-    qemu_cpu_seconds,
+    qemu_usage,
     run_child,
     sync_all,
     sync_file,
@@ -71,9 +71,16 @@ def dirty_rate_mb_s(vm, seconds: int = 1) -> float | None:
     return None
 
 
-def _since(before: float | None, after: float | None) -> float | None:
-    """CPU seconds between two qemu_cpu_seconds readings (None if either failed)."""
-    return None if before is None or after is None else round(after - before, 2)
+def _qemu_usage(before: dict[str, float] | None, after: dict[str, float] | None
+                ) -> dict[str, float | None]:
+    """The restore's QEMU usage between two qemu_usage readings: CPU seconds, all threads and
+    the main thread's, and the guest RAM in huge pages at the end (None if a reading failed)."""
+    if before is None or after is None:
+        return {"restore_qemu_cpu_s": None, "restore_qemu_main_cpu_s": None,
+                "restore_qemu_thp_mb": None}
+    return {"restore_qemu_cpu_s": round(after["cpu_s"] - before["cpu_s"], 2),
+            "restore_qemu_main_cpu_s": round(after["main_cpu_s"] - before["main_cpu_s"], 2),
+            "restore_qemu_thp_mb": after["thp_mb"]}
 
 
 def _describe(check: Any) -> str:
@@ -116,6 +123,27 @@ class Vmsnap(Method):
     def before_restore(self) -> None:
         """Runs once the source QEMU is gone, before the restore's QEMU starts."""
 
+    def restore(self, dst: Vm, snap: Path, ctx: Context, wd: Path) -> dict[str, Any]:
+        """`vmsnap restore` of `snap` into the -incoming QEMU `dst`, the page cache cold."""
+        drop_caches()
+        q0 = qemu_usage(dst)
+        t0 = time.monotonic()
+        restore = run_child([VMSNAP, "restore", "--json", "--paused", str(snap), "--qmp",
+                             str(dst.tool_qmp_path), *self._channel_args("restore"),
+                             *self.restore_args],
+                            env=_env(ctx, wd))
+        if restore.returncode:
+            raise RuntimeError(f"vmsnap restore: {restore.stderr.strip()[-400:]}")
+        _restored_paused(dst)
+        restore_s = time.monotonic() - t0
+        used = _qemu_usage(q0, qemu_usage(dst))
+        restored = _last_event(restore.stdout) or {}
+        return {"restore_s": restore_s,
+                # the part of restore_s from vmsnap's checks done until QEMU had loaded it all
+                "restore_load_s": restored.get("load_seconds"), **used,
+                "restore_cpu_s": restore.cpu_seconds,
+                "restore_max_rss_bytes": restore.max_rss_bytes}
+
     def run(self, scen, ctx, wd):
         guest = scen.make_guest()
         config = self.config(guest, scen, wd)
@@ -140,27 +168,11 @@ class Vmsnap(Method):
         ctx.present_bytes[scen.key] = int(info.get("present_bytes") or 0)
         self.before_restore()
         with Vm(config, wd, "dst", incoming="defer") as dst:
-            drop_caches()
-            q0 = qemu_cpu_seconds(dst)
-            t0 = time.monotonic()
-            restore = run_child([VMSNAP, "restore", "--json", "--paused", str(snap), "--qmp",
-                                 str(dst.tool_qmp_path), *self._channel_args("restore"),
-                                 *self.restore_args],
-                                env=_env(ctx, wd))
-            if restore.returncode:
-                raise RuntimeError(f"vmsnap restore: {restore.stderr.strip()[-400:]}")
-            _restored_paused(dst)
-            restore_s = time.monotonic() - t0
-            qemu_cpu = _since(q0, qemu_cpu_seconds(dst))
+            restored = self.restore(dst, snap, ctx, wd)
             check = guest.check_restored(dst, saved)
-        restored = _last_event(restore.stdout) or {}
-        return {"save_s": save.seconds, "restore_s": restore_s,
-                # the part of restore_s from vmsnap's checks done until QEMU had loaded it all
-                "restore_load_s": restored.get("load_seconds"), "restore_qemu_cpu_s": qemu_cpu,
-                **file_sizes(snap),
+        return {"save_s": save.seconds, **restored, **file_sizes(snap),
                 "cache_growth_bytes": c1 - c0, "save_cpu_s": save.cpu_seconds,
-                "save_max_rss_bytes": save.max_rss_bytes, "restore_cpu_s": restore.cpu_seconds,
-                "restore_max_rss_bytes": restore.max_rss_bytes,
+                "save_max_rss_bytes": save.max_rss_bytes,
                 "present_bytes": ctx.present_bytes[scen.key], "check": _describe(check),
                 "dirty_rate_mb_s": rate,
                 "vmsnap_done": done}
@@ -177,6 +189,20 @@ class Vmsnap10(Vmsnap):
         self.restore_args = () if verify else ("--no-verify",)
         self.name = "vmsnap10" + ("" if verify else "-noverify")
         self.label = "vmsnap QEMU 10" + ("" if verify else " --no-verify")
+
+
+class Vmsnap10QemuLoad(Vmsnap10):
+    """vmsnap10's save, then QEMU 10's own load of vmsnap's file exactly as method qemu10
+    loads its own (`file:` URI, mapped-ram, multifd 4, direct-io): beside vmsnap10-noverify
+    and qemu10 it tells the file's part in a slower load from vmsnap's procedure's part."""
+
+    def __init__(self) -> None:
+        super().__init__(verify=False)
+        self.name = "vmsnap10-qemuload"
+        self.label = "vmsnap QEMU 10 file, QEMU's load"
+
+    def restore(self, dst, snap, ctx, wd):
+        return _qemu_load(dst, f"file:{snap}", Qemu10Native.caps, Qemu10Native.params)
 
 
 class VmsnapShared(Vmsnap):
@@ -229,6 +255,21 @@ def _last_event(stdout: str) -> dict | None:
     return None
 
 
+def _qemu_load(dst: Vm, uri: str, caps: dict[str, bool], params: dict[str, Any]
+               ) -> dict[str, Any]:
+    """QEMU's own load of `uri` into the -incoming QEMU `dst` (capabilities and parameters
+    set first, untimed), the page cache cold."""
+    dst.set_migration(caps or None, params or None)
+    drop_caches()
+    q0 = qemu_usage(dst)
+    t0 = time.monotonic()
+    dst.cmd("migrate-incoming", uri=uri)
+    dst.wait_incoming()
+    _restored_paused(dst)
+    restore_s = time.monotonic() - t0
+    return {"restore_s": restore_s, **_qemu_usage(q0, qemu_usage(dst))}
+
+
 class QemuMigration(Method):
     """QEMU's own migration to a file and back (-incoming defer + migrate-incoming), then
     `sync -f` so the save is durable like vmsnap's fsync'ed file."""
@@ -261,20 +302,11 @@ class QemuMigration(Method):
                 save_s = time.monotonic() - t0
                 c1 = cached_bytes()
         with Vm(config, wd, "dst", incoming="defer") as dst:
-            dst.set_migration(self.caps or None, self.params or None)
-            drop_caches()
-            q0 = qemu_cpu_seconds(dst)
-            t0 = time.monotonic()
-            dst.cmd("migrate-incoming", uri=in_uri)
-            dst.wait_incoming()
-            _restored_paused(dst)
-            restore_s = time.monotonic() - t0
-            qemu_cpu = _since(q0, qemu_cpu_seconds(dst))
+            restored = _qemu_load(dst, in_uri, self.caps, self.params)
             check = guest.check_restored(dst, saved)
         ram = info.get("ram", {})
-        return {"save_s": save_s, "restore_s": restore_s, **file_sizes(path),
+        return {"save_s": save_s, **restored, **file_sizes(path),
                 "cache_growth_bytes": c1 - c0, "check": _describe(check), "qemu": qemu,
-                "restore_qemu_cpu_s": qemu_cpu,
                 "dirty_rate_mb_s": rate,
                 "migration": {k: ram.get(k) for k in ("total", "transferred", "duplicate",
                                                       "dirty-sync-count", "dirty-pages-rate")}}
@@ -443,6 +475,7 @@ def all_methods(channels: list[int] | None = None) -> dict[str, Method]:
     if channels is None:
         channels = [0, 2, 4]
     methods: list[Method] = [*(Vmsnap(n) for n in channels), Vmsnap10(True), Vmsnap10(False),
+                             Vmsnap10QemuLoad(),
                              VmsnapShared("7.2"),
                              VmsnapShared("10"), ExecCat(), Virsh(), VmsnapDomain(),
                              VmsnapDomain(2), VmsnapDomain(4), Qemu10Native(),

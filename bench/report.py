@@ -49,10 +49,11 @@ def print_tables(console: Console, record: dict) -> None:
             table.add_column(col, justify="left" if col == "method" else "right")
         for name, s in sc["summary"].items():
             cpu = rss = "-"
-            if "save_cpu_s" in s:
-                cpu = f"{s['save_cpu_s']['median']:.2f}/{s['restore_cpu_s']['median']:.2f}"
-                rss = (f"{s['save_max_rss_bytes']['median'] / 1e6:.0f}/"
-                       f"{s['restore_max_rss_bytes']['median'] / 1e6:.0f}")
+            if "save_cpu_s" in s:  # (no restore figures where QEMU loaded vmsnap's file)
+                cpu = "/".join(f"{s[k]['median']:.2f}" if k in s else "-"
+                               for k in ("save_cpu_s", "restore_cpu_s"))
+                rss = "/".join(f"{s[k]['median'] / 1e6:.0f}" if k in s else "-"
+                               for k in ("save_max_rss_bytes", "restore_max_rss_bytes"))
             ok = f"{s['ok']}/{s['ok'] + s['failed']}"
             table.add_row(record["methods"].get(name, name), _t(s.get("save_s")),
                           _t(s.get("restore_s")), _mb(s.get("apparent_bytes")),
@@ -76,6 +77,10 @@ def print_tables(console: Console, record: dict) -> None:
                              f"vmsnap's start-up, open, QMP, checks {whole - load:.2f} s")
             if "restore_qemu_cpu_s" in s:
                 parts.append(f"QEMU's CPU meanwhile {s['restore_qemu_cpu_s']['median']:.2f} s")
+            if "restore_qemu_main_cpu_s" in s:
+                parts.append(f"of it its main thread {s['restore_qemu_main_cpu_s']['median']:.2f}"
+                             f" s; guest RAM in huge pages "
+                             f"{s['restore_qemu_thp_mb']['median']:,.0f} MB")
             console.print(f"  {record['methods'].get(name, name)}: " + "; ".join(parts))
         for name, why in sc["skipped"].items():
             console.print(f"  [dim]{record['methods'].get(name, name)}: skipped: {why}")

@@ -175,7 +175,8 @@ def _one(scen: Scenario, m, ctx: Context, rep: int) -> dict:
 
 NUMERIC = ("dirty_rate_mb_s", "save_s", "restore_s", "apparent_bytes", "allocated_bytes",
            "cache_growth_bytes", "save_cpu_s", "save_max_rss_bytes", "restore_cpu_s",
-           "restore_max_rss_bytes", "restore_load_s", "restore_qemu_cpu_s")
+           "restore_max_rss_bytes", "restore_load_s", "restore_qemu_cpu_s",
+           "restore_qemu_main_cpu_s", "restore_qemu_thp_mb")
 
 
 def _summary(runs: list[dict]) -> dict:

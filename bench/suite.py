@@ -23,7 +23,7 @@ from pathlib import Path
 from rich.console import Console
 
 from bench.common import compiled_vmsnap, summarize
-from bench.methods import Context, Scenario, Virsh, all_methods
+from bench.methods import Context, Method, Scenario, Virsh, all_methods
 from bench.report import chart, print_tables, print_targets, ratios, targets
 from testbed.guests import BootGuest, LinuxGuest
 from testbed.qemu import kill_leftovers
@@ -55,6 +55,16 @@ def scenarios(quick: bool, scale: float = 1.0) -> dict[str, Scenario]:
             lambda: LinuxGuest(memory_mb=l_mb, fill_mb=l_fill, mode="dirty", rate_mb_s=rate),
             "10", True, l_mb * MiB, l_fill * MiB),
     }
+
+
+def rotated(methods: list[Method], rep: int) -> list[Method]:
+    """The methods in repetition `rep`'s order: rotated by one each repetition, so that no
+    method always runs right after the same one (on this virtual disk a read's speed
+    depends on what was written and read before it); fio stays last (it moves the bytes
+    vmsnap found in the same repetition)."""
+    head = [m for m in methods if not m.name.startswith("fio")]
+    k = rep % len(head) if head else 0
+    return head[k:] + head[:k] + [m for m in methods if m.name.startswith("fio")]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,9 +103,6 @@ def main(argv: list[str] | None = None) -> int:
         methods = [methods_all[n] for n in names]
     else:
         methods = list(methods_all.values())
-    # fio moves the bytes vmsnap found in the same repetition: run it last
-    methods = [m for m in methods if not m.name.startswith("fio")] + \
-        [m for m in methods if m.name.startswith("fio")]
 
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     if not args.dir.exists():
@@ -118,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             runs: dict[str, list] = {m.name: [] for m in methods}
             skipped = {m.name: r for m in methods if (r := m.unsupported(scen, ctx))}
             for rep in range(reps):
-                for m in methods:
+                for m in rotated(methods, rep):
                     if m.name in skipped:
                         continue
                     runs[m.name].append(_one(scen, m, ctx, rep))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import signal
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -149,12 +150,30 @@ def test_corrupt_page_caught_filling_a_waiting_target(workdir):
         assert dst.status() == "inmigrate"
 
 
+@dataclass
+class WindowLog(Backing):
+    """A backing that notes each window (start, length) the fill maps."""
+
+    windows: list[tuple[int, int]] = field(default_factory=list)
+
+    def window(self, start: int, length: int):
+        self.windows.append((start, length))
+        return super().window(start, length)
+
+
+#: Old content a backing holds before the fill (MiB from its start, of 64).
+OLD_MB = {"old": 64, "fresh": 0, "half-old": 32}
+
+
 @pytest.mark.qemu
-def test_fill_reads_into_old_pages_and_punches_out_the_rest(workdir):
+@pytest.mark.parametrize("old_mb", OLD_MB.values(), ids=OLD_MB.keys())
+def test_fill_reads_into_old_pages_writes_fresh_ones_and_punches_out_the_rest(old_mb, workdir):
     """A restore into a backing that holds old data (a file QEMU reopened) reads each run
     of pages with O_DIRECT straight into a mapping of it, at most one chunk per worker
-    mapped at a time, into the old pages in place; the pages the snapshot lacks become
-    holes: they read 0 and take no memory."""
+    mapped at a time, into the old pages in place; where the backing has no pages yet (a
+    fresh one) the pages are read into vmsnap's buffers, checked there and written, the
+    backing never mapped. The pages the snapshot lacks become holes: they read 0 and take
+    no memory."""
     guest = BootGuest(memory_mb=64, mode="random")
     snap = workdir / "vm.snap"
     with Vm(config(guest, "7.2", workdir, "file", "src"), workdir, "src") as vm:
@@ -162,7 +181,8 @@ def test_fill_reads_into_old_pages_and_punches_out_the_rest(workdir):
         assert save(workdir, vm, snap)["ram_path"] == "shared"
     fd, path = tempfile.mkstemp(dir="/dev/shm", prefix="vmsnap-test-")
     try:
-        for off in range(0, 64 << 20, 1 << 20):  # old content in every page
+        os.ftruncate(fd, 64 << 20)
+        for off in range(0, old_mb << 20, 1 << 20):  # old content in these pages
             os.pwrite(fd, b"\xa5" * (1 << 20), off)
         st = os.fstat(fd)
 
@@ -172,10 +192,11 @@ def test_fill_reads_into_old_pages_and_punches_out_the_rest(workdir):
                          if line.split()[4] == str(st.st_ino)]
             assert sum(int(b, 16) - int(a, 16) for a, b in spans) <= 4 * CHUNK
 
+        backing = WindowLog("pc.ram", fd, 0, 64 << 20)
         with open_snapshot(snap) as s:
             block = s.block("pc.ram")
-            pages = fill_from_file(s, {"pc.ram": Backing("pc.ram", fd, 0, 64 << 20)},
-                                   workers=4, progress=bounded_mapping)
+            pages = fill_from_file(s, {"pc.ram": backing}, workers=4,
+                                   progress=bounded_mapping)
             assert pages == block.present_count
             for run in s.page_runs(8 << 20):  # every present page as the trailer says
                 if run.block is not block:
@@ -183,8 +204,12 @@ def test_fill_reads_into_old_pages_and_punches_out_the_rest(workdir):
                 data = os.pread(fd, run.count * 4096, run.first * 4096)
                 s.check_pages(block, run.first, run.count, memoryview(data), run.index)
             absent = [i for i in range(block.npages) if not block.present[i]]
+            runs = [(r.first * 4096, r.count * 4096) for r in s.page_runs(CHUNK)
+                    if r.block is block]
         assert absent and all(os.pread(fd, 4096, i * 4096) == bytes(4096) for i in absent)
         assert os.fstat(fd).st_blocks * 512 == pages * 4096  # the absent pages are holes
+        # mapped: exactly the runs with old pages; a fresh backing never
+        assert sorted(backing.windows) == [r for r in runs if r[0] < old_mb << 20]
     finally:
         os.close(fd)
         os.unlink(path)

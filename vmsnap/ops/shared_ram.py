@@ -8,17 +8,21 @@ recording the same hashes in its checksum table. Ranges the backing has never al
 (SEEK_HOLE) are not even read.
 
 Restore: the backing's old content is dropped where the snapshot has no page (MADV_REMOVE
-punches a hole, so those pages read as zero), then parallel workers each map one run of
-present pages (at most 8 MiB), fault it in at once (MADV_POPULATE_WRITE), read it with
-O_DIRECT straight into the mapping and check the pages there, in guest RAM, against the
-trailer's checksums. Old pages of a backing QEMU reopened are reused as they are (no copy:
-0.35-0.40 CPU-s per GiB here against 0.61-0.66 for a pwrite over them, and 0.7-0.9 for
-dropping them and writing fresh ones); fresh pages cost their allocation either way
-(0.73-0.84 CPU-s per GiB, pwrite's allocate-and-copy 0.63-0.80).
+punches a hole, so those pages read as zero); then parallel workers take one run of present
+pages (at most 8 MiB) each. Where the backing has no pages yet (a fresh one, as QEMU creates
+it), the run is read with O_DIRECT into a buffer of vmsnap's, checked there against the
+trailer's checksums and written into the backing with pwrite, which allocates its pages
+without zeroing, mapping or unmapping them, and holds no GIL where mmap.madvise's
+MADV_POPULATE_WRITE did (a fresh 1 GiB: 0.52-0.62 CPU-s, median 0.56, against 0.58-0.68,
+median 0.66, mapped and populated). Where it holds old pages (a file QEMU reopened),
+the run is mapped, faulted in at once (MADV_POPULATE_WRITE), read with O_DIRECT straight
+into the mapping and checked there: the old pages are reused as they are (0.35-0.40 CPU-s
+per GiB here against 0.61-0.66 for a pwrite over them).
 """
 
 from __future__ import annotations
 
+import bisect
 import errno
 import mmap
 import os
@@ -36,7 +40,8 @@ from ..fileformat.bitmap import contiguous_runs, runs
 from ..fileformat.reader import PageRun, Snapshot
 from ..fileformat.trailer import page_checksums, xxh3
 from ..fileformat.writer import SnapshotWriter
-from ..io.aligned import PAGE_SIZE
+from ..io.aligned import PAGE_SIZE, BufferPool
+from ..io.direct import pwritev_all
 
 #: Bytes per worker job.
 CHUNK = 8 << 20
@@ -216,24 +221,52 @@ def fill_from_file(snap: Snapshot, backings: Mapping[str, Backing], *, verify: b
         if block.used_length != b.size:
             raise VmsnapError(f"RAM block {name!r}: snapshot has {block.used_length} bytes, "
                               f"the target's shared RAM {b.size}")
+    old = {}
     for name, block in blocks.items():
         _clear(backings[name], block.present)
+        old[name] = _Extents(backings[name].extents())
     jobs = [run for run in snap.page_runs(CHUNK) if run.block.name in blocks]
     lock = threading.Lock()
+    workers = workers or default_workers()
 
     def work(job: PageRun) -> None:
         block, first, count = job.block, job.first, job.count
-        with backings[block.name].window(first * block.page_size,
-                                         count * block.page_size) as ram:
-            snap.read_pages(block, first, count, into=ram)
-            if verify:
-                snap.check_pages(block, first, count, ram, job.index)
+        backing = backings[block.name]
+        start, length = first * block.page_size, count * block.page_size
+        if old[block.name].overlap(start, length):  # read into the old pages in place
+            with backing.window(start, length) as ram:
+                snap.read_pages(block, first, count, into=ram)
+                if verify:
+                    snap.check_pages(block, first, count, ram, job.index)
+        else:  # fresh memory: allocated by the write, never mapped here
+            with pool.buffer() as buf:
+                data = snap.read_pages(block, first, count, into=buf)
+                if verify:
+                    snap.check_pages(block, first, count, data, job.index)
+                pwritev_all(backing.fd, [data], backing.offset + start)
         if progress:
             with lock:
-                progress(count * block.page_size)
+                progress(length)
 
-    _run(jobs, work, workers or default_workers())
+    with BufferPool(CHUNK, workers) as pool:
+        _run(jobs, work, workers)
     return sum(job.count for job in jobs)
+
+
+class _Extents:
+    """The allocated ranges of a backing, (offset, length) ascending: which ranges hold
+    old pages."""
+
+    def __init__(self, extents: Iterator[tuple[int, int]]) -> None:
+        self._starts: list[int] = []
+        self._ends: list[int] = []
+        for start, length in extents:
+            self._starts.append(start)
+            self._ends.append(start + length)
+
+    def overlap(self, start: int, length: int) -> bool:
+        i = bisect.bisect_right(self._starts, start + length - 1)
+        return i > 0 and self._ends[i - 1] > start
 
 
 def _clear(backing: Backing, present: np.ndarray) -> None:

@@ -25,12 +25,13 @@ from vmsnap.orchestration.early import start_early
 STREAM_END = 3 << 20
 
 
-def snapshot(path, version="10.0.0", command=("qemu-system-x86_64", "-m", "1"), extra=None):
+def snapshot(path, version="10.0.0", command=("qemu-system-x86_64", "-m", "1"), extra=None,
+             entries=4):
     """A file with a trailer (the stream is not one: nothing here reads it) whose pc.ram
-    pages are at 1 MiB, 1 MiB long, as its ranges tell."""
+    pages are at 1 MiB, 1 MiB long, as its ranges tell; its checksum table has `entries`."""
     md = TrailerMetadata(qemu_version=version, machine_type="pc-i440fx-7.2",
                          command_line=list(command) if command else None, extra=extra or {})
-    blocks = [BlockChecksums("pc.ram", np.arange(4, dtype=np.uint64))]
+    blocks = [BlockChecksums("pc.ram", np.arange(entries, dtype=np.uint64))]
     ranges = [RangeChecksum(0, 100, 1), RangeChecksum(2 << 20, 4096, 1)]
     off, tr = encode_trailer(STREAM_END, md, blocks, ranges)
     path.write_bytes(bytes(off) + tr)
@@ -69,9 +70,10 @@ def test_refusals_come_before_any_qemu(tmp_path):
 
 def test_what_the_open_reads_is_read_ahead(tmp_path):
     """Once QEMU is started (here a stand-in that exits at once), the kernel reads what the
-    open will (the trailer's ranges and body) into the page cache while vmsnap loads; not
-    the pages."""
-    path = snapshot(tmp_path / "a")
+    open will (the trailer's ranges and body: here 16 MiB of checksum tables, more than the
+    kernel reads ahead of one request) into the page cache while vmsnap loads; not the
+    pages."""
+    path = snapshot(tmp_path / "a", entries=2 << 20)
     evict(path)
     launched = start_early(path, ["true"], "postcopy", False)
     assert launched is not None

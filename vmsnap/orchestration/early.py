@@ -146,6 +146,13 @@ def _launch(path: str, fd: int, st: os.stat_result, trailer: Trailer,
                      head.block(MAPPED_BLOCK) if mmap else None)
 
 
+#: _read_ahead asks for this much at a time (the kernel reads at most the larger of its
+#: read-ahead window and the device's largest request of one: 128 KiB on some hosts), and
+#: for this much in all (a lying trailer costs no more)
+READ_AHEAD_CHUNK = 128 << 10
+READ_AHEAD_MAX = 256 << 20
+
+
 def _read_ahead(fd: int, trailer: Trailer) -> None:
     """Have the kernel read into the page cache, in the background, what opening the file
     `fd` reads (the stream's non-page ranges, which its trailer lists: header, block
@@ -153,10 +160,14 @@ def _read_ahead(fd: int, trailer: Trailer) -> None:
     while the rest of vmsnap loads: some twenty reads spread over the file, and the tables
     (2 MiB per GiB of RAM), no longer one after the other on the open's way. A range that
     lies only costs a read: the open checks what it reads."""
-    for start, length in ((r.start, r.length) for r in trailer.ranges):
-        os.posix_fadvise(fd, start, length, os.POSIX_FADV_WILLNEED)
-    os.posix_fadvise(fd, trailer.commit.body_offset, trailer.commit.body_length,
-                     os.POSIX_FADV_WILLNEED)
+    wanted = [(r.start, r.length) for r in trailer.ranges]
+    wanted.append((trailer.commit.body_offset, trailer.commit.body_length))
+    budget = READ_AHEAD_MAX
+    for start, length in wanted:
+        end = start + min(length, budget)
+        for at in range(start, end, READ_AHEAD_CHUNK):
+            os.posix_fadvise(fd, at, min(READ_AHEAD_CHUNK, end - at), os.POSIX_FADV_WILLNEED)
+        budget -= end - start
 
 
 def _trailer(fd: int, size: int) -> Trailer | None:

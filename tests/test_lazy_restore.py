@@ -28,6 +28,7 @@ from testbed.guests import BootGuest, LinuxGuest, Saved
 from testbed.pagecache import cached, evict, mapped
 from testbed.qemu import Vm
 from vmsnap.fileformat.hot import hot_path, load_hot, save_hot
+from vmsnap.ops import postcopy_send
 from vmsnap.stream.constants import TARGET_PAGE_SIZE as PAGE
 
 #: (guest, QEMU, target): every target kind, both QEMUs; the Linux guest under TCG on 10
@@ -411,6 +412,11 @@ def wait_for(probe: Callable[[], object], want: object, timeout: float = 30.0) -
         time.sleep(0.1)
 
 
+#: what a preempt channel (+ the pusher's last section) can hold unread: a default socket
+#: send buffer, with room
+PREEMPT_IN_FLIGHT = 1 << 20
+
+
 @pytest.mark.qemu
 @pytest.mark.parametrize("qemu", ["7.2", "10"], ids=["qemu7.2", "qemu10"])
 def test_lazy_restore_vmsnap_killed_then_resumed(qemu, workdir):
@@ -451,7 +457,12 @@ def test_lazy_restore_vmsnap_killed_then_resumed(qemu, workdir):
         done = events(ok(result))[-1]
         assert done["event"] == "done" and done["engine"] == "postcopy", done
         assert done["preempt"] is True  # recovered with a new preempt channel too
-        assert sent <= done["already_received"] < present, (sent, done)  # what was sent is in
+        # what was sent is in, but for what was still unread when vmsnap died: with preempt,
+        # QEMU's load stops at an error on either channel and drops the rest of both
+        # (savevm.c: qemu_file_get_error_obj_any, postcopy_pause_incoming; seen: 63
+        # pages); the resume sends those again
+        lost = (postcopy_send.QUEUE_LIMIT + PREEMPT_IN_FLIGHT) // PAGE
+        assert sent - lost <= done["already_received"] < present, (sent, done)
         assert done["already_received"] + done["pages"] <= present + done["zero_pages"]
         assert done["pages"] > present // 2, done
         assert dst.cmd("query-migrate")["status"] == "completed"

@@ -5,10 +5,12 @@ On a private file mapping, the guest's first write to each 4 KiB page is a copy-
 fault taken inside KVM's fault handler, which costs tens of µs per page in a nested KVM
 (the guest's first pass over 1 GiB: ~8 s). QEMU's `prealloc` property, set on the running
 backend, has the kernel do those copies itself (MADV_POPULATE_WRITE, in `prealloc-threads`
-threads) at a few µs per page; a page the guest already wrote is left as it is, so it races
-with nothing. The price: every page becomes private (VMs restored from one file no longer
-share its page cache), and QEMU's main loop waits for it (device emulation and QMP pause
-meanwhile; vCPUs go on).
+threads); a page the guest already wrote is left as it is, so it races with nothing. The
+price: every page becomes private (VMs restored from one file no longer share its page
+cache), and QEMU's main loop waits for it (device emulation and QMP pause meanwhile; vCPUs
+go on). On this nested host the copy took ~3 µs per page at 1 GiB (0.7-0.8 s) but ~17-20
+µs at 4 and 8 GiB (17-18 s, 40-42 s; bench/results/lazy-qemu10-20261203-225712.json), so
+it pays off for small guests only.
 """
 
 from __future__ import annotations

@@ -18,12 +18,6 @@ from testbed.pagecache import evict as evict_file  # noqa: F401 - the bench scri
 REPO = Path(__file__).resolve().parents[1]
 
 
-def drop_caches() -> None:
-    """Write back and drop the host page cache (root only), so the next read is cold."""
-    subprocess.run(["sync"], check=True)
-    Path("/proc/sys/vm/drop_caches").write_text("3\n")
-
-
 def sync_all() -> None:
     """Write back dirty data first, so the save's cache growth is its own (other processes'
     activity still adds noise: the host is shared)."""

@@ -17,7 +17,6 @@ from typing import Any
 
 from bench.common import (
     cached_bytes,
-    drop_caches,
     file_sizes,
     qemu_usage,
     run_child,
@@ -25,6 +24,7 @@ from bench.common import (
     sync_file,
 )
 from testbed.guests import BootGuest, shared_ram_args
+from testbed.pagecache import evict
 from testbed.qemu import Vm, exec_uri
 from testbed.transfer import VMSNAP, migrate_parameters
 
@@ -123,9 +123,14 @@ class Vmsnap(Method):
     def before_restore(self) -> None:
         """Runs once the source QEMU is gone, before the restore's QEMU starts."""
 
+    def prefault(self, dst: Vm) -> None:
+        """Untimed, before the restore: see prefault_ram."""
+        prefault_ram(dst)
+
     def restore(self, dst: Vm, snap: Path, ctx: Context, wd: Path) -> dict[str, Any]:
-        """`vmsnap restore` of `snap` into the -incoming QEMU `dst`, the page cache cold."""
-        drop_caches()
+        """`vmsnap restore` of `snap` into the -incoming QEMU `dst`, `snap` evicted from the
+        page cache (see _qemu_load)."""
+        evict(snap)
         q0 = qemu_usage(dst)
         t0 = time.monotonic()
         restore = run_child([VMSNAP, "restore", "--json", "--paused", str(snap), "--qmp",
@@ -168,6 +173,7 @@ class Vmsnap(Method):
         ctx.present_bytes[scen.key] = int(info.get("present_bytes") or 0)
         self.before_restore()
         with Vm(config, wd, "dst", incoming="defer") as dst:
+            self.prefault(dst)
             restored = self.restore(dst, snap, ctx, wd)
             check = guest.check_restored(dst, saved)
         return {"save_s": save.seconds, **restored, **file_sizes(snap),
@@ -202,7 +208,7 @@ class Vmsnap10QemuLoad(Vmsnap10):
         self.label = "vmsnap QEMU 10 file, QEMU's load"
 
     def restore(self, dst, snap, ctx, wd):
-        return _qemu_load(dst, f"file:{snap}", Qemu10Native.caps, Qemu10Native.params)
+        return _qemu_load(dst, snap, f"file:{snap}", Qemu10Native.caps, Qemu10Native.params)
 
 
 class VmsnapShared(Vmsnap):
@@ -226,6 +232,9 @@ class VmsnapShared(Vmsnap):
         config.args += shared_ram_args("file", guest.memory_mb, self._shm / "ram")
         config.binds.append(self._shm)  # the QEMU 10 chroot sees it at the same path
         return config
+
+    def prefault(self, dst: Vm) -> None:
+        """Nothing: the fresh shared backing's holes are what the restore fills."""
 
     def before_restore(self) -> None:
         # The restore's QEMU must create a fresh backing, as a relaunch would: reopening the
@@ -255,12 +264,26 @@ def _last_event(stdout: str) -> dict | None:
     return None
 
 
-def _qemu_load(dst: Vm, uri: str, caps: dict[str, bool], params: dict[str, Any]
-               ) -> dict[str, Any]:
-    """QEMU's own load of `uri` into the -incoming QEMU `dst` (capabilities and parameters
-    set first, untimed), the page cache cold."""
+def prefault_ram(dst: Vm) -> None:
+    """Allocate the -incoming QEMU's guest RAM before the timed restore (QEMU's `prealloc`
+    on its pc.ram backend, 2 threads; the memory stays zero). On this nested host the first
+    touch of memory freed more than ~1 s earlier costs 4-7 s/GiB (the kernel reports free
+    pages to the outer hypervisor, which takes them back), 0.12 s/GiB right after a free:
+    without this, a restore's time depended mostly on how long ago the source QEMU exited,
+    i.e. on the method's place in the sequence, not on its own work."""
+    dst.cmd("qom-set", path="/objects/pc.ram", property="prealloc-threads", value=2)
+    dst.cmd("qom-set", path="/objects/pc.ram", property="prealloc", value=True)
+
+
+def _qemu_load(dst: Vm, path: Path, uri: str, caps: dict[str, bool],
+               params: dict[str, Any]) -> dict[str, Any]:
+    """QEMU's own load of `uri` (reading `path`) into the -incoming QEMU `dst` (capabilities
+    and parameters set first, untimed). `path` is evicted from the page cache first; the
+    programs stay warm, as for a tool run often (a full drop_caches also made vmsnap's
+    Python start-up read its modules from disk, 50-130 ms at 4 GiB, which the peers' loads,
+    sent to a running QEMU, never pay; bench/lazy_restore.py evicts the same way)."""
     dst.set_migration(caps or None, params or None)
-    drop_caches()
+    evict(path)
     q0 = qemu_usage(dst)
     t0 = time.monotonic()
     dst.cmd("migrate-incoming", uri=uri)
@@ -302,7 +325,8 @@ class QemuMigration(Method):
                 save_s = time.monotonic() - t0
                 c1 = cached_bytes()
         with Vm(config, wd, "dst", incoming="defer") as dst:
-            restored = _qemu_load(dst, in_uri, self.caps, self.params)
+            prefault_ram(dst)
+            restored = _qemu_load(dst, path, in_uri, self.caps, self.params)
             check = guest.check_restored(dst, saved)
         ram = info.get("ram", {})
         return {"save_s": save_s, **restored, **file_sizes(path),
@@ -367,7 +391,7 @@ class Virsh(Method):
                 c1 = cached_bytes()
             sizes = file_sizes(path)
             self.before_restore(vm)
-            drop_caches()
+            evict(path)
             t0 = time.monotonic()
             figures |= self.restore(vm, path, ctx)
             _restored_paused(vm)
@@ -459,7 +483,7 @@ class Fio(Method):
         if w.returncode:
             raise RuntimeError(f"fio write: {w.stderr.strip()[-300:]}")
         sizes = file_sizes(path)
-        drop_caches()
+        evict(path)
         r = run_child(["fio", "--name=r", "--rw=read", *common])
         if r.returncode:
             raise RuntimeError(f"fio read: {r.stderr.strip()[-300:]}")

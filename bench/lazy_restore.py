@@ -9,7 +9,7 @@ mapped-ram load, in one run, interleaved, cold cache.
 Per size: a bootguest (QEMU 10 or 7.2; 7.2 runs eager and postcopy only, having neither
 memory-backend-file offset= nor mapped-ram; KVM, mode=random, `limit_mb` = fill x RAM, `beat=1`: a
 heartbeat after every full pass over its pages) is booted and saved once with
-`vmsnap save --quit`. Each repetition then runs every method in turn, each into a freshly
+`vmsnap save --quit`. Each repetition then runs every method in turn (the order rotating), each into a freshly
 launched QEMU (`vmsnap restore FILE ... -- ARGV`; the native one is started by the bench),
 the snapshot file evicted from the page cache first (the programs stay warm: a full
 drop_caches makes Python's and QEMU's own start-up dominate), and checks the guest's RAM
@@ -295,7 +295,10 @@ def main() -> None:
             shutil.move(f"{snap}.hot", f"{snap}.hot.live")
         runs: dict[str, list[dict]] = {m: [] for m in methods}
         for rep in range(args.reps):
-            for m in methods:
+            # the order rotates: each restore's QEMU gets memory its predecessor just freed
+            # (cheap) or freed seconds ago and handed back to the outer host (costly: see
+            # bench/README.md, "Host memory"), and no method always comes first
+            for m in methods[rep % len(methods):] + methods[:rep % len(methods)]:
                 try:
                     fig = run_method(m, guest, config, snap, saved, workdir, env, rep)
                 except Exception as err:  # noqa: BLE001 - recorded, left out of the medians

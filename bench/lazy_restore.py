@@ -7,16 +7,15 @@ mapped-ram load, in one run, interleaved, cold cache.
                                                 [--guest boot|linux]
 
 Per size: a bootguest (QEMU 10 or 7.2; 7.2 runs eager and postcopy only, having neither
-memory-backend-file offset= nor mapped-ram; KVM, mode=random, `limit_mb` = fill x RAM, `beat=1`: a
-heartbeat after every full pass over its pages) is booted and saved once with
-`vmsnap save --quit`. Each repetition then runs every method in turn (the order rotating),
-each into a freshly launched QEMU (`vmsnap restore FILE ... -- ARGV`; the native one is
-started by the bench), the snapshot file evicted from the page cache first (the programs
-stay warm: a full drop_caches makes Python's and QEMU's own start-up dominate), and checks
-the guest's RAM
+memory-backend-file offset= nor mapped-ram; KVM, mode=random, `limit_mb` = fill x RAM,
+`beat=1`: a heartbeat after every full pass over its pages) is booted and saved once with
+`vmsnap save --quit`. Each repetition then runs every method in turn (the order rotating), each
+into a freshly launched QEMU (`vmsnap restore FILE ... -- ARGV`; the native one is started by
+the bench), the snapshot file evicted from the page cache first (the programs stay warm: a full
+drop_caches makes Python's and QEMU's own start-up dominate), and checks the guest's RAM
 afterwards (one-moving-edge rule, read 64 MiB at a time: the bench stays small whatever the
-guest's size). vmsnap runs as `python -m vmsnap` with its modules compiled beforehand, as
-an installed vmsnap runs (bench.common.vmsnap_env):
+guest's size). vmsnap runs as `python -m vmsnap` with its modules compiled beforehand, as an
+installed vmsnap runs (bench.common.vmsnap_env):
 
   eager         vmsnap restore (multifd, default channels)
   postcopy      vmsnap restore --lazy=postcopy, FILE.hot removed first

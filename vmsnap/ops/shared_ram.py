@@ -42,12 +42,10 @@ from ..fileformat.trailer import page_checksums, xxh3
 from ..fileformat.writer import SnapshotWriter
 from ..io.aligned import PAGE_SIZE, BufferPool
 from ..io.direct import pwritev_all
+from ..io.madvise import MADV_POPULATE_READ, MADV_POPULATE_WRITE, fault_in
 
 #: Bytes per worker job.
 CHUNK = 8 << 20
-#: madvise advice numbers (Linux >= 5.14); older kernels refuse them and pages fault in.
-MADV_POPULATE_READ = 22
-MADV_POPULATE_WRITE = 23
 J = TypeVar("J")
 ZERO_PAGE_XXH3 = xxh3(bytes(PAGE_SIZE))
 
@@ -79,10 +77,7 @@ class Backing:
                       offset=self.offset + start)
         view = memoryview(m)
         try:
-            try:
-                m.madvise(MADV_POPULATE_WRITE, 0, length)
-            except OSError:
-                pass
+            fault_in(m, MADV_POPULATE_WRITE)
             yield view
         finally:
             view.release()
@@ -177,10 +172,7 @@ def copy_to_file(writer: SnapshotWriter, backings: Mapping[str, Backing], *,
         def work(job: tuple[str, int, int]) -> None:
             name, off, n = job
             m, view = maps[name]
-            try:
-                m.madvise(MADV_POPULATE_READ, off, n)
-            except OSError:
-                pass
+            fault_in(m, MADV_POPULATE_READ, off, n)
             data = view[off:off + n]
             sums = page_checksums(data)
             zero = sums == np.uint64(ZERO_PAGE_XXH3)

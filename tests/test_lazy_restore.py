@@ -36,10 +36,12 @@ CASES = [("boot", "7.2", "relaunch"), ("boot", "7.2", "qmp"), ("boot", "10", "co
          ("linux", "10", "qmp")]
 
 
-def saved(guest, qemu: str, workdir: Path) -> tuple[Path, list[str], Saved]:
-    """Boot `guest`, save it with `--quit`; (snapshot, the source's argv, what it holds).
-    A lazy restore runs the guest as its RAM comes in: check_restored(resumed=True)."""
-    snap = workdir / "vm.snap"
+def saved(guest, qemu: str, workdir: Path, snap: Path | None = None
+          ) -> tuple[Path, list[str], Saved]:
+    """Boot `guest`, save it with `--quit` (to `snap`, default workdir/vm.snap); (snapshot,
+    the source's argv, what it holds). A lazy restore runs the guest as its RAM comes in:
+    check_restored(resumed=True)."""
+    snap = snap or workdir / "vm.snap"
     with Vm(guest.config(qemu, workdir), workdir, "src") as src:
         guest.boot(src)
         guest.wait_alive(src)
@@ -392,6 +394,19 @@ def runnable_seconds(pid: int) -> dict[int, float]:
     return times
 
 
+def assert_waits_paused(vm: Vm) -> None:
+    """`vm`'s lazy restore lost its source: it is in postcopy-paused, no thread of it
+    spinning (its vCPUs wait for their pages)."""
+    wait_for(lambda: vm.cmd("query-migrate")["status"], "postcopy-paused")
+    time.sleep(0.5)
+    before, t0 = runnable_seconds(vm.proc.pid), time.monotonic()
+    time.sleep(2)
+    after, window = runnable_seconds(vm.proc.pid), time.monotonic() - t0
+    busiest = max(t - before.get(tid, 0.0) for tid, t in after.items())
+    assert busiest < window / 2, \
+        f"QEMU spins in postcopy-paused: a thread runnable {busiest:.2f} s of {window:.2f} s"
+
+
 def greets(path: str) -> bool:
     """Whether the QMP socket at `path` greets a client: QEMU is set up (its main loop runs;
     the socket listens earlier, memory backends are made after it)."""
@@ -440,14 +455,7 @@ def test_lazy_restore_vmsnap_killed_then_resumed(qemu, workdir):
         proc.send_signal(signal.SIGSTOP)
         proc.kill()
         assert proc.wait(30) != 0
-        wait_for(lambda: dst.cmd("query-migrate")["status"], "postcopy-paused")
-        time.sleep(0.5)
-        before, t0 = runnable_seconds(dst.proc.pid), time.monotonic()
-        time.sleep(2)
-        after, window = runnable_seconds(dst.proc.pid), time.monotonic() - t0
-        busiest = max(t - before.get(tid, 0.0) for tid, t in after.items())
-        assert busiest < window / 2, \
-            f"QEMU spins in postcopy-paused: a thread runnable {busiest:.2f} s of {window:.2f} s"
+        assert_waits_paused(dst)
         # no `stop` here: a vCPU waiting for a page of its own page tables (a fault inside
         # KVM's shadow page walk on this nested host) cannot be paused, and QEMU's `stop`
         # then never returns (seen twice): vmsnap itself stops a guest before it cuts the
@@ -639,18 +647,21 @@ def test_lazy_mmap_populate(workdir, request):
 
 @pytest.mark.qemu
 def test_lazy_mmap_corrupt_page(workdir):
-    """mmap: --verify refuses a bad page before the guest starts (and ends the QEMU started
-    meanwhile); without it the background check finds it after the start, names it and
-    ends the QEMU vmsnap launched."""
+    """mmap: --verify refuses a bad page before the guest starts (it never runs; the QEMU
+    started meanwhile is ended); without it the background check finds it after the start,
+    names it and ends the QEMU vmsnap launched."""
     guest = BootGuest(memory_mb=256)
     snap, argv, _ = saved(guest, "10", workdir)
     offset = flip_page_bit(snap) * 4096
     for extra in (["--verify"], [], ["--populate"]):  # populate: the check stops the guest
-        result = run_vmsnap(workdir, "restore", "--lazy=mmap", *extra, snap, "--", *argv)
+        result = run_vmsnap(workdir, "restore", "--json", "--lazy=mmap", *extra, snap, "--",
+                            *argv)
         assert result.returncode == 1
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
         assert "pc.ram" in lines[0] and f"{offset:#x}" in lines[0], lines[0]
+        ran = "running" in [e["event"] for e in events(result)]
+        assert ran is (extra != ["--verify"]), (extra, events(result))
         assert qemu_pids_using(workdir) == []
 
 

@@ -44,7 +44,8 @@ import numpy as np
 
 from .. import targets
 from ..errors import VmsnapError, one_line
-from ..fileformat.hot import load_hot, prefetch_hot, save_hot
+from ..fileformat.errors import ChecksumMismatch
+from ..fileformat.hot import hot_path, load_hot, prefetch_hot, save_hot
 from ..fileformat.reader import Snapshot
 from ..io.sockets import widen
 from ..ops.send import SendStats, send
@@ -122,6 +123,24 @@ async def _wait_running(client: Monitor, t0: float) -> float:
                 raise VmsnapError(f"the guest did not start within {RUNNING_TIMEOUT:.0f}s")
             if await changes.wait(deadline - time.monotonic()) == "RESUME":
                 return time.monotonic() - t0
+
+
+async def _left_paused(client: Monitor) -> bool:
+    """Whether the target, its postcopy stream cut, is (or goes within STOP_TIMEOUT) in
+    postcopy-paused, where `--resume` can take it up."""
+    deadline = time.monotonic() + STOP_TIMEOUT
+    while time.monotonic() < deadline:
+        try:
+            status = (await asyncio.wait_for(qmpmod.migration_status(client),
+                                             STOP_TIMEOUT)).get("status")
+        except Exception:  # noqa: BLE001 - QEMU gone or stuck: nothing to resume
+            return False
+        if status == "postcopy-paused":
+            return True
+        if status != "postcopy-active":
+            return False
+        await asyncio.sleep(POLL)
+    return False
 
 
 async def _stop_guest(client: Monitor, command: str = "stop") -> None:
@@ -216,7 +235,9 @@ async def restore_lazy(snap: Snapshot, *, engine: str = "auto",
             keep_workdir = own_qmp(argv) is None  # else our socket is its only monitor
             result.qmp = own_qmp(argv) or result.qmp
     except BaseException as err:
-        await job.fail(err)
+        failure = await job.fail(err)
+        if failure is not err:
+            raise failure from err
         raise
     finally:
         sys.setswitchinterval(switch_interval)
@@ -282,22 +303,33 @@ class _Job:
             await asyncio.wait([self.preparing])
             futures.retrieve(self.preparing)  # the restore's own error is reported
 
-    async def fail(self, err: BaseException) -> None:
-        self.rep.error(one_line(err))
+    async def fail(self, err: BaseException) -> BaseException:
+        """Report `err` and undo what must be; what to raise: `err`, or an error that also
+        says the guest waits for `--resume` (a --qmp target left in postcopy-paused by a
+        failure another vmsnap can get past, such as a file that became unreadable)."""
         if self.guest_started:  # the guest no longer depends on vmsnap
+            self.rep.error(one_line(err))
             if not isinstance(err, Exception):
                 self.rep.note("interrupted: the guest runs on, its pages not all checked")
             elif self.client is not None:  # a bad page: the guest must not go on
                 await _stop_guest(self.client)
                 if self.proc is not None:
                     await _stop_guest(self.client, "quit")
-            return
+            return err
         if self.proc is None and self.client is not None and self.source is not None:
             await _stop_guest(self.client)  # never let the guest run on with pages missing
         if self.source is not None:
             self.source.abort()  # a --qmp target pauses in postcopy-paused
         if self.proc is not None:
             self.proc.kill()
+        elif (self.client is not None and self.source is not None and self.source.threads
+              and isinstance(err, Exception) and not isinstance(err, ChecksumMismatch)
+              and await _left_paused(self.client)):
+            err = VmsnapError(f"{one_line(err)}; the guest waits in postcopy-paused: "
+                              f"`vmsnap restore {self.snap.path} --lazy --resume --qmp "
+                              f"{self.qmp}` finishes the restore")
+        self.rep.error(one_line(err))
+        return err
 
     def release(self) -> None:
         """The guest no longer needs vmsnap: a QEMU it launched outlives it from now on."""
@@ -480,8 +512,9 @@ async def _serve(job: _Job, channels: _Channels, resume: bool) -> LazyRestoreRes
     if job.hot and stats.requested:
         try:
             save_hot(job.snap, stats.requested, source.hot)
-        except OSError:
-            pass  # only a hint for next time
+        except OSError as err:  # only a hint for next time: the restore is done all the same
+            rep.note(f"warning: hot pages not recorded in {hot_path(job.snap.path)} "
+                     f"({err.strerror or one_line(err)}); the snapshot is untouched")
     lat = np.asarray(stats.latencies_us)
     return dataclasses.replace(
         job.result(stats.stream_bytes + stats.preempt_bytes, stats.pages, running),

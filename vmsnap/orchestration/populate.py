@@ -49,12 +49,16 @@ def check_populate() -> None:
 async def populate(client: Monitor, size: int) -> float:
     """Have QEMU make every page of the mapped block private; seconds it took (its main
     loop waited that long)."""
-    from .qmp import COMMAND_TIMEOUT
+    from .qmp import COMMAND_TIMEOUT, QemuGoneError
 
     t0 = time.monotonic()
     path = f"/objects/{MAPPED_BLOCK}"
-    await client.execute("qom-set", {"path": path, "property": "prealloc-threads",
-                                     "value": POPULATE_THREADS})
-    await client.execute("qom-set", {"path": path, "property": "prealloc", "value": True},
-                         timeout=COMMAND_TIMEOUT + SECONDS_PER_GIB * size / (1 << 30))
+    try:
+        await client.execute("qom-set", {"path": path, "property": "prealloc-threads",
+                                         "value": POPULATE_THREADS})
+        await client.execute("qom-set", {"path": path, "property": "prealloc", "value": True},
+                             timeout=COMMAND_TIMEOUT + SECONDS_PER_GIB * size / (1 << 30))
+    except QemuGoneError:
+        raise QemuGoneError("QEMU ended while it copied the guest's RAM (--populate): the "
+                            "guest is gone") from None
     return time.monotonic() - t0

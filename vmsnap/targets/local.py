@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from ..io.aligned import PAGE_SIZE
 from ..io.atomic import AtomicFile
-from ..io.direct import DirectFile
+from ..io.direct import DirectFile, pwritev_all
 from ..io.vectored import Buffer
 
 
@@ -64,5 +64,5 @@ def read_local_beside(path: str, limit: int) -> str | None:
 
 def write_local_beside(path: str, text: str) -> None:
     with AtomicFile(path) as af:
-        os.write(af.fd, text.encode())
+        pwritev_all(af.fd, [text.encode()], 0)  # whole or not at all (a full disk)
         af.commit()

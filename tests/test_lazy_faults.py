@@ -1,0 +1,180 @@
+"""Faults around a lazy restore, on real QEMU: a full disk under the hot-page record, QEMU
+killed during --populate's copy, the snapshot cut short while postcopy still reads it."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from test_lazy_restore import (
+    assert_waits_paused,
+    check_done,
+    saved,
+    sha256,
+    start_lazy,
+    wait_event,
+)
+from test_save_restore import events, ok, qemu_pids_using, run_vmsnap
+
+import vmsnap
+from testbed.fullfs import as_root, fill, small_tmpfs
+from testbed.guests import BootGuest
+from testbed.pagecache import mapped
+from testbed.qemu import Vm
+from vmsnap import targets
+from vmsnap.fileformat.hot import hot_path
+from vmsnap.orchestration import lazy
+from vmsnap.orchestration.qmp import Peer
+
+
+@pytest.mark.qemu
+@as_root
+@pytest.mark.parametrize("qemu", ["7.2", "10"], ids=["qemu7.2", "qemu10"])
+def test_lazy_restore_on_a_full_disk(qemu, workdir):
+    """The snapshot on a full filesystem: the lazy restore (postcopy, with preempt) cannot
+    write its hot-page record beside it, says so in one line and brings the guest back
+    whole all the same; the snapshot is untouched (not a byte changed, nothing left beside
+    it) and restores again."""
+    guest = BootGuest(memory_mb=128)
+    config = guest.config(qemu, workdir)
+    with small_tmpfs(workdir / "full", "192m") as full:
+        snap, _, held = saved(guest, qemu, workdir, full / "vm.snap")
+        digest = sha256(snap)
+        fill(full)
+        listing = sorted(os.listdir(full))
+        with Vm(config, workdir, "dst", incoming="defer") as dst:
+            result = run_vmsnap(workdir, "restore", "--json", "--lazy", snap, "--qmp",
+                                dst.tool_qmp_path)
+            done = check_done(result)  # with preempt
+            assert done["requests"] > 0  # pages to record
+            guest.check_restored(dst, held, resumed=True)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+        assert "hot pages not recorded" in lines[0] and hot_path(snap) in lines[0], lines
+        assert os.strerror(errno.ENOSPC) in lines[0], lines
+        assert [e["message"] for e in events(result) if e["event"] == "note"] == lines
+        assert sorted(os.listdir(full)) == listing  # no FILE.hot, no FILE.hot.partial
+        assert sha256(snap) == digest
+        with Vm(config, workdir, "again", incoming="defer") as again:
+            ok(run_vmsnap(workdir, "restore", snap, "--qmp", again.tool_qmp_path, "--paused"))
+            guest.check_restored(again, held)
+
+
+@as_root
+def test_a_record_that_does_not_fit_is_not_written(workdir):
+    """A record with room for only part of it (4 KiB free, a short write): no record, rather
+    than a cut one committed in its name."""
+    with small_tmpfs(workdir / "full", "64k") as full:
+        fill(full, leave=4096)
+        with pytest.raises(OSError) as err:
+            targets.write_beside(full / "vm.snap", ".hot", "1234567," * 2048)
+        assert err.value.errno == errno.ENOSPC
+        assert os.listdir(full) == ["filler"]
+
+
+def _copied(workdir: Path, snap: Path) -> tuple[int, int] | None:
+    """(pid, bytes of `snap` it holds private copies of) of the QEMU of `workdir` once it
+    has some; None before."""
+    for pid in qemu_pids_using(workdir):
+        try:
+            private = mapped(pid, snap).get("Anonymous", 0)
+        except FileNotFoundError:  # gone meanwhile
+            continue
+        if private:
+            return pid, private
+    return None
+
+
+@pytest.mark.qemu
+def test_qemu_killed_during_populate(workdir):
+    """QEMU SIGKILLed while it copies the guest's RAM (`--lazy=mmap --populate`, paused so
+    that only the copy makes private pages: caught between its first and its last): vmsnap
+    ends at once, non-zero, with one line saying what happened; the snapshot, which QEMU
+    mapped, is byte-identical."""
+    guest = BootGuest(memory_mb=1024)
+    snap, _, _ = saved(guest, "10", workdir)
+    digest = sha256(snap)
+    with vmsnap.open(snap) as s:
+        size = s.block("pc.ram").used_length
+    argv = Vm(guest.config("10", workdir), workdir, "dst").argv()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vmsnap.cli", "restore", "--lazy=mmap", "--populate",
+         "--paused", str(snap), "--", *argv], env={**os.environ, "TMPDIR": str(workdir)},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while (copying := _copied(workdir, snap)) is None:
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "QEMU never started copying"
+            time.sleep(0.01)
+        pid, private = copying
+        assert private < size, "the copy was over before the test could kill QEMU"
+        os.kill(pid, signal.SIGKILL)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 1
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert "QEMU ended while it copied the guest's RAM (--populate)" in lines[0], lines
+    assert qemu_pids_using(workdir) == []
+    assert sha256(snap) == digest
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize("qemu", ["7.2", "10"], ids=["qemu7.2", "qemu10"])
+def test_lazy_restore_file_cut_short_then_resumed(qemu, workdir):
+    """The snapshot cut short (truncated at its first guest page) once the guest runs, its
+    pages still on their way: vmsnap stops, non-zero, in one line naming the block and
+    saying that the guest waits for `--resume`; it does, in postcopy-paused, not spinning;
+    once the file is whole again, `--resume` finishes the restore and the RAM checks."""
+    guest = BootGuest(memory_mb=256, mode="random")
+    snap, _, held = saved(guest, qemu, workdir)
+    with vmsnap.open(snap) as s:
+        cut = s.block("pc.ram").pages_offset
+    whole = workdir / "whole.snap"
+    shutil.copyfile(snap, whole)
+    with Vm(guest.config(qemu, workdir), workdir, "dst", incoming="defer") as dst:
+        proc = start_lazy(workdir, snap, dst.tool_qmp_path)
+        try:
+            wait_event(proc, "running")
+            os.truncate(snap, cut)
+            _, err = proc.communicate(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert proc.returncode == 1
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in err, err
+        assert "'pc.ram'" in lines[0] and "end of file" in lines[0], lines
+        assert "waits in postcopy-paused" in lines[0] and "--resume" in lines[0], lines
+        assert_waits_paused(dst)
+        shutil.copyfile(whole, snap)  # the same file (inode), whole again
+        done = events(ok(run_vmsnap(workdir, "restore", "--json", "--lazy", "--resume", snap,
+                                    "--qmp", dst.tool_qmp_path)))[-1]
+        assert done["event"] == "done" and done["pages"] > 0, done
+        assert dst.cmd("query-migrate")["status"] == "completed"
+        guest.check_restored(dst, held, resumed=True)
+
+
+@pytest.mark.parametrize(("version", "why"), [
+    ((7, 2, 0), None), ((8, 0, 0), "may drop"), ((8, 1, 5), "may drop"), ((8, 2, 0), None),
+    ((10, 0, 0), None)])
+def test_preempt_refused_on_qemu_8_0_and_8_1(version, why):
+    """QEMU 8.0-8.1 may end a preempt restore before the last answers on that channel are
+    in: those restores go on one channel (the one-channel path itself runs on real QEMU in
+    test_lazy_restore_on_one_channel; no QEMU 8.0-8.1 on this test bed)."""
+    peer = Peer(version, False, "inmigrate", None, None)
+    got = lazy._preempt_refusal({"postcopy-preempt": True}, peer)
+    assert (got is None) if why is None else (why in got), got
+    assert "no postcopy-preempt" in lazy._preempt_refusal({}, peer)

@@ -6,7 +6,10 @@ wrote on its own."""
 
 from __future__ import annotations
 
+import errno
+import filecmp
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -17,10 +20,12 @@ import pytest
 import vmsnap
 from testbed.cli import events, ok, one_line, run_vmsnap
 from testbed.craft import flip_page_bit
+from testbed.fullfs import as_root, fill, small_tmpfs
 from testbed.guests import BootGuest
 from testbed.qemu import Vm
 
 MB = 256
+PAGE = 4096
 
 
 @pytest.fixture
@@ -156,3 +161,50 @@ def test_interrupted_seal_is_read_through_its_journal(workdir, outside):
     assert snap.read_bytes() == sealed.read_bytes()
     Path(f"{snap}.seal").write_bytes(b"\0" * 100)  # a stray journal of garbage: ignored
     ok(run_vmsnap(workdir, "verify", snap))
+
+
+@pytest.mark.qemu
+@as_root
+@pytest.mark.parametrize("room", ["none", "journal"], ids=["no-room", "room-for-the-journal"])
+def test_seal_on_a_full_disk(workdir, room):
+    """`vmsnap seal` of a file whose sealed trailer does not fit: one line, non-zero, and
+    the file is never spoiled. With no room for the journal, the file is left as it was
+    (and no FILE.seal); with room for the journal but not for the trailer in the file, the
+    file reads through its journal, sealed. Once there is room, `vmsnap seal` seals (or
+    completes) it as a seal with room does, and it verifies."""
+    guest = BootGuest(memory_mb=128, mode="random")
+    with small_tmpfs(workdir / "full", "192m") as full:
+        snap = full / "vm.snap"
+        with Vm(guest.config("10", workdir), workdir, "src") as src:
+            guest.boot(src)
+            done = events(ok(run_vmsnap(workdir, "save", "--json", "--seal", "later",
+                                        "--qmp", src.tool_qmp_path, snap)))[-1]
+        assert done["ram_path"] == "qemu" and not done["pages_checked"], done
+        sealed = workdir / "sealed.snap"  # the same sealed with room
+        shutil.copyfile(snap, sealed)
+        ok(run_vmsnap(workdir, "seal", sealed))
+        with vmsnap.open(snap) as s:
+            offset = s.trailer.commit.body_offset
+        journal = 8 + sealed.stat().st_size - offset
+        growth = sealed.stat().st_size - snap.stat().st_size
+        assert growth > 8 * PAGE, growth  # 8 bytes per page of RAM
+        before = snap.read_bytes()
+        # room for the journal (whole pages), and half of what the file grows by
+        leave = 0 if room == "none" else -(-journal // PAGE) * PAGE + growth // 2 // PAGE * PAGE
+        filler = fill(full, leave)
+        failed = run_vmsnap(workdir, "seal", snap)
+        assert failed.returncode == 1 and "Traceback" not in failed.stderr, failed.stderr
+        lines = failed.stderr.strip().splitlines()
+        assert len(lines) == 1 and os.strerror(errno.ENOSPC) in lines[0], lines
+        if room == "none":
+            assert snap.read_bytes() == before
+            assert sorted(os.listdir(full)) == ["filler", "vm.snap"]
+        else:
+            assert "vmsnap seal" in lines[0], lines  # what completes it
+            with vmsnap.open(snap) as s:
+                assert s.pages_checked  # through the journal
+        filler.unlink()
+        ok(run_vmsnap(workdir, "seal", snap))
+        assert not Path(f"{snap}.seal").exists()
+        assert filecmp.cmp(snap, sealed, shallow=False)
+        ok(run_vmsnap(workdir, "verify", snap))

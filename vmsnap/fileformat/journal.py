@@ -15,6 +15,7 @@ import os
 import struct
 from collections.abc import Callable
 
+from ..io.direct import pwritev_all
 from .errors import SnapshotError
 from .trailer import COMMIT_SIZE, TRAILER_ALIGN, max_body_length, read_trailer
 
@@ -29,13 +30,17 @@ def journal_path(path: str) -> str:
 
 
 def replace_trailer(path: str, offset: int, trailer: bytes) -> None:
-    """Write `trailer` at `offset` of `path` (and cut the file there), journaled."""
+    """Write `trailer` at `offset` of `path` (and cut the file there), journaled. A journal
+    that cannot be written whole (a full disk) is removed and `path` left as it was."""
     jpath = journal_path(path)
     fd = os.open(jpath, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
                  0o600)
     try:
-        os.write(fd, _OFFSET.pack(offset) + trailer)
+        pwritev_all(fd, [_OFFSET.pack(offset), trailer], 0)
         os.fsync(fd)
+    except OSError as err:
+        os.unlink(jpath)
+        raise SnapshotError(f"{jpath}: {err.strerror}: {path} is left as it was") from None
     finally:
         os.close(fd)
     _fsync_dir(jpath)
@@ -61,10 +66,14 @@ def finish(path: str) -> bool:
 
 def _apply(path: str, offset: int, trailer: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        os.pwrite(fd, trailer, offset)
+    try:  # the journal stays until the trailer is in whole: a reader reads through it
+        pwritev_all(fd, [trailer], offset)
         os.ftruncate(fd, offset + len(trailer))
         os.fsync(fd)
+    except OSError as err:
+        raise SnapshotError(f"{path}: {err.strerror} while its trailer was replaced: it reads "
+                            f"through {journal_path(path)}, and `vmsnap seal` completes it "
+                            "once there is room") from None
     finally:
         os.close(fd)
     jpath = journal_path(path)

@@ -42,9 +42,9 @@ def test_lazy_restore_on_a_full_disk(qemu, workdir):
     write its hot-page record beside it, says so in one line and brings the guest back
     whole all the same; the snapshot is untouched (not a byte changed, nothing left beside
     it) and restores again."""
-    guest = BootGuest(memory_mb=128)
+    guest = BootGuest(memory_mb=256)  # 128 MiB: all pushed before the guest asked, once
     config = guest.config(qemu, workdir)
-    with small_tmpfs(workdir / "full", "192m") as full:
+    with small_tmpfs(workdir / "full", "320m") as full:
         snap, _, held = saved(guest, qemu, workdir, full / "vm.snap")
         digest = sha256(snap)
         fill(full)

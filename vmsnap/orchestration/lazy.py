@@ -316,8 +316,12 @@ class _Job:
                 if self.proc is not None:
                     await _stop_guest(self.client, "quit")
             return err
-        if self.proc is None and self.client is not None and self.source is not None:
-            await _stop_guest(self.client)  # never let the guest run on with pages missing
+        if (self.proc is None and self.client is not None and self.source is not None
+                and isinstance(err, ChecksumMismatch)):
+            await _stop_guest(self.client)  # a bad page: the guest goes no further
+        # else its vCPUs wait for the pages they lack (as when vmsnap is killed): a `stop`
+        # now may wait for a vCPU that waits for its page, wedging QEMU's monitor for good
+        # (seen on this nested host), and --resume could not take it up
         if self.source is not None:
             self.source.abort()  # a --qmp target pauses in postcopy-paused
         if self.proc is not None:

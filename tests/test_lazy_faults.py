@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from test_lazy_restore import (
+    _kill,
     assert_waits_paused,
     check_done,
     saved,
@@ -27,7 +28,7 @@ from test_save_restore import events, ok, qemu_pids_using, run_vmsnap
 import vmsnap
 from testbed.fullfs import as_root, fill, small_tmpfs
 from testbed.guests import BootGuest
-from testbed.pagecache import mapped
+from testbed.pagecache import evict, mapped
 from testbed.qemu import Vm
 from vmsnap import targets
 from vmsnap.fileformat.hot import hot_path
@@ -80,16 +81,29 @@ def test_a_record_that_does_not_fit_is_not_written(workdir):
         assert os.listdir(full) == ["filler"]
 
 
-def fails_in_one_line(proc: subprocess.Popen, fault: Callable[[], None]) -> str:
-    """Do `fault` to the restore the vmsnap command `proc` runs; the one line it then fails
-    with (exit 1, no traceback)."""
+def spawn_vmsnap(workdir: Path, *args: object) -> subprocess.Popen:
+    """The vmsnap command with `args`, started (TMPDIR=workdir, as run_vmsnap)."""
+    return subprocess.Popen([sys.executable, "-m", "vmsnap.cli", *map(str, args)],
+                            env={**os.environ, "TMPDIR": str(workdir)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def ended_by(proc: subprocess.Popen, fault: Callable[[], None]) -> str:
+    """Do `fault` to the restore the vmsnap command `proc` runs; its stderr once it ended
+    (it is killed if the test fails first)."""
     try:
         fault()
-        _, err = proc.communicate(timeout=120)
+        return proc.communicate(timeout=120)[1]
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def fails_in_one_line(proc: subprocess.Popen, fault: Callable[[], None]) -> str:
+    """`fault` done to the restore `proc` runs; the one line it then fails with (exit 1,
+    no traceback)."""
+    err = ended_by(proc, fault)
     assert proc.returncode == 1, err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in err, err
@@ -121,10 +135,8 @@ def test_qemu_killed_during_populate(workdir):
     with vmsnap.open(snap) as s:
         size = s.block("pc.ram").used_length
     argv = Vm(guest.config("10", workdir), workdir, "dst").argv()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vmsnap.cli", "restore", "--lazy=mmap", "--populate",
-         "--paused", str(snap), "--", *argv], env={**os.environ, "TMPDIR": str(workdir)},
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = spawn_vmsnap(workdir, "restore", "--lazy=mmap", "--populate", "--paused", snap,
+                        "--", *argv)
 
     def kill_while_copying() -> None:
         deadline = time.monotonic() + 120
@@ -185,3 +197,29 @@ def test_preempt_refused_on_qemu_8_0_and_8_1(version, why):
     got = lazy._preempt_refusal({"postcopy-preempt": True}, peer)
     assert (got is None) if why is None else (why in got), got
     assert "no postcopy-preempt" in lazy._preempt_refusal({}, peer)
+
+
+@pytest.mark.qemu
+def test_sigint_during_the_mmap_check(workdir, request):
+    """mmap: an interrupt while the background check reads the file (1 GiB, cold) ends
+    vmsnap (130), saying that the guest runs on with its pages not all checked; it does,
+    its RAM whole."""
+    guest = BootGuest(memory_mb=1024)
+    snap, argv, held = saved(guest, "10", workdir)
+    evict(snap)
+    proc = spawn_vmsnap(workdir, "restore", "--json", "--lazy=mmap", snap, "--", *argv)
+
+    def interrupt_once_running() -> None:
+        wait_event(proc, "running")
+        proc.send_signal(signal.SIGINT)
+
+    err = ended_by(proc, interrupt_once_running)
+    assert proc.returncode == 130, err
+    assert "the guest runs on, its pages not all checked" in err, err
+    assert "Traceback" not in err, err
+    pids = qemu_pids_using(workdir)
+    assert len(pids) == 1, pids
+    request.addfinalizer(lambda: _kill(pids[0]))
+    with Vm(guest.config("10", workdir), workdir, "src").adopt(pids[0]) as vm:
+        guest.check_restored(vm, held, resumed=True)
+        vm.cmd("quit")

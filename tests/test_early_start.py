@@ -89,3 +89,71 @@ def test_what_the_open_reads_is_read_ahead(tmp_path):
         assert not cached(path, 1 << 20, 256).any()  # pc.ram's pages
     finally:
         launched.discard()
+
+
+RAM = 8 << 20
+
+
+def written(path):
+    """A real snapshot (stream, pages, trailer with a checksum table of 2048 entries)."""
+    from fileformat.streambytes import prefix, tail
+
+    from vmsnap.fileformat import SnapshotWriter
+
+    w = SnapshotWriter(str(path), TrailerMetadata(
+        qemu_version="10.0.0", machine_type="pc-q35-10.0",
+        command_line=["qemu-system-x86_64", "-m", "8M"]))
+    w.begin(prefix("pc-q35-10.0", [("pc.ram", RAM)]), [("pc.ram", RAM)])
+    pages = RAM // 4096
+    w.write_pages("pc.ram", np.arange(pages, dtype=np.uint64) * 4096,
+                  np.random.default_rng(1).integers(0, 256, RAM, dtype=np.uint8).data)
+    w.finish(tail())
+    return str(path)
+
+
+def test_the_checksum_tables_load_from_the_spawn_and_the_open_takes_them_over(tmp_path):
+    """Once QEMU is started, the checksum tables (2 MiB per GiB of RAM) are read and checked
+    in the background while vmsnap loads, and the open uses them instead of reading them
+    again (which began only once numpy and the reader had loaded, on a mapped restore's way
+    to the guest running): the same check, of the same bytes of the same file."""
+    from vmsnap.fileformat import open_snapshot
+
+    path = written(tmp_path / "a")
+    launched = start_early(path, ["true"], "postcopy", False)
+    assert launched is not None
+    try:
+        assert launched.loading is not None
+        tables = launched.loading[1].tables
+        tables.wait()  # loaded in a thread of its own, before the open
+        with open_snapshot(path, loading=launched.loading) as snap:
+            assert snap.trailer is not None and snap.trailer.tables is tables
+            assert snap.verify().pages == RAM // 4096
+        other = written(tmp_path / "b")  # the same bytes, another file
+        with open_snapshot(other, loading=launched.loading) as snap:
+            assert snap.trailer is not None and snap.trailer.tables is not tables
+    finally:
+        launched.discard()
+
+
+def test_a_damaged_table_loaded_from_the_spawn_is_still_refused(tmp_path):
+    """A table read before the open is checked as the open's own would be: a flipped bit
+    is refused where the tables are first used (before a restore sends a byte)."""
+    from vmsnap.fileformat import open_snapshot
+    from vmsnap.fileformat.errors import CorruptTrailer
+
+    path = written(tmp_path / "a")
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:  # a table entry: 8 bytes per page, before the commit record
+        f.seek(size - 64 - 8 * 100)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 1]))
+    launched = start_early(path, ["true"], "postcopy", False)
+    assert launched is not None and launched.loading is not None
+    try:
+        with open_snapshot(path, loading=launched.loading) as snap:
+            assert snap.trailer is not None and snap.trailer.tables is launched.loading[1].tables
+            with pytest.raises(CorruptTrailer, match="body checksum mismatch"):
+                snap.check_stream_ranges()
+    finally:
+        launched.discard()

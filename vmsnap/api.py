@@ -199,7 +199,8 @@ def _restore(path: str | os.PathLike[str], *, qmp_address: str | None,
     from .targets import normalize
 
     # opened once: what is checked is what is loaded, whatever the path names meanwhile
-    with open_snapshot(normalize(path), direct=direct) as snap:
+    with open_snapshot(normalize(path), direct=direct,
+                       loading=launched.loading if launched else None) as snap:
         if launched is not None and not launched.matches(snap):
             launched.discard()  # the file changed meanwhile: launch for the one opened
             launched = None

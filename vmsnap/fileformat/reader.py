@@ -328,10 +328,7 @@ class Snapshot:
 
     def is_file(self, dev_ino: tuple[int, int]) -> bool:
         """Whether this is the local file whose (st_dev, st_ino) is `dev_ino`."""
-        if not isinstance(self._file, DirectFile):
-            return False
-        st = os.fstat(self._file.meta_fd)
-        return (st.st_dev, st.st_ino) == dev_ino
+        return isinstance(self._file, DirectFile) and _identity(self._file) == dev_ino
 
     def close(self) -> None:
         if self.trailer is not None:
@@ -346,20 +343,25 @@ class Snapshot:
 
 
 def open_snapshot(path: str | os.PathLike[str], *, direct: bool = True,
-                  allow_incomplete: bool = False) -> Snapshot:
+                  allow_incomplete: bool = False,
+                  loading: tuple[tuple[int, int], Trailer] | None = None) -> Snapshot:
     """Open a snapshot (a file, `rbd:POOL/IMAGE` or `s3://BUCKET/KEY`). Raises SnapshotError
     (one-line message) if it is malformed, IncompleteSnapshot if it has no commit record
     and the QEMU stream is unfinished, CorruptTrailer/UnsupportedVersion for a damaged or
-    newer vmsnap trailer."""
+    newer vmsnap trailer. `loading`: (st_dev, st_ino) of a file and a trailer read from it
+    before, whose checksum tables are loading (orchestration.early): taken over if this is
+    that file and its trailer the same (trailer.read_body), instead of reading them again."""
     path = os.fspath(path)
     f = open_source(path, direct=direct)
+    reuse = loading[1] if loading is not None and isinstance(f, DirectFile) \
+        and _identity(f) == loading[0] else None
     try:
         try:
-            snap = _open(path, f, allow_incomplete)
+            snap = _open(path, f, allow_incomplete, reuse)
         except SnapshotError:
             if remote(path) is not None or not os.path.lexists(journal.journal_path(path)):
                 raise
-            snap = _open(path, f, allow_incomplete)  # a seal began while we read: again
+            snap = _open(path, f, allow_incomplete, reuse)  # a seal began while we read
     except BaseException:
         f.close()
         raise
@@ -369,7 +371,12 @@ def open_snapshot(path: str | os.PathLike[str], *, direct: bool = True,
     return snap
 
 
-def _open(path: str, f: PageSource, allow_incomplete: bool) -> Snapshot:
+def _identity(f: DirectFile) -> tuple[int, int]:
+    st = os.fstat(f.meta_fd)
+    return st.st_dev, st.st_ino
+
+
+def _open(path: str, f: PageSource, allow_incomplete: bool, reuse: Trailer | None) -> Snapshot:
     size = f.size()
 
     def read(off: int, n: int) -> bytes:
@@ -411,7 +418,7 @@ def _open(path: str, f: PageSource, allow_incomplete: bool) -> Snapshot:
     trailer = None
     if commit is not None:
         trailer = read_body(pread, commit, sum(b.present_count for b in blocks),
-                            tables="thread")  # see Tables
+                            tables="thread", reuse=reuse)  # see Tables
     try:
         if trailer is not None:
             _check_tables(trailer, blocks)

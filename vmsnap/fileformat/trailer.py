@@ -222,8 +222,12 @@ class Tables:
     signature, the stream ranges, which the body's check vouches for) waits in `data()`,
     which raises what loading raised. "asked": loaded by the first `data()`."""
 
-    def __init__(self, load: Callable[[], bytes], when: TablesWhen = "thread") -> None:
+    def __init__(self, load: Callable[[], bytes], when: TablesWhen = "thread",
+                 ended: Callable[[], None] | None = None) -> None:
+        """`ended`: called once loading is over (loaded or failed), e.g. to close what
+        `load` reads."""
         self._load_tables = load
+        self._ended = ended
         self._lock = threading.Lock()
         self._loaded = False
         self._data = b""
@@ -244,6 +248,9 @@ class Tables:
                 self._data = self._load_tables()
             except BaseException as err:  # noqa: BLE001 - handed to whoever asks, in data()
                 self._error = err
+            finally:
+                if self._ended is not None:
+                    self._ended()
             self._loaded = True
 
     def wait(self) -> None:
@@ -271,6 +278,8 @@ class Trailer:
     signature: Signature | None = None
     #: False: committed before its page checksums exist (tables empty; `vmsnap seal`)
     sealed: bool = True
+    #: the body up to its checksum tables (magic, version, metadata JSON, padding), as read
+    head: bytes = field(default=b"", repr=False)
 
     def check(self) -> None:
         """Raise CorruptTrailer if the body (its checksum tables included) is corrupt."""
@@ -430,9 +439,11 @@ def _check_body(head: bytes, rest: bytes, commit: CommitRecord) -> None:
 
 
 def _decode(head: bytes, commit: CommitRecord, rest: Callable[[], bytes],
-            when: TablesWhen) -> Trailer:
+            when: TablesWhen, loading: Tables | None = None,
+            ended: Callable[[], None] | None = None) -> Trailer:
     """The trailer whose body starts with `head` (magic, version, metadata JSON, padding);
-    `rest` reads its checksum tables, which load `when` told (see Tables)."""
+    `rest` reads its checksum tables, which load `when` told (see Tables), unless
+    `loading` already loads them: those of this same body, read before (see read_body)."""
     md = _json(head)
     sig = _signature_fields(md)
     meta, sealed = _metadata(md, commit)
@@ -451,10 +462,10 @@ def _decode(head: bytes, commit: CommitRecord, rest: Callable[[], bytes],
                                  "ones (altered after the file was signed)")
         return tables
 
-    tables = Tables(load, when)
+    tables = loading or Tables(load, when, ended)
     signature = Signature(sig["key_id"], sig["hmac"], _signed_json(md), tables,
                           digest) if sig else None
-    return Trailer(meta, pages, ranges, commit, tables, signature, sealed=sealed)
+    return Trailer(meta, pages, ranges, commit, tables, signature, sealed=sealed, head=head)
 
 
 def _tables_offset(start: bytes, commit: CommitRecord) -> int:
@@ -592,13 +603,17 @@ def read_commit(pread: Callable[[int, int], bytes], file_size: int) -> CommitRec
 
 
 def read_body(pread: Callable[[int, int], bytes], commit: CommitRecord,
-              present_pages: int | None = None, *, tables: TablesWhen | None = None
+              present_pages: int | None = None, *, tables: TablesWhen | None = None,
+              ended: Callable[[], None] | None = None, reuse: Trailer | None = None
               ) -> Trailer:
     """Read and decode the body `commit` locates; with `present_pages` (known from the
     bitmaps), a body longer than their checksum tables and the metadata can need is refused
     before it is read. `tables`: read only the metadata now, and the checksum tables (with
-    the check of the body they complete) in a thread or when first asked for, see Tables;
-    None: the whole body, checked, at once."""
+    the check of the body they complete) in a thread or when first asked for, see Tables
+    (`ended`: called once they are loaded or failed, if they load at all); None: the whole
+    body, checked, at once. `reuse`: a trailer read from this same file before, whose
+    tables are loading: taken over if its commit record and body head are this one's (its
+    tables are then checked against this very head and commit, as ours would be)."""
     if present_pages is not None and commit.body_length > _BODY_HEAD.size + MAX_METADATA + 8 \
             + 8 * present_pages:
         raise CorruptTrailer(f"corrupt trailer: body of {commit.body_length} bytes is larger "
@@ -609,8 +624,11 @@ def read_body(pread: Callable[[int, int], bytes], commit: CommitRecord,
     start = pread(commit.body_offset, _BODY_HEAD.size)
     tables_at = _tables_offset(start, commit)
     head = start + pread(commit.body_offset + len(start), tables_at - len(start))
+    loading = reuse.tables if reuse is not None and reuse.commit == commit \
+        and reuse.head == head else None
     return _decode(head, commit, lambda: pread(commit.body_offset + tables_at,
-                                               commit.body_length - tables_at), tables)
+                                               commit.body_length - tables_at), tables,
+                   loading, ended)
 
 
 def read_trailer(pread: Callable[[int, int], bytes], file_size: int) -> Trailer:

@@ -227,10 +227,15 @@ class DirectFile:
         return pwritev_all(self.meta_fd, [data], offset)
 
     def pread_meta(self, offset: int, length: int) -> bytes:
-        buf = bytearray(length)
-        if length:
-            preadv_all(self.meta_fd, [buf], offset)
-        return bytes(buf)
+        """`length` bytes at `offset` (os.pread: the result is filled by the kernel, not
+        zeroed and copied under the interpreter's lock: the checksum tables are 2 MiB per
+        GiB of RAM, read while a restore's main thread works)."""
+        data = os.pread(self.meta_fd, length, offset)
+        if len(data) < length:  # a signal, or the end of the file
+            rest = bytearray(length - len(data))
+            preadv_all(self.meta_fd, [rest], offset + len(data))
+            data += rest
+        return data
 
     # -- whole file -----------------------------------------------------------------
     def size(self) -> int:

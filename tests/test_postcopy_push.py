@@ -10,6 +10,7 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -142,6 +143,18 @@ def preempt_records(data: bytes) -> tuple[dict[int, bytes], bool]:
     return pages, False
 
 
+def each_page_once(ram: np.ndarray, answered: dict[int, bytes], stream: bytes) -> None:
+    """Every page came once, intact: on the preempt channel (`answered`) or pushed on the
+    main `stream`."""
+    for page, data in answered.items():
+        assert data == ram[page * PS:(page + 1) * PS].tobytes()
+    dec = StreamDecoder()
+    dec.feed(stream)
+    pushed = [int(o) // PS for e in dec.events() if isinstance(e, ev.Pages) for o in e.offsets]
+    assert len(pushed) == len(set(pushed)) == PAGES - len(answered)
+    assert not set(pushed) & answered.keys()
+
+
 @pytest.mark.parametrize("eos", [False, True], ids=["qemu8.2+", "qemu7"])
 def test_answers_go_on_the_preempt_channel_past_a_full_main_stream(tmp_path, eos):
     """postcopy-preempt: with the main stream full and not read at all, a requested page
@@ -185,13 +198,89 @@ def test_answers_go_on_the_preempt_channel_past_a_full_main_stream(tmp_path, eos
     answered, ended = preempt_records(bytes(answers))
     assert ended == eos
     assert sorted(answered) == sorted(wanted)
-    for page, data in answered.items():
-        assert data == ram[page * PS:(page + 1) * PS].tobytes()
-    dec = StreamDecoder()
-    dec.feed(head + stream)
-    pushed = [int(o) // PS for e in dec.events() if isinstance(e, ev.Pages) for o in e.offsets]
-    assert len(pushed) == len(set(pushed)) == PAGES - len(wanted)
-    assert not set(pushed) & set(wanted)
+    each_page_once(ram, answered, head + stream)
     st = source.stats
     assert st.requests == 2 and st.preempt_pages == 2 and st.pushed_pages == PAGES - 2
     assert st.from_memory == 1
+
+
+def recv_answers(sock: socket.socket, source: postcopy_send.PostcopySource,
+                 answers: bytearray, enough: Callable[[dict[int, bytes]], bool]
+                 ) -> dict[int, bytes]:
+    """Read the preempt channel into `answers` until what it carried is `enough` and the
+    source is done answering (nothing more comes); the pages it carried so far."""
+    sock.settimeout(0.05)
+    deadline = time.monotonic() + 10
+    answered: dict[int, bytes] = {}
+    while time.monotonic() < deadline:
+        try:
+            answers += sock.recv(1 << 20)
+        except TimeoutError:
+            answered = preempt_records(bytes(answers))[0]
+            if enough(answered) and not source.serving:
+                return answered
+    raise AssertionError(f"not enough on the preempt channel: {sorted(answered)[:20]}")
+
+
+def test_a_run_of_requests_gets_the_pages_after_it_sent_ahead(tmp_path):
+    """A guest sweeping its RAM in address order ahead of the push (the main stream full and
+    not read at all) asks for each next page it lacks: from its second request on, the pages
+    after the one asked for come with the answer on the preempt channel, 16 of them, then
+    twice as many at each next request, at most 256; each page still goes once."""
+    path = tmp_path / "vm.snap"
+    ram = write_snapshot(path)
+    with open_snapshot(path) as snap:
+        source = postcopy_send.PostcopySource(snap)
+        ours, theirs = socket.socketpair()
+        fast, fast_theirs = socket.socketpair()
+        widen(ours, theirs)
+        with ours, theirs, fast, fast_theirs:
+            stall(source, ours, theirs, fast)
+            answers = bytearray()
+            answered: dict[int, bytes] = {}
+            page = PAGES // 2
+            got = []  # pages each request brought
+            for _ in range(7):
+                theirs.sendall(req_pages("pc.ram", page))
+                before = len(answered)
+                answered = recv_answers(fast_theirs, source, answers,
+                                        lambda got, page=page: page in got)
+                got.append(len(answered) - before)
+                page = max(answered) + 1  # the guest's next fault
+            stream = finish(source, theirs)
+        head = plain_stream_head(snap, read_head(snap))
+    assert got == [1, 17, 33, 65, 129, 257, 257], got
+    first = PAGES // 2
+    assert sorted(answered) == list(range(first, first + sum(got)))
+    each_page_once(ram, answered, head + stream)
+    st = source.stats
+    assert st.requests == 7 and st.ahead_pages == sum(got) - 7
+
+
+def test_a_run_waiting_for_the_main_stream_gets_the_pages_after_it_on_preempt(tmp_path):
+    """A guest sweeping its RAM behind the push catches up with pages still unread on the
+    main stream and asks for them (QEMU's one thread placing them is the bottleneck): from
+    the run's second such request on, the first pages not sent yet after them come on the
+    preempt channel, which QEMU's other thread places meanwhile; each page still goes
+    once."""
+    path = tmp_path / "vm.snap"
+    ram = write_snapshot(path)
+    with open_snapshot(path) as snap:
+        source = postcopy_send.PostcopySource(snap)
+        ours, theirs = socket.socketpair()
+        fast, fast_theirs = socket.socketpair()
+        widen(ours, theirs)
+        with ours, theirs, fast, fast_theirs:
+            stall(source, ours, theirs, fast)
+            queued = int(np.flatnonzero(~source.claimed["pc.ram"])[0])  # the pushed pages
+            assert queued > 12
+            answers = bytearray()
+            for page in (10, 11):  # both pushed, unread
+                theirs.sendall(req_pages("pc.ram", page))
+            answered = recv_answers(fast_theirs, source, answers, lambda got: len(got) >= 16)
+            stream = finish(source, theirs)
+        head = plain_stream_head(snap, read_head(snap))
+    assert sorted(answered) == list(range(queued, queued + 16))
+    each_page_once(ram, answered, head + stream)
+    st = source.stats
+    assert st.requests == 2 and not st.latencies_us and st.ahead_pages == 16

@@ -15,6 +15,14 @@ first: the pusher holds back while one is answered, and keeps what the destinati
 read yet below QUEUE_LIMIT, which is all an answer on the main stream can queue behind (and,
 with preempt too, all a requested page that was already pushed waits for).
 
+A run of requests in address order (a guest sweeping its RAM ahead of the push, which would
+otherwise ask for it page by page, a round trip each) gets the pages after each answer sent
+with it, on the same channel: 16 at the run's second request, twice as many at each next one,
+at most 256 (1 MiB); the readers go on after them. A request of such a run for a page already
+pushed (unread on the main stream: QEMU's one thread placing its pages is behind) gets the
+first pages not sent yet after it on the preempt channel instead, once that is drained, for
+QEMU's other thread to place meanwhile.
+
 The preempt channel carries bare page records (no section around them: the destination's
 preempt thread reads records until an EOS), each batch's first naming its block. How it
 ends depends on the destination (QEMU's postcopy_ram_incoming_cleanup): before 8.0 QEMU
@@ -36,12 +44,13 @@ others, ending the stream as start() does.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import socket
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -76,6 +85,14 @@ QUEUE_LIMIT = 1 << 20
 PACE = 0.0002
 #: largest single page request served (a huge page)
 MAX_REQUEST = 2 << 20
+#: a run of requests in address order (each at most LEAP_SPAN pages past where the previous
+#: one's pages, and those sent ahead of it, end) gets the pages after it sent ahead with the
+#: answer: LEAP_MIN pages at its second request, twice as many at each next one, at most
+#: LEAP_MAX (a guest sweeping its RAM faster than the push otherwise asks for it page by
+#: page, a round trip each)
+LEAP_MIN = 16
+LEAP_MAX = 256
+LEAP_SPAN = 1024
 SHUT_TIMEOUT = 120.0
 #: how long a recovering destination may take to answer RECV_BITMAP or POSTCOPY_RESUME
 HANDSHAKE_TIMEOUT = 30.0
@@ -106,6 +123,8 @@ class PostcopyStats:
     preempt_bytes: int = 0
     #: requests answered from the pages read ahead, without a read of their own
     from_memory: int = 0
+    #: pages sent ahead of a run of requests, with its answers (see LEAP_MIN)
+    ahead_pages: int = 0
 
 
 def postcopy_prologue(snap: Snapshot) -> tuple[bytes, bytes, int]:
@@ -183,11 +202,15 @@ class PostcopySource:
         self.claim_lock = threading.Lock()  # claims, stats and progress
         self.send_lock = threading.Lock()
         self.urgent = 0  # requests being answered: pushers hold back their sends meanwhile
+        self.serving = 0  # requests being answered, and the pages sent ahead of them
         self.turn = threading.Condition()
         #: what the readers read and checked and the pusher has not sent yet: buffer id ->
         #: (block name, its pages, their bytes)
         self.ahead: dict[int, tuple[str, np.ndarray, memoryview]] = {}
         self.ahead_lock = threading.Lock()
+        #: the request thread's runs (_leap): block -> (the last request's first page, the
+        #: page after the pages sent ahead of it (or after it), how many were sent ahead)
+        self.leads: dict[str, tuple[int, int, int]] = {}
         self.error: BaseException | None = None
         self.failed = threading.Event()
         self.shut = threading.Event()
@@ -254,7 +277,7 @@ class PostcopySource:
         return new
 
     def _read_checked(self, b: BlockInfo, pages: np.ndarray, buf: AlignedBuffer,
-                      urgent: bool = False, cached: bool = False) -> memoryview:
+                      cached: bool = False) -> memoryview:
         """Read `pages` (present, ascending) into `buf`, run by run, each checked against
         its checksum; the bytes read."""
         ps = b.page_size
@@ -262,7 +285,7 @@ class PostcopySource:
         for i, c in contiguous_runs(pages):
             f, c = int(pages[i]), int(c)
             mv = self.snap.read_pages(b, f, c, into=buf.view[pos * ps:(pos + c) * ps],
-                                      urgent=urgent, cached=cached)
+                                      cached=cached)
             self.snap.check_pages(b, f, c, mv, b.table_index(f))
             pos += c
         return buf.view[:pos * ps]
@@ -305,6 +328,8 @@ class PostcopySource:
         """Send the pages (bytes in `data`) nobody claimed yet, after any request being
         answered and once the destination has read all but queue_limit of what was sent;
         the number sent."""
+        if self.claimed[b.name][pages].all():  # sent ahead or on request: nothing to wait for
+            return 0
         with self.turn:
             self.turn.wait_for(lambda: self.urgent == 0, 0.05)
         assert self.sock is not None
@@ -418,7 +443,7 @@ class PostcopySource:
             if self.failed.wait(0.05) and self.error is not None:
                 raise self.error
         with self.turn:  # a page claimed by a request is out only once its answer is
-            while self.urgent and not self.failed.is_set():
+            while self.serving and not self.failed.is_set():
                 self.turn.wait(0.05)
         if self.error is not None:
             raise self.error
@@ -451,14 +476,11 @@ class PostcopySource:
             while True:
                 for msg in backlog:
                     if isinstance(msg, pc.ReqPages):
-                        with self.turn:
-                            self.urgent += 1
-                        try:
-                            self._answer(msg, t0)
-                        finally:
-                            with self.turn:
-                                self.urgent -= 1
-                                self.turn.notify_all()
+                        with self._counted("serving"):
+                            with self._counted("urgent"):
+                                ahead = self._answer(msg, t0)
+                            if ahead is not None:  # the pusher need not wait for those
+                                self._send_ahead(*ahead)
                     elif isinstance(msg, pc.Shut):
                         self.shut_error = msg.error
                         self.shut.set()
@@ -476,7 +498,21 @@ class PostcopySource:
             if not self.failed.is_set():
                 self.fail(err)
 
-    def _answer(self, req: pc.ReqPages, t0: float) -> None:
+    @contextlib.contextmanager
+    def _counted(self, counter: str) -> Iterator[None]:
+        """Count this thread in `counter` (urgent, serving) meanwhile."""
+        with self.turn:
+            setattr(self, counter, getattr(self, counter) + 1)
+        try:
+            yield
+        finally:
+            with self.turn:
+                setattr(self, counter, getattr(self, counter) - 1)
+                self.turn.notify_all()
+
+    def _answer(self, req: pc.ReqPages, t0: float) -> tuple[BlockInfo, int, int] | None:
+        """Send the pages asked for that nobody sent yet; the range of pages to send ahead
+        of them next, if any (see _leap)."""
         b = self.blocks.get(req.block)
         ps = b.page_size if b else PAGE
         if (b is None or req.start % ps or req.length % ps or not 0 < req.length <= MAX_REQUEST
@@ -484,47 +520,101 @@ class PostcopySource:
             raise VmsnapError(f"destination asked for pages outside the snapshot: "
                               f"{req.block!r} {req.start:#x}+{req.length:#x}")
         first, count = req.start // ps, req.length // ps
+        end = first + count
         st = self.stats
         st.requests += 1
         st.requested_pages += count
-        st.requested.setdefault(b.name, []).extend(range(first, first + count))
-        self._follow(b.name, first + count)
-        new = np.arange(first, first + count)
+        st.requested.setdefault(b.name, []).extend(range(first, end))
+        new = np.arange(first, end)
         new = new[self._claim(b.name, new)]
-        if not len(new):
-            return  # already sent, or being pushed right now
-        present = b.present[new]
-        if not present.all():
-            self._send_answer(b, new[~present], None)
-            st.zero_pages += int((~present).sum())
-        wanted = new[present]
-        if len(wanted):
-            with AlignedBuffer(len(wanted) * ps) as buf:
-                data = (self._from_ahead(b, wanted, buf)
-                        or self._read_checked(b, wanted, buf, urgent=True))
-                self._send_answer(b, wanted, data)
-            self._count(len(wanted) * ps, len(wanted), pushed=False)
-        st.latencies_us.append((time.perf_counter() - t0) * 1e6)
+        if len(new):
+            present = b.present[new]
+            if not present.all():
+                self._send_answer(b, new[~present], None)
+                st.zero_pages += int((~present).sum())
+            wanted = new[present]
+            if len(wanted):
+                with AlignedBuffer(len(wanted) * ps) as buf:
+                    data, copied = self._gather(b, wanted, buf)
+                    self._send_answer(b, wanted, data)
+                st.from_memory += copied == len(wanted)
+                self._count(len(wanted) * ps, len(wanted), pushed=False)
+            st.latencies_us.append((time.perf_counter() - t0) * 1e6)
+        return self._leap(b, first, end, answered=len(new) > 0)
 
-    def _from_ahead(self, b: BlockInfo, pages: np.ndarray, buf: AlignedBuffer
-                    ) -> memoryview | None:
-        """`pages` (unclaimed before this request) copied into `buf` from the buffers read
-        and checked ahead, if all are there: no read of their own, queued on the disk behind
-        the readers'. The guest running on the pushers' front asks for pages just ahead of
-        it, which _follow then has read next. None if some are not there."""
+    def _leap(self, b: BlockInfo, first: int, end: int, answered: bool
+              ) -> tuple[BlockInfo, int, int] | None:
+        """After a request for [first, end): the pages to send ahead of it, if any, and
+        where the readers go on (_follow: after those). None for the first request of a
+        run, then LEAP_MIN pages, doubling up to LEAP_MAX while each request comes after
+        the previous one and at most LEAP_SPAN pages past its reach (its pages and those
+        sent ahead of it: the push may have brought some after them). A guest sweeping RAM
+        in address order ahead of the push gets them in batches on the answers' channel,
+        where it asked for each and waited a round trip. A request for pages already sent
+        (the guest waits for the main stream) gets, while the preempt channel is drained,
+        the first pages after it not sent yet: QEMU places them in its preempt thread
+        while its main one is busy with those queued before."""
+        prev, reach, sent = self.leads.get(b.name, (-1, -1, 0))
+        run = 0 <= reach and prev < first <= reach + LEAP_SPAN
+        size = min(max(2 * sent, LEAP_MIN), LEAP_MAX) if run else 0
+        start = end
+        if size and not answered:
+            lane = self.preempt
+            todo = np.flatnonzero(b.present[end:end + LEAP_SPAN]
+                                  & ~self.claimed[b.name][end:end + LEAP_SPAN])
+            if lane is None or unsent(lane) or not len(todo):
+                size = 0
+            else:
+                start = end + int(todo[0])
+        self.leads[b.name] = (first, start + size, size)
+        self._follow(b.name, start + size)
+        return (b, start, min(start + size, b.npages)) if size else None
+
+    def _send_ahead(self, b: BlockInfo, start: int, stop: int) -> None:
+        """Send the present pages of [start, stop) nobody sent yet, checked, as answers are
+        (claimed when sent: the pusher drops them)."""
+        pages = np.arange(start, stop)
+        pages = pages[b.present[start:stop] & ~self.claimed[b.name][start:stop]]
+        if not len(pages):
+            return
+        ps = b.page_size
+        with AlignedBuffer(len(pages) * ps) as buf:
+            data, _ = self._gather(b, pages, buf)
+            new = self._claim(b.name, pages)
+            if not new.all():  # pushed meanwhile
+                pages = pages[new]
+                data = memoryview(np.frombuffer(data, np.uint8).reshape(-1, ps)[new].tobytes())
+            if len(pages):
+                self._send_answer(b, pages, data)
+        self.stats.ahead_pages += len(pages)
+        self._count(len(pages) * ps, len(pages), pushed=False)
+
+    def _gather(self, b: BlockInfo, pages: np.ndarray, buf: AlignedBuffer
+                ) -> tuple[memoryview, int]:
+        """`pages` (present, ascending) into `buf`, every one checked: copied from the
+        buffers the readers read and checked ahead where they are there (no read queued on
+        the disk behind the readers': the guest running on the pushers' front asks for pages
+        just ahead of it, which _follow then has read next), the others read. Returns the
+        bytes and how many pages were copied."""
         ps = b.page_size
         out = buf.array[:len(pages) * ps].reshape(-1, ps)
+        found = np.zeros(len(pages), dtype=bool)
         with self.ahead_lock:
-            for i, p in enumerate(pages.tolist()):
-                for name, got, data in self.ahead.values():
-                    k = int(np.searchsorted(got, p))
-                    if name == b.name and k < len(got) and got[k] == p:
-                        out[i] = np.frombuffer(data, np.uint8, ps, k * ps)
-                        break
-                else:
-                    return None
-        self.stats.from_memory += 1
-        return buf.view[:len(pages) * ps]
+            for name, got, data in self.ahead.values():
+                if name != b.name:
+                    continue
+                k = np.minimum(np.searchsorted(got, pages), len(got) - 1)
+                hit = (got[k] == pages) & ~found
+                if hit.any():
+                    out[hit] = np.frombuffer(data, np.uint8).reshape(-1, ps)[k[hit]]
+                    found |= hit
+        missing = np.flatnonzero(~found)
+        for i, c in contiguous_runs(pages[missing]):
+            at, f, c = int(missing[i]), int(pages[missing[i]]), int(c)
+            mv = self.snap.read_pages(b, f, c, into=buf.view[at * ps:(at + c) * ps],
+                                      urgent=True)
+            self.snap.check_pages(b, f, c, mv, b.table_index(f))
+        return buf.view[:len(pages) * ps], len(pages) - len(missing)
 
     def _prefetch(self) -> None:
         """Have the kernel read every hot page of a local file at once, ahead of the pushers
@@ -576,28 +666,24 @@ class PostcopySource:
 
     def _read_ahead(self, pool: BufferPool, ready: queue.SimpleQueue[
             tuple[BlockInfo, np.ndarray, memoryview, AlignedBuffer] | None]) -> None:
-        """Read and check the jobs' pages not sent yet, into the pool's buffers, for _push."""
+        """Read and check the jobs' pages not sent yet, into the pool's buffers, for _push
+        (a job partly sent by answers and the pages sent ahead of them: the rest only)."""
         try:
             while (job := self._take()) is not None and not self.failed.is_set():
                 b, first, count, listed = job
-                claimed = self.claimed[b.name]
-                if listed is None:
-                    if claimed[first:first + count].all():
-                        continue
-                    pages = np.arange(first, first + count)
-                else:  # hot pages
-                    pages = listed[~claimed[listed]]
-                    if not len(pages):
-                        continue
+                pages = np.arange(first, first + count) if listed is None else listed
+                pages = pages[~self.claimed[b.name][pages]]
+                if not len(pages):
+                    continue
                 buf = self._acquire(pool)
                 if buf is None:
                     return
                 try:
-                    if listed is None:
+                    if len(pages) == count:  # a whole run: one read
                         data = self.snap.read_pages(b, first, count, into=buf)
                         self.snap.check_pages(b, first, count, data, b.table_index(first))
-                    else:
-                        data = self._read_checked(b, pages, buf, cached=True)
+                    else:  # hot pages, through the page cache (see _prefetch), or what is left
+                        data = self._read_checked(b, pages, buf, cached=listed is not None)
                 except BaseException:
                     pool.release(buf)
                     raise

@@ -100,6 +100,7 @@ class LazyRestoreResult(RestoreResult):
     preempt: bool = False  # postcopy: requested pages on QEMU's postcopy-preempt channel
     preempt_pages: int = 0  # pages sent there
     from_memory: int = 0  # requests answered from pages read ahead (no read of their own)
+    ahead_pages: int = 0  # pages sent ahead of runs of requests in address order, with them
     interrupted: bool = False
     verified: bool = False  # mmap: every mapped page checked (before or after the start)
     populated_seconds: float | None = None  # mmap --populate: QEMU's copying every page
@@ -523,7 +524,7 @@ async def _serve(job: _Job, channels: _Channels, resume: bool) -> LazyRestoreRes
     return dataclasses.replace(
         job.result(stats.stream_bytes + stats.preempt_bytes, stats.pages, running),
         requests=stats.requests, preempt=preempt, preempt_pages=stats.preempt_pages,
-        from_memory=stats.from_memory,
+        from_memory=stats.from_memory, ahead_pages=stats.ahead_pages,
         requested_pages=stats.requested_pages, zero_pages=stats.zero_pages,
         latency_p50_us=float(np.percentile(lat, 50)) if lat.size else None,
         latency_p99_us=float(np.percentile(lat, 99)) if lat.size else None,

@@ -226,7 +226,8 @@ def test_a_run_of_requests_gets_the_pages_after_it_sent_ahead(tmp_path):
     """A guest sweeping its RAM in address order ahead of the push (the main stream full and
     not read at all) asks for each next page it lacks: from its second request on, the pages
     after the one asked for come with the answer on the preempt channel, 16 of them, then
-    twice as many at each next request, at most 256; each page still goes once."""
+    twice as many at each next request, at most 256, and the page of the next request is
+    read with them, ready in memory; each page still goes once."""
     path = tmp_path / "vm.snap"
     ram = write_snapshot(path)
     with open_snapshot(path) as snap:
@@ -255,6 +256,7 @@ def test_a_run_of_requests_gets_the_pages_after_it_sent_ahead(tmp_path):
     each_page_once(ram, answered, head + stream)
     st = source.stats
     assert st.requests == 7 and st.ahead_pages == sum(got) - 7
+    assert st.from_memory == 5  # each next request's page was read with the pages before
 
 
 def test_a_run_waiting_for_the_main_stream_gets_the_pages_after_it_on_preempt(tmp_path):
@@ -272,15 +274,17 @@ def test_a_run_waiting_for_the_main_stream_gets_the_pages_after_it_on_preempt(tm
         widen(ours, theirs)
         with ours, theirs, fast, fast_theirs:
             stall(source, ours, theirs, fast)
-            queued = int(np.flatnonzero(~source.claimed["pc.ram"])[0])  # the pushed pages
-            assert queued > 12
+            claimed = source.claimed["pc.ram"].copy()  # frozen: the pusher waits
+            sent = np.flatnonzero(claimed[:-1] & claimed[1:])  # pushed, unread, and the next
+            page = int(sent[0])
+            after = np.flatnonzero(~claimed[page + 2:])[:16] + page + 2  # not pushed yet
             answers = bytearray()
-            for page in (10, 11):  # both pushed, unread
-                theirs.sendall(req_pages("pc.ram", page))
+            for p in (page, page + 1):
+                theirs.sendall(req_pages("pc.ram", p))
             answered = recv_answers(fast_theirs, source, answers, lambda got: len(got) >= 16)
             stream = finish(source, theirs)
         head = plain_stream_head(snap, read_head(snap))
-    assert sorted(answered) == list(range(queued, queued + 16))
+    assert sorted(answered) == after.tolist()
     each_page_once(ram, answered, head + stream)
     st = source.stats
     assert st.requests == 2 and not st.latencies_us and st.ahead_pages == 16

@@ -93,6 +93,8 @@ MAX_REQUEST = 2 << 20
 LEAP_MIN = 16
 LEAP_MAX = 256
 LEAP_SPAN = 1024
+#: self.ahead's key of the pages read after those sent ahead (others are buffers' ids)
+LEAD = 0
 SHUT_TIMEOUT = 120.0
 #: how long a recovering destination may take to answer RECV_BITMAP or POSTCOPY_RESUME
 HANDSHAKE_TIMEOUT = 30.0
@@ -211,6 +213,7 @@ class PostcopySource:
         #: the request thread's runs (_leap): block -> (the last request's first page, the
         #: page after the pages sent ahead of it (or after it), how many were sent ahead)
         self.leads: dict[str, tuple[int, int, int]] = {}
+        self.lead: AlignedBuffer | None = None  # the pages after those, read: self.ahead[LEAD]
         self.error: BaseException | None = None
         self.failed = threading.Event()
         self.shut = threading.Event()
@@ -560,34 +563,47 @@ class PostcopySource:
         start = end
         if size and not answered:
             lane = self.preempt
-            todo = np.flatnonzero(b.present[end:end + LEAP_SPAN]
-                                  & ~self.claimed[b.name][end:end + LEAP_SPAN])
+            todo = self._unsent(b, end, end + LEAP_SPAN)
             if lane is None or unsent(lane) or not len(todo):
                 size = 0
             else:
-                start = end + int(todo[0])
+                start = int(todo[0])
         self.leads[b.name] = (first, start + size, size)
-        self._follow(b.name, start + size)
+        self._follow(b.name, start + 2 * size)  # after them and the next ones (_send_ahead)
         return (b, start, min(start + size, b.npages)) if size else None
 
     def _send_ahead(self, b: BlockInfo, start: int, stop: int) -> None:
         """Send the present pages of [start, stop) nobody sent yet, checked, as answers are
-        (claimed when sent: the pusher drops them)."""
-        pages = np.arange(start, stop)
-        pages = pages[b.present[start:stop] & ~self.claimed[b.name][start:stop]]
-        if not len(pages):
-            return
+        (claimed when sent: the pusher drops them); then read as many after them, for the
+        run's next request and pages sent ahead of it (the readers go on after those)."""
+        pages = self._unsent(b, start, stop)
         ps = b.page_size
-        with AlignedBuffer(len(pages) * ps) as buf:
-            data, _ = self._gather(b, pages, buf)
-            new = self._claim(b.name, pages)
-            if not new.all():  # pushed meanwhile
-                pages = pages[new]
-                data = memoryview(np.frombuffer(data, np.uint8).reshape(-1, ps)[new].tobytes())
-            if len(pages):
-                self._send_answer(b, pages, data)
-        self.stats.ahead_pages += len(pages)
-        self._count(len(pages) * ps, len(pages), pushed=False)
+        if len(pages):
+            with AlignedBuffer(len(pages) * ps) as buf:
+                data, _ = self._gather(b, pages, buf)
+                new = self._claim(b.name, pages)
+                if not new.all():  # pushed meanwhile
+                    pages = pages[new]
+                    data = memoryview(np.frombuffer(data, np.uint8).reshape(-1, ps)[new]
+                                      .tobytes())
+                if len(pages):
+                    self._send_answer(b, pages, data)
+            self.stats.ahead_pages += len(pages)
+            self._count(len(pages) * ps, len(pages), pushed=False)
+        nxt = self._unsent(b, stop, stop + stop - start)
+        if len(nxt):  # kept with the buffers read ahead (the old ones may hold some)
+            buf = AlignedBuffer(len(nxt) * ps)
+            data, _ = self._gather(b, nxt, buf)
+            with self.ahead_lock:
+                self.ahead[LEAD] = (b.name, nxt, data)
+            old, self.lead = self.lead, buf
+            if old is not None:
+                old.close()
+
+    def _unsent(self, b: BlockInfo, start: int, stop: int) -> np.ndarray:
+        """The present pages of [start, stop) of `b` nobody sent yet."""
+        stop = min(stop, b.npages)
+        return np.arange(start, stop)[b.present[start:stop] & ~self.claimed[b.name][start:stop]]
 
     def _gather(self, b: BlockInfo, pages: np.ndarray, buf: AlignedBuffer
                 ) -> tuple[memoryview, int]:

@@ -111,14 +111,20 @@ def written(path):
     return str(path)
 
 
-def test_the_checksum_tables_load_from_the_spawn_and_the_open_takes_them_over(tmp_path):
+def test_the_checksum_tables_load_from_the_spawn_and_the_open_takes_them_over(tmp_path,
+                                                                            monkeypatch):
     """Once QEMU is started, the checksum tables (2 MiB per GiB of RAM) are read and checked
     in the background while vmsnap loads, and the open uses them instead of reading them
     again (which began only once numpy and the reader had loaded, on a mapped restore's way
     to the guest running): the same check, of the same bytes of the same file."""
     from vmsnap.fileformat import open_snapshot
+    from vmsnap.orchestration import early
 
     path = written(tmp_path / "a")
+    small = start_early(path, ["true"], "postcopy", False)
+    assert small is not None and small.loading is None  # 16 KiB: loaded at the open
+    small.discard()
+    monkeypatch.setattr(early, "EARLY_TABLES_MIN", 0)  # as if it were 8 MiB (4 GiB of RAM)
     launched = start_early(path, ["true"], "postcopy", False)
     assert launched is not None
     try:
@@ -135,7 +141,7 @@ def test_the_checksum_tables_load_from_the_spawn_and_the_open_takes_them_over(tm
         launched.discard()
 
 
-def test_a_damaged_table_loaded_from_the_spawn_is_still_refused(tmp_path):
+def test_a_damaged_table_loaded_from_the_spawn_is_still_refused(tmp_path, monkeypatch):
     """A table read before the open is checked as the open's own would be: a flipped bit
     is refused where the tables are first used (before a restore sends a byte)."""
     from vmsnap.fileformat import open_snapshot
@@ -148,6 +154,9 @@ def test_a_damaged_table_loaded_from_the_spawn_is_still_refused(tmp_path):
         byte = f.read(1)
         f.seek(-1, os.SEEK_CUR)
         f.write(bytes([byte[0] ^ 1]))
+    from vmsnap.orchestration import early
+
+    monkeypatch.setattr(early, "EARLY_TABLES_MIN", 0)
     launched = start_early(path, ["true"], "postcopy", False)
     assert launched is not None and launched.loading is not None
     try:

@@ -113,7 +113,8 @@ def start_early(path: str, command: Sequence[str] | None, engine: str,
             launched = _launch(path, fd, st, trailer, command, engine, trust_command_line)
         if trailer is not None and launched is not None:
             _read_ahead(fd, trailer)
-            loading = _load_tables(fd, trailer)
+            loading = _load_tables(fd, trailer) \
+                if trailer.commit.body_length >= EARLY_TABLES_MIN else None
             if loading is not None:
                 launched.loading = ((st.st_dev, st.st_ino), loading)
         return launched
@@ -174,6 +175,13 @@ def _read_ahead(fd: int, trailer: Trailer) -> None:
         for at in range(start, end, READ_AHEAD_CHUNK):
             os.posix_fadvise(fd, at, min(READ_AHEAD_CHUNK, end - at), os.POSIX_FADV_WILLNEED)
         budget -= end - start
+
+
+#: checksum tables (8 bytes a page) at least this large load from QEMU's spawn on; smaller
+#: ones load at the open, in the thread the QMP round trips leave room for (1-2 GiB, load 3:
+#: ready 9-18 ms after the open, well before a stream needs them), not in the imports'
+#: time, when both CPUs are busy (QEMU's start-up and vmsnap's): there they cost more
+EARLY_TABLES_MIN = 8 << 20
 
 
 def _load_tables(fd: int, trailer: Trailer) -> Trailer | None:

@@ -49,7 +49,9 @@ Figures, all from the command's start (spawn of vmsnap, or of QEMU for qemu10):
             bootguest ws_mb=N; beat=1 makes a heartbeat after every pass over them)
   populate  mmap-populate: seconds QEMU took to make every mapped page private
   p50/p99   postcopy page-request latency (receipt of the request -> page sent), us
-  requests  postcopy page requests (pages the guest touched before they were pushed)
+  requests  postcopy page requests (pages the guest touched before they were pushed); the
+            JSON also has ahead_pages (sent ahead of runs of requests) and from_memory
+            (requests answered from pages read ahead)
 
 --guest linux: the Linux guest (TCG here) instead, memfill filling `fill` x RAM (default
 0.75: the kernel and initramfs need the rest), saved paused; methods eager, postcopy and
@@ -182,6 +184,7 @@ def vmsnap_restore(snap: Path, argv: list[str] | None, extra: list[str],
             "pid": done["pid"], "p50": done.get("latency_p50_us"),
             "p99": done.get("latency_p99_us"), "requests": done.get("requests"),
             "hot_pages": done.get("hot_pages"), "preempt": done.get("preempt"),
+            "ahead_pages": done.get("ahead_pages"), "from_memory": done.get("from_memory"),
             "populate": done.get("populated_seconds")}
 
 

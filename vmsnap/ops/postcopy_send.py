@@ -118,7 +118,7 @@ class PostcopyStats:
     latencies_us: list[float] = field(default_factory=list)
     #: pages the destination asked for, in first-request order, per block (hot pages)
     requested: dict[str, list[int]] = field(default_factory=dict)
-    #: resume(): pages the destination already had (its RECV_BITMAP replies)
+    #: resume(): pages of the file the destination already had (its RECV_BITMAP replies)
     already_received: int = 0
     #: pages and bytes sent on the preempt channel (answers)
     preempt_pages: int = 0
@@ -412,7 +412,9 @@ class PostcopySource:
             sock.settimeout(None)
         for b in self.snap.blocks:
             self.claimed[b.name] |= received[b.name]
-        self.stats.already_received = int(sum(v.sum() for v in received.values()))
+        # of the file's pages: its bitmap also marks the holes the guest touched before
+        self.stats.already_received = int(sum((b.present & received[b.name]).sum()
+                                              for b in self.snap.blocks))
         self.total = sum(int((b.present & ~received[b.name]).sum()) * b.page_size
                          for b in self.snap.blocks)
         log.debug("postcopy recovery: destination has %d pages, %d bytes left to push, %d "

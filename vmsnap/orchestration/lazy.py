@@ -96,7 +96,7 @@ class LazyRestoreResult(RestoreResult):
     latency_p50_us: float | None = None
     latency_p99_us: float | None = None
     hot_pages: int = 0  # pages of the hint sent first (mmap: read ahead)
-    already_received: int = 0  # --resume: pages the target had before this vmsnap came
+    already_received: int = 0  # --resume: file pages the target had before this vmsnap came
     preempt: bool = False  # postcopy: requested pages on QEMU's postcopy-preempt channel
     preempt_pages: int = 0  # pages sent there
     from_memory: int = 0  # requests answered from pages read ahead (no read of their own)

@@ -6,11 +6,12 @@ postcopy-preempt channel, answers go there and never wait for the main stream.""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
@@ -65,6 +66,20 @@ def stall(source: postcopy_send.PostcopySource, ours: socket.socket, theirs: soc
         time.sleep(0.3)
     assert queued >= postcopy_send.QUEUE_LIMIT, queued
     return queued
+
+
+@contextlib.contextmanager
+def stalled_with_preempt(snap, eos: bool = False
+                         ) -> Iterator[tuple[postcopy_send.PostcopySource, socket.socket,
+                                             socket.socket, socket.socket, int]]:
+    """A source on `snap` started with a preempt channel, its main stream full and not read
+    (stall): (source, ours, theirs, fast_theirs, bytes queued on the main stream)."""
+    source = postcopy_send.PostcopySource(snap)
+    ours, theirs = socket.socketpair()
+    fast, fast_theirs = socket.socketpair()
+    widen(ours, theirs)
+    with ours, theirs, fast, fast_theirs:
+        yield source, ours, theirs, fast_theirs, stall(source, ours, theirs, fast, eos)
 
 
 def finish(source: postcopy_send.PostcopySource, theirs: socket.socket) -> bytearray:
@@ -165,12 +180,7 @@ def test_answers_go_on_the_preempt_channel_past_a_full_main_stream(tmp_path, eos
     path = tmp_path / "vm.snap"
     ram = write_snapshot(path)
     with open_snapshot(path) as snap:
-        source = postcopy_send.PostcopySource(snap)
-        ours, theirs = socket.socketpair()
-        fast, fast_theirs = socket.socketpair()
-        widen(ours, theirs)
-        with ours, theirs, fast, fast_theirs:
-            queued = stall(source, ours, theirs, fast, eos)
+        with stalled_with_preempt(snap, eos) as (source, ours, theirs, fast_theirs, queued):
             with source.ahead_lock:  # read and checked, waiting for the pusher
                 fresh = [got for name, got, _ in source.ahead.values()
                          if not source.claimed[name][got].any()]
@@ -231,12 +241,7 @@ def test_a_run_of_requests_gets_the_pages_after_it_sent_ahead(tmp_path):
     path = tmp_path / "vm.snap"
     ram = write_snapshot(path)
     with open_snapshot(path) as snap:
-        source = postcopy_send.PostcopySource(snap)
-        ours, theirs = socket.socketpair()
-        fast, fast_theirs = socket.socketpair()
-        widen(ours, theirs)
-        with ours, theirs, fast, fast_theirs:
-            stall(source, ours, theirs, fast)
+        with stalled_with_preempt(snap) as (source, _, theirs, fast_theirs, _):
             answers = bytearray()
             answered: dict[int, bytes] = {}
             page = PAGES // 2
@@ -268,12 +273,7 @@ def test_a_run_waiting_for_the_main_stream_gets_the_pages_after_it_on_preempt(tm
     path = tmp_path / "vm.snap"
     ram = write_snapshot(path)
     with open_snapshot(path) as snap:
-        source = postcopy_send.PostcopySource(snap)
-        ours, theirs = socket.socketpair()
-        fast, fast_theirs = socket.socketpair()
-        widen(ours, theirs)
-        with ours, theirs, fast, fast_theirs:
-            stall(source, ours, theirs, fast)
+        with stalled_with_preempt(snap) as (source, _, theirs, fast_theirs, _):
             claimed = source.claimed["pc.ram"].copy()  # frozen: the pusher waits
             sent = np.flatnonzero(claimed[:-1] & claimed[1:])  # pushed, unread, and the next
             page = int(sent[0])

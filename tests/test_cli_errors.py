@@ -22,6 +22,7 @@ from testbed.transfer import VMSNAP, save_with_cat
 from vmsnap.fileformat.reader import open_snapshot
 from vmsnap.fileformat.trailer import COMMIT_SIZE, xxh3
 from vmsnap.stream import StreamDecoder, StreamError
+from vmsnap.stream.decoder import find_vmdesc
 
 pytestmark = pytest.mark.qemu
 
@@ -120,6 +121,43 @@ def test_cut_at_stream_end_is_native_without_checksums(captured, tmp_path):
     # still a complete stream: send replays it
     out = run("send", f, check=0).stdout
     assert out == run("send", captured.snap, check=0).stdout
+
+
+def _without_vmdesc(captured: Captured, dst: Path) -> tuple[Path, bytes]:
+    """The capture as a QEMU-native file of a machine with suppress-vmdesc=on: the stream
+    up to its EOF byte, no vmdesc, no trailer. Returns the file and its device state."""
+    stream = captured.stream.read_bytes()
+    dec = StreamDecoder()
+    dec.feed(stream)
+    list(dec.events())
+    assert dec.device_offset is not None
+    j = find_vmdesc(stream)
+    assert j is not None
+    device = stream[dec.device_offset:j]
+    with open_snapshot(captured.snap) as s:
+        end = s.tail_offset + s.tail.rindex(device) + len(device)
+    copy(captured.snap, dst, end)
+    return dst, device
+
+
+def test_native_without_vmdesc(captured, tmp_path):
+    f, _ = _without_vmdesc(captured, tmp_path / "novmdesc.vms")
+    run("info", f, check=0)
+
+
+def test_cut_after_a_false_footer_without_vmdesc(captured, tmp_path):
+    """Device bytes that happen to read `7e <section id> 00` (a register value) end a cut
+    file exactly as a whole vmdesc-less stream ends: the device sections must chain up."""
+    f, device = _without_vmdesc(captured, tmp_path / "cut.vms")
+    start = os.path.getsize(f) - len(device)
+    at = start + device.index(b"cpu\x00") + 40  # inside the cpu section's registers
+    with open(f, "r+b") as fh:
+        fh.seek(at - 6)
+        fh.write(b"\x7e" + struct.pack(">I", 999) + b"\x00")
+    os.truncate(f, at)
+    for verb in ("info", "verify", "send"):
+        line = fails_with(run(verb, f))
+        assert "incomplete" in line, line
 
 
 # -- damaged content ------------------------------------------------------------------------

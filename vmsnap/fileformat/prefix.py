@@ -15,7 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..stream import RamBlock, RamBlocks, SectionStart, StreamDecoder, StreamError
-from ..stream.constants import QEMU_VM_SECTION_FOOTER, TARGET_PAGE_SIZE
+from ..stream.constants import TARGET_PAGE_SIZE
+from ..stream.sections import ends_at_eof
 from .errors import SnapshotError
 
 #: Bytes read at a time from the header region and at each block entry.
@@ -101,7 +102,8 @@ class StreamScan:
     def tail_problem(self, tail: bytes) -> str | None:
         """Decode `tail` (the stream bytes from ``prefix.tail_offset`` to the end). None if
         it ends like a finished QEMU stream: EOF byte and vmdesc trailer (or, vmdesc
-        suppressed, an EOF byte right after a section footer); else what is wrong."""
+        suppressed, device sections each closed by its footer, then EOF: see
+        vmsnap.stream.sections); else what is wrong."""
         dec, off = self._dec, self.prefix.tail_offset
         try:
             if dec.fed_offset < off:
@@ -111,8 +113,9 @@ class StreamScan:
             dec.close()
         except StreamError as e:
             return describe(e)
-        end = dec.end
-        if end is None or (end.vmdesc is None and tail[-6:-5] != bytes([QEMU_VM_SECTION_FOOTER])):
+        end, dev = dec.end, dec.device_offset
+        if end is None or dev is None or (
+                end.vmdesc is None and not ends_at_eof(tail[dev - off:])):
             return f"stream does not end with a vmdesc trailer (offset {off + len(tail):#x})"
         return None
 

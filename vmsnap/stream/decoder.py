@@ -189,6 +189,7 @@ class StreamDecoder:
         self._skip_to = 0
         self._tail = bytearray()  # device-state suffix kept for end detection
         self.end: StreamEnd | None = None
+        self.device_offset: int | None = None  # where the device state (after RAM) begins
 
     # ------------------------------------------------------------------ public API
     @property
@@ -426,6 +427,8 @@ class StreamDecoder:
         if state not in TRANSITIONS[self._state]:
             raise AssertionError(f"decoder: no transition {self._state.value} -> {state.value}")
         self._state = state
+        if state is State.DEVICE:
+            self.device_offset = self._base + self._pos
 
     def _header(self) -> bool:
         p = self._pos

@@ -52,11 +52,14 @@ NATIVE = {
 }
 
 
-@pytest.mark.parametrize("how", list(NATIVE))
+@pytest.mark.parametrize("how", [*NATIVE, "suppress-vmdesc"])
 def test_vmsnap_reads_and_sends_qemu10_native_file(workdir, how):
-    caps, params = NATIVE[how]
+    """suppress-vmdesc: the stream ends with a bare EOF byte, whole only if its device state
+    chains up as sections (vmsnap.stream.sections)."""
+    caps, params = NATIVE.get(how, NATIVE["mapped-ram"])
     guest = BootGuest(memory_mb=256, limit_mb=64)
-    config = guest.config("10", workdir)
+    config = guest.config("10", workdir, machine="q35,suppress-vmdesc=on"
+                          if how == "suppress-vmdesc" else "q35")
     native = workdir / "native.img"
     with Vm(config, workdir, "src") as vm:
         guest.boot(vm)
@@ -64,6 +67,9 @@ def test_vmsnap_reads_and_sends_qemu10_native_file(workdir, how):
         with guest.saving(vm) as saved:
             vm.migrate(f"file:{native}", capabilities=caps,
                        parameters={**migrate_parameters(False), **params})
+    with open(native, "rb") as f:
+        f.seek(-1, 2)
+        assert (f.read() == b"\0") == (how == "suppress-vmdesc")  # EOF byte, or vmdesc JSON
     info = json.loads(vmsnap("info", "--json", native).stdout)
     assert info["format"] == "qemu-native mapped-ram", info
     assert "no checksums" in info["integrity"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -26,14 +27,16 @@ from test_lazy_restore import (
 from test_save_restore import events, ok, qemu_pids_using, run_vmsnap
 
 import vmsnap
+from testbed.faultyfs import FaultyFile
 from testbed.fullfs import as_root, fill, small_tmpfs
 from testbed.guests import BootGuest
-from testbed.pagecache import evict, mapped
+from testbed.pagecache import cached, evict, mapped
 from testbed.qemu import Vm
 from vmsnap import targets
 from vmsnap.fileformat.hot import hot_path
 from vmsnap.orchestration import lazy
 from vmsnap.orchestration.qmp import Peer
+from vmsnap.stream.constants import TARGET_PAGE_SIZE as PAGE
 
 
 @pytest.mark.qemu
@@ -165,6 +168,7 @@ def test_lazy_restore_file_cut_short_then_resumed(qemu, workdir):
     snap, _, held = saved(guest, qemu, workdir)
     with vmsnap.open(snap) as s:
         cut = s.block("pc.ram").pages_offset
+        snap_blocks = {b.name: b.pages_offset for b in s.blocks}
     whole = workdir / "whole.snap"
     shutil.copyfile(snap, whole)
     with Vm(guest.config(qemu, workdir), workdir, "dst", incoming="defer") as dst:
@@ -175,12 +179,64 @@ def test_lazy_restore_file_cut_short_then_resumed(qemu, workdir):
             os.truncate(snap, cut)
 
         line = fails_in_one_line(proc, cut_once_running)
-        assert "block '" in line and "end of file" in line, line  # pc.ram or one after it
+        assert "end of file" in line, line
+        assert_names_a_page(snap_blocks, line)  # pc.ram or one after it
         assert "waits in postcopy-paused" in line and "--resume" in line, line
         assert_waits_paused(dst)
         shutil.copyfile(whole, snap)  # the same file (inode), whole again
         done = events(ok(run_vmsnap(workdir, "restore", "--json", "--lazy", "--resume", snap,
                                     "--qmp", dst.tool_qmp_path)))[-1]
+        assert done["event"] == "done" and done["pages"] > 0, done
+        assert dst.cmd("query-migrate")["status"] == "completed"
+        guest.check_restored(dst, held, resumed=True)
+
+
+#: how a read error names its page: "cannot read block 'pc.ram' page at offset 0x1000
+#: (file offset 0x201000): Input/output error"
+UNREADABLE = re.compile(r"cannot read block '([^']+)' page at offset (0x[0-9a-f]+) "
+                        r"\(file offset (0x[0-9a-f]+)\): ")
+
+
+def assert_names_a_page(pages_offsets: dict[str, int], line: str) -> tuple[str, int]:
+    """(block, offset in it) of the page the read error `line` names, its file offset
+    checked against the file's layout (`pages_offsets`: where each block's pages are)."""
+    m = UNREADABLE.search(line)
+    assert m is not None, line
+    block, offset, foff = m.group(1), int(m.group(2), 16), int(m.group(3), 16)
+    assert offset % PAGE == 0 and foff == pages_offsets[block] + offset, line
+    return block, offset
+
+
+@pytest.mark.qemu
+@as_root
+@pytest.mark.parametrize("qemu", ["7.2", "10"], ids=["qemu7.2", "qemu10"])
+def test_lazy_restore_page_unreadable_then_resumed(qemu, workdir):
+    """A page of the snapshot that reads with EIO (a bad sector: the file served through a
+    FUSE file system that fails that page's reads), late in RAM so the guest runs before
+    the pushers reach it: vmsnap ends in one line naming the block, the page's offset in it
+    and its file offset, saying the guest waits in postcopy-paused for `--resume`; once the
+    page reads again, `--resume` finishes the restore and the RAM checks."""
+    guest = BootGuest(memory_mb=1024, mode="random")
+    snap, _, held = saved(guest, qemu, workdir)
+    with vmsnap.open(snap) as s:
+        ram = s.block("pc.ram")
+        first, count = (int(x) for x in s.present_runs(ram)[-1])
+        page = first + count - 1
+        foff = ram.pages_offset + page * PAGE
+    faulty = FaultyFile(snap, workdir / "faulty", foff, foff + PAGE)
+    faulty.failing.set()
+    with faulty.mounted() as served, \
+            Vm(guest.config(qemu, workdir), workdir, "dst", incoming="defer") as dst:
+        proc = start_lazy(workdir, served, dst.tool_qmp_path)
+        line = fails_in_one_line(proc, lambda: None)
+        assert faulty.failed_reads > 0
+        assert assert_names_a_page({"pc.ram": ram.pages_offset}, line) == ("pc.ram", page * PAGE)
+        assert os.strerror(errno.EIO) in line, line
+        assert "waits in postcopy-paused" in line and "--resume" in line, line
+        assert_waits_paused(dst)
+        faulty.failing.clear()
+        done = events(ok(run_vmsnap(workdir, "restore", "--json", "--lazy", "--resume",
+                                    served, "--qmp", dst.tool_qmp_path)))[-1]
         assert done["event"] == "done" and done["pages"] > 0, done
         assert dst.cmd("query-migrate")["status"] == "completed"
         guest.check_restored(dst, held, resumed=True)
@@ -199,11 +255,18 @@ def test_preempt_refused_on_qemu_8_0_and_8_1(version, why):
     assert "no postcopy-preempt" in lazy._preempt_refusal({}, peer)
 
 
+def cached_share(snap: Path) -> float:
+    """The share of the mapped block's pages of `snap` in the page cache."""
+    with vmsnap.open(snap) as s:
+        ram = s.block("pc.ram")
+    return float(cached(snap, ram.pages_offset, ram.npages).astype(bool).mean())
+
+
 @pytest.mark.qemu
 def test_sigint_during_the_mmap_check(workdir, request):
     """mmap: an interrupt while the background check reads the file (1 GiB, cold) ends
-    vmsnap (130), saying that the guest runs on with its pages not all checked; it does,
-    its RAM whole."""
+    vmsnap (130) at once, not after reading the rest of the file, saying that the guest
+    runs on with its pages not all checked; it does, its RAM whole."""
     guest = BootGuest(memory_mb=1024)
     snap, argv, held = saved(guest, "10", workdir)
     evict(snap)
@@ -214,12 +277,69 @@ def test_sigint_during_the_mmap_check(workdir, request):
         proc.send_signal(signal.SIGINT)
 
     err = ended_by(proc, interrupt_once_running)
+    pids = qemu_pids_using(workdir)  # the guest runs on: ended by the test, whatever fails
+    for pid in pids:
+        request.addfinalizer(lambda pid=pid: _kill(pid))
     assert proc.returncode == 130, err
     assert "the guest runs on, its pages not all checked" in err, err
     assert "Traceback" not in err, err
-    pids = qemu_pids_using(workdir)
+    assert cached_share(snap) < 0.75, "the check read on after the interrupt"
     assert len(pids) == 1, pids
-    request.addfinalizer(lambda: _kill(pids[0]))
     with Vm(guest.config("10", workdir), workdir, "src").adopt(pids[0]) as vm:
         guest.check_restored(vm, held, resumed=True)
         vm.cmd("quit")
+
+
+@pytest.mark.qemu
+def test_qemu_killed_during_the_mmap_check(workdir):
+    """mmap: QEMU SIGKILLed while the background check reads the file (1 GiB, cold; the
+    guest paused, so that only the check reads it): vmsnap ends at once, non-zero, in one
+    line saying that QEMU ended and the pages were not all checked (it used to read on
+    and say `done`)."""
+    guest = BootGuest(memory_mb=1024)
+    snap, argv, _ = saved(guest, "10", workdir)
+    evict(snap)
+    proc = spawn_vmsnap(workdir, "restore", "--json", "--lazy=mmap", "--paused", snap, "--",
+                        *argv)
+
+    def kill_once_running() -> None:
+        wait_event(proc, "running")
+        pids = qemu_pids_using(workdir)
+        assert len(pids) == 1, pids
+        os.kill(pids[0], signal.SIGKILL)
+
+    line = fails_in_one_line(proc, kill_once_running)
+    assert "QEMU ended while vmsnap checked the guest's pages" in line, line
+    assert "not all checked" in line, line
+    assert cached_share(snap) < 0.75, "the check read on after QEMU ended"
+    assert qemu_pids_using(workdir) == []
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize("target", ["qmp", "command"])
+def test_qemu_killed_during_postcopy(target, workdir):
+    """The target QEMU SIGKILLed once the guest runs, its pages still on their way (a
+    --qmp target, or a QEMU vmsnap launched from a given command line): vmsnap ends at once,
+    non-zero, in one line saying that QEMU ended (not a bare "Broken pipe")."""
+    guest = BootGuest(memory_mb=1024, mode="random")
+    snap, argv, _ = saved(guest, "10", workdir)
+    evict(snap)  # the push takes a while
+
+    def kill_once_running(proc: subprocess.Popen) -> Callable[[], None]:
+        def kill() -> None:
+            wait_event(proc, "running")
+            pids = qemu_pids_using(workdir)
+            assert len(pids) == 1, pids
+            os.kill(pids[0], signal.SIGKILL)
+        return kill
+
+    if target == "qmp":
+        with Vm(guest.config("10", workdir), workdir, "dst", incoming="defer") as dst:
+            proc = start_lazy(workdir, snap, dst.tool_qmp_path)
+            line = fails_in_one_line(proc, kill_once_running(proc))
+            dst.proc.wait(30)
+    else:
+        proc = spawn_vmsnap(workdir, "restore", "--json", "--lazy=postcopy", snap, "--", *argv)
+        line = fails_in_one_line(proc, kill_once_running(proc))
+    assert "QEMU ended during the lazy restore" in line or "QEMU went away" in line, line
+    assert qemu_pids_using(workdir) == []

@@ -184,4 +184,4 @@ def test_wrong_credentials_and_deleted_chunk(s3_url, workdir):
     b = host(workdir, "b")
     with Vm(guest.config("7.2", b), b, "dst", incoming="defer") as dst:
         line = one_line_error(vmsnap_cli(b, "restore", s3_url, "--qmp", dst.tool_qmp_path))
-        assert f"{key} is missing" in line and "'pc.ram' pages from offset 0x" in line, line
+        assert f"{key} is missing" in line and "'pc.ram' page at offset 0x" in line, line

@@ -1,3 +1,4 @@
+import errno
 import os
 import stat
 
@@ -19,6 +20,7 @@ from vmsnap.fileformat import (
 )
 from vmsnap.fileformat.trailer import CommitRecord
 from vmsnap.io import AlignedBuffer
+from vmsnap.io.direct import DirectFile
 
 PS = 4096
 BLOCKS = [("pc.ram", 16 << 20), ("/rom@etc/acpi/tables", 0x20000), ("pc.bios", 0x40000)]
@@ -211,6 +213,42 @@ def test_warm_verify_leaves_the_pages_cached(small_snapshot):
             for b in s.blocks:
                 resident = cached(small_snapshot, b.pages_offset, b.npages)[b.present]
                 assert resident.all() == warm, (b.name, warm, resident.mean())
+
+
+@pytest.mark.parametrize("warm", [False, True], ids=["direct", "warm"])
+def test_unreadable_page_named(small_snapshot, warm):
+    """A read of many pages that fails (here: the file cut short in their middle once open)
+    names the first page that cannot be read: its block, its offset in it, its file offset."""
+    with open_snapshot(small_snapshot) as s:
+        b = s.block("pc.ram")
+        runs = s.present_runs(b)
+        first, count = (int(x) for x in runs[np.argmax(runs[:, 1])])
+        assert count > 2
+        page = first + count // 2
+        os.truncate(small_snapshot, b.pages_offset + page * PS + 100)
+        with pytest.raises(SnapshotError) as ei:
+            s.read_pages(b, first, count, AlignedBuffer(count * PS), cached=warm)
+    assert (f"cannot read block 'pc.ram' page at offset {page * PS:#x} "
+            f"(file offset {b.pages_offset + page * PS:#x}): unexpected end of file"
+            in str(ei.value)), ei.value
+
+
+def test_a_read_that_fails_once_is_read_again(small_snapshot, monkeypatch):
+    """A read of many pages that fails once (a transient I/O error) is read again page by
+    page: the pages come, checked."""
+    failed = []
+    real = DirectFile.read_into
+
+    def once(self, offset, bufs, **kw):
+        if not failed and sum(memoryview(b).nbytes for b in bufs) > PS:
+            failed.append(offset)
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return real(self, offset, bufs, **kw)
+
+    monkeypatch.setattr(DirectFile, "read_into", once)
+    with open_snapshot(small_snapshot) as s:
+        s.verify()
+    assert failed
 
 
 def test_bitflip_in_device_state_and_header(small_snapshot):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Callable, Container, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -201,16 +202,20 @@ class Snapshot:
         if mv.nbytes < n:
             raise ValueError(f"buffer too small: {mv.nbytes} < {n}")
         mv = mv[:n]
+
+        def read(at: int, into: memoryview) -> None:
+            if cached and isinstance(self._file, DirectFile):
+                self._file.read_cached(at, [into], keep=keep)
+            else:
+                (self._file.read_urgent if urgent else self._file.read_into)(at, [into])
+
         if n:
             try:
-                at = b.pages_offset + first_page * b.page_size
-                if cached and isinstance(self._file, DirectFile):
-                    self._file.read_cached(at, [mv], keep=keep)
-                else:
-                    (self._file.read_urgent if urgent else self._file.read_into)(at, [mv])
-            except IOEngineError as e:
-                raise SnapshotError(f"block {b.name!r} pages from offset "
-                                    f"{first_page * b.page_size:#x}: {e.strerror}") from None
+                read(b.pages_offset + first_page * b.page_size, mv)
+            except OSError as err:
+                log.debug("read of %s pages %d+%d failed (%s): again page by page", b.name,
+                          first_page, count, err)
+                _reread(b, first_page, mv, read)
         return mv
 
     def check_pages(self, block: BlockInfo, first: int, count: int, data: memoryview,
@@ -299,11 +304,13 @@ class Snapshot:
 
     def verify(self, progress: Callable[[int, int], None] | None = None,
                chunk_bytes: int = 8 << 20, skip: Container[str] = (),
-               warm: bool = False) -> VerifyResult:
+               warm: bool = False, stop: threading.Event | None = None) -> VerifyResult:
         """Check every present page (of the blocks not in `skip`) and every non-page stream
         range against the trailer. Raises ChecksumMismatch naming the first bad page (block
         + offset). `progress(done_bytes, total_bytes)` is called after each chunk. `warm`:
-        the pages are read into the page cache and left there (iter_pages)."""
+        the pages are read into the page cache and left there (iter_pages). `stop`: once
+        set, the check ends after the chunk at hand (a check in the background whose
+        guest is gone, or interrupted); the result counts the pages it checked."""
         if self.trailer is None:
             raise SnapshotError("QEMU-native file has no checksums to verify")
         if not self.trailer.sealed:
@@ -317,6 +324,8 @@ class Snapshot:
             pages += count
             if progress:
                 progress(done, total)
+            if stop is not None and stop.is_set():
+                break
         return VerifyResult(pages, done, len(self.trailer.ranges))
 
     def reopen(self, flags: int) -> int:
@@ -340,6 +349,22 @@ class Snapshot:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _reread(b: BlockInfo, first: int, mv: memoryview,
+            read: Callable[[int, memoryview], None]) -> None:
+    """Read the pages of `mv` (from page `first` of `b`), whose read together failed (an I/O
+    error, the file cut short), one at a time: the first that fails again is named, by its
+    block, its offset in it and its file offset; if none does, they are read after all."""
+    ps = b.page_size
+    for i in range(mv.nbytes // ps):
+        at = b.pages_offset + (first + i) * ps
+        try:
+            read(at, mv[i * ps:(i + 1) * ps])
+        except OSError as err:
+            raise SnapshotError(f"cannot read block {b.name!r} page at offset "
+                                f"{(first + i) * ps:#x} (file offset {at:#x}): "
+                                f"{err.strerror or err}") from None
 
 
 def open_snapshot(path: str | os.PathLike[str], *, direct: bool = True,

@@ -90,7 +90,7 @@ def preadv_all(fd: int, bufs: Sequence[Buffer], offset: int) -> int:
                    want: int = want) -> int:
             n = os.preadv(fd, views, start + done)
             if n == 0:
-                raise IOEngineError(errno.EIO, f"unexpected end of file at offset {start + done}"
+                raise IOEngineError(errno.EIO, f"unexpected end of file at offset {start + done:#x}"
                                                f" (wanted {want - done} more bytes)")
             return n
         total += transfer_all(preadv, group)

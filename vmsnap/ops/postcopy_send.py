@@ -34,7 +34,7 @@ Pages absent from the file (zero) are sent only when asked for, as ZERO records:
 destination discards all RAM when advised of postcopy, and unregisters userfaultfd when
 the stream ends, so a page nobody touched reads as zero afterwards, as it was saved.
 A page failing its checksum is never sent: the source stops (error naming block and
-offset) and the caller stops the guest and cuts the stream.
+offset) and the caller cuts the stream; a vCPU that needs the page waits for it.
 
 resume() instead of start() finishes a restore whose source died, on a destination that
 `migrate-recover` gave this socket: it asks which pages the destination has (RECV_BITMAP

@@ -7,8 +7,9 @@ device state (POSTCOPY_RUN); pages then arrive on demand and in the background. 
 has postcopy-preempt, requested pages go on its second channel, never behind pushed ones:
 QEMU then listens (rendezvous.incoming_listener) and vmsnap connects the main channel, then
 the preempt one; without a place QEMU can listen, one channel (the result says which).
-A page failing its checksum is never sent; the guest is stopped, the stream cut (a --qmp
-target is left in postcopy-paused, a QEMU vmsnap launched is ended). Once the guest runs,
+A page failing its checksum is never sent and the stream is cut (a --qmp target is left
+in postcopy-paused, its vCPUs waiting for the pages they lack; a QEMU vmsnap launched is
+ended); no failure sends `stop`, which could wedge QEMU's monitor. Once the guest runs,
 an interrupt does not stop vmsnap: the guest needs every page, so the restore finishes and
 says so. If vmsnap dies, the target stays in postcopy-paused (vCPUs wait for their pages,
 nothing spins).
@@ -18,7 +19,8 @@ Engine "mmap" (QEMU >= 8.2, vmsnap launches QEMU): pc.ram is mapped privately fr
 background once the guest runs, read through the page cache and left there (the guest's
 faults find them; the disk is read once), and a mismatch stops the guest and ends the QEMU
 vmsnap launched; `verify=True` checks every page before the guest starts. An interrupt during
-the background check leaves the guest running, unchecked, and says so. `populate=True`: QEMU
+the background check leaves the guest running, unchecked, and says so; QEMU ending during
+it ends vmsnap with an error saying so. Either stops the check. `populate=True`: QEMU
 also copies every mapped page privately while the guest runs (orchestration.populate).
 
 "auto" picks postcopy (see mapped.pick_engine). A remote snapshot (rbd:, s3://) cannot be
@@ -35,6 +37,7 @@ import shutil
 import socket
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -126,22 +129,35 @@ async def _wait_running(client: Monitor, t0: float) -> float:
                 return time.monotonic() - t0
 
 
-async def _left_paused(client: Monitor) -> bool:
-    """Whether the target, its postcopy stream cut, is (or goes within STOP_TIMEOUT) in
-    postcopy-paused, where `--resume` can take it up."""
+async def _after_cut(client: Monitor) -> str:
+    """What the target does once its postcopy stream is cut: its migration status once it
+    left postcopy-active (or after STOP_TIMEOUT), "postcopy-paused" being where `--resume`
+    can take it up; "gone" if its monitor closed (QEMU ended), "" if it did not answer."""
     deadline = time.monotonic() + STOP_TIMEOUT
-    while time.monotonic() < deadline:
+    while True:
         try:
-            status = (await asyncio.wait_for(qmpmod.migration_status(client),
-                                             STOP_TIMEOUT)).get("status")
-        except Exception:  # noqa: BLE001 - QEMU gone or stuck: nothing to resume
-            return False
-        if status == "postcopy-paused":
-            return True
-        if status != "postcopy-active":
-            return False
+            status = str((await asyncio.wait_for(qmpmod.migration_status(client),
+                                                 STOP_TIMEOUT)).get("status"))
+        except qmpmod.QemuGoneError:
+            return "gone"
+        except Exception:  # noqa: BLE001 - stuck (the timeout), or refused: nothing to tell
+            return ""
+        if status != "postcopy-active" or time.monotonic() > deadline:
+            return status
         await asyncio.sleep(POLL)
-    return False
+
+
+def _paused(err: Exception, path: str, qmp: str) -> VmsnapError:
+    """`err` saying that the --qmp target it left waits in postcopy-paused, and what for:
+    `--resume` (a file that reads again), or nothing (a bad page: this file cannot finish
+    the restore)."""
+    if isinstance(err, ChecksumMismatch):
+        return ChecksumMismatch(
+            f"{one_line(err)}: not sent; the guest waits in postcopy-paused for the pages it "
+            "lacks, which this file cannot give (end that QEMU)", block=err.block,
+            offset=err.offset, file_offset=err.file_offset)
+    return VmsnapError(f"{one_line(err)}; the guest waits in postcopy-paused: `vmsnap "
+                       f"restore {path} --lazy --resume --qmp {qmp}` finishes the restore")
 
 
 async def _stop_guest(client: Monitor, command: str = "stop") -> None:
@@ -312,27 +328,27 @@ class _Job:
             self.rep.error(one_line(err))
             if not isinstance(err, Exception):
                 self.rep.note("interrupted: the guest runs on, its pages not all checked")
-            elif self.client is not None:  # a bad page: the guest must not go on
-                await _stop_guest(self.client)
+            elif self.client is not None and not isinstance(err, qmpmod.QemuGoneError):
+                await _stop_guest(self.client)  # mmap: a bad page, the guest must not go on
                 if self.proc is not None:
                     await _stop_guest(self.client, "quit")
             return err
-        if (self.proc is None and self.client is not None and self.source is not None
-                and isinstance(err, ChecksumMismatch)):
-            await _stop_guest(self.client)  # a bad page: the guest goes no further
-        # else its vCPUs wait for the pages they lack (as when vmsnap is killed): a `stop`
-        # now may wait for a vCPU that waits for its page, wedging QEMU's monitor for good
-        # (seen on this nested host), and --resume could not take it up
+        # postcopy: never `stop` (a bad page too, which is never sent: a vCPU that needs it
+        # waits for it): its vCPUs wait for the pages they lack, as when vmsnap is killed,
+        # and a `stop` waits for each vCPU to pause, which one waiting for its page may
+        # never do, wedging QEMU's monitor for good (seen on this nested host)
+        state = ""
         if self.source is not None:
             self.source.abort()  # a --qmp target pauses in postcopy-paused
+            if self.client is not None and self.source.threads and isinstance(err, Exception):
+                state = await _after_cut(self.client)
         if self.proc is not None:
             self.proc.kill()
-        elif (self.client is not None and self.source is not None and self.source.threads
-              and isinstance(err, Exception) and not isinstance(err, ChecksumMismatch)
-              and await _left_paused(self.client)):
-            err = VmsnapError(f"{one_line(err)}; the guest waits in postcopy-paused: "
-                              f"`vmsnap restore {self.snap.path} --lazy --resume --qmp "
-                              f"{self.qmp}` finishes the restore")
+        if state == "gone" and not isinstance(err, qmpmod.QemuGoneError):
+            err = qmpmod.QemuGoneError(f"QEMU ended during the lazy restore: the guest is "
+                                       f"gone ({one_line(err)})")
+        elif state == "postcopy-paused" and self.proc is None and isinstance(err, Exception):
+            err = _paused(err, self.snap.path, self.qmp)
         self.rep.error(one_line(err))
         return err
 
@@ -512,7 +528,7 @@ async def _serve(job: _Job, channels: _Channels, resume: bool) -> LazyRestoreRes
                      f"lazy restore first ({left} MiB left)")
     await wait_loaded(client)
     if resume and job.run and not (await client.execute("query-status"))["running"]:
-        await client.execute("cont")  # the attempt that failed stopped the guest
+        await client.execute("cont")  # stopped meanwhile (by hand; older vmsnaps, at a bad page)
     job.release()
     if job.hot and stats.requested:
         try:
@@ -558,12 +574,11 @@ async def _mmap(job: _Job) -> LazyRestoreResult:
         client, job.snap.block(MAPPED_BLOCK).used_length)) if job.populate else None
     try:
         if not job.verified:  # the guest runs meanwhile; a bad page stops it
-            others = [b.name for b in job.snap.blocks if b.name != MAPPED_BLOCK]  # sent checked
             try:
-                await loop.run_in_executor(None, lambda: job.snap.verify(skip=others, warm=True))
-            except Exception:
-                if populating is not None:  # QEMU answers the `stop` only once it is done
-                    await asyncio.wait([populating])
+                await _check_mapped(job, client, populating)
+            except Exception as err:
+                if populating is not None and not isinstance(err, qmpmod.QemuGoneError):
+                    await asyncio.wait([populating])  # QEMU answers the `stop` only then
                 raise
             job.verified = True
         populated = await _populated(job, populating) if populating is not None else None
@@ -573,6 +588,38 @@ async def _mmap(job: _Job) -> LazyRestoreResult:
     hot = await job.prefetching if job.prefetching is not None else 0
     return dataclasses.replace(job.result(stats.stream_bytes, stats.pages, running),
                                hot_pages=hot, populated_seconds=populated)
+
+
+async def _check_mapped(job: _Job, client: Monitor,
+                        populating: asyncio.Future[float] | None) -> None:
+    """Check every mapped page against its checksum while the guest runs (a bad one raises:
+    job.fail stops the guest). The check ends with QEMU, which it does not otherwise read
+    from (QemuGoneError: the guest is gone, its pages not all checked), and at an interrupt
+    (job.fail says the guest runs on unchecked), instead of reading the rest of the file."""
+    others = [b.name for b in job.snap.blocks if b.name != MAPPED_BLOCK]  # sent checked
+    stop = threading.Event()
+    check = asyncio.get_running_loop().run_in_executor(
+        None, lambda: job.snap.verify(skip=others, warm=True, stop=stop))
+    gone = asyncio.ensure_future(qmpmod.closed(client) if isinstance(client, Client)
+                                 else asyncio.Event().wait())
+    try:
+        await asyncio.wait((check, gone), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stop.set()
+        gone.cancel()
+        await asyncio.wait([check])
+    checked = check.result()  # raises for a bad page, or the file unreadable
+    mapped = job.snap.block(MAPPED_BLOCK)
+    if checked.pages == mapped.present_count:
+        return
+    if populating is not None:  # QEMU ended while it copied too: populate's word for it
+        await asyncio.wait([populating])
+        if isinstance(populating.exception(), qmpmod.QemuGoneError):
+            populating.result()
+    raise qmpmod.QemuGoneError(
+        f"QEMU ended while vmsnap checked the guest's pages in the background: the guest is "
+        f"gone, its pages not all checked ({checked.bytes >> 20} of "
+        f"{mapped.present_count * mapped.page_size >> 20} MiB)")
 
 
 async def _populated(job: _Job, populating: asyncio.Future[float]) -> float | None:

@@ -244,7 +244,7 @@ class Watch:
             self._delay = min(2 * self._delay, self._poll)
             return None
         got = asyncio.ensure_future(self._listener.get())
-        gone = asyncio.ensure_future(_closed(self._client))
+        gone = asyncio.ensure_future(closed(self._client))
         try:
             await asyncio.wait((got, gone), timeout=min(timeout, EVENT_WAIT_MAX),
                                return_when=asyncio.FIRST_COMPLETED)
@@ -259,7 +259,7 @@ class Watch:
         return name
 
 
-async def _closed(client: Client) -> None:
+async def closed(client: Client) -> None:
     """Return once the monitor is no longer connected (QEMU quit or died)."""
     while client.runstate is Runstate.RUNNING:
         await client.runstate_changed()

@@ -479,7 +479,9 @@ def test_lazy_restore_vmsnap_killed_then_resumed(qemu, workdir):
         lost = (postcopy_send.QUEUE_LIMIT + PREEMPT_IN_FLIGHT) // PAGE
         assert sent - lost <= done["already_received"] < present, (sent, done)
         assert done["already_received"] + done["pages"] <= present + done["zero_pages"]
-        assert done["pages"] > present // 2, done
+        # how much the resume sends depends on how far the push got before the progress
+        # report the kill waited for (~800 of 1,024 MiB on a fast quiet host): only > 0
+        assert done["pages"] > 0, done
         assert dst.cmd("query-migrate")["status"] == "completed"
         guest.check_restored(dst, held, resumed=True)
         again = run_vmsnap(workdir, "restore", "--lazy", "--resume", snap, "--qmp",

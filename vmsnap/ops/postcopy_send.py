@@ -310,11 +310,20 @@ class PostcopySource:
 
     def _send_answer(self, b: BlockInfo, pages: np.ndarray, data: memoryview | None) -> None:
         """Send requested pages (ZERO records when `data` is None): on the preempt channel
-        while it is open, else on the main stream."""
+        while it is open, else on the main stream. Once the main stream's end is out, every
+        present page is, and a destination that read it closes its preempt channel: an
+        answer it then refuses is a late one for a page absent from the file, which reads
+        as zero without it (see _send)."""
         with self.preempt_lock:
             if self.preempt is not None:
-                self.stats.preempt_bytes += sendmsg_all(
-                    self.preempt, self._records(b, pages, data, section=False))
+                try:
+                    self.stats.preempt_bytes += sendmsg_all(
+                        self.preempt, self._records(b, pages, data, section=False))
+                except (BrokenPipeError, ConnectionResetError):
+                    if not self.closing:
+                        raise
+                    self.preempt = None
+                    return
                 self.stats.preempt_pages += len(pages)
                 return
         self._send(self._records(b, pages, data))

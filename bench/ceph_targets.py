@@ -61,7 +61,7 @@ def evict(target: str, url: str) -> None:
 
 def lazy_restore(url: str, qmp: Path, env: dict[str, str]) -> dict:
     """`vmsnap restore --lazy=postcopy`, timing its "running" event as it arrives."""
-    running, end, done = timed_restore(
+    running, end, done, _ = timed_restore(
         [VMSNAP, "restore", "--json", "--lazy=postcopy", url, "--qmp", str(qmp)],
         {**os.environ, **env}, time.monotonic())
     return {"lazy_running_s": running, "lazy_done_s": end,

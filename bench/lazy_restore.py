@@ -48,6 +48,9 @@ Figures, all from the command's start (spawn of vmsnap, or of QEMU for qemu10):
             (--ws-mb N: a guest whose working set is N MiB of pages scattered over its RAM,
             bootguest ws_mb=N; beat=1 makes a heartbeat after every pass over them)
   populate  mmap-populate: seconds QEMU took to make every mapped page private
+  cpu       CPU seconds (user+system) of vmsnap and its QEMU until done (QEMU: all its
+            threads, so a lazy restore's running vCPU too); the JSON splits it into
+            cpu_vmsnap and cpu_qemu
   p50/p99   postcopy page-request latency (receipt of the request -> page sent), us
   requests  postcopy page requests (pages the guest touched before they were pushed); the
             JSON also has ahead_pages (sent ahead of runs of requests) and from_memory
@@ -82,7 +85,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import evict_file, timed_restore, vmsnap_env  # noqa: E402
+from bench.common import evict_file, qemu_usage, timed_restore, vmsnap_env  # noqa: E402
 from testbed.guests import BootGuest, LinuxGuest, Saved  # noqa: E402
 from testbed.qemu import Vm  # noqa: E402
 from testbed.serial import SerialConsole  # noqa: E402
@@ -173,14 +176,14 @@ class Verify:
         self.thread.join(10)
 
 
-def vmsnap_restore(snap: Path, argv: list[str] | None, extra: list[str],
+def vmsnap_restore(snap: Path, vm: Vm, stored: bool, extra: list[str],
                    env: dict[str, str], t0: float, on_running: Callable[[], None]) -> dict:
-    """Run `vmsnap restore` (into `argv`, or the command line stored in `snap`), timing its
-    "running" event as it arrives."""
-    running, end, done = timed_restore(
+    """Run `vmsnap restore` (into `vm`'s command line, or the one stored in `snap`), timing
+    its "running" event as it arrives, and the CPU it and its QEMU used until it ended."""
+    running, end, done, cpu = timed_restore(
         [sys.executable, "-m", "vmsnap", "restore", "--json", *extra, str(snap),
-         *(["--", *argv] if argv is not None else [])], env, t0, on_running)
-    return {"running": running, "done": end,
+         *([] if stored else ["--", *vm.argv()])], env, t0, on_running)
+    return {"running": running, "done": end, **cpu_figures(vm, cpu),
             "pid": done["pid"], "p50": done.get("latency_p50_us"),
             "p99": done.get("latency_p99_us"), "requests": done.get("requests"),
             "hot_pages": done.get("hot_pages"), "preempt": done.get("preempt"),
@@ -195,7 +198,17 @@ def native_restore(snap: Path, vm: Vm, t0: float) -> dict:
     vm.cmd("migrate-incoming", uri=f"file:{snap}")
     vm.wait_migration()
     vm.cont()
-    return {"running": time.monotonic() - t0, "done": time.monotonic() - t0}
+    return {"running": time.monotonic() - t0, "done": time.monotonic() - t0,
+            **cpu_figures(vm, 0.0)}
+
+
+def cpu_figures(vm: Vm, vmsnap_cpu: float) -> dict:
+    """CPU seconds (user+system) from the spawn to the restore's end: vmsnap's, its QEMU's
+    (every thread: a lazy restore's running vCPU too) and their sum ("cpu")."""
+    usage = qemu_usage(vm)
+    qemu = usage["cpu_s"] if usage else None
+    return {"cpu": None if qemu is None else vmsnap_cpu + qemu, "cpu_vmsnap": vmsnap_cpu,
+            "cpu_qemu": qemu}
 
 
 def run_method(method: str, guest: BootGuest | LinuxGuest, config, snap: Path, saved: Saved,
@@ -225,8 +238,7 @@ def run_method(method: str, guest: BootGuest | LinuxGuest, config, snap: Path, s
         if method == "qemu10":
             fig = native_restore(snap, vm, t0)
         else:
-            fig = vmsnap_restore(snap, None if method == "stored" else vm.argv(), extra, env,
-                                 t0, probe.running)
+            fig = vmsnap_restore(snap, vm, method == "stored", extra, env, t0, probe.running)
             vm.adopt(fig.pop("pid"))
             if paused:  # its end, not the guest running: it stays paused
                 fig["running"] = None
@@ -327,7 +339,7 @@ def medians(runs: list[dict]) -> dict:
     good = [r for r in runs if r.get("ok")]
     out = {"ok": f"{len(good)}/{len(runs)}"}
     for key in ("running", "beat", "full_pass", "populate", "pong", "verified", "verify_s",
-                "done", "p50", "p99", "requests", "loadavg"):
+                "done", "cpu", "p50", "p99", "requests", "loadavg"):
         values = [r[key] for r in good if r.get(key) is not None]
         out[key] = statistics.median(values) if values else None
     return out
@@ -343,8 +355,8 @@ def table(results: dict) -> str:
                              ("full_pass", "full pass s", ".2f"),
                              ("populate", "populate s", ".2f")])
     cols = [("ok", "ok", ""), ("running", "running s", ".2f"), *middle, ("done", "done s", ".2f"),
-            ("p50", "p50 us", ".0f"), ("p99", "p99 us", ".0f"), ("requests", "requests", ".0f"),
-            ("loadavg", "load", ".1f")]
+            ("cpu", "CPU s", ".2f"), ("p50", "p50 us", ".0f"), ("p99", "p99 us", ".0f"),
+            ("requests", "requests", ".0f"), ("loadavg", "load", ".1f")]
     rows = [f"QEMU {results['qemu']}, {guest}",
             "| RAM | method | " + " | ".join(h for _, h, _ in cols) + " |",
             "|---|---|" + "---|" * len(cols)]

@@ -214,6 +214,27 @@ def test_answers_go_on_the_preempt_channel_past_a_full_main_stream(tmp_path, eos
     assert st.from_memory == 1
 
 
+def test_with_preempt_the_push_sends_whole_reads_held_by_the_send_buffer(tmp_path):
+    """postcopy-preempt: the main stream carries nothing an answer waits for, so the pusher
+    sends each read (CHUNK_PAGES) as one section, and the main socket's send buffer, not
+    polling, keeps what the destination has not read near QUEUE_LIMIT."""
+    path = tmp_path / "vm.snap"
+    ram = write_snapshot(path)
+    with open_snapshot(path) as snap:
+        with stalled_with_preempt(snap) as (source, ours, theirs, _, queued):
+            assert queued <= postcopy_send.QUEUE_LIMIT + (64 << 10), queued
+            assert ours.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) \
+                <= postcopy_send.QUEUE_LIMIT
+            stream = finish(source, theirs)
+        head = plain_stream_head(snap, read_head(snap))
+    dec = StreamDecoder()
+    dec.feed(head + stream)
+    events = list(dec.events())
+    sections = sum(isinstance(e, ev.SectionPart) for e in events)
+    assert sections == PAGES // postcopy_send.CHUNK_PAGES, sections
+    each_page_once(ram, {}, head + stream)
+
+
 def recv_answers(sock: socket.socket, source: postcopy_send.PostcopySource,
                  answers: bytearray, enough: Callable[[dict[int, bytes]], bool]
                  ) -> dict[int, bytes]:

@@ -46,6 +46,19 @@ def widen(*socks: socket.socket) -> int:
     return min(s.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) for s in socks)
 
 
+def limit_queue(sock: socket.socket, nbytes: int) -> int:
+    """Make a blocking send on `sock` wait while about `nbytes` it sent are unread (a unix
+    socket's send buffer is what its peer has not read yet) and go on once a quarter of
+    that is left (unix_writable): the sender sleeps in the kernel instead of polling the
+    queue, one wake-up per 3/4 of `nbytes` read. Beyond net.core.wmem_max only as root
+    (less otherwise: a shorter queue). Returns the limit granted."""
+    try:  # the kernel doubles the value, for its bookkeeping
+        sock.setsockopt(socket.SOL_SOCKET, _FORCE[socket.SO_SNDBUF], nbytes // 2)
+    except OSError:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, nbytes // 2)
+    return sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+
+
 class BatchedReader(socket.SocketIO):
     """An unbuffered binary file on a blocking stream socket whose reads come in batches.
 

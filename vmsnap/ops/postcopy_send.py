@@ -13,7 +13,11 @@ when it is sent, not when read, so a request never waits for a read ahead (a pag
 checked ahead but not sent yet is answered from that buffer, not read again). Requests go
 first: the pusher holds back while one is answered, and keeps what the destination has not
 read yet below QUEUE_LIMIT, which is all an answer on the main stream can queue behind (and,
-with preempt too, all a requested page that was already pushed waits for).
+with preempt too, all a requested page that was already pushed waits for). With preempt,
+whose channel the answers have to themselves, the pusher sends a whole read at a time and
+the main socket's send buffer keeps that limit (the send waits in the kernel); on one
+channel it sends SECTION_PAGES at a time, each once the queue is below the limit, so an
+answer never waits for a send the queue holds up.
 
 A run of requests in address order (a guest sweeping its RAM ahead of the push, which would
 otherwise ask for it page by page, a round trip each) gets the pages after each answer sent
@@ -60,7 +64,7 @@ from ..fileformat.bitmap import contiguous_runs
 from ..fileformat.hot import present_hot
 from ..fileformat.reader import BlockInfo, Snapshot
 from ..io.aligned import AlignedBuffer, BufferPool
-from ..io.sockets import shutdown_all, unsent
+from ..io.sockets import limit_queue, shutdown_all, unsent
 from ..io.vectored import Buffer
 from ..stream import constants as C
 from ..stream import encoder
@@ -73,7 +77,9 @@ log = logging.getLogger(__name__)
 #: pages per background read (and per group of hot pages): 1 MiB O_DIRECT reads keep the
 #: disk streaming (a request does not wait for them: see the module's doc)
 CHUNK_PAGES = 256
-#: pages per PART section the pusher sends at once: a request waits behind at most this much
+#: pages per PART section the pusher sends at once on one channel: an answer waits behind
+#: at most this much (with preempt: a read's worth, CHUNK_PAGES, in one send: 1 GiB at 32
+#: cost ~0.05 CPU-s more in building and sending sections)
 SECTION_PAGES = 32
 READERS = 2
 #: read buffers per reader: it reads the next chunk while its last ones wait to be sent
@@ -81,7 +87,9 @@ DEPTH = 2
 #: the pusher holds its next section while more than this many bytes it sent are still
 #: unread by the destination: an answer to a request queues behind at most this much
 QUEUE_LIMIT = 1 << 20
-#: how long the pusher sleeps while the destination reads (seconds)
+#: how long the pusher sleeps while the destination reads, on one channel (seconds; with
+#: preempt the kernel wakes it once a quarter of QUEUE_LIMIT is left: polling every 0.2 ms
+#: cost ~0.1 CPU-s per GiB in ~5,000 wake-ups)
 PACE = 0.0002
 #: largest single page request served (a huge page)
 MAX_REQUEST = 2 << 20
@@ -185,6 +193,8 @@ class PostcopySource:
         self.readers = max(1, readers)
         self.chunk_pages = chunk_pages
         self.queue_limit = queue_limit
+        self.section_pages = SECTION_PAGES  # pages per send, and
+        self.paced = True  # whether the pusher polls the queue: see _connect
         self.progress = progress
         self.blocks = {b.name: b for b in snap.blocks}
         self.claimed = {b.name: np.zeros(b.npages, dtype=bool) for b in snap.blocks}
@@ -213,7 +223,11 @@ class PostcopySource:
         #: the request thread's runs (_leap): block -> (the last request's first page, the
         #: page after the pages sent ahead of it (or after it), how many were sent ahead)
         self.leads: dict[str, tuple[int, int, int]] = {}
-        self.lead: AlignedBuffer | None = None  # the pages after those, read: self.ahead[LEAD]
+        #: the request thread's buffers, used again and again (a fresh mapping for every
+        #: answer cost its page faults): pages answered or sent ahead, and two for the pages
+        #: read after those (self.ahead[LEAD]: the one in use, the one read next)
+        self.scratch = AlignedBuffer(max(MAX_REQUEST, LEAP_MAX * PAGE))
+        self.leads_read = [AlignedBuffer(LEAP_MAX * PAGE) for _ in range(2)]
         self.error: BaseException | None = None
         self.failed = threading.Event()
         self.shut = threading.Event()
@@ -345,7 +359,7 @@ class PostcopySource:
         with self.turn:
             self.turn.wait_for(lambda: self.urgent == 0, 0.05)
         assert self.sock is not None
-        while unsent(self.sock) > self.queue_limit and not self.failed.is_set():
+        while self.paced and unsent(self.sock) > self.queue_limit and not self.failed.is_set():
             time.sleep(PACE)
         new = self._claim(b.name, pages)
         if not new.all():  # some went out on request meanwhile
@@ -387,6 +401,10 @@ class PostcopySource:
                  preempt_eos: bool) -> None:
         self.sock, self.preempt, self.preempt_eos = sock, preempt, preempt_eos
         self.channels = [sock] if preempt is None else [sock, preempt]
+        self.paced = preempt is None
+        if not self.paced:
+            self.section_pages = self.chunk_pages
+            limit_queue(sock, self.queue_limit)
 
     def resume(self, sock: socket.socket, preempt: socket.socket | None = None,
                preempt_eos: bool = False) -> None:
@@ -548,9 +566,8 @@ class PostcopySource:
                 st.zero_pages += int((~present).sum())
             wanted = new[present]
             if len(wanted):
-                with AlignedBuffer(len(wanted) * ps) as buf:
-                    data, copied = self._gather(b, wanted, buf)
-                    self._send_answer(b, wanted, data)
+                data, copied = self._gather(b, wanted, self.scratch)
+                self._send_answer(b, wanted, data)
                 st.from_memory += copied == len(wanted)
                 self._count(len(wanted) * ps, len(wanted), pushed=False)
             st.latencies_us.append((time.perf_counter() - t0) * 1e6)
@@ -590,26 +607,22 @@ class PostcopySource:
         pages = self._unsent(b, start, stop)
         ps = b.page_size
         if len(pages):
-            with AlignedBuffer(len(pages) * ps) as buf:
-                data, _ = self._gather(b, pages, buf)
-                new = self._claim(b.name, pages)
-                if not new.all():  # pushed meanwhile
-                    pages = pages[new]
-                    data = memoryview(np.frombuffer(data, np.uint8).reshape(-1, ps)[new]
-                                      .tobytes())
-                if len(pages):
-                    self._send_answer(b, pages, data)
+            data, _ = self._gather(b, pages, self.scratch)
+            new = self._claim(b.name, pages)
+            if not new.all():  # pushed meanwhile
+                pages = pages[new]
+                data = memoryview(np.frombuffer(data, np.uint8).reshape(-1, ps)[new]
+                                  .tobytes())
+            if len(pages):
+                self._send_answer(b, pages, data)
             self.stats.ahead_pages += len(pages)
             self._count(len(pages) * ps, len(pages), pushed=False)
         nxt = self._unsent(b, stop, stop + stop - start)
         if len(nxt):  # kept with the buffers read ahead (the old ones may hold some)
-            buf = AlignedBuffer(len(nxt) * ps)
-            data, _ = self._gather(b, nxt, buf)
+            data, _ = self._gather(b, nxt, self.leads_read[1])
             with self.ahead_lock:
                 self.ahead[LEAD] = (b.name, nxt, data)
-            old, self.lead = self.lead, buf
-            if old is not None:
-                old.close()
+            self.leads_read.reverse()  # [0]: the one in self.ahead
 
     def _unsent(self, b: BlockInfo, start: int, stop: int) -> np.ndarray:
         """The present pages of [start, stop) of `b` nobody sent yet."""
@@ -677,9 +690,9 @@ class PostcopySource:
                     b, pages, data, buf = item
                     if not self.failed.is_set():
                         ps = b.page_size
-                        sent = sum(self._push_section(b, pages[i:i + SECTION_PAGES],
-                                                      data[i * ps:(i + SECTION_PAGES) * ps])
-                                   for i in range(0, len(pages), SECTION_PAGES))
+                        n = self.section_pages
+                        sent = sum(self._push_section(b, pages[i:i + n], data[i * ps:(i + n) * ps])
+                                   for i in range(0, len(pages), n))
                         self._count(sent * ps, sent, pushed=True)
                     del data
                     with self.ahead_lock:  # never copied from once given back

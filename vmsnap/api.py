@@ -96,7 +96,8 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
 def save(qmp_address: str, path: str | os.PathLike[str], *, live: bool = False,
          background: bool = False, after: After | str | None = None, force: bool = False,
          reporter: Reporter | None = None, direct: bool = True, channels: int | None = None,
-         downtime_limit_ms: int | None = None, seal: str = "now") -> SaveResult:
+         downtime_limit_ms: int | None = None, bandwidth_mib_s: int | None = None,
+         seal: str = "now") -> SaveResult:
     """Save the VM whose QMP socket is `qmp_address` into the snapshot file `path`.
 
     Paused by default (the guest is stopped first); `live=True` copies RAM while it runs
@@ -107,15 +108,17 @@ def save(qmp_address: str, path: str | os.PathLike[str], *, live: bool = False,
     background save.
     `channels`: parallel multifd channels (0: one plain stream; default: from the CPUs, one
     stream from QEMU < 8.1 whose multifd sender busy-waits).
-    `downtime_limit_ms`: a live save's longest final stop (default: chosen by vmsnap).
+    `downtime_limit_ms`: a live save's longest final stop (default: chosen by vmsnap);
+    `bandwidth_mib_s`: a cap on its rounds while the guest runs (default: none).
     `seal`: where QEMU >= 9.1 wrote the pages itself, the file is committed first and its
     page checksums come "now" (before returning), in the "background" (a detached
     `vmsnap seal`) or "later" (run `vmsnap seal`); result.committed_seconds, pages_checked."""
+    from .orchestration.converge import LiveLimits
     from .orchestration.save import save as _save
 
     return _run(_save(qmp_address, path, live=live, background=background, after=after,
                       force=force, reporter=reporter, direct=direct, channels=channels,
-                      downtime_limit_ms=downtime_limit_ms, seal=seal))
+                      limits=LiveLimits(downtime_limit_ms, bandwidth_mib_s), seal=seal))
 
 
 def save_domain(name: str, path: str | os.PathLike[str], *, uri: str | None = None,
@@ -123,17 +126,20 @@ def save_domain(name: str, path: str | os.PathLike[str], *, uri: str | None = No
                 after: After | str | None = None,
                 force: bool = False, reporter: Reporter | None = None,
                 direct: bool = True, channels: int | None = 0,
-                downtime_limit_ms: int | None = None, seal: str = "now") -> SaveResult:
+                downtime_limit_ms: int | None = None, bandwidth_mib_s: int | None = None,
+                seal: str = "now") -> SaveResult:
     """Save the libvirt domain `name` (connection `uri`, default qemu:///system) into `path`,
     its migratable XML in the file's metadata; pausing, resuming and quitting go through
-    libvirt, so its view of the domain stays true. Modes, `after`, `downtime_limit_ms` and
-    `seal` as for `save`; `channels`: default 0, one stream (multifd channels need a
-    directory in QEMU's root)."""
+    libvirt, so its view of the domain stays true. Modes, `after`, `downtime_limit_ms`,
+    `bandwidth_mib_s` and `seal` as for `save`; `channels`: default 0, one stream (multifd
+    channels need a directory in QEMU's root)."""
     from .libvirt.save import save_domain as _save_domain
+    from .orchestration.converge import LiveLimits
 
     return _run(_save_domain(name, path, uri=uri, live=live, background=background,
                              after=after, force=force, reporter=reporter, direct=direct,
-                             channels=channels, downtime_limit_ms=downtime_limit_ms,
+                             channels=channels,
+                             limits=LiveLimits(downtime_limit_ms, bandwidth_mib_s),
                              seal=seal))
 
 

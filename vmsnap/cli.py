@@ -162,14 +162,15 @@ def cmd_save(args: argparse.Namespace, rep: Reporter) -> int:
                             background=args.background, after=after, force=args.force,
                             reporter=rep, direct=args.direct,
                             channels=0 if args.channels is None else args.channels,
-                            downtime_limit_ms=args.downtime_limit, seal=args.seal)
+                            downtime_limit_ms=args.downtime_limit,
+                            bandwidth_mib_s=args.bandwidth, seal=args.seal)
     else:
         if args.connect:
             raise VmsnapError("--connect goes with --domain")
         r = api.save(args.qmp, args.file, live=args.live, background=args.background,
                      after=after, force=args.force, reporter=rep, direct=args.direct,
                      channels=args.channels, downtime_limit_ms=args.downtime_limit,
-                     seal=args.seal)
+                     bandwidth_mib_s=args.bandwidth, seal=args.seal)
     if not args.json:
         pause = f", guest paused {r.downtime_ms} ms" if r.mode != "paused" else ""
         rounds = (f" in {r.rounds} round{'s' * (r.rounds != 1)} (guest dirtying "
@@ -309,6 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--downtime-limit", type=int, metavar="MS",
                     help="--live: longest final stop of the guest (default: chosen from the "
                          "guest's dirty rate and the save's bandwidth)")
+    sp.add_argument("--bandwidth", type=int, metavar="MiB/s",
+                    help="--live: cap the save's throughput while the guest runs (it shares "
+                         "the disk meanwhile); the final stop goes at full speed")
     _channels_option(sp)
     sp = add("restore", cmd_restore, "restore FILE into a new or waiting QEMU")
     sp.add_argument("file", metavar="FILE")

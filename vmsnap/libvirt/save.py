@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import VmsnapError
+from ..orchestration.converge import NO_LIMITS, LiveLimits
 from ..orchestration.modes import After
 from ..orchestration.save import SaveResult, _save, prepare
 from ..orchestration.vmlock import vm_lock
@@ -29,14 +30,14 @@ async def save_domain(name: str, path: str | os.PathLike[str], *, uri: str | Non
                       live: bool = False, background: bool = False,
                       after: After | str | None = None,
                       force: bool = False, reporter: Reporter | None = None,
-                      direct: bool = True, downtime_limit_ms: int | None = None,
+                      direct: bool = True, limits: LiveLimits = NO_LIMITS,
                       channels: int | None = 0, seal: str = "now") -> SaveResult:
     """Save libvirt domain `name` to `path`, paused, `live` or in the `background` (a
     point-in-time checkpoint; the guest runs on). `after`: an After (or its value); None:
     PAUSE, except a background save keeps the domain's run state. `channels`:
     multifd channels (default 0: one stream, passed by fd); the rest as for `save`."""
     mode, channels, writer = prepare(path, live, background, after, force, direct,
-                                     downtime_limit_ms, channels, seal)
+                                     limits, channels, seal)
     try:
         conn = dommod.connect(uri)
         try:
@@ -53,7 +54,7 @@ async def save_domain(name: str, path: str | os.PathLike[str], *, uri: str | Non
                                  "cookie": None, "name": dom.name(), "uuid": dom.UUIDString()}}
             with vm_lock(peer.pid):
                 return await _save(mon, peer, writer, mode, after, reporter or Reporter(),
-                                   downtime_limit_ms, channels, seal, _Libvirt(mon, dom),
+                                   limits, channels, seal, _Libvirt(mon, dom),
                                    extra)
         finally:
             conn.close()

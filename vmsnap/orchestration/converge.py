@@ -39,17 +39,41 @@ BUDGET = 1.5
 STALL_RATIO = 0.5
 #: The limit set is this much above the measured need (the guest dirties on meanwhile).
 MARGIN = 1.25
+#: The highest --bandwidth (1 TiB/s: QEMU's own default is effectively unlimited).
+MAX_MIB_S = 1 << 20
 
 
-def parameters(downtime_limit_ms: int | None) -> dict[str, Any]:
-    """Migration parameters of a live save (capabilities: modes.capabilities)."""
-    return {"downtime-limit": downtime_limit_ms or DEFAULT_DOWNTIME_MS, **THROTTLE}
+@dataclass(frozen=True)
+class LiveLimits:
+    """What a user may fix for a live save: the guest's longest final stop, and a cap on
+    the pre-copy rounds' throughput (the guest runs meanwhile and shares the disk; QEMU
+    sends the final stop's pages at full speed)."""
+
+    downtime_ms: int | None = None
+    bandwidth_mib_s: int | None = None
+
+    def check(self, live: bool) -> None:
+        if self.downtime_ms is not None and not 1 <= self.downtime_ms <= MAX_DOWNTIME_MS:
+            raise VmsnapError(f"--downtime-limit must be 1..{MAX_DOWNTIME_MS} ms, "
+                              f"not {self.downtime_ms}")
+        if self.bandwidth_mib_s is not None and not 1 <= self.bandwidth_mib_s <= MAX_MIB_S:
+            raise VmsnapError(f"--bandwidth must be 1..{MAX_MIB_S} MiB/s, "
+                              f"not {self.bandwidth_mib_s}")
+        for option, value in (("--downtime-limit", self.downtime_ms),
+                              ("--bandwidth", self.bandwidth_mib_s)):
+            if value is not None and not live:
+                raise VmsnapError(f"{option} is for --live saves")
+
+    def parameters(self) -> dict[str, Any]:
+        """Migration parameters of a live save (capabilities: modes.capabilities)."""
+        params = {"downtime-limit": self.downtime_ms or DEFAULT_DOWNTIME_MS, **THROTTLE}
+        if self.bandwidth_mib_s:
+            params["max-bandwidth"] = self.bandwidth_mib_s << 20
+        return params
 
 
-def check_limit(downtime_limit_ms: int | None) -> None:
-    if downtime_limit_ms is not None and not 1 <= downtime_limit_ms <= MAX_DOWNTIME_MS:
-        raise VmsnapError(f"--downtime-limit must be 1..{MAX_DOWNTIME_MS} ms, "
-                          f"not {downtime_limit_ms}")
+#: QEMU's own behaviour: vmsnap's converger chooses the downtime limit, no cap.
+NO_LIMITS = LiveLimits()
 
 
 @dataclass

@@ -135,7 +135,7 @@ def check_channels(channels: int | None) -> int:
 
 def prepare(path: str | os.PathLike[str], live: bool, background: bool,
             after: After | str | None,
-            force: bool, direct: bool, downtime_limit_ms: int | None, channels: int | None,
+            force: bool, direct: bool, limits: converge.LiveLimits, channels: int | None,
             seal: str) -> tuple[SaveMode, int | None, SnapshotWriter]:
     """Check a save's arguments and lock FILE.partial, before the VM is touched: the mode,
     the channel count (None: chosen by save_channels once the QEMU is known) and the reserved
@@ -144,9 +144,7 @@ def prepare(path: str | os.PathLike[str], live: bool, background: bool,
     if seal not in SEAL_WHEN:
         raise ValueError(f"seal must be one of {', '.join(SEAL_WHEN)}, not {seal!r}")
     mode = modes.select(live, background)
-    converge.check_limit(downtime_limit_ms)
-    if downtime_limit_ms is not None and mode is not SaveMode.LIVE:
-        raise VmsnapError("--downtime-limit is for --live saves")
+    limits.check(mode is SaveMode.LIVE)
     asked = modes.channels_for(mode, channels)
     channels = None if asked is None else check_channels(asked)  # None: from the QEMU
     path = targets.normalize(path)
@@ -163,16 +161,17 @@ async def save(qmp_address: str, path: str | os.PathLike[str], *, live: bool = F
                background: bool = False, after: After | str | None = None,
                force: bool = False,
                reporter: Reporter | None = None, direct: bool = True,
-               downtime_limit_ms: int | None = None,
+               limits: converge.LiveLimits = converge.NO_LIMITS,
                channels: int | None = None, seal: str = "now") -> SaveResult:
     """Save the VM behind `qmp_address` to `path`, paused, `live` or in the `background`.
     `after`: an After (or its value); None: PAUSE, except a background save keeps the VM's
     run state. `channels`: multifd channels (0: one plain stream; None: save_channels);
-    a background save is always one stream. `seal`: when QEMU wrote
-    the pages itself (QEMU >= 9.1, paused, channels), when their checksums are added to the
-    committed file: "now" (before returning), "background" or "later" (native.seal_after)."""
+    a background save is always one stream. `limits`: a live save's user settings.
+    `seal`: when QEMU wrote the pages itself (QEMU >= 9.1, paused, channels), when their
+    checksums are added to the committed file: "now" (before returning), "background" or
+    "later" (native.seal_after)."""
     mode, channels, writer = prepare(path, live, background, after, force, direct,
-                                     downtime_limit_ms, channels, seal)
+                                     limits, channels, seal)
     log.debug("save %s to %s: live=%s after=%s channels=%s", qmp_address, writer.path, live,
               after, channels)
     rep = reporter or Reporter()
@@ -180,7 +179,7 @@ async def save(qmp_address: str, path: str | os.PathLike[str], *, live: bool = F
     try:
         client, peer = await qmpmod.connect(qmp_address)
         with vm_lock(peer.pid):
-            return await _save(client, peer, writer, mode, after, rep, downtime_limit_ms,
+            return await _save(client, peer, writer, mode, after, rep, limits,
                                channels, seal)
     finally:
         if not writer.finished:
@@ -213,7 +212,7 @@ class QmpControl:
 
 async def _save(client: Monitor, peer: qmpmod.Peer, writer: SnapshotWriter,
                 mode: SaveMode, after: After | str | None, rep: Reporter,
-                downtime_limit_ms: int | None,
+                limits: converge.LiveLimits,
                 channels: int | None, seal: str, control: Control | None = None,
                 extra: dict[str, Any] | None = None) -> SaveResult:
     """The save itself. `control`: how to pause and finish (default: over `client`);
@@ -234,12 +233,12 @@ async def _save(client: Monitor, peer: qmpmod.Peer, writer: SnapshotWriter,
     t0 = time.monotonic()
     run = await _plan(client, peer, writer, mode, channels)
     try:
-        await _configure(run, downtime_limit_ms)
+        await _configure(run, limits)
         if peer.running and mode is SaveMode.PAUSED:
             await control.stop()
             run.stopped_by_us = True
         rep.start("save", None, live=live, mode=mode.value, channels=run.channels)
-        converger = converge.Converger(time.monotonic(), downtime_limit_ms) if live else None
+        converger = converge.Converger(time.monotonic(), limits.downtime_ms) if live else None
         info, stats = await _transfer(run, rep, converger)
         final = await control.finish(then)
     except BaseException as err:
@@ -305,7 +304,7 @@ async def _plan(client: Monitor, peer: qmpmod.Peer, writer: SnapshotWriter, mode
     return run
 
 
-async def _configure(run: _Run, downtime_limit_ms: int | None) -> None:
+async def _configure(run: _Run, limits: converge.LiveLimits) -> None:
     """Capabilities and parameters for this path (the old values are kept to put back)."""
     run.saved_caps = await modes.apply_capabilities(
         run.client, run.peer, run.mode, run.channels,
@@ -316,7 +315,7 @@ async def _configure(run: _Run, downtime_limit_ms: int | None) -> None:
         run.direct_io = w.direct_requested and native.direct_io_ok(w.partial_path)
         params["direct-io"] = run.direct_io
     if run.mode is SaveMode.LIVE:
-        params.update(converge.parameters(downtime_limit_ms))
+        params.update(limits.parameters())
     run.saved_params = await _set_parameters(run.client, params)
 
 

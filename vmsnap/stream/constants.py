@@ -1,5 +1,12 @@
 """Constants of QEMU's migration stream (reference §1, §2, §3)."""
 
+import struct
+
+#: the stream's big-endian integers
+BE16 = struct.Struct(">H")
+BE32 = struct.Struct(">I")
+BE64 = struct.Struct(">Q")
+
 QEMU_VM_FILE_MAGIC = 0x5145564D  # "QEVM"
 QEMU_VM_FILE_VERSION = 3
 QEMU_VM_FILE_VERSION_COMPAT = 2

@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import enum
 import json
-import struct
 from collections.abc import Callable, Collection, Iterator
 from typing import NoReturn
 
 import numpy as np
 
 from . import constants as C
+from .constants import BE16, BE32, BE64
 from .errors import StreamError
 from .events import (
     Command,
@@ -51,11 +51,7 @@ from .events import (
     ZeroPages,
 )
 
-_BE16 = struct.Struct(">H")
-_BE32 = struct.Struct(">I")
-_BE64 = struct.Struct(">Q")
-
-_RAM_SIG_TAIL = b"\x03ram" + _BE32.pack(0) + _BE32.pack(4)  # after 0x01 + be32 sid
+_RAM_SIG_TAIL = b"\x03ram" + BE32.pack(0) + BE32.pack(4)  # after 0x01 + be32 sid
 
 
 class State(enum.Enum):
@@ -109,7 +105,7 @@ def find_vmdesc(buf: bytes | bytearray, max_len: int = C.MAX_VMDESC_LEN) -> int 
     for j in range(max(1, z - 4), z + 2):
         if j + 5 > len(buf) or buf[j - 1] != 0 or buf[j] != C.QEMU_VM_VMDESCRIPTION:
             continue
-        ln = _BE32.unpack_from(buf, j + 1)[0]
+        ln = BE32.unpack_from(buf, j + 1)[0]
         if j + 5 + ln != len(buf) or ln > max_len:
             continue
         try:
@@ -378,17 +374,17 @@ class StreamDecoder:
 
     def _be16(self, pos: int) -> int:
         self._need(pos, 2)
-        value: int = _BE16.unpack_from(self._buf, pos)[0]
+        value: int = BE16.unpack_from(self._buf, pos)[0]
         return value
 
     def _be32(self, pos: int) -> int:
         self._need(pos, 4)
-        value: int = _BE32.unpack_from(self._buf, pos)[0]
+        value: int = BE32.unpack_from(self._buf, pos)[0]
         return value
 
     def _be64(self, pos: int) -> int:
         self._need(pos, 8)
-        value: int = _BE64.unpack_from(self._buf, pos)[0]
+        value: int = BE64.unpack_from(self._buf, pos)[0]
         return value
 
     def _counted(self, pos: int, field: str) -> tuple[str, int]:
@@ -703,7 +699,7 @@ class StreamDecoder:
         if self._buf[p] != C.QEMU_VM_SECTION_FOOTER:
             self._fail(f"missing section footer (byte 0x{self._buf[p]:02x})",
                        "section.footer", self._base + p, "0x7e")
-        sid = _BE32.unpack_from(self._buf, p + 1)[0]
+        sid = BE32.unpack_from(self._buf, p + 1)[0]
         if sid != self.ram_section_id:
             self._fail(f"footer section id {sid}", "section.footer.id", self._base + p + 1,
                        str(self.ram_section_id))

@@ -6,17 +6,13 @@ built in bulk with numpy.
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Iterable, Sequence
 
 import numpy as np
 
 from . import constants as C
+from .constants import BE16, BE32, BE64
 from .events import Bytes, RamBlock
-
-_BE16 = struct.Struct(">H")
-_BE32 = struct.Struct(">I")
-_BE64 = struct.Struct(">Q")
 
 
 def counted(s: str | bytes) -> bytes:
@@ -27,11 +23,11 @@ def counted(s: str | bytes) -> bytes:
 
 
 def header(version: int = C.QEMU_VM_FILE_VERSION) -> bytes:
-    return _BE32.pack(C.QEMU_VM_FILE_MAGIC) + _BE32.pack(version)
+    return BE32.pack(C.QEMU_VM_FILE_MAGIC) + BE32.pack(version)
 
 
 def subsection(name: str, version_id: int, fields: bytes) -> bytes:
-    return bytes([C.QEMU_VM_SUBSECTION]) + counted(name) + _BE32.pack(version_id) + fields
+    return bytes([C.QEMU_VM_SUBSECTION]) + counted(name) + BE32.pack(version_id) + fields
 
 
 def configuration(
@@ -43,11 +39,11 @@ def configuration(
 ) -> bytes:
     """CONFIGURATION record; subsections in QEMU's order (page bits, capabilities, uuid)."""
     m = machine.encode("ascii")
-    out = bytes([C.QEMU_VM_CONFIGURATION]) + _BE32.pack(len(m)) + m
+    out = bytes([C.QEMU_VM_CONFIGURATION]) + BE32.pack(len(m)) + m
     if page_bits is not None:
-        out += subsection(C.PAGE_BITS_SUBSECTION, 1, _BE32.pack(page_bits))
+        out += subsection(C.PAGE_BITS_SUBSECTION, 1, BE32.pack(page_bits))
     if capabilities:
-        body = _BE32.pack(len(capabilities)) + b"".join(counted(c) for c in capabilities)
+        body = BE32.pack(len(capabilities)) + b"".join(counted(c) for c in capabilities)
         out += subsection(C.CAPS_SUBSECTION, 1, body)
     if uuid is not None:
         if len(uuid) != 16:
@@ -57,32 +53,32 @@ def configuration(
 
 
 def command(cmd: int, payload: bytes = b"") -> bytes:
-    return bytes([C.QEMU_VM_COMMAND]) + _BE16.pack(cmd) + _BE16.pack(len(payload)) + payload
+    return bytes([C.QEMU_VM_COMMAND]) + BE16.pack(cmd) + BE16.pack(len(payload)) + payload
 
 
 def section_start(sid: int, idstr: str, instance_id: int, version_id: int) -> bytes:
-    return (bytes([C.QEMU_VM_SECTION_START]) + _BE32.pack(sid) + counted(idstr)
-            + _BE32.pack(instance_id) + _BE32.pack(version_id))
+    return (bytes([C.QEMU_VM_SECTION_START]) + BE32.pack(sid) + counted(idstr)
+            + BE32.pack(instance_id) + BE32.pack(version_id))
 
 
 def section_part(sid: int) -> bytes:
-    return bytes([C.QEMU_VM_SECTION_PART]) + _BE32.pack(sid)
+    return bytes([C.QEMU_VM_SECTION_PART]) + BE32.pack(sid)
 
 
 def section_end(sid: int) -> bytes:
-    return bytes([C.QEMU_VM_SECTION_END]) + _BE32.pack(sid)
+    return bytes([C.QEMU_VM_SECTION_END]) + BE32.pack(sid)
 
 
 def footer(sid: int) -> bytes:
-    return bytes([C.QEMU_VM_SECTION_FOOTER]) + _BE32.pack(sid)
+    return bytes([C.QEMU_VM_SECTION_FOOTER]) + BE32.pack(sid)
 
 
 def eos() -> bytes:
-    return _BE64.pack(C.RAM_SAVE_FLAG_EOS)
+    return BE64.pack(C.RAM_SAVE_FLAG_EOS)
 
 
 def multifd_flush() -> bytes:
-    return _BE64.pack(C.RAM_SAVE_FLAG_MULTIFD_FLUSH)
+    return BE64.pack(C.RAM_SAVE_FLAG_MULTIFD_FLUSH)
 
 
 def eof() -> bytes:
@@ -90,15 +86,15 @@ def eof() -> bytes:
 
 
 def vmdescription(json_bytes: bytes) -> bytes:
-    return bytes([C.QEMU_VM_VMDESCRIPTION]) + _BE32.pack(len(json_bytes)) + json_bytes
+    return bytes([C.QEMU_VM_VMDESCRIPTION]) + BE32.pack(len(json_bytes)) + json_bytes
 
 
 def ramblock_entry(b: RamBlock, *, mapped_ram: bool = False) -> bytes:
-    out = counted(b.name) + _BE64.pack(b.used_length)
+    out = counted(b.name) + BE64.pack(b.used_length)
     if b.page_size is not None:
-        out += _BE64.pack(b.page_size)
+        out += BE64.pack(b.page_size)
     if b.addr is not None:
-        out += _BE64.pack(b.addr)
+        out += BE64.pack(b.addr)
     if mapped_ram:
         if b.mapped_ram is None:
             raise ValueError(f"block {b.name!r} has no MappedRamHeader")
@@ -110,7 +106,7 @@ def mem_size(blocks: Iterable[RamBlock], page_size: int = C.TARGET_PAGE_SIZE) ->
     total = sum(b.used_length for b in blocks)
     if total & (page_size - 1):
         raise ValueError("MEM_SIZE total must be page aligned")
-    return _BE64.pack(total | C.RAM_SAVE_FLAG_MEM_SIZE)
+    return BE64.pack(total | C.RAM_SAVE_FLAG_MEM_SIZE)
 
 
 def ram_start(sid: int, blocks: Sequence[RamBlock], mapped_ram: bool = False,
@@ -136,7 +132,7 @@ def _headers(block: str, offsets: np.ndarray, flag: int, continue_: bool,
     words = (offs | np.uint64(flag | C.RAM_SAVE_FLAG_CONTINUE)).astype(">u8")
     first = b""
     if offs.size and not continue_:
-        first = _BE64.pack(int(offs[0]) | flag) + counted(block)
+        first = BE64.pack(int(offs[0]) | flag) + counted(block)
     return first, words
 
 

@@ -20,30 +20,26 @@ loadvm_handle_recv_bitmap, ram.c ramblock_recv_bitmap_send) and their real bytes
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from . import constants as C
+from .constants import BE16, BE32, BE64
 from .decoder import find_vmdesc
 from .encoder import command, counted
 from .errors import StreamError
 
-_BE16 = struct.Struct(">H")
-_BE32 = struct.Struct(">I")
-_BE64 = struct.Struct(">Q")
-
 
 def rp_message(kind: int, payload: bytes = b"") -> bytes:
     """A return-path message (destination → source): be16 type, be16 length, payload."""
-    return _BE16.pack(kind) + _BE16.pack(len(payload)) + payload
+    return BE16.pack(kind) + BE16.pack(len(payload)) + payload
 
 
 def rp_shut(status: int = 0) -> bytes:
     """SHUT: the destination is done (0) or failed (non-zero); the source may close."""
-    return rp_message(C.MIG_RP_MSG_SHUT, _BE32.pack(status))
+    return rp_message(C.MIG_RP_MSG_SHUT, BE32.pack(status))
 
 
 def open_return_path() -> bytes:
@@ -51,13 +47,13 @@ def open_return_path() -> bytes:
 
 
 def ping(value: int) -> bytes:
-    return command(C.MIG_CMD_PING, _BE32.pack(value))
+    return command(C.MIG_CMD_PING, BE32.pack(value))
 
 
 def postcopy_advise(page_size_summary: int, target_page_size: int) -> bytes:
     """`page_size_summary`: OR of every RAM block's page size (QEMU requires its own)."""
     return command(C.MIG_CMD_POSTCOPY_ADVISE,
-                   _BE64.pack(page_size_summary) + _BE64.pack(target_page_size))
+                   BE64.pack(page_size_summary) + BE64.pack(target_page_size))
 
 
 def postcopy_ram_discard(block: str, ranges: Sequence[tuple[int, int]]) -> bytes:
@@ -65,7 +61,7 @@ def postcopy_ram_discard(block: str, ranges: Sequence[tuple[int, int]]) -> bytes
     if not ranges:
         raise ValueError("a discard command needs at least one range")
     body = (bytes([C.POSTCOPY_RAM_DISCARD_VERSION]) + counted(block) + b"\0"
-            + b"".join(_BE64.pack(s) + _BE64.pack(n) for s, n in ranges))
+            + b"".join(BE64.pack(s) + BE64.pack(n) for s, n in ranges))
     return command(C.MIG_CMD_POSTCOPY_RAM_DISCARD, body)
 
 
@@ -90,7 +86,7 @@ def packaged(device_sections: bytes) -> bytes:
     while its listen thread takes over the socket for pages."""
     blob = (command(C.MIG_CMD_POSTCOPY_LISTEN) + device_sections + ping(C.PACKAGED_PING)
             + command(C.MIG_CMD_POSTCOPY_RUN))
-    return command(C.MIG_CMD_PACKAGED, _BE32.pack(len(blob))) + blob
+    return command(C.MIG_CMD_PACKAGED, BE32.pack(len(blob))) + blob
 
 
 def device_sections(after_ram_end: bytes) -> bytes:
@@ -174,7 +170,7 @@ class ReturnPathDecoder:
                 continue
             if len(self._buf) < 4:
                 return
-            kind, ln = _BE16.unpack_from(self._buf, 0)[0], _BE16.unpack_from(self._buf, 2)[0]
+            kind, ln = BE16.unpack_from(self._buf, 0)[0], BE16.unpack_from(self._buf, 2)[0]
             fixed = C.RP_FIXED_LENGTHS.get(kind)
             if ln > C.RP_MAX_LEN or (fixed is not None and ln != fixed):
                 raise StreamError(f"return-path message {kind} has length {ln}",
@@ -193,13 +189,13 @@ class ReturnPathDecoder:
         """The raw part of a RECV_BITMAP reply, once all of it is in (None before)."""
         npages = self._pages[name]
         want = bitmap_size(npages)
-        if len(self._buf) >= 8 and (size := _BE64.unpack_from(self._buf, 0)[0]) != want:
+        if len(self._buf) >= 8 and (size := BE64.unpack_from(self._buf, 0)[0]) != want:
             raise StreamError(f"RECV_BITMAP of {name!r} says {size} bytes, its {npages} "
                               f"pages take {want}", "rp.recv_bitmap.size", self.offset,
                               str(want))
         if len(self._buf) < 16 + want:
             return None
-        end = _BE64.unpack_from(self._buf, 8 + want)[0]
+        end = BE64.unpack_from(self._buf, 8 + want)[0]
         if end != C.RECV_BITMAP_ENDING:
             raise StreamError(f"RECV_BITMAP of {name!r} ends with {end:#x}, not the ending "
                               "marker", "rp.recv_bitmap.end", self.offset + 8 + want,
@@ -213,11 +209,11 @@ class ReturnPathDecoder:
 
     def _message(self, kind: int, p: bytes, at: int) -> RpMessage | None:
         if kind == C.MIG_RP_MSG_SHUT:
-            return Shut(_BE32.unpack(p)[0])
+            return Shut(BE32.unpack(p)[0])
         if kind == C.MIG_RP_MSG_PONG:
-            return Pong(_BE32.unpack(p)[0])
+            return Pong(BE32.unpack(p)[0])
         if kind == C.MIG_RP_MSG_RESUME_ACK:
-            return ResumeAck(_BE32.unpack(p)[0])
+            return ResumeAck(BE32.unpack(p)[0])
         if kind == C.MIG_RP_MSG_RECV_BITMAP:
             name = p[1:].decode("ascii", "replace")
             if len(p) < 2 or p[0] + 1 != len(p) or name not in self._pages:
@@ -235,4 +231,4 @@ class ReturnPathDecoder:
                                   None)
         else:
             return OtherMessage(kind, p)
-        return ReqPages(self._block, _BE64.unpack_from(p, 0)[0], _BE32.unpack_from(p, 8)[0])
+        return ReqPages(self._block, BE64.unpack_from(p, 0)[0], BE32.unpack_from(p, 8)[0])

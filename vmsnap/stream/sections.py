@@ -10,16 +10,12 @@ some chain of such sections, from the first byte, ends with EOF at the last byte
 
 from __future__ import annotations
 
-import struct
-
 from .constants import (
     QEMU_VM_EOF,
     QEMU_VM_SECTION_END,
     QEMU_VM_SECTION_FOOTER,
     QEMU_VM_SECTION_FULL,
 )
-
-_BE32 = struct.Struct(">I")
 
 #: Footer candidates looked at in all before giving up (a real stream needs about one per
 #: section; a hostile one must not make the walk quadratic).

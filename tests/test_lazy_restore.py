@@ -526,6 +526,30 @@ def test_lazy_restore_sigint_finishes(workdir):
         guest.check_restored(dst, held, resumed=True)
 
 
+@pytest.mark.qemu
+def test_lazy_restore_sigint_before_running_finishes(workdir, monkeypatch):
+    """SIGINT after the postcopy stream started but before the guest runs (the moment is
+    forced: the signal comes as vmsnap begins to wait for the guest to run): the target
+    already depends on vmsnap's pages, so the restore goes on to the end (it used to stop
+    there, leaving a --qmp target in postcopy-paused without a word)."""
+    from vmsnap.orchestration import lazy
+
+    waited = lazy._wait_running
+
+    async def interrupted_wait(client, t0):
+        os.kill(os.getpid(), signal.SIGINT)
+        return await waited(client, t0)
+
+    monkeypatch.setattr(lazy, "_wait_running", interrupted_wait)
+    guest = BootGuest(memory_mb=256, mode="random")
+    snap, _, held = saved(guest, "10", workdir)
+    with Vm(guest.config("10", workdir), workdir, "dst", incoming="defer") as dst:
+        r = vmsnap.restore(snap, qmp_address=str(dst.tool_qmp_path), lazy="postcopy")
+        assert r.interrupted is True and r.final_state == "running", r
+        assert dst.cmd("query-migrate")["status"] == "completed"
+        guest.check_restored(dst, held, resumed=True)
+
+
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 

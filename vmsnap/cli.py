@@ -400,8 +400,9 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException as err:
         if not interrupted(err):
             raise
-        rep.error("interrupted")
-        print(f"vmsnap {args.command}: interrupted", file=sys.stderr)
+        message = one_line(err)
+        rep.error(message)
+        print(f"vmsnap {args.command}: {message}", file=sys.stderr)
         return 130
 
 

@@ -52,8 +52,9 @@ def interrupted(err: BaseException) -> bool:
 def one_line(err: BaseException) -> str:
     """`err` as one line: whitespace collapsed; an OSError names its file; a cancellation
     (how SIGINT/SIGTERM reach an operation) says so rather than "CancelledError"."""
-    if interrupted(err):
-        return "interrupted"
+    if interrupted(err):  # a KeyboardInterrupt may say what the interrupt left behind
+        return "interrupted" + (f": {err}" if isinstance(err, KeyboardInterrupt) and str(err)
+                                else "")
     if isinstance(err, MemoryError):
         return "out of memory" + (f": {err}" if str(err) else "")
     if isinstance(err, OSError) and err.filename:

@@ -39,9 +39,9 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 
@@ -74,6 +74,8 @@ from .target import (
 
 if TYPE_CHECKING:  # loaded by the postcopy engine only, in its preparing thread (_Job.prepare)
     from ..ops.postcopy_send import PostcopySource, PostcopyStats
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 RUNNING_TIMEOUT = 60.0
@@ -325,13 +327,13 @@ class _Job:
         says the guest waits for `--resume` (a --qmp target left in postcopy-paused by a
         failure another vmsnap can get past, such as a file that became unreadable)."""
         if self.guest_started:  # the guest no longer depends on vmsnap
-            self.rep.error(one_line(err))
-            if not isinstance(err, Exception):
-                self.rep.note("interrupted: the guest runs on, its pages not all checked")
+            if not isinstance(err, Exception):  # an interrupt: said in the one line
+                err = KeyboardInterrupt("the guest runs on, its pages not all checked")
             elif self.client is not None and not isinstance(err, qmpmod.QemuGoneError):
                 await _stop_guest(self.client)  # mmap: a bad page, the guest must not go on
                 if self.proc is not None:
                     await _stop_guest(self.client, "quit")
+            self.rep.error(one_line(err))
             return err
         # postcopy: never `stop` (a bad page too, which is never sent: a vCPU that needs it
         # waits for it): its vCPUs wait for the pages they lack, as when vmsnap is killed,
@@ -509,23 +511,15 @@ async def _serve(job: _Job, channels: _Channels, resume: bool) -> LazyRestoreRes
     rep.start("restore", None if resume else source.total, engine=job.engine, lazy=True,
               resume=resume, preempt=preempt)
     loop = asyncio.get_running_loop()
-    await loop.run_in_executor(None, source.resume if resume else source.start,
-                               channels.main, channels.preempt, channels.preempt_eos)
-    running = await _wait_running(client, job.t0) if job.run and not resume else None
+    steadfast = _Steadfast(source, rep)  # from the first byte on, the guest needs them all
+    await steadfast.wait(loop.run_in_executor(
+        None, source.resume if resume else source.start, channels.main, channels.preempt,
+        channels.preempt_eos))
+    running = (await steadfast.wait(_wait_running(client, job.t0)) if job.run and not resume
+               else None)
     rep.event("running", seconds=running)
-    waiter = loop.run_in_executor(None, source.wait)
-    interrupted = False
-    while True:
-        try:
-            stats: PostcopyStats = await asyncio.shield(waiter)
-            break
-        except asyncio.CancelledError:
-            if interrupted or waiter.done():
-                raise
-            interrupted = True
-            left = (source.total - source.done) >> 20
-            rep.note(f"interrupt: not stopping, the guest needs every page: finishing the "
-                     f"lazy restore first ({left} MiB left)")
+    stats: PostcopyStats = await steadfast.wait(loop.run_in_executor(None, source.wait))
+    interrupted = steadfast.interrupted
     await wait_loaded(client)
     if resume and job.run and not (await client.execute("query-status"))["running"]:
         await client.execute("cont")  # stopped meanwhile (by hand; older vmsnaps, at a bad page)
@@ -546,6 +540,31 @@ async def _serve(job: _Job, channels: _Channels, resume: bool) -> LazyRestoreRes
         latency_p99_us=float(np.percentile(lat, 99)) if lat.size else None,
         hot_pages=int(sum(len(v) for v in source.hot.values())), interrupted=interrupted,
         already_received=stats.already_received)
+
+
+@dataclass
+class _Steadfast:
+    """Once the postcopy stream starts, the target's guest needs every page from vmsnap
+    (stopping would leave it waiting in postcopy-paused): an interrupt is noted and the
+    restore goes on to the end; only a failure ends it early."""
+
+    source: PostcopySource
+    rep: Reporter
+    interrupted: bool = False
+
+    async def wait(self, step: Awaitable[T]) -> T:
+        done = asyncio.ensure_future(step)
+        while True:
+            try:
+                return await asyncio.shield(done)
+            except asyncio.CancelledError:
+                if self.interrupted or done.done():
+                    done.cancel()
+                    raise
+                self.interrupted = True
+                left = (self.source.total - self.source.done) >> 20
+                self.rep.note(f"interrupt: not stopping, the guest needs every page: "
+                              f"finishing the lazy restore first ({left} MiB left)")
 
 
 async def _mmap(job: _Job) -> LazyRestoreResult:

@@ -242,6 +242,32 @@ def test_lazy_restore_page_unreadable_then_resumed(qemu, workdir):
         guest.check_restored(dst, held, resumed=True)
 
 
+@pytest.mark.qemu
+@as_root
+def test_mmap_page_unreadable(workdir):
+    """mmap (QEMU 10): a page of the snapshot that reads with EIO, late in RAM, the guest
+    paused so that only the background check reads it: vmsnap ends in one line naming the
+    block, the page's offset and its file offset, and ends the QEMU it launched (a guest
+    touching that page would get no data for it)."""
+    guest = BootGuest(memory_mb=256, mode="random")
+    snap, argv, _ = saved(guest, "10", workdir)
+    with vmsnap.open(snap) as s:
+        ram = s.block("pc.ram")
+        first, count = (int(x) for x in s.present_runs(ram)[-1])
+        page = first + count - 1
+        foff = ram.pages_offset + page * PAGE
+    faulty = FaultyFile(snap, workdir / "faulty", foff, foff + PAGE)
+    faulty.failing.set()
+    with faulty.mounted() as served:
+        proc = spawn_vmsnap(workdir, "restore", "--json", "--lazy=mmap", "--paused", served,
+                            "--", *argv)
+        line = fails_in_one_line(proc, lambda: None)
+        assert faulty.failed_reads > 0
+        assert qemu_pids_using(workdir) == []
+    assert assert_names_a_page({"pc.ram": ram.pages_offset}, line) == ("pc.ram", page * PAGE)
+    assert os.strerror(errno.EIO) in line, line
+
+
 @pytest.mark.parametrize(("version", "why"), [
     ((7, 2, 0), None), ((8, 0, 0), "may drop"), ((8, 1, 5), "may drop"), ((8, 2, 0), None),
     ((10, 0, 0), None)])

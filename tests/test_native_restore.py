@@ -33,6 +33,22 @@ def done(result) -> dict:
     return next(e for e in events(ok(result)) if e["event"] == "done")
 
 
+#: Modules of the stream path and of saves: a restore that QEMU loads itself needs none of
+#: them before QEMU starts (each one imported first is start-up time added to the load's)
+STREAM_PATH = {"vmsnap.ops.send", "vmsnap.ops.multifd_send", "vmsnap.ops.shared_ram",
+               "vmsnap.ops.receive", "vmsnap.ops.seal", "vmsnap.fileformat.writer",
+               "vmsnap.orchestration.save", "vmsnap.orchestration.streamed"}
+
+
+def imported_before(stderr: str, mark: str) -> set[str]:
+    """The modules a run with PYTHONPROFILEIMPORTTIME=1 imported before its first stderr
+    line holding `mark`."""
+    lines = stderr.splitlines()
+    end = next(i for i, line in enumerate(lines) if mark in line)
+    return {line.rsplit("|", 1)[1].strip() for line in lines[:end]
+            if line.startswith("import time:")}
+
+
 @pytest.mark.parametrize(("qemu", "ram_path"), [("10", "qemu"), ("7.2", "stream")])
 def test_no_verify_restore(workdir, outside, qemu, ram_path):
     """QEMU 10 reads the file itself (it cannot see its directory) after vmsnap checked the
@@ -42,9 +58,13 @@ def test_no_verify_restore(workdir, outside, qemu, ram_path):
     snap = outside / "vm.snap"
     saved = save_quit(guest, config, workdir, snap)
     with Vm(config, workdir, "dst", incoming="defer") as dst:
-        d = done(run_vmsnap(workdir, "restore", "--json", "--no-verify", "--paused", snap,
-                            "--qmp", dst.tool_qmp_path))
+        run = run_vmsnap(workdir, "-v", "restore", "--json", "--no-verify", "--paused", snap,
+                         "--qmp", dst.tool_qmp_path, env={"PYTHONPROFILEIMPORTTIME": "1"})
+        d = done(run)
         assert d["ram_path"] == ram_path and d["final_state"] == "paused", d
+        if ram_path == "qemu":  # QEMU's load waits on none of the stream path's machinery
+            early = imported_before(run.stderr, "-> migrate-incoming")
+            assert not early & STREAM_PATH, sorted(early & STREAM_PATH)
         assert 0 < d["load_seconds"] <= d["seconds"], d  # the loading part of the restore
         guest.check_restored(dst, saved)
     if qemu != "10":

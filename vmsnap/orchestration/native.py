@@ -22,19 +22,20 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import targets
 from ..fileformat.reader import Snapshot, open_snapshot
-from ..fileformat.writer import SnapshotWriter
-from ..ops.receive import ReceiveStats
-from ..ops.seal import commit_pending, seal
-from ..ops.send import SendStats
 from ..progress import Reporter
 from ..stream.constants import CAP_MAPPED_RAM
 from . import qmp as qmpmod
 from .modes import clean_capabilities
 from .qmp import Monitor, Peer
+
+if TYPE_CHECKING:  # a save's and the stream path's machinery load only where they run
+    from ..fileformat.writer import SnapshotWriter
+    from ..ops.receive import ReceiveStats
+    from ..ops.send import SendStats
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +107,9 @@ def commit_first(writer: SnapshotWriter, direct: bool) -> ReceiveStats:
     """Commit the FILE.partial QEMU wrote with its page checksums pending (metadata,
     signature, device state and other non-page bytes checksummed): the file is durable and
     restorable at once; `seal_after` adds the page checksums."""
+    from ..ops.receive import ReceiveStats
+    from ..ops.seal import commit_pending
+
     path = writer.partial_path
     writer.metadata.extra["pages_by"] = "qemu"
     commit_pending(path, writer.metadata, writer.signing_key, direct=direct)
@@ -124,6 +128,8 @@ async def seal_after(path: str, how: str, key: bytes | None, direct: bool,
     parallel O_DIRECT read-back before returning), "background" (a detached `vmsnap seal`
     that outlives this process) or "later" (the user runs `vmsnap seal`). Result fields."""
     if how == "now":
+        from ..ops.seal import seal
+
         t0 = time.monotonic()
         await asyncio.get_running_loop().run_in_executor(
             None, lambda: seal(path, key=key, direct=direct))
@@ -154,7 +160,6 @@ async def load(client: Monitor, snap: Snapshot, channels: int, rep: Reporter, to
     mapped-ram, multifd, and direct-io where `snap` reads with O_DIRECT) and `wait` until
     it has."""
     await asyncio.get_running_loop().run_in_executor(None, snap.check_stream_ranges)
-    stats = SendStats(snap.stream_end, sum(b.present_count for b in snap.blocks), 0)
     await qmpmod.set_capabilities(client, {**clean_capabilities(), CAP_MAPPED_RAM: True,
                                            "multifd": True})
     await client.execute("migrate-set-parameters",
@@ -163,8 +168,10 @@ async def load(client: Monitor, snap: Snapshot, channels: int, rep: Reporter, to
     fdset = await pass_file(client, snap.reopen, snap.direct, os.O_RDONLY)
     try:
         await client.execute("migrate-incoming", {"uri": fdset.uri})
+        from ..ops.send import SendStats  # not before: QEMU loads meanwhile
+
         await wait()
     finally:
         await release(client, fdset)
     rep.update(total, total)
-    return stats
+    return SendStats(snap.stream_end, sum(b.present_count for b in snap.blocks), 0)

@@ -7,49 +7,37 @@ checksums before they leave, so a corrupt file makes the load fail and the guest
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import functools
-import logging
 import os
 import shutil
-import socket
 import tempfile
-import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ..errors import one_line
 from ..fileformat.reader import Snapshot
 from ..fileformat.trailer import TrailerMetadata
-from ..io.sockets import shutdown_all
 from ..ops.destination import Destination
-from ..ops.multifd_send import send_multifd
-from ..ops.send import SendStats, send
-from ..ops.shared_ram import fill_from_file
 from ..progress import Reporter
-from ..stream.constants import CAP_IGNORE_SHARED as IGNORE_SHARED
-from . import futures, native, shared
+from . import native, shared
 from . import qmp as qmpmod
-from .modes import clean_capabilities
+from .options import check_channels
 from .qmp import Client, Monitor
 from .relaunch import GuardedQemu, RelaunchLock, own_qmp
-from .rendezvous import connect_incoming, incoming_listener, pass_socket
-from .save import check_channels
 from .target import (
-    START_TIMEOUT,
     RestoreResult,
     Target,
     check_target,
     launch_argv,
     launch_target,
-    target_failure,
     wait_loaded,
 )
 from .vmlock import vm_lock
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from ..ops.send import SendStats
 
 
 #: Memory backends whose memory is zero when an -incoming QEMU starts (anonymous or a new
@@ -197,92 +185,8 @@ async def _load(client: Monitor, peer: qmpmod.Peer, snap: Snapshot, facts: _Fact
         stats = await native.load(client, snap, channels or 1, rep, facts.total,
                                   lambda: wait_loaded(client, held.log_path))
         return stats, "qemu"
-    stats = await _load_stream(client, peer, snap, channels, held.plan, fresh, target,
-                               rep, facts.total, held.stack, held.log_path)
+    from .streamed import load_stream  # the stream path's machinery: only if it is taken
+
+    stats = await load_stream(client, peer, snap, channels, held.plan, fresh, target, rep,
+                              facts.total, held.stack, held.log_path)
     return stats, "shared" if held.plan else "stream"
-
-
-async def _load_stream(client: Monitor, peer: qmpmod.Peer, snap: Snapshot, channels: int,
-                       plan: shared.RestorePlan | None, fresh: set[str], target: Destination,
-                       rep: Reporter, total: int, stack: contextlib.ExitStack,
-                       log_path: str | None) -> SendStats:
-    """Send the snapshot as a migration stream (one socket or multifd channels), each page
-    checked against its checksum as it is read; `plan`: shared RAM vmsnap fills itself;
-    `fresh`: blocks whose zero pages need not be sent."""
-    if plan:
-        channels = 0  # the stream holds device state and small blocks only
-    await qmpmod.set_capabilities(
-        client, {**clean_capabilities(), "multifd": channels > 0,
-                 IGNORE_SHARED: bool(plan)})
-    if channels:
-        await client.execute("migrate-set-parameters", {"multifd-channels": channels})
-    if plan:
-        rep.start("restore", total, channels=0, ram_path="shared")
-        await asyncio.get_running_loop().run_in_executor(
-            None, _fill, snap, plan, rep, total)
-    if channels:  # multifd: QEMU listens where vmsnap connects
-        meeting, uri, incoming = await incoming_listener(client, peer.version, peer.pid)
-        stack.callback(meeting.close)
-        await client.execute("migrate-incoming", {"uri": uri})
-        socks = [await connect_incoming(incoming, START_TIMEOUT) for _ in range(channels + 1)]
-    else:  # one stream: our socket, passed by fd
-        main, uri = await pass_socket(client)
-        stack.callback(main.close)
-        incoming = uri
-        await client.execute("migrate-incoming", {"uri": uri})
-        socks = [main]
-    log.debug("restore: %d connections to %s, QEMU's migrate-incoming %s (%d multifd "
-              "channels)", len(socks), incoming, uri, channels)
-    if not plan:
-        rep.start("restore", total, channels=channels)
-    stop = threading.Event()
-    send_all = functools.partial(_send, snap, socks, channels, plan, fresh, target, rep, stop)
-    try:
-        return await _stream(send_all, socks, stop)
-    except ConnectionError as err:  # the target closed the stream: say why it did
-        raise await target_failure(client, log_path) from err
-
-
-def _send(snap: Snapshot, socks: list[socket.socket], channels: int,
-          plan: shared.RestorePlan | None, fresh: set[str], target: Destination,
-          rep: Reporter, stop: threading.Event) -> SendStats:
-    """Send the snapshot (in a thread): one plain stream, or main + multifd channels."""
-    if not channels:
-        return send(snap, socks[0].makefile("wb", buffering=0),
-                    progress=None if plan else rep.update,
-                    shared=plan.addrs if plan else None, fresh=fresh)
-    return send_multifd(snap, socks[0], socks[1:], target.uuid, target.sync_mode,
-                        progress=rep.update, stop=stop, fresh=fresh)
-
-
-def _fill(snap: Snapshot, plan: shared.RestorePlan, rep: Reporter, total: int) -> None:
-    """Fill the target's shared RAM from the file (checksums checked)."""
-    done = 0
-
-    def progress(n: int) -> None:
-        nonlocal done
-        done += n
-        rep.update(done, total)
-
-    plan.pages = fill_from_file(snap, plan.backings, progress=progress)
-
-
-async def _stream(stream: Callable[[], SendStats], socks: list[socket.socket],
-                  stop: threading.Event) -> SendStats:
-    """Run the blocking sender in a thread. Its failure, or ours (Ctrl-C cancels this
-    task), ends every socket at once: the sender stops within moments, and the target's
-    load fails instead of waiting forever on a channel that is neither fed nor closed."""
-    future = asyncio.get_running_loop().run_in_executor(None, stream)
-    try:
-        return await asyncio.shield(future)
-    except BaseException:
-        stop.set()
-        if len(socks) > 1:  # multifd channels end between packets, with a SYNC QEMU needs
-            await asyncio.wait([future], timeout=1)
-        shutdown_all(socks)
-        await asyncio.wait([future], timeout=10)
-        futures.retrieve(future)  # the sender's broken pipe follows from this failure
-        raise
-    finally:
-        for sock in socks:
-            sock.close()

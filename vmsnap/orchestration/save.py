@@ -34,7 +34,7 @@ from ..stream.constants import CAP_IGNORE_SHARED, CAP_MAPPED_RAM
 from . import background, converge, futures, modes, native, shared
 from . import qmp as qmpmod
 from .modes import After, SaveMode
-from .options import SEAL_WHEN
+from .options import SEAL_WHEN, check_channels
 from .qmp import MIGRATING, Client, Monitor, QemuGoneError
 from .rendezvous import Meeting, meeting_place, pass_socket
 from .vmlock import vm_lock
@@ -104,7 +104,6 @@ def _listen(meeting: Meeting) -> tuple[socket.socket, str]:
     return sock, path
 
 
-MAX_CHANNELS = 64
 log = logging.getLogger(__name__)
 
 
@@ -121,16 +120,6 @@ def save_channels(asked: int | None, peer: qmpmod.Peer) -> int:
     if asked is not None:
         return asked
     return 0 if peer.version < MULTIFD_SENDER_FIXED else check_channels(None)
-
-
-def check_channels(channels: int | None) -> int:
-    """The multifd channel count to use: as asked (0 = one plain stream, up to 64) or, when
-    not given, one per CPU, at least 2, at most 8 (QEMU 7.2 and later all have multifd)."""
-    if channels is None:
-        return max(2, min(8, os.cpu_count() or 2))
-    if not 0 <= channels <= MAX_CHANNELS:
-        raise VmsnapError(f"--channels must be 0..{MAX_CHANNELS}, not {channels}")
-    return channels
 
 
 def prepare(path: str | os.PathLike[str], live: bool, background: bool,

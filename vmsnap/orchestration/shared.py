@@ -14,11 +14,14 @@ import logging
 import os
 import stat
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ..errors import VmsnapError
-from ..ops.shared_ram import Backing
 from ..stream.constants import CAP_IGNORE_SHARED as IGNORE_SHARED
 from .qmp import Monitor, Peer, QmpCommandError
+
+if TYPE_CHECKING:
+    from ..ops.shared_ram import Backing
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +116,8 @@ def open_backings(pid: int | None, devs: list[Memdev], *, writable: bool
                   ) -> dict[str, Backing]:
     """Open every shared backend of QEMU `pid` (read-only, or read-write for a restore).
     Raises SharedRamUnreachable naming the first one that cannot be opened."""
+    from ..ops.shared_ram import Backing  # the copying machinery: only where RAM is shared
+
     if pid is None:
         raise SharedRamUnreachable("QEMU's process is unknown (QMP over TCP)")
     try:

@@ -18,6 +18,7 @@ from vmsnap.fileformat.trailer import (
     CommitRecord,
     RangeChecksum,
     Trailer,
+    chunk_digests,
     decode_trailer_bytes,
     encode_trailer,
     xxh3,
@@ -38,25 +39,69 @@ def trailer_parts(path: Path) -> tuple[int, int, dict, bytes]:
 
 
 def write_trailer(path: Path, body_offset: int, stream_end: int, js: bytes,
-                  tables: bytes, jlen: int | None = None) -> None:
+                  tables: bytes, jlen: int | None = None, head_checksum: bool = False) -> None:
     """Replace the trailer of `path` by one with metadata bytes `js` (and a JSON length
-    field of `jlen`, default len(js)), sealed with a valid body checksum and commit record."""
+    field of `jlen`, default len(js)), sealed with a valid body checksum and commit record
+    (with the checksum of the body's head if `head_checksum`: its tables then check chunk
+    by chunk, if the metadata has "table_chunks"; else whole, as in older files)."""
     head = _HEAD.pack(b"VMSNAPT1", 1, len(js) if jlen is None else jlen) + js
-    body = head + b"\0" * (-len(head) % 8) + tables
-    record = CommitRecord(1, body_offset, len(body), xxh3(body), stream_end).pack()
+    head += b"\0" * (-len(head) % 8)
+    body = head + tables
+    record = CommitRecord(1, body_offset, len(body), xxh3(body), stream_end,
+                          xxh3(head) if head_checksum else 0).pack()
     with open(path, "r+b") as f:
         f.truncate(body_offset)
         f.seek(body_offset)
         f.write(body + record)
 
 
-def reseal(path: Path, edit: Callable[[dict], None]) -> None:
-    """Let `edit` change the parsed metadata of `path` in place, then re-seal the file; the
-    signature, if any, is kept as it was (the attacker has no key)."""
+def reseal(path: Path, edit: Callable[[dict], None],
+           edit_tables: Callable[[bytearray], None] | None = None,
+           head_checksum: bool = False) -> None:
+    """Let `edit` change the parsed metadata of `path` in place (and `edit_tables` its
+    checksum tables), then re-seal the file (see write_trailer); the signature, if any, is
+    kept as it was (the attacker has no key)."""
     body_offset, stream_end, md, tables = trailer_parts(path)
     edit(md)
+    table_bytes = bytearray(tables)
+    if edit_tables is not None:
+        edit_tables(table_bytes)
     write_trailer(path, body_offset, stream_end,
-                  json.dumps(md, separators=(",", ":"), sort_keys=True).encode(), tables)
+                  json.dumps(md, separators=(",", ":"), sort_keys=True).encode(),
+                  bytes(table_bytes), head_checksum=head_checksum)
+
+
+def rechunk(path: Path, entries: int) -> None:
+    """Cut the checksum tables of `path` in chunks of `entries` (digests recomputed, as
+    vmsnap would with CHUNK_ENTRIES = `entries`; a signature no longer matches: restore it
+    with a command line given), so that a small guest's RAM spans several chunks."""
+    def edit(md: dict) -> None:
+        _, _, _, tables = trailer_parts(path)
+        parts, at = [], 0
+        for b in md["blocks"]:
+            parts.append(tables[at:at + 8 * b["pages"]])
+            at += 8 * b["pages"]
+        md["table_chunks"] = chunk_digests(parts, "signature" in md, entries)
+
+    reseal(path, edit, head_checksum=True)
+
+
+def table_entry_offset(path: Path, block: str, entry: int) -> int:
+    """The file offset of checksum table entry `entry` of `block` (8 bytes)."""
+    _, _, md, tables = trailer_parts(path)
+    first = 0
+    for b in md["blocks"]:
+        if b["name"] == block:
+            return path.stat().st_size - COMMIT_SIZE - len(tables) + 8 * (first + entry)
+        first += b["pages"]
+    raise KeyError(block)
+
+
+def unchunk(path: Path) -> None:
+    """Make `path` a file as vmsnap wrote it before its tables were checked in chunks (no
+    "table_chunks", no head checksum in the commit record; its signature no longer
+    matches: restore it with a command line given)."""
+    reseal(path, lambda md: md.pop("table_chunks"))
 
 
 def sparse_copy(src: Path, dst: Path) -> Path:
@@ -116,6 +161,7 @@ def grow_last_block(src: Path, dst: Path, used_length: int) -> Path:
     disk as `src` and still passes `vmsnap verify` if vmsnap can index it."""
     with open_snapshot(src) as snap:
         blocks, tail, trailer = snap.blocks, snap.tail, snap.trailer
+        tables = trailer.blocks  # read while the file is open (they load where used)
         header = bytearray(snap.header_bytes)
         last = blocks[-1]
         old_bitmap = snap._file.pread_meta(last.bitmap_offset, bitmap_size(last.npages))
@@ -141,7 +187,7 @@ def grow_last_block(src: Path, dst: Path, used_length: int) -> Path:
     ranges.append(_range(dst, layout.tail_offset, len(tail)))
     stream_end = layout.tail_offset + len(tail)
     trailer.metadata.stream_end = stream_end
-    offset, data = encode_trailer(stream_end, trailer.metadata, trailer.blocks, ranges)
+    offset, data = encode_trailer(stream_end, trailer.metadata, tables, ranges)
     with open(dst, "r+b") as f:
         f.truncate(offset)
         f.seek(offset)

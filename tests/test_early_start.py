@@ -12,6 +12,7 @@ import time
 import numpy as np
 import pytest
 
+from testbed.craft import unchunk
 from testbed.pagecache import cached, evict
 from vmsnap.errors import VmsnapError
 from vmsnap.fileformat.trailer import (
@@ -20,21 +21,25 @@ from vmsnap.fileformat.trailer import (
     TrailerMetadata,
     encode_trailer,
 )
+from vmsnap.io.aligned import AlignedBuffer
 from vmsnap.orchestration.early import start_early
 
 STREAM_END = 3 << 20
 
 
 def snapshot(path, version="10.0.0", command=("qemu-system-x86_64", "-m", "1"), extra=None,
-             entries=4):
+             entries=4, chunked=True):
     """A file with a trailer (the stream is not one: nothing here reads it) whose pc.ram
-    pages are at 1 MiB, 1 MiB long, as its ranges tell; its checksum table has `entries`."""
+    pages are at 1 MiB, 1 MiB long, as its ranges tell; its checksum table has `entries`
+    (not `chunked`: as older vmsnaps wrote it, checked whole)."""
     md = TrailerMetadata(qemu_version=version, machine_type="pc-i440fx-7.2",
                          command_line=list(command) if command else None, extra=extra or {})
     blocks = [BlockChecksums("pc.ram", np.arange(entries, dtype=np.uint64))]
     ranges = [RangeChecksum(0, 100, 1), RangeChecksum(2 << 20, 4096, 1)]
     off, tr = encode_trailer(STREAM_END, md, blocks, ranges)
     path.write_bytes(bytes(off) + tr)
+    if not chunked:
+        unchunk(path)
     return str(path)
 
 
@@ -75,7 +80,7 @@ def test_what_the_open_reads_is_read_ahead(tmp_path):
     open will (the trailer's ranges and body: here 16 MiB of checksum tables, more than the
     kernel reads ahead of one request) into the page cache while vmsnap loads; not the
     pages."""
-    path = snapshot(tmp_path / "a", entries=2 << 20)
+    path = snapshot(tmp_path / "a", entries=2 << 20, chunked=False)
     evict(path)
     launched = start_early(path, ["true"], "postcopy", False)
     assert launched is not None
@@ -107,7 +112,7 @@ def test_tables_loading_from_the_spawn_are_not_also_read_ahead(tmp_path, monkeyp
     monkeypatch.setattr(early.os, "posix_fadvise", fadvise)
     for entries, body_asked in ((2 << 20, False), (4, True)):
         asked.clear()
-        path = snapshot(tmp_path / f"t{entries}", entries=entries)
+        path = snapshot(tmp_path / f"t{entries}", entries=entries, chunked=False)
         launched = start_early(path, ["true"], "postcopy", False)
         assert launched is not None
         try:
@@ -121,8 +126,9 @@ def test_tables_loading_from_the_spawn_are_not_also_read_ahead(tmp_path, monkeyp
 RAM = 8 << 20
 
 
-def written(path):
-    """A real snapshot (stream, pages, trailer with a checksum table of 2048 entries)."""
+def written(path, chunked=False):
+    """A real snapshot (stream, pages, trailer with a checksum table of 2048 entries; not
+    `chunked`: checked whole, as older vmsnaps wrote it)."""
     from fileformat.streambytes import prefix, tail
 
     from vmsnap.fileformat import SnapshotWriter
@@ -135,6 +141,8 @@ def written(path):
     w.write_pages("pc.ram", np.arange(pages, dtype=np.uint64) * 4096,
                   np.random.default_rng(1).integers(0, 256, RAM, dtype=np.uint8).data)
     w.finish(tail())
+    if not chunked:
+        unchunk(path)
     return str(path)
 
 
@@ -191,5 +199,50 @@ def test_a_damaged_table_loaded_from_the_spawn_is_still_refused(tmp_path, monkey
             assert snap.trailer is not None and snap.trailer.tables is launched.loading[1].tables
             with pytest.raises(CorruptTrailer, match="body checksum mismatch"):
                 snap.check_stream_ranges()
+    finally:
+        launched.discard()
+
+
+def test_tables_in_chunks_are_not_read_before_the_guest_runs(tmp_path, monkeypatch):
+    """A file whose tables are in chunks: nothing before a postcopy restore's first byte
+    reads them, nor asks the kernel for them (start_early, the open, the stream ranges'
+    check, the postcopy source's making); its pusher reads the chunk of each page it checks,
+    when it checks it."""
+    from vmsnap.fileformat import open_snapshot
+    from vmsnap.fileformat import trailer as trailer_mod
+    from vmsnap.io.direct import DirectFile
+    from vmsnap.ops.postcopy_send import PostcopySource
+    from vmsnap.orchestration import early
+
+    monkeypatch.setattr(trailer_mod, "CHUNK_ENTRIES", 256)  # pc.ram's 2048 in 8 chunks
+    path = written(tmp_path / "a", chunked=True)
+    with open_snapshot(path) as snap:
+        commit, head = snap.trailer.commit, snap.trailer.head
+    tables = commit.body_offset + len(head), commit.body_offset + commit.body_length
+    reads = []
+    real_pread, real_fadvise = DirectFile.pread_meta, os.posix_fadvise
+
+    def pread_meta(self, offset, length):
+        reads.append((offset, length))
+        return real_pread(self, offset, length)
+
+    def fadvise(fd, offset, length, advice):
+        reads.append((offset, length))
+        real_fadvise(fd, offset, length, advice)
+
+    def in_tables():
+        return [(o, n) for o, n in reads if o < tables[1] and o + n > tables[0]]
+
+    monkeypatch.setattr(DirectFile, "pread_meta", pread_meta)
+    monkeypatch.setattr(early.os, "posix_fadvise", fadvise)
+    launched = start_early(path, ["true"], "postcopy", False)
+    assert launched is not None and launched.loading is None
+    try:
+        with open_snapshot(path, loading=launched.loading) as snap:
+            source = PostcopySource(snap)
+            assert source.prologue and in_tables() == []
+            b = snap.block("pc.ram")
+            source._read_checked(b, np.arange(600, 700), AlignedBuffer(100 * 4096))
+            assert in_tables() == [(tables[0] + 2 * 256 * 8, 256 * 8)]  # chunk 2
     finally:
         launched.discard()

@@ -23,7 +23,7 @@ from test_save_restore import events, ok, qemu_pids_using, run_vmsnap
 
 import vmsnap
 from testbed.cli import one_line
-from testbed.craft import flip_bit, flip_page_bit, reseal
+from testbed.craft import flip_bit, flip_page_bit, rechunk, reseal, table_entry_offset, unchunk
 from testbed.guests import BootGuest, LinuxGuest, Saved
 from testbed.pagecache import cached, evict, mapped
 from testbed.qemu import Vm
@@ -154,23 +154,89 @@ def test_lazy_restore_refuses_corrupt_page(qemu, workdir):
 
 
 @pytest.mark.qemu
-def test_lazy_restore_refuses_a_damaged_checksum_table(workdir):
-    """The checksum tables load in the background (an open costs the same whatever the RAM
-    size), yet a file whose table is damaged is refused before the guest can run, before
-    anything is sent (the body's checksum vouches for the device state's), and the QEMU
-    started meanwhile (from the stored command line, whose signature checks without the
-    tables, or a given one) is ended."""
+def test_lazy_restore_refuses_damaged_metadata(workdir):
+    """The checksum tables load where they are used, after the guest runs, but the metadata
+    (command line, the device state's checksums) is checked against the commit record's
+    checksum of it first: a damaged one is refused before the guest can run, before
+    anything is sent, and no QEMU is left (none started from the stored command line,
+    whose trailer does not read; a given one is ended)."""
     guest = BootGuest(memory_mb=256)
     snap, argv, _ = saved(guest, "7.2", workdir)
     with vmsnap.open(snap) as s:
         commit = s.trailer.commit
-    flip_bit(snap, commit.body_offset + commit.body_length - 8)  # the last page's entry
+    flip_bit(snap, commit.body_offset + 100)  # in the metadata JSON
     for how in (["--lazy"], ["--lazy=postcopy", "--", *argv]):
-        result = run_vmsnap(workdir, "restore", snap, *how)
+        result = run_vmsnap(workdir, "restore", "--json", snap, *how)
         assert result.returncode == 1 and "Traceback" not in result.stderr
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and "body checksum mismatch" in lines[0], lines
+        assert "running" not in [e["event"] for e in events(result)]
         assert qemu_pids_using(workdir) == [], "a QEMU vmsnap launched still runs"
+
+
+#: Table entries per chunk for a 256 MiB guest's 65,536 pages to span 16 chunks
+SMALL_CHUNK = 4096
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize("engine", ["postcopy", "mmap"])
+def test_lazy_restore_damaged_table_chunk(engine, workdir):
+    """A damaged chunk of pc.ram's checksum table (its last, far from anything needed
+    before the guest runs) is not read before the guest runs; a page of that chunk is
+    never sent (postcopy) or declared good (mmap): the restore stops there, in the same
+    one line as a damaged body, and the QEMU vmsnap launched is ended. mmap sends the
+    small blocks before `cont`: a damaged chunk of theirs is refused before the guest
+    runs."""
+    guest = BootGuest(memory_mb=256)
+    snap, argv, _ = saved(guest, "10", workdir)
+    rechunk(snap, SMALL_CHUNK)
+    with vmsnap.open(snap) as s:
+        ram = s.block("pc.ram").present_count
+        small = next(b.name for b in s.blocks if b.name != "pc.ram" and b.present_count)
+    assert ram > 15 * SMALL_CHUNK
+    pristine = snap.read_bytes()
+    cases = [("pc.ram", ram - 1, True)] + ([(small, 0, False)] if engine == "mmap" else [])
+    for block, entry, runs in cases:
+        snap.write_bytes(pristine)
+        flip_bit(snap, table_entry_offset(snap, block, entry))
+        result = run_vmsnap(workdir, "restore", "--json", f"--lazy={engine}", snap, "--",
+                            *argv)
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and "body checksum mismatch" in lines[0], lines
+        assert ("running" in [e["event"] for e in events(result)]) is runs, (block, lines)
+        assert qemu_pids_using(workdir) == [], "a QEMU vmsnap launched still runs"
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize("engine", ["postcopy", "mmap"])
+def test_lazy_restore_of_a_file_without_table_chunks(engine, workdir, request):
+    """A file as vmsnaps before table chunks wrote it (tables checked whole) restores
+    lazily, its RAM intact; a damaged table in it is still refused before the guest
+    runs."""
+    guest = BootGuest(memory_mb=256)
+    snap, argv, held = saved(guest, "10", workdir)
+    unchunk(snap)
+    with vmsnap.open(snap) as s:
+        assert s.trailer.chunks is None
+        commit = s.trailer.commit
+    result = run_vmsnap(workdir, "restore", "--json", f"--lazy={engine}", snap, "--", *argv)
+    pids = [e["pid"] for e in events(result) if e["event"] == "done"]
+    for pid in pids:
+        request.addfinalizer(lambda pid=pid: _kill(pid))
+    done = check_done(result, engine)
+    assert done["verified"] is True or engine == "postcopy"
+    with Vm(guest.config("10", workdir), workdir, "src").adopt(pids[0]) as vm:
+        guest.check_restored(vm, held, resumed=True)
+        vm.cmd("quit")
+    deadline = time.monotonic() + 30
+    while qemu_pids_using(workdir) and time.monotonic() < deadline:  # it quits
+        time.sleep(0.05)
+    flip_bit(snap, commit.body_offset + commit.body_length - 8)  # the last page's entry
+    result = run_vmsnap(workdir, "restore", "--json", f"--lazy={engine}", snap, "--", *argv)
+    assert result.returncode == 1 and "body checksum mismatch" in one_line(result)
+    assert "running" not in [e["event"] for e in events(result)]
+    assert qemu_pids_using(workdir) == []
 
 
 #: Notes which modules are loaded when a lazy restore sends its first byte, then runs the

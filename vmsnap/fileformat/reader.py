@@ -226,7 +226,7 @@ class Snapshot:
             return
         ps = block.page_size
         got = page_checksums(data[:count * ps], ps)
-        bad = np.flatnonzero(got != self.trailer.block(block.name).table[index:index + count])
+        bad = np.flatnonzero(got != self.trailer.entries(block.name, index, count))
         if len(bad):
             page = first + int(bad[0])
             raise ChecksumMismatch(
@@ -242,9 +242,9 @@ class Snapshot:
 
     def check_stream_ranges(self) -> None:
         """Check every non-page byte range (header, bitmaps, device state) against the trailer
-        (once the trailer itself checked out: see Tables)."""
+        (once the metadata that lists them checked out: see Trailer.check_head)."""
         if self.trailer is not None:
-            self.trailer.check()
+            self.trailer.check_head()
         for r in self.trailer.ranges if self.trailer else ():
             digest = xxhash.xxh3_64()
             for pos in range(r.start, r.start + r.length, RANGE_CHUNK):

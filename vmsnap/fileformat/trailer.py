@@ -31,6 +31,16 @@ that grow with RAM); the tables are refused, wherever they are used, unless thei
 is the signed one. Files signed before (no "tables_sha256"): the domain string "... v1"
 and the tables themselves instead of their digest; still checked, tables read first.
 
+"table_chunks" (files vmsnap sealed since Dec 4 2026) {"entries": E, "xxh3": [16 hex digits
+per chunk], "sha256": [64 hex digits per chunk] (in a signed file)}: each block's table cut
+in chunks of E entries (its last one shorter), listed in body order, so that a table is
+checked where and when a piece of it is used (a lazy restore's guest runs before the tables
+of its RAM are read: what it needs first is the same whatever the RAM size), each against
+the xxh3 (damage) and the signed SHA-256 (tamper) of its own chunk; the commit record then
+holds the xxh3 of the body's head (magic to the tables), which the metadata (with the
+stream ranges' checksums) is checked against without reading the tables. A file without
+them, or whose commit record has no head checksum, is checked whole, as before.
+
 This module loads no numpy (a restore reads the metadata before numpy has loaded, see
 vmsnap.orchestration.early): the functions that handle the tables as arrays import it.
 
@@ -43,7 +53,7 @@ Commit record (last 64 bytes of the file, little-endian)::
     24  8   u64 body length
     32  8   u64 xxh3_64 of the body
     40  8   u64 stream_end (end of the QEMU stream)
-    48  8   reserved (0)
+    48  8   u64 xxh3_64 of the body's head, up to its checksum tables (0: none, older files)
     56  8   u64 xxh3_64 of bytes 0..56 of this record
 """
 
@@ -83,9 +93,15 @@ _BODY_HEAD = struct.Struct("<8sII")
 assert _COMMIT.size == 56
 #: Metadata JSON larger than this is refused (a real one is a few KiB plus 60 bytes per range).
 MAX_METADATA = 16 << 20
+#: Checksum table entries per chunk of "table_chunks" (1 MiB of table, 512 MiB of 4 KiB
+#: pages: 16 chunks for 8 GiB of RAM, each read and checked in ~1 ms when first used)
+CHUNK_ENTRIES = 1 << 17
 #: Smallest page size any QEMU target uses: bounds the checksum tables by the stream's size.
 MIN_PAGE_SIZE = 1024
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+_HEX = re.compile(r"[0-9a-f]+")
+_ALTERED = ("corrupt trailer: checksum tables differ from the signed ones (altered after the "
+            "file was signed)")
 _HMAC_DOMAIN_V1 = b"vmsnap trailer hmac v1\0"  # over the metadata and the tables
 _HMAC_DOMAIN = b"vmsnap trailer hmac v2\0"  # over the metadata and the tables' SHA-256
 
@@ -267,6 +283,73 @@ class Tables:
         return self._data
 
 
+class ChunkedTables:
+    """Checksum tables in chunks (see the module's docstring): each chunk read and checked
+    against its own xxh3 and, in a signed file, its signed SHA-256 when an entry of it is
+    first asked for, by whichever thread asks (the others asking for it wait), and kept."""
+
+    def __init__(self, read: Callable[[int, int], bytes], pages: dict[str, int],
+                 entries: int, xxh3s: list[int], sha256s: list[bytes] | None) -> None:
+        """`read(offset, length)` reads the tables; `pages`: entries of each block, in
+        body order; `entries` per chunk; one digest per chunk in each list."""
+        self._read = read
+        self._entries = entries
+        self._xxh3 = xxh3s
+        self._sha256 = sha256s
+        #: block -> (its first chunk, its entries)
+        self._blocks: dict[str, tuple[int, int]] = {}
+        self._spans: list[tuple[int, int]] = []  # (offset in the tables, length) a chunk
+        at = 0
+        for name, count in pages.items():
+            self._blocks[name] = (len(self._spans), count)
+            self._spans += [((at + first) * 8, min(entries, count - first) * 8)
+                            for first in range(0, count, entries)]
+            at += count
+        self._data: list[bytes | None] = [None] * len(self._spans)
+        self._locks = [threading.Lock() for _ in self._spans]
+
+    def entries(self, name: str, index: int, count: int) -> np.ndarray:
+        """Entries `index`..`index+count` of block `name`'s table (its chunks checked)."""
+        import numpy as np
+
+        first, pages = self._blocks[name]
+        if index < 0 or count < 0 or index + count > pages:
+            raise SnapshotError(f"checksum entries {index}+{count} outside the table of "
+                                f"{name!r} ({pages} entries)")
+        e = self._entries
+        parts = [np.frombuffer(self.chunk(first + j), "<u8", min(index + count - j * e, e)
+                               - max(index - j * e, 0), max(index - j * e, 0) * 8)
+                 for j in range(index // e, -(-(index + count) // e))]
+        if len(parts) == 1:
+            return parts[0]
+        return np.concatenate(parts) if parts else np.empty(0, "<u8")
+
+    def chunk(self, k: int) -> bytes:
+        """Chunk `k`'s bytes, read and checked at the first call."""
+        data = self._data[k]
+        if data is None:
+            with self._locks[k]:
+                data = self._data[k]
+                if data is None:
+                    data = self._data[k] = self._load(k)
+        return data
+
+    def _load(self, k: int) -> bytes:
+        at, length = self._spans[k]
+        data = self._read(at, length)
+        if len(data) != length:
+            raise CorruptTrailer("corrupt trailer: body truncated")
+        if xxh3(data) != self._xxh3[k]:
+            raise CorruptTrailer("corrupt trailer: body checksum mismatch")
+        if self._sha256 is not None and hashlib.sha256(data).digest() != self._sha256[k]:
+            raise CorruptTrailer(_ALTERED)
+        return data
+
+    def all(self) -> bytes:
+        """The whole tables, every chunk checked."""
+        return b"".join(self.chunk(k) for k in range(len(self._spans)))
+
+
 @dataclass
 class Trailer:
     metadata: TrailerMetadata
@@ -280,10 +363,26 @@ class Trailer:
     sealed: bool = True
     #: the body up to its checksum tables (magic, version, metadata JSON, padding), as read
     head: bytes = field(default=b"", repr=False)
+    #: the tables checked a chunk at a time, where used (None: whole, see Tables)
+    chunks: ChunkedTables | None = field(default=None, repr=False)
 
     def check(self) -> None:
         """Raise CorruptTrailer if the body (its checksum tables included) is corrupt."""
         self.tables.data()
+
+    def check_head(self) -> None:
+        """Raise CorruptTrailer unless the metadata (with the stream ranges' checksums) is
+        sound: checked when decoded against the commit record's checksum of the head, in a
+        file with tables in chunks; else along with the whole body (waits for the tables)."""
+        if self.chunks is None:
+            self.tables.data()
+
+    def entries(self, name: str, index: int, count: int) -> np.ndarray:
+        """Entries `index`..`index+count` of the checksum table of block `name`, checked:
+        the chunks that hold them, in a file with tables in chunks; else with all tables."""
+        if self.chunks is not None:
+            return self.chunks.entries(name, index, count)
+        return self.block(name).table[index:index + count]
 
     @cached_property
     def blocks(self) -> list[BlockChecksums]:
@@ -330,10 +429,12 @@ class CommitRecord:
     body_length: int
     body_xxh3: int
     stream_end: int
+    #: xxh3_64 of the body up to its checksum tables (0: not recorded, see table_chunks)
+    head_xxh3: int = 0
 
     def pack(self) -> bytes:
         head = _COMMIT.pack(COMMIT_MAGIC, self.version, 0, self.body_offset, self.body_length,
-                            self.body_xxh3, self.stream_end, 0)
+                            self.body_xxh3, self.stream_end, self.head_xxh3)
         return head + struct.pack("<Q", xxh3(head))
 
     @classmethod
@@ -341,7 +442,7 @@ class CommitRecord:
         """Decode the last 64 bytes of a file of `file_size` bytes."""
         if file_size < COMMIT_SIZE or len(data) != COMMIT_SIZE:
             raise NoCommitRecord("no vmsnap commit record (file too short)")
-        magic, version, _res, boff, blen, bsum, send, _res2 = _COMMIT.unpack(data[:56])
+        magic, version, _res, boff, blen, bsum, send, hsum = _COMMIT.unpack(data[:56])
         if magic != COMMIT_MAGIC:
             raise NoCommitRecord("no vmsnap commit record at end of file")
         (own,) = struct.unpack("<Q", data[56:])
@@ -362,7 +463,7 @@ class CommitRecord:
         if blen > max_body_length(send):
             raise CorruptTrailer(f"corrupt trailer: body of {blen} bytes is larger than a "
                                  f"stream of {send} bytes can need")
-        return cls(version, boff, blen, bsum, send)
+        return cls(version, boff, blen, bsum, send, hsum)
 
 
 def max_body_length(stream_end: int) -> int:
@@ -397,7 +498,9 @@ def encode_trailer(
     ]
     import numpy as np
 
-    tables = b"".join(np.ascontiguousarray(b.table, dtype="<u8").tobytes() for b in blocks)
+    parts = [np.ascontiguousarray(b.table, dtype="<u8").tobytes() for b in blocks]
+    md["table_chunks"] = chunk_digests(parts, signed=key is not None)
+    tables = b"".join(parts)
     if key is not None:
         digest = hashlib.sha256(tables).digest()
         md["signature"] = {"key_id": key_id(key), "hmac": _mac(key, _canonical(md), digest),
@@ -409,8 +512,22 @@ def encode_trailer(
     head += b"\0" * (-len(head) % 8)
     body = head + tables
     offset = -(-stream_end // TRAILER_ALIGN) * TRAILER_ALIGN
-    commit = CommitRecord(FORMAT_VERSION, offset, len(body), xxh3(body), stream_end)
+    commit = CommitRecord(FORMAT_VERSION, offset, len(body), xxh3(body), stream_end,
+                          xxh3(head))
     return offset, body + commit.pack()
+
+
+def chunk_digests(tables: Sequence[bytes], signed: bool,
+                  entries: int | None = None) -> JsonObject:
+    """The "table_chunks" of the blocks' checksum `tables`, `entries` (default
+    CHUNK_ENTRIES) a chunk (see the module's docstring)."""
+    entries = entries or CHUNK_ENTRIES
+    size = entries * 8
+    pieces = [memoryview(t)[at:at + size] for t in tables for at in range(0, len(t), size)]
+    out: JsonObject = {"entries": entries, "xxh3": [f"{xxh3(p):016x}" for p in pieces]}
+    if signed:
+        out["sha256"] = [hashlib.sha256(p).hexdigest() for p in pieces]
+    return out
 
 
 def _req(d: JsonObject, key: str, kind: type[T], what: str = "") -> T:
@@ -425,7 +542,8 @@ def decode_body(body: bytes, commit: CommitRecord) -> Trailer:
     """Validate and decode the trailer body located by `commit` (all of it, at once)."""
     _check_body(body, b"", commit)
     tables_at = _tables_offset(body, commit)
-    return _decode(body[:tables_at], commit, lambda: body[tables_at:], "now")
+    return _decode(body[:tables_at], commit,
+                   lambda at, n: body[tables_at + at:tables_at + at + n], "now")
 
 
 def _check_body(head: bytes, rest: bytes, commit: CommitRecord) -> None:
@@ -438,34 +556,68 @@ def _check_body(head: bytes, rest: bytes, commit: CommitRecord) -> None:
         raise CorruptTrailer("corrupt trailer: body checksum mismatch")
 
 
-def _decode(head: bytes, commit: CommitRecord, rest: Callable[[], bytes],
+def _decode(head: bytes, commit: CommitRecord, read: Callable[[int, int], bytes],
             when: TablesWhen, loading: Tables | None = None,
             ended: Callable[[], None] | None = None) -> Trailer:
     """The trailer whose body starts with `head` (magic, version, metadata JSON, padding);
-    `rest` reads its checksum tables, which load `when` told (see Tables), unless
-    `loading` already loads them: those of this same body, read before (see read_body)."""
+    `read(offset, length)` reads its checksum tables (offsets from their start). Tables
+    in chunks (see the module's docstring) load a chunk at a time where used; whole ones
+    load `when` told (see Tables), unless `loading` already loads them: those of this same
+    body, read before (see read_body)."""
+    if commit.head_xxh3 and xxh3(head) != commit.head_xxh3:
+        raise CorruptTrailer("corrupt trailer: body checksum mismatch")
     md = _json(head)
     sig = _signature_fields(md)
     meta, sealed = _metadata(md, commit)
-    pages = _table_sizes(md, commit.body_length - len(head))
+    length = commit.body_length - len(head)
+    pages = _table_sizes(md, length)
     ranges = _ranges(md, commit.stream_end)
     if not sealed and any(pages.values()):
         raise CorruptTrailer("corrupt trailer: checksum tables in a file whose page "
                              "checksums are pending")
     digest = sig.get("tables_sha256") if sig else None
+    chunks = _table_chunks(md, read, pages, digest is not None) if commit.head_xxh3 else None
 
     def load() -> bytes:
-        tables = rest()
+        tables = read(0, length)
         _check_body(head, tables, commit)
         if digest is not None and hashlib.sha256(tables).hexdigest() != digest:
-            raise CorruptTrailer("corrupt trailer: checksum tables differ from the signed "
-                                 "ones (altered after the file was signed)")
+            raise CorruptTrailer(_ALTERED)
         return tables
 
-    tables = loading or Tables(load, when, ended)
+    if chunks is not None:
+        tables = Tables(chunks.all, "asked")
+    else:
+        tables = loading or Tables(load, when, ended)
     signature = Signature(sig["key_id"], sig["hmac"], _signed_json(md), tables,
                           digest) if sig else None
-    return Trailer(meta, pages, ranges, commit, tables, signature, sealed=sealed, head=head)
+    return Trailer(meta, pages, ranges, commit, tables, signature, sealed=sealed, head=head,
+                   chunks=chunks)
+
+
+def _table_chunks(md: JsonObject, read: Callable[[int, int], bytes], pages: dict[str, int],
+                  signed: bool) -> ChunkedTables | None:
+    """The tables in chunks that the "table_chunks" entry describes (its SHA-256 list
+    required in a file `signed` with the tables' digest); None if there is none."""
+    tc = md.get("table_chunks")
+    if tc is None:
+        return None
+    entries = tc.get("entries") if isinstance(tc, dict) else None
+    if not isinstance(entries, int) or isinstance(entries, bool) or entries <= 0:
+        raise CorruptTrailer("corrupt trailer: metadata field 'table_chunks' invalid")
+    count = sum(-(-n // entries) for n in pages.values())
+    xxh3s, sha256s = tc.get("xxh3"), tc.get("sha256")
+    if not _hex_list(xxh3s, 16, count) or (signed or sha256s is not None) \
+            and not _hex_list(sha256s, 64, count):
+        raise CorruptTrailer("corrupt trailer: metadata field 'table_chunks' invalid")
+    return ChunkedTables(read, pages, entries, [int(h, 16) for h in xxh3s],
+                         None if sha256s is None else [bytes.fromhex(h) for h in sha256s])
+
+
+def _hex_list(value: object, digits: int, count: int) -> bool:
+    """Whether `value` is a list of `count` strings of `digits` lowercase hex digits."""
+    return isinstance(value, list) and len(value) == count and all(
+        isinstance(h, str) and len(h) == digits and _HEX.fullmatch(h) for h in value)
 
 
 def _tables_offset(start: bytes, commit: CommitRecord) -> int:
@@ -626,9 +778,8 @@ def read_body(pread: Callable[[int, int], bytes], commit: CommitRecord,
     head = start + pread(commit.body_offset + len(start), tables_at - len(start))
     loading = reuse.tables if reuse is not None and reuse.commit == commit \
         and reuse.head == head else None
-    return _decode(head, commit, lambda: pread(commit.body_offset + tables_at,
-                                               commit.body_length - tables_at), tables,
-                   loading, ended)
+    return _decode(head, commit, lambda at, n: pread(commit.body_offset + tables_at + at, n),
+                   tables, loading, ended)
 
 
 def read_trailer(pread: Callable[[int, int], bytes], file_size: int) -> Trailer:

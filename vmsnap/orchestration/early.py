@@ -112,8 +112,9 @@ def start_early(path: str, command: Sequence[str] | None, engine: str,
         if trailer is not None and launched is None:
             launched = _launch(path, fd, st, trailer, command, engine, trust_command_line)
         if trailer is not None and launched is not None:
-            early = trailer.commit.body_length >= EARLY_TABLES_MIN
-            _read_ahead(fd, trailer, body=not early)
+            whole = trailer.chunks is None  # else each chunk loads where used (see trailer)
+            early = whole and trailer.commit.body_length >= EARLY_TABLES_MIN
+            _read_ahead(fd, trailer, body=whole and not early)
             loading = _load_tables(fd, trailer) if early else None
             if loading is not None:
                 launched.loading = ((st.st_dev, st.st_ino), loading)
@@ -168,8 +169,9 @@ def _read_ahead(fd: int, trailer: Trailer, body: bool) -> None:
     file, and the tables (2 MiB per GiB of RAM), no longer one after the other on the
     open's way. Tables that load from the spawn on (_load_tables) are read by their own
     thread at once: asking for them here too cost this thread one call per
-    READ_AHEAD_CHUNK (3 ms at 8 GiB, quiet; 6-7 ms at load 2-3). A range that lies only
-    costs a read: the open checks what it reads."""
+    READ_AHEAD_CHUNK (3 ms at 8 GiB, quiet; 6-7 ms at load 2-3); tables in chunks are not
+    read by the open at all. A range that lies only costs a read: the open checks what it
+    reads."""
     wanted = [(r.start, r.length) for r in trailer.ranges]
     if body:
         wanted.append((trailer.commit.body_offset, trailer.commit.body_length))

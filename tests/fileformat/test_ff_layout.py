@@ -11,6 +11,7 @@ from vmsnap.fileformat import (
     runs,
     unpack_bitmap,
 )
+from vmsnap.fileformat.bitmap import count_set
 
 Q35_256 = [
     ("pc.ram", 0x10000000),
@@ -55,6 +56,8 @@ def test_bitmap_roundtrip_and_runs():
         for i in map(int, np.flatnonzero(p)[:50]):
             assert (int(words[i // 64]) >> (i % 64)) & 1
         assert (unpack_bitmap(data, n) == p).all()
+        assert count_set(data, n) == int(p.sum())
+        assert count_set(b"\xff" * len(data), n) == n  # bits past n are not counted
         r = runs(p)
         q = np.zeros(n, bool)
         for a, c in r:

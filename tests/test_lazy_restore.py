@@ -206,6 +206,14 @@ def test_lazy_restore_damaged_table_chunk(engine, workdir):
         assert len(lines) == 1 and "body checksum mismatch" in lines[0], lines
         assert ("running" in [e["event"] for e in events(result)]) is runs, (block, lines)
         assert qemu_pids_using(workdir) == [], "a QEMU vmsnap launched still runs"
+    if engine == "postcopy":  # a waiting QEMU is left in postcopy-paused: no --resume
+        with Vm(guest.config("10", workdir), workdir, "dst", incoming="defer") as dst:
+            result = run_vmsnap(workdir, "restore", "--lazy", snap, "--qmp",
+                                dst.tool_qmp_path, timeout=120)
+            line = one_line(result)
+            assert "body checksum mismatch" in line and "cannot give" in line, line
+            assert "--resume" not in line, line
+            dst.kill()
 
 
 @pytest.mark.qemu

@@ -13,6 +13,7 @@ from functools import cached_property
 import numpy as np
 import xxhash
 
+from ..errors import one_line
 from ..io.aligned import PAGE_SIZE, AlignedBuffer
 from ..io.direct import DirectFile, IOEngineError
 from ..io.vectored import Buffer
@@ -22,6 +23,7 @@ from . import journal
 from .bitmap import contiguous_runs, count_set, runs, unpack_bitmap
 from .errors import (
     ChecksumMismatch,
+    CorruptTrailer,
     IncompleteSnapshot,
     NoCommitRecord,
     SnapshotError,
@@ -231,8 +233,17 @@ class Snapshot:
         if self.trailer is None or not self.pages_checked:
             return
         ps = block.page_size
+        try:
+            want = self.trailer.entries(block.name, index, count)
+        except CorruptTrailer:
+            raise
+        except (OSError, SnapshotError) as err:  # a table chunk read now, after the open
+            raise SnapshotError(
+                f"cannot read block {block.name!r} page at offset {first * ps:#x} (file "
+                f"offset {block.pages_offset + first * ps:#x}): its checksum: {one_line(err)}"
+            ) from None
         got = page_checksums(data[:count * ps], ps)
-        bad = np.flatnonzero(got != self.trailer.entries(block.name, index, count))
+        bad = np.flatnonzero(got != want)
         if len(bad):
             page = first + int(bad[0])
             raise ChecksumMismatch(

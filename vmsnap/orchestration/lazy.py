@@ -47,7 +47,7 @@ import numpy as np
 
 from .. import targets
 from ..errors import VmsnapError, one_line
-from ..fileformat.errors import ChecksumMismatch
+from ..fileformat.errors import ChecksumMismatch, CorruptTrailer
 from ..fileformat.hot import hot_path, load_hot, prefetch_hot, save_hot
 from ..fileformat.reader import Snapshot
 from ..io.sockets import widen
@@ -151,13 +151,15 @@ async def _after_cut(client: Monitor) -> str:
 
 def _paused(err: Exception, path: str, qmp: str) -> VmsnapError:
     """`err` saying that the --qmp target it left waits in postcopy-paused, and what for:
-    `--resume` (a file that reads again), or nothing (a bad page: this file cannot finish
-    the restore)."""
-    if isinstance(err, ChecksumMismatch):
-        return ChecksumMismatch(
-            f"{one_line(err)}: not sent; the guest waits in postcopy-paused for the pages it "
-            "lacks, which this file cannot give (end that QEMU)", block=err.block,
-            offset=err.offset, file_offset=err.file_offset)
+    `--resume` (a file that reads again), or nothing (a bad page, or a damaged chunk of
+    the checksum tables: this file cannot finish the restore)."""
+    if isinstance(err, ChecksumMismatch | CorruptTrailer):
+        text = (f"{one_line(err)}: not sent; the guest waits in postcopy-paused for the "
+                "pages it lacks, which this file cannot give (end that QEMU)")
+        if isinstance(err, CorruptTrailer):
+            return CorruptTrailer(text)
+        return ChecksumMismatch(text, block=err.block, offset=err.offset,
+                                file_offset=err.file_offset)
     return VmsnapError(f"{one_line(err)}; the guest waits in postcopy-paused: `vmsnap "
                        f"restore {path} --lazy --resume --qmp {qmp}` finishes the restore")
 

@@ -207,6 +207,20 @@ def assert_names_a_page(pages_offsets: dict[str, int], line: str) -> tuple[str, 
     return block, offset
 
 
+def last_page_failing(snap: Path, workdir: Path) -> tuple[FaultyFile, int, int]:
+    """`snap` served through FUSE with the last present page of pc.ram failing its reads
+    with EIO (late in RAM: the guest runs before a pusher or check reaches it); (the
+    served file, where pc.ram's pages start in the file, that page's number)."""
+    with vmsnap.open(snap) as s:
+        ram = s.block("pc.ram")
+        first, count = (int(x) for x in s.present_runs(ram)[-1])
+        page = first + count - 1
+        foff = ram.pages_offset + page * PAGE
+    faulty = FaultyFile(snap, workdir / "faulty", foff, foff + PAGE)
+    faulty.failing.set()
+    return faulty, ram.pages_offset, page
+
+
 @pytest.mark.qemu
 @as_root
 @pytest.mark.parametrize("qemu", ["7.2", "10"], ids=["qemu7.2", "qemu10"])
@@ -218,19 +232,13 @@ def test_lazy_restore_page_unreadable_then_resumed(qemu, workdir):
     page reads again, `--resume` finishes the restore and the RAM checks."""
     guest = BootGuest(memory_mb=1024, mode="random")
     snap, _, held = saved(guest, qemu, workdir)
-    with vmsnap.open(snap) as s:
-        ram = s.block("pc.ram")
-        first, count = (int(x) for x in s.present_runs(ram)[-1])
-        page = first + count - 1
-        foff = ram.pages_offset + page * PAGE
-    faulty = FaultyFile(snap, workdir / "faulty", foff, foff + PAGE)
-    faulty.failing.set()
+    faulty, pages_at, page = last_page_failing(snap, workdir)
     with faulty.mounted() as served, \
             Vm(guest.config(qemu, workdir), workdir, "dst", incoming="defer") as dst:
         proc = start_lazy(workdir, served, dst.tool_qmp_path)
         line = fails_in_one_line(proc, lambda: None)
         assert faulty.failed_reads > 0
-        assert assert_names_a_page({"pc.ram": ram.pages_offset}, line) == ("pc.ram", page * PAGE)
+        assert assert_names_a_page({"pc.ram": pages_at}, line) == ("pc.ram", page * PAGE)
         assert os.strerror(errno.EIO) in line, line
         assert "waits in postcopy-paused" in line and "--resume" in line, line
         assert_waits_paused(dst)
@@ -251,20 +259,14 @@ def test_mmap_page_unreadable(workdir):
     touching that page would get no data for it)."""
     guest = BootGuest(memory_mb=256, mode="random")
     snap, argv, _ = saved(guest, "10", workdir)
-    with vmsnap.open(snap) as s:
-        ram = s.block("pc.ram")
-        first, count = (int(x) for x in s.present_runs(ram)[-1])
-        page = first + count - 1
-        foff = ram.pages_offset + page * PAGE
-    faulty = FaultyFile(snap, workdir / "faulty", foff, foff + PAGE)
-    faulty.failing.set()
+    faulty, pages_at, page = last_page_failing(snap, workdir)
     with faulty.mounted() as served:
         proc = spawn_vmsnap(workdir, "restore", "--json", "--lazy=mmap", "--paused", served,
                             "--", *argv)
         line = fails_in_one_line(proc, lambda: None)
         assert faulty.failed_reads > 0
         assert qemu_pids_using(workdir) == []
-    assert assert_names_a_page({"pc.ram": ram.pages_offset}, line) == ("pc.ram", page * PAGE)
+    assert assert_names_a_page({"pc.ram": pages_at}, line) == ("pc.ram", page * PAGE)
     assert os.strerror(errno.EIO) in line, line
 
 

@@ -26,6 +26,7 @@ from typing import Any
 
 from ..errors import VmsnapError
 from ..stream.constants import TARGET_PAGE_SIZE
+from .modes import UNLIMITED_BANDWIDTH
 from .qmp import Monitor
 
 DEFAULT_DOWNTIME_MS = 300
@@ -39,8 +40,8 @@ BUDGET = 1.5
 STALL_RATIO = 0.5
 #: The limit set is this much above the measured need (the guest dirties on meanwhile).
 MARGIN = 1.25
-#: The highest --bandwidth (1 TiB/s: QEMU's own default is effectively unlimited).
-MAX_MIB_S = 1 << 20
+#: The highest --bandwidth: what every other save sets, effectively unlimited.
+MAX_MIB_S = UNLIMITED_BANDWIDTH >> 20
 
 
 @dataclass(frozen=True)

@@ -521,7 +521,6 @@ async def _serve(job: _Job, channels: _Channels, resume: bool) -> LazyRestoreRes
                else None)
     rep.event("running", seconds=running)
     stats: PostcopyStats = await steadfast.wait(loop.run_in_executor(None, source.wait))
-    interrupted = steadfast.interrupted
     await wait_loaded(client)
     if resume and job.run and not (await client.execute("query-status"))["running"]:
         await client.execute("cont")  # stopped meanwhile (by hand; older vmsnaps, at a bad page)
@@ -540,7 +539,7 @@ async def _serve(job: _Job, channels: _Channels, resume: bool) -> LazyRestoreRes
         requested_pages=stats.requested_pages, zero_pages=stats.zero_pages,
         latency_p50_us=float(np.percentile(lat, 50)) if lat.size else None,
         latency_p99_us=float(np.percentile(lat, 99)) if lat.size else None,
-        hot_pages=int(sum(len(v) for v in source.hot.values())), interrupted=interrupted,
+        hot_pages=int(sum(len(v) for v in source.hot.values())), interrupted=steadfast.interrupted,
         already_received=stats.already_received)
 
 

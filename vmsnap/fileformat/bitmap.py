@@ -6,8 +6,7 @@ to/from the file representation and turn set bits into runs for coalesced I/O.
 
 from __future__ import annotations
 
-import numpy as np
-
+from ..lazy_numpy import np
 from ..stream.events import bitmap_size
 
 

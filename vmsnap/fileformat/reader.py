@@ -10,13 +10,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cached_property
 
-import numpy as np
 import xxhash
 
 from ..errors import one_line
 from ..io.aligned import PAGE_SIZE, AlignedBuffer
 from ..io.direct import DirectFile, IOEngineError
 from ..io.vectored import Buffer
+from ..lazy_numpy import np
 from ..stream.events import MappedRamHeader, RamBlock, bitmap_size
 from ..targets import PageSource, open_source, remote
 from . import journal

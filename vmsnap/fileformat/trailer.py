@@ -41,8 +41,8 @@ holds the xxh3 of the body's head (magic to the tables), which the metadata (wit
 stream ranges' checksums) is checked against without reading the tables. A file without
 them, or whose commit record has no head checksum, is checked whole, as before.
 
-This module loads no numpy (a restore reads the metadata before numpy has loaded, see
-vmsnap.orchestration.early): the functions that handle the tables as arrays import it.
+This module runs no numpy until a function handles the tables as arrays (vmsnap.lazy_numpy:
+a restore reads the metadata before numpy has loaded, see vmsnap.orchestration.early).
 
 Commit record (last 64 bytes of the file, little-endian)::
 
@@ -73,12 +73,11 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import xxhash
 
+from ..lazy_numpy import np
 from ..stream.constants import MAPPED_RAM_FILE_OFFSET_ALIGNMENT, TARGET_PAGE_SIZE
 from .errors import CorruptTrailer, NoCommitRecord, SnapshotError, UnsupportedVersion
 
-if TYPE_CHECKING:  # no numpy at run time: see the module's docstring
-    import numpy as np
-
+if TYPE_CHECKING:
     from ..io.vectored import Buffer
 
 FORMAT_VERSION = 1
@@ -116,8 +115,6 @@ def xxh3(data: Buffer) -> int:
 
 def page_checksums(data: Buffer, page_size: int = TARGET_PAGE_SIZE) -> np.ndarray:
     """xxh3_64 of every page of `data` (n*page_size bytes) → uint64[n]."""
-    import numpy as np
-
     mv = memoryview(data).cast("B")
     n = mv.nbytes // page_size
     f = xxhash.xxh3_64_intdigest
@@ -310,8 +307,6 @@ class ChunkedTables:
 
     def entries(self, name: str, index: int, count: int) -> np.ndarray:
         """Entries `index`..`index+count` of block `name`'s table (its chunks checked)."""
-        import numpy as np
-
         first, pages = self._blocks[name]
         if index < 0 or count < 0 or index + count > pages:
             raise SnapshotError(f"checksum entries {index}+{count} outside the table of "
@@ -387,8 +382,6 @@ class Trailer:
     @cached_property
     def blocks(self) -> list[BlockChecksums]:
         """Each block's checksum table (waits for the tables to be read and checked)."""
-        import numpy as np
-
         data = self.tables.data()
         out, pos = [], 0
         for name, pages in self.pages.items():
@@ -496,8 +489,6 @@ def encode_trailer(
     md["ranges"] = [
         {"start": r.start, "length": r.length, "xxh3": f"{r.xxh3:016x}"} for r in ranges
     ]
-    import numpy as np
-
     parts = [np.ascontiguousarray(b.table, dtype="<u8").tobytes() for b in blocks]
     md["table_chunks"] = chunk_digests(parts, signed=key is not None)
     tables = b"".join(parts)

@@ -7,8 +7,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import numpy as np
-
+from ..lazy_numpy import np
 from .vectored import Buffer
 
 PAGE_SIZE = 4096

@@ -6,9 +6,9 @@ import fcntl
 import os
 import stat
 from collections.abc import Callable, Sequence
-from typing import Protocol, runtime_checkable
+from typing import Protocol, TypeAlias, runtime_checkable
 
-import numpy as np
+from ..lazy_numpy import np
 
 #: Most buffers one writev/pwritev/preadv/sendmsg call takes (Linux: 1024).
 try:
@@ -17,7 +17,7 @@ except (ValueError, OSError):  # pragma: no cover
     IOV_MAX = 1024
 
 #: What vmsnap hands to memoryview(): bytes-likes and numpy arrays (page data).
-Buffer = memoryview | bytes | bytearray | np.ndarray
+Buffer: TypeAlias = "memoryview | bytes | bytearray | np.ndarray"
 
 
 @runtime_checkable

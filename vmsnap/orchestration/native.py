@@ -20,7 +20,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -43,13 +43,16 @@ log = logging.getLogger(__name__)
 MIN_VERSION = (9, 1, 0)
 
 
-async def supported(client: Monitor, peer: Peer, channels: int) -> bool:
+async def supported(client: Monitor, peer: Peer, channels: int,
+                    capabilities: Collection[str] | None = None) -> bool:
     """Whether QEMU can write this save itself: a paused multifd save (the caller checks
-    paused) over a local QMP socket to a QEMU with mapped-ram and fdsets."""
+    paused) over a local QMP socket to a QEMU with mapped-ram and fdsets (its migration
+    `capabilities`, asked unless given)."""
     if channels < 1 or peer.version < MIN_VERSION or peer.pid is None:
         return False
-    caps = {c["capability"] for c in await client.execute("query-migrate-capabilities")}
-    return CAP_MAPPED_RAM in caps
+    if capabilities is None:
+        capabilities = await qmpmod.capabilities(client)
+    return CAP_MAPPED_RAM in capabilities
 
 
 @dataclass
@@ -143,35 +146,41 @@ async def seal_after(path: str, how: str, key: bytes | None, direct: bool,
     return {"pages_checked": False}
 
 
-async def can_load(client: Monitor, peer: Peer, path: str, stale: set[str]) -> bool:
-    """Whether QEMU can load the local file at `path` itself: QEMU >= 9.1 with mapped-ram,
-    and no RAM block of the snapshot in memory that may hold old data (`stale`): QEMU's
-    loader writes present pages only, so a zero page must land on zeroed memory."""
+async def can_load(client: Monitor, peer: Peer, path: str, stale: set[str],
+                   capabilities: Collection[str]) -> bool:
+    """Whether QEMU (its migration `capabilities`) can load the local file at `path`
+    itself: QEMU >= 9.1 with mapped-ram, and no RAM block of the snapshot in memory that
+    may hold old data (`stale`): QEMU's loader writes present pages only, so a zero page
+    must land on zeroed memory."""
     if stale:
         log.debug("native load: not into %s (may hold old data)", sorted(stale))
         return False
-    return targets.remote(path) is None and await supported(client, peer, 1)
+    return targets.remote(path) is None and await supported(client, peer, 1, capabilities)
 
 
 async def load(client: Monitor, snap: Snapshot, channels: int, rep: Reporter, total: int,
-               wait: Callable[[], Awaitable[None]]) -> SendStats:
+               capabilities: Mapping[str, bool], wait: Callable[[], Awaitable[None]]
+               ) -> SendStats:
     """Check the device state and other non-page bytes of the open snapshot `snap`, then let
-    QEMU read the pages from that very file itself (`migrate-incoming file:` with
-    mapped-ram, multifd, and direct-io where `snap` reads with O_DIRECT) and `wait` until
-    it has."""
-    await asyncio.get_running_loop().run_in_executor(None, snap.check_stream_ranges)
-    await qmpmod.set_capabilities(client, {**clean_capabilities(), CAP_MAPPED_RAM: True,
-                                           "multifd": True})
-    await client.execute("migrate-set-parameters",
-                         {"multifd-channels": channels, "direct-io": snap.direct})
+    QEMU (its migration `capabilities`) read the pages from that very file itself
+    (`migrate-incoming file:` with mapped-ram, multifd, and direct-io where `snap` reads
+    with O_DIRECT) and `wait` until it has. QEMU opens every channel of a file: URI at
+    `migrate-incoming`, from its own copies of the fdset's descriptors: the set is
+    released at once, its round trip inside QEMU's load."""
+    snap.check_stream_ranges()  # read at the open: in the page cache (0.1 ms at 4 GiB)
+    await asyncio.gather(  # one round trip
+        qmpmod.set_capabilities(client, {**clean_capabilities(), CAP_MAPPED_RAM: True,
+                                         "multifd": True}, capabilities),
+        client.execute("migrate-set-parameters",
+                       {"multifd-channels": channels, "direct-io": snap.direct}))
     rep.start("restore", total, channels=channels, ram_path="qemu")
     fdset = await pass_file(client, snap.reopen, snap.direct, os.O_RDONLY)
     try:
         await client.execute("migrate-incoming", {"uri": fdset.uri})
-        from ..ops.send import SendStats  # not before: QEMU loads meanwhile
-
-        await wait()
     finally:
         await release(client, fdset)
+    from ..ops.send import SendStats  # not before: QEMU loads meanwhile
+
+    await wait()
     rep.update(total, total)
     return SendStats(snap.stream_end, sum(b.present_count for b in snap.blocks), 0)

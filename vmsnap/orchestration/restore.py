@@ -7,14 +7,16 @@ checksums before they leave, so a corrupt file makes the load fail and the guest
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
 import os
 import shutil
 import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..errors import one_line
 from ..fileformat.reader import Snapshot
@@ -45,13 +47,25 @@ if TYPE_CHECKING:
 FRESH_BACKENDS = ("memory-backend-ram", "memory-backend-memfd")
 
 
-async def memory_backends(client: Monitor) -> dict[str, str]:
-    """The target's memory backend objects, id -> QOM type. A backend's RAM block is named
-    after its id ("pc.ram" for plain -m)."""
-    objects = await client.execute("qom-list", {"path": "/objects"})
+@dataclass(frozen=True)
+class _Survey:
+    """What the restore asks of its target besides check_target, in the same round trip."""
+
+    capabilities: dict[str, bool]  # migration capabilities and their states
+    memdevs: list[dict[str, Any]]  # query-memdev
+    backends: dict[str, str]  # memory backend objects, id -> QOM type (see _survey)
+
+
+async def _survey(client: Monitor) -> _Survey:
+    """The target's migration capabilities, memory devices and backend objects. A
+    backend's RAM block is named after its id ("pc.ram" for plain -m)."""
+    capabilities, memdevs, objects = await asyncio.gather(
+        qmpmod.capabilities(client), client.execute("query-memdev"),
+        client.execute("qom-list", {"path": "/objects"}))
     types = {o["name"]: o.get("type", "").removeprefix("child<").removesuffix(">")
              for o in objects}
-    return {name: t for name, t in types.items() if t.startswith("memory-backend-")}
+    return _Survey(capabilities, memdevs,
+                   {name: t for name, t in types.items() if t.startswith("memory-backend-")})
 
 
 async def restore(snap: Snapshot, *, qmp_address: str | None = None,
@@ -89,12 +103,13 @@ async def restore(snap: Snapshot, *, qmp_address: str | None = None,
             client, peer = await qmpmod.connect(qmp_address)
             held.client = client
         held.stack.enter_context(vm_lock(peer.pid))
-        dest = await check_target(client, peer, facts.machine, facts.sizes)
-        held.plan = plan = await shared.restore_plan(client, peer, set(facts.sizes))
+        dest, survey = await asyncio.gather(  # one round trip
+            check_target(client, peer, facts.machine, facts.sizes), _survey(client))
+        held.plan = plan = await shared.restore_plan(client, peer, set(facts.sizes),
+                                                     survey.capabilities, survey.memdevs)
         t_load = time.monotonic()
-        stats, ram_path = await _load(client, peer, snap, facts, held, dest, channels,
-                                      verify, rep)
-        await wait_loaded(client, held.log_path)
+        stats, ram_path = await _load(client, peer, snap, facts, held, dest, survey,
+                                      channels, verify, rep)
         load_seconds = time.monotonic() - t_load
         run = facts.saved_running and not paused
         if run:
@@ -173,20 +188,23 @@ class _Held:
 
 
 async def _load(client: Monitor, peer: qmpmod.Peer, snap: Snapshot, facts: _Facts,
-                held: _Held, target: Destination, channels: int, verify: bool,
-                rep: Reporter) -> tuple[SendStats, str]:
-    """Bring the RAM and device state in: QEMU reads the file itself (unverified, where it
-    can) or vmsnap streams it. Returns the stats and the RAM path taken."""
-    backends = await memory_backends(client)
+                held: _Held, target: Destination, survey: _Survey, channels: int,
+                verify: bool, rep: Reporter) -> tuple[SendStats, str]:
+    """Bring the RAM and device state in, until QEMU has loaded them: QEMU reads the file
+    itself (unverified, where it can) or vmsnap streams it. Returns the stats and the RAM
+    path taken."""
     # fresh anonymous memory starts zeroed: only other blocks need their zero pages
-    fresh = {name for name, t in backends.items() if t in FRESH_BACKENDS}
-    stale = set(facts.sizes) & (set(backends) - fresh)  # e.g. a file that holds old data
-    if not verify and not held.plan and await native.can_load(client, peer, snap.path, stale):
+    fresh = {name for name, t in survey.backends.items() if t in FRESH_BACKENDS}
+    stale = set(facts.sizes) & (set(survey.backends) - fresh)  # e.g. a file of old data
+    loaded = functools.partial(wait_loaded, client, held.log_path)
+    if not verify and not held.plan and await native.can_load(
+            client, peer, snap.path, stale, survey.capabilities):
         stats = await native.load(client, snap, channels or 1, rep, facts.total,
-                                  lambda: wait_loaded(client, held.log_path))
+                                  survey.capabilities, loaded)
         return stats, "qemu"
     from .streamed import load_stream  # the stream path's machinery: only if it is taken
 
     stats = await load_stream(client, peer, snap, channels, held.plan, fresh, target, rep,
                               facts.total, held.stack, held.log_path)
+    await loaded()
     return stats, "shared" if held.plan else "stream"

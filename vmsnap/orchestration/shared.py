@@ -13,8 +13,9 @@ from __future__ import annotations
 import logging
 import os
 import stat
+from collections.abc import Collection
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..errors import VmsnapError
 from ..stream.constants import CAP_IGNORE_SHARED as IGNORE_SHARED
@@ -59,10 +60,12 @@ async def _qom(client: Monitor, path: str, prop: str) -> object | None:
         return None
 
 
-async def shared_memdevs(client: Monitor) -> list[Memdev]:
-    """The memory backends of this QEMU that are mapped shared (share=on)."""
+async def shared_memdevs(client: Monitor, memdevs: list[dict[str, Any]] | None = None
+                         ) -> list[Memdev]:
+    """The memory backends of this QEMU that are mapped shared (share=on); `memdevs`:
+    its `query-memdev` reply, if the caller has it."""
     out = []
-    for m in await client.execute("query-memdev"):
+    for m in memdevs if memdevs is not None else await client.execute("query-memdev"):
         if not m.get("share") or not m.get("id"):
             continue
         obj = f"/objects/{m['id']}"
@@ -191,14 +194,17 @@ class RestorePlan:
             b.close()
 
 
-async def restore_plan(client: Monitor, peer: Peer, blocks: set[str]) -> RestorePlan | None:
-    """For a restore into `peer`: its shared backings (vmsnap fills them from the file and
-    streams only the rest), or None when the whole snapshot goes through the stream (no
-    shared RAM, no x-ignore-shared). Raises SharedRamUnreachable if QEMU has shared RAM
-    for one of the snapshot's `blocks` that vmsnap cannot open."""
-    if IGNORE_SHARED not in await _capabilities(client):
+async def restore_plan(client: Monitor, peer: Peer, blocks: set[str],
+                       capabilities: Collection[str], memdevs: list[dict[str, Any]]
+                       ) -> RestorePlan | None:
+    """For a restore into `peer` (its migration `capabilities` and `query-memdev` reply):
+    its shared backings (vmsnap fills them from the file and streams only the rest), or
+    None when the whole snapshot goes through the stream (no shared RAM, no
+    x-ignore-shared). Raises SharedRamUnreachable if QEMU has shared RAM for one of the
+    snapshot's `blocks` that vmsnap cannot open."""
+    if IGNORE_SHARED not in capabilities:
         return None
-    devs = [d for d in await shared_memdevs(client) if d.id in blocks]
+    devs = [d for d in await shared_memdevs(client, memdevs) if d.id in blocks]
     if not devs:
         return None
     backings = open_backings(peer.pid, devs, writable=True)

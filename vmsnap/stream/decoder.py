@@ -25,8 +25,7 @@ import json
 from collections.abc import Callable, Collection, Iterator
 from typing import NoReturn
 
-import numpy as np
-
+from ..lazy_numpy import np
 from . import constants as C
 from .constants import BE16, BE32, BE64
 from .errors import StreamError

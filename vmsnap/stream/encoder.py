@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-import numpy as np
-
+from ..lazy_numpy import np
 from . import constants as C
 from .constants import BE16, BE32, BE64
 from .events import Bytes, RamBlock

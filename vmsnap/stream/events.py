@@ -10,8 +10,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-import numpy as np
-
+from ..lazy_numpy import np
 from . import constants as C
 from .errors import StreamError
 

@@ -14,8 +14,7 @@ import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-import numpy as np
-
+from ..lazy_numpy import np
 from . import constants as C
 from .errors import StreamError
 from .events import Bytes

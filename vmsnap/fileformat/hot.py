@@ -17,9 +17,10 @@ import os
 import threading
 from collections.abc import Container, Mapping, Sequence
 
+import numpy as np
+
 from .. import targets
 from ..errors import VmsnapError
-from ..lazy_numpy import np
 from .reader import BlockInfo, Snapshot, open_snapshot
 
 SUFFIX = ".hot"

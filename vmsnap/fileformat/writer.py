@@ -20,9 +20,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
+import numpy.typing as npt
+
 from ..io.aligned import PAGE_SIZE, AlignedBuffer, BufferPool, buffer_address
 from ..io.vectored import Buffer
-from ..lazy_numpy import np
 from ..targets import PageSink, open_sink
 from ..targets.local import LocalSink
 from .bitmap import contiguous_runs, pack_bitmap
@@ -38,8 +40,6 @@ from .trailer import (
 )
 
 if TYPE_CHECKING:
-    import numpy.typing as npt
-
     from .hot import RewriteTracker
 
 log = logging.getLogger(__name__)

@@ -15,9 +15,9 @@ import socket
 import time
 from collections.abc import Callable
 
+import numpy as np
 import xxhash
 
-from ..lazy_numpy import np
 from .aligned import AlignedBuffer
 from .sockets import BATCH, BatchedReader
 

@@ -26,11 +26,12 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from ..errors import VmsnapError
 from ..fileformat.writer import AlignedPages, SnapshotWriter
 from ..io.aligned import AlignedBuffer, BufferPool
 from ..io.sockets import shutdown_all
-from ..lazy_numpy import np
 from ..stream import events as ev
 from ..stream.constants import MULTIFD_MAGIC, QEMU_VM_FILE_MAGIC
 from ..stream.errors import StreamError

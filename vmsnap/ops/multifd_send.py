@@ -23,12 +23,13 @@ import threading
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from ..errors import VmsnapError
 from ..fileformat.reader import BlockInfo, Snapshot
 from ..io.aligned import AlignedBuffer
 from ..io.sockets import shutdown_all
 from ..io.vectored import Buffer, transfer_all
-from ..lazy_numpy import np
 from ..stream import encoder
 from ..stream.constants import MULTIFD_FLAG_SYNC
 from ..stream.constants import TARGET_PAGE_SIZE as PAGE

@@ -57,6 +57,8 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from ..errors import VmsnapError
 from ..fileformat.bitmap import contiguous_runs
 from ..fileformat.hot import present_hot
@@ -64,7 +66,6 @@ from ..fileformat.reader import BlockInfo, Snapshot
 from ..io.aligned import AlignedBuffer, BufferPool
 from ..io.sockets import limit_queue, shutdown_all, unsent
 from ..io.vectored import Buffer
-from ..lazy_numpy import np
 from ..stream import constants as C
 from ..stream import encoder
 from ..stream import postcopy as pc

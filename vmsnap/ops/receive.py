@@ -14,11 +14,12 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Protocol
 
+import numpy as np
+
 from ..errors import VmsnapError
 from ..fileformat.writer import SnapshotWriter
 from ..io.records import PageRecordReader
 from ..io.vectored import widen_pipe
-from ..lazy_numpy import np
 from ..stream import StreamDecoder, encoder
 from ..stream import events as ev
 from ..stream.constants import CAP_IGNORE_SHARED as IGNORE_SHARED

@@ -15,6 +15,8 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
+
 from ..errors import VmsnapError
 from ..fileformat.journal import finish, replace_trailer
 from ..fileformat.reader import PageRun, Snapshot, open_snapshot
@@ -28,7 +30,6 @@ from ..fileformat.trailer import (
     xxh3,
 )
 from ..io.aligned import AlignedBuffer
-from ..lazy_numpy import np
 from ..stream.events import bitmap_size
 from .shared_ram import CHUNK, default_workers
 

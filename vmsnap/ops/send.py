@@ -14,10 +14,11 @@ from collections.abc import Callable, Collection, Container, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
+
 from ..errors import VmsnapError
 from ..fileformat.reader import Snapshot
 from ..io.vectored import widen_pipe, writev_all
-from ..lazy_numpy import np
 from ..stream import StreamDecoder, encoder
 from ..stream import events as ev
 from ..stream.constants import CAP_IGNORE_SHARED as IGNORE_SHARED

@@ -33,6 +33,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TypeVar
 
+import numpy as np
+
 from ..errors import VmsnapError
 from ..fileformat.bitmap import contiguous_runs, runs
 from ..fileformat.reader import PageRun, Snapshot
@@ -41,7 +43,6 @@ from ..fileformat.writer import SnapshotWriter
 from ..io.aligned import PAGE_SIZE, BufferPool
 from ..io.direct import pwritev_all
 from ..io.madvise import MADV_POPULATE_READ, MADV_POPULATE_WRITE, fault_in
-from ..lazy_numpy import np
 
 #: Bytes per worker job.
 CHUNK = 8 << 20

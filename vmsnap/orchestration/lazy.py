@@ -43,13 +43,14 @@ from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
+import numpy as np
+
 from .. import targets
 from ..errors import VmsnapError, one_line
 from ..fileformat.errors import ChecksumMismatch, CorruptTrailer
 from ..fileformat.hot import hot_path, load_hot, prefetch_hot, save_hot
 from ..fileformat.reader import Snapshot
 from ..io.sockets import widen
-from ..lazy_numpy import np
 from ..ops.send import SendStats, send
 from ..progress import Reporter
 from . import futures

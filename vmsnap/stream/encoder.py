@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from ..lazy_numpy import np
+import numpy as np
+
 from . import constants as C
 from .constants import BE16, BE32, BE64
 from .events import Bytes, RamBlock

@@ -14,7 +14,8 @@ import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from ..lazy_numpy import np
+import numpy as np
+
 from . import constants as C
 from .errors import StreamError
 from .events import Bytes

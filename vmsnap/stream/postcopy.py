@@ -23,7 +23,8 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from ..lazy_numpy import np
+import numpy as np
+
 from . import constants as C
 from .constants import BE16, BE32, BE64
 from .decoder import find_vmdesc

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import boto3
+import numpy as np
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
@@ -36,7 +37,6 @@ from ..errors import squash
 from ..fileformat.bitmap import runs
 from ..io.direct import IOEngineError
 from ..io.vectored import Buffer
-from ..lazy_numpy import np
 from . import Remote
 from .base import RangeReader, TargetError, pieces
 

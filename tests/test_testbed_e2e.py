@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -139,3 +142,32 @@ def test_a_stuck_qemu_never_hangs_the_test_bed(workdir, monkeypatch):
                 vm.stop()
     assert time.monotonic() - t0 < 30
     assert vm.proc.poll() == -signal.SIGKILL
+
+
+#: a process whose leader thread ends first (pthread_exit) while another lives on until its
+#: standard input closes, as a QEMU's last thread frees its RAM after its leader ended
+_LEADER_FIRST = """
+import ctypes, os, sys, threading
+threading.Thread(target=lambda: (sys.stdin.read(), os._exit(0))).start()
+ctypes.CDLL(None).pthread_exit(None)
+"""
+
+
+def test_a_process_is_alive_until_its_last_thread_ends():
+    """A QEMU vmsnap launched (adopted, not the test bed's child) counts as gone only once
+    its last thread ended, not when its leader turned zombie: an 8 GiB QEMU's last thread
+    frees its RAM for ~0.6 s more, which the next timed restore would share the CPUs with."""
+    proc = subprocess.Popen([sys.executable, "-c", _LEADER_FIRST], stdin=subprocess.PIPE)
+    assert proc.stdin is not None
+    try:
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+            assert time.monotonic() < deadline, "the leader thread did not end"
+            time.sleep(0.01)
+        time.sleep(0.1)
+        assert qemu_mod._alive(proc.pid)  # its other thread waits on stdin
+    finally:
+        proc.stdin.close()
+    qemu_mod._wait_dead(proc.pid)
+    assert not qemu_mod._alive(proc.pid)
+    assert proc.wait(10) == 0

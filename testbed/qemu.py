@@ -41,7 +41,7 @@ class QemuError(RuntimeError):
     """QEMU did not do what the test bed asked, with QEMU's own words attached."""
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     """Whether any thread of process `pid` still runs. A zombie is dead for our purpose once
     it is alone: its leader turns zombie first, while another thread may still be freeing
     the process's memory (an 8 GiB QEMU's: ~0.6 s at 100% of a CPU), which a restore timed
@@ -59,13 +59,13 @@ def _alive(pid: int) -> bool:
 def _wait_dead(pid: int, timeout: float = 10.0) -> None:
     """SIGKILL is asynchronous: wait until the process is really gone (or a lone zombie)."""
     deadline = time.monotonic() + timeout
-    while _alive(pid) and time.monotonic() < deadline:
+    while process_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.02)
 
 
 def leftover_processes() -> list[int]:
     """PIDs of QEMU processes started or adopted by this test bed that are still alive."""
-    return [p.pid for p in _started if p.poll() is None] + [p for p in _adopted if _alive(p)]
+    return [p.pid for p in _started if p.poll() is None] + [p for p in _adopted if process_alive(p)]
 
 
 def kill_leftovers() -> None:
@@ -74,7 +74,7 @@ def kill_leftovers() -> None:
             proc.kill()
             proc.wait(timeout=10)
     for pid in _adopted:
-        if _alive(pid):
+        if process_alive(pid):
             os.kill(pid, signal.SIGKILL)
             _wait_dead(pid)
 
@@ -186,7 +186,7 @@ class Vm:
     def _alive(self) -> bool:
         if self.proc is not None:
             return self.proc.poll() is None
-        return self.adopted_pid is not None and _alive(self.adopted_pid)
+        return self.adopted_pid is not None and process_alive(self.adopted_pid)
 
     def log_tail(self, lines: int = 5) -> str:
         try:
@@ -199,7 +199,7 @@ class Vm:
         if self.proc is not None and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(timeout=10)
-        if self.adopted_pid is not None and _alive(self.adopted_pid):
+        if self.adopted_pid is not None and process_alive(self.adopted_pid):
             os.kill(self.adopted_pid, signal.SIGKILL)
             _wait_dead(self.adopted_pid)
 
@@ -233,7 +233,7 @@ class Vm:
                 self.kill()
         if self.adopted_pid is not None:
             deadline = time.monotonic() + 10
-            while _alive(self.adopted_pid) and time.monotonic() < deadline:
+            while process_alive(self.adopted_pid) and time.monotonic() < deadline:
                 time.sleep(0.05)
             self.kill()
         return hung

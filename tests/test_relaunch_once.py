@@ -15,7 +15,7 @@ import pytest
 
 from testbed.cli import events, ok, one_line, run_vmsnap
 from testbed.guests import BootGuest
-from testbed.qemu import Vm
+from testbed.qemu import Vm, process_alive
 
 pytestmark = pytest.mark.qemu
 
@@ -38,8 +38,7 @@ def qemus(workdir: Path) -> list[int]:
 def wait_gone(pids: list[int], timeout: float = 30.0) -> list[int]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        alive = [p for p in pids if Path(f"/proc/{p}").exists() and
-                 Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"]
+        alive = [p for p in pids if process_alive(p)]
         if not alive:
             return []
         time.sleep(0.05)

@@ -165,9 +165,9 @@ def test_a_process_is_alive_until_its_last_thread_ends():
             assert time.monotonic() < deadline, "the leader thread did not end"
             time.sleep(0.01)
         time.sleep(0.1)
-        assert qemu_mod._alive(proc.pid)  # its other thread waits on stdin
+        assert qemu_mod.process_alive(proc.pid)  # its other thread waits on stdin
     finally:
         proc.stdin.close()
     qemu_mod._wait_dead(proc.pid)
-    assert not qemu_mod._alive(proc.pid)
+    assert not qemu_mod.process_alive(proc.pid)
     assert proc.wait(10) == 0

@@ -111,15 +111,15 @@ async def apply_capabilities(client: Monitor, peer: qmpmod.Peer, mode: SaveMode,
 
     For a background save this is the probe: QEMU checks there that the host kernel can
     write-protect this guest's memory (userfaultfd) and says why not, before anything runs."""
+    known = await qmpmod.capabilities(client)
     if mode is SaveMode.BACKGROUND:
-        known = {c["capability"] for c in await client.execute("query-migrate-capabilities")}
         if BACKGROUND not in known:
             raise VmsnapError(f"QEMU {peer.version_text} cannot save in the background: "
                               f"background-snapshot needs QEMU >= "
                               f"{'.'.join(map(str, BACKGROUND_SINCE))}")
     try:
         return await qmpmod.set_capabilities(client, {**capabilities(mode, channels),
-                                                      **(extra or {})})
+                                                      **(extra or {})}, known)
     except qmpmod.QmpCommandError as err:
         why = err.desc
         if mode is SaveMode.BACKGROUND:

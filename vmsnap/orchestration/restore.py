@@ -205,6 +205,6 @@ async def _load(client: Monitor, peer: qmpmod.Peer, snap: Snapshot, facts: _Fact
     from .streamed import load_stream  # the stream path's machinery: only if it is taken
 
     stats = await load_stream(client, peer, snap, channels, held.plan, fresh, target, rep,
-                              facts.total, held.stack, held.log_path)
+                              facts.total, held.stack, held.log_path, survey.capabilities)
     await loaded()
     return stats, "shared" if held.plan else "stream"

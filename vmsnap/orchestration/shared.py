@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import VmsnapError
 from ..stream.constants import CAP_IGNORE_SHARED as IGNORE_SHARED
+from . import qmp as qmpmod
 from .qmp import Monitor, Peer, QmpCommandError
 
 if TYPE_CHECKING:
@@ -161,15 +162,11 @@ def open_backings(pid: int | None, devs: list[Memdev], *, writable: bool
     return out
 
 
-async def _capabilities(client: Monitor) -> set[str]:
-    return {c["capability"] for c in await client.execute("query-migrate-capabilities")}
-
-
 async def save_backings(client: Monitor, peer: Peer) -> dict[str, Backing] | None:
     """For a paused save: the shared backings vmsnap copies itself (QEMU leaves them out
     of the stream), or None when QEMU must stream all RAM (no shared RAM it would leave
     out, no x-ignore-shared, or a backing vmsnap cannot open)."""
-    if IGNORE_SHARED not in await _capabilities(client):
+    if IGNORE_SHARED not in await qmpmod.capabilities(client):
         return None
     devs = [d for d in await shared_memdevs(client) if ignored_by(peer, d)]
     if not devs:

@@ -34,15 +34,16 @@ log = logging.getLogger(__name__)
 async def load_stream(client: Monitor, peer: qmpmod.Peer, snap: Snapshot, channels: int,
                       plan: shared.RestorePlan | None, fresh: set[str], target: Destination,
                       rep: Reporter, total: int, stack: contextlib.ExitStack,
-                      log_path: str | None) -> SendStats:
+                      log_path: str | None, capabilities: dict[str, bool]) -> SendStats:
     """Send the snapshot as a migration stream (one socket or multifd channels), each page
     checked against its checksum as it is read; `plan`: shared RAM vmsnap fills itself;
-    `fresh`: blocks whose zero pages need not be sent."""
+    `fresh`: blocks whose zero pages need not be sent; `capabilities`: the target's
+    migration capabilities, as already asked."""
     if plan:
         channels = 0  # the stream holds device state and small blocks only
     await qmpmod.set_capabilities(
         client, {**clean_capabilities(), "multifd": channels > 0,
-                 IGNORE_SHARED: bool(plan)})
+                 IGNORE_SHARED: bool(plan)}, capabilities)
     if channels:
         await client.execute("migrate-set-parameters", {"multifd-channels": channels})
     if plan:

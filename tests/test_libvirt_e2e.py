@@ -287,6 +287,7 @@ def test_writer_killed_mid_stream_never_cold_boots(daemon):
     `virsh start` from a managed-save FIFO both fail; the domain stays shut off, not booted
     afresh; a second try restores it."""
     name = f"lvkill-{os.getpid()}"
+    managed = daemon.path(f"/var/lib/libvirt/qemu/save/{name}.save")
     guest, vm = booted_vm(daemon, name, persistent=True)
     try:
         snap = vm.workdir / "vm.vms"
@@ -296,7 +297,6 @@ def test_writer_killed_mid_stream_never_cold_boots(daemon):
         kill_mid_stream([VMSNAP, "restore", "--connect", daemon.uri, str(snap)])
         wait_shut_off(vm)
 
-        managed = daemon.path(f"/var/lib/libvirt/qemu/save/{name}.save")
         os.mkfifo(managed, 0o600)
         start = Call(vm.dom.create)  # virsh start: reads the managed-save FIFO
         kill_mid_stream([VMSNAP, "export", "--libvirt", str(snap), str(managed)])
@@ -311,8 +311,15 @@ def test_writer_killed_mid_stream_never_cold_boots(daemon):
         Path(managed).unlink(missing_ok=True)
 
 
-def wait_shut_off(vm) -> None:
-    """The domain is (and stays) shut off: libvirt did not boot it instead."""
+def wait_shut_off(vm, timeout: float = 30.0) -> None:
+    """The domain ends shut off, never running on the way, and stays so: libvirt did not
+    boot it instead. A restore whose writer died keeps it paused until its QEMU has seen the
+    stream end and libvirt has torn it down: over a second on a busy host (CI, once)."""
+    deadline = time.monotonic() + timeout
+    while (state := vm.state())[0] != libvirt.VIR_DOMAIN_SHUTOFF:
+        assert state[0] != libvirt.VIR_DOMAIN_RUNNING, f"the domain runs: {state}"
+        assert time.monotonic() < deadline, f"the domain is not shut off: {state}"
+        time.sleep(0.05)
     time.sleep(1)
     assert vm.state()[0] == libvirt.VIR_DOMAIN_SHUTOFF, vm.state()
 

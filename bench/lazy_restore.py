@@ -9,13 +9,14 @@ mapped-ram load, in one run, interleaved, cold cache.
 Per size: a bootguest (QEMU 10 or 7.2; 7.2 runs eager and postcopy only, having neither
 memory-backend-file offset= nor mapped-ram; KVM, mode=random, `limit_mb` = fill x RAM,
 `beat=1`: a heartbeat after every full pass over its pages) is booted and saved once with
-`vmsnap save --quit`. Each repetition then runs every method in turn (the order rotating), each
-into a freshly launched QEMU (`vmsnap restore FILE ... -- ARGV`; the native one is started by
-the bench), the snapshot file evicted from the page cache first (the programs stay warm: a full
-drop_caches makes Python's and QEMU's own start-up dominate), and checks the guest's RAM
-afterwards (one-moving-edge rule, read 64 MiB at a time: the bench stays small whatever the
-guest's size). vmsnap runs as `python -m vmsnap` with its modules compiled beforehand, as an
-installed vmsnap runs (bench.common.vmsnap_env):
+`vmsnap save --quit`, to a file of its own. Each repetition then runs every method at every
+size, sizes and methods mixed in a new order (seeded shuffle; each run records the one before
+it, "after"), each into a freshly launched QEMU (`vmsnap restore FILE ... -- ARGV`; the
+native one is started by the bench), the snapshot file evicted from the page cache first (the
+programs stay warm: a full drop_caches makes Python's and QEMU's own start-up dominate), and
+checks the guest's RAM afterwards (one-moving-edge rule, read 64 MiB at a time: the bench
+stays small whatever the guest's size). vmsnap runs as `python -m vmsnap` with its modules
+compiled beforehand, as an installed vmsnap runs (bench.common.vmsnap_env):
 
   eager         vmsnap restore (multifd, default channels)
   postcopy      vmsnap restore --lazy=postcopy, FILE.hot removed first
@@ -73,6 +74,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import shutil
 import statistics
 import subprocess
@@ -216,7 +218,8 @@ def run_method(method: str, guest: BootGuest | LinuxGuest, config, snap: Path, s
     """One restore by `method`, timed to the guest running (every method but
     postcopy-paused runs it: its RAM is checked: bootguest against `saved` once it has,
     stopped at once; Linux guest by the timed VERIFY)."""
-    name = "src" if method == "stored" else f"{method}{rep}"  # stored: the saved VM's sockets
+    # stored: the saved VM's sockets (its command line names them)
+    name = "src" if method == "stored" else f"{method}-{guest.memory_mb}-{rep}"
     vm = Vm(config, workdir, name, incoming="defer")
     paused = method == "postcopy-paused"
     if method in ("postcopy", "postcopy-paused", "stored"):
@@ -259,6 +262,27 @@ def make_guest(kind: str, size: int, fill: float, ws_mb: int | None) -> BootGues
     return BootGuest(memory_mb=size, mode="random", limit_mb=int(size * fill), ws_mb=ws_mb)
 
 
+def save_guest(guest: BootGuest | LinuxGuest, qemu: str, linux: bool, live: bool,
+               workdir: Path, env: dict[str, str]) -> tuple[object, Path, Saved]:
+    """Boot `guest` and save it once (`--live` with a working set: its hint), to a file of
+    its own size: (its QEMU config, the file, what its RAM held)."""
+    config = guest.config(qemu, workdir)
+    if not linux:
+        config.args[-1] += " beat=1"
+    snap = workdir / f"vm-{guest.memory_mb}.snap"
+    with Vm(config, workdir, "src") as src:
+        guest.boot(src)
+        guest.wait_alive(src)
+        with guest.saving(src) as saved:
+            subprocess.run([sys.executable, "-m", "vmsnap", "save", "--quit", "--force",
+                            *(["--live"] if live else []), "--qmp", str(src.tool_qmp_path),
+                            str(snap)], check=True, env=env)
+        src.proc.wait(60)
+    if live:
+        shutil.move(f"{snap}.hot", f"{snap}.hot.live")
+    return config, snap, saved
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--guest", default="boot", choices=("boot", "linux"))
@@ -276,7 +300,8 @@ def main() -> None:
     linux = args.guest == "linux"
     if linux and args.ws_mb:
         ap.error("--ws-mb is a bootguest option")
-    sizes = args.sizes or ("1024" if linux else "1024,4096,8192")
+    sizes = [int(size) for size in (args.sizes or ("1024" if linux else "1024,4096,8192"))
+             .split(",")]
     fill = args.fill or (0.75 if linux else 0.9)
     default = [*(METHODS if args.qemu == "10" else METHODS_72),
                *(m for m in METHODS_WS if args.ws_mb and (args.qemu == "10" or "mmap" not in m))]
@@ -291,40 +316,36 @@ def main() -> None:
                      "loadavg_start": os.getloadavg(), "sizes": {}}
     env = vmsnap_env(workdir)
     t_start = time.monotonic()
-    for size in map(int, sizes.split(",")):
-        guest = make_guest(args.guest, size, fill, args.ws_mb)
-        config = guest.config(args.qemu, workdir)
-        if not linux:
-            config.args[-1] += " beat=1"
-        snap = workdir / "vm.snap"
-        with Vm(config, workdir, "src") as src:
-            guest.boot(src)
-            guest.wait_alive(src)
-            live = ["--live"] if args.ws_mb else []  # its hint: the working set
-            with guest.saving(src) as saved:
-                subprocess.run([sys.executable, "-m", "vmsnap", "save", "--quit", "--force",
-                                *live, "--qmp", str(src.tool_qmp_path), str(snap)],
-                               check=True, env=env)
-            src.proc.wait(60)
-        if live:
-            shutil.move(f"{snap}.hot", f"{snap}.hot.live")
-        runs: dict[str, list[dict]] = {m: [] for m in methods}
-        for rep in range(args.reps):
-            # the order rotates: each restore's QEMU gets memory its predecessor just freed
-            # (cheap) or freed seconds ago and handed back to the outer host (costly: see
-            # bench/README.md, "Host memory"), and no method always comes first
-            for m in methods[rep % len(methods):] + methods[:rep % len(methods)]:
-                try:
-                    fig = run_method(m, guest, config, snap, saved, workdir, env, rep)
-                except Exception as err:  # noqa: BLE001 - recorded, left out of the medians
-                    fig = {"ok": False, "error": str(err)}
-                fig["loadavg"] = os.getloadavg()[0]
-                runs[m].append(fig)
-                print(f"{size} MiB rep {rep} {m}: {fig}", flush=True)
-        results["sizes"][size] = {m: {"runs": r, "median": medians(r)} for m, r in runs.items()}
-        snap.unlink()
-        Path(f"{snap}.hot").unlink(missing_ok=True)
-        Path(f"{snap}.hot.live").unlink(missing_ok=True)
+    guests = {size: make_guest(args.guest, size, fill, args.ws_mb) for size in sizes}
+    saved = {size: save_guest(guests[size], args.qemu, linux, bool(args.ws_mb), workdir, env)
+             for size in sizes}
+    runs: dict[int, dict[str, list[dict]]] = {size: {m: [] for m in methods} for size in sizes}
+    before = None
+    for rep in range(args.reps):
+        # every size and method in a new order each repetition (seeded: a run can be
+        # repeated): a restore's QEMU gets the memory its predecessor freed, just now (cheap)
+        # or seconds ago and handed back to the outer host (costly: bench/README.md, "Host
+        # memory"), and how much depends on the predecessor's size; in blocks of one size,
+        # 8 GiB restores would always follow 8 GiB ones
+        order = [(size, m) for size in sizes for m in methods]
+        random.Random(rep).shuffle(order)
+        for size, m in order:
+            guest, (config, snap, state) = guests[size], saved[size]
+            try:
+                fig = run_method(m, guest, config, snap, state, workdir, env, rep)
+            except Exception as err:  # noqa: BLE001 - recorded, left out of the medians
+                fig = {"ok": False, "error": str(err)}
+            fig["loadavg"] = os.getloadavg()[0]
+            fig["after"] = before
+            before = f"{m} {size}"
+            runs[size][m].append(fig)
+            print(f"{size} MiB rep {rep} {m}: {fig}", flush=True)
+    for size in sizes:
+        results["sizes"][size] = {m: {"runs": r, "median": medians(r)}
+                                  for m, r in runs[size].items()}
+        snap = saved[size][1]
+        for leftover in (snap, Path(f"{snap}.hot"), Path(f"{snap}.hot.live")):
+            leftover.unlink(missing_ok=True)
     results["elapsed_s"] = time.monotonic() - t_start
     results["loadavg_end"] = os.getloadavg()
     ws = f"-ws{args.ws_mb}" if args.ws_mb else "-linux" if linux else ""

@@ -37,6 +37,11 @@ _started: list[subprocess.Popen] = []
 _adopted: list[int] = []
 
 
+#: What reading /proc/PID/... raises once PID has ended: the entry is gone, or (opened just
+#: before) the read fails with ESRCH. Catch both, or a test races the process it watches.
+PROC_GONE = (FileNotFoundError, ProcessLookupError)
+
+
 class QemuError(RuntimeError):
     """QEMU did not do what the test bed asked, with QEMU's own words attached."""
 
@@ -51,7 +56,7 @@ def process_alive(pid: int) -> bool:
         with open(f"/proc/{pid}/stat") as f:
             state = f.read().rsplit(")", 1)[1].split()[0]
         threads = os.listdir(f"/proc/{pid}/task")
-    except (ProcessLookupError, FileNotFoundError):
+    except PROC_GONE:
         return False
     return state != "Z" or threads != [str(pid)]
 

@@ -10,18 +10,11 @@ import signal
 import time
 from pathlib import Path
 
+from testbed.qemu import process_alive
 from vmsnap.orchestration.relaunch import GuardedQemu
 
 #: the shell's descriptors, one a line, then its ignored signals (a hex mask); then it waits
 REPORT = "ls /proc/$$/fd; grep SigIgn /proc/$$/status; exec sleep 30"
-
-
-def _ended(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[1].split()[0] == "Z"
-    except FileNotFoundError:
-        return True
 
 
 def _wait(what, timeout: float = 10.0) -> None:
@@ -47,7 +40,7 @@ def test_guard_starts_the_program_with_only_what_it_passes(tmp_path: Path) -> No
     assert not mask & (1 << (signal.SIGPIPE - 1) | 1 << (signal.SIGXFSZ - 1))
     guard.kill()  # vmsnap lets go unreleased: the program is ended
     assert guard.poll() == 1
-    _wait(lambda: _ended(pid))
+    _wait(lambda: not process_alive(pid))  # not our child: /proc may vanish mid-read
 
 
 def test_guard_released_program_outlives_it(tmp_path: Path) -> None:
@@ -57,7 +50,7 @@ def test_guard_released_program_outlives_it(tmp_path: Path) -> None:
     guard.release()
     assert guard.poll() == 0
     try:
-        assert not _ended(pid)
+        assert process_alive(pid)
     finally:
         os.kill(pid, signal.SIGKILL)
 

@@ -31,7 +31,7 @@ from testbed.faultyfs import FaultyFile
 from testbed.fullfs import as_root, fill, small_tmpfs
 from testbed.guests import BootGuest
 from testbed.pagecache import cached, evict, mapped
-from testbed.qemu import Vm
+from testbed.qemu import PROC_GONE, Vm
 from vmsnap import targets
 from vmsnap.fileformat.hot import hot_path
 from vmsnap.orchestration import lazy
@@ -119,7 +119,7 @@ def _copied(workdir: Path, snap: Path) -> tuple[int, int] | None:
     for pid in qemu_pids_using(workdir):
         try:
             private = mapped(pid, snap).get("Anonymous", 0)
-        except FileNotFoundError:  # gone meanwhile
+        except PROC_GONE:  # gone meanwhile
             continue
         if private:
             return pid, private

@@ -26,7 +26,7 @@ from testbed.cli import one_line
 from testbed.craft import flip_bit, flip_page_bit, rechunk, reseal, table_entry_offset, unchunk
 from testbed.guests import BootGuest, LinuxGuest, Saved
 from testbed.pagecache import cached, evict, mapped
-from testbed.qemu import Vm
+from testbed.qemu import PROC_GONE, Vm
 from vmsnap.fileformat.hot import hot_path, load_hot, save_hot
 from vmsnap.ops import postcopy_send
 from vmsnap.stream.constants import TARGET_PAGE_SIZE as PAGE
@@ -237,9 +237,7 @@ def test_lazy_restore_of_a_file_without_table_chunks(engine, workdir, request):
     with Vm(guest.config("10", workdir), workdir, "src").adopt(pids[0]) as vm:
         guest.check_restored(vm, held, resumed=True)
         vm.cmd("quit")
-    deadline = time.monotonic() + 30
-    while qemu_pids_using(workdir) and time.monotonic() < deadline:  # it quits
-        time.sleep(0.05)
+    wait_for(lambda: qemu_pids_using(workdir), [])  # it quits
     flip_bit(snap, commit.body_offset + commit.body_length - 8)  # the last page's entry
     result = run_vmsnap(workdir, "restore", "--json", f"--lazy={engine}", snap, "--", *argv)
     assert result.returncode == 1 and "body checksum mismatch" in one_line(result)
@@ -469,7 +467,7 @@ def runnable_seconds(pid: int) -> dict[int, float]:
         try:
             with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
                 on_cpu, waiting, _ = f.read().split()
-        except FileNotFoundError:  # the thread ended meanwhile
+        except PROC_GONE:  # the thread ended meanwhile
             continue
         times[int(tid)] = (int(on_cpu) + int(waiting)) / 1e9
     return times

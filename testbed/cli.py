@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -77,3 +80,15 @@ def signal_twice(proc: subprocess.Popen, sig: int, timeout: float = 10) -> None:
         assert time.monotonic() < deadline, f"signal {sig} still pending after {timeout}s"
         time.sleep(0.001)
     raise AssertionError(f"vmsnap ended before its second signal (exit {proc.returncode})")
+
+
+@contextmanager
+def frozen(proc: subprocess.Popen) -> Iterator[None]:
+    """`proc` stopped (SIGSTOP) meanwhile, so it cannot finish before what the block does to
+    it lands, however fast the host or slow the block (a second vmsnap's start-up, on a
+    loaded host, can outlast a whole save); it goes on (SIGCONT) afterwards."""
+    proc.send_signal(signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        proc.send_signal(signal.SIGCONT)

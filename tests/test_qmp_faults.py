@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from testbed.cli import frozen
 from testbed.guests import BootGuest
 from testbed.qemu import Vm
 
@@ -114,8 +114,9 @@ def test_two_saves_through_two_monitors(workdir):
         for line in first.stdout:
             if json.loads(line)["event"] == "start":
                 break
-        message = failed(run_vmsnap(workdir, "save", "--qmp", third, workdir / "b.snap",
-                                    timeout=60))
+        with frozen(first):  # still saving when the second asks, whatever the host's load
+            message = failed(run_vmsnap(workdir, "save", "--qmp", third, workdir / "b.snap",
+                                        timeout=60))
         assert "another vmsnap" in message or "already running" in message, message
         out, err = first.communicate(timeout=300)
         assert first.returncode == 0, err
@@ -213,11 +214,8 @@ def test_second_restore_into_loading_target(workdir):
                 break
         # hold the first restore mid-load, so a fast machine cannot finish it before the
         # second one asks (CI saw 'running' here)
-        first.send_signal(signal.SIGSTOP)
-        try:
+        with frozen(first):
             message = failed(run_vmsnap(workdir, "restore", snap, "--qmp", third, timeout=60))
-        finally:
-            first.send_signal(signal.SIGCONT)
         # QEMU 7.2 loading multifd holds its big lock: the monitor may not even greet
         assert any(m in message for m in ("another vmsnap", "already loading",
                                           "no QMP answer")), message

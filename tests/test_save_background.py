@@ -29,7 +29,7 @@ from test_save_restore import events, ok, run_vmsnap, size_bound
 
 import vmsnap
 from testbed.cases import make_guest
-from testbed.cli import signal_twice
+from testbed.cli import frozen, signal_twice
 from testbed.guests import BootGuest
 from testbed.qemu import Vm
 
@@ -209,9 +209,8 @@ def test_background_qemu_killed(running, workdir):
     snap = workdir / "vm.snap"
     before = good_save(workdir, vm, snap)
     proc = start_save(workdir, vm, snap, "--background")
-    proc.send_signal(signal.SIGSTOP)  # the save cannot finish before the kill lands:
-    vm.kill()  # QEMU blocks once vmsnap's socket buffers are full (1 GiB to send)
-    proc.send_signal(signal.SIGCONT)
+    with frozen(proc):  # the save cannot finish before the kill lands:
+        vm.kill()  # QEMU blocks once vmsnap's socket buffers are full (1 GiB to send)
     assert "QEMU" in failed(proc)
     assert_file_side(snap, before)
 

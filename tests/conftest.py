@@ -6,9 +6,16 @@ import os
 import subprocess
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from testbed.qemu import QEMU_VERSIONS, kill_leftovers, leftover_processes
 from vmsnap.hostkey import KEY_DIR_ENV
+
+# Hypothesis times every example (200 ms by default) and calls one that ran slow, then fast,
+# flaky, as it does data generation that runs slow: on a loaded CI host a stalled machine is
+# no bug. For every property test, here once.
+settings.register_profile("vmsnap", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("vmsnap")
 
 
 @pytest.fixture

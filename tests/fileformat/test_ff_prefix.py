@@ -100,7 +100,7 @@ def test_error_messages():
 
 
 @given(st.binary(max_size=300))
-@settings(max_examples=300, deadline=None)  # a loaded CI machine is no bug
+@settings(max_examples=300)
 def test_random_bytes(data):
     try:
         s = scan(data)
@@ -114,7 +114,7 @@ _IMG = image()[0]
 
 @given(st.lists(st.tuples(st.integers(0, 200), st.integers(0, 255)), min_size=1, max_size=4),
        st.integers(0, len(_IMG)))
-@settings(max_examples=400, deadline=None)  # a loaded CI machine is no bug
+@settings(max_examples=400)
 def test_mutated_prefix(muts, cut):
     img = bytearray(_IMG)
     for i, v in muts:
@@ -128,7 +128,7 @@ def test_mutated_prefix(muts, cut):
 
 
 @given(st.binary(max_size=200))
-@settings(max_examples=200, deadline=None)  # a loaded CI machine is no bug
+@settings(max_examples=200)
 def test_random_tail(tail):
     img, _ = image(tail=b"")
     data = img + tail

@@ -86,7 +86,7 @@ def test_message_is_one_line():
 
 
 @given(st.binary(max_size=600))
-@settings(max_examples=500, deadline=None)  # a loaded CI machine is no bug
+@settings(max_examples=500)
 def test_random_bytes(data):
     try:
         decode_trailer_bytes(data)
@@ -95,7 +95,7 @@ def test_random_bytes(data):
 
 
 @given(st.binary(max_size=400), st.integers(0, 5000), st.data())
-@settings(max_examples=500, deadline=None)  # a loaded CI machine is no bug
+@settings(max_examples=500)
 def test_random_body_with_valid_commit(body, pos, data):
     # a valid commit record around random bodies, and random mutations of a real trailer
     img = make_image()
@@ -117,7 +117,7 @@ def test_random_body_with_valid_commit(body, pos, data):
 
 
 @given(st.lists(st.text(max_size=5), max_size=3), st.integers(0, 10))
-@settings(max_examples=100, deadline=None)  # a loaded CI machine is no bug
+@settings(max_examples=100)
 def test_random_json_with_valid_checksums(keys, n):
     # hand-made bodies with valid framing but odd JSON content
     import json

@@ -7,7 +7,7 @@ import tracemalloc
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vmsnap.stream import RamBlock, StreamDecoder, StreamError
@@ -76,7 +76,7 @@ def test_real_stream_prefixes(stream10):
         assert n > dev and stream10[n - 1] == 0
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=400)
 @given(st.integers(0, len(SMALL) * 8 - 1), st.integers(1, 3000))
 def test_bit_flips(bit, chunk):
     data = bytearray(SMALL)
@@ -87,7 +87,7 @@ def test_bit_flips(bit, chunk):
         pass
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300)
 @given(st.binary(max_size=3000), st.booleans())
 def test_random_bytes(blob, with_header):
     data = (E.header() + blob) if with_header else blob
@@ -97,7 +97,7 @@ def test_random_bytes(blob, with_header):
         pass
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200)
 @given(st.integers(0, len(SMALL) - 1), st.binary(min_size=1, max_size=16))
 def test_overwrites(pos, junk):
     data = bytearray(SMALL)
@@ -284,7 +284,7 @@ def test_mapped_ram_header_codec():
 
 
 @given(st.binary(max_size=40), st.integers(0, 1 << 40), st.integers(0, 1 << 34))
-@settings(max_examples=300, deadline=None)  # a loaded CI machine is no bug
+@settings(max_examples=300)
 def test_mapped_ram_header_random(data, hoff, used):
     try:
         MappedRamHeader.parse(data).check(used, hoff, PS)

@@ -114,7 +114,7 @@ def test_truncated_header():
         PacketHeader.parse(bytes(1343))
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300)
 @given(st.binary(min_size=1344, max_size=1344), st.booleans())
 def test_random_headers_only_stream_error(blob, legacy):
     b = struct.pack(">II", 0x11223344, 1) + blob[8:]
@@ -127,7 +127,7 @@ def test_random_headers_only_stream_error(blob, legacy):
         assert p.pack() == b
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=100)
 @given(st.lists(st.integers(0, (1 << 27) // PS - 1), max_size=128), st.integers(0, 128),
        st.integers(0, 2**64 - 1))
 def test_header_roundtrip(pages, nzero, num):

@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vmsnap.fileformat.layout import compute_layout
@@ -116,7 +116,7 @@ def scenarios(draw):
     return evs
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150)
 @given(scenarios(), st.integers(1, 5000))
 def test_roundtrip(evs, chunk):
     data = encode_events(evs)

@@ -53,15 +53,18 @@ def stall(source: postcopy_send.PostcopySource, ours: socket.socket, theirs: soc
           preempt: socket.socket | None = None, eos: bool = False) -> int:
     """Start `source` on `ours` (+ `preempt`, `eos`); the destination on `theirs` reads the
     prologue, then nothing more until the pushers stopped sending: as far as they could run
-    ahead of it before a request. Returns the bytes queued then."""
+    ahead of it before a request. Returns the bytes queued then. A queue that stood still
+    for one look but is short of QUEUE_LIMIT is a pusher the host's load kept off a CPU,
+    not one that stopped: waited for (up to 60 s)."""
     source.start(ours, preempt, eos)
     theirs.settimeout(30)
     prologue = bytearray()
     while len(prologue) < len(source.prologue):
         prologue += theirs.recv(len(source.prologue) - len(prologue))
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 60
     last = -1
-    while (queued := unsent(ours)) != last and time.monotonic() < deadline:
+    while ((queued := unsent(ours)) != last or queued < postcopy_send.QUEUE_LIMIT) \
+            and time.monotonic() < deadline:
         last = queued
         time.sleep(0.3)
     assert queued >= postcopy_send.QUEUE_LIMIT, queued

@@ -237,9 +237,7 @@ class Vm:
             except subprocess.TimeoutExpired:
                 self.kill()
         if self.adopted_pid is not None:
-            deadline = time.monotonic() + 10
-            while process_alive(self.adopted_pid) and time.monotonic() < deadline:
-                time.sleep(0.05)
+            _wait_dead(self.adopted_pid)  # it quits by itself; killed if it has not by then
             self.kill()
         return hung
 

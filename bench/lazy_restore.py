@@ -66,7 +66,10 @@ while a lazy restore still brings pages in), which must pass:
             when the command ended; qemu10: after `cont`)
   verified  command start -> VERIFY OK
   verify s  VERIFY's own duration (sent -> OK); the table adds its ratio to eager's
-Medians of the repetitions; JSON with every repetition in bench/results/.
+Medians of the repetitions; under the table, per method, how its time to running depends
+on RAM size (largest over smallest median, least-squares slope in ms per GiB with a 95 %
+bootstrap interval: a few slow restores move it less than they move two medians). JSON with
+every repetition in bench/results/.
 """
 
 from __future__ import annotations
@@ -346,6 +349,7 @@ def main() -> None:
         snap = saved[size][1]
         for leftover in (snap, Path(f"{snap}.hot"), Path(f"{snap}.hot.live")):
             leftover.unlink(missing_ok=True)
+    results["size_effect"] = {m: size_effect(runs, m) for m in methods}
     results["elapsed_s"] = time.monotonic() - t_start
     results["loadavg_end"] = os.getloadavg()
     ws = f"-ws{args.ws_mb}" if args.ws_mb else "-linux" if linux else ""
@@ -353,6 +357,7 @@ def main() -> None:
            / f"lazy-qemu{args.qemu}{ws}-{time.strftime('%Y%m%d-%H%M%S')}.json")
     out.write_text(json.dumps(results, indent=1))
     print(table(results))
+    print(effect_lines(results))
     print(f"results: {out}")
 
 
@@ -364,6 +369,44 @@ def medians(runs: list[dict]) -> dict:
         values = [r[key] for r in good if r.get(key) is not None]
         out[key] = statistics.median(values) if values else None
     return out
+
+
+def size_effect(runs: dict[int, dict[str, list[dict]]], method: str,
+                key: str = "running", resamples: int = 2000) -> dict | None:
+    """How `key` (seconds) of `method` depends on RAM size, over its good runs at every size:
+    the largest over the smallest per-size median, and the least-squares slope in ms per
+    GiB with a 95 % bootstrap interval (runs resampled within each size, seeded), which a
+    few slow runs at one size move less than they move two medians."""
+    by = {size: [r[key] * 1000 for r in by_m[method] if r.get("ok") and r.get(key) is not None]
+          for size, by_m in runs.items()}
+    if len(by) < 2 or any(len(v) < 2 for v in by.values()):
+        return None
+
+    def slope(sample: dict[int, list[float]]) -> float:
+        xs = [size / 1024 for size, v in sample.items() for _ in v]
+        return statistics.linear_regression(xs, [y for v in sample.values() for y in v]).slope
+
+    rng = random.Random(0)
+    boot = sorted(slope({size: rng.choices(v, k=len(v)) for size, v in by.items()})
+                  for _ in range(resamples))
+    med = {size: statistics.median(v) for size, v in by.items()}
+    return {"key": key, "medians_ms": med, "largest_over_smallest": max(med.values())
+            / min(med.values()), "slope_ms_per_gib": slope(by),
+            "slope_95": [boot[int(0.025 * resamples)], boot[int(0.975 * resamples) - 1]],
+            "runs": sum(len(v) for v in by.values())}
+
+
+def effect_lines(results: dict) -> str:
+    """One line per method: its time to running against RAM size (size_effect)."""
+    lines = []
+    for m, e in results.get("size_effect", {}).items():
+        if e is not None:
+            meds = " / ".join(f"{v / 1000:.3f}" for v in e["medians_ms"].values())
+            lo, hi = e["slope_95"]
+            lines.append(f"{m}: {e['key']} medians {meds} s (largest/smallest "
+                         f"{e['largest_over_smallest']:.2f}), slope {e['slope_ms_per_gib']:+.1f}"
+                         f" ms/GiB [95 % {lo:+.1f} .. {hi:+.1f}] over {e['runs']} runs")
+    return "\n".join(lines)
 
 
 def table(results: dict) -> str:

@@ -401,10 +401,10 @@ async def _connect_pair(client: Monitor, peer: qmpmod.Peer,
     meeting, uri, path = listener
     try:
         await client.execute(command, {"uri": uri})
-        main = await connect_incoming(path)
+        main = await connect_incoming(client, path)
         try:
             widen(main)  # as the one-channel socket pair: 8 MiB
-            preempt = await connect_incoming(path)
+            preempt = await connect_incoming(client, path)
         except BaseException:
             main.close()
             raise

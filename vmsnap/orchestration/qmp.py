@@ -259,6 +259,12 @@ class Watch:
         return name
 
 
+def gone(client: Monitor) -> bool:
+    """Whether QEMU's monitor `client` has closed (QEMU quit or died); a monitor vmsnap
+    does not hold itself (libvirt's) never says so."""
+    return isinstance(client, Client) and client.runstate is not Runstate.RUNNING
+
+
 async def closed(client: Client) -> None:
     """Return once the monitor is no longer connected (QEMU quit or died)."""
     while client.runstate is Runstate.RUNNING:

@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import stat
 import struct
@@ -311,6 +312,7 @@ class GuardedQemu:
     def __init__(self, argv: Sequence[str], program: str | None, log_path: str,
                  pass_fds: Sequence[int] = ()) -> None:
         """`pass_fds`: descriptors QEMU inherits (the file a mapped restore maps)."""
+        self.log_path = log_path
         ours, theirs = socket.socketpair()
         try:
             with open(log_path, "wb") as log:
@@ -344,6 +346,16 @@ class GuardedQemu:
     def poll(self) -> int | None:
         """The exit status of QEMU (through the guard), or None while it runs."""
         return self._guard.poll()
+
+    def killed_by(self, timeout: float = 1.0) -> str | None:
+        """The signal that ended QEMU ("SIGKILL"), once its guard says so (guard.py: exit
+        status 128 + N); its guard ends within milliseconds of it, so this waits `timeout`
+        at most. None if QEMU exited by itself, or still runs."""
+        try:
+            code = self._guard.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+        return signal.Signals(code - 128).name if code > 128 else None
 
     def kill(self) -> None:
         """End QEMU now (the guard sees its socket close) and wait for it."""

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from ..errors import VmsnapError
 from ..io.sockets import widen
-from .qmp import Monitor
+from .qmp import Monitor, QemuGoneError, gone
 
 MAIN_FD_NAME = "vmsnap-migration"
 LISTENER_FD_NAME = "vmsnap-incoming"
@@ -148,9 +148,12 @@ async def incoming_listener(client: Monitor, version: tuple[int, int, int], pid:
     return meeting, f"unix:{meeting.qemu('incoming.sock')}", meeting.host("incoming.sock")
 
 
-async def connect_incoming(path: str, timeout: float = CONNECT_TIMEOUT) -> socket.socket:
+async def connect_incoming(client: Monitor, path: str, timeout: float = CONNECT_TIMEOUT
+                           ) -> socket.socket:
     """A connection to the incoming migration QEMU listens for at `path`; QEMU takes them in
-    the order they are made (the first is its main channel)."""
+    the order they are made (the first is its main channel). QemuGoneError once QEMU's
+    monitor `client` closed: a QEMU that died never listens (a socket passed to QEMU 7.x
+    stays bound, refusing, until the timeout)."""
     deadline = time.monotonic() + timeout
     while True:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -159,6 +162,9 @@ async def connect_incoming(path: str, timeout: float = CONNECT_TIMEOUT) -> socke
             return sock
         except (FileNotFoundError, ConnectionRefusedError):
             sock.close()
+            if gone(client):
+                raise QemuGoneError("target QEMU went away before it took the incoming "
+                                    "connections") from None
             if time.monotonic() > deadline:
                 raise VmsnapError("target QEMU did not open its incoming socket") from None
             await asyncio.sleep(0.02)

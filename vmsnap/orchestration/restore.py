@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import os
 import shutil
 import tempfile
 import time
@@ -171,9 +170,9 @@ class _Held:
     stack: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
 
     @property
-    def log_path(self) -> str | None:
-        """The launched QEMU's log (None for a QEMU vmsnap did not launch)."""
-        return os.path.join(self.workdir, "qemu.log") if self.argv else None
+    def launched(self) -> GuardedQemu | None:
+        """The QEMU vmsnap launched (None for one it did not)."""
+        return self.proc if isinstance(self.proc, GuardedQemu) else None
 
     async def release(self) -> None:
         if self.plan is not None:
@@ -196,7 +195,7 @@ async def _load(client: Monitor, peer: qmpmod.Peer, snap: Snapshot, facts: _Fact
     # fresh anonymous memory starts zeroed: only other blocks need their zero pages
     fresh = {name for name, t in survey.backends.items() if t in FRESH_BACKENDS}
     stale = set(facts.sizes) & (set(survey.backends) - fresh)  # e.g. a file of old data
-    loaded = functools.partial(wait_loaded, client, held.log_path)
+    loaded = functools.partial(wait_loaded, client, held.launched)
     if not verify and not held.plan and await native.can_load(
             client, peer, snap.path, stale, survey.capabilities):
         stats = await native.load(client, snap, channels or 1, rep, facts.total,
@@ -205,6 +204,6 @@ async def _load(client: Monitor, peer: qmpmod.Peer, snap: Snapshot, facts: _Fact
     from .streamed import load_stream  # the stream path's machinery: only if it is taken
 
     stats = await load_stream(client, peer, snap, channels, held.plan, fresh, target, rep,
-                              facts.total, held.stack, held.log_path, survey.capabilities)
+                              facts.total, held.stack, held.launched, survey.capabilities)
     await loaded()
     return stats, "shared" if held.plan else "stream"

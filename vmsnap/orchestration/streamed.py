@@ -25,6 +25,7 @@ from . import futures, shared
 from . import qmp as qmpmod
 from .modes import clean_capabilities
 from .qmp import Monitor
+from .relaunch import GuardedQemu
 from .rendezvous import connect_incoming, incoming_listener, pass_socket
 from .target import START_TIMEOUT, target_failure
 
@@ -34,11 +35,11 @@ log = logging.getLogger(__name__)
 async def load_stream(client: Monitor, peer: qmpmod.Peer, snap: Snapshot, channels: int,
                       plan: shared.RestorePlan | None, fresh: set[str], target: Destination,
                       rep: Reporter, total: int, stack: contextlib.ExitStack,
-                      log_path: str | None, capabilities: dict[str, bool]) -> SendStats:
+                      launched: GuardedQemu | None, capabilities: dict[str, bool]) -> SendStats:
     """Send the snapshot as a migration stream (one socket or multifd channels), each page
     checked against its checksum as it is read; `plan`: shared RAM vmsnap fills itself;
-    `fresh`: blocks whose zero pages need not be sent; `capabilities`: the target's
-    migration capabilities, as already asked."""
+    `fresh`: blocks whose zero pages need not be sent; `launched`: the target, if vmsnap
+    launched it; `capabilities`: the target's migration capabilities, as already asked."""
     if plan:
         channels = 0  # the stream holds device state and small blocks only
     await qmpmod.set_capabilities(
@@ -54,7 +55,11 @@ async def load_stream(client: Monitor, peer: qmpmod.Peer, snap: Snapshot, channe
         meeting, uri, incoming = await incoming_listener(client, peer.version, peer.pid)
         stack.callback(meeting.close)
         await client.execute("migrate-incoming", {"uri": uri})
-        socks = [await connect_incoming(incoming, START_TIMEOUT) for _ in range(channels + 1)]
+        try:
+            socks = [await connect_incoming(client, incoming, START_TIMEOUT)
+                     for _ in range(channels + 1)]
+        except qmpmod.QemuGoneError:  # it died first: say how
+            raise await target_failure(client, launched) from None
     else:  # one stream: our socket, passed by fd
         main, uri = await pass_socket(client)
         stack.callback(main.close)
@@ -70,7 +75,7 @@ async def load_stream(client: Monitor, peer: qmpmod.Peer, snap: Snapshot, channe
     try:
         return await _stream(send_all, socks, stop)
     except ConnectionError as err:  # the target closed the stream: say why it did
-        raise await target_failure(client, log_path) from err
+        raise await target_failure(client, launched) from err
 
 
 def _send(snap: Snapshot, socks: list[socket.socket], channels: int,

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import re
 import socket
 import time
@@ -83,7 +82,9 @@ async def wait_started(started: Started) -> None:
     deadline = time.monotonic() + START_TIMEOUT
     while not _listening(started.qmp):  # the file appears at bind(), before listen()
         if started.proc.poll() is not None:
-            with open(os.path.join(started.workdir, "qemu.log"), errors="replace") as f:
+            if killed := started.proc.killed_by():
+                raise QemuGoneError(f"QEMU was killed by {killed} at start")
+            with open(started.proc.log_path, errors="replace") as f:
                 lines = f.read().strip().splitlines()
             raise VmsnapError(f"QEMU exited at start: {lines[-1] if lines else 'no message'}")
         if time.monotonic() > deadline:
@@ -153,10 +154,11 @@ async def check_target(client: Monitor, peer: qmpmod.Peer, machine: str,
     return target
 
 
-def _log_reason(log_path: str | None) -> str | None:
-    """QEMU's first error line in its log (e.g. "Size mismatch: ..."), without the prefix."""
+def _log_reason(launched: GuardedQemu | None) -> str | None:
+    """QEMU's first error line in the log of the QEMU vmsnap `launched` (e.g. "Size
+    mismatch: ..."), without the prefix."""
     try:
-        with open(log_path or "", errors="replace") as f:
+        with open(launched.log_path if launched else "", errors="replace") as f:
             lines = f.read().splitlines()
     except OSError:
         return None
@@ -167,19 +169,23 @@ def _log_reason(log_path: str | None) -> str | None:
     return None
 
 
-async def target_failure(client: Monitor, log_path: str | None) -> VmsnapError:
-    """Why the target stopped loading, in QEMU's own words where it gives them."""
+async def target_failure(client: Monitor, launched: GuardedQemu | None) -> VmsnapError:
+    """Why the target stopped loading, in QEMU's own words where it gives them; `launched`:
+    the QEMU vmsnap launched (its log, and the signal that killed it), if it did."""
     try:
         info = await client.execute("query-migrate", timeout=5)
     except (QemuGoneError, VmsnapError):
-        reason = _log_reason(log_path)
+        if launched is not None and (killed := launched.killed_by()):
+            return QemuGoneError(f"target QEMU was killed by {killed} while loading the "
+                                 "snapshot")
+        reason = _log_reason(launched)
         return VmsnapError("target QEMU exited while loading the snapshot"
                            + (f": {reason}" if reason else " (its log tells why)"))
-    desc = info.get("error-desc") or _log_reason(log_path)
+    desc = info.get("error-desc") or _log_reason(launched)
     return VmsnapError("target QEMU rejected the snapshot" + (f": {desc}" if desc else ""))
 
 
-async def wait_loaded(client: Monitor, log_path: str | None = None,
+async def wait_loaded(client: Monitor, launched: GuardedQemu | None = None,
                        timeout: float = 600.0) -> None:
     """Until the target has loaded the stream: asked at each of its MIGRATION events
     (qmp.watch: a short load ends in milliseconds, and a lazy restore's guest waits on it;
@@ -190,12 +196,12 @@ async def wait_loaded(client: Monitor, log_path: str | None = None,
             try:
                 info = await qmpmod.migration_status(client)
             except QemuGoneError:
-                raise await target_failure(client, log_path) from None
+                raise await target_failure(client, launched) from None
             status = info.get("status")
             if status == "completed":
                 return
             if status == "failed":
-                raise await target_failure(client, log_path)
+                raise await target_failure(client, launched)
             if time.monotonic() > deadline:
                 raise VmsnapError("target QEMU did not finish loading the snapshot")
             await changes.wait(deadline - time.monotonic())

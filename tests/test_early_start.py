@@ -1,19 +1,30 @@
-"""orchestration.early without QEMU: a lazy restore's QEMU starts before the file is opened
-only from a trailer that reads, deciding it loads no numpy, and the refusals come first;
-once it is started, what the open reads is read ahead."""
+"""orchestration.early: a restore's QEMU starts before the file is opened only from a
+trailer that reads, deciding it loads no numpy, and the refusals come first; once it is
+started, what the open reads is read ahead. On real QEMU: an eager restore that launches
+QEMU starts it first too, and one that fails after that leaves no QEMU, lock or directory
+behind."""
 
 from __future__ import annotations
 
+import fcntl
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
 import pytest
+from test_lazy_restore import _kill, launches, probed, saved
+from test_save_restore import qemu_pids_using
 
-from testbed.craft import unchunk
+import vmsnap
+from testbed.cli import events, ok
+from testbed.craft import flip_page_bit, reseal, unchunk
+from testbed.guests import BootGuest
 from testbed.pagecache import cached, evict
+from testbed.qemu import Vm
 from vmsnap.errors import VmsnapError
 from vmsnap.fileformat.trailer import (
     BlockChecksums,
@@ -44,7 +55,7 @@ def snapshot(path, version="10.0.0", command=("qemu-system-x86_64", "-m", "1"), 
 
 
 def test_deciding_loads_no_numpy():
-    """What runs before a lazy restore's QEMU starts: deciding its command line, and the
+    """What runs before a restore's QEMU starts: deciding its command line, and the
     check that the kernel can populate (--populate)."""
     code = ("import sys, vmsnap.orchestration.early, vmsnap.orchestration.populate\n"
             "print([m for m in sys.modules if m.split('.')[0] in ('numpy', 'qemu')"
@@ -246,3 +257,75 @@ def test_tables_in_chunks_are_not_read_before_the_guest_runs(tmp_path, monkeypat
             assert in_tables() == [(tables[0] + 2 * 256 * 8, 256 * 8)]  # chunk 2
     finally:
         launched.discard()
+
+
+@pytest.mark.qemu
+def test_eager_restore_starts_qemu_before_loading_the_rest(workdir, request):
+    """An eager restore that launches QEMU starts it before numpy, QEMU's QMP library or the
+    file reader load, so QEMU's start-up overlaps vmsnap's, as a lazy one does: the stored
+    command line (QEMU 7.2, its signature checked from the metadata alone; stream path) and
+    `-- QEMU_COMMAND` (QEMU 10, on the stream path and with --no-verify, where QEMU reads
+    the file itself). The guest's RAM then checks."""
+    guest = BootGuest(memory_mb=256)
+    for qemu, ram_paths in (("7.2", {"stream": []}),
+                            ("10", {"stream": [], "qemu": ["--no-verify"]})):
+        snap, argv, held = saved(guest, qemu, workdir, workdir / f"vm{qemu}.snap")
+        for ram_path, flags in ram_paths.items():
+            how = [snap] if qemu == "7.2" else [snap, "--", *argv]
+            result = ok(probed(workdir, "restore", "--json", "--paused", *flags, *how))
+            done = events(result)[-1]
+            request.addfinalizer(lambda pid=done["pid"]: _kill(pid))
+            assert done["event"] == "done" and done["ram_path"] == ram_path
+            [loaded] = launches(result)
+            assert "vmsnap.orchestration.relaunch" in loaded  # the probe works
+            early = [m for m in loaded if m.split(".")[0] in ("numpy", "qemu")
+                     or m == "vmsnap.fileformat.reader"]
+            assert early == [], early
+            with Vm(guest.config(qemu, workdir), workdir, "src").adopt(done["pid"]) as vm:
+                guest.check_restored(vm, held)
+                vm.cmd("quit")
+    assert [d for d in os.listdir(workdir) if d.startswith("vmsnap-")] == []
+
+
+@pytest.mark.qemu
+def test_eager_restore_failing_after_the_early_start_leaves_nothing(workdir, monkeypatch):
+    """An eager relaunch of the stored command line whose QEMU started before the file was
+    opened, then failed: the path named another file by the open, whose command line is
+    refused (its metadata altered; the early QEMU is discarded first), or the file's page
+    is corrupt (found while streaming into that QEMU). Either way one error, the early QEMU
+    ended, its relaunch lock released (a flock on the file it was taken on succeeds) and
+    its directory removed."""
+    from vmsnap.orchestration import early
+
+    guest = BootGuest(memory_mb=256)
+    snap, _, _ = saved(guest, "7.2", workdir)
+    altered = workdir / "altered.snap"
+    shutil.copyfile(snap, altered)
+    reseal(altered, lambda md: md.update(created="2000-01-01T00:00:00Z"))
+    started = []
+
+    def start_then(swap):
+        def start(*args, **kwargs):
+            started.append(real(*args, **kwargs))
+            swap()
+            return started[-1]
+        return start
+
+    real = early.start_early
+    monkeypatch.setattr(tempfile, "tempdir", str(workdir))
+    for swap, error in ((lambda: os.replace(altered, snap), "altered"),
+                        (lambda: flip_page_bit(snap), "pc.ram")):
+        locked = workdir / "locked.snap"  # the inode the early start reads and locks
+        os.link(snap, locked)
+        started.clear()
+        monkeypatch.setattr(early, "start_early", start_then(swap))
+        with pytest.raises(VmsnapError, match=error):
+            vmsnap.restore(snap, paused=True)
+        [launched] = started
+        assert launched is not None and launched.started.proc.poll() is not None
+        assert not os.path.exists(launched.started.workdir)
+        assert qemu_pids_using(workdir) == []
+        assert [d for d in os.listdir(workdir) if d.startswith("vmsnap-")] == []
+        with open(locked) as f:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.replace(locked, snap)  # the file saved, for the next round

@@ -166,7 +166,11 @@ def test_sigint_during_relaunch_says_interrupted(workdir, disk):
         time.sleep(0.005)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
+    # QEMU starts while vmsnap still loads (orchestration.early): an interrupt there may be
+    # raised inside a dataclass's exec'd code, and CPython 3.11 run with -m then ends the
+    # process by SIGINT after vmsnap returned 130 (its unhandled_keyboard_interrupt flag,
+    # set even though vmsnap caught it); a shell sees 130 either way
+    assert proc.returncode in (130, -signal.SIGINT), err
     errors = [e for e in events(subprocess.CompletedProcess(proc.args, 130, out, err))
               if e["event"] == "error"]
     assert [e["message"] for e in errors] == ["interrupted"], out

@@ -65,7 +65,7 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
     """Run `coro`. SIGINT and SIGTERM cancel it once, so its cleanup (partial file removed,
     VM resumed) runs to the end: further signals are ignored meanwhile. Then raises
     KeyboardInterrupt, as an interrupted call would."""
-    import asyncio  # not before a lazy restore's QEMU starts (see orchestration.early)
+    import asyncio  # not before a restore's QEMU starts (see orchestration.early)
 
     resume_gc()  # what the verb runs has loaded
     signalled = False
@@ -177,10 +177,10 @@ def restore(path: str | os.PathLike[str], *, qmp_address: str | None = None,
 
         check_populate()
     launched = None
-    if lazy is not None and qmp_address is None and not resume:
-        # QEMU starts first where its command line is known before the file is opened, and
-        # vmsnap loads the rest of itself (numpy, QMP) and opens the file while QEMU starts
-        # up (see orchestration.early: it loads only the standard library)
+    if qmp_address is None and not resume:
+        # QEMU starts first, eager or lazy, where its command line is known before the file
+        # is opened, and vmsnap loads the rest of itself (numpy, QMP) and opens the file
+        # while QEMU starts up (see orchestration.early: it loads only the standard library)
         from .orchestration.early import start_early
 
         launched = start_early(os.fspath(path), command, lazy, trust_command_line)
@@ -210,6 +210,7 @@ def _restore(path: str | os.PathLike[str], *, qmp_address: str | None,
         if launched is not None and not launched.matches(snap):
             launched.discard()  # the file changed meanwhile: launch for the one opened
             launched = None
+        started = launched.started if launched else None
         if qmp_address is None and not command:
             from .libvirt.image import domain_of
 
@@ -225,13 +226,13 @@ def _restore(path: str | os.PathLike[str], *, qmp_address: str | None,
                                      command=command, paused=paused, reporter=reporter,
                                      verify=bool(verify), resume=resume, populate=populate,
                                      trust_command_line=trust_command_line,
-                                     launched=launched.started if launched else None))
+                                     launched=started))
         from .orchestration.restore import restore as _restore
 
         return _run(_restore(snap, qmp_address=qmp_address, command=command, paused=paused,
                              reporter=reporter, channels=channels,
                              trust_command_line=trust_command_line,
-                             verify=verify is not False))
+                             verify=verify is not False, launched=started))
 
 
 def restore_domain(path: str | os.PathLike[str], *, uri: str | None = None,

@@ -1,13 +1,14 @@
-"""A lazy restore's QEMU, started before the rest of vmsnap loads.
+"""A restore's QEMU, started before the rest of vmsnap loads.
 
 vmsnap's start-up (numpy, QEMU's QMP library, the file reader) and QEMU's own (until its QMP
-socket answers) overlap when QEMU starts first. What its command line needs is known
-early: a command line given after `--` for the postcopy engine needs nothing from the
-file; the stored command line, the engine `auto` picks and the page area the mmap engine
-maps need the trailer's metadata (commit record and JSON: a few KiB whatever the RAM size;
-its signature checks without the checksum tables, see fileformat.trailer). This module
-reads those with the standard library (trailer.py, hostkey.py, relaunch.py and mapped.py
-load no numpy) and starts QEMU.
+socket answers) overlap when QEMU starts first, for every restore that launches QEMU, eager
+or lazy. What its command line needs is known early: a command line given after `--` for
+an eager restore or the postcopy engine needs nothing from the file; the stored command
+line, the engine `auto` picks and the page area the mmap engine maps need the trailer's
+metadata (commit record and JSON: a few KiB whatever the RAM size; its signature checks
+without the checksum tables, see fileformat.trailer). This module reads those with the
+standard library (trailer.py, hostkey.py, relaunch.py and mapped.py load no numpy) and
+starts QEMU.
 
 Nothing decided here goes unchecked: once the restore has opened the file (what is
 checked is what is loaded), `EarlyQemu.matches` compares it with what the launch was
@@ -92,15 +93,17 @@ class EarlyQemu:
         self.started.discard()
 
 
-def start_early(path: str, command: Sequence[str] | None, engine: str,
+def start_early(path: str, command: Sequence[str] | None, engine: str | None,
                 trust_command_line: bool) -> EarlyQemu | None:
-    """Start the QEMU of a lazy restore of the snapshot at `path` that vmsnap
-    launches (`command`, or the stored command line), if its command line is known before
-    the file is opened; None if it is not (a remote or unreadable file, no trailer, a
-    libvirt domain's file). Raises the refusals the restore would make (engine, trust).
-    Then has the kernel read what the open will read (_read_ahead)."""
+    """Start the QEMU of a restore of the snapshot at `path` that vmsnap launches
+    (`command`, or the stored command line), if its command line is known before the file
+    is opened; None if it is not (a remote or unreadable file, no trailer, a libvirt
+    domain's file). `engine`: the lazy restore's, None for an eager one (which maps
+    nothing). Raises the refusals the restore would make (engine, trust, a running
+    original, the relaunch lock). Then has the kernel read what the open will read
+    (_read_ahead)."""
     launched = None
-    if engine == "postcopy" and command:  # needs nothing from the file
+    if command and engine in (None, "postcopy"):  # needs nothing from the file
         launched = EarlyQemu(start_qemu(list(command), path))
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
@@ -128,7 +131,7 @@ def start_early(path: str, command: Sequence[str] | None, engine: str,
 
 
 def _launch(path: str, fd: int, st: os.stat_result, trailer: Trailer,
-            command: Sequence[str] | None, engine: str,
+            command: Sequence[str] | None, engine: str | None,
             trust_command_line: bool) -> EarlyQemu | None:
     """start_early's QEMU, for the file `fd` (at `path`, `st`) whose trailer reads."""
     if not trailer.page_areas() or (not command and trailer.metadata.domain_xml is not None):
@@ -137,7 +140,7 @@ def _launch(path: str, fd: int, st: os.stat_result, trailer: Trailer,
     if not argv:
         return None
     head = _Head(path, trailer)
-    mmap = pick_engine(engine, head, argv, None) == "mmap"
+    mmap = engine is not None and pick_engine(engine, head, argv, None) == "mmap"
     program = None if command else approve(argv, trust_of(trailer, tables=False),
                                             trust_command_line, path)
     lock = None if command else RelaunchLock(path)

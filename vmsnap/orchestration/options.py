@@ -1,6 +1,6 @@
 """Values of command-line options that the CLI offers before it loads the orchestration
 (which loads numpy and QEMU's QMP library: the `vmsnap` command loads them only for the verb
-it runs, and a lazy restore starts QEMU first, see relaunch.start_qemu)."""
+it runs, and a restore that launches QEMU starts it first, see relaunch.start_qemu)."""
 
 from __future__ import annotations
 

@@ -26,7 +26,7 @@ from . import native, shared
 from . import qmp as qmpmod
 from .options import check_channels
 from .qmp import Client, Monitor
-from .relaunch import GuardedQemu, RelaunchLock, own_qmp
+from .relaunch import GuardedQemu, RelaunchLock, Started, own_qmp
 from .target import (
     RestoreResult,
     Target,
@@ -34,6 +34,7 @@ from .target import (
     launch_argv,
     launch_target,
     wait_loaded,
+    wait_started,
 )
 from .vmlock import vm_lock
 
@@ -71,7 +72,8 @@ async def restore(snap: Snapshot, *, qmp_address: str | None = None,
                   command: Sequence[str] | None = None, paused: bool = False,
                   reporter: Reporter | None = None, channels: int | None = None,
                   trust_command_line: bool = False, verify: bool = True,
-                  target: Target | None = None) -> RestoreResult:
+                  target: Target | None = None, launched: Started | None = None
+                  ) -> RestoreResult:
     """Restore the open snapshot `snap` into the QEMU at `qmp_address`, or into a QEMU
     launched from `command` (default: the command line stored in the snapshot, if this
     host signed the file or `trust_command_line`; see relaunch.approve). What is checked
@@ -79,7 +81,10 @@ async def restore(snap: Snapshot, *, qmp_address: str | None = None,
     `channels`: multifd channels (0: one plain stream; None: check_channels(None)).
     `verify=False` lets a QEMU >= 9.1 target read the file itself (see native.can_load):
     its pages are then not checked, only the device state. `target`: a QEMU another
-    program started (a libvirt domain), killed if the restore fails."""
+    program started (a libvirt domain), killed if the restore fails. `launched`: the QEMU
+    of `command` or of the stored command line (its relaunch lock held), started before the
+    file was opened (api.restore), this call's to end or release from now on; the result's
+    seconds count from its start."""
     channels = check_channels(channels)
     path = snap.path
     rep = reporter or Reporter()
@@ -87,8 +92,8 @@ async def restore(snap: Snapshot, *, qmp_address: str | None = None,
     if facts.pages_pending:
         rep.note(f"page checksums of {path} are pending (vmsnap seal): pages go in "
                  "unchecked, the device state checked")
-    held = _Held(tempfile.mkdtemp(prefix="vmsnap-"))  # 0700
-    t0 = time.monotonic()
+    held = _Held(launched.workdir if launched else tempfile.mkdtemp(prefix="vmsnap-"))  # 0700
+    t0 = launched.at if launched else time.monotonic()
     try:
         if target is not None:
             held.proc, client, peer, qmp_address = target, target.monitor, target.peer, \
@@ -96,9 +101,14 @@ async def restore(snap: Snapshot, *, qmp_address: str | None = None,
         else:
             if qmp_address is None:
                 held.argv = launch_argv(path, command, facts.meta)
-                held.proc, held.lock, qmp_address = await launch_target(
-                    path, held.argv, bool(command), snap.trailer, trust_command_line,
-                    held.workdir)
+                if launched is not None:
+                    held.proc, held.lock = launched.proc, launched.lock
+                    await wait_started(launched)
+                    qmp_address = launched.qmp
+                else:
+                    held.proc, held.lock, qmp_address = await launch_target(
+                        path, held.argv, bool(command), snap.trailer, trust_command_line,
+                        held.workdir)
             client, peer = await qmpmod.connect(qmp_address)
             held.client = client
         held.stack.enter_context(vm_lock(peer.pid))

@@ -1,7 +1,8 @@
 """The relaunch guard (vmsnap.orchestration.guard) without QEMU: the program it starts gets
 its stdio and the descriptors passed, with the signals Python ignores back to their
-defaults; it is ended when vmsnap lets go of the guard unreleased, and outlives it once
-released; a program that cannot start is one line in the log."""
+defaults; it is ended when vmsnap lets go of the guard unreleased (also before the guard
+could report its PID), and outlives it once released; a program that cannot start is one
+line in the log."""
 
 from __future__ import annotations
 
@@ -41,6 +42,25 @@ def test_guard_starts_the_program_with_only_what_it_passes(tmp_path: Path) -> No
     guard.kill()  # vmsnap lets go unreleased: the program is ended
     assert guard.poll() == 1
     _wait(lambda: not process_alive(pid))  # not our child: /proc may vanish mid-read
+
+
+def test_guard_let_go_at_once_ends_the_program(tmp_path: Path) -> None:
+    """vmsnap lets go of the guard before it reported the PID (an early-started QEMU whose
+    restore failed at once): the guard cannot write the PID and ends the program all the
+    same, instead of leaving it running without a guard."""
+    for i in range(5):  # the window: while the guard's Python starts
+        pidfile = tmp_path / f"pid{i}"
+        guard = GuardedQemu(["sh", "-c", f"echo $$ > {pidfile}; exec sleep 30"], "/bin/sh",
+                            str(tmp_path / f"log{i}"))
+        guard.kill()
+        assert guard.poll() == 1, (tmp_path / f"log{i}").read_text()
+        time.sleep(0.2)  # a program still running writes its PID meanwhile
+        if pidfile.exists():
+            pid = int(pidfile.read_text())
+            alive = process_alive(pid)
+            if alive:
+                os.kill(pid, signal.SIGKILL)
+            assert not alive, f"the program outlived its guard (round {i})"
 
 
 def test_guard_released_program_outlives_it(tmp_path: Path) -> None:

@@ -6,7 +6,8 @@ stdio, writes QEMU's PID to the socket, then waits for the first of:
 
 - "release" on the socket (the restore is done): exit 0; QEMU runs on by itself;
 - end of file on the socket: vmsnap exited or was killed (even by SIGKILL, which no handler
-  sees) without releasing, so QEMU waits for a stream that will never come: SIGKILL it;
+  sees) without releasing, so QEMU waits for a stream that will never come: SIGKILL it
+  (also when that happened before the PID could be written);
 - QEMU's exit: exit with its status, so vmsnap sees QEMU's end as the guard's.
 
 A parent-death signal set on QEMU itself would also kill it after a successful restore,
@@ -40,7 +41,10 @@ def main(argv: list[str]) -> int:
         print(f"cannot start {argv[2]}: {err.strerror}", file=sys.stderr, flush=True)
         return 127
     _signal.signal(_signal.SIGTERM, lambda *_: sock.shutdown(_socket.SHUT_RDWR))
-    sock.sendall(f"{pid}\n".encode())
+    try:
+        sock.sendall(f"{pid}\n".encode())
+    except OSError:  # vmsnap let go before QEMU had started (a restore failing at once)
+        return end(pid)
     qemu = os.pidfd_open(pid)
     while True:
         ready, _, _ = select.select([sock.fileno(), qemu], [], [])
@@ -54,9 +58,14 @@ def main(argv: list[str]) -> int:
         if message.startswith(b"release"):
             return 0
         if not message:
-            os.kill(pid, _signal.SIGKILL)
-            os.waitpid(pid, 0)
-            return 1
+            return end(pid)
+
+
+def end(pid: int) -> int:
+    """SIGKILL QEMU, whose stream will never come, and reap it: the guard's status."""
+    os.kill(pid, _signal.SIGKILL)
+    os.waitpid(pid, 0)
+    return 1
 
 
 if __name__ == "__main__":

@@ -267,7 +267,7 @@ def gone(client: Monitor) -> bool:
 
 async def closed(client: Client) -> None:
     """Return once the monitor is no longer connected (QEMU quit or died)."""
-    while client.runstate is Runstate.RUNNING:
+    while not gone(client):
         await client.runstate_changed()
 
 
